@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+
+	"google.golang.org/protobuf/proto"
 )
 
 // DefaultMaxLinkFrame bounds one link frame. A Joined reply with a full replay
@@ -51,4 +53,12 @@ func (fr *FrameReader) Next() ([]byte, error) {
 		return nil, err
 	}
 	return fr.buf, nil
+}
+
+// MarshalFrame encodes m as one length-prefixed link frame.
+func MarshalFrame(m proto.Message) ([]byte, error) {
+	size := proto.Size(m)
+	b := make([]byte, 4, 4+size)
+	binary.BigEndian.PutUint32(b, uint32(size))
+	return proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, m)
 }

@@ -1,0 +1,253 @@
+// Command imq is the IMQ server: one binary whose subcommands run a gateway, a
+// queue node, or a whole development cluster in one process.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/obs"
+	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/queuenode"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `imq is a real-time pub/sub queue server for online games.
+
+Usage: imq <command> [flags]
+
+Commands:
+  dev        run a gateway and a queue node in one process on localhost
+  gateway    run a gateway: client WebSockets, routing to a queue node
+  queuenode  run a queue node: queues in RAM, served to gateways
+  version    print the version
+
+Run 'imq <command> --help' for a command's flags. Every flag can also be set
+with an environment variable: --jwt-secret is IMQ_JWT_SECRET.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var err error
+	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
+	case "dev":
+		err = runDev(args)
+	case "gateway":
+		err = runGateway(args)
+	case "queuenode":
+		err = runQueueNode(args)
+	case "version", "--version", "-v":
+		fmt.Println("imq", versionString())
+	case "help", "--help", "-h":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "imq: unknown command %q\n\n%s", cmd, usage)
+		os.Exit(2)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "imq:", err)
+		os.Exit(1)
+	}
+}
+
+func versionString() string {
+	if version != "dev" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return version
+}
+
+// signalContext is cancelled by SIGINT or SIGTERM.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+}
+
+const shutdownTimeout = 15 * time.Second
+
+// gatewayFlags binds the gateway's flags to cfg.
+func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins *listFlag) {
+	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "HTTP listen address for /ws, /metrics, /healthz and /varz")
+	fs.StringVar(secret, "jwt-secret", "", "HS256 secret that verifies connect tokens (at least 16 bytes)")
+	fs.Var(origins, "allowed-origins", "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: the request's own host)")
+	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "client connection limit (0: as many as the open-file limit allows)")
+	fs.IntVar(&cfg.SendQueueBytes, "send-queue-bytes", cfg.SendQueueBytes, "bytes queued for one client before it is cut off as a slow consumer")
+	fs.IntVar(&cfg.SendQueueFrames, "send-queue-frames", cfg.SendQueueFrames, "frames queued for one client before it is cut off as a slow consumer")
+	fs.IntVar(&cfg.MaxFrameBytes, "max-frame-bytes", cfg.MaxFrameBytes, "largest frame a client may send; larger closes the connection")
+	fs.IntVar(&cfg.MaxPayload, "max-payload", cfg.MaxPayload, "largest publish payload or state value in bytes")
+	fs.IntVar(&cfg.MaxSubscriptions, "max-subscriptions", cfg.MaxSubscriptions, "queues one connection may join")
+	fs.IntVar(&cfg.MaxInflight, "max-inflight", cfg.MaxInflight, "requests one connection may have awaiting a queue node")
+	fs.DurationVar(&cfg.PingInterval, "ping-interval", cfg.PingInterval, "how often the gateway pings each client")
+	fs.DurationVar(&cfg.ClientTimeout, "client-timeout", cfg.ClientTimeout, "close a client that sent nothing for this long")
+	fs.DurationVar(&cfg.AuthTimeout, "auth-timeout", cfg.AuthTimeout, "close a connection that has not authenticated in this time")
+	fs.DurationVar(&cfg.WriteTimeout, "write-timeout", cfg.WriteTimeout, "close a client whose socket takes no data for this long")
+	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "fail a request the queue node has not answered in this time")
+}
+
+// nodeFlags binds the queue node's flags to cfg.
+func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
+	fs.StringVar(&cfg.LinkAddr, "link-addr", cfg.LinkAddr, "TCP listen address for gateway links")
+	fs.IntVar(&cfg.Limits.HistoryLen, "history-len", cfg.Limits.HistoryLen, "events kept per message mount for resume")
+	fs.DurationVar(&cfg.Limits.HistoryAge, "history-age", cfg.Limits.HistoryAge, "how long events are kept for resume (0: by count only)")
+	if fs.Lookup("max-payload") == nil { // imq dev shares the gateway's
+		fs.IntVar(&cfg.Limits.MaxPayload, "max-payload", cfg.Limits.MaxPayload, "largest event payload in bytes")
+	}
+	fs.IntVar(&cfg.Limits.MaxMounts, "max-mounts", cfg.Limits.MaxMounts, "mounts per queue")
+	fs.IntVar(&cfg.Limits.MaxStateKeys, "max-state-keys", cfg.Limits.MaxStateKeys, "keys per state mount")
+	fs.IntVar(&cfg.Limits.MaxStateValue, "max-state-value", cfg.Limits.MaxStateValue, "largest state value in bytes")
+	fs.IntVar(&cfg.Limits.MaxStateBytes, "max-state-bytes", cfg.Limits.MaxStateBytes, "keys and values of one state mount together, in bytes")
+	fs.IntVar(&cfg.Limits.MaxSubscribers, "max-subscribers", cfg.Limits.MaxSubscribers, "sessions per queue")
+	fs.IntVar(&cfg.MaxQueues, "max-queues", cfg.MaxQueues, "queues per node")
+	fs.DurationVar(&cfg.IdleTTL, "idle-ttl", cfg.IdleTTL, "drop a queue with no subscribers and no traffic after this long")
+	fs.IntVar(&cfg.LinkBuffer, "link-buffer", cfg.LinkBuffer, "bytes queued for one gateway before its link is closed")
+}
+
+func runDev(args []string) error {
+	fs := newFlagSet("dev", "Runs a gateway and a queue node in one process, in development mode: clients may\nconnect with ws://ADDR/ws?user=ID instead of a token. Metrics of both are on the\ngateway's /metrics.")
+	gc, nc := gateway.DefaultConfig(), queuenode.DefaultConfig()
+	var secret string
+	var origins listFlag
+	var lf logFlags
+	gatewayFlags(fs, &gc, &secret, &origins)
+	nodeFlags(fs, &nc)
+	lf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	log, err := lf.logger()
+	if err != nil {
+		return err
+	}
+	gc.Dev, gc.JWTSecret, gc.AllowedOrigins = true, []byte(secret), origins
+	if len(origins) == 0 {
+		gc.AllowedOrigins = []string{"*"} // browsers on any local page may connect in development
+	}
+	nc.NodeID = "dev-node"
+	nc.Limits.MaxPayload = gc.MaxPayload
+	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc, Logger: log})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("imq %s: development cluster running (no token needed)\n", versionString())
+	fmt.Printf("  WebSocket:  %s?user=alice   (subprotocol imq.v1 or imq.v1.json)\n", d.URL())
+	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz\n", d.Gateway.Addr())
+	fmt.Printf("  Queue node: %s (link)\n", d.Node.LinkAddr())
+	fmt.Println("Press Ctrl-C to stop.")
+	ctx, stop := signalContext()
+	defer stop()
+	select {
+	case <-ctx.Done():
+	case err := <-d.Err():
+		log.Error("service stopped", "err", err)
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	return d.Shutdown(sctx)
+}
+
+func runGateway(args []string) error {
+	fs := newFlagSet("gateway", "Runs a gateway: it terminates client WebSockets at /ws, authenticates them\nand routes their queue operations over a link to the queue node.")
+	cfg := gateway.DefaultConfig()
+	var secret string
+	var origins listFlag
+	var lf logFlags
+	fs.StringVar(&cfg.QueueNode, "queuenode", "127.0.0.1:7100", "link address of the queue node")
+	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
+	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
+	gatewayFlags(fs, &cfg, &secret, &origins)
+	lf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	log, err := lf.logger()
+	if err != nil {
+		return err
+	}
+	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
+	cfg.Registry = prometheus.NewRegistry()
+	obs.Register(cfg.Registry)
+	gw, err := gateway.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return gw.Run(ctx)
+}
+
+func runQueueNode(args []string) error {
+	fs := newFlagSet("queuenode", "Runs a queue node: it holds queues in RAM and serves gateways over links.")
+	cfg := queuenode.DefaultConfig()
+	var httpAddr string
+	var lf logFlags
+	fs.StringVar(&cfg.NodeID, "id", "", "node id (default: node-<link address>)")
+	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz and /varz (empty: none)")
+	nodeFlags(fs, &cfg)
+	lf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	log, err := lf.logger()
+	if err != nil {
+		return err
+	}
+	cfg.Logger = log
+	cfg.Registry = prometheus.NewRegistry()
+	obs.Register(cfg.Registry)
+	node, err := queuenode.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	if httpAddr != "" {
+		ln, err := net.Listen("tcp", httpAddr)
+		if err != nil {
+			return fmt.Errorf("listen for HTTP: %w", err)
+		}
+		mux := http.NewServeMux()
+		node.HandleHTTP(mux)
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+		go srv.Serve(ln)
+		defer srv.Close()
+		log.Info("queue node HTTP", "addr", ln.Addr().String())
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- node.Run(ctx) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := node.Shutdown(sctx); err != nil {
+		return err
+	}
+	return <-errc
+}

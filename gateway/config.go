@@ -1,0 +1,164 @@
+package gateway
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config configures a gateway. A zero field takes its default from
+// DefaultConfig unless its comment says otherwise.
+type Config struct {
+	// Addr is the HTTP listen address serving /ws, /metrics, /healthz and
+	// /varz ("127.0.0.1:8080"; port 0 picks a free port, see Server.Addr).
+	Addr string
+	// GatewayID names this gateway process to queue nodes. Default: random.
+	GatewayID string
+	// QueueNode is the link address of the queue node owning every bucket
+	// (until the boss distributes a bucket table). Required.
+	QueueNode string
+	// JWTSecret verifies HS256 connect tokens. Required unless Dev is set.
+	JWTSecret []byte
+	// Dev also accepts a plain user id in the URL (?user=alice). Never in
+	// production: anyone can be anyone.
+	Dev bool
+	// AllowedOrigins lists the Origin header values accepted on /ws, such as
+	// "https://game.example.com"; "*" accepts any. Requests without an Origin
+	// header (native clients, bots) are always accepted. Empty: only origins
+	// whose host equals the request's Host.
+	AllowedOrigins []string
+	// MaxConnections bounds client connections. Zero: as many as the
+	// open-file limit allows, less a reserve for links and files.
+	MaxConnections int
+	// SendQueueBytes bounds the bytes queued for one client; past it the
+	// client is a slow consumer and is disconnected.
+	SendQueueBytes int
+	// SendQueueFrames bounds the frames queued for one client, likewise.
+	SendQueueFrames int
+	// MaxFrameBytes is the largest frame a client may send; a larger one
+	// closes the connection (PROTOCOL_ERROR). Frames up to it whose payload
+	// exceeds MaxPayload are answered PAYLOAD_TOO_LARGE.
+	MaxFrameBytes int
+	// MaxPayload is the largest publish payload or state value, in bytes;
+	// it should equal the queue nodes' limit.
+	MaxPayload int
+	// MaxSubscriptions bounds the queues one connection may join.
+	MaxSubscriptions int
+	// MaxInflight bounds one connection's requests awaiting a queue node.
+	MaxInflight int
+	// PingInterval is how often the gateway pings each client.
+	PingInterval time.Duration
+	// ClientTimeout closes a client that sent nothing (not even a pong) for
+	// this long.
+	ClientTimeout time.Duration
+	// AuthTimeout closes a connection that has not authenticated in time.
+	AuthTimeout time.Duration
+	// WriteTimeout closes a client whose socket accepts no data for this long.
+	WriteTimeout time.Duration
+	// RequestTimeout fails a request the queue node has not answered in time.
+	RequestTimeout time.Duration
+	// Logger receives structured logs. Default: discard.
+	Logger *slog.Logger
+	// Registry receives the gateway's metrics. Default: a private registry.
+	Registry *prometheus.Registry
+}
+
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		Addr:             "127.0.0.1:8080",
+		SendQueueBytes:   1 << 20,
+		SendQueueFrames:  4096,
+		MaxFrameBytes:    256 << 10,
+		MaxPayload:       64 << 10,
+		MaxSubscriptions: 256,
+		MaxInflight:      128,
+		PingInterval:     20 * time.Second,
+		ClientTimeout:    50 * time.Second,
+		AuthTimeout:      10 * time.Second,
+		WriteTimeout:     10 * time.Second,
+		RequestTimeout:   5 * time.Second,
+	}
+}
+
+func (c *Config) setDefaults() {
+	d := DefaultConfig()
+	set := func(v *int, def int) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	setD := func(v *time.Duration, def time.Duration) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	if c.Addr == "" {
+		c.Addr = d.Addr
+	}
+	set(&c.SendQueueBytes, d.SendQueueBytes)
+	set(&c.SendQueueFrames, d.SendQueueFrames)
+	set(&c.MaxFrameBytes, d.MaxFrameBytes)
+	set(&c.MaxPayload, d.MaxPayload)
+	set(&c.MaxSubscriptions, d.MaxSubscriptions)
+	set(&c.MaxInflight, d.MaxInflight)
+	setD(&c.PingInterval, d.PingInterval)
+	setD(&c.ClientTimeout, d.ClientTimeout)
+	setD(&c.AuthTimeout, d.AuthTimeout)
+	setD(&c.WriteTimeout, d.WriteTimeout)
+	setD(&c.RequestTimeout, d.RequestTimeout)
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	if c.QueueNode == "" {
+		errs = append(errs, errors.New("a queue node address is required"))
+	}
+	if len(c.JWTSecret) == 0 && !c.Dev {
+		errs = append(errs, errors.New("a JWT secret is required (or development mode)"))
+	}
+	if len(c.JWTSecret) > 0 && len(c.JWTSecret) < 16 {
+		errs = append(errs, fmt.Errorf("the JWT secret is %d bytes; use at least 16", len(c.JWTSecret)))
+	}
+	for _, o := range c.AllowedOrigins {
+		if o == "*" {
+			continue
+		}
+		if u, err := url.Parse(o); err != nil || u.Scheme == "" || u.Host == "" || strings.TrimRight(u.Path, "/") != "" {
+			errs = append(errs, fmt.Errorf("allowed origin %q is not scheme://host[:port]", o))
+		}
+	}
+	for name, v := range map[string]int{
+		"max connections": c.MaxConnections, "send queue bytes": c.SendQueueBytes,
+		"send queue frames": c.SendQueueFrames, "max frame bytes": c.MaxFrameBytes,
+		"max payload": c.MaxPayload, "max subscriptions": c.MaxSubscriptions, "max inflight": c.MaxInflight,
+	} {
+		if v < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative, got %d", name, v))
+		}
+	}
+	if c.MaxFrameBytes < c.MaxPayload+1024 {
+		errs = append(errs, fmt.Errorf("max frame bytes (%d) must exceed max payload (%d) by at least 1024", c.MaxFrameBytes, c.MaxPayload))
+	}
+	if c.SendQueueBytes < c.MaxFrameBytes {
+		errs = append(errs, fmt.Errorf("send queue bytes (%d) must hold at least one frame of %d bytes", c.SendQueueBytes, c.MaxFrameBytes))
+	}
+	if c.ClientTimeout <= c.PingInterval {
+		errs = append(errs, fmt.Errorf("client timeout (%s) must exceed the ping interval (%s)", c.ClientTimeout, c.PingInterval))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("gateway config: %w", err)
+	}
+	return nil
+}

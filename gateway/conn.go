@@ -1,0 +1,607 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/wire"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// closeGrace is how long a connection waits for the client's close frame
+// after sending its goodbye.
+const closeGrace = 2 * time.Second
+
+// outFrame is one queued WebSocket frame.
+type outFrame struct {
+	pm   *websocket.PreparedMessage // a fan-out frame shared by many connections, or
+	data []byte                     // a frame for this connection only
+	kind int                        // websocket message type of data
+	size int
+}
+
+// conn is one client connection.
+type conn struct {
+	s       *Server
+	ws      *websocket.Conn
+	bc      *bufConn
+	id      uint64
+	session string
+	json    bool
+	log     *slog.Logger
+
+	// Owned by the reader goroutine.
+	user      string
+	acked     bool // a connect was answered
+	pingTimer *time.Timer
+
+	inflight atomic.Int32
+
+	subMu sync.Mutex
+	subs  map[string]*localSub // Guarded by subMu: queues whose join succeeded.
+	dead  bool                 // Guarded by subMu: the reader ended; late joins are undone.
+
+	mu      sync.Mutex
+	queue   []outFrame // Guarded by mu: frames waiting for the writer.
+	spare   []outFrame // Guarded by mu: the last batch's slice, for reuse.
+	queued  int        // Guarded by mu: bytes in queue.
+	writing bool       // Guarded by mu: a writer goroutine is running.
+	closing bool       // Guarded by mu: a goodbye is queued or the socket failed.
+	reason  string     // Guarded by mu: why the connection is closing, for metrics.
+	flushed chan struct{}
+}
+
+func newConn(s *Server, ws *websocket.Conn, json bool, devUser string) *conn {
+	id := s.connSeq.Add(1)
+	c := &conn{
+		s:       s,
+		ws:      ws,
+		bc:      ws.NetConn().(*bufConn),
+		id:      id,
+		session: s.cfg.GatewayID + "." + strconv.FormatUint(id, 10),
+		json:    json,
+		user:    devUser,
+		subs:    make(map[string]*localSub),
+		flushed: make(chan struct{}),
+	}
+	c.log = s.log.With("session", c.session)
+	return c
+}
+
+// serve runs the reader until the connection ends, then cleans up.
+func (c *conn) serve() {
+	cfg := &c.s.cfg
+	c.ws.SetReadLimit(int64(cfg.MaxFrameBytes))
+	c.ws.SetPingHandler(func(data string) error {
+		c.extendRead()
+		c.sendControl(websocket.PongMessage, []byte(data))
+		return nil
+	})
+	c.ws.SetPongHandler(func(string) error { c.extendRead(); return nil })
+	if c.user == "" {
+		c.ws.SetReadDeadline(time.Now().Add(cfg.AuthTimeout))
+	} else {
+		c.extendRead()
+	}
+	c.pingTimer = time.AfterFunc(cfg.PingInterval, c.ping)
+
+	buf := new(bytes.Buffer)
+	for {
+		mt, r, err := c.ws.NextReader()
+		if err == nil {
+			buf.Reset()
+			_, err = buf.ReadFrom(r)
+		}
+		if err != nil {
+			c.readFailed(err)
+			break
+		}
+		c.extendRead()
+		c.handleFrame(mt, buf.Bytes())
+		if buf.Cap() > 64<<10 {
+			buf = new(bytes.Buffer) // don't keep a large frame's buffer for the connection's life
+		}
+	}
+	c.finish()
+}
+
+func (c *conn) extendRead() {
+	if c.user != "" {
+		c.ws.SetReadDeadline(time.Now().Add(c.s.cfg.ClientTimeout))
+	}
+}
+
+func (c *conn) ping() {
+	if c.sendControl(websocket.PingMessage, nil) {
+		c.pingTimer.Reset(c.s.cfg.PingInterval)
+	}
+}
+
+// readFailed says goodbye when the read ended for a reason the client should
+// hear about.
+func (c *conn) readFailed(err error) {
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		if c.user == "" {
+			c.goAway(imqpb.Reason_REASON_AUTH_TIMEOUT, "no connect within "+c.s.cfg.AuthTimeout.String(), false)
+		} else {
+			c.goAway(imqpb.Reason_REASON_PING_TIMEOUT, "nothing received for "+c.s.cfg.ClientTimeout.String(), true)
+		}
+	case errors.Is(err, websocket.ErrReadLimit):
+		c.goAway(imqpb.Reason_REASON_PROTOCOL_ERROR, "frame larger than "+strconv.Itoa(c.s.cfg.MaxFrameBytes)+" bytes", false)
+	default:
+		c.setReason("client_closed")
+		c.log.Debug("read ended", "err", err)
+	}
+}
+
+// finish runs after the reader ends: it drops the subscriptions, lets a
+// queued goodbye reach the client, and closes the socket.
+func (c *conn) finish() {
+	c.pingTimer.Stop()
+	c.subMu.Lock()
+	c.dead = true
+	subs := c.subs
+	c.subs = nil
+	c.subMu.Unlock()
+	for queue := range subs {
+		c.s.index.remove(queue, c)
+		c.s.linkFor(queue).request(&imqpb.NodeRequest{
+			User: c.user, Session: c.session, Op: &imqpb.NodeRequest_Leave{Leave: &imqpb.Leave{Queue: queue}},
+		}, nil)
+	}
+
+	c.mu.Lock()
+	goodbye := c.closing && c.reason != "write_failed"
+	c.closing = true
+	c.queue = nil
+	reason := c.reason
+	c.mu.Unlock()
+	if goodbye {
+		select {
+		case <-c.flushed:
+		case <-time.After(c.s.cfg.WriteTimeout):
+		}
+	}
+	c.ws.Close()
+	if reason == "" {
+		reason = "client_closed"
+	}
+	c.s.m.disconnects.WithLabelValues(reason).Inc()
+}
+
+func (c *conn) setReason(r string) {
+	c.mu.Lock()
+	if c.reason == "" {
+		c.reason = r
+	}
+	c.mu.Unlock()
+}
+
+// handleFrame decodes and executes one client frame.
+func (c *conn) handleFrame(mt int, data []byte) {
+	var msg imqpb.ClientMessage
+	var err error
+	switch {
+	case c.json && mt != websocket.TextMessage:
+		err = errors.New("imq.v1.json takes text frames")
+	case !c.json && mt != websocket.BinaryMessage:
+		err = errors.New("imq.v1 takes binary frames")
+	case c.json:
+		err = wire.UnmarshalJSON(data, &msg)
+	default:
+		err = proto.Unmarshal(data, &msg)
+	}
+	if err != nil {
+		c.s.m.requests.WithLabelValues("malformed").Inc()
+		c.replyErr(0, imqerr.New(imqpb.Code_BAD_REQUEST, "malformed frame: %v", err))
+		return
+	}
+	id := msg.GetId()
+	switch m := msg.GetMsg().(type) {
+	case *imqpb.ClientMessage_Connect:
+		c.s.m.requests.WithLabelValues("connect").Inc()
+		c.connect(id, m.Connect)
+		return
+	case *imqpb.ClientMessage_Ping:
+		c.s.m.requests.WithLabelValues("ping").Inc()
+		c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Pong{Pong: &imqpb.Pong{Id: id, TimeMs: time.Now().UnixMilli()}}})
+		return
+	case nil:
+		c.s.m.requests.WithLabelValues("unknown").Inc()
+		c.replyErr(id, imqerr.New(imqpb.Code_UNKNOWN_MESSAGE, "the frame carries no message this server knows"))
+		return
+	}
+	if c.user == "" {
+		c.s.m.requests.WithLabelValues("unauthenticated").Inc()
+		c.replyErr(id, imqerr.New(imqpb.Code_NOT_CONNECTED, "send connect first"))
+		return
+	}
+	switch m := msg.GetMsg().(type) {
+	case *imqpb.ClientMessage_Join:
+		c.s.m.requests.WithLabelValues("join").Inc()
+		c.join(id, m.Join)
+	case *imqpb.ClientMessage_Leave:
+		c.s.m.requests.WithLabelValues("leave").Inc()
+		c.leave(id, m.Leave)
+	case *imqpb.ClientMessage_Publish:
+		c.s.m.requests.WithLabelValues("publish").Inc()
+		c.publish(id, m.Publish)
+	case *imqpb.ClientMessage_SetState:
+		c.s.m.requests.WithLabelValues("set_state").Inc()
+		c.setState(id, m.SetState)
+	}
+}
+
+func (c *conn) connect(id uint64, m *imqpb.Connect) {
+	switch {
+	case c.acked:
+		c.replyErr(id, imqerr.New(imqpb.Code_ALREADY_CONNECTED, "this connection is already connected as %q", c.user))
+		return
+	case c.user != "" && m.GetToken() != "":
+		c.replyErr(id, imqerr.New(imqpb.Code_ALREADY_CONNECTED, "this connection authenticated as %q with ?user=; send connect without a token", c.user))
+		return
+	case c.user == "":
+		user, err := verifyToken(c.s.cfg.JWTSecret, m.GetToken())
+		if err != nil {
+			c.replyErr(id, err)
+			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, false)
+			return
+		}
+		c.user = user
+	}
+	c.acked = true
+	c.log = c.log.With("user", c.user)
+	c.extendRead()
+	cfg := &c.s.cfg
+	c.reply(&imqpb.Reply{Id: id, Result: &imqpb.Reply_Connected{Connected: &imqpb.Connected{
+		User: c.user, Session: c.session,
+		PingIntervalMs: uint32(cfg.PingInterval.Milliseconds()), TimeoutMs: uint32(cfg.ClientTimeout.Milliseconds()),
+	}}})
+}
+
+func (c *conn) join(id uint64, m *imqpb.Join) {
+	queue := m.GetQueue()
+	if err := wire.ValidateQueueName(queue); err != nil {
+		c.replyErr(id, err)
+		return
+	}
+	c.subMu.Lock()
+	_, rejoin := c.subs[queue]
+	n := len(c.subs)
+	c.subMu.Unlock()
+	if !rejoin && n >= c.s.cfg.MaxSubscriptions {
+		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "a connection may join %d queues", c.s.cfg.MaxSubscriptions))
+		return
+	}
+	c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Join{Join: m}}, func(r *imqpb.NodeReply) {
+		if r.GetCode() != imqpb.Code_OK {
+			if r.GetCode() == imqpb.Code_TIMEOUT { // the node may still apply it
+				c.leaveNode(queue)
+			}
+			c.replyErr(id, &imqerr.Error{Code: r.GetCode(), Message: r.GetMessage()})
+			return
+		}
+		joined := r.GetJoined()
+		sub := &localSub{mounts: make([]string, len(joined.GetMounts()))}
+		for i, ms := range joined.GetMounts() {
+			sub.mounts[i] = ms.GetName()
+		}
+		c.subMu.Lock()
+		if c.dead {
+			c.subMu.Unlock()
+			c.leaveNode(queue)
+			return
+		}
+		c.subs[queue] = sub
+		c.s.index.add(queue, c, sub)
+		c.subMu.Unlock()
+		c.reply(&imqpb.Reply{Id: id, Result: &imqpb.Reply_Joined{Joined: joined}})
+	})
+}
+
+func (c *conn) leave(id uint64, m *imqpb.Leave) {
+	queue := m.GetQueue()
+	if err := wire.ValidateQueueName(queue); err != nil {
+		c.replyErr(id, err)
+		return
+	}
+	c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Leave{Leave: m}}, func(r *imqpb.NodeReply) {
+		// Runs after the reply to any earlier join of this queue (the link
+		// keeps order), so the local subscription is final here.
+		c.subMu.Lock()
+		if _, ok := c.subs[queue]; ok {
+			delete(c.subs, queue)
+			c.s.index.remove(queue, c)
+		}
+		c.subMu.Unlock()
+		c.replyNode(id, r, nil)
+	})
+}
+
+func (c *conn) publish(id uint64, m *imqpb.Publish) {
+	if err := wire.ValidateQueueName(m.GetQueue()); err != nil {
+		c.replyErr(id, err)
+		return
+	}
+	if len(m.GetPayload()) > c.s.cfg.MaxPayload {
+		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "payload is %d bytes; the limit is %d", len(m.GetPayload()), c.s.cfg.MaxPayload))
+		return
+	}
+	c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Publish{Publish: m}}, func(r *imqpb.NodeReply) {
+		c.replyNode(id, r, func(rep *imqpb.Reply) {
+			rep.Result = &imqpb.Reply_Published{Published: r.GetPublished()}
+		})
+	})
+}
+
+func (c *conn) setState(id uint64, m *imqpb.SetState) {
+	if err := wire.ValidateQueueName(m.GetQueue()); err != nil {
+		c.replyErr(id, err)
+		return
+	}
+	if len(m.GetValue()) > c.s.cfg.MaxPayload {
+		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "state value is %d bytes; the limit is %d", len(m.GetValue()), c.s.cfg.MaxPayload))
+		return
+	}
+	c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_SetState{SetState: m}}, func(r *imqpb.NodeReply) {
+		c.replyNode(id, r, func(rep *imqpb.Reply) {
+			rep.Result = &imqpb.Reply_StateSet{StateSet: r.GetStateSet()}
+		})
+	})
+}
+
+// forward sends req for queue to its node; onReply runs on the link's reader
+// (in link order) or, for a timeout or lost link, on the link's own goroutine.
+func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply)) {
+	if c.inflight.Add(1) > int32(c.s.cfg.MaxInflight) {
+		c.inflight.Add(-1)
+		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "more than %d requests in flight; wait for replies", c.s.cfg.MaxInflight))
+		return
+	}
+	req.User, req.Session = c.user, c.session
+	err := c.s.linkFor(queue).request(req, func(r *imqpb.NodeReply) {
+		c.inflight.Add(-1)
+		onReply(r)
+	})
+	if err != nil {
+		c.inflight.Add(-1)
+		c.replyErr(id, err)
+	}
+}
+
+// leaveNode tells the node this session left queue, without a reply.
+func (c *conn) leaveNode(queue string) {
+	c.s.linkFor(queue).request(&imqpb.NodeRequest{
+		User: c.user, Session: c.session, Op: &imqpb.NodeRequest_Leave{Leave: &imqpb.Leave{Queue: queue}},
+	}, nil)
+}
+
+// replyNode answers the client from a node reply; set fills in the result.
+func (c *conn) replyNode(id uint64, r *imqpb.NodeReply, set func(*imqpb.Reply)) {
+	if r.GetCode() != imqpb.Code_OK {
+		c.replyErr(id, &imqerr.Error{Code: r.GetCode(), Message: r.GetMessage()})
+		return
+	}
+	rep := &imqpb.Reply{Id: id}
+	if set != nil {
+		set(rep)
+	}
+	c.reply(rep)
+}
+
+func (c *conn) replyErr(id uint64, err error) {
+	e := imqerr.From(err)
+	c.s.m.errors.WithLabelValues(e.Code.String()).Inc()
+	c.reply(&imqpb.Reply{Id: id, Code: e.Code, Message: e.Message, Retryable: e.Retryable()})
+}
+
+func (c *conn) reply(r *imqpb.Reply) {
+	c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Reply{Reply: r}})
+}
+
+// encode returns m as this connection's frame type.
+func (c *conn) encode(m *imqpb.ServerMessage) ([]byte, int, error) {
+	if c.json {
+		b, err := wire.MarshalJSON(m)
+		return b, websocket.TextMessage, err
+	}
+	b, err := proto.Marshal(m)
+	return b, websocket.BinaryMessage, err
+}
+
+func (c *conn) sendMsg(m *imqpb.ServerMessage) {
+	b, kind, err := c.encode(m)
+	if err != nil {
+		c.log.Error("encode reply", "err", err)
+		return
+	}
+	c.send(outFrame{data: b, kind: kind, size: len(b)})
+}
+
+// send queues f for the writer. It never blocks: a client whose queue
+// overflows is a slow consumer, and its queue is dropped for a goodbye.
+func (c *conn) send(f outFrame) {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return
+	}
+	if len(c.queue) >= c.s.cfg.SendQueueFrames || c.queued+f.size > c.s.cfg.SendQueueBytes {
+		dropped := len(c.queue)
+		clear(c.queue)
+		c.queue = c.queue[:0]
+		c.queued = 0
+		c.goAwayLocked(imqpb.Reason_REASON_SLOW_CONSUMER, "send queue overflowed: read faster or join fewer queues", true)
+		c.mu.Unlock()
+		c.s.m.slowConsumers.Inc()
+		c.s.m.sendDrops.Add(float64(dropped + 1))
+		c.log.Debug("slow consumer disconnected", "dropped_frames", dropped+1)
+		return
+	}
+	c.queue = append(c.queue, f)
+	c.queued += f.size
+	c.startWriterLocked()
+	c.mu.Unlock()
+}
+
+// sendControl queues a ping or pong outside the queue's bounds (they are
+// small and few). It reports false once the connection is closing.
+func (c *conn) sendControl(kind int, data []byte) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return false
+	}
+	c.queue = append(c.queue, outFrame{data: data, kind: kind})
+	c.startWriterLocked()
+	return true
+}
+
+func (c *conn) startWriterLocked() {
+	if !c.writing {
+		c.writing = true
+		go c.writeLoop() // ends when the queue is empty or the socket fails
+	}
+}
+
+// goAway queues a goodbye and a close frame after what is already queued;
+// the connection accepts nothing more.
+func (c *conn) goAway(reason imqpb.Reason, msg string, reconnect bool) {
+	c.mu.Lock()
+	c.goAwayLocked(reason, msg, reconnect)
+	c.mu.Unlock()
+}
+
+func (c *conn) goAwayLocked(reason imqpb.Reason, msg string, reconnect bool) {
+	if c.closing {
+		return
+	}
+	c.closing = true
+	if c.reason == "" {
+		c.reason = reasonLabel(reason)
+	}
+	b, kind, err := c.encode(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Goodbye{Goodbye: &imqpb.Goodbye{
+		Reason: reason, Message: msg, Reconnect: reconnect,
+	}}})
+	if err == nil {
+		c.queue = append(c.queue, outFrame{data: b, kind: kind})
+	}
+	c.queue = append(c.queue, outFrame{data: websocket.FormatCloseMessage(closeCode(reason), msg), kind: websocket.CloseMessage})
+	c.startWriterLocked()
+}
+
+// writeLoop writes batches of queued frames, each batch in one syscall, and
+// ends when the queue is empty, after the close frame, or on a write error.
+func (c *conn) writeLoop() {
+	for {
+		c.mu.Lock()
+		batch := c.queue
+		if len(batch) == 0 {
+			c.writing = false
+			c.mu.Unlock()
+			return
+		}
+		c.queue, c.spare = c.spare, nil
+		c.queued = 0
+		c.mu.Unlock()
+
+		final, err := c.writeBatch(batch)
+		clear(batch)
+		if cap(batch) <= 64 {
+			c.mu.Lock()
+			c.spare = batch[:0]
+			c.mu.Unlock()
+		}
+		if err != nil || final {
+			if err != nil {
+				c.mu.Lock()
+				c.closing = true
+				c.queue = nil
+				if c.reason == "" {
+					c.reason = "write_failed"
+				}
+				c.mu.Unlock()
+				c.log.Debug("write failed", "err", err)
+				c.bc.Conn.Close() // ends the reader, which cleans up
+			}
+			return // writing stays true: no writer starts again
+		}
+	}
+}
+
+func (c *conn) writeBatch(batch []outFrame) (final bool, err error) {
+	wt := c.s.cfg.WriteTimeout
+	c.bc.begin()
+	var n int
+	for _, f := range batch {
+		switch {
+		case f.pm != nil:
+			err = c.ws.WritePreparedMessage(f.pm)
+			n++
+		case f.kind == websocket.CloseMessage:
+			err = c.ws.WriteControl(websocket.CloseMessage, f.data, time.Now().Add(wt))
+			final = true
+		case f.kind == websocket.PingMessage || f.kind == websocket.PongMessage:
+			err = c.ws.WriteControl(f.kind, f.data, time.Now().Add(wt))
+		default:
+			err = c.ws.WriteMessage(f.kind, f.data)
+		}
+		if err != nil || final {
+			break
+		}
+	}
+	if ferr := c.bc.flush(wt); err == nil {
+		err = ferr
+	}
+	c.s.m.deliveries.Add(float64(n))
+	if final && err == nil {
+		c.bc.CloseWrite()
+		c.bc.Conn.SetReadDeadline(time.Now().Add(closeGrace))
+		close(c.flushed)
+	}
+	return final, err
+}
+
+func reasonLabel(r imqpb.Reason) string {
+	switch r {
+	case imqpb.Reason_REASON_SHUTDOWN:
+		return "shutdown"
+	case imqpb.Reason_REASON_SLOW_CONSUMER:
+		return "slow_consumer"
+	case imqpb.Reason_REASON_PING_TIMEOUT:
+		return "ping_timeout"
+	case imqpb.Reason_REASON_AUTH_FAILED:
+		return "auth_failed"
+	case imqpb.Reason_REASON_AUTH_TIMEOUT:
+		return "auth_timeout"
+	case imqpb.Reason_REASON_PROTOCOL_ERROR:
+		return "protocol_error"
+	}
+	return "other"
+}
+
+func closeCode(r imqpb.Reason) int {
+	switch r {
+	case imqpb.Reason_REASON_SHUTDOWN, imqpb.Reason_REASON_PING_TIMEOUT:
+		return websocket.CloseGoingAway
+	case imqpb.Reason_REASON_SLOW_CONSUMER, imqpb.Reason_REASON_SERVER_FULL:
+		return websocket.CloseTryAgainLater
+	case imqpb.Reason_REASON_AUTH_FAILED, imqpb.Reason_REASON_AUTH_TIMEOUT:
+		return websocket.ClosePolicyViolation
+	case imqpb.Reason_REASON_PROTOCOL_ERROR:
+		return websocket.CloseMessageTooBig
+	}
+	return websocket.CloseNormalClosure
+}

@@ -1,0 +1,169 @@
+package gateway
+
+import (
+	"bufio"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imq-dev/imq/internal/sysx"
+)
+
+// httpSlack is how many connections beyond the WebSocket capacity the
+// listener admits, so /metrics and /healthz answer while clients are refused.
+const httpSlack = 64
+
+// limitListener caps the open connections so the process never runs out of
+// file descriptors. Past the cap it accepts and closes at once with a 503, so
+// clients get an answer rather than a hung connect; when accept itself fails
+// for lack of descriptors it backs off instead of spinning.
+type limitListener struct {
+	net.Listener
+	s      *Server
+	max    int64
+	active atomic.Int64
+}
+
+func newLimitListener(ln net.Listener, maxConns int, s *Server) *limitListener {
+	return &limitListener{Listener: ln, s: s, max: int64(maxConns + httpSlack)}
+}
+
+var fullResponse = []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 65\r\n\r\n" +
+	`{"error":{"code":"LIMIT_EXCEEDED","message":"gateway is full"}}` + "\r\n")
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	backoff := 5 * time.Millisecond
+	var lastLog time.Time
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			if !sysx.IsResourceExhausted(err) {
+				return nil, err
+			}
+			if time.Since(lastLog) > time.Second {
+				l.s.log.Warn("out of file descriptors; refusing connections until some close", "err", err)
+				lastLog = time.Now()
+			}
+			l.s.m.accepted.WithLabelValues("fd_exhausted").Inc()
+			time.Sleep(backoff)
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		if l.active.Add(1) > l.max {
+			l.active.Add(-1)
+			l.s.m.accepted.WithLabelValues("full").Inc()
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write(fullResponse)
+			c.Close()
+			continue
+		}
+		return &countedConn{Conn: c, l: l}, nil
+	}
+}
+
+// countedConn releases its slot in the listener once, on Close.
+type countedConn struct {
+	net.Conn
+	l    *limitListener
+	once sync.Once
+}
+
+func (c *countedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.l.active.Add(-1) })
+	return err
+}
+
+// CloseWrite half-closes the TCP connection after a goodbye.
+func (c *countedConn) CloseWrite() error {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.CloseWrite()
+	}
+	return nil
+}
+
+// hijackWrapper hands gorilla/websocket a bufConn instead of the raw socket,
+// so that a connection's writer can coalesce several frames into one write.
+type hijackWrapper struct{ http.ResponseWriter }
+
+func (h hijackWrapper) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	return &bufConn{Conn: c}, brw, nil
+}
+
+var writeBufPool = sync.Pool{New: func() any { b := make([]byte, 0, 8<<10); return &b }}
+
+// bufConn collects the frames gorilla writes during a batch (between begin
+// and flush) and writes them with one syscall. Outside a batch (the upgrade
+// response, a close frame gorilla sends from the reader on a protocol error)
+// writes go straight through. Its buffer comes from a pool and returns to it
+// after each flush, so an idle connection holds none.
+type bufConn struct {
+	net.Conn
+	mu       sync.Mutex
+	buf      *[]byte // Guarded by mu.
+	batching bool    // Guarded by mu.
+}
+
+func (b *bufConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.batching {
+		return b.Conn.Write(p)
+	}
+	if b.buf == nil {
+		b.buf = writeBufPool.Get().(*[]byte)
+	}
+	*b.buf = append(*b.buf, p...)
+	return len(p), nil
+}
+
+// SetWriteDeadline is ignored during a batch: flush sets its own deadline.
+func (b *bufConn) SetWriteDeadline(t time.Time) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.batching {
+		return nil
+	}
+	return b.Conn.SetWriteDeadline(t)
+}
+
+func (b *bufConn) begin() {
+	b.mu.Lock()
+	b.batching = true
+	b.mu.Unlock()
+}
+
+// flush ends the batch and writes it, within timeout.
+func (b *bufConn) flush(timeout time.Duration) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.batching = false
+	if b.buf == nil {
+		return nil
+	}
+	buf := b.buf
+	b.buf = nil
+	var err error
+	if len(*buf) > 0 {
+		b.Conn.SetWriteDeadline(time.Now().Add(timeout))
+		_, err = b.Conn.Write(*buf)
+	}
+	if cap(*buf) <= 64<<10 {
+		*buf = (*buf)[:0]
+		writeBufPool.Put(buf)
+	}
+	return err
+}
+
+func (b *bufConn) CloseWrite() error {
+	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}

@@ -1,0 +1,340 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/obs"
+	"github.com/imq-dev/imq/internal/sysx"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// Subprotocols the gateway speaks on /ws.
+const (
+	SubprotocolBinary = "imq.v1"
+	SubprotocolJSON   = "imq.v1.json"
+)
+
+// fdReserve is kept out of the connection capacity for links, listeners,
+// log files and the metrics scrape.
+const fdReserve = 128
+
+// Server is a gateway.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	m        *metrics
+	ln       *limitListener
+	http     *http.Server
+	upgrader websocket.Upgrader
+	maxConns int
+
+	table atomic.Pointer[bucket.Table]
+	links map[string]*nodeLink // by node id; fixed after New
+	index index
+	conns connSet
+
+	connSeq  atomic.Uint64
+	closing  atomic.Bool
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	shutOnce sync.Once
+}
+
+// New validates cfg, raises the open-file limit and binds the listener.
+func New(cfg Config) (*Server, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.GatewayID == "" {
+		var b [6]byte
+		rand.Read(b[:])
+		cfg.GatewayID = "gw-" + hex.EncodeToString(b[:])
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+
+	files, err := sysx.RaiseFileLimit()
+	if err != nil {
+		s.log.Warn("could not raise the open-file limit", "limit", files, "err", err)
+	}
+	capacity := int(files) - fdReserve
+	if capacity < 1 {
+		return nil, fmt.Errorf("gateway: the open-file limit %d leaves no room for connections", files)
+	}
+	s.maxConns = capacity
+	if cfg.MaxConnections > 0 && cfg.MaxConnections < capacity {
+		s.maxConns = cfg.MaxConnections
+	}
+	s.log.Info("connection capacity", "open_file_limit", files, "max_connections", s.maxConns)
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: listen: %w", err)
+	}
+	s.ln = newLimitListener(ln, s.maxConns, s)
+	s.m = newMetrics(cfg.Registry, s)
+	s.upgrader = websocket.Upgrader{
+		Subprotocols:     []string{SubprotocolBinary, SubprotocolJSON},
+		ReadBufferSize:   1024,
+		WriteBufferPool:  &sync.Pool{},
+		HandshakeTimeout: 10 * time.Second,
+		CheckOrigin:      func(*http.Request) bool { return true }, // checked before Upgrade
+		Error:            func(w http.ResponseWriter, r *http.Request, status int, reason error) {},
+	}
+	s.conns.init()
+	s.index.init()
+
+	node := bucket.Node{ID: "queuenode", LinkAddr: cfg.QueueNode}
+	s.table.Store(bucket.Single(node))
+	s.links = map[string]*nodeLink{node.ID: newNodeLink(s, node)}
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ws", s.serveWS)
+	obs.Handle(mux, cfg.Registry, s.health, s.varz)
+	s.http = &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	return s, nil
+}
+
+// Addr returns the HTTP listen address.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// ID returns the gateway id.
+func (s *Server) ID() string { return s.cfg.GatewayID }
+
+// Run serves until ctx is done or Shutdown is called; it returns nil then.
+func (s *Server) Run(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s.Shutdown(sctx)
+	})
+	defer stop()
+	for _, l := range s.links {
+		s.wg.Add(1)
+		go func() { // ends at Shutdown
+			defer s.wg.Done()
+			l.run(s.ctx)
+		}()
+	}
+	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws")
+	err := s.http.Serve(s.ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		s.wg.Wait()
+		return nil
+	}
+	return fmt.Errorf("gateway: serve: %w", err)
+}
+
+// Shutdown stops accepting connections, says goodbye (reason SHUTDOWN,
+// reconnect) to every client, flushes their queues and closes the links. It
+// waits for all of that or ctx, and is safe to call more than once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var err error
+	s.shutOnce.Do(func() {
+		s.closing.Store(true)
+		s.http.SetKeepAlivesEnabled(false)
+		s.ln.Close()
+		for _, c := range s.conns.snapshot() {
+			c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
+		}
+		// Wait for clients to be flushed and closed.
+		for s.conns.count() > 0 && ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		for _, c := range s.conns.snapshot() {
+			c.ws.NetConn().Close()
+		}
+		err = s.http.Shutdown(ctx)
+		s.cancel()
+	})
+	return err
+}
+
+func (s *Server) health() error {
+	if s.closing.Load() {
+		return errors.New("shutting down")
+	}
+	if s.linksUp() == 0 {
+		return errors.New("no queue node link is up")
+	}
+	return nil
+}
+
+// Varz is the gateway's JSON state at /varz.
+type Varz struct {
+	GatewayID      string `json:"gateway_id"`
+	Addr           string `json:"addr"`
+	Connections    int    `json:"connections"`
+	MaxConnections int    `json:"max_connections"`
+	Queues         int    `json:"queues"`
+	LinksUp        int    `json:"links_up"`
+	Table          string `json:"table"`
+}
+
+func (s *Server) varz() any {
+	return Varz{
+		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), Connections: s.conns.count(), MaxConnections: s.maxConns,
+		Queues: s.index.count(), LinksUp: s.linksUp(), Table: s.table.Load().String(),
+	}
+}
+
+func (s *Server) linksUp() int {
+	n := 0
+	for _, l := range s.links {
+		if l.isUp() {
+			n++
+		}
+	}
+	return n
+}
+
+// linkFor routes queue to the link of its node.
+func (s *Server) linkFor(queue string) *nodeLink {
+	return s.links[s.table.Load().Lookup(queue).ID]
+}
+
+// httpError answers a request that cannot become a WebSocket with the same
+// JSON error shape as the admin RPC.
+func (s *Server) httpError(w http.ResponseWriter, status int, code imqpb.Code, msg string) {
+	s.m.accepted.WithLabelValues(strings.ToLower(code.String())).Inc()
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-IMQ-Error", code.String())
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(map[string]any{"error": map[string]string{"code": code.String(), "message": msg}})
+}
+
+func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
+	if s.closing.Load() {
+		s.httpError(w, http.StatusServiceUnavailable, imqpb.Code_UNAVAILABLE, "gateway is shutting down")
+		return
+	}
+	if !websocket.IsWebSocketUpgrade(r) {
+		s.httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "this endpoint speaks WebSocket (subprotocol imq.v1 or imq.v1.json)")
+		return
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
+		s.httpError(w, http.StatusForbidden, imqpb.Code_FORBIDDEN, fmt.Sprintf("origin %q is not allowed", origin))
+		return
+	}
+	proto := ""
+	for _, p := range websocket.Subprotocols(r) {
+		if p == SubprotocolBinary || p == SubprotocolJSON {
+			proto = p
+			break
+		}
+	}
+	if proto == "" {
+		s.httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "request the subprotocol imq.v1 (protobuf) or imq.v1.json (JSON)")
+		return
+	}
+	devUser := r.URL.Query().Get("user")
+	if devUser != "" {
+		if !s.cfg.Dev {
+			s.httpError(w, http.StatusUnauthorized, imqpb.Code_UNAUTHORIZED, "?user= works only in development mode; send a token in connect")
+			return
+		}
+		if err := validUserID(devUser); err != nil {
+			s.httpError(w, http.StatusBadRequest, imqpb.Code_UNAUTHORIZED, err.Error())
+			return
+		}
+	}
+	if s.conns.count() >= s.maxConns {
+		s.httpError(w, http.StatusServiceUnavailable, imqpb.Code_LIMIT_EXCEEDED, "gateway is full")
+		return
+	}
+	ws, err := s.upgrader.Upgrade(hijackWrapper{w}, r, nil)
+	if err != nil {
+		s.m.accepted.WithLabelValues("upgrade_failed").Inc()
+		s.log.Debug("upgrade failed", "err", err)
+		return
+	}
+	s.m.accepted.WithLabelValues("ok").Inc()
+	c := newConn(s, ws, proto == SubprotocolJSON, devUser)
+	s.conns.add(c)
+	c.serve() // runs the reader on this goroutine until the connection ends
+	s.conns.remove(c)
+}
+
+// originAllowed applies AllowedOrigins.
+func (s *Server) originAllowed(origin, host string) bool {
+	if len(s.cfg.AllowedOrigins) == 0 {
+		u, err := url.Parse(origin)
+		return err == nil && strings.EqualFold(u.Host, host)
+	}
+	return slices.Contains(s.cfg.AllowedOrigins, "*") || slices.ContainsFunc(s.cfg.AllowedOrigins, func(o string) bool {
+		return strings.EqualFold(strings.TrimRight(o, "/"), origin)
+	})
+}
+
+// connSet is the set of open connections, sharded to keep registration off
+// one lock.
+type connSet struct {
+	shards [64]struct {
+		mu    sync.Mutex
+		conns map[*conn]struct{}
+	}
+	n atomic.Int64
+}
+
+func (cs *connSet) init() {
+	for i := range cs.shards {
+		cs.shards[i].conns = make(map[*conn]struct{})
+	}
+}
+
+func (cs *connSet) add(c *conn) {
+	sh := &cs.shards[c.id%uint64(len(cs.shards))]
+	sh.mu.Lock()
+	sh.conns[c] = struct{}{}
+	sh.mu.Unlock()
+	cs.n.Add(1)
+}
+
+func (cs *connSet) remove(c *conn) {
+	sh := &cs.shards[c.id%uint64(len(cs.shards))]
+	sh.mu.Lock()
+	delete(sh.conns, c)
+	sh.mu.Unlock()
+	cs.n.Add(-1)
+}
+
+func (cs *connSet) count() int { return int(cs.n.Load()) }
+
+func (cs *connSet) snapshot() []*conn {
+	var out []*conn
+	for i := range cs.shards {
+		sh := &cs.shards[i]
+		sh.mu.Lock()
+		for c := range sh.conns {
+			out = append(out, c)
+		}
+		sh.mu.Unlock()
+	}
+	return out
+}

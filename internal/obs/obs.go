@@ -1,0 +1,45 @@
+// Package obs holds the observability endpoints every IMQ process serves on
+// its HTTP listener: /metrics (Prometheus), /healthz and /varz (cheap JSON
+// state, after nats-server's). It imports no IMQ package.
+package obs
+
+import (
+	"encoding/json"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Register adds the Go runtime and process collectors to reg, once per
+// registry; a registry that already has them is left as is.
+func Register(reg *prometheus.Registry) {
+	for _, c := range []prometheus.Collector{
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	} {
+		_ = reg.Register(c) // AlreadyRegisteredError: another service in this process did it
+	}
+}
+
+// Handle adds /metrics, /healthz and /varz to mux. health returns nil when the
+// process is ready to serve; varz returns a JSON-encodable snapshot.
+func Handle(mux *http.ServeMux, reg *prometheus.Registry, health func() error, varz func() any) {
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if err := health(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			json.NewEncoder(w).Encode(map[string]string{"status": "unavailable", "error": err.Error()})
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /varz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(varz())
+	})
+}

@@ -1,0 +1,108 @@
+package queuenode
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config configures a queue node. The zero value of a field means its default
+// from DefaultConfig unless the field says otherwise.
+type Config struct {
+	// NodeID names this node in logs and to gateways. Default: "node-" plus
+	// the link address.
+	NodeID string
+	// LinkAddr is the TCP address gateways connect to ("127.0.0.1:7100";
+	// port 0 picks a free port, see Server.LinkAddr).
+	LinkAddr string
+	// Limits bound each queue.
+	Limits Limits
+	// MaxQueues bounds the queues held by this node.
+	MaxQueues int
+	// IdleTTL is how long a queue with no subscribers and no traffic is kept.
+	IdleTTL time.Duration
+	// LinkBuffer bounds the bytes queued for one gateway; a gateway that falls
+	// this far behind has its link closed (its clients are told and rejoin).
+	LinkBuffer int
+	// Logger receives structured logs. Default: discard.
+	Logger *slog.Logger
+	// Registry receives the node's metrics. Default: a private registry.
+	Registry *prometheus.Registry
+	// Now is the clock. Default: time.Now.
+	Now func() time.Time
+}
+
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		LinkAddr:   "127.0.0.1:7100",
+		Limits:     DefaultLimits(),
+		MaxQueues:  1_000_000,
+		IdleTTL:    60 * time.Second,
+		LinkBuffer: 64 << 20,
+	}
+}
+
+func (c *Config) setDefaults() {
+	d := DefaultConfig()
+	if c.LinkAddr == "" {
+		c.LinkAddr = d.LinkAddr
+	}
+	if c.Limits == (Limits{}) {
+		c.Limits = d.Limits
+	}
+	if c.MaxQueues == 0 {
+		c.MaxQueues = d.MaxQueues
+	}
+	if c.IdleTTL == 0 {
+		c.IdleTTL = d.IdleTTL
+	}
+	if c.LinkBuffer == 0 {
+		c.LinkBuffer = d.LinkBuffer
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+func (c *Config) validate() error {
+	l := c.Limits
+	var errs []error
+	positive := func(name string, v int) {
+		if v <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %d", name, v))
+		}
+	}
+	positive("history length", l.HistoryLen)
+	positive("max payload", l.MaxPayload)
+	positive("max mounts", l.MaxMounts)
+	positive("max state keys", l.MaxStateKeys)
+	positive("max state value", l.MaxStateValue)
+	positive("max state bytes", l.MaxStateBytes)
+	positive("max subscribers", l.MaxSubscribers)
+	positive("max replay bytes", l.MaxReplayBytes)
+	positive("max queues", c.MaxQueues)
+	positive("link buffer", c.LinkBuffer)
+	if l.HistoryAge < 0 {
+		errs = append(errs, fmt.Errorf("history age must not be negative, got %s", l.HistoryAge))
+	}
+	if c.IdleTTL < time.Second {
+		errs = append(errs, fmt.Errorf("idle TTL must be at least 1s, got %s", c.IdleTTL))
+	}
+	if c.LinkBuffer < 4*l.MaxPayload {
+		errs = append(errs, fmt.Errorf("link buffer (%d bytes) must hold at least 4 payloads of %d bytes", c.LinkBuffer, l.MaxPayload))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("queuenode config: %w", err)
+	}
+	return nil
+}

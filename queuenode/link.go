@@ -1,0 +1,199 @@
+package queuenode
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/imq-dev/imq/internal/wire"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+const (
+	helloTimeout = 10 * time.Second
+	writeTimeout = 30 * time.Second
+)
+
+// link is one gateway's connection. Its reader goroutine executes requests;
+// its writer goroutine owns every write to the socket.
+type link struct {
+	s       *Server
+	conn    net.Conn
+	gateway string // the gateway's id
+	key     string // gateway id and link serial: subscriber lists use it, so a
+	// reconnected link never shares subscribers with the one it replaces
+	wake chan struct{}
+	done chan struct{}
+
+	mu       sync.Mutex
+	out      [][]byte // Guarded by mu: frames waiting for the writer.
+	outBytes int      // Guarded by mu.
+	closed   bool     // Guarded by mu.
+}
+
+// serveLink runs one link until it closes.
+func (s *Server) serveLink(conn net.Conn) {
+	log := s.log.With("remote", conn.RemoteAddr().String())
+	fr := wire.NewFrameReader(conn, wire.DefaultMaxLinkFrame)
+	conn.SetReadDeadline(time.Now().Add(helloTimeout))
+	var up imqpb.LinkUp
+	b, err := fr.Next()
+	if err == nil {
+		err = proto.Unmarshal(b, &up)
+	}
+	hello := up.GetHello()
+	if err == nil && hello == nil {
+		err = errors.New("first frame is not a hello")
+	}
+	if err == nil && hello.GetProtocol() != LinkProtocol {
+		err = fmt.Errorf("gateway speaks link protocol %d, this node %d", hello.GetProtocol(), LinkProtocol)
+	}
+	if err == nil && hello.GetGatewayId() == "" {
+		err = errors.New("hello without a gateway id")
+	}
+	if err != nil {
+		log.Warn("link handshake failed", "err", err)
+		conn.Close()
+		return
+	}
+	conn.SetReadDeadline(time.Time{})
+
+	l := &link{s: s, conn: conn, gateway: hello.GetGatewayId(), wake: make(chan struct{}, 1), done: make(chan struct{})}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		conn.Close()
+		return
+	}
+	s.linkSerial++
+	l.key = fmt.Sprintf("%s/%d", l.gateway, s.linkSerial)
+	s.links[l.key] = l
+	s.mu.Unlock()
+	log = log.With("link", l.key)
+	log.Info("gateway link up")
+
+	l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_HelloAck{HelloAck: &imqpb.HelloAck{NodeId: s.cfg.NodeID, Protocol: LinkProtocol}}})
+	writerDone := make(chan struct{})
+	go func() { // ends when the link closes
+		defer close(writerDone)
+		l.writeLoop()
+	}()
+
+	err = l.readLoop(fr)
+	l.close(err)
+	<-writerDone
+	s.mu.Lock()
+	delete(s.links, l.key)
+	s.mu.Unlock()
+	s.removeGateway(l.key)
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		log.Warn("gateway link closed", "err", err)
+	} else {
+		log.Info("gateway link closed")
+	}
+}
+
+func (l *link) readLoop(fr *wire.FrameReader) error {
+	for {
+		b, err := fr.Next()
+		if err != nil {
+			return err
+		}
+		var up imqpb.LinkUp
+		if err := proto.Unmarshal(b, &up); err != nil {
+			return fmt.Errorf("decode link frame: %w", err)
+		}
+		req := up.GetRequest()
+		if req == nil {
+			return errors.New("link frame is not a request")
+		}
+		l.s.handle(l, req)
+	}
+}
+
+// send queues one encoded frame. It never blocks: a gateway that lets
+// LinkBuffer bytes pile up has its link closed, and reports false.
+func (l *link) send(frame []byte) bool {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return false
+	}
+	if l.outBytes+len(frame) > l.s.cfg.LinkBuffer {
+		l.mu.Unlock()
+		l.s.m.linkOverflows.Inc()
+		l.close(fmt.Errorf("link send buffer exceeded %d bytes", l.s.cfg.LinkBuffer))
+		return false
+	}
+	l.out = append(l.out, frame)
+	l.outBytes += len(frame)
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (l *link) sendMsg(m *imqpb.LinkDown) { l.send(encodeLink(m)) }
+
+// reply sends a successful reply to request id; set fills in its result.
+func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
+	if id == 0 {
+		return
+	}
+	r := &imqpb.NodeReply{Id: id}
+	if set != nil {
+		set(r)
+	}
+	l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
+}
+
+// close closes the link once; cause is logged by serveLink.
+func (l *link) close(cause error) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
+	l.closed = true
+	l.out = nil
+	l.outBytes = 0
+	l.mu.Unlock()
+	close(l.done)
+	if cause != nil {
+		l.s.log.Debug("closing link", "link", l.key, "cause", cause)
+	}
+	l.conn.Close()
+}
+
+// writeLoop writes queued frames, all that are waiting in one writev, until
+// the link closes.
+func (l *link) writeLoop() {
+	for {
+		select {
+		case <-l.wake:
+		case <-l.done:
+			return
+		}
+		l.mu.Lock()
+		frames := l.out
+		l.out = nil
+		l.outBytes = 0
+		l.mu.Unlock()
+		if len(frames) == 0 {
+			continue
+		}
+		batch := net.Buffers(frames)
+		l.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if _, err := batch.WriteTo(l.conn); err != nil {
+			l.close(fmt.Errorf("write: %w", err))
+			return
+		}
+	}
+}

@@ -1,0 +1,65 @@
+package queuenode
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+type metrics struct {
+	requests      *prometheus.CounterVec
+	errors        *prometheus.CounterVec
+	published     prometheus.Counter
+	stateChanges  prometheus.Counter
+	deliveries    prometheus.Counter
+	linkOverflows prometheus.Counter
+	queuesCreated prometheus.Counter
+	queuesExpired prometheus.Counter
+}
+
+func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_requests_total", Help: "Requests received from gateways, by operation.",
+		}, []string{"op"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_errors_total", Help: "Requests answered with an error, by code.",
+		}, []string{"code"}),
+		published: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_messages_published_total", Help: "Events appended to message mounts.",
+		}),
+		stateChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_state_changes_total", Help: "Changes applied to state mounts.",
+		}),
+		deliveries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_link_deliveries_total", Help: "Events and state changes sent to gateways (one per gateway, not per user).",
+		}),
+		linkOverflows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_link_overflows_total", Help: "Gateway links closed because their send buffer was full.",
+		}),
+		queuesCreated: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_queues_created_total", Help: "Queues created.",
+		}),
+		queuesExpired: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_queues_expired_total", Help: "Idle queues dropped after the idle TTL.",
+		}),
+	}
+	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
+		m.linkOverflows, m.queuesCreated, m.queuesExpired,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_queues", Help: "Queues held in RAM.",
+		}, func() float64 { return float64(s.queueCount.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_links", Help: "Connected gateway links.",
+		}, func() float64 { return float64(s.linkCount()) }),
+	)
+	for _, op := range []string{"join", "leave", "publish", "set_state"} {
+		m.requests.WithLabelValues(op)
+	}
+	for _, c := range imqpb.Code_name {
+		if c != "OK" {
+			m.errors.WithLabelValues(c)
+		}
+	}
+	return m
+}

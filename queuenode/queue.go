@@ -1,0 +1,417 @@
+package queuenode
+
+import (
+	"sort"
+	"time"
+
+	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/wire"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// Limits bound what one queue may hold. Every field must be positive except
+// HistoryAge, where zero means events age out only by count.
+type Limits struct {
+	// HistoryLen is how many events each message mount keeps for resume.
+	HistoryLen int
+	// HistoryAge is how long an event is kept for resume.
+	HistoryAge time.Duration
+	// MaxPayload is the largest event payload, in bytes.
+	MaxPayload int
+	// MaxMounts is the number of mounts one queue may have.
+	MaxMounts int
+	// MaxStateKeys is the number of keys one state mount may hold.
+	MaxStateKeys int
+	// MaxStateValue is the largest state value, in bytes.
+	MaxStateValue int
+	// MaxStateBytes bounds the keys and values of one state mount together.
+	MaxStateBytes int
+	// MaxSubscribers is the number of sessions that may join one queue.
+	MaxSubscribers int
+	// MaxReplayBytes bounds the payload bytes replayed in one Joined; a longer
+	// replay keeps the newest events and reports missed.
+	MaxReplayBytes int
+}
+
+// DefaultLimits returns the limits documented in README.md.
+func DefaultLimits() Limits {
+	return Limits{
+		HistoryLen:     256,
+		HistoryAge:     5 * time.Minute,
+		MaxPayload:     64 << 10,
+		MaxMounts:      16,
+		MaxStateKeys:   1024,
+		MaxStateValue:  16 << 10,
+		MaxStateBytes:  1 << 20,
+		MaxSubscribers: 100_000,
+		MaxReplayBytes: 1 << 20,
+	}
+}
+
+// Subscriber is one session joined to a queue through a gateway.
+type Subscriber struct {
+	User    string
+	Session string
+	Gateway string
+}
+
+// Queue is one queue: its mounts, its subscribers and its total order. It is a
+// plain value with no locks, goroutines or clock: the caller serializes every
+// call and passes the time in.
+type Queue struct {
+	name       string
+	epoch      uint64
+	head       uint64 // last offset assigned
+	lastActive time.Time
+	limits     *Limits
+	mounts     map[string]*mount
+	subs       map[string]*subscription // by session
+}
+
+type mount struct {
+	name string
+	kind imqpb.MountKind
+
+	// Message mounts. hist is ordered by offset; evicted is the offset of the
+	// newest event dropped from it (0: none), which decides "missed".
+	hist    []*imqpb.Event
+	evicted uint64
+
+	// State mounts.
+	state      map[string]*imqpb.StateEntry
+	stateBytes int
+
+	// gateways counts, per gateway, the subscribers that want this mount: the
+	// node sends each event once to each gateway with a non-zero count.
+	gateways map[string]int
+}
+
+type subscription struct {
+	Subscriber
+	mounts []string
+}
+
+// NewQueue returns an empty queue. epoch must differ from every earlier
+// incarnation of the same name.
+func NewQueue(name string, epoch uint64, limits *Limits, now time.Time) *Queue {
+	return &Queue{
+		name:       name,
+		epoch:      epoch,
+		lastActive: now,
+		limits:     limits,
+		mounts:     make(map[string]*mount),
+		subs:       make(map[string]*subscription),
+	}
+}
+
+// Name returns the queue's name.
+func (q *Queue) Name() string { return q.name }
+
+// Epoch returns the queue's incarnation.
+func (q *Queue) Epoch() uint64 { return q.epoch }
+
+// Head returns the last offset assigned.
+func (q *Queue) Head() uint64 { return q.head }
+
+// Subscribers returns the number of joined sessions.
+func (q *Queue) Subscribers() int { return len(q.subs) }
+
+// mountFor returns mount name of the given kind, creating it if allowed.
+func (q *Queue) mountFor(name string, kind imqpb.MountKind) (*mount, error) {
+	if m, ok := q.mounts[name]; ok {
+		if m.kind != kind {
+			return nil, imqerr.New(imqpb.Code_WRONG_MOUNT_TYPE, "mount %q of %s is a %s mount, not %s", name, q.name, m.kind, kind)
+		}
+		return m, nil
+	}
+	if len(q.mounts) >= q.limits.MaxMounts {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "queue %s already has %d mounts", q.name, q.limits.MaxMounts)
+	}
+	m := &mount{name: name, kind: kind, gateways: make(map[string]int)}
+	if kind == imqpb.MountKind_STATE {
+		m.state = make(map[string]*imqpb.StateEntry)
+	}
+	q.mounts[name] = m
+	return m, nil
+}
+
+// Publish appends payload to message mount name and returns the event, which
+// the caller delivers to ForEachGateway(name).
+func (q *Queue) Publish(name, sender string, payload []byte, now time.Time) (*imqpb.Event, error) {
+	if err := wire.ValidateMountName(name); err != nil {
+		return nil, err
+	}
+	if len(payload) > q.limits.MaxPayload {
+		return nil, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "payload is %d bytes; the limit is %d", len(payload), q.limits.MaxPayload)
+	}
+	m, err := q.mountFor(name, imqpb.MountKind_MESSAGE)
+	if err != nil {
+		return nil, err
+	}
+	q.head++
+	q.lastActive = now
+	ev := &imqpb.Event{
+		Queue:   q.name,
+		Mount:   name,
+		Offset:  q.head,
+		Sender:  sender,
+		TimeMs:  now.UnixMilli(),
+		Payload: payload,
+	}
+	m.hist = append(m.hist, ev)
+	if len(m.hist) > q.limits.HistoryLen {
+		m.dropOldest(len(m.hist) - q.limits.HistoryLen)
+	}
+	return ev, nil
+}
+
+// SetState sets key in state mount name, or deletes it. It returns the change
+// to deliver, or nil when deleting a key that is not there.
+func (q *Queue) SetState(name, sender, key string, value []byte, del bool, now time.Time) (*imqpb.StateChange, error) {
+	if err := wire.ValidateMountName(name); err != nil {
+		return nil, err
+	}
+	if err := wire.ValidateStateKey(key); err != nil {
+		return nil, err
+	}
+	if len(value) > q.limits.MaxStateValue {
+		return nil, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "state value is %d bytes; the limit is %d", len(value), q.limits.MaxStateValue)
+	}
+	if del {
+		value = nil
+	}
+	m, err := q.mountFor(name, imqpb.MountKind_STATE)
+	if err != nil {
+		return nil, err
+	}
+	old := m.state[key]
+	if del && old == nil {
+		return nil, nil
+	}
+	size := m.stateBytes + len(value)
+	if old != nil {
+		size -= len(old.Value)
+	} else {
+		size += len(key)
+	}
+	if old == nil && len(m.state) >= q.limits.MaxStateKeys {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q already has %d keys", name, q.limits.MaxStateKeys)
+	}
+	if size > q.limits.MaxStateBytes {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q would hold %d bytes; the limit is %d", name, size, q.limits.MaxStateBytes)
+	}
+	q.head++
+	q.lastActive = now
+	if del {
+		delete(m.state, key)
+		size -= len(key)
+	} else {
+		m.state[key] = &imqpb.StateEntry{Key: key, Value: value, Version: q.head}
+	}
+	m.stateBytes = size
+	return &imqpb.StateChange{
+		Queue:   q.name,
+		Mount:   name,
+		Key:     key,
+		Value:   value,
+		Deleted: del,
+		Version: q.head,
+		Sender:  sender,
+		TimeMs:  now.UnixMilli(),
+	}, nil
+}
+
+// Join subscribes sub to the mounts in specs (replacing its earlier mounts if
+// it had joined before) and returns what the subscriber needs to start: the
+// queue's position, state snapshots and replayed history. Nothing changes when
+// it returns an error.
+func (q *Queue) Join(sub Subscriber, specs []*imqpb.MountSpec, now time.Time) (*imqpb.Joined, error) {
+	if len(specs) == 0 {
+		return nil, imqerr.New(imqpb.Code_INVALID_MOUNT, "join %s: name at least one mount", q.name)
+	}
+	if len(specs) > q.limits.MaxMounts {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "join %s: %d mounts; a queue may have %d", q.name, len(specs), q.limits.MaxMounts)
+	}
+	// Validate everything before changing anything.
+	newMounts := 0
+	for i, s := range specs {
+		if err := wire.ValidateMountName(s.GetName()); err != nil {
+			return nil, err
+		}
+		if err := wire.ValidateMountKind(s.GetName(), s.GetKind()); err != nil {
+			return nil, err
+		}
+		for _, prev := range specs[:i] {
+			if prev.GetName() == s.GetName() {
+				return nil, imqerr.New(imqpb.Code_INVALID_MOUNT, "join %s: mount %q named twice", q.name, s.GetName())
+			}
+		}
+		if s.GetKind() == imqpb.MountKind_STATE && (s.GetResume() != nil || s.GetRecent() != 0) {
+			return nil, imqerr.New(imqpb.Code_BAD_REQUEST, "join %s: mount %q is a state mount; resume and recent apply to message mounts", q.name, s.GetName())
+		}
+		if r := s.GetResume(); r != nil && r.GetEpoch() == q.epoch && r.GetOffset() > q.head {
+			return nil, imqerr.New(imqpb.Code_BAD_REQUEST, "join %s: resume offset %d is beyond the queue's head %d", q.name, r.GetOffset(), q.head)
+		}
+		m, ok := q.mounts[s.GetName()]
+		if !ok {
+			newMounts++
+			continue
+		}
+		if m.kind != s.GetKind() {
+			return nil, imqerr.New(imqpb.Code_WRONG_MOUNT_TYPE, "mount %q of %s is a %s mount, not %s", s.GetName(), q.name, m.kind, s.GetKind())
+		}
+	}
+	if len(q.mounts)+newMounts > q.limits.MaxMounts {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "queue %s may have %d mounts", q.name, q.limits.MaxMounts)
+	}
+	old := q.subs[sub.Session]
+	if old == nil && len(q.subs) >= q.limits.MaxSubscribers {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "queue %s already has %d subscribers", q.name, q.limits.MaxSubscribers)
+	}
+
+	if old != nil {
+		q.unref(old)
+	}
+	s := &subscription{Subscriber: sub, mounts: make([]string, len(specs))}
+	q.subs[sub.Session] = s
+	q.lastActive = now
+	joined := &imqpb.Joined{Queue: q.name, Epoch: q.epoch, Head: q.head, Mounts: make([]*imqpb.MountState, len(specs))}
+	replayBudget := q.limits.MaxReplayBytes
+	for i, spec := range specs {
+		m, _ := q.mountFor(spec.GetName(), spec.GetKind()) // validated above
+		m.gateways[sub.Gateway]++
+		s.mounts[i] = m.name
+		ms := &imqpb.MountState{Name: m.name, Kind: m.kind}
+		if m.kind == imqpb.MountKind_STATE {
+			ms.State = m.snapshot()
+		} else {
+			m.expire(now, q.limits.HistoryAge)
+			ms.History, ms.Missed = m.replay(spec, q.epoch, &replayBudget)
+		}
+		joined.Mounts[i] = ms
+	}
+	return joined, nil
+}
+
+// Leave removes session from the queue. It reports whether it was joined.
+func (q *Queue) Leave(session string, now time.Time) bool {
+	s, ok := q.subs[session]
+	if !ok {
+		return false
+	}
+	q.unref(s)
+	delete(q.subs, session)
+	q.lastActive = now
+	return true
+}
+
+// RemoveGateway removes every subscriber that joined through gateway, and
+// returns how many it removed.
+func (q *Queue) RemoveGateway(gateway string, now time.Time) int {
+	n := 0
+	for session, s := range q.subs {
+		if s.Gateway == gateway {
+			q.unref(s)
+			delete(q.subs, session)
+			n++
+		}
+	}
+	if n > 0 {
+		q.lastActive = now
+	}
+	return n
+}
+
+func (q *Queue) unref(s *subscription) {
+	for _, name := range s.mounts {
+		m := q.mounts[name]
+		if m.gateways[s.Gateway]--; m.gateways[s.Gateway] <= 0 {
+			delete(m.gateways, s.Gateway)
+		}
+	}
+}
+
+// ForEachGateway calls fn once for each gateway with a subscriber to mount.
+func (q *Queue) ForEachGateway(mount string, fn func(gateway string)) {
+	if m, ok := q.mounts[mount]; ok {
+		for gw := range m.gateways {
+			fn(gw)
+		}
+	}
+}
+
+// Expire drops history older than the age limit and reports whether the queue
+// is idle: no subscribers and no activity for ttl.
+func (q *Queue) Expire(now time.Time, ttl time.Duration) (idle bool) {
+	for _, m := range q.mounts {
+		m.expire(now, q.limits.HistoryAge)
+	}
+	return len(q.subs) == 0 && now.Sub(q.lastActive) >= ttl
+}
+
+// SubscriberList returns the subscribers ordered by session, for inspection.
+func (q *Queue) SubscriberList() []Subscriber {
+	out := make([]Subscriber, 0, len(q.subs))
+	for _, s := range q.subs {
+		out = append(out, s.Subscriber)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Session < out[j].Session })
+	return out
+}
+
+func (m *mount) dropOldest(n int) {
+	m.evicted = m.hist[n-1].Offset
+	clear(m.hist[:n])
+	m.hist = m.hist[n:]
+}
+
+func (m *mount) expire(now time.Time, age time.Duration) {
+	if age <= 0 || len(m.hist) == 0 {
+		return
+	}
+	cutoff := now.Add(-age).UnixMilli()
+	n := sort.Search(len(m.hist), func(i int) bool { return m.hist[i].TimeMs > cutoff })
+	if n > 0 {
+		m.dropOldest(n)
+	}
+}
+
+// replay returns the events a join with spec should receive and whether the
+// subscriber missed some for good. budget bounds the payload bytes returned
+// across all mounts of one join.
+func (m *mount) replay(spec *imqpb.MountSpec, epoch uint64, budget *int) (events []*imqpb.Event, missed bool) {
+	var from int // index of the first event to replay
+	switch r := spec.GetResume(); {
+	case r != nil && r.GetEpoch() != epoch:
+		missed = true // another incarnation: everything after r is gone
+	case r != nil:
+		missed = r.GetOffset() < m.evicted
+		from = sort.Search(len(m.hist), func(i int) bool { return m.hist[i].Offset > r.GetOffset() })
+	case spec.GetRecent() > 0:
+		from = max(0, len(m.hist)-int(spec.GetRecent()))
+	default:
+		return nil, false
+	}
+	// Keep the newest events that fit the budget.
+	start := len(m.hist)
+	for start > from && *budget >= len(m.hist[start-1].Payload) {
+		start--
+		*budget -= len(m.hist[start].Payload)
+	}
+	if start > from && spec.GetResume() != nil {
+		missed = true
+	}
+	if start == len(m.hist) {
+		return nil, missed
+	}
+	return append([]*imqpb.Event(nil), m.hist[start:]...), missed
+}
+
+func (m *mount) snapshot() []*imqpb.StateEntry {
+	out := make([]*imqpb.StateEntry, 0, len(m.state))
+	for _, e := range m.state {
+		out = append(out, e)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out
+}

@@ -1,0 +1,404 @@
+package queuenode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/obs"
+	"github.com/imq-dev/imq/internal/sysx"
+	"github.com/imq-dev/imq/internal/wire"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// LinkProtocol is the link protocol version this node speaks.
+const LinkProtocol = 1
+
+const numShards = 256
+
+// Server is a queue node: it holds queues and serves gateway links.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	m      *metrics
+	ln     net.Listener
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	shards     [numShards]shard
+	queueCount atomic.Int64
+
+	epochMu   sync.Mutex
+	lastEpoch uint64 // Guarded by epochMu.
+
+	mu         sync.RWMutex
+	links      map[string]*link // by link key; guarded by mu
+	linkSerial uint64           // guarded by mu
+	closed     bool             // guarded by mu
+}
+
+type shard struct {
+	mu     sync.Mutex
+	queues map[string]*Queue // Guarded by mu.
+}
+
+// New validates cfg and binds the link listener.
+func New(cfg Config) (*Server, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.LinkAddr)
+	if err != nil {
+		return nil, fmt.Errorf("queuenode: listen for links: %w", err)
+	}
+	if cfg.NodeID == "" {
+		cfg.NodeID = "node-" + ln.Addr().String()
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), ln: ln, links: make(map[string]*link)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	for i := range s.shards {
+		s.shards[i].queues = make(map[string]*Queue)
+	}
+	s.m = newMetrics(cfg.Registry, s)
+	return s, nil
+}
+
+// LinkAddr returns the address gateways connect to.
+func (s *Server) LinkAddr() string { return s.ln.Addr().String() }
+
+// NodeID returns the node's id.
+func (s *Server) NodeID() string { return s.cfg.NodeID }
+
+// Run accepts gateway links until ctx is done or Shutdown is called. It
+// returns nil after a shutdown.
+func (s *Server) Run(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, s.cancel)
+	defer stop()
+	s.wg.Add(1)
+	go func() { // ends with the server
+		defer s.wg.Done()
+		s.sweepLoop()
+	}()
+	s.log.Info("queue node serving links", "addr", s.LinkAddr())
+	for {
+		conn, err := s.ln.Accept()
+		if err != nil {
+			if s.ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || sysx.IsResourceExhausted(err) {
+				s.log.Warn("accept failed; retrying", "err", err)
+				select {
+				case <-time.After(100 * time.Millisecond):
+					continue
+				case <-s.ctx.Done():
+					return nil
+				}
+			}
+			return fmt.Errorf("queuenode: accept: %w", err)
+		}
+		s.wg.Add(1)
+		go func() { // ends when the link closes
+			defer s.wg.Done()
+			s.serveLink(conn)
+		}()
+	}
+}
+
+// Shutdown stops accepting links, closes every link (gateways tell their
+// clients the node is gone) and waits for the goroutines to end or ctx to
+// expire. It is safe to call more than once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	links := make([]*link, 0, len(s.links))
+	for _, l := range s.links {
+		links = append(links, l)
+	}
+	s.mu.Unlock()
+	s.cancel()
+	s.ln.Close()
+	for _, l := range links {
+		l.close(nil)
+	}
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// HandleHTTP adds /metrics, /healthz and /varz to mux.
+func (s *Server) HandleHTTP(mux *http.ServeMux) {
+	obs.Handle(mux, s.cfg.Registry, s.health, s.varz)
+}
+
+func (s *Server) health() error {
+	if s.ctx.Err() != nil {
+		return errors.New("shutting down")
+	}
+	return nil
+}
+
+// Varz is the node's JSON state at /varz.
+type Varz struct {
+	NodeID   string `json:"node_id"`
+	LinkAddr string `json:"link_addr"`
+	Queues   int64  `json:"queues"`
+	Links    int    `json:"links"`
+}
+
+func (s *Server) varz() any {
+	return Varz{NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount()}
+}
+
+func (s *Server) linkCount() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.links)
+}
+
+func (s *Server) shardFor(queue string) *shard {
+	return &s.shards[xxhash.Sum64String(queue)%numShards]
+}
+
+// queueLocked returns queue name from sh, creating it when create is set.
+func (s *Server) queueLocked(sh *shard, name string, create bool) (*Queue, error) {
+	if q := sh.queues[name]; q != nil {
+		return q, nil
+	}
+	if !create {
+		return nil, nil
+	}
+	if s.queueCount.Load() >= int64(s.cfg.MaxQueues) {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "node holds %d queues, its limit", s.cfg.MaxQueues)
+	}
+	q := NewQueue(name, s.nextEpoch(), &s.cfg.Limits, s.cfg.Now())
+	sh.queues[name] = q
+	s.queueCount.Add(1)
+	s.m.queuesCreated.Inc()
+	return q, nil
+}
+
+// nextEpoch returns a new epoch: the creation time in Unix microseconds, made
+// strictly increasing within the process.
+func (s *Server) nextEpoch() uint64 {
+	s.epochMu.Lock()
+	defer s.epochMu.Unlock()
+	e := uint64(s.cfg.Now().UnixMicro())
+	if e <= s.lastEpoch {
+		e = s.lastEpoch + 1
+	}
+	s.lastEpoch = e
+	return e
+}
+
+// handle executes one request from link l. Each operation sends its own
+// success reply under the queue's lock, so that a joiner's reply precedes the
+// events after it; handle answers errors.
+func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
+	var op string
+	var err error
+	switch x := req.GetOp().(type) {
+	case *imqpb.NodeRequest_Join:
+		op, err = "join", s.join(l, req, x.Join)
+	case *imqpb.NodeRequest_Leave:
+		op, err = "leave", s.leave(l, req, x.Leave)
+	case *imqpb.NodeRequest_Publish:
+		op, err = "publish", s.publish(l, req, x.Publish)
+	case *imqpb.NodeRequest_SetState:
+		op, err = "set_state", s.setState(l, req, x.SetState)
+	default:
+		err = imqerr.New(imqpb.Code_UNKNOWN_MESSAGE, "unknown link request")
+	}
+	if op != "" {
+		s.m.requests.WithLabelValues(op).Inc()
+	}
+	if err != nil {
+		e := imqerr.From(err)
+		s.m.errors.WithLabelValues(e.Code.String()).Inc()
+		if req.GetId() != 0 {
+			l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{Id: req.GetId(), Code: e.Code, Message: e.Message}}})
+		}
+	}
+}
+
+func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join) error {
+	if err := wire.ValidateQueueName(j.GetQueue()); err != nil {
+		return err
+	}
+	sh := s.shardFor(j.GetQueue())
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	q, err := s.queueLocked(sh, j.GetQueue(), true)
+	if err != nil {
+		return err
+	}
+	joined, err := q.Join(Subscriber{User: req.GetUser(), Session: req.GetSession(), Gateway: l.key}, j.GetMounts(), s.cfg.Now())
+	if err != nil {
+		return err
+	}
+	l.reply(req.GetId(), func(r *imqpb.NodeReply) { r.Result = &imqpb.NodeReply_Joined{Joined: joined} })
+	return nil
+}
+
+func (s *Server) leave(l *link, req *imqpb.NodeRequest, lv *imqpb.Leave) error {
+	if err := wire.ValidateQueueName(lv.GetQueue()); err != nil {
+		return err
+	}
+	sh := s.shardFor(lv.GetQueue())
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	q, _ := s.queueLocked(sh, lv.GetQueue(), false)
+	if q == nil || !q.Leave(req.GetSession(), s.cfg.Now()) {
+		return imqerr.New(imqpb.Code_NOT_JOINED, "not joined to %s", lv.GetQueue())
+	}
+	l.reply(req.GetId(), nil)
+	return nil
+}
+
+func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish) error {
+	if err := wire.ValidateQueueName(p.GetQueue()); err != nil {
+		return err
+	}
+	sh := s.shardFor(p.GetQueue())
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	q, err := s.queueLocked(sh, p.GetQueue(), true)
+	if err != nil {
+		return err
+	}
+	ev, err := q.Publish(p.GetMount(), req.GetUser(), p.GetPayload(), s.cfg.Now())
+	if err != nil {
+		return err
+	}
+	s.m.published.Inc()
+	s.deliverLocked(q, ev.Mount, &imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Event{Event: ev}})
+	l.reply(req.GetId(), func(r *imqpb.NodeReply) {
+		r.Result = &imqpb.NodeReply_Published{Published: &imqpb.Published{Offset: ev.Offset}}
+	})
+	return nil
+}
+
+func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) error {
+	if err := wire.ValidateQueueName(st.GetQueue()); err != nil {
+		return err
+	}
+	sh := s.shardFor(st.GetQueue())
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	q, err := s.queueLocked(sh, st.GetQueue(), true)
+	if err != nil {
+		return err
+	}
+	ch, err := q.SetState(st.GetMount(), req.GetUser(), st.GetKey(), st.GetValue(), st.GetDelete(), s.cfg.Now())
+	if err != nil {
+		return err
+	}
+	version := q.Head()
+	if ch != nil {
+		version = ch.Version
+		s.m.stateChanges.Inc()
+		s.deliverLocked(q, ch.Mount, &imqpb.ServerMessage{Msg: &imqpb.ServerMessage_State{State: ch}})
+	}
+	l.reply(req.GetId(), func(r *imqpb.NodeReply) {
+		r.Result = &imqpb.NodeReply_StateSet{StateSet: &imqpb.StateSet{Version: version}}
+	})
+	return nil
+}
+
+// deliverLocked encodes msg once and queues it to every gateway subscribed to
+// mount. The caller holds q's shard lock, which keeps per-queue order.
+func (s *Server) deliverLocked(q *Queue, mount string, msg *imqpb.ServerMessage) {
+	var frame []byte
+	q.ForEachGateway(mount, func(gw string) {
+		if frame == nil {
+			clientFrame, err := proto.Marshal(msg)
+			if err != nil {
+				s.log.Error("encode event", "err", err)
+				return
+			}
+			frame = encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Deliver{Deliver: &imqpb.Deliver{
+				Queue: q.Name(), Mount: mount, Frame: clientFrame,
+			}}})
+		}
+		s.mu.RLock()
+		l := s.links[gw]
+		s.mu.RUnlock()
+		if l != nil && l.send(frame) {
+			s.m.deliveries.Inc()
+		}
+	})
+}
+
+// removeGateway drops every subscriber that joined through link key.
+func (s *Server) removeGateway(key string) {
+	now := s.cfg.Now()
+	removed := 0
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for _, q := range sh.queues {
+			removed += q.RemoveGateway(key, now)
+		}
+		sh.mu.Unlock()
+	}
+	if removed > 0 {
+		s.log.Info("removed subscribers of closed link", "link", key, "subscribers", removed)
+	}
+}
+
+// sweepLoop drops idle queues and aged history until the server stops.
+func (s *Server) sweepLoop() {
+	every := min(s.cfg.IdleTTL/4, 5*time.Second)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			s.sweep()
+		}
+	}
+}
+
+func (s *Server) sweep() {
+	now := s.cfg.Now()
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for name, q := range sh.queues {
+			if q.Expire(now, s.cfg.IdleTTL) {
+				delete(sh.queues, name)
+				s.queueCount.Add(-1)
+				s.m.queuesExpired.Inc()
+			}
+		}
+		sh.mu.Unlock()
+	}
+}
+
+func encodeLink(m *imqpb.LinkDown) []byte {
+	b, err := wire.MarshalFrame(m)
+	if err != nil {
+		panic(fmt.Sprintf("queuenode: encode link frame: %v", err)) // a bug: every field is valid by construction
+	}
+	return b
+}
