@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"strconv"
@@ -17,6 +18,8 @@ import (
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
+
+var errFrameTooLarge = errors.New("frame too large")
 
 // closeGrace is how long a connection waits for the client's close frame
 // after sending its goodbye.
@@ -81,7 +84,9 @@ func newConn(s *Server, ws *websocket.Conn, json bool, devUser string) *conn {
 // serve runs the reader until the connection ends, then cleans up.
 func (c *conn) serve() {
 	cfg := &c.s.cfg
-	c.ws.SetReadLimit(int64(cfg.MaxFrameBytes))
+	// The frame limit is enforced below rather than with SetReadLimit, which
+	// would close the connection before the client could hear why.
+	maxFrame := int64(cfg.MaxFrameBytes)
 	c.ws.SetPingHandler(func(data string) error {
 		c.extendRead()
 		c.sendControl(websocket.PongMessage, []byte(data))
@@ -100,7 +105,10 @@ func (c *conn) serve() {
 		mt, r, err := c.ws.NextReader()
 		if err == nil {
 			buf.Reset()
-			_, err = buf.ReadFrom(r)
+			_, err = buf.ReadFrom(io.LimitReader(r, maxFrame+1))
+		}
+		if err == nil && int64(buf.Len()) > maxFrame {
+			err = errFrameTooLarge
 		}
 		if err != nil {
 			c.readFailed(err)
@@ -138,7 +146,7 @@ func (c *conn) readFailed(err error) {
 		} else {
 			c.goAway(imqpb.Reason_REASON_PING_TIMEOUT, "nothing received for "+c.s.cfg.ClientTimeout.String(), true)
 		}
-	case errors.Is(err, websocket.ErrReadLimit):
+	case errors.Is(err, errFrameTooLarge):
 		c.goAway(imqpb.Reason_REASON_PROTOCOL_ERROR, "frame larger than "+strconv.Itoa(c.s.cfg.MaxFrameBytes)+" bytes", false)
 	default:
 		c.setReason("client_closed")
@@ -163,9 +171,11 @@ func (c *conn) finish() {
 	}
 
 	c.mu.Lock()
-	goodbye := c.closing && c.reason != "write_failed"
-	c.closing = true
-	c.queue = nil
+	goodbye := c.closing && c.reason != "write_failed" // queued; let it go out
+	if !goodbye {
+		c.closing = true
+		c.queue = nil
+	}
 	reason := c.reason
 	c.mu.Unlock()
 	if goodbye {
