@@ -551,7 +551,7 @@ func (c *Client) onJoinReply(cn *conn, cl call, msg *imqpb.ServerMessage) {
 	case cl.ch != nil:
 		cl.ch <- msg
 	case r.GetCode() != imqpb.Code_OK:
-		c.rejoinRefused(cn, s, cl.reason, replyError(r).(*Error))
+		c.rejoinRefused(cn, s, cl.reason, r)
 		return
 	}
 	if began {
@@ -561,8 +561,9 @@ func (c *Client) onJoinReply(cn *conn, cl call, msg *imqpb.ServerMessage) {
 
 // rejoinRefused retries a rejoin later if the server said it may work, and
 // otherwise ends the subscription.
-func (c *Client) rejoinRefused(cn *conn, s *Subscription, reason imqpb.Reason, err *Error) {
-	if !err.Retryable {
+func (c *Client) rejoinRefused(cn *conn, s *Subscription, reason imqpb.Reason, r *imqpb.Reply) {
+	err := replyError(r)
+	if !r.GetRetryable() {
 		c.log.Warn("imq client: rejoin refused", "queue", s.queue, "err", err)
 		c.remove(s)
 		s.end(Update{Kind: KindClosed, Queue: s.queue, Reason: reason, Message: err.Error()}, cn.done)

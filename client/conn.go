@@ -92,8 +92,8 @@ func newConn(c *Client, ws *websocket.Conn) *conn {
 	ws.SetPingHandler(func(data string) error {
 		_ = ws.SetReadDeadline(time.Now().Add(cn.timeout))
 		err := ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(cn.timeout))
-		if ne, ok := errors.AsType[net.Error](err); errors.Is(err, websocket.ErrCloseSent) || ok && ne.Timeout() {
-			return nil
+		if errors.Is(err, websocket.ErrCloseSent) || isTimeout(err) {
+			return nil // as the default handler: the read loop will see why
 		}
 		return err
 	})
@@ -263,7 +263,7 @@ func (cn *conn) readLoop() {
 			_, err = buf.ReadFrom(r)
 		}
 		if err != nil {
-			if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+			if isTimeout(err) {
 				err = fmt.Errorf("imq: server silent for %v: %w", cn.timeout, err)
 			}
 			cn.close(err)
@@ -334,4 +334,9 @@ func (cn *conn) onReply(msg *imqpb.ServerMessage, r *imqpb.Reply) {
 	default:
 		cl.ch <- msg
 	}
+}
+
+func isTimeout(err error) bool {
+	ne, ok := errors.AsType[net.Error](err)
+	return ok && ne.Timeout()
 }
