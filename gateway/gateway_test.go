@@ -23,7 +23,7 @@ var testSecret = []byte("0123456789abcdef0123456789abcdef")
 
 // startDev starts a queue node and a gateway on 127.0.0.1:0; mod may change
 // the gateway's config first.
-func startDev(t *testing.T, mod func(*gateway.Config)) *launch.Dev {
+func startDev(t testing.TB, mod func(*gateway.Config)) *launch.Dev {
 	t.Helper()
 	gc := gateway.DefaultConfig()
 	gc.Addr = "127.0.0.1:0"
@@ -55,7 +55,7 @@ func startDev(t *testing.T, mod func(*gateway.Config)) *launch.Dev {
 	return d
 }
 
-func waitFor(t *testing.T, d time.Duration, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -68,14 +68,14 @@ func waitFor(t *testing.T, d time.Duration, cond func() bool) {
 
 // rawClient speaks the protocol frame by frame, with no SDK in between.
 type rawClient struct {
-	t       *testing.T
+	t       testing.TB
 	ws      *websocket.Conn
 	json    bool
 	id      uint64
 	backlog []*imqpb.ServerMessage // read while waiting for a reply
 }
 
-func dialRaw(t *testing.T, d *launch.Dev, query string, json bool, header http.Header) (*rawClient, *http.Response, error) {
+func dialRaw(t testing.TB, d *launch.Dev, query string, json bool, header http.Header) (*rawClient, *http.Response, error) {
 	t.Helper()
 	sub := gateway.SubprotocolBinary
 	if json {
@@ -90,7 +90,7 @@ func dialRaw(t *testing.T, d *launch.Dev, query string, json bool, header http.H
 	return &rawClient{t: t, ws: ws, json: json}, resp, nil
 }
 
-func mustDial(t *testing.T, d *launch.Dev, user string, json bool) *rawClient {
+func mustDial(t testing.TB, d *launch.Dev, user string, json bool) *rawClient {
 	t.Helper()
 	c, _, err := dialRaw(t, d, "?user="+user, json, nil)
 	if err != nil {
@@ -206,7 +206,7 @@ func (c *rawClient) publish(queue, mount string, payload []byte) *imqpb.Reply {
 
 func chat() *imqpb.MountSpec { return &imqpb.MountSpec{Name: "chat", Kind: imqpb.MountKind_MESSAGE} }
 
-func expectCode(t *testing.T, r *imqpb.Reply, code imqpb.Code) {
+func expectCode(t testing.TB, r *imqpb.Reply, code imqpb.Code) {
 	t.Helper()
 	if r.GetCode() != code {
 		t.Fatalf("reply code %s (%q), want %s", r.GetCode(), r.GetMessage(), code)
@@ -236,7 +236,7 @@ func (c *rawClient) expectGoodbye(reason imqpb.Reason) *imqpb.Goodbye {
 	}
 }
 
-func token(t *testing.T, secret []byte, sub string, exp time.Time) string {
+func token(t testing.TB, secret []byte, sub string, exp time.Time) string {
 	t.Helper()
 	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{Subject: sub, ExpiresAt: jwt.NewNumericDate(exp)}).SignedString(secret)
 	if err != nil {
