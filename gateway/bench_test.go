@@ -69,4 +69,3 @@ func BenchmarkFanout1000(b *testing.B) {
 	}
 	wg.Wait()
 }
-

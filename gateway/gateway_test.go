@@ -418,7 +418,9 @@ func TestBadInput(t *testing.T) {
 		if resp == nil || resp.StatusCode != http.StatusForbidden {
 			t.Fatalf("response %v, want 403", resp)
 		}
-		var body struct{ Error struct{ Code, Message string } }
+		var body struct {
+			Error struct{ Code, Message string }
+		}
 		json.NewDecoder(resp.Body).Decode(&body)
 		if body.Error.Code != "FORBIDDEN" {
 			t.Fatalf("error body %+v", body)
