@@ -56,6 +56,8 @@ type Server struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	shutOnce sync.Once
+	shutDone chan struct{} // closed when Shutdown has finished
+	shutErr  error         // set before shutDone closes
 }
 
 // New validates cfg, raises the open-file limit and binds the listener.
@@ -69,7 +71,7 @@ func New(cfg Config) (*Server, error) {
 		rand.Read(b[:])
 		cfg.GatewayID = "gw-" + hex.EncodeToString(b[:])
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID)}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID), shutDone: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 
 	files, err := sysx.RaiseFileLimit()
@@ -142,6 +144,7 @@ func (s *Server) Run(ctx context.Context) error {
 	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws")
 	err := s.http.Serve(s.ln)
 	if errors.Is(err, http.ErrServerClosed) {
+		<-s.shutDone
 		s.wg.Wait()
 		return nil
 	}
@@ -152,28 +155,31 @@ func (s *Server) Run(ctx context.Context) error {
 // reconnect) to every client, flushes their queues and closes the links. It
 // waits for all of that or ctx, and is safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
-	var err error
 	s.shutOnce.Do(func() {
+		defer close(s.shutDone)
 		s.closing.Store(true)
-		s.http.SetKeepAlivesEnabled(false)
-		s.ln.Close()
+		err := s.http.Shutdown(ctx) // stops accepting; hijacked connections are ours
 		for _, c := range s.conns.snapshot() {
 			c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
 		}
-		// Wait for clients to be flushed and closed.
-		for s.conns.count() > 0 && ctx.Err() == nil {
+		for s.conns.count() > 0 && ctx.Err() == nil { // each flushes, then closes
 			select {
 			case <-ctx.Done():
-			case <-time.After(20 * time.Millisecond):
+			case <-time.After(10 * time.Millisecond):
 			}
 		}
 		for _, c := range s.conns.snapshot() {
 			c.ws.NetConn().Close()
 		}
-		err = s.http.Shutdown(ctx)
 		s.cancel()
+		s.shutErr = err
 	})
-	return err
+	select {
+	case <-s.shutDone:
+		return s.shutErr
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (s *Server) health() error {

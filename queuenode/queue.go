@@ -180,25 +180,37 @@ func (q *Queue) SetState(name, sender, key string, value []byte, del bool, now t
 	if del {
 		value = nil
 	}
-	m, err := q.mountFor(name, imqpb.MountKind_STATE)
-	if err != nil {
-		return nil, err
+	// Check everything before creating the mount, so that a refused change
+	// leaves no empty mount behind.
+	m := q.mounts[name]
+	if m != nil && m.kind != imqpb.MountKind_STATE {
+		return nil, imqerr.New(imqpb.Code_WRONG_MOUNT_TYPE, "mount %q of %s is a %s mount, not STATE", name, q.name, m.kind)
 	}
-	old := m.state[key]
+	var old *imqpb.StateEntry
+	var stateBytes, keys int
+	if m != nil {
+		old, stateBytes, keys = m.state[key], m.stateBytes, len(m.state)
+	}
 	if del && old == nil {
 		return nil, nil
 	}
-	size := m.stateBytes + len(value)
+	size := stateBytes + len(value)
 	if old != nil {
 		size -= len(old.Value)
 	} else {
 		size += len(key)
 	}
-	if old == nil && len(m.state) >= q.limits.MaxStateKeys {
+	if old == nil && keys >= q.limits.MaxStateKeys {
 		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q already has %d keys", name, q.limits.MaxStateKeys)
 	}
 	if size > q.limits.MaxStateBytes {
 		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q would hold %d bytes; the limit is %d", name, size, q.limits.MaxStateBytes)
+	}
+	if m == nil {
+		var err error
+		if m, err = q.mountFor(name, imqpb.MountKind_STATE); err != nil {
+			return nil, err
+		}
 	}
 	q.head++
 	q.lastActive = now

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -59,62 +60,110 @@ type rewriteFn func(name string, raw json.RawMessage, fd protoreflect.FieldDescr
 // fn to every bytes field at any depth. Keys it does not recognise are left for
 // protojson to judge.
 func rewriteObject(b []byte, md protoreflect.MessageDescriptor, fn rewriteFn) ([]byte, error) {
-	var obj map[string]json.RawMessage
-	if err := json.Unmarshal(b, &obj); err != nil {
-		return nil, fmt.Errorf("%s: expected a JSON object", md.Name())
-	}
-	if obj == nil { // JSON null
+	if bytes.Equal(bytes.TrimSpace(b), []byte("null")) {
 		return b, nil
 	}
+	keys, vals, err := objectMembers(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", md.Name(), err)
+	}
 	fields := md.Fields()
+	seen := make(map[protoreflect.FieldNumber]string, len(keys))
 	changed := false
-	for key, raw := range obj {
+	for i, key := range keys {
+		raw := vals[i]
 		fd := fieldByJSONKey(fields, key)
-		if fd == nil || bytes.Equal(raw, []byte("null")) {
+		if fd == nil {
+			continue
+		}
+		if prev, dup := seen[fd.Number()]; dup {
+			return nil, fmt.Errorf("%s: field %q given twice (as %q and %q)", md.Name(), fd.JSONName(), prev, key)
+		}
+		seen[fd.Number()] = key
+		if bytes.Equal(raw, []byte("null")) {
 			continue
 		}
 		switch {
 		case fd.Kind() == protoreflect.BytesKind && !fd.IsList() && !fd.IsMap():
-			newKey, newRaw, err := fn(key, raw, fd)
-			if err != nil {
-				return nil, err
-			}
-			if newKey != key {
-				delete(obj, key)
-			}
-			obj[newKey] = newRaw
-			changed = true
+			keys[i], vals[i], err = fn(key, raw, fd)
 		case fd.Kind() == protoreflect.MessageKind && fd.IsList():
 			var items []json.RawMessage
 			if err := json.Unmarshal(raw, &items); err != nil {
 				return nil, fmt.Errorf("%s: expected a JSON array", key)
 			}
-			for i, item := range items {
-				out, err := rewriteObject(item, fd.Message(), fn)
-				if err != nil {
+			for j, item := range items {
+				if items[j], err = rewriteObject(item, fd.Message(), fn); err != nil {
 					return nil, err
 				}
-				items[i] = out
 			}
-			out, err := json.Marshal(items)
-			if err != nil {
-				return nil, err
-			}
-			obj[key] = out
-			changed = true
+			vals[i], err = marshalJSON(items)
 		case fd.Kind() == protoreflect.MessageKind && !fd.IsMap() && !isWellKnown(fd.Message()):
-			out, err := rewriteObject(raw, fd.Message(), fn)
-			if err != nil {
-				return nil, err
-			}
-			obj[key] = out
-			changed = true
+			vals[i], err = rewriteObject(raw, fd.Message(), fn)
+		default:
+			continue
 		}
+		if err != nil {
+			return nil, err
+		}
+		changed = true
 	}
 	if !changed {
 		return b, nil
 	}
-	return json.Marshal(obj)
+	var out bytes.Buffer
+	out.WriteByte('{')
+	for i, key := range keys {
+		if i > 0 {
+			out.WriteByte(',')
+		}
+		k, err := marshalJSON(key)
+		if err != nil {
+			return nil, err
+		}
+		out.Write(k)
+		out.WriteByte(':')
+		out.Write(vals[i])
+	}
+	out.WriteByte('}')
+	return out.Bytes(), nil
+}
+
+// objectMembers splits a JSON object into its keys and raw values, in order.
+// Duplicate keys are kept, for the caller to reject.
+func objectMembers(b []byte) (keys []string, vals []json.RawMessage, err error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, nil, fmt.Errorf("expected a JSON object")
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, nil, err
+		}
+		key, _ := tok.(string)
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return nil, nil, err
+		}
+		keys = append(keys, key)
+		vals = append(vals, raw)
+	}
+	if _, err := dec.Token(); err != nil {
+		return nil, nil, err
+	}
+	return keys, vals, nil
+}
+
+// marshalJSON is json.Marshal without HTML escaping, which would change the
+// bytes of payloads that contain < > or &.
+func marshalJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
 }
 
 // fieldByJSONKey finds a field by the keys protojson accepts, plus the base64
@@ -149,7 +198,9 @@ func bytesToJSON(key string, raw json.RawMessage, fd protoreflect.FieldDescripto
 	if err != nil {
 		return "", nil, err
 	}
-	if json.Valid(data) {
+	// JSON travels as JSON, except null (which protojson reads as "absent")
+	// and invalid UTF-8 (which text frames may not carry).
+	if json.Valid(data) && utf8.Valid(data) && !bytes.Equal(bytes.TrimSpace(data), []byte("null")) {
 		var buf bytes.Buffer
 		if err := json.Compact(&buf, data); err != nil {
 			return "", nil, err
@@ -174,7 +225,7 @@ func jsonToBytes(key string, raw json.RawMessage, fd protoreflect.FieldDescripto
 	if err := json.Compact(&buf, raw); err != nil {
 		return "", nil, fmt.Errorf("%s: %v", key, err)
 	}
-	enc, err := json.Marshal(buf.Bytes()) // []byte marshals as a base64 string
+	enc, err := marshalJSON(buf.Bytes()) // []byte marshals as a base64 string
 	if err != nil {
 		return "", nil, err
 	}

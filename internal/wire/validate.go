@@ -1,6 +1,7 @@
 package wire
 
 import (
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/imq-dev/imq/internal/imqerr"
@@ -97,7 +98,7 @@ func ValidateStateKey(key string) error {
 		return imqerr.New(imqpb.Code_BAD_REQUEST, "state key is not valid UTF-8")
 	}
 	for _, r := range key {
-		if r < 0x20 || r == 0x7f {
+		if unicode.IsControl(r) {
 			return imqerr.New(imqpb.Code_BAD_REQUEST, "state key contains control character %U", r)
 		}
 	}

@@ -1,0 +1,221 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/imq-dev/imq/client"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+func dialClient(t *testing.T, url, user string, opts ...client.Option) *client.Client {
+	t.Helper()
+	opts = append([]client.Option{client.WithUser(user), client.WithBackoff(20*time.Millisecond, 200*time.Millisecond)}, opts...)
+	c, err := client.Dial(ctxT(t, 10*time.Second), url, opts...)
+	if err != nil {
+		t.Fatalf("dial as %s: %v", user, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// collect gathers a subscription's updates until stop is closed.
+type collector struct {
+	mu      sync.Mutex
+	updates []client.Update
+}
+
+func collect(sub *client.Subscription) *collector {
+	col := &collector{}
+	go func() {
+		for u := range sub.Updates() {
+			col.mu.Lock()
+			col.updates = append(col.updates, u)
+			col.mu.Unlock()
+		}
+	}()
+	return col
+}
+
+func (col *collector) snapshot() []client.Update {
+	col.mu.Lock()
+	defer col.mu.Unlock()
+	return slices.Clone(col.updates)
+}
+
+func (col *collector) events() []client.Update {
+	var out []client.Update
+	for _, u := range col.snapshot() {
+		if u.Kind == client.KindEvent {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// TestRoomAcrossProcesses: several clients, on both subprotocols, chat and
+// update state in one room; everyone sees the same order and the same state.
+func TestRoomAcrossProcesses(t *testing.T) {
+	cl := startCluster(t)
+	const room, perClient = "/room/e2e", 25
+	users := []string{"ann", "ben", "cat", "dan"}
+	clients := make([]*client.Client, len(users))
+	cols := make([]*collector, len(users))
+	subs := make([]*client.Subscription, len(users))
+	for i, u := range users {
+		var opts []client.Option
+		if i%2 == 1 {
+			opts = append(opts, client.WithJSON())
+		}
+		clients[i] = dialClient(t, cl.url(), u, opts...)
+		sub, err := clients[i].Join(ctxT(t, 5*time.Second), room, client.Messages("chat"), client.State("scores"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		subs[i] = sub
+		cols[i] = collect(sub)
+	}
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; n < perClient; n++ {
+				if _, err := c.Publish(context.Background(), room, "chat", []byte(fmt.Sprintf(`{"from":%q,"n":%d}`, users[i], n))); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, err := c.SetState(context.Background(), room, "scores", users[i], []byte(fmt.Sprint(n))); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	want := len(users) * perClient
+	// Each client published want/len(users) events and as many state changes.
+	waitFor(t, 10*time.Second, "every client to see every update", func() bool {
+		for _, col := range cols {
+			if len(col.snapshot()) < 2*want {
+				return false
+			}
+		}
+		return true
+	})
+	ref := cols[0].snapshot()
+	for i, col := range cols {
+		got := col.snapshot()
+		if len(got) != len(ref) {
+			t.Fatalf("%s saw %d updates, %s saw %d", users[i], len(got), users[0], len(ref))
+		}
+		for j := range got {
+			if got[j].Offset != ref[j].Offset || got[j].Kind != ref[j].Kind || string(got[j].Payload) != string(ref[j].Payload) {
+				t.Fatalf("%s's update %d is %v, %s's is %v", users[i], j, got[j], users[0], ref[j])
+			}
+		}
+		for k := 1; k < len(got); k++ {
+			if got[k].Offset <= got[k-1].Offset {
+				t.Fatalf("%s: offset %d after %d", users[i], got[k].Offset, got[k-1].Offset)
+			}
+		}
+		state := subs[i].State("scores")
+		for _, u := range users {
+			if string(state[u]) != fmt.Sprint(perClient-1) {
+				t.Fatalf("%s sees %s's score %q, want %d", users[i], u, state[u], perClient-1)
+			}
+		}
+	}
+}
+
+// TestGatewayKilledClientResumes: a client's gateway is SIGKILLed under
+// traffic and restarted; the client reconnects and resumes, and sees every
+// message exactly once and in order.
+func TestGatewayKilledClientResumes(t *testing.T) {
+	cl := startCluster(t)
+	// The publisher uses a second gateway, which stays up.
+	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
+	pubURL := "ws://" + pubGW.waitLog("gateway serving")["addr"].(string) + "/ws"
+	pubGW.waitLog("queue node link up")
+
+	const room = "/room/resume"
+	recv := dialClient(t, cl.url(), "receiver")
+	sub, err := recv.Join(ctxT(t, 5*time.Second), room, client.Messages("chat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := collect(sub)
+	pub := dialClient(t, pubURL, "publisher")
+
+	var offsets []uint64
+	publish := func(n int) {
+		for i := 0; i < n; i++ {
+			off, err := pub.Publish(ctxT(t, 5*time.Second), room, "chat", []byte(fmt.Sprint(len(offsets))))
+			if err != nil {
+				t.Fatal(err)
+			}
+			offsets = append(offsets, off)
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	publish(50)
+	addr := cl.gwAddr
+	cl.gw.kill(syscall.SIGKILL)
+	publish(100) // while the receiver's gateway is dead
+	cl.startGateway(addr)
+	publish(50)
+
+	waitFor(t, 15*time.Second, "the receiver to catch up", func() bool { return len(col.events()) >= len(offsets) })
+	time.Sleep(100 * time.Millisecond) // anything extra would show up now
+	var got []uint64
+	for _, u := range col.snapshot() {
+		switch u.Kind {
+		case client.KindEvent:
+			got = append(got, u.Offset)
+		case client.KindGap, client.KindClosed:
+			t.Fatalf("unexpected %s update: %s", u.Kind, u.Message)
+		}
+	}
+	if !slices.Equal(got, offsets) {
+		t.Fatalf("receiver saw %d events %v,\nwant %d %v", len(got), got, len(offsets), offsets)
+	}
+}
+
+// TestGatewaySIGTERM: a gateway told to stop says goodbye with reconnect and
+// exits cleanly.
+func TestGatewaySIGTERM(t *testing.T) {
+	cl := startCluster(t)
+	ws, _, err := (&websocket.Dialer{Subprotocols: []string{"imq.v1"}}).Dial(cl.url()+"?user=term", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	cl.gw.kill(syscall.SIGTERM)
+	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var goodbye *imqpb.Goodbye
+	for goodbye == nil {
+		_, b, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("connection ended without a goodbye: %v", err)
+		}
+		var m imqpb.ServerMessage
+		if err := proto.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		goodbye = m.GetGoodbye()
+	}
+	if goodbye.GetReason() != imqpb.Reason_REASON_SHUTDOWN || !goodbye.GetReconnect() {
+		t.Fatalf("goodbye %v", goodbye)
+	}
+	if code := cl.gw.exitCode(); code != 0 {
+		t.Fatalf("gateway exited with %d after SIGTERM", code)
+	}
+}
