@@ -286,25 +286,29 @@ func closedError(cause error) error {
 	return fmt.Errorf("%w: %w", ErrClosed, cause)
 }
 
-// attach makes cn the current connection; it reports false if the client
-// closed meanwhile.
+// attach makes cn the current connection, unless it has closed already
+// (the supervisor will see that). It reports false if the client closed.
 func (c *Client) attach(cn *conn) bool {
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
 		return false
 	}
-	c.cn = cn
-	close(c.ready)
+	if !cn.detached {
+		c.cn = cn
+		close(c.ready)
+	}
 	c.mu.Unlock()
 	c.setState(Connected)
 	return true
 }
 
-// detach forgets cn if it is the current connection; conn.close calls it.
+// detach forgets cn for good; conn.close calls it before closing done, so
+// that a request that sees done never finds cn again.
 func (c *Client) detach(cn *conn) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	cn.detached = true
 	if c.cn == cn {
 		c.cn = nil
 		c.ready = make(chan struct{})
@@ -537,25 +541,32 @@ func (c *Client) rejoin(cn *conn, s *Subscription, reason imqpb.Reason) {
 }
 
 // onJoinReply applies the answer to a join on the reader goroutine, before
-// the queue's next updates are read. An app's Join learns the answer before
-// the updates are delivered, so that it can start reading them.
+// the queue's next updates are read.
 func (c *Client) onJoinReply(cn *conn, cl call, msg *imqpb.ServerMessage) {
-	s, r := cl.sub, msg.GetReply()
-	j := r.GetJoined()
-	var plan []Update
-	began := false
-	if r.GetCode() == imqpb.Code_OK && j != nil {
-		plan, began = s.begin(j, cl.reason)
-	}
+	s, r, j := cl.sub, msg.GetReply(), msg.GetReply().GetJoined()
 	switch {
-	case cl.ch != nil:
-		cl.ch <- msg
-	case r.GetCode() != imqpb.Code_OK:
+	case cl.ch == nil && r.GetCode() != imqpb.Code_OK:
 		c.rejoinRefused(cn, s, cl.reason, r)
 		return
+	case j == nil:
+		if cl.ch != nil {
+			cl.ch <- msg // Join reports the refusal
+		}
+		return
 	}
-	if began {
-		s.apply(j, plan, cn.done)
+	plan, ok := s.begin(j, cl.reason)
+	if cl.ch != nil {
+		// Deliver what fits before answering, so that Join usually returns
+		// with the snapshot in State; the rest needs the application to
+		// read, which it cannot before Join returns.
+		if ok {
+			plan = s.apply(j, plan, s.offer)
+		}
+		cl.ch <- msg
+		ok = ok && len(plan) > 0
+	}
+	if ok {
+		s.apply(j, plan, func(u Update) bool { return s.deliver(u, cn.done) })
 	}
 }
 

@@ -62,6 +62,8 @@ type conn struct {
 
 	mu      sync.Mutex
 	pending map[uint64]call // Guarded by mu.
+
+	detached bool // Guarded by Client.mu: closed, never to be current again.
 }
 
 // call is a request waiting for its answer.

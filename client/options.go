@@ -145,8 +145,10 @@ func WithRequestTimeout(d time.Duration) Option {
 	return func(o *options) { o.requestTimeout = d }
 }
 
-// WithBufferSize sets how many updates each subscription's channel buffers.
-// Default 1024.
+// WithBufferSize sets how many updates each subscription's channel buffers
+// (about 150 bytes each, allocated by Join, plus the payloads held). When
+// the buffer is full the connection waits for the application; see
+// Subscription.Updates. Default 1024.
 func WithBufferSize(n int) Option {
 	return func(o *options) { o.bufferSize = n }
 }

@@ -127,7 +127,9 @@ func newSubscription(c *Client, queue string, mounts []Mount, buffer int) *Subsc
 // Join subscribes to some mounts of queue, creating them if needed, and
 // returns once the server has answered. Updates then delivers the recent
 // events asked for and each state mount's snapshot (as KindStateSet), and
-// everything after, in queue order.
+// everything after, in queue order. Unless they outnumber the channel's
+// buffer, those first updates are in the channel, and the snapshot in
+// State, when Join returns.
 //
 // A queue can be joined once per client (ErrAlreadyJoined). If ctx ends
 // before the answer, Join fails but the server may have joined: its events
@@ -202,7 +204,8 @@ func (s *Subscription) Epoch() uint64 {
 }
 
 // State returns a copy of the client's mirror of a state mount: the snapshot
-// with every delivered change applied. It is nil for a mount that is not a
+// with every change applied that was put in the Updates channel, which the
+// application may not have read yet. It is nil for a mount that is not a
 // joined state mount.
 func (s *Subscription) State(mount string) map[string][]byte {
 	s.mu.Lock()
@@ -266,6 +269,21 @@ func (s *Subscription) deliver(u Update, stop <-chan struct{}) bool {
 	}
 }
 
+// offer sends u only if the channel has room, and reports whether it did.
+func (s *Subscription) offer(u Update) bool {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.chClosed {
+		return false
+	}
+	select {
+	case s.ch <- u:
+		return true
+	default:
+		return false
+	}
+}
+
 // publish delivers a live update and records it once delivered.
 func (s *Subscription) publish(u Update, stop <-chan struct{}) {
 	if s.deliver(u, stop) {
@@ -299,13 +317,13 @@ func (s *Subscription) begin(j *imqpb.Joined, reason imqpb.Reason) (plan []Updat
 	return s.t.begin(j, reason), true
 }
 
-// apply delivers the updates planned by begin(j), recording each, then the
-// join's head. It stops early if stop is closed: what was not delivered is
-// planned again by the next join.
-func (s *Subscription) apply(j *imqpb.Joined, plan []Update, stop <-chan struct{}) {
+// apply delivers the updates planned by begin(j) with send, recording each
+// one sent, then the join's head. It returns the updates send refused:
+// they are planned again by the next join.
+func (s *Subscription) apply(j *imqpb.Joined, plan []Update, send func(Update) bool) (rest []Update) {
 	for i := range plan {
-		if !s.deliver(plan[i], stop) {
-			return
+		if !send(plan[i]) {
+			return plan[i:]
 		}
 		s.mu.Lock()
 		s.t.commit(&plan[i])
@@ -314,6 +332,7 @@ func (s *Subscription) apply(j *imqpb.Joined, plan []Update, stop <-chan struct{
 	s.mu.Lock()
 	s.t.settle(j)
 	s.mu.Unlock()
+	return nil
 }
 
 // end delivers a last update, then finishes.

@@ -448,7 +448,9 @@ func (c *conn) send(f outFrame) {
 		c.mu.Unlock()
 		return
 	}
-	if len(c.queue) >= c.s.cfg.SendQueueFrames || c.queued+f.size > c.s.cfg.SendQueueBytes {
+	// An empty queue takes any one frame, so a Joined reply with a large
+	// replay (bounded by the node) never looks like a slow consumer.
+	if len(c.queue) > 0 && (len(c.queue) >= c.s.cfg.SendQueueFrames || c.queued+f.size > c.s.cfg.SendQueueBytes) {
 		dropped := len(c.queue)
 		clear(c.queue)
 		c.queue = c.queue[:0]

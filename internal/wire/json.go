@@ -20,7 +20,9 @@ const base64Suffix = "Base64"
 
 var (
 	jsonMarshal   = protojson.MarshalOptions{UseProtoNames: false, EmitUnpopulated: false}
-	jsonUnmarshal = protojson.UnmarshalOptions{DiscardUnknown: false}
+	// Unknown fields are ignored, as in the binary form, so that either side
+	// may add fields without breaking the other.
+	jsonUnmarshal = protojson.UnmarshalOptions{DiscardUnknown: true}
 )
 
 // MarshalJSON encodes m in the JSON form.
