@@ -19,7 +19,7 @@ import (
 const base64Suffix = "Base64"
 
 var (
-	jsonMarshal   = protojson.MarshalOptions{UseProtoNames: false, EmitUnpopulated: false}
+	jsonMarshal = protojson.MarshalOptions{UseProtoNames: false, EmitUnpopulated: false}
 	// Unknown fields are ignored, as in the binary form, so that either side
 	// may add fields without breaking the other.
 	jsonUnmarshal = protojson.UnmarshalOptions{DiscardUnknown: true}
