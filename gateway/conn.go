@@ -44,9 +44,8 @@ type conn struct {
 	log     *slog.Logger
 
 	// Owned by the reader goroutine.
-	user      string
-	acked     bool // a connect was answered
-	pingTimer *time.Timer
+	user  string
+	acked bool // a connect was answered
 
 	inflight atomic.Int32
 
@@ -54,14 +53,15 @@ type conn struct {
 	subs  map[string]*localSub // Guarded by subMu: queues whose join succeeded.
 	dead  bool                 // Guarded by subMu: the reader ended; late joins are undone.
 
-	mu      sync.Mutex
-	queue   []outFrame // Guarded by mu: frames waiting for the writer.
-	spare   []outFrame // Guarded by mu: the last batch's slice, for reuse.
-	queued  int        // Guarded by mu: bytes in queue.
-	writing bool       // Guarded by mu: a writer goroutine is running.
-	closing bool       // Guarded by mu: a goodbye is queued or the socket failed.
-	reason  string     // Guarded by mu: why the connection is closing, for metrics.
-	flushed chan struct{}
+	mu        sync.Mutex
+	queue     []outFrame  // Guarded by mu: frames waiting for the writer.
+	spare     []outFrame  // Guarded by mu: the last batch's slice, for reuse.
+	queued    int         // Guarded by mu: bytes in queue.
+	writing   bool        // Guarded by mu: a writer goroutine is running.
+	closing   bool        // Guarded by mu: a goodbye is queued or the socket failed.
+	reason    string      // Guarded by mu: why the connection is closing, for metrics.
+	pingTimer *time.Timer // Guarded by mu.
+	flushed   chan struct{}
 }
 
 func newConn(s *Server, ws *websocket.Conn, json bool, devUser string) *conn {
@@ -98,7 +98,9 @@ func (c *conn) serve() {
 	} else {
 		c.extendRead()
 	}
+	c.mu.Lock()
 	c.pingTimer = time.AfterFunc(cfg.PingInterval, c.ping)
+	c.mu.Unlock()
 
 	buf := new(bytes.Buffer)
 	for {
@@ -129,10 +131,16 @@ func (c *conn) extendRead() {
 	}
 }
 
+// ping runs on the ping timer: it queues a ping and rearms the timer.
 func (c *conn) ping() {
-	if c.sendControl(websocket.PingMessage, nil) {
-		c.pingTimer.Reset(c.s.cfg.PingInterval)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return
 	}
+	c.queue = append(c.queue, outFrame{kind: websocket.PingMessage})
+	c.startWriterLocked()
+	c.pingTimer.Reset(c.s.cfg.PingInterval)
 }
 
 // readFailed says goodbye when the read ended for a reason the client should
@@ -157,7 +165,9 @@ func (c *conn) readFailed(err error) {
 // finish runs after the reader ends: it drops the subscriptions, lets a
 // queued goodbye reach the client, and closes the socket.
 func (c *conn) finish() {
+	c.mu.Lock()
 	c.pingTimer.Stop()
+	c.mu.Unlock()
 	c.subMu.Lock()
 	c.dead = true
 	subs := c.subs
@@ -468,17 +478,15 @@ func (c *conn) send(f outFrame) {
 	c.mu.Unlock()
 }
 
-// sendControl queues a ping or pong outside the queue's bounds (they are
-// small and few). It reports false once the connection is closing.
-func (c *conn) sendControl(kind int, data []byte) bool {
+// sendControl queues a control frame outside the queue's bounds (pongs are
+// small, and the client sends a ping only as often as it pings).
+func (c *conn) sendControl(kind int, data []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closing {
-		return false
+	if !c.closing {
+		c.queue = append(c.queue, outFrame{data: data, kind: kind})
+		c.startWriterLocked()
 	}
-	c.queue = append(c.queue, outFrame{data: data, kind: kind})
-	c.startWriterLocked()
-	return true
 }
 
 func (c *conn) startWriterLocked() {

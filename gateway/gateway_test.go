@@ -439,3 +439,35 @@ func TestBadInput(t *testing.T) {
 	c := mustDial(t, d, "final", false)
 	expectCode(t, c.join("/room/ok", chat()), imqpb.Code_OK)
 }
+
+func TestSilentClientsAreClosed(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.PingInterval = 100 * time.Millisecond
+		c.ClientTimeout = 400 * time.Millisecond
+		c.AuthTimeout = 300 * time.Millisecond
+	})
+	t.Run("ping timeout", func(t *testing.T) {
+		c := mustDial(t, d, "quiet", false)
+		c.ws.SetPingHandler(func(string) error { return nil }) // never answer pings
+		g := c.expectGoodbye(imqpb.Reason_REASON_PING_TIMEOUT)
+		if !g.GetReconnect() {
+			t.Fatal("ping timeout goodbye does not ask to reconnect")
+		}
+	})
+	t.Run("pongs keep it open", func(t *testing.T) {
+		c := mustDial(t, d, "lively", false) // gorilla answers pings while reading
+		c.ws.SetReadDeadline(time.Now().Add(time.Second))
+		if _, _, err := c.ws.ReadMessage(); err == nil {
+			t.Fatal("the server sent a message to an idle client")
+		} else if !strings.Contains(err.Error(), "timeout") {
+			t.Fatalf("connection closed although the client answered pings: %v", err)
+		}
+	})
+	t.Run("auth timeout", func(t *testing.T) {
+		c, _, err := dialRaw(t, d, "", false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.expectGoodbye(imqpb.Reason_REASON_AUTH_TIMEOUT)
+	})
+}
