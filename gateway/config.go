@@ -62,6 +62,8 @@ type Config struct {
 	WriteTimeout time.Duration
 	// RequestTimeout fails a request the queue node has not answered in time.
 	RequestTimeout time.Duration
+	// Profiling serves Go's runtime profiles at /debug/pprof/ on Addr.
+	Profiling bool
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.

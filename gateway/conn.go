@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"strconv"
 	"sync"
@@ -41,7 +40,6 @@ type conn struct {
 	id      uint64
 	session string
 	json    bool
-	log     *slog.Logger
 
 	// Owned by the reader goroutine.
 	user  string
@@ -77,11 +75,13 @@ func newConn(s *Server, ws *websocket.Conn, json bool, devUser string) *conn {
 		subs:    make(map[string]*localSub),
 		flushed: make(chan struct{}),
 	}
-	c.log = s.log.With("session", c.session)
 	return c
 }
 
-// serve runs the reader until the connection ends, then cleans up.
+// serve runs the reader until the connection ends, then cleans up. It runs
+// on a goroutine of its own, not net/http's: returning from the handler lets
+// the HTTP server's per-connection buffers, request and stack go, which is
+// most of an idle connection's memory.
 func (c *conn) serve() {
 	cfg := &c.s.cfg
 	// The frame limit is enforced below rather than with SetReadLimit, which
@@ -158,7 +158,7 @@ func (c *conn) readFailed(err error) {
 		c.goAway(imqpb.Reason_REASON_PROTOCOL_ERROR, "frame larger than "+strconv.Itoa(c.s.cfg.MaxFrameBytes)+" bytes", false)
 	default:
 		c.setReason("client_closed")
-		c.log.Debug("read ended", "err", err)
+		c.s.log.Debug("read ended", "session", c.session, "err", err)
 	}
 }
 
@@ -282,7 +282,6 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		c.user = user
 	}
 	c.acked = true
-	c.log = c.log.With("user", c.user)
 	c.extendRead()
 	cfg := &c.s.cfg
 	c.reply(&imqpb.Reply{Id: id, Result: &imqpb.Reply_Connected{Connected: &imqpb.Connected{
@@ -444,7 +443,7 @@ func (c *conn) encode(m *imqpb.ServerMessage) ([]byte, int, error) {
 func (c *conn) sendMsg(m *imqpb.ServerMessage) {
 	b, kind, err := c.encode(m)
 	if err != nil {
-		c.log.Error("encode reply", "err", err)
+		c.s.log.Error("encode reply", "session", c.session, "err", err)
 		return
 	}
 	c.send(outFrame{data: b, kind: kind, size: len(b)})
@@ -469,7 +468,7 @@ func (c *conn) send(f outFrame) {
 		c.mu.Unlock()
 		c.s.m.slowConsumers.Inc()
 		c.s.m.sendDrops.Add(float64(dropped + 1))
-		c.log.Debug("slow consumer disconnected", "dropped_frames", dropped+1)
+		c.s.log.Debug("slow consumer disconnected", "session", c.session, "dropped_frames", dropped+1)
 		return
 	}
 	c.queue = append(c.queue, f)
@@ -553,7 +552,7 @@ func (c *conn) writeLoop() {
 					c.reason = "write_failed"
 				}
 				c.mu.Unlock()
-				c.log.Debug("write failed", "err", err)
+				c.s.log.Debug("write failed", "session", c.session, "err", err)
 				c.bc.Conn.Close() // ends the reader, which cleans up
 			}
 			return // writing stays true: no writer starts again

@@ -96,7 +96,7 @@ func New(cfg Config) (*Server, error) {
 	s.m = newMetrics(cfg.Registry, s)
 	s.upgrader = websocket.Upgrader{
 		Subprotocols:     []string{SubprotocolBinary, SubprotocolJSON},
-		ReadBufferSize:   1024,
+		ReadBufferSize:   512, // frames stream through it; small keeps idle connections small
 		WriteBufferPool:  &sync.Pool{},
 		HandshakeTimeout: 10 * time.Second,
 		CheckOrigin:      func(*http.Request) bool { return true }, // checked before Upgrade
@@ -112,6 +112,9 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /ws", s.serveWS)
 	obs.Handle(mux, cfg.Registry, s.health, s.varz)
+	if cfg.Profiling {
+		obs.HandleProfiling(mux)
+	}
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -283,8 +286,10 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.m.accepted.WithLabelValues("ok").Inc()
 	c := newConn(s, ws, proto == SubprotocolJSON, devUser)
 	s.conns.add(c)
-	c.serve() // runs the reader on this goroutine until the connection ends
-	s.conns.remove(c)
+	go func() { // the connection's reader; ends with the connection
+		c.serve()
+		s.conns.remove(c)
+	}()
 }
 
 // originAllowed applies AllowedOrigins.

@@ -41,7 +41,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_queuenode_queues_created_total", Help: "Queues created.",
 		}),
 		queuesExpired: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "imq_queuenode_queues_expired_total", Help: "Idle queues dropped after the idle TTL.",
+			Name: "imq_queuenode_queues_dropped_total", Help: "Queues dropped: idle past the idle TTL, or empty when their last subscriber left.",
 		}),
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,

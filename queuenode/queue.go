@@ -343,6 +343,22 @@ func (q *Queue) unref(s *subscription) {
 	}
 }
 
+// Disposable reports whether the queue can be dropped at once: no
+// subscribers, and no retained events or state that a later join could want.
+// Dropping it loses nothing but its epoch, so a client resuming into its next
+// incarnation is told it missed events (conservatively).
+func (q *Queue) Disposable() bool {
+	if len(q.subs) > 0 {
+		return false
+	}
+	for _, m := range q.mounts {
+		if len(m.hist) > 0 || len(m.state) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // ForEachGateway calls fn once for each gateway with a subscriber to mount.
 func (q *Queue) ForEachGateway(mount string, fn func(gateway string)) {
 	if m, ok := q.mounts[mount]; ok {

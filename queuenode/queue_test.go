@@ -980,3 +980,45 @@ func TestResumeMatchesModel(t *testing.T) {
 		}
 	}
 }
+
+func TestDisposable(t *testing.T) {
+	limits := DefaultLimits()
+	now := time.Unix(1_700_000_000, 0)
+	sub := Subscriber{User: "u", Session: "s1", Gateway: "g"}
+	chat := []*imqpb.MountSpec{{Name: "chat", Kind: imqpb.MountKind_MESSAGE}}
+
+	q := NewQueue("/room/d", 1, &limits, now)
+	if !q.Disposable() {
+		t.Fatal("a new queue with nothing in it is not disposable")
+	}
+	if _, err := q.Join(sub, chat, now); err != nil {
+		t.Fatal(err)
+	}
+	if q.Disposable() {
+		t.Fatal("a queue with a subscriber is disposable")
+	}
+	q.Leave("s1", now)
+	if !q.Disposable() {
+		t.Fatal("a queue joined and left without traffic is not disposable")
+	}
+	if _, err := q.Publish("chat", "u", []byte("x"), now); err != nil {
+		t.Fatal(err)
+	}
+	if q.Disposable() {
+		t.Fatal("a queue with history is disposable")
+	}
+
+	s := NewQueue("/room/s", 1, &limits, now)
+	if _, err := s.SetState("scores", "u", "k", []byte("1"), false, now); err != nil {
+		t.Fatal(err)
+	}
+	if s.Disposable() {
+		t.Fatal("a queue with state is disposable")
+	}
+	if _, err := s.SetState("scores", "u", "k", nil, true, now); err != nil {
+		t.Fatal(err)
+	}
+	if !s.Disposable() {
+		t.Fatal("a queue whose only key was deleted is not disposable")
+	}
+}

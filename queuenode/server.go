@@ -196,6 +196,17 @@ func (s *Server) queueLocked(sh *shard, name string, create bool) (*Queue, error
 	return q, nil
 }
 
+// dropIfDisposableLocked drops q from sh when keeping it would serve no one:
+// a room that was joined and left without traffic need not wait for the
+// idle TTL, which keeps join/leave churn from filling the node.
+func (s *Server) dropIfDisposableLocked(sh *shard, q *Queue) {
+	if q.Disposable() {
+		delete(sh.queues, q.Name())
+		s.queueCount.Add(-1)
+		s.m.queuesExpired.Inc()
+	}
+}
+
 // nextEpoch returns a new epoch: the creation time in Unix microseconds, made
 // strictly increasing within the process.
 func (s *Server) nextEpoch() uint64 {
@@ -269,6 +280,7 @@ func (s *Server) leave(l *link, req *imqpb.NodeRequest, lv *imqpb.Leave) error {
 	if q == nil || !q.Leave(req.GetSession(), s.cfg.Now()) {
 		return imqerr.New(imqpb.Code_NOT_JOINED, "not joined to %s", lv.GetQueue())
 	}
+	s.dropIfDisposableLocked(sh, q)
 	l.reply(req.GetId(), nil)
 	return nil
 }
@@ -356,6 +368,7 @@ func (s *Server) removeGateway(key string) {
 		sh.mu.Lock()
 		for _, q := range sh.queues {
 			removed += q.RemoveGateway(key, now)
+			s.dropIfDisposableLocked(sh, q)
 		}
 		sh.mu.Unlock()
 	}

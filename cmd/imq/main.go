@@ -105,6 +105,7 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 	fs.DurationVar(&cfg.AuthTimeout, "auth-timeout", cfg.AuthTimeout, "close a connection that has not authenticated in this time")
 	fs.DurationVar(&cfg.WriteTimeout, "write-timeout", cfg.WriteTimeout, "close a client whose socket takes no data for this long")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "fail a request the queue node has not answered in this time")
+	fs.BoolVar(&cfg.Profiling, "pprof", false, "serve Go runtime profiles at /debug/pprof/ on the HTTP listener (operators only)")
 }
 
 // nodeFlags binds the queue node's flags to cfg.
@@ -206,6 +207,7 @@ func runQueueNode(args []string) error {
 	var lf logFlags
 	fs.StringVar(&cfg.NodeID, "id", "", "node id (default: node-<link address>)")
 	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz and /varz (empty: none)")
+	profiling := fs.Bool("pprof", false, "serve Go runtime profiles at /debug/pprof/ on the HTTP listener (operators only)")
 	nodeFlags(fs, &cfg)
 	lf.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -231,6 +233,9 @@ func runQueueNode(args []string) error {
 		}
 		mux := http.NewServeMux()
 		node.HandleHTTP(mux)
+		if *profiling {
+			obs.HandleProfiling(mux)
+		}
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 		go srv.Serve(ln)
 		defer srv.Close()

@@ -128,11 +128,18 @@ func run() error {
 	b.close()
 
 	if cfg.churnConns > 0 {
-		pairs, err := churn(cfg)
-		if err != nil {
-			return err
+		fmt.Printf("\n| join+leave on fresh queues | connections | pairs/s | server CPU µs/pair | bench CPU µs/pair |\n|---|---:|---:|---:|---:|\n")
+		for _, w := range []int{1, 32} {
+			r, err := churn(cfg, w)
+			if err != nil {
+				return err
+			}
+			mode := "each waits for its reply"
+			if w > 1 {
+				mode = fmt.Sprintf("%d pairs in flight each", w)
+			}
+			fmt.Printf("| %s | %d | %.0f | %.2f | %.2f |\n", mode, cfg.churnConns, r.pairs, r.serverCPU, r.benchCPU)
 		}
-		fmt.Printf("join+leave pairs on fresh queues: %.0f/s (%d connections, %s)\n", pairs, cfg.churnConns, cfg.churnTime)
 	}
 	return nil
 }
@@ -437,49 +444,111 @@ func (b *bench) close() {
 	}
 }
 
-// churn measures join+leave pairs per second on fresh queue names.
-func churn(cfg config) (float64, error) {
+// churnResult is one churn measurement.
+type churnResult struct {
+	pairs               float64 // join+leave pairs per second
+	serverCPU, benchCPU float64 // µs per pair
+}
+
+// churn measures join+leave pairs per second on fresh queue names. With
+// window 1 each connection waits for every reply (latency-bound); with a
+// larger window it keeps that many pairs in flight (throughput-bound).
+func churn(cfg config, window int) (churnResult, error) {
 	var pairs atomic.Int64
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.churnTime)
 	defer cancel()
 	var wg sync.WaitGroup
-	errc := make(chan error, cfg.churnConns)
-	for c := 0; c < cfg.churnConns; c++ {
+	errc := make(chan error, 2*cfg.churnConns)
+	conns := make([]*websocket.Conn, cfg.churnConns)
+	for c := range conns {
 		ws, err := dial(cfg.url, "churn"+strconv.Itoa(c))
 		if err != nil {
-			return 0, err
+			return churnResult{}, err
 		}
 		defer ws.Close()
-		wg.Add(1)
-		go func() {
+		conns[c] = ws
+	}
+	srv0, err := cpuTime(strconv.Itoa(cfg.pid))
+	if err != nil {
+		return churnResult{}, err
+	}
+	self0, _ := cpuTime("self")
+	start := time.Now()
+	for c, ws := range conns {
+		slots := make(chan struct{}, window)
+		wg.Add(2)
+		go func() { // reads replies; a leave's reply completes a pair
 			defer wg.Done()
-			var id uint64
-			for i := 0; ctx.Err() == nil; i++ {
+			for {
+				_, data, err := ws.ReadMessage()
+				if err != nil {
+					return
+				}
+				var m imqpb.ServerMessage
+				if err := proto.Unmarshal(data, &m); err != nil {
+					errc <- err
+					return
+				}
+				r := m.GetReply()
+				if r == nil {
+					continue
+				}
+				if r.GetCode() != imqpb.Code_OK {
+					errc <- fmt.Errorf("churn: %s: %s", r.GetCode(), r.GetMessage())
+					return
+				}
+				if r.GetId()%2 == 0 {
+					pairs.Add(1)
+					<-slots
+				}
+			}
+		}()
+		go func() { // sends join+leave pairs on fresh queues, window at a time
+			defer wg.Done()
+			msg := func(id uint64, q string, join bool) []byte {
+				m := &imqpb.ClientMessage{Id: id}
+				if join {
+					m.Msg = &imqpb.ClientMessage_Join{Join: &imqpb.Join{Queue: q, Mounts: []*imqpb.MountSpec{{Name: "chat", Kind: imqpb.MountKind_MESSAGE}}}}
+				} else {
+					m.Msg = &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: q}}
+				}
+				b, _ := proto.Marshal(m)
+				return b
+			}
+			for i := 0; ; i++ {
+				select {
+				case slots <- struct{}{}:
+				case <-ctx.Done():
+					for len(slots) > 0 { // wait for what is in flight
+						time.Sleep(time.Millisecond)
+					}
+					ws.Close()
+					return
+				}
 				q := "/bench/churn/" + strconv.Itoa(c) + "/" + strconv.Itoa(i)
-				id++
-				if err := call(ws, &imqpb.ClientMessage{Id: id, Msg: &imqpb.ClientMessage_Join{Join: &imqpb.Join{
-					Queue: q, Mounts: []*imqpb.MountSpec{{Name: "chat", Kind: imqpb.MountKind_MESSAGE}},
-				}}}); err != nil {
-					errc <- err
+				if ws.WriteMessage(websocket.BinaryMessage, msg(uint64(2*i+1), q, true)) != nil ||
+					ws.WriteMessage(websocket.BinaryMessage, msg(uint64(2*i+2), q, false)) != nil {
+					errc <- errors.New("churn: write failed")
 					return
 				}
-				id++
-				if err := call(ws, &imqpb.ClientMessage{Id: id, Msg: &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: q}}}); err != nil {
-					errc <- err
-					return
-				}
-				pairs.Add(1)
 			}
 		}()
 	}
-	start := time.Now()
 	wg.Wait()
+	elapsed := time.Since(start)
 	select {
 	case err := <-errc:
-		return 0, err
+		return churnResult{}, err
 	default:
 	}
-	return float64(pairs.Load()) / time.Since(start).Seconds(), nil
+	srv1, _ := cpuTime(strconv.Itoa(cfg.pid))
+	self1, _ := cpuTime("self")
+	n := float64(pairs.Load())
+	return churnResult{
+		pairs:     n / elapsed.Seconds(),
+		serverCPU: float64((srv1 - srv0).Microseconds()) / n,
+		benchCPU:  float64((self1 - self0).Microseconds()) / n,
+	}, nil
 }
 
 // cpuTime returns the user+system CPU time of a process from /proc.

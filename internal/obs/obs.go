@@ -6,6 +6,7 @@ package obs
 import (
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -42,4 +43,15 @@ func Handle(mux *http.ServeMux, reg *prometheus.Registry, health func() error, v
 		enc.SetIndent("", "  ")
 		enc.Encode(varz())
 	})
+}
+
+// HandleProfiling adds the runtime profiles (net/http/pprof) under
+// /debug/pprof/. They expose internals and cost CPU while running: enable
+// them only on listeners that operators alone can reach.
+func HandleProfiling(mux *http.ServeMux) {
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 }
