@@ -62,8 +62,6 @@ type Config struct {
 	WriteTimeout time.Duration
 	// RequestTimeout fails a request the queue node has not answered in time.
 	RequestTimeout time.Duration
-	// Profiling serves Go's runtime profiles at /debug/pprof/ on Addr.
-	Profiling bool
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
@@ -155,6 +153,14 @@ func (c *Config) validate() error {
 	}
 	if c.SendQueueBytes < c.MaxFrameBytes {
 		errs = append(errs, fmt.Errorf("send queue bytes (%d) must hold at least one frame of %d bytes", c.SendQueueBytes, c.MaxFrameBytes))
+	}
+	for name, d := range map[string]time.Duration{
+		"ping interval": c.PingInterval, "client timeout": c.ClientTimeout, "auth timeout": c.AuthTimeout,
+		"write timeout": c.WriteTimeout, "request timeout": c.RequestTimeout,
+	} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
+		}
 	}
 	if c.ClientTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("client timeout (%s) must exceed the ping interval (%s)", c.ClientTimeout, c.PingInterval))

@@ -48,18 +48,23 @@ type conn struct {
 	inflight atomic.Int32
 
 	subMu sync.Mutex
-	subs  map[string]*localSub // Guarded by subMu: queues whose join succeeded.
-	dead  bool                 // Guarded by subMu: the reader ended; late joins are undone.
+	subs  map[string]*queueOps // Guarded by subMu: queues joined or with a join or leave in flight.
+	opSeq uint64               // Guarded by subMu: numbers joins and leaves.
+	dead  bool                 // Guarded by subMu: the reader ended.
 
-	mu        sync.Mutex
-	queue     []outFrame  // Guarded by mu: frames waiting for the writer.
-	spare     []outFrame  // Guarded by mu: the last batch's slice, for reuse.
-	queued    int         // Guarded by mu: bytes in queue.
-	writing   bool        // Guarded by mu: a writer goroutine is running.
-	closing   bool        // Guarded by mu: a goodbye is queued or the socket failed.
-	reason    string      // Guarded by mu: why the connection is closing, for metrics.
-	pingTimer *time.Timer // Guarded by mu.
-	flushed   chan struct{}
+	bye atomic.Bool // a goodbye is queued: read nothing more
+
+	mu         sync.Mutex
+	queue      []outFrame    // Guarded by mu: frames waiting for the writer.
+	spare      []outFrame    // Guarded by mu: the last batch's slice, for reuse.
+	queued     int           // Guarded by mu: bytes in queue.
+	writing    bool          // Guarded by mu: a writer goroutine is running.
+	closing    bool          // Guarded by mu: a goodbye is queued or the socket failed.
+	reason     string        // Guarded by mu: why the connection is closing, for metrics.
+	pingTimer  *time.Timer   // Guarded by mu.
+	pongQueued bool          // Guarded by mu.
+	flushed    chan struct{} // closed when the last writer has finished
+	flushOnce  sync.Once
 }
 
 func newConn(s *Server, ws *websocket.Conn, json bool, devUser string) *conn {
@@ -69,10 +74,10 @@ func newConn(s *Server, ws *websocket.Conn, json bool, devUser string) *conn {
 		ws:      ws,
 		bc:      ws.NetConn().(*bufConn),
 		id:      id,
-		session: s.cfg.GatewayID + "." + strconv.FormatUint(id, 10),
+		session: s.sessionPrefix + strconv.FormatUint(id, 10),
 		json:    json,
 		user:    devUser,
-		subs:    make(map[string]*localSub),
+		subs:    make(map[string]*queueOps),
 		flushed: make(chan struct{}),
 	}
 	return c
@@ -89,7 +94,7 @@ func (c *conn) serve() {
 	maxFrame := int64(cfg.MaxFrameBytes)
 	c.ws.SetPingHandler(func(data string) error {
 		c.extendRead()
-		c.sendControl(websocket.PongMessage, []byte(data))
+		c.sendPong([]byte(data))
 		return nil
 	})
 	c.ws.SetPongHandler(func(string) error { c.extendRead(); return nil })
@@ -126,7 +131,7 @@ func (c *conn) serve() {
 }
 
 func (c *conn) extendRead() {
-	if c.user != "" {
+	if c.user != "" && !c.bye.Load() { // after a goodbye, the close grace stands
 		c.ws.SetReadDeadline(time.Now().Add(c.s.cfg.ClientTimeout))
 	}
 }
@@ -168,17 +173,7 @@ func (c *conn) finish() {
 	c.mu.Lock()
 	c.pingTimer.Stop()
 	c.mu.Unlock()
-	c.subMu.Lock()
-	c.dead = true
-	subs := c.subs
-	c.subs = nil
-	c.subMu.Unlock()
-	for queue := range subs {
-		c.s.index.remove(queue, c)
-		c.s.linkFor(queue).request(&imqpb.NodeRequest{
-			User: c.user, Session: c.session, Op: &imqpb.NodeRequest_Leave{Leave: &imqpb.Leave{Queue: queue}},
-		}, nil)
-	}
+	c.leaveAll()
 
 	c.mu.Lock()
 	goodbye := c.closing && c.reason != "write_failed" // queued; let it go out
@@ -211,6 +206,9 @@ func (c *conn) setReason(r string) {
 
 // handleFrame decodes and executes one client frame.
 func (c *conn) handleFrame(mt int, data []byte) {
+	if c.bye.Load() {
+		return // said goodbye: the client gets nothing more
+	}
 	var msg imqpb.ClientMessage
 	var err error
 	switch {
@@ -290,65 +288,6 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 	}}})
 }
 
-func (c *conn) join(id uint64, m *imqpb.Join) {
-	queue := m.GetQueue()
-	if err := wire.ValidateQueueName(queue); err != nil {
-		c.replyErr(id, err)
-		return
-	}
-	c.subMu.Lock()
-	_, rejoin := c.subs[queue]
-	n := len(c.subs)
-	c.subMu.Unlock()
-	if !rejoin && n >= c.s.cfg.MaxSubscriptions {
-		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "a connection may join %d queues", c.s.cfg.MaxSubscriptions))
-		return
-	}
-	c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Join{Join: m}}, func(r *imqpb.NodeReply) {
-		if r.GetCode() != imqpb.Code_OK {
-			if r.GetCode() == imqpb.Code_TIMEOUT { // the node may still apply it
-				c.leaveNode(queue)
-			}
-			c.replyErr(id, &imqerr.Error{Code: r.GetCode(), Message: r.GetMessage()})
-			return
-		}
-		joined := r.GetJoined()
-		sub := &localSub{mounts: make([]string, len(joined.GetMounts()))}
-		for i, ms := range joined.GetMounts() {
-			sub.mounts[i] = ms.GetName()
-		}
-		c.subMu.Lock()
-		if c.dead {
-			c.subMu.Unlock()
-			c.leaveNode(queue)
-			return
-		}
-		c.subs[queue] = sub
-		c.s.index.add(queue, c, sub)
-		c.subMu.Unlock()
-		c.reply(&imqpb.Reply{Id: id, Result: &imqpb.Reply_Joined{Joined: joined}})
-	})
-}
-
-func (c *conn) leave(id uint64, m *imqpb.Leave) {
-	queue := m.GetQueue()
-	if err := wire.ValidateQueueName(queue); err != nil {
-		c.replyErr(id, err)
-		return
-	}
-	c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Leave{Leave: m}}, func(r *imqpb.NodeReply) {
-		// Runs after the reply to any earlier join of this queue (the link
-		// keeps order), so the local subscription is final here.
-		c.subMu.Lock()
-		if _, ok := c.subs[queue]; ok {
-			delete(c.subs, queue)
-			c.s.index.remove(queue, c)
-		}
-		c.subMu.Unlock()
-		c.replyNode(id, r, nil)
-	})
-}
-
 func (c *conn) publish(id uint64, m *imqpb.Publish) {
 	if err := wire.ValidateQueueName(m.GetQueue()); err != nil {
 		c.replyErr(id, err)
@@ -358,7 +297,7 @@ func (c *conn) publish(id uint64, m *imqpb.Publish) {
 		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "payload is %d bytes; the limit is %d", len(m.GetPayload()), c.s.cfg.MaxPayload))
 		return
 	}
-	c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Publish{Publish: m}}, func(r *imqpb.NodeReply) {
+	_ = c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Publish{Publish: m}}, func(r *imqpb.NodeReply) {
 		c.replyNode(id, r, func(rep *imqpb.Reply) {
 			rep.Result = &imqpb.Reply_Published{Published: r.GetPublished()}
 		})
@@ -374,20 +313,22 @@ func (c *conn) setState(id uint64, m *imqpb.SetState) {
 		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "state value is %d bytes; the limit is %d", len(m.GetValue()), c.s.cfg.MaxPayload))
 		return
 	}
-	c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_SetState{SetState: m}}, func(r *imqpb.NodeReply) {
+	_ = c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_SetState{SetState: m}}, func(r *imqpb.NodeReply) {
 		c.replyNode(id, r, func(rep *imqpb.Reply) {
 			rep.Result = &imqpb.Reply_StateSet{StateSet: r.GetStateSet()}
 		})
 	})
 }
 
-// forward sends req for queue to its node; onReply runs on the link's reader
-// (in link order) or, for a timeout or lost link, on the link's own goroutine.
-func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply)) {
+// forward sends req for queue to its node. onReply runs exactly once: on the
+// link's reader with the node's reply (in link order), on the link's own
+// goroutine for a timeout or a lost link, or here when the request could not
+// be sent. It does not run when the in-flight limit refuses the request.
+func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply)) bool {
 	if c.inflight.Add(1) > int32(c.s.cfg.MaxInflight) {
 		c.inflight.Add(-1)
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "more than %d requests in flight; wait for replies", c.s.cfg.MaxInflight))
-		return
+		return false
 	}
 	req.User, req.Session = c.user, c.session
 	err := c.s.linkFor(queue).request(req, func(r *imqpb.NodeReply) {
@@ -396,8 +337,10 @@ func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, onReply 
 	})
 	if err != nil {
 		c.inflight.Add(-1)
-		c.replyErr(id, err)
+		e := imqerr.From(err)
+		onReply(&imqpb.NodeReply{Code: e.Code, Message: e.Message})
 	}
+	return true
 }
 
 // leaveNode tells the node this session left queue, without a reply.
@@ -457,9 +400,14 @@ func (c *conn) send(f outFrame) {
 		c.mu.Unlock()
 		return
 	}
-	// An empty queue takes any one frame, so a Joined reply with a large
-	// replay (bounded by the node) never looks like a slow consumer.
-	if len(c.queue) > 0 && (len(c.queue) >= c.s.cfg.SendQueueFrames || c.queued+f.size > c.s.cfg.SendQueueBytes) {
+	// Fan-out frames must fit the byte bound. A reply is taken while the
+	// queue is within it, so one Joined with a large replay (bounded by the
+	// node) is never mistaken for a slow consumer; the queue stays bounded by
+	// SendQueueBytes plus one reply.
+	over := len(c.queue) >= c.s.cfg.SendQueueFrames ||
+		f.pm != nil && c.queued+f.size > c.s.cfg.SendQueueBytes ||
+		f.pm == nil && c.queued > c.s.cfg.SendQueueBytes
+	if len(c.queue) > 0 && over {
 		dropped := len(c.queue)
 		clear(c.queue)
 		c.queue = c.queue[:0]
@@ -477,13 +425,14 @@ func (c *conn) send(f outFrame) {
 	c.mu.Unlock()
 }
 
-// sendControl queues a control frame outside the queue's bounds (pongs are
-// small, and the client sends a ping only as often as it pings).
-func (c *conn) sendControl(kind int, data []byte) {
+// sendPong queues a pong outside the queue's bounds, at most one at a time:
+// a client that pings without reading gets one answer, not a growing queue.
+func (c *conn) sendPong(data []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.closing {
-		c.queue = append(c.queue, outFrame{data: data, kind: kind})
+	if !c.closing && !c.pongQueued {
+		c.pongQueued = true
+		c.queue = append(c.queue, outFrame{data: data, kind: websocket.PongMessage})
 		c.startWriterLocked()
 	}
 }
@@ -508,6 +457,7 @@ func (c *conn) goAwayLocked(reason imqpb.Reason, msg string, reconnect bool) {
 		return
 	}
 	c.closing = true
+	c.bye.Store(true)
 	if c.reason == "" {
 		c.reason = reasonLabel(reason)
 	}
@@ -534,6 +484,7 @@ func (c *conn) writeLoop() {
 		}
 		c.queue, c.spare = c.spare, nil
 		c.queued = 0
+		c.pongQueued = false
 		c.mu.Unlock()
 
 		final, err := c.writeBatch(batch)
@@ -554,6 +505,7 @@ func (c *conn) writeLoop() {
 				c.mu.Unlock()
 				c.s.log.Debug("write failed", "session", c.session, "err", err)
 				c.bc.Conn.Close() // ends the reader, which cleans up
+				c.flushOnce.Do(func() { close(c.flushed) })
 			}
 			return // writing stays true: no writer starts again
 		}
@@ -588,7 +540,7 @@ func (c *conn) writeBatch(batch []outFrame) (final bool, err error) {
 	if final && err == nil {
 		c.bc.CloseWrite()
 		c.bc.Conn.SetReadDeadline(time.Now().Add(closeGrace))
-		close(c.flushed)
+		c.flushOnce.Do(func() { close(c.flushed) })
 	}
 	return final, err
 }

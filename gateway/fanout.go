@@ -149,11 +149,7 @@ func (s *Server) nodeLost(nodeID string) {
 	n := 0
 	for queue, subs := range lost {
 		for c := range subs {
-			c.subMu.Lock()
-			_, ok := c.subs[queue]
-			delete(c.subs, queue)
-			c.subMu.Unlock()
-			if !ok {
+			if !c.lostQueue(queue) {
 				continue
 			}
 			n++

@@ -471,3 +471,30 @@ func TestSilentClientsAreClosed(t *testing.T) {
 		c.expectGoodbye(imqpb.Reason_REASON_AUTH_TIMEOUT)
 	})
 }
+
+// TestPipelinedJoinLeave: joins and leaves sent without waiting end in the
+// state the last one asks for, at the node and in the gateway's fan-out.
+func TestPipelinedJoinLeave(t *testing.T) {
+	d := startDev(t, nil)
+	c := mustDial(t, d, "pipeliner", false)
+	pub := mustDial(t, d, "pub", false)
+	join := func(q string) uint64 {
+		return c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Join{Join: &imqpb.Join{Queue: q, Mounts: []*imqpb.MountSpec{chat()}}}})
+	}
+	leave := func(q string) uint64 {
+		return c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: q}}})
+	}
+	// /room/in ends joined, /room/out ends left.
+	ids := []uint64{join("/room/in"), leave("/room/in"), join("/room/in"), join("/room/out"), leave("/room/out")}
+	for _, id := range ids {
+		expectCode(t, c.reply(id), imqpb.Code_OK)
+	}
+	expectCode(t, pub.publish("/room/out", "chat", []byte("not for you")), imqpb.Code_OK)
+	off := pub.publish("/room/in", "chat", []byte("for you")).GetPublished().GetOffset()
+	ev := nextEvent(t, c)
+	if ev.GetQueue() != "/room/in" || ev.GetOffset() != off {
+		t.Fatalf("got event %v, want /room/in offset %d", ev, off)
+	}
+	// The node agrees: leaving /room/out again says NOT_JOINED.
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: "/room/out"}}}), imqpb.Code_NOT_JOINED)
+}

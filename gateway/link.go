@@ -140,7 +140,14 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 
 	fr := wire.NewFrameReader(conn, wire.DefaultMaxLinkFrame)
 	var err error
+	var deadline time.Time
 	for {
+		// The node answers pings: a link silent for LinkTimeout is dead,
+		// even when TCP has not noticed.
+		if now := time.Now(); now.Add(wire.LinkTimeout - time.Second).After(deadline) {
+			deadline = now.Add(wire.LinkTimeout)
+			conn.SetReadDeadline(deadline)
+		}
 		var b []byte
 		if b, err = fr.Next(); err != nil {
 			break
@@ -201,7 +208,10 @@ func (l *nodeLink) request(req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply
 	case l.conn == nil:
 		l.mu.Unlock()
 		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is unreachable", l.node.ID)
-	case l.outBytes+len(frame) > linkBuffer || len(l.pending) >= maxPending:
+	case onReply != nil && (l.outBytes+len(frame) > linkBuffer || len(l.pending) >= maxPending):
+		// Requests without a reply (leaves of closed connections) always go:
+		// they are small, bounded by the connections, and dropping one would
+		// leave a subscriber on the node.
 		l.mu.Unlock()
 		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is not keeping up", l.node.ID)
 	}
@@ -223,13 +233,22 @@ func (l *nodeLink) request(req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply
 func (l *nodeLink) writeLoop(conn net.Conn, done <-chan struct{}) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
+	ping, _ := wire.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Ping{Ping: &imqpb.Ping{}}})
+	lastPing := time.Now()
 	for {
 		select {
 		case <-done:
 			return
-		case <-tick.C:
+		case now := <-tick.C:
 			l.expire()
-			continue
+			if now.Sub(lastPing) < wire.LinkPingInterval {
+				continue
+			}
+			lastPing = now
+			l.mu.Lock()
+			l.out = append(l.out, ping)
+			l.outBytes += len(ping)
+			l.mu.Unlock()
 		case <-l.wake:
 		}
 		l.mu.Lock()

@@ -50,14 +50,15 @@ type Server struct {
 	index index
 	conns connSet
 
-	connSeq  atomic.Uint64
-	closing  atomic.Bool
-	ctx      context.Context
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
-	shutOnce sync.Once
-	shutDone chan struct{} // closed when Shutdown has finished
-	shutErr  error         // set before shutDone closes
+	sessionPrefix string // gateway id and a random nonce: sessions stay unique if two gateways share an id
+	connSeq       atomic.Uint64
+	closing       atomic.Bool
+	ctx           context.Context
+	cancel        context.CancelFunc
+	wg            sync.WaitGroup
+	shutOnce      sync.Once
+	shutDone      chan struct{} // closed when Shutdown has finished
+	shutErr       error         // set before shutDone closes
 }
 
 // New validates cfg, raises the open-file limit and binds the listener.
@@ -72,6 +73,9 @@ func New(cfg Config) (*Server, error) {
 		cfg.GatewayID = "gw-" + hex.EncodeToString(b[:])
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID), shutDone: make(chan struct{})}
+	var nonce [4]byte
+	rand.Read(nonce[:])
+	s.sessionPrefix = cfg.GatewayID + "." + hex.EncodeToString(nonce[:]) + "."
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 
 	files, err := sysx.RaiseFileLimit()
@@ -112,9 +116,6 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /ws", s.serveWS)
 	obs.Handle(mux, cfg.Registry, s.health, s.varz)
-	if cfg.Profiling {
-		obs.HandleProfiling(mux)
-	}
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -151,6 +152,8 @@ func (s *Server) Run(ctx context.Context) error {
 		s.wg.Wait()
 		return nil
 	}
+	s.cancel() // the links stop
+	s.wg.Wait()
 	return fmt.Errorf("gateway: serve: %w", err)
 }
 
@@ -286,6 +289,9 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.m.accepted.WithLabelValues("ok").Inc()
 	c := newConn(s, ws, proto == SubprotocolJSON, devUser)
 	s.conns.add(c)
+	if s.closing.Load() { // Shutdown may have said its goodbyes before this one was added
+		c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
+	}
 	go func() { // the connection's reader; ends with the connection
 		c.serve()
 		s.conns.remove(c)

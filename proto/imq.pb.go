@@ -209,8 +209,8 @@ const (
 	Reason_REASON_AUTH_FAILED Reason = 4
 	// No connect arrived within the timeout.
 	Reason_REASON_AUTH_TIMEOUT Reason = 5
-	// The client broke the protocol in a way the connection cannot survive
-	// (a frame over the size limit, wrong frame type after repeated errors).
+	// The client broke the protocol in a way the connection cannot survive:
+	// a frame over the size limit.
 	Reason_REASON_PROTOCOL_ERROR Reason = 6
 	// The gateway's connection limit is reached.
 	Reason_REASON_SERVER_FULL Reason = 7
@@ -223,6 +223,9 @@ const (
 	Reason_REASON_QUEUE_CLOSED Reason = 10
 	// A backend removed the user.
 	Reason_REASON_KICKED Reason = 11
+	// The queue node did not answer a join in time, so whether the
+	// subscription exists is unknown; the gateway ended it. Rejoin.
+	Reason_REASON_TIMEOUT Reason = 12
 )
 
 // Enum value maps for Reason.
@@ -240,6 +243,7 @@ var (
 		9:  "REASON_MOVED",
 		10: "REASON_QUEUE_CLOSED",
 		11: "REASON_KICKED",
+		12: "REASON_TIMEOUT",
 	}
 	Reason_value = map[string]int32{
 		"REASON_UNSPECIFIED":    0,
@@ -254,6 +258,7 @@ var (
 		"REASON_MOVED":          9,
 		"REASON_QUEUE_CLOSED":   10,
 		"REASON_KICKED":         11,
+		"REASON_TIMEOUT":        12,
 	}
 )
 
@@ -2078,7 +2083,7 @@ const file_imq_proto_rawDesc = "" +
 	"\tMountKind\x12\x1a\n" +
 	"\x16MOUNT_KIND_UNSPECIFIED\x10\x00\x12\v\n" +
 	"\aMESSAGE\x10\x01\x12\t\n" +
-	"\x05STATE\x10\x02*\xa0\x02\n" +
+	"\x05STATE\x10\x02*\xb4\x02\n" +
 	"\x06Reason\x12\x16\n" +
 	"\x12REASON_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fREASON_SHUTDOWN\x10\x01\x12\x18\n" +
@@ -2092,7 +2097,8 @@ const file_imq_proto_rawDesc = "" +
 	"\fREASON_MOVED\x10\t\x12\x17\n" +
 	"\x13REASON_QUEUE_CLOSED\x10\n" +
 	"\x12\x11\n" +
-	"\rREASON_KICKED\x10\vB$Z\"github.com/imq-dev/imq/proto;imqpbb\x06proto3"
+	"\rREASON_KICKED\x10\v\x12\x12\n" +
+	"\x0eREASON_TIMEOUT\x10\fB$Z\"github.com/imq-dev/imq/proto;imqpbb\x06proto3"
 
 var (
 	file_imq_proto_rawDescOnce sync.Once

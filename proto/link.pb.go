@@ -28,12 +28,16 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// Both ends watch the link: the gateway pings every few seconds and the node
+// answers, and either end closes a link that has been silent for longer than
+// a few pings.
 type LinkUp struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Msg:
 	//
 	//	*LinkUp_Hello
 	//	*LinkUp_Request
+	//	*LinkUp_Ping
 	Msg           isLinkUp_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -94,6 +98,15 @@ func (x *LinkUp) GetRequest() *NodeRequest {
 	return nil
 }
 
+func (x *LinkUp) GetPing() *Ping {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkUp_Ping); ok {
+			return x.Ping
+		}
+	}
+	return nil
+}
+
 type isLinkUp_Msg interface {
 	isLinkUp_Msg()
 }
@@ -106,9 +119,15 @@ type LinkUp_Request struct {
 	Request *NodeRequest `protobuf:"bytes,2,opt,name=request,proto3,oneof"`
 }
 
+type LinkUp_Ping struct {
+	Ping *Ping `protobuf:"bytes,3,opt,name=ping,proto3,oneof"`
+}
+
 func (*LinkUp_Hello) isLinkUp_Msg() {}
 
 func (*LinkUp_Request) isLinkUp_Msg() {}
+
+func (*LinkUp_Ping) isLinkUp_Msg() {}
 
 type LinkDown struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -117,6 +136,7 @@ type LinkDown struct {
 	//	*LinkDown_HelloAck
 	//	*LinkDown_Reply
 	//	*LinkDown_Deliver
+	//	*LinkDown_Pong
 	Msg           isLinkDown_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -186,6 +206,15 @@ func (x *LinkDown) GetDeliver() *Deliver {
 	return nil
 }
 
+func (x *LinkDown) GetPong() *Pong {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkDown_Pong); ok {
+			return x.Pong
+		}
+	}
+	return nil
+}
+
 type isLinkDown_Msg interface {
 	isLinkDown_Msg()
 }
@@ -202,11 +231,17 @@ type LinkDown_Deliver struct {
 	Deliver *Deliver `protobuf:"bytes,3,opt,name=deliver,proto3,oneof"`
 }
 
+type LinkDown_Pong struct {
+	Pong *Pong `protobuf:"bytes,4,opt,name=pong,proto3,oneof"`
+}
+
 func (*LinkDown_HelloAck) isLinkDown_Msg() {}
 
 func (*LinkDown_Reply) isLinkDown_Msg() {}
 
 func (*LinkDown_Deliver) isLinkDown_Msg() {}
+
+func (*LinkDown_Pong) isLinkDown_Msg() {}
 
 type Hello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -643,15 +678,17 @@ var File_link_proto protoreflect.FileDescriptor
 const file_link_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"link.proto\x12\x06imq.v1\x1a\timq.proto\"g\n" +
+	"link.proto\x12\x06imq.v1\x1a\timq.proto\"\x8b\x01\n" +
 	"\x06LinkUp\x12%\n" +
 	"\x05hello\x18\x01 \x01(\v2\r.imq.v1.HelloH\x00R\x05hello\x12/\n" +
-	"\arequest\x18\x02 \x01(\v2\x13.imq.v1.NodeRequestH\x00R\arequestB\x05\n" +
-	"\x03msg\"\x9a\x01\n" +
+	"\arequest\x18\x02 \x01(\v2\x13.imq.v1.NodeRequestH\x00R\arequest\x12\"\n" +
+	"\x04ping\x18\x03 \x01(\v2\f.imq.v1.PingH\x00R\x04pingB\x05\n" +
+	"\x03msg\"\xbe\x01\n" +
 	"\bLinkDown\x12/\n" +
 	"\thello_ack\x18\x01 \x01(\v2\x10.imq.v1.HelloAckH\x00R\bhelloAck\x12)\n" +
 	"\x05reply\x18\x02 \x01(\v2\x11.imq.v1.NodeReplyH\x00R\x05reply\x12+\n" +
-	"\adeliver\x18\x03 \x01(\v2\x0f.imq.v1.DeliverH\x00R\adeliverB\x05\n" +
+	"\adeliver\x18\x03 \x01(\v2\x0f.imq.v1.DeliverH\x00R\adeliver\x12\"\n" +
+	"\x04pong\x18\x04 \x01(\v2\f.imq.v1.PongH\x00R\x04pongB\x05\n" +
 	"\x03msg\"B\n" +
 	"\x05Hello\x12\x1d\n" +
 	"\n" +
@@ -705,34 +742,38 @@ var file_link_proto_goTypes = []any{
 	(*NodeRequest)(nil), // 4: imq.v1.NodeRequest
 	(*NodeReply)(nil),   // 5: imq.v1.NodeReply
 	(*Deliver)(nil),     // 6: imq.v1.Deliver
-	(*Join)(nil),        // 7: imq.v1.Join
-	(*Leave)(nil),       // 8: imq.v1.Leave
-	(*Publish)(nil),     // 9: imq.v1.Publish
-	(*SetState)(nil),    // 10: imq.v1.SetState
-	(Code)(0),           // 11: imq.v1.Code
-	(*Joined)(nil),      // 12: imq.v1.Joined
-	(*Published)(nil),   // 13: imq.v1.Published
-	(*StateSet)(nil),    // 14: imq.v1.StateSet
+	(*Ping)(nil),        // 7: imq.v1.Ping
+	(*Pong)(nil),        // 8: imq.v1.Pong
+	(*Join)(nil),        // 9: imq.v1.Join
+	(*Leave)(nil),       // 10: imq.v1.Leave
+	(*Publish)(nil),     // 11: imq.v1.Publish
+	(*SetState)(nil),    // 12: imq.v1.SetState
+	(Code)(0),           // 13: imq.v1.Code
+	(*Joined)(nil),      // 14: imq.v1.Joined
+	(*Published)(nil),   // 15: imq.v1.Published
+	(*StateSet)(nil),    // 16: imq.v1.StateSet
 }
 var file_link_proto_depIdxs = []int32{
 	2,  // 0: imq.v1.LinkUp.hello:type_name -> imq.v1.Hello
 	4,  // 1: imq.v1.LinkUp.request:type_name -> imq.v1.NodeRequest
-	3,  // 2: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
-	5,  // 3: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
-	6,  // 4: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
-	7,  // 5: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
-	8,  // 6: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
-	9,  // 7: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
-	10, // 8: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
-	11, // 9: imq.v1.NodeReply.code:type_name -> imq.v1.Code
-	12, // 10: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
-	13, // 11: imq.v1.NodeReply.published:type_name -> imq.v1.Published
-	14, // 12: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
-	13, // [13:13] is the sub-list for method output_type
-	13, // [13:13] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	7,  // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
+	3,  // 3: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
+	5,  // 4: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
+	6,  // 5: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
+	8,  // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
+	9,  // 7: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
+	10, // 8: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
+	11, // 9: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
+	12, // 10: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
+	13, // 11: imq.v1.NodeReply.code:type_name -> imq.v1.Code
+	14, // 12: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
+	15, // 13: imq.v1.NodeReply.published:type_name -> imq.v1.Published
+	16, // 14: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
+	15, // [15:15] is the sub-list for method output_type
+	15, // [15:15] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_link_proto_init() }
@@ -744,11 +785,13 @@ func file_link_proto_init() {
 	file_link_proto_msgTypes[0].OneofWrappers = []any{
 		(*LinkUp_Hello)(nil),
 		(*LinkUp_Request)(nil),
+		(*LinkUp_Ping)(nil),
 	}
 	file_link_proto_msgTypes[1].OneofWrappers = []any{
 		(*LinkDown_HelloAck)(nil),
 		(*LinkDown_Reply)(nil),
 		(*LinkDown_Deliver)(nil),
+		(*LinkDown_Pong)(nil),
 	}
 	file_link_proto_msgTypes[4].OneofWrappers = []any{
 		(*NodeRequest_Join)(nil),

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imq-dev/imq/internal/wire"
 )
 
 // Config configures a queue node. The zero value of a field means its default
@@ -90,6 +92,13 @@ func (c *Config) validate() error {
 	positive("max state bytes", l.MaxStateBytes)
 	positive("max subscribers", l.MaxSubscribers)
 	positive("max replay bytes", l.MaxReplayBytes)
+	positive("max join bytes", l.MaxJoinBytes)
+	if l.MaxJoinBytes > wire.DefaultMaxLinkFrame/2 {
+		errs = append(errs, fmt.Errorf("max join bytes (%d) must be at most half the link frame limit (%d)", l.MaxJoinBytes, wire.DefaultMaxLinkFrame))
+	}
+	if l.MaxReplayBytes > l.MaxJoinBytes {
+		errs = append(errs, fmt.Errorf("max replay bytes (%d) must not exceed max join bytes (%d)", l.MaxReplayBytes, l.MaxJoinBytes))
+	}
 	positive("max queues", c.MaxQueues)
 	positive("link buffer", c.LinkBuffer)
 	if l.HistoryAge < 0 {

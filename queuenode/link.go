@@ -99,7 +99,13 @@ func (s *Server) serveLink(conn net.Conn) {
 }
 
 func (l *link) readLoop(fr *wire.FrameReader) error {
+	var deadline time.Time
 	for {
+		// A gateway pings every LinkPingInterval: a silent one is gone.
+		if now := time.Now(); now.Add(wire.LinkTimeout - time.Second).After(deadline) {
+			deadline = now.Add(wire.LinkTimeout)
+			l.conn.SetReadDeadline(deadline)
+		}
 		b, err := fr.Next()
 		if err != nil {
 			return err
@@ -108,11 +114,14 @@ func (l *link) readLoop(fr *wire.FrameReader) error {
 		if err := proto.Unmarshal(b, &up); err != nil {
 			return fmt.Errorf("decode link frame: %w", err)
 		}
-		req := up.GetRequest()
-		if req == nil {
-			return errors.New("link frame is not a request")
+		switch x := up.GetMsg().(type) {
+		case *imqpb.LinkUp_Request:
+			l.s.handle(l, x.Request)
+		case *imqpb.LinkUp_Ping:
+			l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{TimeMs: time.Now().UnixMilli()}}})
+		default:
+			return errors.New("link frame is neither a request nor a ping")
 		}
-		l.s.handle(l, req)
 	}
 }
 
@@ -142,7 +151,10 @@ func (l *link) send(frame []byte) bool {
 
 func (l *link) sendMsg(m *imqpb.LinkDown) { l.send(encodeLink(m)) }
 
-// reply sends a successful reply to request id; set fills in its result.
+// reply sends a successful reply to request id; set fills in its result. A
+// reply that would overflow the link buffer is replaced by a small TIMEOUT
+// (outcome unknown: the gateway undoes a join by leaving), so that one large
+// join cannot cost the gateway its link.
 func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
 	if id == 0 {
 		return
@@ -151,7 +163,35 @@ func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
 	if set != nil {
 		set(r)
 	}
-	l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
+	frame := encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
+	l.mu.Lock()
+	over := l.outBytes+len(frame) > l.s.cfg.LinkBuffer
+	l.mu.Unlock()
+	if over {
+		frame = encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{
+			Id: id, Code: imqpb.Code_TIMEOUT, Message: "the queue node's link to this gateway is backlogged; outcome unknown",
+		}}})
+		l.s.m.errors.WithLabelValues(imqpb.Code_TIMEOUT.String()).Inc()
+		l.force(frame)
+		return
+	}
+	l.send(frame)
+}
+
+// force queues a small frame past the buffer bound.
+func (l *link) force(frame []byte) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
+	l.out = append(l.out, frame)
+	l.outBytes += len(frame)
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
 }
 
 // close closes the link once; cause is logged by serveLink.

@@ -29,9 +29,17 @@ type Limits struct {
 	// MaxSubscribers is the number of sessions that may join one queue.
 	MaxSubscribers int
 	// MaxReplayBytes bounds the payload bytes replayed in one Joined; a longer
-	// replay keeps the newest events and reports missed.
+	// resume replay keeps the newest events and reports missed.
 	MaxReplayBytes int
+	// MaxJoinBytes bounds one Joined: the state snapshots of the mounts joined
+	// (keys, values and per-entry overhead) plus the replay. A join over it is
+	// refused with LIMIT_EXCEEDED rather than sent.
+	MaxJoinBytes int
 }
+
+// entryOverhead approximates the encoded bytes of a state entry or event
+// beside its key, value or payload.
+const entryOverhead = 32
 
 // DefaultLimits returns the limits documented in README.md.
 func DefaultLimits() Limits {
@@ -44,7 +52,8 @@ func DefaultLimits() Limits {
 		MaxStateValue:  16 << 10,
 		MaxStateBytes:  1 << 20,
 		MaxSubscribers: 100_000,
-		MaxReplayBytes: 1 << 20,
+		MaxReplayBytes: 256 << 10,
+		MaxJoinBytes:   4 << 20,
 	}
 }
 
@@ -276,6 +285,15 @@ func (q *Queue) Join(sub Subscriber, specs []*imqpb.MountSpec, now time.Time) (*
 	if len(q.mounts)+newMounts > q.limits.MaxMounts {
 		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "queue %s may have %d mounts", q.name, q.limits.MaxMounts)
 	}
+	snapshotBytes := 0
+	for _, spec := range specs {
+		if m := q.mounts[spec.GetName()]; m != nil && m.kind == imqpb.MountKind_STATE {
+			snapshotBytes += m.stateBytes + entryOverhead*len(m.state)
+		}
+	}
+	if snapshotBytes > q.limits.MaxJoinBytes {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "join %s: the state snapshots are %d bytes; a join may carry %d (join fewer state mounts)", q.name, snapshotBytes, q.limits.MaxJoinBytes)
+	}
 	old := q.subs[sub.Session]
 	if old == nil && len(q.subs) >= q.limits.MaxSubscribers {
 		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "queue %s already has %d subscribers", q.name, q.limits.MaxSubscribers)
@@ -288,7 +306,7 @@ func (q *Queue) Join(sub Subscriber, specs []*imqpb.MountSpec, now time.Time) (*
 	q.subs[sub.Session] = s
 	q.lastActive = now
 	joined := &imqpb.Joined{Queue: q.name, Epoch: q.epoch, Head: q.head, Mounts: make([]*imqpb.MountState, len(specs))}
-	replayBudget := q.limits.MaxReplayBytes
+	replayBudget := min(q.limits.MaxReplayBytes, q.limits.MaxJoinBytes-snapshotBytes)
 	for i, spec := range specs {
 		m, _ := q.mountFor(spec.GetName(), spec.GetKind()) // validated above
 		m.gateways[sub.Gateway]++
@@ -422,9 +440,9 @@ func (m *mount) replay(spec *imqpb.MountSpec, epoch uint64, budget *int) (events
 	}
 	// Keep the newest events that fit the budget.
 	start := len(m.hist)
-	for start > from && *budget >= len(m.hist[start-1].Payload) {
+	for start > from && *budget >= eventBytes(m.hist[start-1]) {
 		start--
-		*budget -= len(m.hist[start].Payload)
+		*budget -= eventBytes(m.hist[start])
 	}
 	if start > from && spec.GetResume() != nil {
 		missed = true
@@ -434,6 +452,8 @@ func (m *mount) replay(spec *imqpb.MountSpec, epoch uint64, budget *int) (events
 	}
 	return append([]*imqpb.Event(nil), m.hist[start:]...), missed
 }
+
+func eventBytes(ev *imqpb.Event) int { return len(ev.Payload) + len(ev.Sender) + entryOverhead }
 
 func (m *mount) snapshot() []*imqpb.StateEntry {
 	out := make([]*imqpb.StateEntry, 0, len(m.state))

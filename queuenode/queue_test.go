@@ -441,7 +441,7 @@ func TestResumeBeyondHead(t *testing.T) {
 func TestReplayBudget(t *testing.T) {
 	l := testLimits()
 	l.HistoryLen = 10
-	l.MaxReplayBytes = 30
+	l.MaxReplayBytes = 3 * (10 + len("alice") + entryOverhead) // three events
 	q := newTestQueue(t, l)
 	ten := bytes.Repeat([]byte("x"), 10)
 	for range 8 {
@@ -890,9 +890,10 @@ func (m *queueModel) join(specs []*imqpb.MountSpec, epoch uint64, now time.Time)
 			cand = kept[max(0, len(kept)-int(s.GetRecent())):]
 		}
 		start := len(cand)
-		for start > 0 && budget >= len(cand[start-1].payload) {
+		cost := func(e modelEvent) int { return len(e.payload) + len("bot") + entryOverhead }
+		for start > 0 && budget >= cost(cand[start-1]) {
 			start--
-			budget -= len(cand[start].payload)
+			budget -= cost(cand[start])
 		}
 		if start > 0 && s.GetResume() != nil {
 			miss = true
@@ -916,7 +917,7 @@ func TestResumeMatchesModel(t *testing.T) {
 		if rng.IntN(2) == 0 {
 			lim.HistoryAge = time.Duration(1+rng.IntN(5)) * time.Second
 		}
-		lim.MaxReplayBytes = 10 + rng.IntN(100)
+		lim.MaxReplayBytes = 10 + rng.IntN(300)
 		q := NewQueue(testQueue, testEpoch, &lim, t0)
 		model := &queueModel{lim: lim}
 		now := t0
@@ -1020,5 +1021,33 @@ func TestDisposable(t *testing.T) {
 	}
 	if !s.Disposable() {
 		t.Fatal("a queue whose only key was deleted is not disposable")
+	}
+}
+
+func TestJoinBytesBound(t *testing.T) {
+	l := testLimits()
+	l.MaxJoinBytes = 4096
+	l.MaxReplayBytes = 1024
+	q := newTestQueue(t, l)
+	big := bytes.Repeat([]byte("v"), 1000)
+	for _, k := range []string{"a", "b", "c"} {
+		if _, err := q.SetState("s1", "u", k, big, false, t0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := q.SetState("s2", "u", k, big, false, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	one := []*imqpb.MountSpec{{Name: "s1", Kind: imqpb.MountKind_STATE}}
+	both := append(one, &imqpb.MountSpec{Name: "s2", Kind: imqpb.MountKind_STATE})
+	if _, err := q.Join(sub("s1", "gw1"), one, t0); err != nil {
+		t.Fatalf("join of one state mount (about 3 KB): %v", err)
+	}
+	_, err := q.Join(sub("s2", "gw1"), both, t0)
+	if code := imqerr.CodeOf(err); code != imqpb.Code_LIMIT_EXCEEDED {
+		t.Fatalf("join of two state mounts (about 6 KB, limit 4 KiB): %v, want LIMIT_EXCEEDED", err)
+	}
+	if q.Subscribers() != 1 {
+		t.Fatalf("a refused join added a subscriber")
 	}
 }

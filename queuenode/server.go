@@ -84,7 +84,10 @@ func (s *Server) NodeID() string { return s.cfg.NodeID }
 // Run accepts gateway links until ctx is done or Shutdown is called. It
 // returns nil after a shutdown.
 func (s *Server) Run(ctx context.Context) error {
-	stop := context.AfterFunc(ctx, s.cancel)
+	stop := context.AfterFunc(ctx, func() {
+		s.cancel()
+		s.ln.Close()
+	})
 	defer stop()
 	s.wg.Add(1)
 	go func() { // ends with the server

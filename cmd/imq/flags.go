@@ -4,8 +4,13 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"strings"
+	"time"
+
+	"github.com/imq-dev/imq/internal/obs"
 )
 
 // newFlagSet returns a flag set for subcommand name whose usage lists every
@@ -69,17 +74,37 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
-type logFlags struct {
-	level  string
-	format string
+// commonFlags are the flags of every serving command.
+type commonFlags struct {
+	level     string
+	format    string
+	pprofAddr string
 }
 
-func (lf *logFlags) register(fs *flag.FlagSet) {
+func (lf *commonFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&lf.level, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&lf.format, "log-format", "text", "log format: text or json")
+	fs.StringVar(&lf.pprofAddr, "pprof-addr", "", "listen address for Go runtime profiles at /debug/pprof/ (operators only; empty: off)")
 }
 
-func (lf *logFlags) logger() (*slog.Logger, error) {
+// startProfiling serves the runtime profiles on their own listener, if asked.
+func (lf *commonFlags) startProfiling(log *slog.Logger) (stop func(), err error) {
+	if lf.pprofAddr == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", lf.pprofAddr)
+	if err != nil {
+		return nil, fmt.Errorf("--pprof-addr: %w", err)
+	}
+	mux := http.NewServeMux()
+	obs.HandleProfiling(mux)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	log.Info("serving profiles", "addr", ln.Addr().String())
+	return func() { srv.Close() }, nil
+}
+
+func (lf *commonFlags) logger() (*slog.Logger, error) {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(lf.level)); err != nil {
 		return nil, fmt.Errorf("--log-level: %v", err)

@@ -81,9 +81,12 @@ func versionString() string {
 	return version
 }
 
-// signalContext is cancelled by SIGINT or SIGTERM.
+// signalContext is cancelled by the first SIGINT or SIGTERM; a second one
+// ends the process at once, as usual, while a shutdown is under way.
 func signalContext() (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	context.AfterFunc(ctx, stop)
+	return ctx, stop
 }
 
 const shutdownTimeout = 15 * time.Second
@@ -105,7 +108,6 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 	fs.DurationVar(&cfg.AuthTimeout, "auth-timeout", cfg.AuthTimeout, "close a connection that has not authenticated in this time")
 	fs.DurationVar(&cfg.WriteTimeout, "write-timeout", cfg.WriteTimeout, "close a client whose socket takes no data for this long")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "fail a request the queue node has not answered in this time")
-	fs.BoolVar(&cfg.Profiling, "pprof", false, "serve Go runtime profiles at /debug/pprof/ on the HTTP listener (operators only)")
 }
 
 // nodeFlags binds the queue node's flags to cfg.
@@ -131,7 +133,7 @@ func runDev(args []string) error {
 	gc, nc := gateway.DefaultConfig(), queuenode.DefaultConfig()
 	var secret string
 	var origins listFlag
-	var lf logFlags
+	var lf commonFlags
 	gatewayFlags(fs, &gc, &secret, &origins)
 	nodeFlags(fs, &nc)
 	lf.register(fs)
@@ -142,6 +144,11 @@ func runDev(args []string) error {
 	if err != nil {
 		return err
 	}
+	stopProfiling, err := lf.startProfiling(log)
+	if err != nil {
+		return err
+	}
+	defer stopProfiling()
 	gc.Dev, gc.JWTSecret, gc.AllowedOrigins = true, []byte(secret), origins
 	if len(origins) == 0 {
 		gc.AllowedOrigins = []string{"*"} // browsers on any local page may connect in development
@@ -175,7 +182,7 @@ func runGateway(args []string) error {
 	cfg := gateway.DefaultConfig()
 	var secret string
 	var origins listFlag
-	var lf logFlags
+	var lf commonFlags
 	fs.StringVar(&cfg.QueueNode, "queuenode", "127.0.0.1:7100", "link address of the queue node")
 	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
@@ -188,6 +195,11 @@ func runGateway(args []string) error {
 	if err != nil {
 		return err
 	}
+	stopProfiling, err := lf.startProfiling(log)
+	if err != nil {
+		return err
+	}
+	defer stopProfiling()
 	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
@@ -204,10 +216,9 @@ func runQueueNode(args []string) error {
 	fs := newFlagSet("queuenode", "Runs a queue node: it holds queues in RAM and serves gateways over links.")
 	cfg := queuenode.DefaultConfig()
 	var httpAddr string
-	var lf logFlags
+	var lf commonFlags
 	fs.StringVar(&cfg.NodeID, "id", "", "node id (default: node-<link address>)")
 	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz and /varz (empty: none)")
-	profiling := fs.Bool("pprof", false, "serve Go runtime profiles at /debug/pprof/ on the HTTP listener (operators only)")
 	nodeFlags(fs, &cfg)
 	lf.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -217,6 +228,11 @@ func runQueueNode(args []string) error {
 	if err != nil {
 		return err
 	}
+	stopProfiling, err := lf.startProfiling(log)
+	if err != nil {
+		return err
+	}
+	defer stopProfiling()
 	cfg.Logger = log
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
@@ -233,9 +249,6 @@ func runQueueNode(args []string) error {
 		}
 		mux := http.NewServeMux()
 		node.HandleHTTP(mux)
-		if *profiling {
-			obs.HandleProfiling(mux)
-		}
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 		go srv.Serve(ln)
 		defer srv.Close()

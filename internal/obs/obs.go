@@ -46,11 +46,11 @@ func Handle(mux *http.ServeMux, reg *prometheus.Registry, health func() error, v
 }
 
 // HandleProfiling adds the runtime profiles (net/http/pprof) under
-// /debug/pprof/. They expose internals and cost CPU while running: enable
-// them only on listeners that operators alone can reach.
+// /debug/pprof/, on a listener of its own that operators alone can reach: they
+// expose internals and cost CPU while they run. The command line is left out,
+// since it may carry secrets.
 func HandleProfiling(mux *http.ServeMux) {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

@@ -5,8 +5,16 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"time"
 
 	"google.golang.org/protobuf/proto"
+)
+
+// Link liveness: the gateway pings every LinkPingInterval; either end closes
+// a link on which nothing arrived for LinkTimeout.
+const (
+	LinkPingInterval = 5 * time.Second
+	LinkTimeout      = 3 * LinkPingInterval
 )
 
 // DefaultMaxLinkFrame bounds one link frame. A Joined reply with a full replay
