@@ -20,6 +20,8 @@ import (
 
 var errFrameTooLarge = errors.New("frame too large")
 
+var readBufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
 // closeGrace is how long a connection waits for the client's close frame
 // after sending its goodbye.
 const closeGrace = 2 * time.Second
@@ -107,24 +109,29 @@ func (c *conn) serve() {
 	c.pingTimer = time.AfterFunc(cfg.PingInterval, c.ping)
 	c.mu.Unlock()
 
-	buf := new(bytes.Buffer)
 	for {
 		mt, r, err := c.ws.NextReader()
+		var buf *bytes.Buffer
 		if err == nil {
+			// The buffer is taken only once a frame has arrived: an idle
+			// connection holds none.
+			buf = readBufPool.Get().(*bytes.Buffer)
 			buf.Reset()
 			_, err = buf.ReadFrom(io.LimitReader(r, maxFrame+1))
+			if err == nil && int64(buf.Len()) > maxFrame {
+				err = errFrameTooLarge
+			}
 		}
-		if err == nil && int64(buf.Len()) > maxFrame {
-			err = errFrameTooLarge
+		if err == nil {
+			c.extendRead()
+			c.handleFrame(mt, buf.Bytes()) // decoding copies what it keeps
+		}
+		if buf != nil && buf.Cap() <= 64<<10 {
+			readBufPool.Put(buf)
 		}
 		if err != nil {
 			c.readFailed(err)
 			break
-		}
-		c.extendRead()
-		c.handleFrame(mt, buf.Bytes())
-		if buf.Cap() > 64<<10 {
-			buf = new(bytes.Buffer) // don't keep a large frame's buffer for the connection's life
 		}
 	}
 	c.finish()

@@ -13,12 +13,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"strconv"
@@ -54,6 +56,7 @@ type config struct {
 	payload    int
 	churnConns int
 	churnTime  time.Duration
+	settle     time.Duration
 }
 
 func run() error {
@@ -69,6 +72,7 @@ func run() error {
 	flag.IntVar(&cfg.payload, "payload", 64, "payload bytes (at least 8: the send time)")
 	flag.IntVar(&cfg.churnConns, "churn-conns", 50, "connections doing join+leave pairs in the churn test (0 skips it)")
 	flag.DurationVar(&cfg.churnTime, "churn-time", 10*time.Second, "length of the churn test")
+	flag.DurationVar(&cfg.settle, "settle", 10*time.Second, "wait after connecting before reading the server's memory")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(r))
@@ -102,11 +106,15 @@ func run() error {
 		return err
 	}
 	fmt.Printf("connected and joined in %s\n", time.Since(start).Round(time.Millisecond))
-	time.Sleep(3 * time.Second) // let the server settle
+	time.Sleep(cfg.settle) // let the server settle and return freed memory
 	rss, _ := rssKiB(cfg.pid)
 	n := cfg.rooms * (cfg.subs + 1)
-	fmt.Printf("\nserver RSS: %d KiB before, %d KiB with %d idle joined connections: %.2f KiB per connection\n\n",
-		rssBase, rss, n, float64(rss-rssBase)/float64(n))
+	fmt.Printf("\nserver RSS: %d KiB before, %d KiB with %d idle joined connections, %s after the last joined: %.2f KiB per connection\n",
+		rssBase, rss, n, cfg.settle, float64(rss-rssBase)/float64(n))
+	if heap, stack, err := goMemory(cfg.url); err == nil {
+		fmt.Printf("of which Go heap in use %.2f KiB and goroutine stacks %.2f KiB per connection (from /metrics)\n\n",
+			heap/1024/float64(n), stack/1024/float64(n))
+	}
 
 	fmt.Println("| target deliveries/s | delivered/s | p50 | p99 | max | server CPU µs/delivery | bench CPU µs/delivery |")
 	fmt.Println("|---:|---:|---:|---:|---:|---:|---:|")
@@ -564,6 +572,30 @@ func cpuTime(pid string) (time.Duration, error) {
 	stime, _ := strconv.ParseInt(fields[12], 10, 64)
 	const hz = 100 // USER_HZ on Linux
 	return time.Duration(utime+stime) * time.Second / hz, nil
+}
+
+// goMemory reads the server's heap and stack bytes in use from its /metrics
+// (on the gateway's listener, as imq dev serves it).
+func goMemory(wsURL string) (heap, stack float64, err error) {
+	u, err := url.Parse(wsURL)
+	if err != nil {
+		return 0, 0, err
+	}
+	resp, err := http.Get("http://" + u.Host + "/metrics")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "go_memstats_heap_inuse_bytes "); ok {
+			heap, _ = strconv.ParseFloat(v, 64)
+		}
+		if v, ok := strings.CutPrefix(sc.Text(), "go_memstats_stack_inuse_bytes "); ok {
+			stack, _ = strconv.ParseFloat(v, 64)
+		}
+	}
+	return heap, stack, sc.Err()
 }
 
 func rssKiB(pid int) (int64, error) {
