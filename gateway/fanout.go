@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"slices"
 	"sync"
 
 	"github.com/gorilla/websocket"
@@ -17,22 +16,21 @@ type localSub struct {
 	mounts []string
 }
 
-func (ls *localSub) wants(mount string) bool { return slices.Contains(ls.mounts, mount) }
-
-// index maps each queue to the local connections subscribed to it, sharded
-// by queue name so fan-outs of different queues don't share a lock.
+// index maps each queue to the local connections subscribed to it, per
+// mount, so a fan-out walks exactly the connections that want its event. It
+// is sharded by queue name so fan-outs of different queues don't share a lock.
 type index struct {
 	shards [256]indexShard
 }
 
 type indexShard struct {
 	mu     sync.RWMutex
-	queues map[string]map[*conn]*localSub // Guarded by mu.
+	queues map[string]map[string]map[*conn]struct{} // queue → mount → conns; guarded by mu
 }
 
 func (ix *index) init() {
 	for i := range ix.shards {
-		ix.shards[i].queues = make(map[string]map[*conn]*localSub)
+		ix.shards[i].queues = make(map[string]map[string]map[*conn]struct{})
 	}
 }
 
@@ -44,28 +42,42 @@ func (ix *index) shard(queue string) *indexShard {
 	return &ix.shards[h%uint32(len(ix.shards))]
 }
 
-func (ix *index) add(queue string, c *conn, sub *localSub) {
+// set replaces c's subscription to queue, old (nil if none), with sub (nil
+// to remove it).
+func (ix *index) set(queue string, c *conn, old, sub *localSub) {
 	sh := ix.shard(queue)
 	sh.mu.Lock()
-	subs := sh.queues[queue]
-	if subs == nil {
-		subs = make(map[*conn]*localSub)
-		sh.queues[queue] = subs
-	}
-	subs[c] = sub
-	sh.mu.Unlock()
-}
-
-func (ix *index) remove(queue string, c *conn) {
-	sh := ix.shard(queue)
-	sh.mu.Lock()
-	if subs := sh.queues[queue]; subs != nil {
-		delete(subs, c)
-		if len(subs) == 0 {
+	defer sh.mu.Unlock()
+	mounts := sh.queues[queue]
+	if old != nil && mounts != nil {
+		for _, m := range old.mounts {
+			if conns := mounts[m]; conns != nil {
+				delete(conns, c)
+				if len(conns) == 0 {
+					delete(mounts, m)
+				}
+			}
+		}
+		if len(mounts) == 0 {
 			delete(sh.queues, queue)
+			mounts = nil
 		}
 	}
-	sh.mu.Unlock()
+	if sub == nil {
+		return
+	}
+	if mounts == nil {
+		mounts = make(map[string]map[*conn]struct{}, len(sub.mounts))
+		sh.queues[queue] = mounts
+	}
+	for _, m := range sub.mounts {
+		conns := mounts[m]
+		if conns == nil {
+			conns = make(map[*conn]struct{})
+			mounts[m] = conns
+		}
+		conns[c] = struct{}{}
+	}
 }
 
 func (ix *index) count() int {
@@ -79,17 +91,25 @@ func (ix *index) count() int {
 	return n
 }
 
-// take removes and returns every queue for which match is true.
-func (ix *index) take(match func(queue string) bool) map[string]map[*conn]*localSub {
-	out := make(map[string]map[*conn]*localSub)
+// take removes every queue for which match is true and returns, for each,
+// its subscribed connections.
+func (ix *index) take(match func(queue string) bool) map[string]map[*conn]struct{} {
+	out := make(map[string]map[*conn]struct{})
 	for i := range ix.shards {
 		sh := &ix.shards[i]
 		sh.mu.Lock()
-		for q, subs := range sh.queues {
-			if match(q) {
-				out[q] = subs
-				delete(sh.queues, q)
+		for q, mounts := range sh.queues {
+			if !match(q) {
+				continue
 			}
+			conns := make(map[*conn]struct{})
+			for _, cs := range mounts {
+				for c := range cs {
+					conns[c] = struct{}{}
+				}
+			}
+			out[q] = conns
+			delete(sh.queues, q)
 		}
 		sh.mu.Unlock()
 	}
@@ -106,10 +126,7 @@ func (s *Server) fanout(d *imqpb.Deliver) {
 	var bin, js *websocket.PreparedMessage
 	var jsSize int
 	jsFailed := false
-	for c, sub := range sh.queues[d.GetQueue()] {
-		if !sub.wants(d.GetMount()) {
-			continue
-		}
+	for c := range sh.queues[d.GetQueue()][d.GetMount()] {
 		if !c.json {
 			if bin == nil {
 				bin, _ = websocket.NewPreparedMessage(websocket.BinaryMessage, d.GetFrame())

@@ -106,8 +106,9 @@ var writeBufPool = sync.Pool{New: func() any { b := make([]byte, 0, 8<<10); retu
 type bufConn struct {
 	net.Conn
 	mu       sync.Mutex
-	buf      *[]byte // Guarded by mu.
-	batching bool    // Guarded by mu.
+	buf      *[]byte   // Guarded by mu.
+	batching bool      // Guarded by mu.
+	deadline time.Time // Guarded by mu: the write deadline last set by flush.
 }
 
 func (b *bufConn) Write(p []byte) (int, error) {
@@ -130,6 +131,7 @@ func (b *bufConn) SetWriteDeadline(t time.Time) error {
 	if b.batching {
 		return nil
 	}
+	b.deadline = time.Time{} // flush sets its own again
 	return b.Conn.SetWriteDeadline(t)
 }
 
@@ -151,7 +153,13 @@ func (b *bufConn) flush(timeout time.Duration) error {
 	b.buf = nil
 	var err error
 	if len(*buf) > 0 {
-		b.Conn.SetWriteDeadline(time.Now().Add(timeout))
+		// Moving the deadline costs a runtime timer update; doing it only
+		// when half the timeout has passed lets a stuck write fail after
+		// between half and all of the timeout.
+		if now := time.Now(); b.deadline.Sub(now) < timeout/2 {
+			b.deadline = now.Add(timeout)
+			b.Conn.SetWriteDeadline(b.deadline)
+		}
 		_, err = b.Conn.Write(*buf)
 	}
 	if cap(*buf) <= 64<<10 {

@@ -46,7 +46,7 @@ func (c *conn) doneLocked(queue string, e *queueOps) {
 // unsubscribeLocked takes queue out of the fan-out.
 func (c *conn) unsubscribeLocked(queue string, e *queueOps) {
 	if e.sub != nil {
-		c.s.index.remove(queue, c)
+		c.s.index.set(queue, c, e.sub, nil)
 		e.sub = nil
 	}
 }
@@ -92,8 +92,8 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 			for i, ms := range r.GetJoined().GetMounts() {
 				sub.mounts[i] = ms.GetName()
 			}
+			c.s.index.set(queue, c, e.sub, sub)
 			e.sub = sub
-			c.s.index.add(queue, c, sub)
 		case r.GetCode() == imqpb.Code_TIMEOUT:
 			// The node may still apply the join: a leave after it makes
 			// the outcome certain, and an earlier subscription is gone too.
