@@ -498,3 +498,31 @@ func TestPipelinedJoinLeave(t *testing.T) {
 	// The node agrees: leaving /room/out again says NOT_JOINED.
 	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: "/room/out"}}}), imqpb.Code_NOT_JOINED)
 }
+
+func TestConnectionLimit(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) { c.MaxConnections = 2 })
+	a := mustDial(t, d, "a", false)
+	mustDial(t, d, "b", false)
+	_, resp, err := dialRaw(t, d, "?user=c", false, nil)
+	if err == nil {
+		t.Fatal("a third connection was accepted with a limit of 2")
+	}
+	if resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("response %v, want 503", resp)
+	}
+	var body struct{ Error struct{ Code, Message string } }
+	json.NewDecoder(resp.Body).Decode(&body)
+	if body.Error.Code != "LIMIT_EXCEEDED" {
+		t.Fatalf("error body %+v", body)
+	}
+	// Capacity comes back when a connection closes.
+	a.ws.Close()
+	waitFor(t, 5*time.Second, func() bool {
+		c, _, err := dialRaw(t, d, "?user=c", false, nil)
+		if err != nil {
+			return false
+		}
+		expectCode(t, c.join("/room/limit", chat()), imqpb.Code_OK)
+		return true
+	})
+}

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 go build -o bin/imq ./cmd/imq
 go build -o bin/imqbench ./cmd/imqbench
 port=${IMQ_BENCH_PORT:-18080}
-taskset -c 0 bin/imq dev --addr 127.0.0.1:$port --link-addr 127.0.0.1:0 --log-level warn >/tmp/imq-bench-server.log 2>&1 &
+${IMQ_BENCH_ENV:-} taskset -c 0 bin/imq dev --addr 127.0.0.1:$port --link-addr 127.0.0.1:0 --log-level warn >/tmp/imq-bench-server.log 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 50); do
