@@ -296,34 +296,32 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 }
 
 func (c *conn) publish(id uint64, m *imqpb.Publish) {
-	if err := wire.ValidateQueueName(m.GetQueue()); err != nil {
-		c.replyErr(id, err)
-		return
-	}
-	if len(m.GetPayload()) > c.s.cfg.MaxPayload {
-		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "payload is %d bytes; the limit is %d", len(m.GetPayload()), c.s.cfg.MaxPayload))
-		return
-	}
-	_ = c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Publish{Publish: m}}, func(r *imqpb.NodeReply) {
-		c.replyNode(id, r, func(rep *imqpb.Reply) {
+	c.update(id, m.GetQueue(), "payload", len(m.GetPayload()), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Publish{Publish: m}},
+		func(rep *imqpb.Reply, r *imqpb.NodeReply) {
 			rep.Result = &imqpb.Reply_Published{Published: r.GetPublished()}
 		})
-	})
 }
 
 func (c *conn) setState(id uint64, m *imqpb.SetState) {
-	if err := wire.ValidateQueueName(m.GetQueue()); err != nil {
+	c.update(id, m.GetQueue(), "state value", len(m.GetValue()), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_SetState{SetState: m}},
+		func(rep *imqpb.Reply, r *imqpb.NodeReply) {
+			rep.Result = &imqpb.Reply_StateSet{StateSet: r.GetStateSet()}
+		})
+}
+
+// update forwards a publish or state change after the checks the gateway
+// can make itself; result copies the node's answer into the reply.
+func (c *conn) update(id uint64, queue, what string, size int, req *imqpb.NodeRequest, result func(*imqpb.Reply, *imqpb.NodeReply)) {
+	if err := wire.ValidateQueueName(queue); err != nil {
 		c.replyErr(id, err)
 		return
 	}
-	if len(m.GetValue()) > c.s.cfg.MaxPayload {
-		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "state value is %d bytes; the limit is %d", len(m.GetValue()), c.s.cfg.MaxPayload))
+	if size > c.s.cfg.MaxPayload {
+		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "%s is %d bytes; the limit is %d", what, size, c.s.cfg.MaxPayload))
 		return
 	}
-	_ = c.forward(id, m.GetQueue(), &imqpb.NodeRequest{Op: &imqpb.NodeRequest_SetState{SetState: m}}, func(r *imqpb.NodeReply) {
-		c.replyNode(id, r, func(rep *imqpb.Reply) {
-			rep.Result = &imqpb.Reply_StateSet{StateSet: r.GetStateSet()}
-		})
+	c.forward(id, queue, req, func(r *imqpb.NodeReply) {
+		c.replyNode(id, r, func(rep *imqpb.Reply) { result(rep, r) })
 	})
 }
 

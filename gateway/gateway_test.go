@@ -510,7 +510,9 @@ func TestConnectionLimit(t *testing.T) {
 	if resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("response %v, want 503", resp)
 	}
-	var body struct{ Error struct{ Code, Message string } }
+	var body struct {
+		Error struct{ Code, Message string }
+	}
 	json.NewDecoder(resp.Body).Decode(&body)
 	if body.Error.Code != "LIMIT_EXCEEDED" {
 		t.Fatalf("error body %+v", body)

@@ -128,16 +128,34 @@ func (l *link) readLoop(fr *wire.FrameReader) error {
 // send queues one encoded frame. It never blocks: a gateway that lets
 // LinkBuffer bytes pile up has its link closed, and reports false.
 func (l *link) send(frame []byte) bool {
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return false
-	}
-	if l.outBytes+len(frame) > l.s.cfg.LinkBuffer {
-		l.mu.Unlock()
+	switch l.push(frame, true) {
+	case pushed:
+		return true
+	case overflowed:
 		l.s.m.linkOverflows.Inc()
 		l.close(fmt.Errorf("link send buffer exceeded %d bytes", l.s.cfg.LinkBuffer))
-		return false
+	}
+	return false
+}
+
+type pushResult int
+
+const (
+	pushed pushResult = iota
+	overflowed
+	linkClosed
+)
+
+// push appends frame for the writer, within LinkBuffer if bounded.
+func (l *link) push(frame []byte, bounded bool) pushResult {
+	l.mu.Lock()
+	switch {
+	case l.closed:
+		l.mu.Unlock()
+		return linkClosed
+	case bounded && l.outBytes+len(frame) > l.s.cfg.LinkBuffer:
+		l.mu.Unlock()
+		return overflowed
 	}
 	l.out = append(l.out, frame)
 	l.outBytes += len(frame)
@@ -146,7 +164,7 @@ func (l *link) send(frame []byte) bool {
 	case l.wake <- struct{}{}:
 	default:
 	}
-	return true
+	return pushed
 }
 
 func (l *link) sendMsg(m *imqpb.LinkDown) { l.send(encodeLink(m)) }
@@ -164,34 +182,14 @@ func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
 		set(r)
 	}
 	frame := encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
-	l.mu.Lock()
-	over := l.outBytes+len(frame) > l.s.cfg.LinkBuffer
-	l.mu.Unlock()
-	if over {
-		frame = encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{
-			Id: id, Code: imqpb.Code_TIMEOUT, Message: "the queue node's link to this gateway is backlogged; outcome unknown",
-		}}})
-		l.s.m.errors.WithLabelValues(imqpb.Code_TIMEOUT.String()).Inc()
-		l.force(frame)
+	if l.push(frame, true) != overflowed {
 		return
 	}
-	l.send(frame)
-}
-
-// force queues a small frame past the buffer bound.
-func (l *link) force(frame []byte) {
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return
-	}
-	l.out = append(l.out, frame)
-	l.outBytes += len(frame)
-	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+	frame = encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{
+		Id: id, Code: imqpb.Code_TIMEOUT, Message: "the queue node's link to this gateway is backlogged; outcome unknown",
+	}}})
+	l.s.m.errors.WithLabelValues(imqpb.Code_TIMEOUT.String()).Inc()
+	l.push(frame, false) // small, and one per request in flight
 }
 
 // close closes the link once; cause is logged by serveLink.

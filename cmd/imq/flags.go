@@ -87,21 +87,25 @@ func (lf *commonFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&lf.pprofAddr, "pprof-addr", "", "listen address for Go runtime profiles at /debug/pprof/ (operators only; empty: off)")
 }
 
-// startProfiling serves the runtime profiles on their own listener, if asked.
-func (lf *commonFlags) startProfiling(log *slog.Logger) (stop func(), err error) {
+// setup makes the logger and, if asked, serves the runtime profiles on
+// their own listener until stop is called.
+func (lf *commonFlags) setup() (log *slog.Logger, stop func(), err error) {
+	if log, err = lf.logger(); err != nil {
+		return nil, nil, err
+	}
 	if lf.pprofAddr == "" {
-		return func() {}, nil
+		return log, func() {}, nil
 	}
 	ln, err := net.Listen("tcp", lf.pprofAddr)
 	if err != nil {
-		return nil, fmt.Errorf("--pprof-addr: %w", err)
+		return nil, nil, fmt.Errorf("--pprof-addr: %w", err)
 	}
 	mux := http.NewServeMux()
 	obs.HandleProfiling(mux)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
 	log.Info("serving profiles", "addr", ln.Addr().String())
-	return func() { srv.Close() }, nil
+	return log, func() { srv.Close() }, nil
 }
 
 func (lf *commonFlags) logger() (*slog.Logger, error) {

@@ -140,11 +140,7 @@ func runDev(args []string) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	log, err := lf.logger()
-	if err != nil {
-		return err
-	}
-	stopProfiling, err := lf.startProfiling(log)
+	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
@@ -191,11 +187,7 @@ func runGateway(args []string) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	log, err := lf.logger()
-	if err != nil {
-		return err
-	}
-	stopProfiling, err := lf.startProfiling(log)
+	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
@@ -224,11 +216,7 @@ func runQueueNode(args []string) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	log, err := lf.logger()
-	if err != nil {
-		return err
-	}
-	stopProfiling, err := lf.startProfiling(log)
+	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
