@@ -123,6 +123,8 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	fs.IntVar(&cfg.Limits.MaxStateValue, "max-state-value", cfg.Limits.MaxStateValue, "largest state value in bytes")
 	fs.IntVar(&cfg.Limits.MaxStateBytes, "max-state-bytes", cfg.Limits.MaxStateBytes, "keys and values of one state mount together, in bytes")
 	fs.IntVar(&cfg.Limits.MaxSubscribers, "max-subscribers", cfg.Limits.MaxSubscribers, "sessions per queue")
+	fs.IntVar(&cfg.Limits.MaxReplayBytes, "max-replay-bytes", cfg.Limits.MaxReplayBytes, "history replayed in one join, in bytes")
+	fs.IntVar(&cfg.Limits.MaxJoinBytes, "max-join-bytes", cfg.Limits.MaxJoinBytes, "one join's reply (state snapshots and replay), in bytes")
 	fs.IntVar(&cfg.MaxQueues, "max-queues", cfg.MaxQueues, "queues per node")
 	fs.DurationVar(&cfg.IdleTTL, "idle-ttl", cfg.IdleTTL, "drop a queue with no subscribers and no traffic after this long")
 	fs.IntVar(&cfg.LinkBuffer, "link-buffer", cfg.LinkBuffer, "bytes queued for one gateway before its link is closed")
