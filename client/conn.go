@@ -196,7 +196,7 @@ func (cn *conn) roundTrip(ctx context.Context, m *imqpb.ClientMessage, cl call) 
 		return <-cl.ch, nil // the reader took the call: its answer is on the way
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrTimeout, err)
 	}
 	return nil, cn.lost()
 }
@@ -285,8 +285,11 @@ func (cn *conn) readLoop() {
 			buf = bytes.Buffer{}
 		}
 		if err != nil {
-			cn.c.log.Warn("imq client: undecodable frame", "err", err)
-			continue
+			// Skipping it could lose an event without a gap: reconnect,
+			// and the rejoin's resume replays whatever it was.
+			cn.c.log.Warn("imq client: undecodable frame; reconnecting", "err", err)
+			cn.close(fmt.Errorf("undecodable frame: %w", err))
+			return
 		}
 		cn.dispatch(msg)
 	}

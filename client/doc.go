@@ -31,8 +31,10 @@
 // # Delivery
 //
 // Each subscription delivers, on one channel and in the queue's total order,
-// its events, its state changes (the snapshot first, as KindStateSet), and
-// KindGap when events were lost for good. No update is delivered twice:
+// its events, its state changes (the snapshot's keys as KindStateSet, each at
+// the offset of its last change), and KindGap when events were lost for good.
+// Your own publishes come back too, often before Publish returns: match them
+// by Offset. No update is delivered twice:
 // after a reconnect, or after the server unsubscribed the client with
 // permission to rejoin, the client rejoins from the last offset delivered;
 // the server replays what was missed, and the client drops what it had
@@ -45,7 +47,8 @@
 // connection's reader waits, and so do every subscription and every reply on
 // that connection; the server eventually cuts off a client that does not
 // read as a slow consumer, and the client reconnects and resumes. Drain
-// every subscription.
+// every subscription, and do not make requests (Publish, Join, ...) from the
+// goroutine that drains Updates: under a burst it would wait for itself.
 //
 // # Requests
 //

@@ -17,6 +17,11 @@ var (
 	// IsRetryable reports true for it.
 	ErrConnectionLost = errors.New("imq: connection lost; outcome unknown")
 
+	// ErrTimeout fails a request that was sent but not answered before its
+	// context (or the request timeout) ended. As with ErrConnectionLost the
+	// outcome is unknown. The error also matches the context's error.
+	ErrTimeout = errors.New("imq: no reply in time; outcome unknown")
+
 	// ErrAlreadyJoined is returned by Join for a queue that this client has
 	// joined already. Leave it first to join it with other mounts.
 	ErrAlreadyJoined = errors.New("imq: queue already joined")
@@ -67,14 +72,15 @@ func (e *GoodbyeError) Error() string {
 }
 
 // IsRetryable reports whether sending the same request again later may
-// succeed: for an *Error the server said so, and for ErrConnectionLost the
+// succeed: for an *Error the server said so, and for ErrConnectionLost or
+// ErrTimeout the
 // request may not have arrived (but may have: a publish sent again can
 // appear twice).
 func IsRetryable(err error) bool {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e.Retryable
 	}
-	return errors.Is(err, ErrConnectionLost)
+	return errors.Is(err, ErrConnectionLost) || errors.Is(err, ErrTimeout)
 }
 
 // replyError converts a refused reply to an *Error, or returns nil for OK.

@@ -82,9 +82,9 @@ func (t *tracker) specs() []*imqpb.MountSpec {
 
 // begin starts applying j and returns the updates to deliver, in order: a
 // gap for each message mount that lost events (reason says why the join
-// happened), then the replayed events of all message mounts in queue order
-// without those already delivered, then each state mount's difference
-// between the mirror and the snapshot.
+// happened), then in queue order the replayed events not yet delivered and
+// the keys the snapshot sets differently from the mirror, then the keys the
+// snapshot no longer has.
 func (t *tracker) begin(j *imqpb.Joined, reason imqpb.Reason) []Update {
 	rejoin := t.joined
 	t.joined, t.epoch = true, j.GetEpoch()
@@ -99,6 +99,15 @@ func (t *tracker) begin(j *imqpb.Joined, reason imqpb.Reason) []Update {
 		}
 		switch m.kind {
 		case imqpb.MountKind_MESSAGE:
+			if !rejoin {
+				// Position a first join just before what it replays (or at
+				// the head), so that a reconnect before the plan is delivered
+				// resumes from there rather than from the start of history.
+				m.last = j.GetHead()
+				if h := ms.GetHistory(); len(h) > 0 {
+					m.last = h[0].GetOffset() - 1
+				}
+			}
 			after := m.last
 			switch {
 			case m.epoch != j.GetEpoch():
@@ -117,8 +126,20 @@ func (t *tracker) begin(j *imqpb.Joined, reason imqpb.Reason) []Update {
 			changes = diff(t.queue, m, ms.GetState(), changes)
 		}
 	}
-	slices.SortStableFunc(events, func(a, b Update) int { return cmp.Compare(a.Offset, b.Offset) })
-	return slices.Concat(gaps, events, changes)
+	// Events and the keys set meanwhile, in queue order (a key set carries
+	// the offset of its last change); deletions found by comparing snapshots
+	// have no offset and come last.
+	ordered := events
+	var deletions []Update
+	for _, u := range changes {
+		if u.Kind == KindStateDeleted {
+			deletions = append(deletions, u)
+		} else {
+			ordered = append(ordered, u)
+		}
+	}
+	slices.SortStableFunc(ordered, func(a, b Update) int { return cmp.Compare(a.Offset, b.Offset) })
+	return slices.Concat(gaps, ordered, deletions)
 }
 
 func (t *tracker) gap(m *mountTrack, reason imqpb.Reason, msg string) Update {

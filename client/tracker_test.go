@@ -135,7 +135,8 @@ func TestTrackerJoins(t *testing.T) {
 			msgs("chat", true, ev("chat", 1), ev("chat", 3)),
 			msgs("input", true),
 			snap("seats", entry("a", "9", 2), entry("c", "3", 1), entry("d", "4", 2))),
-		want:      []string{"G chat", "G input", "E chat 1", "E chat 3", "S seats a=9", "S seats d=4", "D seats b"},
+		// Queue order: keys set carry the offset of their last change.
+		want:      []string{"G chat", "G input", "E chat 1", "S seats a=9", "S seats d=4", "E chat 3", "D seats b"},
 		wantEpoch: 8,
 		wantState: map[string]string{"a": "9", "c": "3", "d": "4"},
 	}}
@@ -176,7 +177,7 @@ func TestTrackerFirstJoin(t *testing.T) {
 		msgs("chat", true, ev("chat", 4), ev("chat", 8)),
 		msgs("input", false, ev("input", 5)),
 		snap("seats", entry("a", "1", 2), entry("b", "2", 9))), 0))
-	want := []string{"E chat 4", "E input 5", "E chat 8", "S seats a=1", "S seats b=2"}
+	want := []string{"S seats a=1", "E chat 4", "E input 5", "E chat 8", "S seats b=2"} // queue order
 	if !slices.Equal(got, want) {
 		t.Fatalf("updates = %q, want %q", got, want)
 	}
@@ -261,5 +262,29 @@ func TestTrackerLive(t *testing.T) {
 	}
 	if tr.live("seats", imqpb.MountKind_STATE, 12) != nil || tr.live("chat", imqpb.MountKind_MESSAGE, 13) != nil {
 		t.Error("duplicate accepted after commit")
+	}
+}
+
+// A first join cut off before its plan was delivered resumes from just
+// before what it replayed, not from the start of the history.
+func TestTrackerFirstJoinInterrupted(t *testing.T) {
+	tr := newTestTracker()
+	j := joined(7, 9, msgs("chat", false, ev("chat", 4), ev("chat", 8)), msgs("input", false))
+	plan := tr.begin(j, 0)
+	if len(plan) == 0 {
+		t.Fatal("empty plan")
+	}
+	// Nothing delivered; the connection drops.
+	for _, spec := range tr.specs() {
+		switch spec.GetName() {
+		case "chat":
+			if got := spec.GetResume().GetOffset(); got != 3 {
+				t.Fatalf("chat resumes after %d, want 3 (just before the replay)", got)
+			}
+		case "input":
+			if got := spec.GetResume().GetOffset(); got != 9 {
+				t.Fatalf("input resumes after %d, want 9 (the head)", got)
+			}
+		}
 	}
 }
