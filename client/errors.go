@@ -73,9 +73,8 @@ func (e *GoodbyeError) Error() string {
 
 // IsRetryable reports whether sending the same request again later may
 // succeed: for an *Error the server said so, and for ErrConnectionLost or
-// ErrTimeout the
-// request may not have arrived (but may have: a publish sent again can
-// appear twice).
+// ErrTimeout the request may not have arrived (but may have: a publish sent
+// again can appear twice).
 func IsRetryable(err error) bool {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e.Retryable
