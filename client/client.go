@@ -56,13 +56,15 @@ type Client struct {
 
 	ctx    context.Context // canceled when the client closes
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // run, and rejoin retries
+	wg     sync.WaitGroup // run, rejoin retries, and last deliveries (endSub)
 
 	mu sync.Mutex
 	// Guarded by mu.
 	cn      *conn         // nil while not connected
 	ready   chan struct{} // closed once cn is set; replaced when it is lost
 	subs    map[string]*Subscription
+	ending  map[*Subscription]struct{} // delivering their KindClosed (endSub)
+	closed  bool                       // Close was called
 	state   ConnState
 	err     error // why the client closed; nil while open
 	user    string
@@ -95,11 +97,12 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 		u.RawQuery = q.Encode()
 	}
 	c := &Client{
-		opts:  o,
-		url:   u.String(),
-		log:   o.logger,
-		ready: make(chan struct{}),
-		subs:  map[string]*Subscription{},
+		opts:   o,
+		url:    u.String(),
+		log:    o.logger,
+		ready:  make(chan struct{}),
+		subs:   map[string]*Subscription{},
+		ending: map[*Subscription]struct{}{},
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 
@@ -125,7 +128,9 @@ func (c *Client) Close() error {
 	if c.err == nil {
 		c.err = ErrClosed
 	}
+	c.closed = true
 	subs := slices.Collect(maps.Values(c.subs))
+	subs = append(subs, slices.Collect(maps.Keys(c.ending))...)
 	clear(c.subs)
 	c.mu.Unlock()
 	c.cancel()
@@ -485,7 +490,7 @@ func (c *Client) shutdown(cause error) {
 	c.mu.Unlock()
 	c.cancel()
 	for _, s := range subs {
-		s.end(Update{Kind: KindClosed, Queue: s.queue, Reason: reasonOf(cause), Message: cause.Error()}, nil)
+		c.endSub(s, Update{Kind: KindClosed, Queue: s.queue, Reason: reasonOf(cause), Message: cause.Error()})
 	}
 	c.setState(Closed)
 }
@@ -577,7 +582,7 @@ func (c *Client) rejoinRefused(cn *conn, s *Subscription, reason imqpb.Reason, r
 	if !r.GetRetryable() {
 		c.log.Warn("imq client: rejoin refused", "queue", s.queue, "err", err)
 		c.remove(s)
-		s.end(Update{Kind: KindClosed, Queue: s.queue, Reason: reason, Message: err.Error()}, cn.done)
+		c.endSub(s, Update{Kind: KindClosed, Queue: s.queue, Reason: reason, Message: err.Error()})
 		return
 	}
 	s.mu.Lock()
@@ -618,5 +623,27 @@ func (c *Client) onUnsubscribed(cn *conn, u *imqpb.Unsubscribed) {
 		return
 	}
 	c.remove(s)
-	s.end(Update{Kind: KindClosed, Queue: s.queue, Reason: u.GetReason(), Message: u.GetMessage()}, cn.done)
+	c.endSub(s, Update{Kind: KindClosed, Queue: s.queue, Reason: u.GetReason(), Message: u.GetMessage()})
+}
+
+// endSub delivers u as s's last update and finishes s, on a goroutine of its
+// own (counted in wg): neither a lost connection nor another subscription's
+// unread channel can drop or delay it. Close cuts it short.
+func (c *Client) endSub(s *Subscription, u Update) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		s.finish()
+		return
+	}
+	c.ending[s] = struct{}{}
+	c.wg.Add(1)
+	c.mu.Unlock()
+	go func() { // ends when the application reads u, or at Close
+		defer c.wg.Done()
+		s.end(u, nil)
+		c.mu.Lock()
+		delete(c.ending, s)
+		c.mu.Unlock()
+	}()
 }

@@ -314,6 +314,10 @@ func (s *Subscription) begin(j *imqpb.Joined, reason imqpb.Reason) (plan []Updat
 		return nil, false
 	}
 	s.attempts = 0
+	if s.retry != nil { // an older rejoin's retry: this join supersedes it
+		s.retry.Stop()
+		s.retry = nil
+	}
 	return s.t.begin(j, reason), true
 }
 
