@@ -2,13 +2,16 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
 	"github.com/gorilla/websocket"
 	"google.golang.org/protobuf/proto"
 
@@ -217,5 +220,62 @@ func TestGatewaySIGTERM(t *testing.T) {
 	}
 	if code := cl.gw.exitCode(); code != 0 {
 		t.Fatalf("gateway exited with %d after SIGTERM", code)
+	}
+}
+
+// TestTokenRefusedOnReconnect: a client whose token the restarted gateway
+// refuses closes for good, and every subscription ends with KindClosed.
+func TestTokenRefusedOnReconnect(t *testing.T) {
+	cl := startCluster(t)
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{Subject: "eve"}).SignedString([]byte(e2eSecret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.Dial(ctxT(t, 10*time.Second), cl.url(), client.WithToken(tok),
+		client.WithBackoff(20*time.Millisecond, 200*time.Millisecond), client.WithBufferSize(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	var subs []*client.Subscription
+	for _, q := range []string{"/room/a", "/room/b"} {
+		sub, err := c.Join(ctxT(t, 5*time.Second), q, client.Messages("chat"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		subs = append(subs, sub)
+	}
+	// Fill the first subscription's one-slot channel and never read it.
+	if _, err := c.Publish(ctxT(t, 5*time.Second), "/room/a", "chat", []byte("unread")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the first channel to fill", func() bool { return len(subs[0].Updates()) == 1 })
+
+	addr := cl.gwAddr
+	cl.gw.kill(syscall.SIGKILL)
+	cl.gwArgs = []string{"--jwt-secret", "a-different-secret-0123456789"}
+	cl.startGateway(addr)
+
+	// Read only the second subscription: the first one's unread channel
+	// must not hold up the second's last update.
+	var last client.Update
+	timeout := time.After(10 * time.Second)
+	for open := true; open; {
+		select {
+		case u, ok := <-subs[1].Updates():
+			if ok {
+				last = u
+			}
+			open = ok
+		case <-timeout:
+			t.Fatal("the subscription did not end")
+		}
+	}
+	if last.Kind != client.KindClosed || last.Reason != imqpb.Reason_REASON_AUTH_FAILED && !strings.Contains(last.Message, "UNAUTHORIZED") {
+		t.Fatalf("last update %+v, want KindClosed for the refused token", last)
+	}
+	var e *client.Error
+	if !errors.As(c.Err(), &e) || e.Code != imqpb.Code_UNAUTHORIZED {
+		t.Fatalf("client error %v, want UNAUTHORIZED", c.Err())
 	}
 }
