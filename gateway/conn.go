@@ -29,9 +29,10 @@ const closeGrace = 2 * time.Second
 // outFrame is one queued WebSocket frame.
 type outFrame struct {
 	pm   *websocket.PreparedMessage // a fan-out frame shared by many connections, or
-	data []byte                     // a frame for this connection only
+	msg  *imqpb.ServerMessage       // a message for this connection, encoded by the writer, or
+	data []byte                     // a control frame or goodbye, already encoded
 	kind int                        // websocket message type of data
-	size int
+	size int                        // bytes, for the queue's bound (binary size for msg)
 }
 
 // conn is one client connection.
@@ -388,13 +389,11 @@ func (c *conn) encode(m *imqpb.ServerMessage) ([]byte, int, error) {
 	return b, websocket.BinaryMessage, err
 }
 
+// sendMsg queues m for this connection alone. The writer encodes it, so a
+// large Joined (above all in JSON) never holds up the link reader that fans
+// events out to every other connection.
 func (c *conn) sendMsg(m *imqpb.ServerMessage) {
-	b, kind, err := c.encode(m)
-	if err != nil {
-		c.s.log.Error("encode reply", "session", c.session, "err", err)
-		return
-	}
-	c.send(outFrame{data: b, kind: kind, size: len(b)})
+	c.send(outFrame{msg: m, size: proto.Size(m)})
 }
 
 // send queues f for the writer. It never blocks: a client whose queue
@@ -531,6 +530,13 @@ func (c *conn) writeBatch(batch []outFrame) (final bool, err error) {
 			final = true
 		case f.kind == websocket.PingMessage || f.kind == websocket.PongMessage:
 			err = c.ws.WriteControl(f.kind, f.data, time.Now().Add(wt))
+		case f.msg != nil:
+			b, kind, encErr := c.encode(f.msg)
+			if encErr != nil {
+				c.s.log.Error("encode reply", "session", c.session, "err", encErr)
+				continue
+			}
+			err = c.ws.WriteMessage(kind, b)
 		default:
 			err = c.ws.WriteMessage(f.kind, f.data)
 		}
