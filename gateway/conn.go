@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"strconv"
 	"sync"
@@ -64,7 +65,7 @@ type conn struct {
 	writing    bool          // Guarded by mu: a writer goroutine is running.
 	closing    bool          // Guarded by mu: a goodbye is queued or the socket failed.
 	reason     string        // Guarded by mu: why the connection is closing, for metrics.
-	pingTimer  *time.Timer   // Guarded by mu.
+	nextPing   time.Time     // Guarded by mu: when pingLoop pings next.
 	pongQueued bool          // Guarded by mu.
 	flushed    chan struct{} // closed when the last writer has finished
 	flushOnce  sync.Once
@@ -106,8 +107,11 @@ func (c *conn) serve() {
 	} else {
 		c.extendRead()
 	}
+	// The first ping comes after a random half to whole interval, so that
+	// connections made together (a reconnect storm, a load test) do not all
+	// ping in the same instant, then or ever after.
 	c.mu.Lock()
-	c.pingTimer = time.AfterFunc(cfg.PingInterval, c.ping)
+	c.nextPing = time.Now().Add(cfg.PingInterval/2 + rand.N(cfg.PingInterval/2+1))
 	c.mu.Unlock()
 
 	for {
@@ -144,16 +148,16 @@ func (c *conn) extendRead() {
 	}
 }
 
-// ping runs on the ping timer: it queues a ping and rearms the timer.
-func (c *conn) ping() {
+// pingIfDue queues a ping when one is due; the server's pingLoop calls it.
+func (c *conn) pingIfDue(now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closing {
+	if c.closing || c.nextPing.IsZero() || now.Before(c.nextPing) {
 		return
 	}
+	c.nextPing = now.Add(c.s.cfg.PingInterval)
 	c.queue = append(c.queue, outFrame{kind: websocket.PingMessage})
 	c.startWriterLocked()
-	c.pingTimer.Reset(c.s.cfg.PingInterval)
 }
 
 // readFailed says goodbye when the read ended for a reason the client should
@@ -178,9 +182,6 @@ func (c *conn) readFailed(err error) {
 // finish runs after the reader ends: it drops the subscriptions, lets a
 // queued goodbye reach the client, and closes the socket.
 func (c *conn) finish() {
-	c.mu.Lock()
-	c.pingTimer.Stop()
-	c.mu.Unlock()
 	c.leaveAll()
 
 	c.mu.Lock()

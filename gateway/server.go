@@ -100,7 +100,7 @@ func New(cfg Config) (*Server, error) {
 	s.m = newMetrics(cfg.Registry, s)
 	s.upgrader = websocket.Upgrader{
 		Subprotocols:     []string{SubprotocolBinary, SubprotocolJSON},
-		ReadBufferSize:   512, // frames stream through it; small keeps idle connections small
+		ReadBufferSize:   256, // frames stream through it; small keeps idle connections small
 		WriteBufferPool:  &sync.Pool{},
 		HandshakeTimeout: 10 * time.Second,
 		CheckOrigin:      func(*http.Request) bool { return true }, // checked before Upgrade
@@ -145,6 +145,11 @@ func (s *Server) Run(ctx context.Context) error {
 			l.run(s.ctx)
 		}()
 	}
+	s.wg.Add(1)
+	go func() { // ends at Shutdown
+		defer s.wg.Done()
+		s.pingLoop()
+	}()
 	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws")
 	err := s.http.Serve(s.ln)
 	if errors.Is(err, http.ErrServerClosed) {
@@ -185,6 +190,23 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return s.shutErr
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// pingLoop pings every connection once per PingInterval. One loop for all
+// connections, rather than a timer each, keeps idle connections small.
+func (s *Server) pingLoop() {
+	// Ticks of a hundredth of the interval ping about 1 % of the connections
+	// each: small bursts rather than one large one.
+	tick := time.NewTicker(min(max(s.cfg.PingInterval/100, 10*time.Millisecond), 250*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case now := <-tick.C:
+			s.conns.each(func(c *conn) { c.pingIfDue(now) })
+		}
 	}
 }
 
@@ -342,6 +364,18 @@ func (cs *connSet) remove(c *conn) {
 }
 
 func (cs *connSet) count() int { return int(cs.n.Load()) }
+
+// each calls fn for every connection, one shard lock at a time.
+func (cs *connSet) each(fn func(*conn)) {
+	for i := range cs.shards {
+		sh := &cs.shards[i]
+		sh.mu.Lock()
+		for c := range sh.conns {
+			fn(c)
+		}
+		sh.mu.Unlock()
+	}
+}
 
 func (cs *connSet) snapshot() []*conn {
 	var out []*conn
