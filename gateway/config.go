@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imq-dev/imq/internal/wire"
 )
 
 // Config configures a gateway. A zero field takes its default from
@@ -62,6 +64,13 @@ type Config struct {
 	WriteTimeout time.Duration
 	// RequestTimeout fails a request the queue node has not answered in time.
 	RequestTimeout time.Duration
+	// LinkPingInterval is how often the gateway pings each queue node.
+	LinkPingInterval time.Duration
+	// LinkTimeout declares a queue node link dead when nothing arrived on it
+	// for this long (its clients are told NODE_LOST). It must exceed twice
+	// LinkPingInterval, and the queue nodes' LinkTimeout must exceed
+	// LinkPingInterval too.
+	LinkTimeout time.Duration
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
@@ -83,6 +92,8 @@ func DefaultConfig() Config {
 		AuthTimeout:      10 * time.Second,
 		WriteTimeout:     10 * time.Second,
 		RequestTimeout:   5 * time.Second,
+		LinkPingInterval: wire.DefaultLinkPingInterval,
+		LinkTimeout:      wire.DefaultLinkTimeout,
 	}
 }
 
@@ -112,6 +123,8 @@ func (c *Config) setDefaults() {
 	setD(&c.AuthTimeout, d.AuthTimeout)
 	setD(&c.WriteTimeout, d.WriteTimeout)
 	setD(&c.RequestTimeout, d.RequestTimeout)
+	setD(&c.LinkPingInterval, d.LinkPingInterval)
+	setD(&c.LinkTimeout, d.LinkTimeout)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -157,10 +170,14 @@ func (c *Config) validate() error {
 	for name, d := range map[string]time.Duration{
 		"ping interval": c.PingInterval, "client timeout": c.ClientTimeout, "auth timeout": c.AuthTimeout,
 		"write timeout": c.WriteTimeout, "request timeout": c.RequestTimeout,
+		"link ping interval": c.LinkPingInterval, "link timeout": c.LinkTimeout,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
 		}
+	}
+	if c.LinkTimeout <= 2*c.LinkPingInterval {
+		errs = append(errs, fmt.Errorf("link timeout (%s) must exceed twice the link ping interval (%s)", c.LinkTimeout, c.LinkPingInterval))
 	}
 	if c.ClientTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("client timeout (%s) must exceed the ping interval (%s)", c.ClientTimeout, c.PingInterval))

@@ -144,8 +144,8 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 	for {
 		// The node answers pings: a link silent for LinkTimeout is dead,
 		// even when TCP has not noticed.
-		if now := time.Now(); now.Add(wire.LinkTimeout - time.Second).After(deadline) {
-			deadline = now.Add(wire.LinkTimeout)
+		if d := wire.ReadDeadline(deadline, time.Now(), l.s.cfg.LinkTimeout); d != deadline {
+			deadline = d
 			conn.SetReadDeadline(deadline)
 		}
 		var b []byte
@@ -231,7 +231,7 @@ func (l *nodeLink) request(req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply
 // writeLoop writes queued frames in batches (one writev each) and expires
 // requests past their deadline, until done closes.
 func (l *nodeLink) writeLoop(conn net.Conn, done <-chan struct{}) {
-	tick := time.NewTicker(250 * time.Millisecond)
+	tick := time.NewTicker(min(250*time.Millisecond, l.s.cfg.LinkPingInterval/2))
 	defer tick.Stop()
 	ping, _ := wire.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Ping{Ping: &imqpb.Ping{}}})
 	lastPing := time.Now()
@@ -241,7 +241,7 @@ func (l *nodeLink) writeLoop(conn net.Conn, done <-chan struct{}) {
 			return
 		case now := <-tick.C:
 			l.expire()
-			if now.Sub(lastPing) < wire.LinkPingInterval {
+			if now.Sub(lastPing) < l.s.cfg.LinkPingInterval {
 				continue
 			}
 			lastPing = now

@@ -29,6 +29,10 @@ type Config struct {
 	// LinkBuffer bounds the bytes queued for one gateway; a gateway that falls
 	// this far behind has its link closed (its clients are told and rejoin).
 	LinkBuffer int
+	// LinkTimeout closes a gateway link on which nothing arrived for this
+	// long (gateways ping every few seconds); the gateway's subscribers are
+	// removed.
+	LinkTimeout time.Duration
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the node's metrics. Default: a private registry.
@@ -40,11 +44,12 @@ type Config struct {
 // DefaultConfig returns the documented defaults.
 func DefaultConfig() Config {
 	return Config{
-		LinkAddr:   "127.0.0.1:7100",
-		Limits:     DefaultLimits(),
-		MaxQueues:  1_000_000,
-		IdleTTL:    60 * time.Second,
-		LinkBuffer: 64 << 20,
+		LinkAddr:    "127.0.0.1:7100",
+		Limits:      DefaultLimits(),
+		MaxQueues:   1_000_000,
+		IdleTTL:     60 * time.Second,
+		LinkBuffer:  64 << 20,
+		LinkTimeout: wire.DefaultLinkTimeout,
 	}
 }
 
@@ -64,6 +69,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.LinkBuffer == 0 {
 		c.LinkBuffer = d.LinkBuffer
+	}
+	if c.LinkTimeout == 0 {
+		c.LinkTimeout = d.LinkTimeout
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -103,6 +111,9 @@ func (c *Config) validate() error {
 	positive("link buffer", c.LinkBuffer)
 	if l.HistoryAge < 0 {
 		errs = append(errs, fmt.Errorf("history age must not be negative, got %s", l.HistoryAge))
+	}
+	if c.LinkTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("link timeout must be positive, got %s", c.LinkTimeout))
 	}
 	if c.IdleTTL < time.Second {
 		errs = append(errs, fmt.Errorf("idle TTL must be at least 1s, got %s", c.IdleTTL))

@@ -101,9 +101,9 @@ func (s *Server) serveLink(conn net.Conn) {
 func (l *link) readLoop(fr *wire.FrameReader) error {
 	var deadline time.Time
 	for {
-		// A gateway pings every LinkPingInterval: a silent one is gone.
-		if now := time.Now(); now.Add(wire.LinkTimeout - time.Second).After(deadline) {
-			deadline = now.Add(wire.LinkTimeout)
+		// Gateways ping every few seconds: a silent one is gone.
+		if d := wire.ReadDeadline(deadline, time.Now(), l.s.cfg.LinkTimeout); d != deadline {
+			deadline = d
 			l.conn.SetReadDeadline(deadline)
 		}
 		b, err := fr.Next()

@@ -10,12 +10,23 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// Link liveness: the gateway pings every LinkPingInterval; either end closes
-// a link on which nothing arrived for LinkTimeout.
+// Link liveness defaults: the gateway pings every DefaultLinkPingInterval;
+// either end closes a link on which nothing arrived for DefaultLinkTimeout.
 const (
-	LinkPingInterval = 5 * time.Second
-	LinkTimeout      = 3 * LinkPingInterval
+	DefaultLinkPingInterval = 5 * time.Second
+	DefaultLinkTimeout      = 3 * DefaultLinkPingInterval
 )
+
+// ReadDeadline returns the read deadline for a link with the given timeout:
+// the current one while it still has three quarters of the timeout to run
+// (moving it costs a timer update, so not on every frame), otherwise now
+// plus the timeout.
+func ReadDeadline(current, now time.Time, timeout time.Duration) time.Time {
+	if current.Sub(now) >= timeout*3/4 {
+		return current
+	}
+	return now.Add(timeout)
+}
 
 // DefaultMaxLinkFrame bounds one link frame. A Joined reply with a full replay
 // and a state snapshot is the largest frame; the queue node keeps those well
