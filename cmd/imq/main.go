@@ -35,6 +35,7 @@ Commands:
   dev        run a gateway and a queue node in one process on localhost
   gateway    run a gateway: client WebSockets, routing to a queue node
   queuenode  run a queue node: queues in RAM, served to gateways
+  loadtest   run bots against a cluster and check what they receive
   version    print the version
 
 Run 'imq <command> --help' for a command's flags. Every flag can also be set
@@ -54,6 +55,8 @@ func main() {
 		err = runGateway(args)
 	case "queuenode":
 		err = runQueueNode(args)
+	case "loadtest":
+		err = runLoadtest(args)
 	case "version", "--version", "-v":
 		fmt.Println("imq", versionString())
 	case "help", "--help", "-h":

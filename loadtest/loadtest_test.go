@@ -1,0 +1,289 @@
+package loadtest
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/queuenode"
+)
+
+func startDev(t testing.TB) *launch.Dev {
+	t.Helper()
+	gc := gateway.DefaultConfig()
+	gc.Addr = "127.0.0.1:0"
+	gc.Dev = true
+	gc.JWTSecret = []byte("loadtest-secret-0123456789")
+	nc := queuenode.DefaultConfig()
+	nc.LinkAddr = "127.0.0.1:0"
+	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d.Shutdown(ctx)
+	})
+	waitFor(t, 5*time.Second, func() bool {
+		resp, err := http.Get("http://" + d.Gateway.Addr() + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return d
+}
+
+func waitFor(t testing.TB, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in time")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func smallConfig(url string) Config {
+	cfg := DefaultConfig()
+	cfg.URL = url
+	cfg.Scenario = Scenario{
+		Rooms: 3, BotsPerRoom: 4, ChatRate: 5, StateRate: 2, ChurnRate: 10,
+		MessageSize: 32, RampRate: 0, Duration: Duration(3 * time.Second), Namespace: "/lt",
+	}
+	return cfg
+}
+
+// observer joins every room before the load and counts each chat offset it
+// receives: an account of what was published that does not rely on the
+// bots' own bookkeeping.
+type observer struct {
+	mu   sync.Mutex
+	seen map[string]map[uint64]int // room → offset → times received
+	wg   sync.WaitGroup
+}
+
+func observe(t *testing.T, url string, s Scenario) *observer {
+	t.Helper()
+	c, err := client.Dial(context.Background(), url, client.WithUser("observer"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	o := &observer{seen: map[string]map[uint64]int{}}
+	for i := range s.Rooms {
+		q := s.Room(i)
+		sub, err := c.Join(context.Background(), q, client.Messages(chatMount))
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.seen[q] = map[uint64]int{}
+		o.wg.Add(1)
+		go func() {
+			defer o.wg.Done()
+			for u := range sub.Updates() {
+				if u.Kind == client.KindEvent {
+					o.mu.Lock()
+					o.seen[q][u.Offset]++
+					o.mu.Unlock()
+				}
+			}
+		}()
+	}
+	return o
+}
+
+func (o *observer) counts() (events, dups int64) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, m := range o.seen {
+		for _, n := range m {
+			events++
+			if n > 1 {
+				dups++
+			}
+		}
+	}
+	return events, dups
+}
+
+func TestRunInvariants(t *testing.T) {
+	d := startDev(t)
+	cfg := smallConfig(d.URL())
+	obs := observe(t, d.URL(), cfg.Scenario)
+	var out bytes.Buffer
+	cfg.Out = &out
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("summary:\n%s", summaryText(t, r))
+	if r.AbortReason != "" {
+		t.Fatalf("aborted: %s", r.AbortReason)
+	}
+	if n := r.TotalViolations(); n != 0 {
+		t.Fatalf("%d violations: %v", n, r.Violations)
+	}
+	c := r.Counters
+	if r.BotsStarted != 12 || c.Connects != 12 {
+		t.Errorf("bots started %d, connected %d; want 12", r.BotsStarted, c.Connects)
+	}
+	if c.Failed != 0 {
+		t.Errorf("%d failed requests: %v", c.Failed, r.Errors)
+	}
+	if c.Publishes == 0 || c.Leaves == 0 {
+		t.Errorf("publishes %d, leaves %d: want both > 0", c.Publishes, c.Leaves)
+	}
+	v := r.Verify
+	if v.Expected == 0 || v.Delivered != v.Expected || v.Missing != 0 || v.Duplicated != 0 {
+		t.Errorf("verify %+v: want every expected message delivered exactly once", v)
+	}
+	// Each member can receive a message at most once, so deliveries are
+	// bounded by publishes × room size, and the checked ones by all.
+	if c.Deliveries < v.Delivered || c.Deliveries > c.Publishes*int64(cfg.Scenario.BotsPerRoom) {
+		t.Errorf("deliveries %d: want between %d and %d", c.Deliveries, v.Delivered, c.Publishes*int64(cfg.Scenario.BotsPerRoom))
+	}
+	// The observer, joined throughout, saw every publish exactly once.
+	waitFor(t, 5*time.Second, func() bool { n, _ := obs.counts(); return n >= c.Publishes })
+	if n, dups := obs.counts(); n != c.Publishes || dups != 0 {
+		t.Errorf("observer saw %d distinct events (%d duplicated); bots published %d", n, dups, c.Publishes)
+	}
+	if want := int64(3 * 4 * 3); r.State.Checked != want || r.State.Converged != want {
+		t.Errorf("state %+v: want %d pairs checked and converged", r.State, want)
+	}
+	for _, name := range []string{"deliver", "join", "connect"} {
+		if r.Latency[name].Count == 0 {
+			t.Errorf("latency %s: no samples", name)
+		}
+	}
+	if len(r.Series) < 2 {
+		t.Errorf("series has %d points; want at least 2", len(r.Series))
+	}
+	if !strings.Contains(out.String(), "deliv/s") {
+		t.Errorf("no progress lines in output %q", out.String())
+	}
+
+	var js bytes.Buffer
+	if err := r.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var back map[string]any
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"scenario", "counters", "errors", "disconnects", "violations", "verify", "state", "latency", "series", "elapsed_seconds"} {
+		if _, ok := back[k]; !ok {
+			t.Errorf("JSON report lacks %q", k)
+		}
+	}
+	var typed Report
+	if err := json.Unmarshal(js.Bytes(), &typed); err != nil {
+		t.Fatal(err)
+	}
+	if typed.Counters != r.Counters || len(typed.Latency["deliver"].Percentiles) == 0 {
+		t.Errorf("JSON round trip lost figures")
+	}
+	path := filepath.Join(t.TempDir(), "report.html")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteHTML(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	page, _ := os.ReadFile(path)
+	if !bytes.Contains(page, []byte("<svg")) || bytes.Contains(page, []byte("<script")) {
+		t.Errorf("HTML report: want inline <svg and no script")
+	}
+}
+
+func summaryText(t *testing.T, r *Report) string {
+	var b strings.Builder
+	if err := r.WriteSummary(&b); err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
+}
+
+func TestRunAbortsOnP99(t *testing.T) {
+	d := startDev(t)
+	cfg := smallConfig(d.URL())
+	cfg.Scenario.Duration = Duration(20 * time.Second)
+	cfg.Scenario.ChurnRate = 0
+	cfg.AbortP99 = time.Microsecond
+	cfg.AbortGrace = 500 * time.Millisecond
+	start := time.Now()
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.AbortReason == "" || !strings.Contains(r.AbortReason, "p99") {
+		t.Fatalf("abort reason %q: want the p99 threshold", r.AbortReason)
+	}
+	if took := time.Since(start); took > 12*time.Second {
+		t.Errorf("run took %v after aborting; want it to stop early", took)
+	}
+	if !strings.Contains(summaryText(t, r), "ABORTED") {
+		t.Errorf("summary does not say it aborted")
+	}
+}
+
+func TestRunWithTokens(t *testing.T) {
+	d := startDev(t)
+	cfg := smallConfig(d.URL())
+	cfg.Scenario.Rooms, cfg.Scenario.ChurnRate = 1, 0
+	cfg.Scenario.Duration = Duration(time.Second)
+	cfg.Secret = []byte("loadtest-secret-0123456789")
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Counters.Connects != 4 || r.TotalViolations() != 0 {
+		t.Fatalf("connects %d, violations %v", r.Counters.Connects, r.Violations)
+	}
+}
+
+func TestRunWorkers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := filepath.Join(t.TempDir(), "imq")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/imq-dev/imq/cmd/imq").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	d := startDev(t)
+	cfg := smallConfig(d.URL())
+	cfg.Workers, cfg.Executable = 2, bin
+	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom = 2, 3
+	cfg.Scenario.Duration = Duration(2 * time.Second)
+	cfg.SourceAddrs = 2
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("summary:\n%s", summaryText(t, r))
+	if r.BotsStarted != 6 || r.Counters.Connects != 6 {
+		t.Errorf("bots started %d, connected %d; want 6", r.BotsStarted, r.Counters.Connects)
+	}
+	if r.TotalViolations() != 0 || r.Verify.Expected == 0 || r.Verify.Delivered != r.Verify.Expected {
+		t.Errorf("violations %v, verify %+v", r.Violations, r.Verify)
+	}
+	if r.Latency["deliver"].Count == 0 || r.State.Converged != 6*2 {
+		t.Errorf("deliver samples %d, state %+v", r.Latency["deliver"].Count, r.State)
+	}
+}

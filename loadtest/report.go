@@ -1,0 +1,183 @@
+package loadtest
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/HdrHistogram/hdrhistogram-go"
+)
+
+// Report is everything a run measured. Its JSON form is what --json writes.
+type Report struct {
+	URL         string    `json:"url"`
+	Scenario    Scenario  `json:"scenario"`
+	Workers     int       `json:"workers"`
+	RunID       string    `json:"run_id"`
+	Started     time.Time `json:"started"`
+	ElapsedSecs float64   `json:"elapsed_seconds"`
+	// BotsPlanned is the scenario's bot count, BotsStarted those the ramp
+	// started, PeakConnected the most connected at once.
+	BotsPlanned   int   `json:"bots_planned"`
+	BotsStarted   int   `json:"bots_started"`
+	PeakConnected int64 `json:"peak_connected"`
+	// AbortReason says why the run stopped early; empty if it did not.
+	AbortReason string `json:"abort_reason,omitempty"`
+	// RampStopped says which limit stopped the ramp, if one did.
+	RampStopped string `json:"ramp_stopped,omitempty"`
+	FileLimit   uint64 `json:"file_limit"`
+	// TrackLimit is the cap on offsets each bot recorded for Verify.
+	TrackLimit       int      `json:"track_limit"`
+	Counters         Counters `json:"counters"`
+	PublishesPerSec  float64  `json:"publishes_per_second"`
+	DeliveriesPerSec float64  `json:"deliveries_per_second"`
+	// Errors counts failed requests by code; Disconnects counts connection
+	// losses and subscriptions ended by the server, by reason.
+	Errors      map[string]int64 `json:"errors"`
+	Disconnects map[string]int64 `json:"disconnects"`
+	// Violations counts protocol violations by kind: out_of_order,
+	// duplicate, gap, own_update_not_received and state_diverged as they
+	// happened, missing and duplicated from Verify.
+	Violations map[string]int64 `json:"violations"`
+	Verify     VerifyResult     `json:"verify"`
+	State      StateResult      `json:"state"`
+	// Latency summarizes the histograms: "deliver" (publish→deliver, on
+	// the sender's clock), "join" (request→joined) and "connect"
+	// (dial→connected).
+	Latency map[string]LatencySummary `json:"latency"`
+	Series  []Point                   `json:"series"`
+}
+
+// LatencySummary is one histogram's count, extremes and percentile table,
+// in milliseconds.
+type LatencySummary struct {
+	Count       int64        `json:"count"`
+	MinMs       float64      `json:"min_ms"`
+	MeanMs      float64      `json:"mean_ms"`
+	MaxMs       float64      `json:"max_ms"`
+	Percentiles []Percentile `json:"percentiles"`
+}
+
+// Percentile is one row of a percentile table.
+type Percentile struct {
+	P  float64 `json:"p"`
+	Ms float64 `json:"ms"`
+}
+
+// Point is one second of the time series.
+type Point struct {
+	T                float64 `json:"t"` // seconds since the start
+	Connected        int64   `json:"connected"`
+	PublishesPerSec  float64 `json:"publishes_per_second"`
+	DeliveriesPerSec float64 `json:"deliveries_per_second"`
+	P50Ms            float64 `json:"p50_ms"`
+	P99Ms            float64 `json:"p99_ms"`
+	MaxMs            float64 `json:"max_ms"`
+	Requests         int64   `json:"requests"`
+	Failed           int64   `json:"failed"`
+}
+
+var tablePercentiles = []float64{50, 75, 90, 95, 99, 99.9, 99.99, 100}
+
+func usToMs(v int64) float64 { return float64(v) / 1000 }
+
+func summarize(h *hdrhistogram.Histogram) LatencySummary {
+	s := LatencySummary{Count: h.TotalCount()}
+	if s.Count == 0 {
+		return s
+	}
+	s.MinMs, s.MeanMs, s.MaxMs = usToMs(h.Min()), h.Mean()/1000, usToMs(h.Max())
+	for _, p := range tablePercentiles {
+		s.Percentiles = append(s.Percentiles, Percentile{P: p, Ms: usToMs(h.ValueAtPercentile(p))})
+	}
+	return s
+}
+
+// TotalViolations sums Violations.
+func (r *Report) TotalViolations() int64 {
+	var n int64
+	for _, v := range r.Violations {
+		n += v
+	}
+	return n
+}
+
+// WriteJSON writes the report as indented JSON.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteSummary writes the human summary table.
+func (r *Report) WriteSummary(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	s := r.Scenario
+	fmt.Fprintf(tw, "imq loadtest\t%s  run %s\n", r.URL, r.RunID)
+	fmt.Fprintf(tw, "scenario\t%d rooms × %d bots, chat %g/s, state %g/s, churn %g/min, %d B, %v, %d worker(s)\n",
+		s.Rooms, s.BotsPerRoom, s.ChatRate, s.StateRate, s.ChurnRate, s.MessageSize, time.Duration(s.Duration), r.Workers)
+	outcome := "completed"
+	if r.AbortReason != "" {
+		outcome = "ABORTED: " + r.AbortReason
+	}
+	fmt.Fprintf(tw, "outcome\t%s after %.1fs\n", outcome, r.ElapsedSecs)
+	if r.RampStopped != "" {
+		fmt.Fprintf(tw, "ramp stopped\t%s\n", r.RampStopped)
+	}
+	c := r.Counters
+	fmt.Fprintf(tw, "bots\t%d planned, %d started, %d connected, %d failed to connect, peak %d connected\n",
+		r.BotsPlanned, r.BotsStarted, c.Connects, c.ConnectFailed, r.PeakConnected)
+	fmt.Fprintf(tw, "publishes\t%d (%.1f/s)\n", c.Publishes, r.PublishesPerSec)
+	fmt.Fprintf(tw, "deliveries\t%d (%.1f/s)\n", c.Deliveries, r.DeliveriesPerSec)
+	fmt.Fprintf(tw, "state\t%d sets, %d changes received\n", c.StateSets, c.StateUpdates)
+	fmt.Fprintf(tw, "joins / leaves\t%d / %d\n", c.Joins, c.Leaves)
+	fmt.Fprintf(tw, "requests\t%d, %d failed%s\n", c.Requests, c.Failed, mapText(r.Errors))
+	disc := strings.TrimPrefix(mapText(r.Disconnects), ": ")
+	if disc == "" {
+		disc = "none"
+	}
+	fmt.Fprintf(tw, "disconnects\t%s\n", disc)
+	v := r.Verify
+	fmt.Fprintf(tw, "exactly once\t%d expected, %d delivered once, %d missing, %d duplicated, %d untracked, over %d intervals (first %d offsets per bot)\n",
+		v.Expected, v.Delivered, v.Missing, v.Duplicated, v.Untracked, v.Intervals, r.TrackLimit)
+	fmt.Fprintf(tw, "state converged\t%d of %d pairs\n", r.State.Converged, r.State.Checked)
+	fmt.Fprintf(tw, "violations\t%d%s\n", r.TotalViolations(), mapText(r.Violations))
+	fmt.Fprintln(tw)
+	fmt.Fprint(tw, "latency (ms)\tcount\tmin\tmean")
+	for _, p := range tablePercentiles[:len(tablePercentiles)-1] {
+		fmt.Fprintf(tw, "\tp%g", p)
+	}
+	fmt.Fprint(tw, "\tmax\n")
+	for _, name := range []string{"deliver", "join", "connect"} {
+		l := r.Latency[name]
+		fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.2f", name, l.Count, l.MinMs, l.MeanMs)
+		for i := range len(tablePercentiles) - 1 {
+			ms := 0.0
+			if i < len(l.Percentiles) {
+				ms = l.Percentiles[i].Ms
+			}
+			fmt.Fprintf(tw, "\t%.2f", ms)
+		}
+		fmt.Fprintf(tw, "\t%.2f\n", l.MaxMs)
+	}
+	return tw.Flush()
+}
+
+// mapText renders counts by key as ": A 1, B 2", or "" for none.
+func mapText(m map[string]int64) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		if m[k] != 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return ": " + strings.Join(parts, ", ")
+}

@@ -1,0 +1,199 @@
+package loadtest
+
+import (
+	"errors"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/HdrHistogram/hdrhistogram-go"
+)
+
+func TestLoadScenario(t *testing.T) {
+	base := DefaultScenario()
+	tests := []struct {
+		name, json string
+		wantErr    string
+		check      func(Scenario) bool
+	}{
+		{"overrides", `{"rooms": 2, "bots_per_room": 3, "duration": "5s", "chat_rate": 0.5}`, "",
+			func(s Scenario) bool {
+				return s.Rooms == 2 && s.BotsPerRoom == 3 && s.Duration == Duration(5*time.Second) && s.ChatRate == 0.5 && s.Namespace == "/dark"
+			}},
+		{"duration in seconds", `{"duration": 1.5}`, "", func(s Scenario) bool { return s.Duration == Duration(1500*time.Millisecond) }},
+		{"unknown field", `{"roms": 2}`, "unknown field", nil},
+		{"bad duration", `{"duration": "soon"}`, "duration", nil},
+		{"zero rooms", `{"rooms": 0}`, "rooms", nil},
+		{"small message", `{"message_size": 4}`, "message size", nil},
+		{"negative churn", `{"churn_rate": -1}`, "churn", nil},
+		{"namespace", `{"namespace": "dark"}`, "namespace", nil},
+		{"too many bots", `{"bots_per_room": 5000}`, "bots per room", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := LoadScenario(strings.NewReader(tt.json), base)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err %v: want one mentioning %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !tt.check(s) {
+				t.Fatalf("got %+v, %v", s, err)
+			}
+		})
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	for _, mod := range []func(*Config){
+		func(c *Config) { c.Workers = 11 }, // more than rooms
+		func(c *Config) { c.AbortErrors = 2 },
+		func(c *Config) { c.TrackLimit = 0 },
+		func(c *Config) { c.URL = "http://127.0.0.1/ws" },
+		func(c *Config) { c.URL = "ws://example.com/ws" },
+	} {
+		c := DefaultConfig()
+		mod(&c)
+		if err := c.validate(); err == nil {
+			t.Errorf("config %+v: want an error", c)
+		}
+	}
+	c := DefaultConfig()
+	if err := c.validate(); err != nil || c.Out == nil || c.Logger == nil || c.RunID == "" || c.SourceAddrs != 1 {
+		t.Fatalf("default config: %v, %+v", err, c)
+	}
+}
+
+func TestCheckTarget(t *testing.T) {
+	tests := []struct {
+		url         string
+		allowRemote bool
+		ok          bool
+	}{
+		{"ws://127.0.0.1:8080/ws", false, true},
+		{"ws://127.9.3.4:8080/ws", false, true},
+		{"ws://localhost:8080/ws", false, true},
+		{"ws://[::1]:8080/ws", false, true},
+		{"wss://LOCALHOST/ws", false, true},
+		{"ws://10.0.0.1:8080/ws", false, false},
+		{"ws://game.example.com/ws", false, false},
+		{"ws://128.0.0.1/ws", false, false},
+		{"ws://game.example.com/ws", true, true},
+		{"http://127.0.0.1/ws", true, false},
+		{"ws:///ws", true, false},
+	}
+	for _, tt := range tests {
+		err := CheckTarget(tt.url, tt.allowRemote)
+		if (err == nil) != tt.ok {
+			t.Errorf("CheckTarget(%q, %v) = %v; want ok %v", tt.url, tt.allowRemote, err, tt.ok)
+		}
+		if !tt.ok && !tt.allowRemote && strings.HasPrefix(tt.url, "ws://") && tt.url != "ws:///ws" && !errors.Is(err, ErrRemoteTarget) {
+			t.Errorf("CheckTarget(%q): %v; want ErrRemoteTarget", tt.url, err)
+		}
+	}
+	if !loopbackV4("ws://127.0.0.1:1/ws") || loopbackV4("ws://[::1]:1/ws") || loopbackV4("ws://localhost:1/ws") {
+		t.Error("loopbackV4: want true only for 127.x literals")
+	}
+}
+
+func TestPoissonBounds(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, rate := range []float64{0.01, 1, 5, 1000} {
+		p := poisson{rng, rate}
+		var sum time.Duration
+		const n = 20000
+		hi := time.Duration(maxWaitFactor / rate * float64(time.Second))
+		for range n {
+			d := p.next()
+			if d < time.Microsecond || d > hi {
+				t.Fatalf("rate %g: wait %v outside [1µs, %v]", rate, d, hi)
+			}
+			sum += d
+		}
+		mean := sum.Seconds() / n
+		if want := 1 / rate; mean < 0.95*want || mean > 1.05*want {
+			t.Errorf("rate %g: mean wait %.4gs, want about %.4gs", rate, mean, want)
+		}
+	}
+	if d := (poisson{rng, 0}).next(); d != never {
+		t.Errorf("rate 0: wait %v, want never", d)
+	}
+	if later(time.Second, never) != never || later(time.Second, time.Second) != 2*time.Second {
+		t.Error("later does not saturate")
+	}
+	s := DefaultScenario()
+	if n := maxActions(s, 30*time.Second); n < int(30*(s.ChatRate+s.StateRate)) || n > 1000 {
+		t.Errorf("maxActions %d out of bounds", n)
+	}
+}
+
+func TestHistogramMerge(t *testing.T) {
+	a, b := newHist(), newHist()
+	for i := 1; i <= 1000; i++ {
+		recordDur(a, time.Duration(i)*time.Microsecond)
+		recordDur(b, time.Duration(i)*time.Millisecond)
+	}
+	recordDur(b, time.Hour) // clamped to the top
+	recordDur(b, 0)         // clamped to the bottom
+	merged := newHist()
+	for _, h := range []*hdrhistogram.Histogram{a, b, newHist()} {
+		s := exportHist(h)
+		if h.TotalCount() == 0 && s != nil {
+			t.Fatal("empty histogram exported")
+		}
+		mergeSnap(merged, s)
+	}
+	if merged.TotalCount() != 2002 {
+		t.Fatalf("merged count %d, want 2002", merged.TotalCount())
+	}
+	if got := merged.ValueAtPercentile(50); !merged.ValuesAreEquivalent(got, 1000) {
+		t.Errorf("p50 %dµs, want about 1000µs", got)
+	}
+	if merged.Max() < histHighest*99/100 {
+		t.Errorf("max %d, want the clamp %d", merged.Max(), histHighest)
+	}
+	if s := exportHist(a); len(s.Counts) >= len(a.Export().Counts) {
+		t.Errorf("export keeps %d counts; want trailing zeros cut", len(s.Counts))
+	}
+}
+
+func TestVerifyRoom(t *testing.T) {
+	pubs := [][]uint64{{2, 5, 9}, {3, 7, 12}}
+	tests := []struct {
+		name    string
+		members [][]interval
+		want    VerifyResult
+	}{
+		{"all delivered", [][]interval{{{Lo: 1, Hi: 13, Got: []uint64{2, 3, 5, 7, 9, 12}}}},
+			VerifyResult{Expected: 6, Delivered: 6, Intervals: 1}},
+		{"bounds are exclusive", [][]interval{{{Lo: 3, Hi: 9, Got: []uint64{5, 7}}}},
+			VerifyResult{Expected: 2, Delivered: 2, Intervals: 1}},
+		{"missing and duplicated", [][]interval{{{Lo: 1, Hi: 13, Got: []uint64{2, 3, 3, 7, 9}}}},
+			VerifyResult{Expected: 6, Delivered: 3, Missing: 2, Duplicated: 1, Intervals: 1}},
+		{"untracked and outside", [][]interval{{{Lo: 4, Hi: 8, Got: []uint64{2, 5, 6, 7}}}},
+			VerifyResult{Expected: 2, Delivered: 2, Untracked: 1, Intervals: 1}},
+		{"two members, churn", [][]interval{
+			{{Lo: 1, Hi: 6, Got: []uint64{2, 3, 5}}, {Lo: 8, Hi: 13, Got: []uint64{9, 12}}},
+			{{Lo: 6, Hi: 10, Got: []uint64{7}}}},
+			VerifyResult{Expected: 7, Delivered: 6, Missing: 1, Intervals: 3}},
+		{"empty and unknown bounds", [][]interval{{{Lo: 5, Hi: 6}, {Lo: ^uint64(0), Hi: 3}}}, VerifyResult{}},
+	}
+	for _, tt := range tests {
+		if got := verifyRoom(pubs, tt.members); got != tt.want {
+			t.Errorf("%s: got %+v, want %+v", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestDurationJSON(t *testing.T) {
+	var d Duration
+	if err := d.UnmarshalJSON([]byte(`"250ms"`)); err != nil || time.Duration(d) != 250*time.Millisecond {
+		t.Fatalf("%v %v", d, err)
+	}
+	b, _ := d.MarshalJSON()
+	if string(b) != `"250ms"` {
+		t.Errorf("marshal %s", b)
+	}
+}

@@ -1,0 +1,102 @@
+package loadtest
+
+import (
+	"slices"
+	"sort"
+)
+
+// interval is one membership of a bot in its room, in offsets: the bot must
+// have received every event with Lo < offset < Hi. Lo is the version of the
+// bot's own state update right after it joined, Hi that of the one right
+// before it left (or the end), which the bot waited to see come back.
+type interval struct {
+	Lo, Hi uint64
+	// Got holds the chat offsets received during the membership, in order
+	// of arrival.
+	Got []uint64
+}
+
+// VerifyResult is the end-of-run exactly-once check: for each bot, the
+// tracked publishes of its room whose offsets fall inside its membership
+// intervals.
+type VerifyResult struct {
+	// Expected counts (receiver, message) pairs that had to be delivered.
+	Expected int64 `json:"expected"`
+	// Delivered counts those received exactly once.
+	Delivered int64 `json:"delivered"`
+	// Missing counts those not received.
+	Missing int64 `json:"missing"`
+	// Duplicated counts those received more than once.
+	Duplicated int64 `json:"duplicated"`
+	// Untracked counts events received inside an interval that no tracked
+	// publish explains: a publish whose reply was lost (outcome unknown),
+	// past the tracking cap, or from a client outside this run.
+	Untracked int64 `json:"untracked"`
+	// Intervals counts the membership intervals checked.
+	Intervals int64 `json:"intervals"`
+}
+
+func (v *VerifyResult) add(o VerifyResult) {
+	v.Expected += o.Expected
+	v.Delivered += o.Delivered
+	v.Missing += o.Missing
+	v.Duplicated += o.Duplicated
+	v.Untracked += o.Untracked
+	v.Intervals += o.Intervals
+}
+
+// verifyRoom checks one room: published holds every bot's tracked publish
+// offsets, members every bot's intervals. It is pure.
+func verifyRoom(published [][]uint64, members [][]interval) VerifyResult {
+	pubs := slices.Concat(published...)
+	slices.Sort(pubs)
+	pubs = slices.Compact(pubs)
+	var r VerifyResult
+	for _, ivs := range members {
+		for _, iv := range ivs {
+			if iv.Hi <= iv.Lo || iv.Hi-iv.Lo < 2 { // nothing can lie strictly between
+				continue
+			}
+			r.Intervals++
+			got := map[uint64]int{}
+			for _, o := range iv.Got {
+				if o > iv.Lo && o < iv.Hi {
+					got[o]++
+				}
+			}
+			lo := sort.Search(len(pubs), func(i int) bool { return pubs[i] > iv.Lo })
+			hi := sort.Search(len(pubs), func(i int) bool { return pubs[i] >= iv.Hi })
+			for _, o := range pubs[lo:hi] {
+				r.Expected++
+				switch n := got[o]; {
+				case n == 0:
+					r.Missing++
+				case n == 1:
+					r.Delivered++
+				default:
+					r.Duplicated++
+				}
+				delete(got, o)
+			}
+			r.Untracked += int64(len(got))
+		}
+	}
+	return r
+}
+
+// StateResult is the end-of-run convergence check of the scores mounts.
+type StateResult struct {
+	// Checked counts (bot, other bot) pairs compared.
+	Checked int64 `json:"checked"`
+	// Converged counts pairs where the bot's mirror held the other bot's
+	// last value.
+	Converged int64 `json:"converged"`
+	// Diverged counts the others.
+	Diverged int64 `json:"diverged"`
+}
+
+func (s *StateResult) add(o StateResult) {
+	s.Checked += o.Checked
+	s.Converged += o.Converged
+	s.Diverged += o.Diverged
+}
