@@ -111,6 +111,8 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 	fs.DurationVar(&cfg.AuthTimeout, "auth-timeout", cfg.AuthTimeout, "close a connection that has not authenticated in this time")
 	fs.DurationVar(&cfg.WriteTimeout, "write-timeout", cfg.WriteTimeout, "close a client whose socket takes no data for this long")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "fail a request the queue node has not answered in this time")
+	fs.DurationVar(&cfg.LinkPingInterval, "link-ping-interval", cfg.LinkPingInterval, "how often the gateway pings each queue node")
+	fs.DurationVar(&cfg.LinkTimeout, "link-timeout", cfg.LinkTimeout, "declare a queue node link dead after this long without a frame")
 }
 
 // nodeFlags binds the queue node's flags to cfg.
@@ -131,6 +133,9 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	fs.IntVar(&cfg.MaxQueues, "max-queues", cfg.MaxQueues, "queues per node")
 	fs.DurationVar(&cfg.IdleTTL, "idle-ttl", cfg.IdleTTL, "drop a queue with no subscribers and no traffic after this long")
 	fs.IntVar(&cfg.LinkBuffer, "link-buffer", cfg.LinkBuffer, "bytes queued for one gateway before its link is closed")
+	if fs.Lookup("link-timeout") == nil { // imq dev shares the gateway's
+		fs.DurationVar(&cfg.LinkTimeout, "link-timeout", cfg.LinkTimeout, "close a gateway link after this long without a frame (gateways ping every few seconds)")
+	}
 }
 
 func runDev(args []string) error {
@@ -155,7 +160,7 @@ func runDev(args []string) error {
 		gc.AllowedOrigins = []string{"*"} // browsers on any local page may connect in development
 	}
 	nc.NodeID = "dev-node"
-	nc.Limits.MaxPayload = gc.MaxPayload
+	nc.Limits.MaxPayload, nc.LinkTimeout = gc.MaxPayload, gc.LinkTimeout
 	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc, Logger: log})
 	if err != nil {
 		return err
