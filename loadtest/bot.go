@@ -165,6 +165,7 @@ func (b *bot) loop(load context.Context) {
 	for range e.maxActions {
 		next := min(nChat, nUpd, nChurn)
 		if next >= stopAt {
+			<-load.Done() // nothing more to do: stay joined, idle, until the end
 			return
 		}
 		if wait := time.Until(start.Add(next)); wait > 0 {

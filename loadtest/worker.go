@@ -83,6 +83,10 @@ func startWorkers(ctx context.Context, cfg Config, ch chan<- sourceMsg) error {
 	for room := range cfg.Scenario.Rooms {
 		specs[room%cfg.Workers].Rooms = append(specs[room%cfg.Workers].Rooms, room)
 	}
+	// The ramp rate is the whole run's: each worker ramps its share of it.
+	for i := range specs {
+		specs[i].Scenario.RampRate = cfg.Scenario.RampRate * float64(len(specs[i].Rooms)) / float64(cfg.Scenario.Rooms)
+	}
 	for i, spec := range specs {
 		cmd := exec.Command(cfg.Executable, "loadtest", "--worker")
 		cmd.Stderr = &logWriter{log: cfg.Logger, worker: i}
