@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"html/template"
 	"io"
+	"strconv"
 	"strings"
 )
 
@@ -92,7 +93,7 @@ func svgChart(title, unit string, xs []float64, ss []series) template.HTML {
 		y := top + ph*float64(i)/4
 		v := ymax * float64(4-i) / 4
 		fmt.Fprintf(&b, `<line x1="%g" y1="%.1f" x2="%g" y2="%.1f" stroke="#eee"/>`, left, y, left+pw, y)
-		fmt.Fprintf(&b, `<text x="%g" y="%.1f" font-size="10" text-anchor="end">%.3g</text>`, left-4, y+3, v)
+		fmt.Fprintf(&b, `<text x="%g" y="%.1f" font-size="10" text-anchor="end">%s</text>`, left-4, y+3, tickLabel(v))
 	}
 	fmt.Fprintf(&b, `<text x="12" y="%g" font-size="10" transform="rotate(-90 12 %g)">%s</text>`, top+ph/2, top+ph/2, esc(unit))
 	fmt.Fprintf(&b, `<text x="%g" y="%g" font-size="10">0s</text><text x="%g" y="%g" font-size="10" text-anchor="end">%.0fs</text>`,
@@ -140,3 +141,15 @@ th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 {{end}}
 </body></html>
 `))
+
+// tickLabel writes an axis value as a person reads it: 9070 as "9.07k",
+// 1.69 as "1.69".
+func tickLabel(v float64) string {
+	switch {
+	case v >= 1e6:
+		return strconv.FormatFloat(v/1e6, 'g', 3, 64) + "M"
+	case v >= 1e3:
+		return strconv.FormatFloat(v/1e3, 'g', 3, 64) + "k"
+	}
+	return strconv.FormatFloat(v, 'g', 3, 64)
+}
