@@ -16,7 +16,6 @@ import (
 	"github.com/imq-dev/imq/internal/wire"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
-	"github.com/imq-dev/imq/queuenode"
 )
 
 var testSecret = []byte("0123456789abcdef0123456789abcdef")
@@ -25,33 +24,26 @@ var testSecret = []byte("0123456789abcdef0123456789abcdef")
 // the gateway's config first.
 func startDev(t testing.TB, mod func(*gateway.Config)) *launch.Dev {
 	t.Helper()
-	gc := gateway.DefaultConfig()
-	gc.Addr = "127.0.0.1:0"
-	gc.Dev = true
-	gc.JWTSecret = testSecret
-	gc.AllowedOrigins = []string{"https://game.example.com"}
-	nc := queuenode.DefaultConfig()
-	nc.LinkAddr = "127.0.0.1:0"
+	cfg := launch.LocalDevConfig()
+	cfg.Gateway.JWTSecret = testSecret
+	cfg.Gateway.AllowedOrigins = []string{"https://game.example.com"}
 	if mod != nil {
-		mod(&gc)
+		mod(&cfg.Gateway)
 	}
-	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc})
+	d, err := launch.StartDev(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		d.Shutdown(ctx)
 	})
-	waitFor(t, 5*time.Second, func() bool {
-		resp, err := http.Get("http://" + d.Gateway.Addr() + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
 	return d
 }
 

@@ -6,7 +6,10 @@ package launch
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -67,4 +70,35 @@ func (d *Dev) Err() <-chan error { return d.errc }
 // Shutdown stops the gateway (clients are told to reconnect), then the node.
 func (d *Dev) Shutdown(ctx context.Context) error {
 	return errors.Join(d.Gateway.Shutdown(ctx), d.Node.Shutdown(ctx))
+}
+
+// LocalDevConfig returns a one-process cluster for tests and trials: both
+// services on 127.0.0.1 with ports the OS picks, the gateway in development
+// mode (?user= accepted).
+func LocalDevConfig() DevConfig {
+	gc := gateway.DefaultConfig()
+	gc.Addr, gc.Dev = "127.0.0.1:0", true
+	nc := queuenode.DefaultConfig()
+	nc.LinkAddr = "127.0.0.1:0"
+	return DevConfig{Gateway: gc, QueueNode: nc}
+}
+
+// WaitReady waits until the gateway is healthy, that is its link to the
+// queue node is up, or ctx ends.
+func (d *Dev) WaitReady(ctx context.Context) error {
+	url := "http://" + d.Gateway.Addr() + "/healthz"
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("gateway not ready: %w", ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,20 +13,14 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/client"
-	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
-	"github.com/imq-dev/imq/queuenode"
 )
 
 func startDev(t testing.TB) *launch.Dev {
 	t.Helper()
-	gc := gateway.DefaultConfig()
-	gc.Addr = "127.0.0.1:0"
-	gc.Dev = true
-	gc.JWTSecret = []byte("loadtest-secret-0123456789")
-	nc := queuenode.DefaultConfig()
-	nc.LinkAddr = "127.0.0.1:0"
-	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc})
+	cfg := launch.LocalDevConfig()
+	cfg.Gateway.JWTSecret = []byte("loadtest-secret-0123456789")
+	d, err := launch.StartDev(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,14 +29,11 @@ func startDev(t testing.TB) *launch.Dev {
 		defer cancel()
 		d.Shutdown(ctx)
 	})
-	waitFor(t, 5*time.Second, func() bool {
-		resp, err := http.Get("http://" + d.Gateway.Addr() + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
 	return d
 }
 
