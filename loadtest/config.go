@@ -160,8 +160,10 @@ type Config struct {
 	// checked.
 	AbortGrace time.Duration
 	// TrackLimit caps the offsets each bot records for the exactly-once
-	// check: its first TrackLimit publishes and received events. Later
-	// ones are still checked for order, duplicates and gaps as they arrive.
+	// check: its first TrackLimit publishes and received events (8 bytes
+	// each). Later ones are still checked for order, duplicates and gaps as
+	// they arrive. Zero means a budget of trackBudget offsets shared by all
+	// the run's bots, at most 100,000 and at least 1,000 each.
 	TrackLimit int
 	// SettleTimeout bounds each step of the end phase: waiting for a bot's
 	// own echo and for state mirrors to converge.
@@ -185,14 +187,21 @@ func DefaultConfig() Config {
 		Scenario:      DefaultScenario(),
 		Workers:       1,
 		AbortGrace:    3 * time.Second,
-		TrackLimit:    100_000,
+		TrackLimit:    0,
 		SettleTimeout: 5 * time.Second,
 	}
 }
 
+// trackBudget is the offsets all bots of a run record together when
+// TrackLimit is automatic: 32 Mi offsets, 256 MiB.
+const trackBudget = 32 << 20
+
 func (c *Config) validate() error {
 	if err := c.Scenario.validate(); err != nil {
 		return err
+	}
+	if c.TrackLimit == 0 && c.Scenario.Bots() > 0 {
+		c.TrackLimit = min(100_000, max(1_000, trackBudget/c.Scenario.Bots()))
 	}
 	switch {
 	case c.Workers < 0 || c.Workers > 64:
@@ -207,8 +216,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("abort errors %g: want a fraction 0..1", c.AbortErrors)
 	case c.AbortGrace < 0:
 		return fmt.Errorf("abort grace %v: want >= 0", c.AbortGrace)
-	case c.TrackLimit < 1:
-		return fmt.Errorf("track limit %d: want >= 1", c.TrackLimit)
+	case c.TrackLimit < 0:
+		return fmt.Errorf("track limit %d: want >= 0 (0: automatic)", c.TrackLimit)
 	case c.SettleTimeout <= 0:
 		return fmt.Errorf("settle timeout %v: want > 0", c.SettleTimeout)
 	}

@@ -50,7 +50,7 @@ func TestConfigValidate(t *testing.T) {
 	for _, mod := range []func(*Config){
 		func(c *Config) { c.Workers = 11 }, // more than rooms
 		func(c *Config) { c.AbortErrors = 2 },
-		func(c *Config) { c.TrackLimit = 0 },
+		func(c *Config) { c.TrackLimit = -1 },
 		func(c *Config) { c.URL = "http://127.0.0.1/ws" },
 		func(c *Config) { c.URL = "ws://example.com/ws" },
 	} {

@@ -6,8 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/imq-dev/imq/loadtest"
@@ -39,6 +41,10 @@ func runLoadtest(args []string) error {
 		if err != nil {
 			return err
 		}
+		// A terminal's Ctrl-C reaches the whole process group: a worker
+		// ignores it and stops when the parent closes its stdin, after
+		// sending its results.
+		signal.Ignore(os.Interrupt, syscall.SIGTERM)
 		return loadtest.RunWorker(context.Background(), os.Stdin, os.Stdout, log)
 	}
 	fs := newFlagSet("loadtest", "Runs bots (real SDK clients) against a cluster: each joins its room, chats,\nupdates its key in the room's state, leaves and rejoins, and checks order,\nexactly-once delivery and state convergence. Refuses non-loopback targets\nwithout --allow-remote. Exits non-zero on abort or protocol violations.")
@@ -68,7 +74,7 @@ func runLoadtest(args []string) error {
 	fs.DurationVar(&cfg.AbortP99, "abort-p99", 0, "abort when publish→deliver p99 over the last 3 s exceeds this (0: never)")
 	fs.Var(&abortErrors, "abort-errors", "abort when failed/requests over the last 3 s exceeds this, e.g. 1% (0: never)")
 	fs.DurationVar(&cfg.AbortGrace, "abort-grace", cfg.AbortGrace, "time after the start before abort thresholds apply")
-	fs.IntVar(&cfg.TrackLimit, "track-limit", cfg.TrackLimit, "offsets each bot records for the exactly-once check")
+	fs.IntVar(&cfg.TrackLimit, "track-limit", cfg.TrackLimit, "offsets each bot records for the exactly-once check, 8 bytes each (0: 32 Mi shared by all bots, 1,000 to 100,000 each)")
 	fs.StringVar(&jsonFile, "json", "", "write the full report as JSON to this file")
 	fs.StringVar(&htmlFile, "html", "", "write a self-contained HTML report to this file")
 	lf.register(fs)
