@@ -162,7 +162,10 @@ func frameToJSON(frame []byte) ([]byte, error) {
 // is told NODE_LOST and may rejoin (the queue may come back empty).
 func (s *Server) nodeLost(nodeID string) {
 	table := s.table.Load()
-	lost := s.index.take(func(q string) bool { return table.Lookup(q).ID == nodeID })
+	lost := s.index.take(func(q string) bool {
+		node, _ := table.Lookup(q)
+		return node.ID == nodeID
+	})
 	n := 0
 	for queue, subs := range lost {
 		for c := range subs {

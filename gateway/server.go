@@ -250,7 +250,8 @@ func (s *Server) linksUp() int {
 
 // linkFor routes queue to the link of its node.
 func (s *Server) linkFor(queue string) *nodeLink {
-	return s.links[s.table.Load().Lookup(queue).ID]
+	node, _ := s.table.Load().Lookup(queue) // the table always has the one node, for now
+	return s.links[node.ID]
 }
 
 // httpError answers a request that cannot become a WebSocket with the same

@@ -1,18 +1,38 @@
 // Package bucket is the consistent-hash routing table shared by the boss,
 // gateways and queue nodes: queue name → bucket (the top Bits bits of the
-// queue name's xxhash64) → owning node.
+// queue name's xxhash64) → owning node, as in IMVU's design.
 //
 // A Table is an immutable, versioned snapshot: share it freely between
 // goroutines and replace it whole (an atomic.Pointer) when a newer version
-// arrives. It imports only xxhash. The rebalancing algorithm (joins steal,
-// splits, leaves) arrives with the boss; for now a table is built with Single.
+// arrives. Join and Leave return the next version and the buckets that moved;
+// they are pure and deterministic, so the same history of joins and leaves
+// always yields the same table. Only the boss calls them.
+//
+// The invariants, for a table with nodes: every bucket has a live owner, each
+// node owns at least MinBuckets, and the counts differ by at most one, so the
+// load differential max:min is 9:8 or better. A join steals the new node's
+// share one bucket at a time from the nodes holding the most; when that share
+// would be under MinBuckets it first splits every bucket in two (bucket b
+// becomes 2b and 2b+1 with the same owner: nothing moves). A leave hands the
+// leaver's buckets one at a time to the nodes holding the fewest. Ties go to
+// the node whose id sorts first.
+//
+// It imports only xxhash.
 package bucket
 
 import (
+	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/cespare/xxhash/v2"
 )
+
+// MinBuckets is the fewest buckets a node holds (when the table has nodes).
+const MinBuckets = 8
+
+// maxBits bounds the table at 2^20 buckets (131,072 nodes at MinBuckets).
+const maxBits = 20
 
 // Node is a queue node as the table knows it.
 type Node struct {
@@ -20,30 +40,53 @@ type Node struct {
 	LinkAddr string
 }
 
+// Move is one bucket changing owner.
+type Move struct {
+	Bucket   int
+	From, To string
+}
+
 // Table maps 2^Bits buckets to nodes.
 type Table struct {
 	version uint64
 	bits    uint8
-	owners  []int // bucket → index into nodes
-	nodes   []Node
+	owners  []int  // bucket → index into nodes
+	nodes   []Node // sorted by ID
 }
+
+// Errors of Join and Leave.
+var (
+	ErrNodeExists  = errors.New("bucket: node already in the table")
+	ErrUnknownNode = errors.New("bucket: node not in the table")
+	ErrTableFull   = errors.New("bucket: table at its maximum size")
+)
+
+// Empty returns version 0 of a table with no nodes.
+func Empty() *Table { return &Table{} }
 
 // Single returns version 1 of a table in which node owns every bucket.
 func Single(node Node) *Table {
-	return &Table{version: 1, bits: 0, owners: []int{0}, nodes: []Node{node}}
+	t, _, err := Empty().Join(node)
+	if err != nil {
+		panic(err) // an empty table takes any node
+	}
+	return t
 }
 
 // Hash is the fixed routing hash of a queue name. It must never change:
 // changing it would move every queue.
 func Hash(queue string) uint64 { return xxhash.Sum64String(queue) }
 
-// Version returns the table's version; only the boss makes new ones.
+// Version returns the table's version; every Join or Leave adds one.
 func (t *Table) Version() uint64 { return t.version }
 
-// Buckets returns the number of buckets.
+// Bits returns k: the table has 2^k buckets.
+func (t *Table) Bits() int { return int(t.bits) }
+
+// Buckets returns the number of buckets (0 for a table without nodes).
 func (t *Table) Buckets() int { return len(t.owners) }
 
-// Bucket returns the bucket of queue.
+// Bucket returns the bucket of queue: the top Bits bits of its hash.
 func (t *Table) Bucket(queue string) int {
 	if t.bits == 0 {
 		return 0
@@ -51,14 +94,167 @@ func (t *Table) Bucket(queue string) int {
 	return int(Hash(queue) >> (64 - t.bits))
 }
 
-// Lookup returns the node owning queue. It does not allocate.
-func (t *Table) Lookup(queue string) Node {
-	return t.nodes[t.owners[t.Bucket(queue)]]
+// Lookup returns the node owning queue, and false for a table without nodes.
+// It does not allocate.
+func (t *Table) Lookup(queue string) (Node, bool) {
+	if len(t.nodes) == 0 {
+		return Node{}, false
+	}
+	return t.nodes[t.owners[t.Bucket(queue)]], true
 }
 
-// Nodes returns the nodes that own at least one bucket.
-func (t *Table) Nodes() []Node { return append([]Node(nil), t.nodes...) }
+// Owner returns the node owning bucket b.
+func (t *Table) Owner(b int) Node { return t.nodes[t.owners[b]] }
+
+// Nodes returns the nodes, sorted by ID.
+func (t *Table) Nodes() []Node { return slices.Clone(t.nodes) }
+
+// Counts returns how many buckets each node owns, by node ID.
+func (t *Table) Counts() map[string]int {
+	c := make(map[string]int, len(t.nodes))
+	for _, n := range t.nodes {
+		c[n.ID] = 0
+	}
+	for _, o := range t.owners {
+		c[t.nodes[o].ID]++
+	}
+	return c
+}
 
 func (t *Table) String() string {
 	return fmt.Sprintf("table v%d: %d buckets on %d nodes", t.version, len(t.owners), len(t.nodes))
+}
+
+func (t *Table) index(id string) (int, bool) {
+	return slices.BinarySearchFunc(t.nodes, id, func(n Node, id string) int {
+		switch {
+		case n.ID < id:
+			return -1
+		case n.ID > id:
+			return 1
+		}
+		return 0
+	})
+}
+
+// Join returns the next version with node added, and the buckets that moved
+// to it. Splitting moves nothing, so the moves are exactly the stolen buckets.
+func (t *Table) Join(node Node) (*Table, []Move, error) {
+	if _, ok := t.index(node.ID); ok {
+		return nil, nil, fmt.Errorf("%w: %s", ErrNodeExists, node.ID)
+	}
+	next := &Table{version: t.version + 1, bits: t.bits, owners: slices.Clone(t.owners)}
+	pos, _ := t.index(node.ID)
+	next.nodes = slices.Insert(slices.Clone(t.nodes), pos, node)
+	for i, o := range next.owners { // indexes at or after pos shift by one
+		if o >= pos {
+			next.owners[i] = o + 1
+		}
+	}
+	if len(t.nodes) == 0 {
+		next.bits = 3 // 8 buckets
+		next.owners = make([]int, 1<<next.bits)
+		return next, nil, nil
+	}
+	n := len(next.nodes)
+	for len(next.owners)/n < MinBuckets {
+		if next.bits == maxBits {
+			return nil, nil, ErrTableFull
+		}
+		next.split()
+	}
+	counts := next.counts()
+	share := len(next.owners) / n
+	moves := make([]Move, 0, share)
+	for range share {
+		// The node holding the most gives up its highest bucket.
+		donor := -1
+		for i, c := range counts {
+			if i != pos && (donor < 0 || c > counts[donor]) {
+				donor = i
+			}
+		}
+		b := lastIndex(next.owners, donor)
+		next.owners[b] = pos
+		counts[donor]--
+		counts[pos]++
+		moves = append(moves, Move{Bucket: b, From: next.nodes[donor].ID, To: node.ID})
+	}
+	slices.SortFunc(moves, func(a, b Move) int { return a.Bucket - b.Bucket })
+	return next, moves, nil
+}
+
+// Leave returns the next version without node, and the buckets that moved:
+// exactly the leaver's.
+func (t *Table) Leave(id string) (*Table, []Move, error) {
+	pos, ok := t.index(id)
+	if !ok {
+		return nil, nil, fmt.Errorf("%w: %s", ErrUnknownNode, id)
+	}
+	next := &Table{version: t.version + 1, bits: t.bits, owners: slices.Clone(t.owners)}
+	next.nodes = slices.Delete(slices.Clone(t.nodes), pos, pos+1)
+	if len(next.nodes) == 0 {
+		next.bits, next.owners = 0, nil
+		return next, nil, nil
+	}
+	counts := make([]int, len(next.nodes))
+	for _, o := range t.owners {
+		if o != pos {
+			counts[shift(o, pos)]++
+		}
+	}
+	var moves []Move
+	for b, o := range t.owners {
+		if o != pos {
+			next.owners[b] = shift(o, pos)
+			continue
+		}
+		// The node holding the fewest takes it.
+		heir := 0
+		for i, c := range counts {
+			if c < counts[heir] {
+				heir = i
+			}
+		}
+		next.owners[b] = heir
+		counts[heir]++
+		moves = append(moves, Move{Bucket: b, From: id, To: next.nodes[heir].ID})
+	}
+	return next, moves, nil
+}
+
+// shift maps a node index of the old table to the new one after removing
+// the node at pos.
+func shift(o, pos int) int {
+	if o > pos {
+		return o - 1
+	}
+	return o
+}
+
+// split doubles the buckets: bucket b becomes 2b and 2b+1, same owner.
+func (t *Table) split() {
+	owners := make([]int, 2*len(t.owners))
+	for b, o := range t.owners {
+		owners[2*b], owners[2*b+1] = o, o
+	}
+	t.owners = owners
+	t.bits++
+}
+
+func (t *Table) counts() []int {
+	c := make([]int, len(t.nodes))
+	for _, o := range t.owners {
+		c[o]++
+	}
+	return c
+}
+
+func lastIndex(s []int, v int) int {
+	for i := len(s) - 1; i >= 0; i-- {
+		if s[i] == v {
+			return i
+		}
+	}
+	return -1
 }
