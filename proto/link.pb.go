@@ -137,6 +137,7 @@ type LinkDown struct {
 	//	*LinkDown_Reply
 	//	*LinkDown_Deliver
 	//	*LinkDown_Pong
+	//	*LinkDown_QueueClosed
 	Msg           isLinkDown_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -215,6 +216,15 @@ func (x *LinkDown) GetPong() *Pong {
 	return nil
 }
 
+func (x *LinkDown) GetQueueClosed() *QueueClosed {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkDown_QueueClosed); ok {
+			return x.QueueClosed
+		}
+	}
+	return nil
+}
+
 type isLinkDown_Msg interface {
 	isLinkDown_Msg()
 }
@@ -235,6 +245,10 @@ type LinkDown_Pong struct {
 	Pong *Pong `protobuf:"bytes,4,opt,name=pong,proto3,oneof"`
 }
 
+type LinkDown_QueueClosed struct {
+	QueueClosed *QueueClosed `protobuf:"bytes,5,opt,name=queue_closed,json=queueClosed,proto3,oneof"`
+}
+
 func (*LinkDown_HelloAck) isLinkDown_Msg() {}
 
 func (*LinkDown_Reply) isLinkDown_Msg() {}
@@ -242,6 +256,8 @@ func (*LinkDown_Reply) isLinkDown_Msg() {}
 func (*LinkDown_Deliver) isLinkDown_Msg() {}
 
 func (*LinkDown_Pong) isLinkDown_Msg() {}
+
+func (*LinkDown_QueueClosed) isLinkDown_Msg() {}
 
 type Hello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -297,9 +313,12 @@ func (x *Hello) GetProtocol() uint32 {
 }
 
 type HelloAck struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Protocol      uint32                 `protobuf:"varint,2,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Protocol uint32                 `protobuf:"varint,2,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// The version of the bucket table the node holds (0: none, or a node
+	// outside a cluster). A gateway holding an older one fetches the newer.
+	TableVersion  uint64 `protobuf:"varint,3,opt,name=table_version,json=tableVersion,proto3" json:"table_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -348,6 +367,13 @@ func (x *HelloAck) GetProtocol() uint32 {
 	return 0
 }
 
+func (x *HelloAck) GetTableVersion() uint64 {
+	if x != nil {
+		return x.TableVersion
+	}
+	return 0
+}
+
 // NodeRequest carries one client operation on a queue, on behalf of the
 // authenticated user and session that the gateway vouches for.
 type NodeRequest struct {
@@ -355,6 +381,9 @@ type NodeRequest struct {
 	Id      uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	User    string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
 	Session string                 `protobuf:"bytes,3,opt,name=session,proto3" json:"session,omitempty"`
+	// The version of the bucket table the gateway routed by. A node holding an
+	// older one fetches the newer before it answers MOVED again.
+	TableVersion uint64 `protobuf:"varint,4,opt,name=table_version,json=tableVersion,proto3" json:"table_version,omitempty"`
 	// Types that are valid to be assigned to Op:
 	//
 	//	*NodeRequest_Join
@@ -415,6 +444,13 @@ func (x *NodeRequest) GetSession() string {
 		return x.Session
 	}
 	return ""
+}
+
+func (x *NodeRequest) GetTableVersion() uint64 {
+	if x != nil {
+		return x.TableVersion
+	}
+	return 0
 }
 
 func (x *NodeRequest) GetOp() isNodeRequest_Op {
@@ -493,6 +529,10 @@ type NodeReply struct {
 	Id      uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	Code    Code                   `protobuf:"varint,2,opt,name=code,proto3,enum=imq.v1.Code" json:"code,omitempty"`
 	Message string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// With code MOVED: the version of the table by which this node does not
+	// own the queue's bucket. The gateway refreshes its table to at least this
+	// version and retries on the owner.
+	TableVersion uint64 `protobuf:"varint,4,opt,name=table_version,json=tableVersion,proto3" json:"table_version,omitempty"`
 	// Types that are valid to be assigned to Result:
 	//
 	//	*NodeReply_Joined
@@ -552,6 +592,13 @@ func (x *NodeReply) GetMessage() string {
 		return x.Message
 	}
 	return ""
+}
+
+func (x *NodeReply) GetTableVersion() uint64 {
+	if x != nil {
+		return x.TableVersion
+	}
+	return 0
 }
 
 func (x *NodeReply) GetResult() isNodeReply_Result {
@@ -673,6 +720,70 @@ func (x *Deliver) GetFrame() []byte {
 	return nil
 }
 
+// QueueClosed tells a gateway that a queue it has subscribers to no longer
+// exists on this node: its bucket moved to another node (reason MOVED). The
+// gateway ends its local subscriptions that were made through this node,
+// with the reason, and the clients rejoin.
+type QueueClosed struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Queue         string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	Reason        Reason                 `protobuf:"varint,2,opt,name=reason,proto3,enum=imq.v1.Reason" json:"reason,omitempty"`
+	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueClosed) Reset() {
+	*x = QueueClosed{}
+	mi := &file_link_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueClosed) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueClosed) ProtoMessage() {}
+
+func (x *QueueClosed) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueClosed.ProtoReflect.Descriptor instead.
+func (*QueueClosed) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *QueueClosed) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *QueueClosed) GetReason() Reason {
+	if x != nil {
+		return x.Reason
+	}
+	return Reason_REASON_UNSPECIFIED
+}
+
+func (x *QueueClosed) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_link_proto protoreflect.FileDescriptor
 
 const file_link_proto_rawDesc = "" +
@@ -683,34 +794,38 @@ const file_link_proto_rawDesc = "" +
 	"\x05hello\x18\x01 \x01(\v2\r.imq.v1.HelloH\x00R\x05hello\x12/\n" +
 	"\arequest\x18\x02 \x01(\v2\x13.imq.v1.NodeRequestH\x00R\arequest\x12\"\n" +
 	"\x04ping\x18\x03 \x01(\v2\f.imq.v1.PingH\x00R\x04pingB\x05\n" +
-	"\x03msg\"\xbe\x01\n" +
+	"\x03msg\"\xf8\x01\n" +
 	"\bLinkDown\x12/\n" +
 	"\thello_ack\x18\x01 \x01(\v2\x10.imq.v1.HelloAckH\x00R\bhelloAck\x12)\n" +
 	"\x05reply\x18\x02 \x01(\v2\x11.imq.v1.NodeReplyH\x00R\x05reply\x12+\n" +
 	"\adeliver\x18\x03 \x01(\v2\x0f.imq.v1.DeliverH\x00R\adeliver\x12\"\n" +
-	"\x04pong\x18\x04 \x01(\v2\f.imq.v1.PongH\x00R\x04pongB\x05\n" +
+	"\x04pong\x18\x04 \x01(\v2\f.imq.v1.PongH\x00R\x04pong\x128\n" +
+	"\fqueue_closed\x18\x05 \x01(\v2\x13.imq.v1.QueueClosedH\x00R\vqueueClosedB\x05\n" +
 	"\x03msg\"B\n" +
 	"\x05Hello\x12\x1d\n" +
 	"\n" +
 	"gateway_id\x18\x01 \x01(\tR\tgatewayId\x12\x1a\n" +
-	"\bprotocol\x18\x02 \x01(\rR\bprotocol\"?\n" +
+	"\bprotocol\x18\x02 \x01(\rR\bprotocol\"d\n" +
 	"\bHelloAck\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1a\n" +
-	"\bprotocol\x18\x02 \x01(\rR\bprotocol\"\xfa\x01\n" +
+	"\bprotocol\x18\x02 \x01(\rR\bprotocol\x12#\n" +
+	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\"\x9f\x02\n" +
 	"\vNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12\x18\n" +
-	"\asession\x18\x03 \x01(\tR\asession\x12\"\n" +
+	"\asession\x18\x03 \x01(\tR\asession\x12#\n" +
+	"\rtable_version\x18\x04 \x01(\x04R\ftableVersion\x12\"\n" +
 	"\x04join\x18\n" +
 	" \x01(\v2\f.imq.v1.JoinH\x00R\x04join\x12%\n" +
 	"\x05leave\x18\v \x01(\v2\r.imq.v1.LeaveH\x00R\x05leave\x12+\n" +
 	"\apublish\x18\f \x01(\v2\x0f.imq.v1.PublishH\x00R\apublish\x12/\n" +
 	"\tset_state\x18\r \x01(\v2\x10.imq.v1.SetStateH\x00R\bsetStateB\x04\n" +
-	"\x02op\"\xef\x01\n" +
+	"\x02op\"\x94\x02\n" +
 	"\tNodeReply\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12 \n" +
 	"\x04code\x18\x02 \x01(\x0e2\f.imq.v1.CodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\x12(\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12#\n" +
+	"\rtable_version\x18\x04 \x01(\x04R\ftableVersion\x12(\n" +
 	"\x06joined\x18\n" +
 	" \x01(\v2\x0e.imq.v1.JoinedH\x00R\x06joined\x121\n" +
 	"\tpublished\x18\v \x01(\v2\x11.imq.v1.PublishedH\x00R\tpublished\x12/\n" +
@@ -719,7 +834,11 @@ const file_link_proto_rawDesc = "" +
 	"\aDeliver\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05mount\x18\x02 \x01(\tR\x05mount\x12\x14\n" +
-	"\x05frame\x18\x03 \x01(\fR\x05frameB$Z\"github.com/imq-dev/imq/proto;imqpbb\x06proto3"
+	"\x05frame\x18\x03 \x01(\fR\x05frame\"e\n" +
+	"\vQueueClosed\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\x12&\n" +
+	"\x06reason\x18\x02 \x01(\x0e2\x0e.imq.v1.ReasonR\x06reason\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessageB$Z\"github.com/imq-dev/imq/proto;imqpbb\x06proto3"
 
 var (
 	file_link_proto_rawDescOnce sync.Once
@@ -733,7 +852,7 @@ func file_link_proto_rawDescGZIP() []byte {
 	return file_link_proto_rawDescData
 }
 
-var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_link_proto_goTypes = []any{
 	(*LinkUp)(nil),      // 0: imq.v1.LinkUp
 	(*LinkDown)(nil),    // 1: imq.v1.LinkDown
@@ -742,38 +861,42 @@ var file_link_proto_goTypes = []any{
 	(*NodeRequest)(nil), // 4: imq.v1.NodeRequest
 	(*NodeReply)(nil),   // 5: imq.v1.NodeReply
 	(*Deliver)(nil),     // 6: imq.v1.Deliver
-	(*Ping)(nil),        // 7: imq.v1.Ping
-	(*Pong)(nil),        // 8: imq.v1.Pong
-	(*Join)(nil),        // 9: imq.v1.Join
-	(*Leave)(nil),       // 10: imq.v1.Leave
-	(*Publish)(nil),     // 11: imq.v1.Publish
-	(*SetState)(nil),    // 12: imq.v1.SetState
-	(Code)(0),           // 13: imq.v1.Code
-	(*Joined)(nil),      // 14: imq.v1.Joined
-	(*Published)(nil),   // 15: imq.v1.Published
-	(*StateSet)(nil),    // 16: imq.v1.StateSet
+	(*QueueClosed)(nil), // 7: imq.v1.QueueClosed
+	(*Ping)(nil),        // 8: imq.v1.Ping
+	(*Pong)(nil),        // 9: imq.v1.Pong
+	(*Join)(nil),        // 10: imq.v1.Join
+	(*Leave)(nil),       // 11: imq.v1.Leave
+	(*Publish)(nil),     // 12: imq.v1.Publish
+	(*SetState)(nil),    // 13: imq.v1.SetState
+	(Code)(0),           // 14: imq.v1.Code
+	(*Joined)(nil),      // 15: imq.v1.Joined
+	(*Published)(nil),   // 16: imq.v1.Published
+	(*StateSet)(nil),    // 17: imq.v1.StateSet
+	(Reason)(0),         // 18: imq.v1.Reason
 }
 var file_link_proto_depIdxs = []int32{
 	2,  // 0: imq.v1.LinkUp.hello:type_name -> imq.v1.Hello
 	4,  // 1: imq.v1.LinkUp.request:type_name -> imq.v1.NodeRequest
-	7,  // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
+	8,  // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
 	3,  // 3: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
 	5,  // 4: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
 	6,  // 5: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
-	8,  // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
-	9,  // 7: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
-	10, // 8: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
-	11, // 9: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
-	12, // 10: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
-	13, // 11: imq.v1.NodeReply.code:type_name -> imq.v1.Code
-	14, // 12: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
-	15, // 13: imq.v1.NodeReply.published:type_name -> imq.v1.Published
-	16, // 14: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	9,  // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
+	7,  // 7: imq.v1.LinkDown.queue_closed:type_name -> imq.v1.QueueClosed
+	10, // 8: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
+	11, // 9: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
+	12, // 10: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
+	13, // 11: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
+	14, // 12: imq.v1.NodeReply.code:type_name -> imq.v1.Code
+	15, // 13: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
+	16, // 14: imq.v1.NodeReply.published:type_name -> imq.v1.Published
+	17, // 15: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
+	18, // 16: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_link_proto_init() }
@@ -792,6 +915,7 @@ func file_link_proto_init() {
 		(*LinkDown_Reply)(nil),
 		(*LinkDown_Deliver)(nil),
 		(*LinkDown_Pong)(nil),
+		(*LinkDown_QueueClosed)(nil),
 	}
 	file_link_proto_msgTypes[4].OneofWrappers = []any{
 		(*NodeRequest_Join)(nil),
@@ -810,7 +934,7 @@ func file_link_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_link_proto_rawDesc), len(file_link_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

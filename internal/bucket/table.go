@@ -17,10 +17,11 @@
 // leaver's buckets one at a time to the nodes holding the fewest. Ties go to
 // the node whose id sorts first.
 //
-// It imports only xxhash.
+// It imports only xxhash and the standard library.
 package bucket
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -257,4 +258,95 @@ func lastIndex(s []int, v int) int {
 		}
 	}
 	return -1
+}
+
+// Readdress returns the next version in which node, already in the table,
+// has a new link address (a restarted node); no bucket moves.
+func (t *Table) Readdress(node Node) (*Table, error) {
+	pos, ok := t.index(node.ID)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrUnknownNode, node.ID)
+	}
+	next := &Table{version: t.version + 1, bits: t.bits, owners: t.owners, nodes: slices.Clone(t.nodes)}
+	next.nodes[pos] = node // owners is shared: tables are immutable
+	return next, nil
+}
+
+// tableJSON is the wire and disk form of a Table.
+type tableJSON struct {
+	Version uint64     `json:"version"`
+	Bits    uint8      `json:"bits"`
+	Nodes   []nodeJSON `json:"nodes"`
+	// Owners[b] indexes Nodes: the owner of bucket b.
+	Owners []int `json:"owners"`
+}
+
+type nodeJSON struct {
+	ID       string `json:"id"`
+	LinkAddr string `json:"link_addr"`
+}
+
+// MarshalJSON encodes the table as {"version", "bits", "nodes": [{"id",
+// "link_addr"}], "owners": [node index per bucket]}.
+func (t *Table) MarshalJSON() ([]byte, error) {
+	j := tableJSON{Version: t.version, Bits: t.bits, Nodes: make([]nodeJSON, len(t.nodes)), Owners: t.owners}
+	for i, n := range t.nodes {
+		j.Nodes[i] = nodeJSON{ID: n.ID, LinkAddr: n.LinkAddr}
+	}
+	if j.Owners == nil {
+		j.Owners = []int{}
+	}
+	return json.Marshal(j)
+}
+
+// UnmarshalJSON decodes what MarshalJSON encodes, and refuses a table that
+// breaks the invariants a lookup relies on.
+func (t *Table) UnmarshalJSON(b []byte) error {
+	var j tableJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return fmt.Errorf("bucket: decode table: %w", err)
+	}
+	next := Table{version: j.Version, bits: j.Bits}
+	if len(j.Owners) > 0 {
+		next.owners = j.Owners
+	}
+	for _, n := range j.Nodes {
+		next.nodes = append(next.nodes, Node{ID: n.ID, LinkAddr: n.LinkAddr})
+	}
+	if err := next.check(); err != nil {
+		return fmt.Errorf("bucket: decode table: %w", err)
+	}
+	*t = next
+	return nil
+}
+
+// check verifies what Lookup relies on: the bucket count matches the bits,
+// every owner is a node, and nodes are sorted and unique.
+func (t *Table) check() error {
+	if len(t.nodes) == 0 {
+		if len(t.owners) != 0 || t.bits != 0 {
+			return errors.New("buckets without nodes")
+		}
+		return nil
+	}
+	if t.bits > maxBits {
+		return fmt.Errorf("%d bits, more than %d", t.bits, maxBits)
+	}
+	if len(t.owners) != 1<<t.bits {
+		return fmt.Errorf("%d owners for %d bits", len(t.owners), t.bits)
+	}
+	for i, n := range t.nodes {
+		if n.ID == "" {
+			return errors.New("a node without an id")
+		}
+		if i > 0 && t.nodes[i-1].ID >= n.ID {
+			return fmt.Errorf("nodes not sorted and unique at %q", n.ID)
+		}
+	}
+	for b, o := range t.owners {
+		if o < 0 || o >= len(t.nodes) {
+			return fmt.Errorf("bucket %d owned by node index %d of %d", b, o, len(t.nodes))
+		}
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package bucket
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -253,4 +254,89 @@ func BenchmarkLookup(b *testing.B) {
 		tb.Lookup(queues[i&1023])
 		i++
 	}
+}
+
+func TestJSONRoundTrip(t *testing.T) {
+	tb := Empty()
+	for i := range 5 {
+		tb, _, _ = tb.Join(Node{ID: "node-" + strconv.Itoa(i), LinkAddr: "127.0.0.1:" + strconv.Itoa(7100+i)})
+	}
+	tb, _, _ = tb.Leave("node-2")
+	for _, in := range []*Table{Empty(), tb} {
+		b, err := json.Marshal(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out Table
+		if err := json.Unmarshal(b, &out); err != nil {
+			t.Fatalf("decode %s: %v", b, err)
+		}
+		if !reflect.DeepEqual(in.Nodes(), out.Nodes()) || in.Version() != out.Version() || in.Buckets() != out.Buckets() {
+			t.Fatalf("round trip changed %v into %v", in, &out)
+		}
+		for q := range 500 {
+			name := "/room/" + strconv.Itoa(q)
+			a, _ := in.Lookup(name)
+			b, _ := out.Lookup(name)
+			if a != b {
+				t.Fatalf("%s routes to %v before and %v after", name, a, b)
+			}
+		}
+	}
+}
+
+func TestJSONRefusesBrokenTables(t *testing.T) {
+	for _, bad := range []string{
+		`{"version":1,"bits":3,"nodes":[{"id":"a"}],"owners":[0,0,0]}`,          // too few owners
+		`{"version":1,"bits":1,"nodes":[{"id":"a"}],"owners":[0,1]}`,            // owner out of range
+		`{"version":1,"bits":1,"nodes":[{"id":"a"}],"owners":[0,-1]}`,           // negative owner
+		`{"version":1,"bits":1,"nodes":[{"id":"b"},{"id":"a"}],"owners":[0,1]}`, // unsorted
+		`{"version":1,"bits":1,"nodes":[{"id":"a"},{"id":"a"}],"owners":[0,1]}`, // duplicate
+		`{"version":1,"bits":1,"nodes":[{"id":""}],"owners":[0,0]}`,             // no id
+		`{"version":1,"bits":40,"nodes":[{"id":"a"}],"owners":[0]}`,             // too many bits
+		`{"version":1,"bits":2,"nodes":[],"owners":[]}`,                         // bits without nodes
+		`[1,2]`,
+	} {
+		var tb Table
+		if err := json.Unmarshal([]byte(bad), &tb); err == nil {
+			t.Errorf("accepted %s", bad)
+		}
+	}
+}
+
+func TestReaddressMovesNothing(t *testing.T) {
+	tb := Single(Node{ID: "a", LinkAddr: "old"})
+	tb, _, _ = tb.Join(Node{ID: "b", LinkAddr: "b"})
+	next, err := tb.Readdress(Node{ID: "a", LinkAddr: "new"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.Version() != tb.Version()+1 {
+		t.Fatalf("version %d after %d", next.Version(), tb.Version())
+	}
+	for b := range tb.Buckets() {
+		if tb.Owner(b).ID != next.Owner(b).ID {
+			t.Fatalf("bucket %d moved", b)
+		}
+	}
+	if n, _ := next.Lookup(queueOwnedBy(t, next, "a")); n.LinkAddr != "new" {
+		t.Fatalf("a's address is %q", n.LinkAddr)
+	}
+	if n, _ := tb.Lookup(queueOwnedBy(t, tb, "a")); n.LinkAddr != "old" {
+		t.Fatalf("the old table changed: a's address is %q", n.LinkAddr)
+	}
+	if _, err := tb.Readdress(Node{ID: "zz"}); !errors.Is(err, ErrUnknownNode) {
+		t.Fatalf("readdressing an unknown node: %v", err)
+	}
+}
+
+func queueOwnedBy(t *testing.T, tb *Table, id string) string {
+	for i := range 10000 {
+		q := "/room/" + strconv.Itoa(i)
+		if n, _ := tb.Lookup(q); n.ID == id {
+			return q
+		}
+	}
+	t.Fatalf("no queue routes to %s", id)
+	return ""
 }

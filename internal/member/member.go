@@ -1,0 +1,435 @@
+// Package member makes a process a member of an IMQ cluster: a
+// hashicorp/memberlist node whose metadata says its role (boss, queue node or
+// gateway), its id and its addresses. Members find each other through seed
+// addresses, gossip, and declare a silent member dead after the failure
+// detection time (see Config.DetectionTime); every process learns who is
+// alive without asking the boss.
+package member
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"math"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Role is what a member does in the cluster.
+type Role string
+
+// The roles.
+const (
+	RoleBoss      Role = "boss"
+	RoleQueueNode Role = "queuenode"
+	RoleGateway   Role = "gateway"
+)
+
+// Meta is what a member tells the others about itself. It travels as JSON in
+// memberlist's node metadata, which holds at most 512 bytes.
+type Meta struct {
+	Role Role   `json:"role"`
+	ID   string `json:"id"`
+	// LinkAddr is where a queue node takes gateway links.
+	LinkAddr string `json:"link,omitempty"`
+	// HTTPAddr serves /healthz, /varz and /v1/table (the boss's API; a
+	// gateway's WebSockets).
+	HTTPAddr string `json:"http,omitempty"`
+	// Started (Unix ms) tells two incarnations of one id apart: the newer
+	// wins.
+	Started int64 `json:"started"`
+	// TableVersion is the bucket table version the member holds.
+	TableVersion uint64 `json:"table,omitempty"`
+}
+
+// Config configures membership. A zero field takes its default from
+// DefaultConfig.
+type Config struct {
+	// BindAddr is the gossip address (TCP and UDP, the same port;
+	// "127.0.0.1:7946"). Port 0 picks a free one: see Member.Addr.
+	BindAddr string
+	// Join lists members to join through (host:port of their gossip
+	// address); usually the boss. Empty: this member starts a cluster.
+	Join []string
+	// Cluster names the cluster: members of differently named clusters
+	// ignore each other. Default "imq".
+	Cluster string
+	// ProbeInterval is how often each member probes a random other one.
+	ProbeInterval time.Duration
+	// ProbeTimeout is how long a probe waits for its ack before asking
+	// other members to probe indirectly.
+	ProbeTimeout time.Duration
+	// SuspicionMult scales how long a suspected member has to refute before
+	// it is declared dead: SuspicionMult × max(1, log10(members)) probe
+	// intervals at the least.
+	SuspicionMult int
+	// RejoinInterval is how often a member that sees no boss (or nobody)
+	// tries its Join addresses again, so that a restarted boss is found.
+	RejoinInterval time.Duration
+	// Logger receives memberlist's logs at their levels. Default: discard.
+	Logger *slog.Logger
+	// OnChange, if set, runs after members join, leave, die or change
+	// their metadata: on one goroutine, never concurrently, and coalesced
+	// (one run may cover several changes). Read Peers in it.
+	OnChange func()
+}
+
+// DefaultConfig returns the documented defaults: memberlist's LAN settings,
+// which declare a killed member dead in about DetectionTime (5 s in a small
+// cluster).
+func DefaultConfig() Config {
+	return Config{
+		BindAddr:       "127.0.0.1:7946",
+		Cluster:        "imq",
+		ProbeInterval:  time.Second,
+		ProbeTimeout:   500 * time.Millisecond,
+		SuspicionMult:  4,
+		RejoinInterval: 5 * time.Second,
+	}
+}
+
+func (c *Config) setDefaults() {
+	d := DefaultConfig()
+	if c.BindAddr == "" {
+		c.BindAddr = d.BindAddr
+	}
+	if c.Cluster == "" {
+		c.Cluster = d.Cluster
+	}
+	if c.ProbeInterval == 0 {
+		c.ProbeInterval = d.ProbeInterval
+	}
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = d.ProbeTimeout
+	}
+	if c.SuspicionMult == 0 {
+		c.SuspicionMult = d.SuspicionMult
+	}
+	if c.RejoinInterval == 0 {
+		c.RejoinInterval = d.RejoinInterval
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Validate reports settings memberlist cannot work with.
+func (c Config) Validate() error {
+	c.setDefaults()
+	var errs []error
+	if _, _, err := splitHostPort(c.BindAddr); err != nil {
+		errs = append(errs, fmt.Errorf("gossip address %q: %v", c.BindAddr, err))
+	}
+	for _, j := range c.Join {
+		if _, _, err := splitHostPort(j); err != nil {
+			errs = append(errs, fmt.Errorf("join address %q: %v", j, err))
+		}
+	}
+	if c.ProbeInterval <= 0 || c.ProbeTimeout <= 0 || c.RejoinInterval <= 0 {
+		errs = append(errs, errors.New("probe interval, probe timeout and rejoin interval must be positive"))
+	}
+	if c.ProbeTimeout >= c.ProbeInterval {
+		errs = append(errs, fmt.Errorf("probe timeout (%s) must be shorter than the probe interval (%s)", c.ProbeTimeout, c.ProbeInterval))
+	}
+	if c.SuspicionMult < 1 {
+		errs = append(errs, fmt.Errorf("suspicion multiplier must be at least 1, got %d", c.SuspicionMult))
+	}
+	if len(c.Cluster) > memberlist.LabelMaxSize {
+		errs = append(errs, fmt.Errorf("cluster name is %d bytes; at most %d", len(c.Cluster), memberlist.LabelMaxSize))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("membership: %w", err)
+	}
+	return nil
+}
+
+// DetectionTime is about how long the members take to declare a killed
+// member of a cluster of n dead: the probe that finds it silent (up to one
+// probe interval, plus its timeout) and the suspicion it cannot refute. With
+// the defaults and up to 10 members: 1 s + 0.5 s + 4 s = 5.5 s at most,
+// once enough members confirm the suspicion (memberlist lets a suspicion
+// that too few members confirm last up to 6 times longer).
+func (c Config) DetectionTime(n int) time.Duration {
+	c.setDefaults()
+	scale := math.Max(1, math.Log10(math.Max(1, float64(n))))
+	suspicion := time.Duration(float64(c.SuspicionMult) * scale * float64(c.ProbeInterval))
+	return c.ProbeInterval + c.ProbeTimeout + suspicion
+}
+
+// Peer is a live member as this one sees it.
+type Peer struct {
+	Name    string // memberlist's name: role, id and a per-process nonce
+	Addr    string // gossip address
+	Meta    Meta
+	Suspect bool // probes failed; dead unless it refutes in time
+}
+
+// Member is this process's membership.
+type Member struct {
+	cfg  Config
+	ml   *memberlist.Memberlist
+	log  *slog.Logger
+	self string
+
+	mu   sync.Mutex
+	meta Meta // guarded by mu
+
+	changed chan struct{} // cap 1: a change to report
+	update  chan struct{} // cap 1: our metadata changed
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	once    sync.Once
+}
+
+// Start joins the cluster as meta says (Started is set here). Unreachable
+// Join addresses are not an error: the member keeps trying them every
+// RejoinInterval.
+func Start(cfg Config, meta Meta) (*Member, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if meta.Role == "" || meta.ID == "" {
+		return nil, errors.New("membership: a member needs a role and an id")
+	}
+	meta.Started = time.Now().UnixMilli()
+	var nonce [4]byte
+	rand.Read(nonce[:])
+	m := &Member{
+		cfg: cfg, log: cfg.Logger, meta: meta,
+		self:    fmt.Sprintf("%s/%s/%s", meta.Role, meta.ID, hex.EncodeToString(nonce[:])),
+		changed: make(chan struct{}, 1), update: make(chan struct{}, 1), stop: make(chan struct{}),
+	}
+	if b, _ := json.Marshal(meta); len(b) > memberlist.MetaMaxSize-64 {
+		return nil, fmt.Errorf("membership: metadata is %d bytes; ids and addresses must be shorter", len(b))
+	}
+	host, port, _ := splitHostPort(cfg.BindAddr)
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = m.self
+	mc.BindAddr, mc.BindPort = host, port
+	mc.AdvertiseAddr, mc.AdvertisePort = "", port
+	if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() {
+		mc.AdvertiseAddr = host
+	}
+	mc.Label = cfg.Cluster
+	mc.ProbeInterval, mc.ProbeTimeout, mc.SuspicionMult = cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SuspicionMult
+	mc.TCPTimeout = max(2*cfg.ProbeInterval, time.Second)
+	mc.Delegate = delegate{m}
+	mc.Events = events{m}
+	mc.Logger = log.New(&logWriter{log: cfg.Logger}, "", 0)
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("membership: %w", err)
+	}
+	m.ml = ml
+	if len(cfg.Join) > 0 {
+		if _, err := ml.Join(cfg.Join); err != nil {
+			m.log.Warn("could not join the cluster yet; retrying", "join", cfg.Join, "err", err)
+		}
+	}
+	m.wg.Add(1)
+	go func() { // ends at Close
+		defer m.wg.Done()
+		m.loop()
+	}()
+	m.log.Info("cluster member", "name", m.self, "gossip", m.Addr(), "join", cfg.Join)
+	return m, nil
+}
+
+// Addr returns the gossip address others join through.
+func (m *Member) Addr() string {
+	n := m.ml.LocalNode()
+	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+}
+
+// Name returns this member's memberlist name.
+func (m *Member) Name() string { return m.self }
+
+// Meta returns this member's metadata.
+func (m *Member) Meta() Meta {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.meta
+}
+
+// SetTableVersion records the bucket table version this member holds and
+// gossips it (in the background).
+func (m *Member) SetTableVersion(v uint64) {
+	m.mu.Lock()
+	same := m.meta.TableVersion == v
+	m.meta.TableVersion = v
+	m.mu.Unlock()
+	if !same {
+		select {
+		case m.update <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Peers returns the live members (alive or suspect), this one included,
+// sorted by name. Members whose metadata is not IMQ's are left out.
+func (m *Member) Peers() []Peer {
+	nodes := m.ml.Members()
+	out := make([]Peer, 0, len(nodes))
+	for _, n := range nodes {
+		var meta Meta
+		if err := json.Unmarshal(n.Meta, &meta); err != nil || meta.Role == "" || meta.ID == "" {
+			continue
+		}
+		out = append(out, Peer{
+			Name: n.Name, Addr: net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))),
+			Meta: meta, Suspect: n.State == memberlist.StateSuspect,
+		})
+	}
+	slices.SortFunc(out, func(a, b Peer) int { return cmpString(a.Name, b.Name) })
+	return out
+}
+
+// Boss returns the live boss, the newest if there are two (a restarted boss
+// before its old incarnation is declared dead).
+func (m *Member) Boss() (Peer, bool) {
+	var boss Peer
+	found := false
+	for _, p := range m.Peers() {
+		if p.Meta.Role == RoleBoss && (!found || p.Meta.Started > boss.Meta.Started) {
+			boss, found = p, true
+		}
+	}
+	return boss, found
+}
+
+// Join joins the cluster through addrs (gossip addresses) now.
+func (m *Member) Join(addrs []string) (int, error) { return m.ml.Join(addrs) }
+
+// Close leaves the cluster gracefully (the others see "left" at once rather
+// than waiting for the failure detector), within timeout, and stops.
+func (m *Member) Close(timeout time.Duration) error {
+	var err error
+	m.once.Do(func() {
+		close(m.stop)
+		m.wg.Wait()
+		err = m.ml.Leave(timeout)
+		if e := m.ml.Shutdown(); err == nil {
+			err = e
+		}
+	})
+	return err
+}
+
+// loop reports changes, gossips metadata updates and rejoins when alone or
+// without a boss.
+func (m *Member) loop() {
+	rejoin := time.NewTicker(m.cfg.RejoinInterval)
+	defer rejoin.Stop()
+	for {
+		select {
+		case <-m.stop:
+			return
+		case <-m.changed:
+			if m.cfg.OnChange != nil {
+				m.cfg.OnChange()
+			}
+		case <-m.update:
+			if err := m.ml.UpdateNode(m.cfg.ProbeInterval); err != nil {
+				m.log.Debug("gossip metadata update", "err", err)
+			}
+		case <-rejoin.C:
+			if len(m.cfg.Join) == 0 {
+				continue
+			}
+			if _, ok := m.Boss(); ok && m.ml.NumMembers() > 1 {
+				continue
+			}
+			if n, err := m.ml.Join(m.cfg.Join); err != nil {
+				m.log.Debug("rejoin failed", "join", m.cfg.Join, "err", err)
+			} else {
+				m.log.Info("rejoined the cluster", "through", n)
+			}
+		}
+	}
+}
+
+func (m *Member) notify() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
+}
+
+// delegate gives memberlist our metadata; IMQ sends no user messages.
+type delegate struct{ m *Member }
+
+func (d delegate) NodeMeta(limit int) []byte {
+	b, _ := json.Marshal(d.m.Meta())
+	if len(b) > limit {
+		return nil // Start checked the size; a table version cannot grow it past 64 bytes
+	}
+	return b
+}
+func (delegate) NotifyMsg([]byte)                           {}
+func (delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (delegate) LocalState(join bool) []byte                { return nil }
+func (delegate) MergeRemoteState(buf []byte, join bool)     {}
+
+// events wakes the change reporter; memberlist calls these under its locks,
+// so they must not block.
+type events struct{ m *Member }
+
+func (e events) NotifyJoin(*memberlist.Node)   { e.m.notify() }
+func (e events) NotifyLeave(*memberlist.Node)  { e.m.notify() }
+func (e events) NotifyUpdate(*memberlist.Node) { e.m.notify() }
+
+// logWriter turns memberlist's "[LEVEL] memberlist: text" lines into slog
+// records at that level.
+type logWriter struct{ log *slog.Logger }
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	line := bytes.TrimSpace(p)
+	level := slog.LevelInfo
+	for prefix, l := range map[string]slog.Level{"[DEBUG] ": slog.LevelDebug, "[INFO] ": slog.LevelInfo, "[WARN] ": slog.LevelWarn, "[ERR] ": slog.LevelError} {
+		if bytes.HasPrefix(line, []byte(prefix)) {
+			level, line = l, line[len(prefix):]
+			break
+		}
+	}
+	line = bytes.TrimPrefix(line, []byte("memberlist: "))
+	w.log.Log(context.Background(), level, "memberlist: "+string(line))
+	return len(p), nil
+}
+
+func splitHostPort(addr string) (string, int, error) {
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(ps)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("bad port %q", ps)
+	}
+	if host == "" {
+		host = "0.0.0.0"
+	}
+	return host, port, nil
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
