@@ -15,6 +15,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/client"
+	imqpb "github.com/imq-dev/imq/proto"
 )
 
 // Mount names of every room.
@@ -122,7 +123,7 @@ func (b *bot) connect(load context.Context) bool {
 	ctx, cancel := context.WithTimeout(load, 10*time.Second)
 	defer cancel()
 	t0 := time.Now()
-	c, err := client.Dial(ctx, e.cfg.URL, opts...)
+	c, err := client.Dial(ctx, e.urls[b.id%len(e.urls)], opts...)
 	if err != nil {
 		if load.Err() == nil {
 			e.st.connectFailed.Add(1)
@@ -448,6 +449,16 @@ func (r *receiver) run() {
 			}
 			r.mu.Unlock()
 		case client.KindGap:
+			if u.Reason == imqpb.Reason_REASON_NODE_LOST || u.Reason == imqpb.Reason_REASON_MOVED {
+				// The queue was lost and recreated, as the server said: a
+				// new epoch, whose offsets start again.
+				st.disconnect("queue_lost_" + u.Reason.String())
+				b.e.lost[b.room].Store(true)
+				r.mu.Lock()
+				r.last = 0
+				r.mu.Unlock()
+				continue
+			}
 			st.violation("gap")
 		case client.KindClosed:
 			st.disconnect("unsubscribed_" + u.Reason.String())

@@ -130,7 +130,9 @@ func (s Scenario) validate() error {
 
 // Config configures one load test run.
 type Config struct {
-	// URL is the gateway's WebSocket URL, ws://host:port/ws.
+	// URL is the gateway's WebSocket URL, ws://host:port/ws; several,
+	// comma-separated, spread the bots over gateways (bot i uses URL i mod
+	// n), as players spread over a cluster's gateways.
 	URL string
 	// Scenario is what the bots do.
 	Scenario Scenario
@@ -221,8 +223,10 @@ func (c *Config) validate() error {
 	case c.SettleTimeout <= 0:
 		return fmt.Errorf("settle timeout %v: want > 0", c.SettleTimeout)
 	}
-	if err := CheckTarget(c.URL, c.AllowRemote); err != nil {
-		return err
+	for _, u := range c.URLs() {
+		if err := CheckTarget(u, c.AllowRemote); err != nil {
+			return err
+		}
 	}
 	if c.Out == nil {
 		c.Out = io.Discard
@@ -251,6 +255,20 @@ func (c *Config) validate() error {
 
 // ErrRemoteTarget is returned for a non-loopback target without AllowRemote.
 var ErrRemoteTarget = errors.New("target is not a loopback address (127.0.0.0/8, ::1, localhost); pass --allow-remote to load a remote cluster")
+
+// URLs returns the gateway URLs in URL.
+func (c *Config) URLs() []string {
+	var out []string
+	for _, u := range strings.Split(c.URL, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	if len(out) == 0 {
+		out = []string{""} // CheckTarget explains
+	}
+	return out
+}
 
 // CheckTarget checks that rawURL is a ws:// or wss:// URL and, unless
 // allowRemote, that its host is loopback.

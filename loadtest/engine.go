@@ -34,6 +34,7 @@ type engine struct {
 	log        *slog.Logger
 	st         *stats
 	dialers    []*websocket.Dialer
+	urls       []string // gateways; bot i uses urls[i mod len]
 	fileLimit  uint64
 	end        time.Time // the load stops here
 	maxActions int
@@ -42,6 +43,9 @@ type engine struct {
 	// rooms holds each room's bots; filled by the ramp, read by bots only
 	// after allSettled.
 	rooms map[int][]*bot
+	// lost marks rooms whose queue was lost (node lost, bucket moved): a new
+	// epoch restarted their offsets, so verifyRoom cannot check them.
+	lost map[int]*atomic.Bool
 
 	settled, checked       sync.WaitGroup // bots past finish / past converge
 	allSettled, allChecked chan struct{}
@@ -65,9 +69,14 @@ func runEngine(ctx context.Context, cfg Config, rooms []int, emit func(Tick)) en
 		end:        time.Now().Add(dur),
 		maxActions: maxActions(s, dur),
 		rooms:      map[int][]*bot{},
+		lost:       make(map[int]*atomic.Bool, len(rooms)),
 		allSettled: make(chan struct{}),
 		allChecked: make(chan struct{}),
 	}
+	for _, r := range rooms {
+		e.lost[r] = new(atomic.Bool)
+	}
+	e.urls = e.cfg.URLs()
 	e.dialers = e.makeDialers()
 	load, cancel := context.WithDeadline(ctx, e.end)
 	defer cancel()
@@ -148,6 +157,10 @@ ramp:
 			res.State.add(b.state)
 		}
 		res.Bots += len(bots)
+		if e.lost[room].Load() {
+			res.Verify.RoomsLost++
+			continue
+		}
 		res.Verify.add(verifyRoom(pubs, members))
 	}
 	return res
@@ -166,7 +179,7 @@ func (e *engine) tick() Tick {
 // stops the ramp.
 func (e *engine) makeDialers() []*websocket.Dialer {
 	n := 1
-	if e.cfg.SourceAddrs > 1 && loopbackV4(e.cfg.URL) {
+	if e.cfg.SourceAddrs > 1 && !slices.ContainsFunc(e.urls, func(u string) bool { return !loopbackV4(u) }) {
 		n = e.cfg.SourceAddrs
 	}
 	ds := make([]*websocket.Dialer, n)

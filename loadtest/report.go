@@ -145,6 +145,9 @@ func (r *Report) WriteSummary(w io.Writer) error {
 	v := r.Verify
 	fmt.Fprintf(tw, "exactly once\t%d expected, %d delivered once, %d missing, %d duplicated, %d untracked, over %d intervals (first %d offsets per bot)\n",
 		v.Expected, v.Delivered, v.Missing, v.Duplicated, v.Untracked, v.Intervals, r.TrackLimit)
+	if v.RoomsLost > 0 {
+		fmt.Fprintf(tw, "rooms lost	%d (their queue was lost and recreated, as the server told the bots; not checked for exactly once)\n", v.RoomsLost)
+	}
 	fmt.Fprintf(tw, "state converged\t%d of %d pairs\n", r.State.Converged, r.State.Checked)
 	fmt.Fprintf(tw, "violations\t%d%s\n", r.TotalViolations(), mapText(r.Violations))
 	fmt.Fprintln(tw)

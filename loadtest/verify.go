@@ -34,6 +34,11 @@ type VerifyResult struct {
 	Untracked int64 `json:"untracked"`
 	// Intervals counts the membership intervals checked.
 	Intervals int64 `json:"intervals"`
+	// RoomsLost counts rooms whose queue was lost during the run (its node
+	// died or its bucket moved: the subscribers were told and rejoined a new
+	// epoch). Their offsets restarted, so they are not checked; every other
+	// room is.
+	RoomsLost int64 `json:"rooms_lost,omitempty"`
 }
 
 func (v *VerifyResult) add(o VerifyResult) {
@@ -43,6 +48,7 @@ func (v *VerifyResult) add(o VerifyResult) {
 	v.Duplicated += o.Duplicated
 	v.Untracked += o.Untracked
 	v.Intervals += o.Intervals
+	v.RoomsLost += o.RoomsLost
 }
 
 // verifyRoom checks one room: published holds every bot's tracked publish

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 )
 
@@ -121,4 +122,18 @@ func (lf *commonFlags) logger() (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format must be text or json, got %q", lf.format)
+}
+
+// memberFlags binds the cluster membership flags to cfg; join, if not nil,
+// receives --join.
+func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, join *listFlag) {
+	cfg.BindAddr = defaultGossip
+	fs.StringVar(&cfg.BindAddr, "gossip-addr", cfg.BindAddr, "memberlist gossip address, TCP and UDP (port 0: any free port)")
+	if join != nil {
+		fs.Var(join, "join", "gossip address of a cluster member to join through, usually the boss's; comma-separated or repeated")
+	}
+	fs.StringVar(&cfg.Cluster, "cluster-name", cfg.Cluster, "cluster name: members of differently named clusters ignore each other")
+	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "how often each member probes another (failure detection)")
+	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe")
+	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }

@@ -56,7 +56,7 @@ func runLoadtest(args []string) error {
 		abortErrors                              percentFlag
 		lf                                       commonFlags
 	)
-	fs.StringVar(&cfg.URL, "url", cfg.URL, "gateway WebSocket URL")
+	fs.StringVar(&cfg.URL, "url", cfg.URL, "gateway WebSocket URL; several, comma-separated, spread the bots over gateways")
 	fs.StringVar(&scenarioFile, "scenario", "", "JSON scenario file (fields as the flags, with underscores); flags given explicitly override it")
 	fs.IntVar(&sc.Rooms, "rooms", sc.Rooms, "room queues")
 	fs.IntVar(&sc.BotsPerRoom, "bots-per-room", sc.BotsPerRoom, "bots joined to each room")

@@ -167,12 +167,12 @@ func (c Config) DetectionTime(n int) time.Duration {
 	return c.ProbeInterval + c.ProbeTimeout + suspicion
 }
 
-// Peer is a live member as this one sees it.
+// Peer is a live member as this one sees it: alive, or suspected but not
+// yet declared dead.
 type Peer struct {
-	Name    string // memberlist's name: role, id and a per-process nonce
-	Addr    string // gossip address
-	Meta    Meta
-	Suspect bool // probes failed; dead unless it refutes in time
+	Name string // memberlist's name: role, id and a per-process nonce
+	Addr string // gossip address
+	Meta Meta
 }
 
 // Member is this process's membership.
@@ -182,8 +182,9 @@ type Member struct {
 	log  *slog.Logger
 	self string
 
-	mu   sync.Mutex
-	meta Meta // guarded by mu
+	mu    sync.Mutex
+	meta  Meta            // guarded by mu
+	peers map[string]Peer // live members by name, from the event delegate; guarded by mu
 
 	changed chan struct{} // cap 1: a change to report
 	update  chan struct{} // cap 1: our metadata changed
@@ -207,7 +208,7 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 	var nonce [4]byte
 	rand.Read(nonce[:])
 	m := &Member{
-		cfg: cfg, log: cfg.Logger, meta: meta,
+		cfg: cfg, log: cfg.Logger, meta: meta, peers: map[string]Peer{},
 		self:    fmt.Sprintf("%s/%s/%s", meta.Role, meta.ID, hex.EncodeToString(nonce[:])),
 		changed: make(chan struct{}, 1), update: make(chan struct{}, 1), stop: make(chan struct{}),
 	}
@@ -278,23 +279,33 @@ func (m *Member) SetTableVersion(v uint64) {
 	}
 }
 
-// Peers returns the live members (alive or suspect), this one included,
-// sorted by name. Members whose metadata is not IMQ's are left out.
+// Peers returns the live members, this one included, sorted by name.
+// Members whose metadata is not IMQ's are left out.
 func (m *Member) Peers() []Peer {
-	nodes := m.ml.Members()
-	out := make([]Peer, 0, len(nodes))
-	for _, n := range nodes {
-		var meta Meta
-		if err := json.Unmarshal(n.Meta, &meta); err != nil || meta.Role == "" || meta.ID == "" {
-			continue
-		}
-		out = append(out, Peer{
-			Name: n.Name, Addr: net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))),
-			Meta: meta, Suspect: n.State == memberlist.StateSuspect,
-		})
+	m.mu.Lock()
+	out := make([]Peer, 0, len(m.peers))
+	for _, p := range m.peers {
+		out = append(out, p)
 	}
+	m.mu.Unlock()
 	slices.SortFunc(out, func(a, b Peer) int { return cmpString(a.Name, b.Name) })
 	return out
+}
+
+// track records n as memberlist reports it: memberlist calls the event
+// delegate with n locked, so this is the one safe place to read it (the
+// nodes Members returns change under the reader).
+func (m *Member) track(n *memberlist.Node, live bool) {
+	var meta Meta
+	ok := json.Unmarshal(n.Meta, &meta) == nil && meta.Role != "" && meta.ID != ""
+	m.mu.Lock()
+	if live && ok {
+		m.peers[n.Name] = Peer{Name: n.Name, Addr: net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))), Meta: meta}
+	} else {
+		delete(m.peers, n.Name)
+	}
+	m.mu.Unlock()
+	m.notify()
 }
 
 // Boss returns the live boss, the newest if there are two (a restarted boss
@@ -324,6 +335,18 @@ func (m *Member) Close(timeout time.Duration) error {
 		if e := m.ml.Shutdown(); err == nil {
 			err = e
 		}
+	})
+	return err
+}
+
+// Shutdown stops without leaving, as a crash would: the others declare this
+// member dead after the detection time. For tests, and for fatal paths.
+func (m *Member) Shutdown() error {
+	var err error
+	m.once.Do(func() {
+		close(m.stop)
+		m.wg.Wait()
+		err = m.ml.Shutdown()
 	})
 	return err
 }
@@ -387,9 +410,9 @@ func (delegate) MergeRemoteState(buf []byte, join bool)     {}
 // so they must not block.
 type events struct{ m *Member }
 
-func (e events) NotifyJoin(*memberlist.Node)   { e.m.notify() }
-func (e events) NotifyLeave(*memberlist.Node)  { e.m.notify() }
-func (e events) NotifyUpdate(*memberlist.Node) { e.m.notify() }
+func (e events) NotifyJoin(n *memberlist.Node)   { e.m.track(n, true) }
+func (e events) NotifyLeave(n *memberlist.Node)  { e.m.track(n, false) }
+func (e events) NotifyUpdate(n *memberlist.Node) { e.m.track(n, true) }
 
 // logWriter turns memberlist's "[LEVEL] memberlist: text" lines into slog
 // records at that level.

@@ -1,0 +1,155 @@
+package member
+
+import (
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func fastConfig(join ...string) Config {
+	return Config{
+		BindAddr: "127.0.0.1:0", Join: join, Cluster: "imq-test",
+		ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 50 * time.Millisecond, SuspicionMult: 2,
+		RejoinInterval: 200 * time.Millisecond,
+	}
+}
+
+func startMember(t *testing.T, cfg Config, meta Meta) *Member {
+	t.Helper()
+	m, err := Start(cfg, meta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Shutdown() })
+	return m
+}
+
+func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func find(peers []Peer, id string) (Peer, bool) {
+	for _, p := range peers {
+		if p.Meta.ID == id {
+			return p, true
+		}
+	}
+	return Peer{}, false
+}
+
+func TestMembersSeeEachOtherAndTheirMetadata(t *testing.T) {
+	var changes atomic.Int32
+	bossCfg := fastConfig()
+	bossCfg.OnChange = func() { changes.Add(1) }
+	boss := startMember(t, bossCfg, Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "127.0.0.1:7900"})
+	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1", LinkAddr: "127.0.0.1:7100"})
+
+	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool { _, ok := find(boss.Peers(), "qn-1"); return ok })
+	p, _ := find(boss.Peers(), "qn-1")
+	if p.Meta.Role != RoleQueueNode || p.Meta.LinkAddr != "127.0.0.1:7100" || p.Meta.Started == 0 || p.Addr != node.Addr() {
+		t.Fatalf("the boss sees %+v", p)
+	}
+	if b, ok := node.Boss(); !ok || b.Meta.HTTPAddr != "127.0.0.1:7900" {
+		t.Fatalf("the node's boss is %+v, %v", b, ok)
+	}
+	waitUntil(t, 5*time.Second, "OnChange to run", func() bool { return changes.Load() > 0 })
+
+	node.SetTableVersion(7)
+	waitUntil(t, 5*time.Second, "the table version to reach the boss", func() bool {
+		p, _ := find(boss.Peers(), "qn-1")
+		return p.Meta.TableVersion == 7
+	})
+}
+
+func TestCrashedMemberIsDeclaredDead(t *testing.T) {
+	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
+	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1"})
+	startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleGateway, ID: "gw-1"})
+	waitUntil(t, 5*time.Second, "three members", func() bool { return len(boss.Peers()) == 3 })
+	start := time.Now()
+	node.Shutdown() // no leave message: as a SIGKILL
+	bound := fastConfig().DetectionTime(3)
+	// memberlist lets an unconfirmed suspicion last up to 6 times the
+	// minimum; the bound for the test leaves room for that.
+	waitUntil(t, 6*bound+2*time.Second, "the crashed node to be declared dead", func() bool {
+		_, ok := find(boss.Peers(), "qn-1")
+		return !ok
+	})
+	t.Logf("declared dead after %s (minimum detection time %s)", time.Since(start).Round(time.Millisecond), bound)
+}
+
+func TestGracefulLeaveIsSeenAtOnce(t *testing.T) {
+	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
+	node, err := Start(fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "two members", func() bool { return len(boss.Peers()) == 2 })
+	if err := node.Close(time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// Well under the detection time: a leave is not a failure.
+	waitUntil(t, fastConfig().DetectionTime(2)/2, "the leave to be seen", func() bool { return len(boss.Peers()) == 1 })
+}
+
+func TestNewestBossWins(t *testing.T) {
+	old := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "old"})
+	time.Sleep(5 * time.Millisecond) // Started is in ms
+	newer := startMember(t, fastConfig(old.Addr()), Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "new"})
+	gw := startMember(t, fastConfig(old.Addr()), Meta{Role: RoleGateway, ID: "gw-1"})
+	waitUntil(t, 5*time.Second, "three members", func() bool { return len(gw.Peers()) == 3 })
+	if b, _ := gw.Boss(); b.Meta.HTTPAddr != "new" || b.Name != newer.Name() {
+		t.Fatalf("boss is %+v", b)
+	}
+}
+
+func TestMemberRejoinsARestartedBoss(t *testing.T) {
+	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
+	addr := boss.Addr()
+	gw := startMember(t, fastConfig(addr), Meta{Role: RoleGateway, ID: "gw-1"})
+	waitUntil(t, 5*time.Second, "two members", func() bool { return len(gw.Peers()) == 2 })
+	boss.Shutdown()
+	waitUntil(t, 10*time.Second, "the boss to be declared dead", func() bool { _, ok := gw.Boss(); return !ok })
+	cfg := fastConfig()
+	cfg.BindAddr = addr // the same address, as `imq boss` restarted
+	again := startMember(t, cfg, Meta{Role: RoleBoss, ID: "boss"})
+	// Nobody told the new boss about the gateway: the gateway finds it.
+	waitUntil(t, 5*time.Second, "the gateway to rejoin", func() bool { _, ok := find(again.Peers(), "gw-1"); return ok })
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{BindAddr: "nohost"}, "gossip address"},
+		{Config{Join: []string{"x:y"}}, "join address"},
+		{Config{ProbeInterval: time.Second, ProbeTimeout: 2 * time.Second}, "probe timeout"},
+		{Config{SuspicionMult: -1}, "suspicion"},
+	} {
+		err := c.cfg.Validate()
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: got %v, want an error about %s", c.cfg, err, c.want)
+		}
+	}
+	if _, err := Start(fastConfig(), Meta{Role: RoleGateway}); err == nil {
+		t.Error("a member without an id started")
+	}
+	if _, err := Start(fastConfig(), Meta{Role: RoleGateway, ID: strings.Repeat("x", 600)}); err == nil {
+		t.Error("metadata over memberlist's limit was accepted")
+	}
+}
+
+func TestDetectionTimeDefaults(t *testing.T) {
+	if got := DefaultConfig().DetectionTime(6); got != 5500*time.Millisecond {
+		t.Fatalf("default detection time for 6 members is %s, documented 5.5s", got)
+	}
+}

@@ -1,0 +1,331 @@
+package launch
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// ClusterConfig describes a local cluster of separate imq processes: the
+// talk's "start X queue nodes, Y gateway nodes" test runner. `imq cluster`
+// and the end-to-end tests use it.
+type ClusterConfig struct {
+	// Binary is the imq executable. Default: this process's executable.
+	Binary string
+	// QueueNodes and Gateways count the processes (at least 1 each).
+	QueueNodes, Gateways int
+	// Dir holds each process's log (<name>.log) and the boss's data
+	// (boss/). Default: a new temporary directory.
+	Dir string
+	// Dev puts the gateways in development mode (?user= accepted).
+	Dev bool
+	// JWTSecret, if set, is given to every gateway.
+	JWTSecret string
+	// Host is the address every process listens on. Default 127.0.0.1.
+	Host string
+	// ClusterArgs go to every process (membership timing flags such as
+	// --probe-interval); BossArgs, NodeArgs and GatewayArgs to those only.
+	ClusterArgs, BossArgs, NodeArgs, GatewayArgs []string
+	// Output, if set, receives every log line, prefixed by process name.
+	Output io.Writer
+}
+
+// Cluster is a running local cluster.
+type Cluster struct {
+	cfg      ClusterConfig
+	outMu    sync.Mutex
+	Boss     *Process
+	Nodes    []*Process
+	Gateways []*Process
+}
+
+// StartCluster starts a boss, then the queue nodes and gateways joined to
+// it, and waits until every gateway routes by a table holding every node
+// with a link up to each. On error it stops what it started.
+func StartCluster(ctx context.Context, cfg ClusterConfig) (*Cluster, error) {
+	if cfg.QueueNodes < 1 || cfg.Gateways < 1 {
+		return nil, fmt.Errorf("launch: a cluster needs at least one queue node and one gateway, got %d and %d", cfg.QueueNodes, cfg.Gateways)
+	}
+	if cfg.Binary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("launch: find the imq binary: %w", err)
+		}
+		cfg.Binary = exe
+	}
+	if cfg.Host == "" {
+		cfg.Host = "127.0.0.1"
+	}
+	if cfg.Dir == "" {
+		dir, err := os.MkdirTemp("", "imq-cluster-")
+		if err != nil {
+			return nil, err
+		}
+		cfg.Dir = dir
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.Dir, "boss"), 0o755); err != nil {
+		return nil, err
+	}
+	c := &Cluster{cfg: cfg}
+	err := c.start(ctx)
+	if err != nil {
+		c.Stop(5 * time.Second)
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Cluster) start(ctx context.Context) error {
+	any0 := c.cfg.Host + ":0"
+	c.Boss = c.process("boss", "boss", append([]string{"boss", "--id", "boss", "--addr", any0, "--gossip-addr", any0,
+		"--data-dir", filepath.Join(c.cfg.Dir, "boss")}, c.cfg.BossArgs...))
+	if err := c.startProcess(ctx, c.Boss); err != nil {
+		return err
+	}
+	for range c.cfg.QueueNodes {
+		if _, err := c.AddQueueNode(ctx); err != nil {
+			return err
+		}
+	}
+	for i := range c.cfg.Gateways {
+		args := []string{"gateway", "--id", fmt.Sprintf("gw-%d", i+1), "--addr", any0, "--gossip-addr", any0,
+			"--join", c.Boss.Addr("gossip")}
+		if c.cfg.Dev {
+			args = append(args, "--dev")
+		}
+		if c.cfg.JWTSecret != "" {
+			args = append(args, "--jwt-secret", c.cfg.JWTSecret)
+		}
+		p := c.process(fmt.Sprintf("gw-%d", i+1), "gateway", append(args, c.cfg.GatewayArgs...))
+		if err := c.startProcess(ctx, p); err != nil {
+			return err
+		}
+		c.Gateways = append(c.Gateways, p)
+	}
+	return c.WaitRouting(ctx)
+}
+
+// AddQueueNode starts one more queue node (qn-N+1). It returns once the node
+// serves links; the boss then gives it buckets (see WaitRouting).
+func (c *Cluster) AddQueueNode(ctx context.Context) (*Process, error) {
+	any0 := c.cfg.Host + ":0"
+	name := fmt.Sprintf("qn-%d", len(c.Nodes)+1)
+	p := c.process(name, "queuenode", append([]string{"queuenode", "--id", name, "--link-addr", any0, "--http-addr", any0,
+		"--gossip-addr", any0, "--join", c.Boss.Addr("gossip")}, c.cfg.NodeArgs...))
+	if err := c.startProcess(ctx, p); err != nil {
+		return nil, err
+	}
+	c.Nodes = append(c.Nodes, p)
+	return p, nil
+}
+
+func (c *Cluster) process(name, role string, args []string) *Process {
+	p := &Process{
+		Name: name, Role: role, binary: c.cfg.Binary,
+		args:    append(args, c.cfg.ClusterArgs...),
+		logPath: filepath.Join(c.cfg.Dir, name+".log"),
+		out:     c.cfg.Output, outMu: &c.outMu, addrs: map[string]string{},
+	}
+	p.cond = sync.NewCond(&p.mu)
+	return p
+}
+
+// serving names, per role, the log lines carrying each address.
+var serving = map[string][]struct{ msg, attr, kind string }{
+	"boss":      {{"boss serving", "addr", "http"}, {"boss serving", "gossip", "gossip"}},
+	"queuenode": {{"queue node serving links", "addr", "link"}, {"queue node HTTP", "addr", "http"}, {"cluster member", "gossip", "gossip"}},
+	"gateway":   {{"gateway serving", "addr", "http"}, {"cluster member", "gossip", "gossip"}},
+}
+
+// startProcess starts p and records its addresses. The first start asks for
+// any free ports; after it, p's flags name the ports it got, so a restart
+// comes back on the same addresses.
+func (c *Cluster) startProcess(ctx context.Context, p *Process) error {
+	if err := p.start(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	flagOf := map[string]string{"link": "--link-addr", "gossip": "--gossip-addr", "http": "--addr"}
+	if p.Role == "queuenode" {
+		flagOf["http"] = "--http-addr"
+	}
+	for _, s := range serving[p.Role] {
+		l, err := p.WaitLog(ctx, s.msg)
+		if err != nil {
+			return fmt.Errorf("%w (log: %s)", err, p.logPath)
+		}
+		addr, _ := l[s.attr].(string)
+		if addr == "" {
+			return fmt.Errorf("%s logged %q without %q", p.Name, s.msg, s.attr)
+		}
+		p.setAddr(s.kind, addr)
+		if i := slices.Index(p.args, flagOf[s.kind]); i >= 0 && i+1 < len(p.args) {
+			p.args[i+1] = addr
+		}
+	}
+	return nil
+}
+
+// Restart starts p again with the same flags and addresses (after it was
+// stopped or killed).
+func (c *Cluster) Restart(ctx context.Context, p *Process) error {
+	select {
+	case <-p.Done():
+	default:
+		return fmt.Errorf("launch: %s is still running", p.Name)
+	}
+	return c.startProcess(ctx, p)
+}
+
+// BossTable fetches the boss's current table as its JSON fields.
+func (c *Cluster) BossTable(ctx context.Context) (TableInfo, error) {
+	var t TableInfo
+	err := getJSON(ctx, "http://"+c.Boss.Addr("http")+"/v1/table", &t)
+	return t, err
+}
+
+// TableInfo is the JSON form of a bucket table, as the boss serves it.
+type TableInfo struct {
+	Version uint64 `json:"version"`
+	Nodes   []struct {
+		ID       string `json:"id"`
+		LinkAddr string `json:"link_addr"`
+	} `json:"nodes"`
+	Owners []int `json:"owners"`
+}
+
+// OwnerIDs returns each bucket's owner id.
+func (t TableInfo) OwnerIDs() []string {
+	out := make([]string, len(t.Owners))
+	for b, o := range t.Owners {
+		out[b] = t.Nodes[o].ID
+	}
+	return out
+}
+
+// WaitRouting waits until the boss's table holds exactly the running queue
+// nodes and every running gateway routes by it with every link up.
+func (c *Cluster) WaitRouting(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	var last error
+	for {
+		last = c.routing(ctx)
+		if last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("launch: cluster not routing: %w", last)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (c *Cluster) routing(ctx context.Context) error {
+	t, err := c.BossTable(ctx)
+	if err != nil {
+		return err
+	}
+	var want []string
+	for _, n := range c.Nodes {
+		if running(n) {
+			want = append(want, n.Name)
+		}
+	}
+	var have []string
+	for _, n := range t.Nodes {
+		have = append(have, n.ID)
+	}
+	slices.Sort(want)
+	if !slices.Equal(want, have) {
+		return fmt.Errorf("boss table v%d has nodes %v, want %v", t.Version, have, want)
+	}
+	for _, g := range c.Gateways {
+		if !running(g) {
+			continue
+		}
+		var v struct {
+			TableVersion uint64 `json:"table_version"`
+			LinksUp      int    `json:"links_up"`
+		}
+		if err := getJSON(ctx, "http://"+g.Addr("http")+"/varz", &v); err != nil {
+			return err
+		}
+		if v.TableVersion != t.Version || v.LinksUp != len(want) {
+			return fmt.Errorf("%s routes by table v%d with %d links up; want v%d with %d", g.Name, v.TableVersion, v.LinksUp, t.Version, len(want))
+		}
+	}
+	return nil
+}
+
+func running(p *Process) bool {
+	select {
+	case <-p.Done():
+		return false
+	default:
+		return true
+	}
+}
+
+// URLs returns the gateways' WebSocket URLs.
+func (c *Cluster) URLs() []string {
+	var out []string
+	for _, g := range c.Gateways {
+		out = append(out, "ws://"+g.Addr("http")+"/ws")
+	}
+	return out
+}
+
+// Dir returns the directory of logs and boss data.
+func (c *Cluster) Dir() string { return c.cfg.Dir }
+
+// Stop stops the gateways (clients are told to reconnect), then the queue
+// nodes, then the boss, each with SIGTERM and, after timeout, SIGKILL.
+func (c *Cluster) Stop(timeout time.Duration) {
+	for _, group := range [][]*Process{c.Gateways, c.Nodes, {c.Boss}} {
+		var wg sync.WaitGroup
+		for _, p := range group {
+			if p == nil || !p.started() {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				p.Stop(syscall.SIGTERM, timeout)
+			}()
+		}
+		wg.Wait()
+	}
+}
+
+func getJSON(ctx context.Context, url string, v any) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, b)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(v); err != nil {
+		return fmt.Errorf("GET %s: %w", url, err)
+	}
+	return nil
+}
