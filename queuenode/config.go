@@ -8,17 +8,22 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/wire"
 )
 
 // Config configures a queue node. The zero value of a field means its default
 // from DefaultConfig unless the field says otherwise.
 type Config struct {
-	// NodeID names this node in logs and to gateways. Default: "node-" plus
-	// the link address.
+	// NodeID names this node in logs, to gateways and, in cluster mode, in
+	// the bucket table and membership: it must be unique in the cluster and
+	// stay the same across restarts of the node. Default: "node-" plus the
+	// link address.
 	NodeID string
 	// LinkAddr is the TCP address gateways connect to ("127.0.0.1:7100";
-	// port 0 picks a free port, see Server.LinkAddr).
+	// port 0 picks a free port, see Server.LinkAddr). In cluster mode the
+	// bound address is advertised in the membership (and so in the bucket
+	// table) as is: bind a host gateways can reach, not 0.0.0.0.
 	LinkAddr string
 	// Limits bound each queue.
 	Limits Limits
@@ -33,6 +38,19 @@ type Config struct {
 	// long (gateways ping every few seconds); the gateway's subscribers are
 	// removed.
 	LinkTimeout time.Duration
+	// Member, if set, runs the node in cluster mode: it joins the cluster's
+	// membership as a queue node, learns the bucket table from the boss and
+	// serves only the queues whose bucket it owns (others are answered
+	// MOVED). Its Logger defaults to Logger; its OnChange, if set, runs
+	// before the node's own handling. nil: standalone, the node owns every
+	// queue and has no table (imq queuenode without --join, imq dev, tests).
+	Member *member.Config
+	// HTTPAddr is the host:port of the HTTP listener serving HandleHTTP's
+	// mux (the caller binds it), advertised in the membership metadata as
+	// is so that the boss can read /varz and /v1/table there: a host the
+	// boss can reach, not 0.0.0.0. Empty: not advertised. Cluster mode
+	// only.
+	HTTPAddr string
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the node's metrics. Default: a private registry.
@@ -120,6 +138,11 @@ func (c *Config) validate() error {
 	}
 	if c.LinkBuffer < 4*l.MaxPayload {
 		errs = append(errs, fmt.Errorf("link buffer (%d bytes) must hold at least 4 payloads of %d bytes", c.LinkBuffer, l.MaxPayload))
+	}
+	if c.Member != nil {
+		if err := c.Member.Validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("queuenode config: %w", err)

@@ -10,5 +10,21 @@
 // has one reader goroutine (which executes requests) and one writer goroutine
 // (which owns the socket's writes).
 //
-// queuenode imports internal/ and proto/ only; it never imports gateway/.
+// A node runs standalone (Config.Member nil: it owns every queue) or in
+// cluster mode. In cluster mode it is a member of the cluster's membership
+// (internal/member), follows the boss's bucket table (internal/tablewatch)
+// and serves only the queues whose bucket the table gives it: other requests
+// are answered MOVED with the table's version, and before it has a table
+// UNAVAILABLE. A gateway that routed by a newer table makes the node fetch
+// it at once. When a new table takes a bucket away, the node closes the
+// bucket's queues and sends each gateway with subscribers one QueueClosed
+// (reason MOVED), so the clients rejoin on the new owner; queues are not
+// migrated yet. The table lives behind an atomic pointer; ownership is
+// checked under the queue's shard lock, and a table change stores the table
+// before it sweeps the shards, so no request can keep a moved queue alive
+// (see checkOwnerLocked). The node also closes the links of a gateway that
+// the membership declares dead or left, in case its connections stay open.
+//
+// queuenode imports internal/ and proto/ only; it never imports gateway/ or
+// boss/.
 package queuenode

@@ -77,7 +77,9 @@ func (s *Server) serveLink(conn net.Conn) {
 	log = log.With("link", l.key)
 	log.Info("gateway link up")
 
-	l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_HelloAck{HelloAck: &imqpb.HelloAck{NodeId: s.cfg.NodeID, Protocol: LinkProtocol}}})
+	l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_HelloAck{HelloAck: &imqpb.HelloAck{
+		NodeId: s.cfg.NodeID, Protocol: LinkProtocol, TableVersion: s.currentTable().Version(),
+	}}})
 	writerDone := make(chan struct{})
 	go func() { // ends when the link closes
 		defer close(writerDone)

@@ -15,6 +15,10 @@ type metrics struct {
 	linkOverflows prometheus.Counter
 	queuesCreated prometheus.Counter
 	queuesExpired prometheus.Counter
+
+	movedReplies     prometheus.Counter
+	queuesMoved      prometheus.Counter
+	deadGatewayLinks prometheus.Counter
 }
 
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
@@ -43,9 +47,22 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		queuesExpired: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_queues_dropped_total", Help: "Queues dropped: idle past the idle TTL, or empty when their last subscriber left.",
 		}),
+		movedReplies: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_moved_replies_total", Help: "Requests answered MOVED: the queue's bucket belongs to another node by this node's table.",
+		}),
+		queuesMoved: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_queues_moved_total", Help: "Queues closed because a new bucket table gave their bucket to another node.",
+		}),
+		deadGatewayLinks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_dead_gateway_links_closed_total", Help: "Links closed because their gateway died or left the cluster membership.",
+		}),
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
 		m.linkOverflows, m.queuesCreated, m.queuesExpired,
+		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_table_version", Help: "Version of the bucket table the node holds (0: none, or standalone).",
+		}, func() float64 { return float64(s.currentTable().Version()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_queues", Help: "Queues held in RAM.",
 		}, func() float64 { return float64(s.queueCount.Load()) }),

@@ -1,6 +1,8 @@
 package queuenode
 
 import (
+	"maps"
+	"slices"
 	"sort"
 	"time"
 
@@ -384,6 +386,20 @@ func (q *Queue) ForEachGateway(mount string, fn func(gateway string)) {
 			fn(gw)
 		}
 	}
+}
+
+// Gateways returns each gateway with a subscriber to any of the queue's
+// mounts once, sorted: those to tell when the queue closes.
+func (q *Queue) Gateways() []string {
+	// Every subscriber holds at least one mount, so the mounts' gateway
+	// counts name them all, without a walk over the subscribers.
+	seen := make(map[string]bool)
+	for _, m := range q.mounts {
+		for gw := range m.gateways {
+			seen[gw] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(seen))
 }
 
 // Expire drops history older than the age limit and reports whether the queue

@@ -1051,3 +1051,20 @@ func TestJoinBytesBound(t *testing.T) {
 		t.Fatalf("a refused join added a subscriber")
 	}
 }
+
+func TestGateways(t *testing.T) {
+	q := newTestQueue(t, nil)
+	if gws := q.Gateways(); len(gws) != 0 {
+		t.Fatalf("empty queue: Gateways() = %v", gws)
+	}
+	mustJoin(t, q, sub("s1", "gw-b/1"), t0, msgSpec("chat"), stateSpec("score"))
+	mustJoin(t, q, sub("s2", "gw-b/1"), t0, msgSpec("input"))
+	mustJoin(t, q, sub("s3", "gw-a/2"), t0, stateSpec("score"))
+	if got, want := q.Gateways(), []string{"gw-a/2", "gw-b/1"}; !slices.Equal(got, want) {
+		t.Fatalf("Gateways() = %v, want %v", got, want)
+	}
+	q.Leave("s3", t0)
+	if got, want := q.Gateways(), []string{"gw-b/1"}; !slices.Equal(got, want) {
+		t.Fatalf("after the leave: Gateways() = %v, want %v", got, want)
+	}
+}

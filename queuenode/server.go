@@ -14,9 +14,12 @@ import (
 	"github.com/cespare/xxhash/v2"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
+	"github.com/imq-dev/imq/internal/tablewatch"
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -42,6 +45,16 @@ type Server struct {
 	epochMu   sync.Mutex
 	lastEpoch uint64 // Guarded by epochMu.
 
+	// Cluster mode (Config.Member set); member and watcher stay nil in
+	// standalone mode, where table holds bucket.Empty() for good.
+	table   atomic.Pointer[bucket.Table] // what requests are checked against
+	tableMu sync.Mutex                   // serializes applyTable
+	member  atomic.Pointer[member.Member]
+	watcher *tablewatch.Watcher // set in New, before any goroutine starts
+
+	gwMu         sync.Mutex
+	liveGateways map[string]bool // Guarded by gwMu: gateway ids alive in the membership.
+
 	mu         sync.RWMutex
 	links      map[string]*link // by link key; guarded by mu
 	linkSerial uint64           // guarded by mu
@@ -53,7 +66,8 @@ type shard struct {
 	queues map[string]*Queue // Guarded by mu.
 }
 
-// New validates cfg and binds the link listener.
+// New validates cfg and binds the link listener; in cluster mode it also
+// joins the membership (Run starts following the bucket table).
 func New(cfg Config) (*Server, error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
@@ -71,7 +85,14 @@ func New(cfg Config) (*Server, error) {
 	for i := range s.shards {
 		s.shards[i].queues = make(map[string]*Queue)
 	}
+	s.table.Store(bucket.Empty())
 	s.m = newMetrics(cfg.Registry, s)
+	if cfg.Member != nil {
+		if err := s.startCluster(); err != nil {
+			ln.Close()
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -81,8 +102,9 @@ func (s *Server) LinkAddr() string { return s.ln.Addr().String() }
 // NodeID returns the node's id.
 func (s *Server) NodeID() string { return s.cfg.NodeID }
 
-// Run accepts gateway links until ctx is done or Shutdown is called. It
-// returns nil after a shutdown.
+// Run accepts gateway links (and, in cluster mode, follows the boss's bucket
+// table) until ctx is done or Shutdown is called. It returns nil after a
+// shutdown.
 func (s *Server) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() {
 		s.cancel()
@@ -94,6 +116,13 @@ func (s *Server) Run(ctx context.Context) error {
 		defer s.wg.Done()
 		s.sweepLoop()
 	}()
+	if s.watcher != nil {
+		s.wg.Add(1)
+		go func() { // ends with the server
+			defer s.wg.Done()
+			s.watcher.Run(s.ctx)
+		}()
+	}
 	s.log.Info("queue node serving links", "addr", s.LinkAddr())
 	for {
 		conn, err := s.ln.Accept()
@@ -121,10 +150,13 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 }
 
-// Shutdown stops accepting links, closes every link (gateways tell their
-// clients the node is gone) and waits for the goroutines to end or ctx to
-// expire. It is safe to call more than once.
+// Shutdown leaves the cluster (cluster mode: gracefully, within about a
+// second, so that the boss sees "left" at once and moves the node's buckets),
+// stops accepting links, closes every link (gateways tell their clients the
+// node is gone) and waits for the goroutines to end or ctx to expire. It is
+// safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.leaveCluster()
 	s.mu.Lock()
 	s.closed = true
 	links := make([]*link, 0, len(s.links))
@@ -147,9 +179,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
-// HandleHTTP adds /metrics, /healthz and /varz to mux.
+// HandleHTTP adds /metrics, /healthz, /varz and GET /v1/table (the node's
+// current bucket table; an empty one in standalone mode) to mux.
 func (s *Server) HandleHTTP(mux *http.ServeMux) {
 	obs.Handle(mux, s.cfg.Registry, s.health, s.varz)
+	mux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
 }
 
 func (s *Server) health() error {
@@ -165,10 +199,19 @@ type Varz struct {
 	LinkAddr string `json:"link_addr"`
 	Queues   int64  `json:"queues"`
 	Links    int    `json:"links"`
+	// TableVersion is the bucket table version the node holds (0: none yet,
+	// or standalone).
+	TableVersion uint64 `json:"table_version"`
+	// BucketsOwned is how many of the table's buckets this node owns.
+	BucketsOwned int `json:"buckets_owned"`
 }
 
 func (s *Server) varz() any {
-	return Varz{NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount()}
+	t := s.currentTable()
+	return Varz{
+		NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount(),
+		TableVersion: t.Version(), BucketsOwned: t.Counts()[s.cfg.NodeID],
+	}
 }
 
 func (s *Server) linkCount() int {
@@ -227,6 +270,7 @@ func (s *Server) nextEpoch() uint64 {
 // success reply under the queue's lock, so that a joiner's reply precedes the
 // events after it; handle answers errors.
 func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
+	s.kickIfBehind(req.GetTableVersion())
 	var op string
 	var err error
 	switch x := req.GetOp().(type) {
@@ -247,8 +291,14 @@ func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
 	if err != nil {
 		e := imqerr.From(err)
 		s.m.errors.WithLabelValues(e.Code.String()).Inc()
+		r := &imqpb.NodeReply{Id: req.GetId(), Code: e.Code, Message: e.Message}
+		var moved *movedError
+		if errors.As(err, &moved) {
+			r.TableVersion = moved.version
+			s.m.movedReplies.Inc()
+		}
 		if req.GetId() != 0 {
-			l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{Id: req.GetId(), Code: e.Code, Message: e.Message}}})
+			l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
 		}
 	}
 }
@@ -260,6 +310,9 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join) error {
 	sh := s.shardFor(j.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	if err := s.checkOwnerLocked(j.GetQueue()); err != nil {
+		return err
+	}
 	q, err := s.queueLocked(sh, j.GetQueue(), true)
 	if err != nil {
 		return err
@@ -295,6 +348,9 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish) erro
 	sh := s.shardFor(p.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	if err := s.checkOwnerLocked(p.GetQueue()); err != nil {
+		return err
+	}
 	q, err := s.queueLocked(sh, p.GetQueue(), true)
 	if err != nil {
 		return err
@@ -318,6 +374,9 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	sh := s.shardFor(st.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	if err := s.checkOwnerLocked(st.GetQueue()); err != nil {
+		return err
+	}
 	q, err := s.queueLocked(sh, st.GetQueue(), true)
 	if err != nil {
 		return err

@@ -181,6 +181,7 @@ type Member struct {
 	ml   *memberlist.Memberlist
 	log  *slog.Logger
 	self string
+	addr string // gossip address
 
 	mu    sync.Mutex
 	meta  Meta            // guarded by mu
@@ -234,6 +235,10 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 		return nil, fmt.Errorf("membership: %w", err)
 	}
 	m.ml = ml
+	// Read once, now: memberlist rewrites its local node under its own lock
+	// (metadata updates), so later reads of it would race.
+	n := ml.LocalNode()
+	m.addr = net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
 	if len(cfg.Join) > 0 {
 		if _, err := ml.Join(cfg.Join); err != nil {
 			m.log.Warn("could not join the cluster yet; retrying", "join", cfg.Join, "err", err)
@@ -249,10 +254,7 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 }
 
 // Addr returns the gossip address others join through.
-func (m *Member) Addr() string {
-	n := m.ml.LocalNode()
-	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
-}
+func (m *Member) Addr() string { return m.addr }
 
 // Name returns this member's memberlist name.
 func (m *Member) Name() string { return m.self }

@@ -1,0 +1,249 @@
+package queuenode
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/tablewatch"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// leaveTimeout bounds the graceful leave at shutdown.
+const leaveTimeout = time.Second
+
+// movedMessage is what gateways pass on to clients whose queue was closed
+// because its bucket moved.
+const movedMessage = "the queue's bucket moved to another node; rejoin"
+
+// startCluster joins the membership and creates the table watcher (which Run
+// starts). It runs in New, once the link listener is bound.
+func (s *Server) startCluster() error {
+	mc := *s.cfg.Member
+	if mc.Logger == nil {
+		mc.Logger = s.log
+	}
+	userOnChange := mc.OnChange
+	mc.OnChange = func() {
+		if userOnChange != nil {
+			userOnChange()
+		}
+		s.onMembersChange()
+	}
+	m, err := member.Start(mc, member.Meta{
+		Role:     member.RoleQueueNode,
+		ID:       s.cfg.NodeID,
+		LinkAddr: s.LinkAddr(),
+		HTTPAddr: s.cfg.HTTPAddr,
+	})
+	if err != nil {
+		return fmt.Errorf("queuenode: %w", err)
+	}
+	s.watcher = tablewatch.New(tablewatch.Config{
+		BossURL:  s.bossURL,
+		OnChange: s.applyTable,
+		Logger:   s.log,
+	}, nil)
+	s.member.Store(m)
+	// Changes reported before the store above were ignored by
+	// onMembersChange; take them into account now.
+	s.onMembersChange()
+	return nil
+}
+
+// bossURL is the watcher's view of where the boss is: the newest live boss
+// in the membership that advertises an HTTP address.
+func (s *Server) bossURL() (string, bool) {
+	m := s.member.Load()
+	if m == nil {
+		return "", false
+	}
+	boss, ok := m.Boss()
+	if !ok || boss.Meta.HTTPAddr == "" {
+		return "", false
+	}
+	return "http://" + boss.Meta.HTTPAddr, true
+}
+
+// leaveCluster leaves the membership gracefully, so that the boss sees
+// "left" at once instead of waiting for the failure detector. It is
+// idempotent (member.Close is).
+func (s *Server) leaveCluster() {
+	m := s.member.Load()
+	if m == nil {
+		return
+	}
+	if err := m.Close(leaveTimeout); err != nil {
+		s.log.Warn("leaving the cluster", "err", err)
+	}
+}
+
+// currentTable returns the bucket table requests are checked against
+// (bucket.Empty() in standalone mode).
+func (s *Server) currentTable() *bucket.Table { return s.table.Load() }
+
+// movedError is a MOVED answer: the table by which this node does not own
+// the queue's bucket travels in NodeReply.table_version.
+type movedError struct {
+	err     *imqerr.Error
+	version uint64
+}
+
+func (e *movedError) Error() string { return e.err.Error() }
+func (e *movedError) Unwrap() error { return e.err }
+
+// checkOwnerLocked reports whether this node serves queue: always in
+// standalone mode; in cluster mode only when the current table gives the
+// queue's bucket to this node.
+//
+// The caller holds the queue's shard lock. That is what makes a table change
+// safe: applyTable stores the new table first and then takes each shard lock
+// in turn to close the queues it no longer owns, while a request takes the
+// shard lock first and then loads the table. So a request either runs wholly
+// before that shard's sweep (and a queue it creates or feeds on a moved
+// bucket is closed by the sweep, after the request's reply) or sees the new
+// table and is answered MOVED; no queue outlives the sweep on a bucket the
+// node no longer owns.
+func (s *Server) checkOwnerLocked(queue string) error {
+	if s.cfg.Member == nil {
+		return nil
+	}
+	t := s.table.Load()
+	owner, ok := t.Lookup(queue)
+	if !ok {
+		return imqerr.New(imqpb.Code_UNAVAILABLE, "waiting for the bucket table from the boss")
+	}
+	if owner.ID != s.cfg.NodeID {
+		return &movedError{
+			err: imqerr.New(imqpb.Code_MOVED, "queue %s is in bucket %d, owned by node %s in table version %d",
+				queue, t.Bucket(queue), owner.ID, t.Version()),
+			version: t.Version(),
+		}
+	}
+	return nil
+}
+
+// kickIfBehind asks the boss for the table now when a gateway routed by a
+// newer one than this node holds.
+func (s *Server) kickIfBehind(version uint64) {
+	if s.watcher != nil && version > s.table.Load().Version() {
+		s.watcher.Kick()
+	}
+}
+
+// applyTable installs next, the table watcher's newer table, and closes
+// every queue whose bucket this node does not own in it: until live
+// migration exists, the queue's subscribers rejoin on the new owner. Each
+// gateway with subscribers to a closed queue is sent one QueueClosed for it.
+// It runs on the watcher's goroutine (tests call it directly); the old
+// table it is passed is the one it installed last.
+func (s *Server) applyTable(_, next *bucket.Table) {
+	s.tableMu.Lock()
+	defer s.tableMu.Unlock()
+	cur := s.table.Load()
+	if next.Version() <= cur.Version() {
+		return
+	}
+	// Store first, sweep second: see checkOwnerLocked.
+	s.table.Store(next)
+	closed := 0
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for name, q := range sh.queues {
+			if owner, ok := next.Lookup(name); ok && owner.ID == s.cfg.NodeID {
+				continue
+			}
+			s.closeQueueLocked(sh, q)
+			closed++
+		}
+		sh.mu.Unlock()
+	}
+	if m := s.member.Load(); m != nil {
+		m.SetTableVersion(next.Version())
+	}
+	s.log.Info("bucket table applied", "version", next.Version(), "from", cur.Version(),
+		"buckets_owned", next.Counts()[s.cfg.NodeID], "buckets", next.Buckets(), "queues_closed", closed)
+}
+
+// closeQueueLocked drops q, which moved to another node, and tells each
+// gateway with a subscriber to it. The caller holds sh's lock, so the
+// QueueClosed follows every event of q on each link; sends are bounded and
+// never block.
+func (s *Server) closeQueueLocked(sh *shard, q *Queue) {
+	var frame []byte // encoded once for every gateway
+	for _, gw := range q.Gateways() {
+		s.mu.RLock()
+		l := s.links[gw]
+		s.mu.RUnlock()
+		if l == nil {
+			continue
+		}
+		if frame == nil {
+			frame = encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_QueueClosed{QueueClosed: &imqpb.QueueClosed{
+				Queue: q.Name(), Reason: imqpb.Reason_REASON_MOVED, Message: movedMessage,
+			}}})
+		}
+		l.send(frame)
+	}
+	delete(sh.queues, q.Name())
+	s.queueCount.Add(-1)
+	s.m.queuesMoved.Inc()
+}
+
+// onMembersChange runs after the membership changes, on the membership's
+// goroutine (and once from startCluster). It closes the links of gateways
+// that were live members and no longer are (dead or left): a closed link's
+// subscribers are removed by serveLink. A gateway's TCP connections usually
+// close first; this covers a gateway that is partitioned away or hung while
+// its connections stay open.
+func (s *Server) onMembersChange() {
+	m := s.member.Load()
+	if m == nil {
+		return // still in startCluster, which calls again
+	}
+	s.gwMu.Lock()
+	live := make(map[string]bool)
+	for _, p := range m.Peers() {
+		if p.Meta.Role == member.RoleGateway {
+			live[p.Meta.ID] = true
+		}
+	}
+	var gone []string
+	for id := range s.liveGateways {
+		if !live[id] {
+			gone = append(gone, id)
+		}
+	}
+	s.liveGateways = live
+	s.gwMu.Unlock()
+	for _, id := range gone {
+		s.closeGatewayLinks(id)
+	}
+}
+
+// closeGatewayLinks closes every link whose hello named gateway id.
+func (s *Server) closeGatewayLinks(id string) {
+	var links []*link
+	s.mu.RLock()
+	for _, l := range s.links {
+		if l.gateway == id {
+			links = append(links, l)
+		}
+	}
+	s.mu.RUnlock()
+	for _, l := range links {
+		l.close(errors.New("the gateway is no longer a cluster member"))
+		s.m.deadGatewayLinks.Inc()
+	}
+	s.log.Info("gateway left the cluster", "gateway", id, "links_closed", len(links))
+}
+
+// serveTable answers GET /v1/table with the node's current table.
+func (s *Server) serveTable(w http.ResponseWriter, _ *http.Request) {
+	tablewatch.ServeTable(w, s.currentTable())
+}
