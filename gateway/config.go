@@ -10,20 +10,36 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/wire"
 )
 
 // Config configures a gateway. A zero field takes its default from
 // DefaultConfig unless its comment says otherwise.
 type Config struct {
-	// Addr is the HTTP listen address serving /ws, /metrics, /healthz and
-	// /varz ("127.0.0.1:8080"; port 0 picks a free port, see Server.Addr).
+	// Addr is the HTTP listen address serving /ws, /metrics, /healthz,
+	// /varz and /v1/table ("127.0.0.1:8080"; port 0 picks a free port, see
+	// Server.Addr). In cluster mode the bound address is advertised in the
+	// membership as is, so bind a host others can reach, not 0.0.0.0.
 	Addr string
-	// GatewayID names this gateway process to queue nodes. Default: random.
+	// GatewayID names this gateway process to queue nodes and, in cluster
+	// mode, in the membership. Default: random.
 	GatewayID string
-	// QueueNode is the link address of the queue node owning every bucket
-	// (until the boss distributes a bucket table). Required.
+	// QueueNode is the link address of the one queue node owning every
+	// queue, in standalone mode. Required unless Member is set; empty when
+	// it is.
 	QueueNode string
+	// Member, if set, runs the gateway in cluster mode: it joins the
+	// cluster's membership (role gateway, its id GatewayID, advertising
+	// Addr as its HTTP address), follows the bucket table that the boss
+	// publishes, keeps one link to each queue node in the table and routes
+	// every queue operation to the queue's owner; an operation answered
+	// MOVED is sent again, once the table caught up, without the client
+	// noticing. Until the first table arrives operations are answered
+	// UNAVAILABLE. Its Logger defaults to Logger; its OnChange, if set, runs
+	// before the gateway's own handling. nil: standalone mode, one static
+	// queue node (QueueNode) owning every queue, as in imq dev and tests.
+	Member *member.Config
 	// JWTSecret verifies HS256 connect tokens. Required unless Dev is set.
 	JWTSecret []byte
 	// Dev also accepts a plain user id in the URL (?user=alice). Never in
@@ -135,8 +151,15 @@ func (c *Config) setDefaults() {
 
 func (c *Config) validate() error {
 	var errs []error
-	if c.QueueNode == "" {
-		errs = append(errs, errors.New("a queue node address is required"))
+	switch {
+	case c.Member == nil && c.QueueNode == "":
+		errs = append(errs, errors.New("a queue node address (standalone mode) or a cluster membership (cluster mode) is required"))
+	case c.Member != nil && c.QueueNode != "":
+		errs = append(errs, errors.New("a queue node address and a cluster membership exclude each other: in cluster mode the bucket table names the queue nodes"))
+	case c.Member != nil:
+		if err := c.Member.Validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if len(c.JWTSecret) == 0 && !c.Dev {
 		errs = append(errs, errors.New("a JWT secret is required (or development mode)"))

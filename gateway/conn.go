@@ -322,38 +322,54 @@ func (c *conn) update(id uint64, queue, what string, size int, req *imqpb.NodeRe
 		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "%s is %d bytes; the limit is %d", what, size, c.s.cfg.MaxPayload))
 		return
 	}
-	c.forward(id, queue, req, func(r *imqpb.NodeReply) {
+	c.forward(id, queue, req, nil, 0, func(r *imqpb.NodeReply, _ *nodeLink) {
 		c.replyNode(id, r, func(rep *imqpb.Reply) { result(rep, r) })
 	})
 }
 
-// forward sends req for queue to its node. onReply runs exactly once: on the
-// link's reader with the node's reply (in link order), on the link's own
-// goroutine for a timeout or a lost link, or here when the request could not
-// be sent. It does not run when the in-flight limit refuses the request.
-func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply)) bool {
+// forward sends req for queue to the node owning it, and again to the new
+// owner when the node answers MOVED (see routed); op and seq name a join or
+// leave in the connection's per-queue sequence (nil for other requests).
+// onReply runs exactly once, with the final reply and the link it came on
+// (nil when the gateway answered itself): on a link's reader with the node's
+// reply (in link order), on a link's own goroutine for a timeout or a lost
+// link, on a retry's goroutine, or here when the request could not be sent.
+// It does not run when the in-flight limit refuses the request.
+func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, op *queueOps, seq uint64, onReply func(*imqpb.NodeReply, *nodeLink)) bool {
 	if c.inflight.Add(1) > int32(c.s.cfg.MaxInflight) {
 		c.inflight.Add(-1)
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "more than %d requests in flight; wait for replies", c.s.cfg.MaxInflight))
 		return false
 	}
 	req.User, req.Session = c.user, c.session
-	err := c.s.linkFor(queue).request(req, func(r *imqpb.NodeReply) {
-		c.inflight.Add(-1)
-		onReply(r)
-	})
-	if err != nil {
-		c.inflight.Add(-1)
-		e := imqerr.From(err)
-		onReply(&imqpb.NodeReply{Code: e.Code, Message: e.Message})
+	rt := &routed{
+		c: c, queue: queue, req: req, op: op, seq: seq,
+		deadline: time.Now().Add(c.s.cfg.RequestTimeout),
+		done: func(r *imqpb.NodeReply, l *nodeLink) {
+			c.inflight.Add(-1)
+			onReply(r, l)
+		},
+	}
+	if err := rt.send(); err != nil {
+		rt.finish(err)
 	}
 	return true
 }
 
-// leaveNode tells the node this session left queue, without a reply.
-func (c *conn) leaveNode(queue string) {
-	c.s.linkFor(queue).request(&imqpb.NodeRequest{
-		User: c.user, Session: c.session, Op: &imqpb.NodeRequest_Leave{Leave: &imqpb.Leave{Queue: queue}},
+// leaveNode tells a node that this session left queue, without a reply:
+// node l when it is known (the one the subscription or the join went
+// through), else the queue's node by the table. A leave for a stopped link
+// goes nowhere: its node is gone, or restarted without the queue.
+func (c *conn) leaveNode(queue string, l *nodeLink) {
+	v := c.s.table().Version()
+	if l == nil {
+		var err error
+		if l, v, err = c.s.linkFor(queue); err != nil {
+			return // no table: no node has it
+		}
+	}
+	l.request(&imqpb.NodeRequest{
+		User: c.user, Session: c.session, TableVersion: v, Op: &imqpb.NodeRequest_Leave{Leave: &imqpb.Leave{Queue: queue}},
 	}, nil)
 }
 
@@ -571,6 +587,14 @@ func reasonLabel(r imqpb.Reason) string {
 		return "auth_timeout"
 	case imqpb.Reason_REASON_PROTOCOL_ERROR:
 		return "protocol_error"
+	case imqpb.Reason_REASON_NODE_LOST:
+		return "node_lost"
+	case imqpb.Reason_REASON_MOVED:
+		return "moved"
+	case imqpb.Reason_REASON_TIMEOUT:
+		return "timeout"
+	case imqpb.Reason_REASON_QUEUE_CLOSED:
+		return "queue_closed"
 	}
 	return "other"
 }

@@ -4,13 +4,39 @@
 // receives each event once per gateway and fans it out to its local
 // subscribers, encoding the client frame once for all of them.
 //
+// Routing. Standalone (Config.QueueNode), one node owns every queue. In
+// cluster mode (Config.Member) the gateway is a member of the cluster, learns
+// the bucket table from the boss (internal/tablewatch; it also serves its
+// current table at /v1/table) and keeps one link per node of the table,
+// started and stopped as nodes join, leave or change address. Each request
+// carries the table version it was routed by. A node that does not own the
+// queue by its own table answers MOVED with its version: the gateway waits
+// for a newer table (or, when the node is the one behind, briefly) and sends
+// the request again, up to 5 times, so the client notices nothing; past that
+// the client is answered UNAVAILABLE, retryable. A join or leave is sent
+// again only while it is the connection's latest operation on the queue.
+//
+// Subscriptions belong to the link they were made through: only that link's
+// events reach them, and they end (Unsubscribed, rejoin) when that link goes
+// down or is stopped (NODE_LOST) or its node closes the queue because its
+// bucket moved (QueueClosed: MOVED), whatever the table says by then.
+//
 // Goroutines: per client connection one reader (runs for the connection's
 // life) and at most one writer (started when frames are queued, ends when the
 // queue is empty: an idle connection holds no writer and no write buffer);
 // per queue node one link (a dialer/reader goroutine and a writer goroutine,
-// ending at Shutdown). The fan-out runs on the link reader and never blocks:
-// it appends to bounded per-connection send queues, and a connection that
-// overflows its queue is sent a goodbye and closed (slow consumer).
+// ending when the node leaves the table or at Shutdown); in cluster mode the
+// table watcher and memberlist's own (ending at Shutdown); and one short
+// goroutine per request answered MOVED, ending within the request timeout.
+// The fan-out runs on the link reader and never blocks: it appends to bounded
+// per-connection send queues, and a connection that overflows its queue is
+// sent a goodbye and closed (slow consumer).
+//
+// Locks: a connection's subMu comes before an index shard's lock (and a
+// link's mutex, when a retried join or leave is queued), which
+// comes before a connection's send mutex; a link's mutex is never held while
+// calling out. Routing state (table and links) is an immutable snapshot
+// behind an atomic pointer: a lookup takes no lock and does not allocate.
 //
 // gateway imports internal/ and proto/; it never imports queuenode/.
 package gateway

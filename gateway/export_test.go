@@ -1,6 +1,31 @@
 package gateway
 
-import imqpb "github.com/imq-dev/imq/proto"
+import (
+	"time"
+
+	"github.com/imq-dev/imq/internal/bucket"
+	imqpb "github.com/imq-dev/imq/proto"
+)
 
 // Fanout exposes the fan-out to benchmarks in package gateway_test.
-func (s *Server) Fanout(d *imqpb.Deliver) { s.fanout(d) }
+func (s *Server) Fanout(d *imqpb.Deliver) { s.fanout(nil, d) }
+
+// InstallTable routes by t as if the table watcher had just fetched it from
+// the boss (cluster mode, without a boss).
+func (s *Server) InstallTable(t *bucket.Table) { s.setTable(t) }
+
+// SetMovedWait bounds each wait for a newer table after MOVED; call it
+// before Run.
+func (s *Server) SetMovedWait(d time.Duration) { s.movedWait = d }
+
+// TableVersion returns the version of the table the gateway routes by.
+func (s *Server) TableVersion() uint64 { return s.table().Version() }
+
+// Links returns the gateway's links, by node id: whether each is up.
+func (s *Server) Links() map[string]bool {
+	out := map[string]bool{}
+	for id, l := range s.routes.Load().links {
+		out[id] = l.isUp()
+	}
+	return out
+}

@@ -14,6 +14,15 @@ import (
 // a rejoin replaces it.
 type localSub struct {
 	mounts []string
+	// node is the id of the queue node the subscription was made through
+	// (the node whose link carried the join's OK reply), and link that very
+	// link. The subscription lives as long as that link's connection: it
+	// ends when the link goes down or is stopped, or when the node closes
+	// the queue, whatever the table says by then. Only events from that link
+	// reach it, so a subscriber never mixes two nodes' orders of a queue
+	// while its bucket moves.
+	node string
+	link *nodeLink
 }
 
 // index maps each queue to the local connections subscribed to it, per
@@ -25,12 +34,12 @@ type index struct {
 
 type indexShard struct {
 	mu     sync.RWMutex
-	queues map[string]map[string]map[*conn]struct{} // queue → mount → conns; guarded by mu
+	queues map[string]map[string]map[*conn]*localSub // queue → mount → conn → its subscription; guarded by mu
 }
 
 func (ix *index) init() {
 	for i := range ix.shards {
-		ix.shards[i].queues = make(map[string]map[string]map[*conn]struct{})
+		ix.shards[i].queues = make(map[string]map[string]map[*conn]*localSub)
 	}
 }
 
@@ -67,16 +76,16 @@ func (ix *index) set(queue string, c *conn, old, sub *localSub) {
 		return
 	}
 	if mounts == nil {
-		mounts = make(map[string]map[*conn]struct{}, len(sub.mounts))
+		mounts = make(map[string]map[*conn]*localSub, len(sub.mounts))
 		sh.queues[queue] = mounts
 	}
 	for _, m := range sub.mounts {
 		conns := mounts[m]
 		if conns == nil {
-			conns = make(map[*conn]struct{})
+			conns = make(map[*conn]*localSub)
 			mounts[m] = conns
 		}
-		conns[c] = struct{}{}
+		conns[c] = sub
 	}
 }
 
@@ -91,34 +100,58 @@ func (ix *index) count() int {
 	return n
 }
 
-// take removes every queue for which match is true and returns, for each,
-// its subscribed connections.
-func (ix *index) take(match func(queue string) bool) map[string]map[*conn]struct{} {
-	out := make(map[string]map[*conn]struct{})
+// queueConn is one connection's subscription to one queue, by name.
+type queueConn struct {
+	queue string
+	c     *conn
+}
+
+// via returns the subscriptions made through l: to queue only, or to every
+// queue when queue is "". It is a snapshot taken under the shard locks; the
+// caller checks each again under the connection's subMu (lock order: subMu,
+// then a shard lock).
+func (ix *index) via(l *nodeLink, queue string) []queueConn {
+	var out []queueConn
+	collect := func(q string, mounts map[string]map[*conn]*localSub) {
+		var seen map[*conn]bool // a connection on several mounts counts once
+		if len(mounts) > 1 {
+			seen = make(map[*conn]bool)
+		}
+		for _, conns := range mounts {
+			for c, sub := range conns {
+				if sub.link != l || seen[c] {
+					continue
+				}
+				if seen != nil {
+					seen[c] = true
+				}
+				out = append(out, queueConn{q, c})
+			}
+		}
+	}
+	if queue != "" {
+		sh := ix.shard(queue)
+		sh.mu.RLock()
+		collect(queue, sh.queues[queue])
+		sh.mu.RUnlock()
+		return out
+	}
 	for i := range ix.shards {
 		sh := &ix.shards[i]
-		sh.mu.Lock()
+		sh.mu.RLock()
 		for q, mounts := range sh.queues {
-			if !match(q) {
-				continue
-			}
-			conns := make(map[*conn]struct{})
-			for _, cs := range mounts {
-				for c := range cs {
-					conns[c] = struct{}{}
-				}
-			}
-			out[q] = conns
-			delete(sh.queues, q)
+			collect(q, mounts)
 		}
-		sh.mu.Unlock()
+		sh.mu.RUnlock()
 	}
 	return out
 }
 
-// fanout queues one event or state change to every local subscriber of its
-// mount. The frame is prepared once per encoding, not once per subscriber.
-func (s *Server) fanout(d *imqpb.Deliver) {
+// fanout queues one event or state change from link l to every local
+// subscriber of its mount whose subscription was made through l (through
+// any link when l is nil, as in benchmarks). The frame is prepared once per
+// encoding, not once per subscriber.
+func (s *Server) fanout(l *nodeLink, d *imqpb.Deliver) {
 	s.m.linkDelivers.Inc()
 	sh := s.index.shard(d.GetQueue())
 	sh.mu.RLock()
@@ -126,7 +159,10 @@ func (s *Server) fanout(d *imqpb.Deliver) {
 	var bin, js *websocket.PreparedMessage
 	var jsSize int
 	jsFailed := false
-	for c := range sh.queues[d.GetQueue()][d.GetMount()] {
+	for c, sub := range sh.queues[d.GetQueue()][d.GetMount()] {
+		if l != nil && sub.link != l {
+			continue // made through another node while the queue's bucket moved
+		}
 		if !c.json {
 			if bin == nil {
 				bin, _ = websocket.NewPreparedMessage(websocket.BinaryMessage, d.GetFrame())
@@ -158,28 +194,42 @@ func frameToJSON(frame []byte) ([]byte, error) {
 	return wire.MarshalJSON(&m)
 }
 
-// nodeLost ends every local subscription to a queue on node: each subscriber
-// is told NODE_LOST and may rejoin (the queue may come back empty).
-func (s *Server) nodeLost(nodeID string) {
-	table := s.table.Load()
-	lost := s.index.take(func(q string) bool {
-		node, _ := table.Lookup(q)
-		return node.ID == nodeID
-	})
+// linkLost ends every local subscription made through link l, which went
+// down or was stopped: each subscriber is told NODE_LOST and may rejoin (the
+// queue may come back empty, or on another node). It goes by the link the
+// subscription was made through, not by the table, which may have changed
+// since; and by the link rather than the node id, so that the old link of a
+// restarted node (new address, new link) does not end subscriptions already
+// made through the new one.
+func (s *Server) linkLost(l *nodeLink) {
 	n := 0
-	for queue, subs := range lost {
-		for c := range subs {
-			if !c.lostQueue(queue) {
-				continue
-			}
+	for _, p := range s.index.via(l, "") {
+		if p.c.endSub(p.queue, l, imqpb.Reason_REASON_NODE_LOST, "the queue's node was lost; rejoin (history and state may be gone)") {
 			n++
-			c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
-				Queue: queue, Reason: imqpb.Reason_REASON_NODE_LOST, Rejoin: true,
-				Message: "the queue's node was lost; rejoin (history and state may be gone)",
-			}}})
 		}
 	}
 	if n > 0 {
-		s.log.Warn("subscriptions lost with queue node", "node", nodeID, "queues", len(lost), "subscriptions", n)
+		s.log.Warn("subscriptions lost with queue node", "node", l.node.ID, "addr", l.node.LinkAddr, "subscriptions", n)
 	}
+}
+
+// queueClosed ends the local subscriptions to a queue that link l's node no
+// longer holds (its bucket moved), with the node's reason: the subscribers
+// rejoin, on the new owner. Subscriptions to the queue made through other
+// nodes stay.
+func (s *Server) queueClosed(l *nodeLink, qc *imqpb.QueueClosed) {
+	reason, msg := qc.GetReason(), qc.GetMessage()
+	if reason == imqpb.Reason_REASON_UNSPECIFIED {
+		reason = imqpb.Reason_REASON_MOVED
+	}
+	if msg == "" {
+		msg = "the queue moved to another node; rejoin"
+	}
+	n := 0
+	for _, p := range s.index.via(l, qc.GetQueue()) {
+		if p.c.endSub(p.queue, l, reason, msg) {
+			n++
+		}
+	}
+	s.log.Debug("queue closed by its node", "node", l.node.ID, "queue", qc.GetQueue(), "reason", reason.String(), "subscriptions", n)
 }

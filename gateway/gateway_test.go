@@ -69,12 +69,18 @@ type rawClient struct {
 
 func dialRaw(t testing.TB, d *launch.Dev, query string, json bool, header http.Header) (*rawClient, *http.Response, error) {
 	t.Helper()
+	return dialRawURL(t, d.URL(), query, json, header)
+}
+
+// dialRawURL dials the gateway WebSocket at url (ws://host:port/ws).
+func dialRawURL(t testing.TB, url, query string, json bool, header http.Header) (*rawClient, *http.Response, error) {
+	t.Helper()
 	sub := gateway.SubprotocolBinary
 	if json {
 		sub = gateway.SubprotocolJSON
 	}
 	dialer := websocket.Dialer{Subprotocols: []string{sub}, HandshakeTimeout: 5 * time.Second}
-	ws, resp, err := dialer.Dial(d.URL()+query, header)
+	ws, resp, err := dialer.Dial(url+query, header)
 	if err != nil {
 		return nil, resp, err
 	}

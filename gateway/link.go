@@ -38,11 +38,20 @@ type pendingReq struct {
 
 // nodeLink is the gateway's one multiplexed connection to a queue node. run
 // keeps it dialled; requests fail fast with UNAVAILABLE while it is down.
+// A link serves one node at one address: a node that leaves the table or
+// changes address gets a new link, and its old one is stopped for good.
 type nodeLink struct {
 	s      *Server
 	node   bucket.Node
 	nextID atomic.Uint64
 	wake   chan struct{}
+	everUp chan struct{} // closed the first time the link comes up
+	upOnce sync.Once
+
+	// Guarded by s.routeMu: the link's goroutine was started; it was
+	// stopped (it never starts again); cancel stops it.
+	started, stopped bool
+	cancel           context.CancelFunc
 
 	mu       sync.Mutex
 	conn     net.Conn               // Guarded by mu; nil while down.
@@ -52,7 +61,7 @@ type nodeLink struct {
 }
 
 func newNodeLink(s *Server, node bucket.Node) *nodeLink {
-	return &nodeLink{s: s, node: node, wake: make(chan struct{}, 1), pending: make(map[uint64]*pendingReq)}
+	return &nodeLink{s: s, node: node, wake: make(chan struct{}, 1), everUp: make(chan struct{}), pending: make(map[uint64]*pendingReq)}
 }
 
 func (l *nodeLink) isUp() bool {
@@ -62,7 +71,7 @@ func (l *nodeLink) isUp() bool {
 }
 
 // run dials the node and serves the link, redialling with capped exponential
-// backoff and jitter, until ctx is done.
+// backoff and jitter, until ctx is done (the link was stopped, or Shutdown).
 func (l *nodeLink) run(ctx context.Context) {
 	log := l.s.log.With("node", l.node.ID, "addr", l.node.LinkAddr)
 	backoff := 50 * time.Millisecond
@@ -117,6 +126,9 @@ func (l *nodeLink) dial(ctx context.Context) (net.Conn, error) {
 		conn.Close()
 		return nil, err
 	}
+	if v := down.GetHelloAck().GetTableVersion(); v > l.s.table().Version() {
+		l.s.kickTable() // the node knows a newer table: fetch it
+	}
 	conn.SetDeadline(time.Time{})
 	// The hello exchange is one frame each way, so fr has buffered nothing
 	// more; serve makes its own reader.
@@ -129,6 +141,7 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 	l.mu.Lock()
 	l.conn = conn
 	l.mu.Unlock()
+	l.upOnce.Do(func() { close(l.everUp) })
 	done := make(chan struct{})
 	writerDone := make(chan struct{})
 	go func() { // ends when done closes
@@ -159,7 +172,9 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 		}
 		switch x := m.GetMsg().(type) {
 		case *imqpb.LinkDown_Deliver:
-			l.s.fanout(x.Deliver)
+			l.s.fanout(l, x.Deliver)
+		case *imqpb.LinkDown_QueueClosed:
+			l.s.queueClosed(l, x.QueueClosed)
 		case *imqpb.LinkDown_Reply:
 			l.mu.Lock()
 			p := l.pending[x.Reply.GetId()]
@@ -177,7 +192,8 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 }
 
 // down marks the link down, fails every pending request and tells the local
-// subscribers of this node's queues that they lost them.
+// subscribers whose subscriptions were made through this link that they lost
+// them.
 func (l *nodeLink) down() {
 	l.mu.Lock()
 	l.conn = nil
@@ -189,7 +205,7 @@ func (l *nodeLink) down() {
 	for _, p := range pending {
 		p.onReply(lost)
 	}
-	l.s.nodeLost(l.node.ID)
+	l.s.linkLost(l)
 }
 
 // request sends req to the node. onReply, if not nil, is called exactly once:

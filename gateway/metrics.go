@@ -15,6 +15,10 @@ type metrics struct {
 	linkDelivers  prometheus.Counter
 	slowConsumers prometheus.Counter
 	sendDrops     prometheus.Counter
+	unsubscribed  *prometheus.CounterVec
+	movedRetries  prometheus.Counter
+	movedFailures *prometheus.CounterVec
+	tableChanges  prometheus.Counter
 }
 
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
@@ -43,9 +47,21 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		sendDrops: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_gateway_send_queue_dropped_frames_total", Help: "Frames dropped from send queues of slow consumers.",
 		}),
+		unsubscribed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_unsubscribed_total", Help: "Subscriptions the gateway ended without a leave (clients told Unsubscribed), by reason.",
+		}, []string{"reason"}),
+		movedRetries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_gateway_moved_retries_total", Help: "Requests sent again after a queue node answered MOVED.",
+		}),
+		movedFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_moved_failures_total", Help: "Requests answered MOVED that the client was answered UNAVAILABLE for, by why: attempts (used up), deadline (request time used up), superseded (a later join or leave of the queue), shutdown.",
+		}, []string{"reason"}),
+		tableChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_gateway_table_changes_total", Help: "Bucket tables the gateway switched its routing to.",
+		}),
 	}
 	reg.MustRegister(m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,
-		m.slowConsumers, m.sendDrops,
+		m.slowConsumers, m.sendDrops, m.unsubscribed, m.movedRetries, m.movedFailures, m.tableChanges,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_connections", Help: "Open client connections.",
 		}, func() float64 { return float64(s.conns.count()) }),
@@ -55,7 +71,19 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_links_up", Help: "Queue node links currently up.",
 		}, func() float64 { return float64(s.linksUp()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_gateway_links", Help: "Queue node links: one per node of the bucket table.",
+		}, func() float64 { return float64(len(s.routes.Load().links)) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_gateway_table_version", Help: "Version of the bucket table the gateway routes by (0: none yet).",
+		}, func() float64 { return float64(s.table().Version()) }),
 	)
+	for _, r := range []string{"attempts", "deadline", "superseded", "shutdown"} {
+		m.movedFailures.WithLabelValues(r)
+	}
+	for _, r := range []imqpb.Reason{imqpb.Reason_REASON_NODE_LOST, imqpb.Reason_REASON_MOVED, imqpb.Reason_REASON_TIMEOUT} {
+		m.unsubscribed.WithLabelValues(reasonLabel(r))
+	}
 	for _, c := range imqpb.Code_name {
 		if c != "OK" {
 			m.errors.WithLabelValues(c)

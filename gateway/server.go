@@ -20,8 +20,10 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
+	"github.com/imq-dev/imq/internal/tablewatch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -45,8 +47,23 @@ type Server struct {
 	upgrader websocket.Upgrader
 	maxConns int
 
-	table atomic.Pointer[bucket.Table]
-	links map[string]*nodeLink // by node id; fixed after New
+	// Routing (cluster.go). routes is replaced whole by setTable; lookups
+	// load it without a lock.
+	routes    atomic.Pointer[routes]
+	installMu sync.Mutex // serializes setTable
+	routeMu   sync.Mutex
+	// Guarded by routeMu: Run has started the links; Shutdown has stopped
+	// them (no link starts after).
+	linksRunning, linksClosed bool
+	changedMu                 sync.Mutex
+	changed                   chan struct{} // Guarded by changedMu: closed and replaced at each new table.
+	movedWait                 time.Duration // bounds one wait for a newer table after MOVED; tests shorten it
+
+	// Cluster mode only (nil standalone). watcher is set in New before
+	// any goroutine starts; member once membership has started.
+	watcher *tablewatch.Watcher
+	member  atomic.Pointer[member.Member]
+
 	index index
 	conns connSet
 
@@ -72,7 +89,10 @@ func New(cfg Config) (*Server, error) {
 		rand.Read(b[:])
 		cfg.GatewayID = "gw-" + hex.EncodeToString(b[:])
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID), shutDone: make(chan struct{})}
+	s := &Server{
+		cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID), shutDone: make(chan struct{}),
+		changed: make(chan struct{}), movedWait: movedTableWait,
+	}
 	var nonce [4]byte
 	rand.Read(nonce[:])
 	s.sessionPrefix = cfg.GatewayID + "." + hex.EncodeToString(nonce[:]) + "."
@@ -97,6 +117,15 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("gateway: listen: %w", err)
 	}
 	s.ln = newLimitListener(ln, s.maxConns, s)
+	if cfg.Member == nil {
+		// Standalone: one node owns every bucket, for good.
+		node := bucket.Node{ID: "queuenode", LinkAddr: cfg.QueueNode}
+		s.routes.Store(&routes{table: bucket.Single(node), links: map[string]*nodeLink{node.ID: newNodeLink(s, node)}})
+	} else {
+		// Cluster: nothing to route by until the boss's table arrives.
+		s.routes.Store(&routes{table: bucket.Empty(), links: map[string]*nodeLink{}})
+	}
+
 	s.m = newMetrics(cfg.Registry, s)
 	s.upgrader = websocket.Upgrader{
 		Subprotocols:     []string{SubprotocolBinary, SubprotocolJSON},
@@ -109,17 +138,21 @@ func New(cfg Config) (*Server, error) {
 	s.conns.init()
 	s.index.init()
 
-	node := bucket.Node{ID: "queuenode", LinkAddr: cfg.QueueNode}
-	s.table.Store(bucket.Single(node))
-	s.links = map[string]*nodeLink{node.ID: newNodeLink(s, node)}
-
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /ws", s.serveWS)
+	mux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
 	obs.Handle(mux, cfg.Registry, s.health, s.varz)
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	if cfg.Member != nil {
+		if err := s.startCluster(); err != nil {
+			s.cancel()
+			ln.Close()
+			return nil, fmt.Errorf("gateway: %w", err)
+		}
 	}
 	return s, nil
 }
@@ -131,6 +164,7 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 func (s *Server) ID() string { return s.cfg.GatewayID }
 
 // Run serves until ctx is done or Shutdown is called; it returns nil then.
+// In cluster mode it also follows the boss's bucket table.
 func (s *Server) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -138,11 +172,12 @@ func (s *Server) Run(ctx context.Context) error {
 		s.Shutdown(sctx)
 	})
 	defer stop()
-	for _, l := range s.links {
+	s.startLinks()
+	if s.watcher != nil {
 		s.wg.Add(1)
 		go func() { // ends at Shutdown
 			defer s.wg.Done()
-			l.run(s.ctx)
+			s.watcher.Run(s.ctx)
 		}()
 	}
 	s.wg.Add(1)
@@ -157,13 +192,15 @@ func (s *Server) Run(ctx context.Context) error {
 		s.wg.Wait()
 		return nil
 	}
-	s.cancel() // the links stop
+	s.closeLinks() // the links and the watcher stop
 	s.wg.Wait()
+	s.leaveCluster()
 	return fmt.Errorf("gateway: serve: %w", err)
 }
 
 // Shutdown stops accepting connections, says goodbye (reason SHUTDOWN,
-// reconnect) to every client, flushes their queues and closes the links. It
+// reconnect) to every client, flushes their queues, closes the links and, in
+// cluster mode, leaves the membership gracefully (within about a second). It
 // waits for all of that or ctx, and is safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.shutOnce.Do(func() {
@@ -182,7 +219,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		for _, c := range s.conns.snapshot() {
 			c.ws.NetConn().Close()
 		}
-		s.cancel()
+		s.closeLinks()
+		s.leaveCluster()
 		s.shutErr = err
 	})
 	select {
@@ -210,9 +248,14 @@ func (s *Server) pingLoop() {
 	}
 }
 
+// health is ready when the gateway can route: in cluster mode once a table
+// with nodes is known, and in both modes while at least one link is up.
 func (s *Server) health() error {
 	if s.closing.Load() {
 		return errors.New("shutting down")
+	}
+	if len(s.routes.Load().links) == 0 {
+		return errors.New("no bucket table with queue nodes yet; waiting for the boss")
 	}
 	if s.linksUp() == 0 {
 		return errors.New("no queue node link is up")
@@ -224,34 +267,61 @@ func (s *Server) health() error {
 type Varz struct {
 	GatewayID      string `json:"gateway_id"`
 	Addr           string `json:"addr"`
+	Mode           string `json:"mode"` // "standalone" or "cluster"
 	Connections    int    `json:"connections"`
 	MaxConnections int    `json:"max_connections"`
 	Queues         int    `json:"queues"`
 	LinksUp        int    `json:"links_up"`
 	Table          string `json:"table"`
+	// TableVersion is the version of the bucket table the gateway routes by
+	// (0: none yet).
+	TableVersion uint64 `json:"table_version"`
+	// Boss is the HTTP address of the boss the table comes from (cluster
+	// mode; empty while none is known).
+	Boss  string     `json:"boss,omitempty"`
+	Links []LinkVarz `json:"links"`
+}
+
+// LinkVarz is one queue node link in Varz.
+type LinkVarz struct {
+	Node string `json:"node"`
+	Addr string `json:"addr"`
+	Up   bool   `json:"up"`
 }
 
 func (s *Server) varz() any {
-	return Varz{
-		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), Connections: s.conns.count(), MaxConnections: s.maxConns,
-		Queues: s.index.count(), LinksUp: s.linksUp(), Table: s.table.Load().String(),
+	r := s.routes.Load()
+	v := Varz{
+		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
+		Queues: s.index.count(), Table: r.table.String(), TableVersion: r.table.Version(), Links: []LinkVarz{},
 	}
+	if s.cfg.Member != nil {
+		v.Mode = "cluster"
+		if u, ok := s.bossURL(); ok {
+			v.Boss = strings.TrimPrefix(u, "http://")
+		}
+	}
+	for _, n := range r.table.Nodes() {
+		if l := r.links[n.ID]; l != nil {
+			up := l.isUp()
+			v.Links = append(v.Links, LinkVarz{Node: n.ID, Addr: n.LinkAddr, Up: up})
+			if up {
+				v.LinksUp++
+			}
+		}
+	}
+	return v
 }
 
+// linksUp counts the links up to the nodes of the current table.
 func (s *Server) linksUp() int {
 	n := 0
-	for _, l := range s.links {
+	for _, l := range s.routes.Load().links {
 		if l.isUp() {
 			n++
 		}
 	}
 	return n
-}
-
-// linkFor routes queue to the link of its node.
-func (s *Server) linkFor(queue string) *nodeLink {
-	node, _ := s.table.Load().Lookup(queue) // the table always has the one node, for now
-	return s.links[node.ID]
 }
 
 // httpError answers a request that cannot become a WebSocket with the same

@@ -10,7 +10,9 @@ import (
 // subscribed (sub), and the joins and leaves still in flight. Only the
 // latest of those decides the final state: the link delivers requests in
 // order and the node applies them in order, so a reply or timeout of an older
-// one must not change the local subscription.
+// one must not change the local subscription. A join or leave answered MOVED
+// is sent again (route.go) only while it is the latest, under subMu, so it
+// never overtakes a later one.
 type queueOps struct {
 	sub      *localSub // in the fan-out index while not nil
 	seq      uint64    // the latest join or leave sent
@@ -79,7 +81,7 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "a connection may join %d queues", c.s.cfg.MaxSubscriptions))
 		return
 	}
-	sent := c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Join{Join: m}}, func(r *imqpb.NodeReply) {
+	sent := c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Join{Join: m}}, e, seq, func(r *imqpb.NodeReply, l *nodeLink) {
 		c.subMu.Lock()
 		latest := !c.dead && e.seq == seq
 		var leave, lost bool
@@ -87,8 +89,8 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		case !latest:
 			// A later join or leave decides; after the reader ends,
 			// leaveAll has already sent the leave that follows this join.
-		case r.GetCode() == imqpb.Code_OK:
-			sub := &localSub{mounts: make([]string, len(r.GetJoined().GetMounts()))}
+		case r.GetCode() == imqpb.Code_OK && l != nil:
+			sub := &localSub{mounts: make([]string, len(r.GetJoined().GetMounts())), node: l.node.ID, link: l}
 			for i, ms := range r.GetJoined().GetMounts() {
 				sub.mounts[i] = ms.GetName()
 			}
@@ -103,9 +105,10 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		c.doneLocked(queue, e)
 		c.subMu.Unlock()
 		if leave {
-			c.leaveNode(queue)
+			c.leaveNode(queue, l) // where the join went
 		}
 		if lost {
+			c.s.m.unsubscribed.WithLabelValues(reasonLabel(imqpb.Reason_REASON_TIMEOUT)).Inc()
 			c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
 				Queue: queue, Reason: imqpb.Reason_REASON_TIMEOUT, Rejoin: true,
 				Message: "a join timed out and ended the subscription; rejoin",
@@ -136,13 +139,13 @@ func (c *conn) leave(id uint64, m *imqpb.Leave) {
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "too many joins and leaves in flight"))
 		return
 	}
-	sent := c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Leave{Leave: m}}, func(r *imqpb.NodeReply) {
+	sent := c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Leave{Leave: m}}, e, seq, func(r *imqpb.NodeReply, l *nodeLink) {
 		c.subMu.Lock()
 		retry := r.GetCode() == imqpb.Code_TIMEOUT && !c.dead && e.seq == seq
 		c.doneLocked(queue, e)
 		c.subMu.Unlock()
 		if retry { // the node may not have it: say it again, without waiting
-			c.leaveNode(queue)
+			c.leaveNode(queue, l)
 		}
 		c.replyNode(id, r, nil)
 	})
@@ -154,33 +157,62 @@ func (c *conn) leave(id uint64, m *imqpb.Leave) {
 }
 
 // leaveAll runs when the reader ends: every queue joined, or with a join in
-// flight, is left on its node (after the join, in link order).
+// flight, is left on its node (after the join, in link order). A
+// subscription is left on the node it was made through, so that a table
+// change since does not send the leave to a node that never had it; a queue
+// with a join or leave in flight is left by the table too, where that
+// request went (a leave a node does not need is harmless).
 func (c *conn) leaveAll() {
+	type left struct {
+		queue    string
+		via      *nodeLink
+		inflight bool
+	}
 	c.subMu.Lock()
 	c.dead = true
-	var queues []string
+	var queues []left
 	for queue, e := range c.subs {
+		var via *nodeLink
+		if e.sub != nil {
+			via = e.sub.link
+		}
 		c.unsubscribeLocked(queue, e)
-		queues = append(queues, queue)
+		queues = append(queues, left{queue, via, e.inflight > 0})
 	}
 	c.subMu.Unlock()
-	for _, queue := range queues {
-		c.leaveNode(queue)
+	for _, q := range queues {
+		if q.via != nil {
+			c.leaveNode(q.queue, q.via)
+		}
+		if q.via == nil || q.inflight {
+			if l, _, err := c.s.linkFor(q.queue); err == nil && l != q.via {
+				c.leaveNode(q.queue, l)
+			}
+		}
 	}
 }
 
-// lostQueue ends the subscription to queue after its node was lost; the
-// fan-out index no longer holds it. It reports whether there was one.
-func (c *conn) lostQueue(queue string) bool {
+// endSub ends the subscription to queue if it was made through link l, and
+// tells the client why (rejoin: true). The check, the removal from the
+// fan-out index and the message all happen under subMu, so the message
+// cannot pass the reply to a later join of the queue. It reports whether
+// there was such a subscription.
+func (c *conn) endSub(queue string, l *nodeLink, reason imqpb.Reason, msg string) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	e := c.subs[queue]
-	if e == nil || e.sub == nil {
+	if e == nil || e.sub == nil || e.sub.link != l {
 		return false
 	}
-	e.sub = nil
+	node := e.sub.node
+	c.unsubscribeLocked(queue, e)
 	if e.inflight == 0 {
 		delete(c.subs, queue)
 	}
+	c.s.m.unsubscribed.WithLabelValues(reasonLabel(reason)).Inc()
+	c.s.log.Debug("subscription ended", "session", c.session, "queue", queue, "node", node, "reason", reason.String())
+	c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
+		Queue: queue, Reason: reason, Rejoin: true, Message: msg,
+	}}})
 	return true
 }

@@ -1,0 +1,152 @@
+package gateway
+
+import (
+	"context"
+	"time"
+
+	"github.com/imq-dev/imq/internal/imqerr"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+const (
+	// maxMovedAttempts bounds the sends of one request that nodes answer
+	// MOVED; after the last the client is answered errMoving.
+	maxMovedAttempts = 5
+	// movedTableWait bounds one wait for a table newer than a MOVED reply's.
+	movedTableWait = time.Second
+	// staleNodeDelay, times the attempt, is the pause before sending again
+	// when the node answered MOVED by a table older than the gateway's: the
+	// request's table_version has already told it to fetch the newer one.
+	staleNodeDelay = 20 * time.Millisecond
+)
+
+// routed is one client request on its way to the node that owns its queue.
+// A MOVED reply does not reach the client: the request is sent again, on a
+// goroutine of its own so the link reader never waits, once the gateway's
+// table has caught up with the node's. done runs exactly once, with the final
+// reply and the link it came on (nil when the gateway answered itself).
+type routed struct {
+	c     *conn
+	queue string
+	req   *imqpb.NodeRequest
+	// op and seq, for a join or leave, name the operation in the
+	// connection's per-queue sequence (subs.go): it is sent again only while
+	// it is the latest.
+	op       *queueOps
+	seq      uint64
+	deadline time.Time // the request's time, over all its attempts
+	done     func(r *imqpb.NodeReply, l *nodeLink)
+
+	// Written before each send, read after its reply (the link's mutex
+	// orders the two).
+	attempts int
+	version  uint64 // of the table the last send was routed by
+}
+
+// send routes the request by the current table and sends it. The error says
+// it was not sent (no table, or the link is down or full).
+func (rt *routed) send() error {
+	l, v, err := rt.c.s.linkFor(rt.queue)
+	if err != nil {
+		return err
+	}
+	rt.attempts++
+	rt.version = v
+	rt.req.TableVersion = v
+	return l.request(rt.req, func(r *imqpb.NodeReply) { rt.replied(l, r) })
+}
+
+// replied takes a reply from l: MOVED is retried, anything else is final.
+// It runs on l's reader (or on its writer, for a timeout; or in down).
+func (rt *routed) replied(l *nodeLink, r *imqpb.NodeReply) {
+	if r.GetCode() != imqpb.Code_MOVED {
+		rt.done(r, l)
+		return
+	}
+	nodeVersion := r.GetTableVersion()
+	rt.c.s.goTracked(func() { rt.retry(nodeVersion) }) // ends within the request's time
+}
+
+// retry sends the request again after a MOVED answered by a node holding
+// table nodeVersion: once the gateway holds a newer table than the node
+// (waiting for it, bounded), or after a short pause when the node is the one
+// behind.
+func (rt *routed) retry(nodeVersion uint64) {
+	s := rt.c.s
+	if rt.attempts >= maxMovedAttempts {
+		rt.fail("attempts", errMoving)
+		return
+	}
+	ctx, cancel := context.WithDeadline(s.ctx, rt.deadline)
+	defer cancel()
+	if nodeVersion >= rt.version {
+		wctx, wcancel := context.WithTimeout(ctx, s.movedWait)
+		s.waitTable(wctx, nodeVersion+1)
+		wcancel()
+	} else {
+		t := time.NewTimer(staleNodeDelay * time.Duration(rt.attempts))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
+	switch {
+	case s.ctx.Err() != nil:
+		rt.fail("shutdown", errShuttingDown)
+		return
+	case ctx.Err() != nil:
+		rt.fail("deadline", errMoving)
+		return
+	}
+	s.m.movedRetries.Inc()
+	rt.resend()
+}
+
+// resend sends the request again. A join or leave goes only while it is the
+// latest operation on its queue, checked and sent under subMu so that a
+// later one cannot overtake it on the way; otherwise it ends superseded (it
+// had no effect: the node answered MOVED).
+func (rt *routed) resend() {
+	if rt.op == nil {
+		if err := rt.send(); err != nil {
+			rt.finish(err)
+		}
+		return
+	}
+	c := rt.c
+	c.subMu.Lock()
+	if c.dead || rt.op.seq != rt.seq {
+		c.subMu.Unlock()
+		rt.fail("superseded", errSuperseded)
+		return
+	}
+	err := rt.send()
+	c.subMu.Unlock()
+	if err != nil {
+		rt.finish(err)
+	}
+}
+
+// fail ends a request that MOVED answers kept from its node.
+func (rt *routed) fail(reason string, err *imqerr.Error) {
+	rt.c.s.m.movedFailures.WithLabelValues(reason).Inc()
+	rt.finish(err)
+}
+
+// finish ends the request with the gateway's own error reply.
+func (rt *routed) finish(err error) {
+	e := imqerr.From(err)
+	rt.done(&imqpb.NodeReply{Code: e.Code, Message: e.Message}, nil)
+}
+
+// goTracked runs fn on a goroutine that Run waits for. Callers are
+// goroutines Run waits for too (link readers), so the count is never zero
+// while Run waits.
+func (s *Server) goTracked(fn func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn()
+	}()
+}
