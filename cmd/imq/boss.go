@@ -1,0 +1,59 @@
+package main
+
+import (
+	"context"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imq-dev/imq/boss"
+	"github.com/imq-dev/imq/internal/obs"
+)
+
+func runBoss(args []string) error {
+	fs := newFlagSet("boss", `Runs the boss: it watches cluster membership (queue nodes and gateways join
+its gossip address with --join), owns the bucket table that maps queues to
+queue nodes, rebalances it as nodes come and go, and serves it at /v1/table.
+Operators see every member at /v1/nodes. While the boss is down the cluster
+keeps routing by its last table; nothing is rebalanced until it is back.`)
+	cfg := boss.DefaultConfig()
+	var join listFlag
+	var lf commonFlags
+	fs.StringVar(&cfg.HTTPAddr, "addr", cfg.HTTPAddr, "HTTP listen address for /v1/table, /v1/nodes, /metrics, /healthz and /varz")
+	fs.StringVar(&cfg.ID, "id", cfg.ID, "boss id in the cluster membership")
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory where the bucket table is persisted, such as /var/lib/imq/boss (empty: the table does not survive a restart of the boss and is recovered from the members)")
+	fs.DurationVar(&cfg.ReconcileGrace, "reconcile-grace", cfg.ReconcileGrace, "after a restart, how long to wait to hear from the cluster before removing queue nodes the boss does not see")
+	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "how long /v1/nodes waits for each member's /varz")
+	memberFlags(fs, &cfg.Member, "127.0.0.1:7946", &join)
+	lf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	log, stopProfiling, err := lf.setup()
+	if err != nil {
+		return err
+	}
+	defer stopProfiling()
+	cfg.Member.Join, cfg.Member.Logger, cfg.Logger = join, log, log
+	cfg.Registry = prometheus.NewRegistry()
+	obs.Register(cfg.Registry)
+	b, err := boss.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	errc := make(chan error, 1)
+	go func() { errc <- b.Run(ctx) }() // logs "boss serving" with addr and gossip
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := b.Shutdown(sctx); err != nil {
+		return err
+	}
+	return <-errc
+}
