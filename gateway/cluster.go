@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
@@ -76,6 +77,9 @@ func (s *Server) startCluster() error {
 // bossURL is the watcher's view of where the boss is: the newest live boss
 // in the membership that advertises an HTTP address.
 func (s *Server) bossURL() (string, bool) {
+	if s.cfg.BossURL != "" {
+		return strings.TrimRight(s.cfg.BossURL, "/"), true
+	}
 	m := s.member.Load()
 	if m == nil {
 		return "", false

@@ -40,6 +40,10 @@ type Config struct {
 	// before the gateway's own handling. nil: standalone mode, one static
 	// queue node (QueueNode) owning every queue, as in imq dev and tests.
 	Member *member.Config
+	// BossURL, in cluster mode, is where the gateway fetches the table
+	// ("http://boss.internal:7900", say behind a load balancer) instead of
+	// the boss that membership names. Empty: the newest live boss member.
+	BossURL string
 	// JWTSecret verifies HS256 connect tokens. Required unless Dev is set.
 	JWTSecret []byte
 	// Dev also accepts a plain user id in the URL (?user=alice). Never in
@@ -160,6 +164,13 @@ func (c *Config) validate() error {
 		if err := c.Member.Validate(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	switch {
+	case c.BossURL == "":
+	case c.Member == nil:
+		errs = append(errs, errors.New("a boss URL needs cluster mode (membership)"))
+	case !strings.HasPrefix(c.BossURL, "http://") && !strings.HasPrefix(c.BossURL, "https://"):
+		errs = append(errs, fmt.Errorf("boss URL %q must start with http:// or https://", c.BossURL))
 	}
 	if len(c.JWTSecret) == 0 && !c.Dev {
 		errs = append(errs, errors.New("a JWT secret is required (or development mode)"))

@@ -95,20 +95,10 @@ func (c *Cluster) start(ctx context.Context) error {
 			return err
 		}
 	}
-	for i := range c.cfg.Gateways {
-		args := []string{"gateway", "--id", fmt.Sprintf("gw-%d", i+1), "--addr", any0, "--gossip-addr", any0,
-			"--join", c.Boss.Addr("gossip")}
-		if c.cfg.Dev {
-			args = append(args, "--dev")
-		}
-		if c.cfg.JWTSecret != "" {
-			args = append(args, "--jwt-secret", c.cfg.JWTSecret)
-		}
-		p := c.process(fmt.Sprintf("gw-%d", i+1), "gateway", append(args, c.cfg.GatewayArgs...))
-		if err := c.startProcess(ctx, p); err != nil {
+	for range c.cfg.Gateways {
+		if _, err := c.AddGateway(ctx); err != nil {
 			return err
 		}
-		c.Gateways = append(c.Gateways, p)
 	}
 	return c.WaitRouting(ctx)
 }
@@ -124,6 +114,26 @@ func (c *Cluster) AddQueueNode(ctx context.Context) (*Process, error) {
 		return nil, err
 	}
 	c.Nodes = append(c.Nodes, p)
+	return p, nil
+}
+
+// AddGateway starts one more gateway (gw-N+1) with extra flags besides the
+// cluster's, and returns once it serves.
+func (c *Cluster) AddGateway(ctx context.Context, extra ...string) (*Process, error) {
+	any0 := c.cfg.Host + ":0"
+	name := fmt.Sprintf("gw-%d", len(c.Gateways)+1)
+	args := []string{"gateway", "--id", name, "--addr", any0, "--gossip-addr", any0, "--join", c.Boss.Addr("gossip")}
+	if c.cfg.Dev {
+		args = append(args, "--dev")
+	}
+	if c.cfg.JWTSecret != "" {
+		args = append(args, "--jwt-secret", c.cfg.JWTSecret)
+	}
+	p := c.process(name, "gateway", append(append(args, c.cfg.GatewayArgs...), extra...))
+	if err := c.startProcess(ctx, p); err != nil {
+		return nil, err
+	}
+	c.Gateways = append(c.Gateways, p)
 	return p, nil
 }
 

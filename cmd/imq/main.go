@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/queuenode"
@@ -32,11 +33,16 @@ const usage = `imq is a real-time pub/sub queue server for online games.
 Usage: imq <command> [flags]
 
 Commands:
-  dev        run a gateway and a queue node in one process on localhost
-  gateway    run a gateway: client WebSockets, routing to a queue node
+  dev        run a boss, a queue node and a gateway in one process on localhost
+  cluster    run a local cluster as separate processes: a boss, N queue nodes, M gateways
+  boss       run the boss: membership, the bucket table, the operators' API
+  gateway    run a gateway: client WebSockets, routed to queue nodes by the table
   queuenode  run a queue node: queues in RAM, served to gateways
   loadtest   run bots against a cluster and check what they receive
   version    print the version
+
+A cluster is one boss, queue nodes and gateways, each started with
+--join BOSS_GOSSIP_ADDR; 'imq cluster' shows how on one machine.
 
 Run 'imq <command> --help' for a command's flags. Every flag can also be set
 with an environment variable: --jwt-secret is IMQ_JWT_SECRET.
@@ -51,6 +57,10 @@ func main() {
 	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
 	case "dev":
 		err = runDev(args)
+	case "cluster":
+		err = runCluster(args)
+	case "boss":
+		err = runBoss(args)
 	case "gateway":
 		err = runGateway(args)
 	case "queuenode":
@@ -184,12 +194,18 @@ func runDev(args []string) error {
 }
 
 func runGateway(args []string) error {
-	fs := newFlagSet("gateway", "Runs a gateway: it terminates client WebSockets at /ws, authenticates them\nand routes their queue operations over a link to the queue node.")
+	fs := newFlagSet("gateway", `Runs a gateway: it terminates client WebSockets at /ws, authenticates them
+and routes their queue operations over links to the queue nodes that own the
+queues, by the boss's bucket table. Give --join with the boss's gossip address
+(a cluster), or --queuenode for one queue node without a boss (standalone).`)
 	cfg := gateway.DefaultConfig()
 	var secret string
-	var origins listFlag
+	var origins, join listFlag
 	var lf commonFlags
-	fs.StringVar(&cfg.QueueNode, "queuenode", "127.0.0.1:7100", "link address of the queue node")
+	mc := member.DefaultConfig()
+	fs.StringVar(&cfg.QueueNode, "queuenode", "", "standalone: link address of the one queue node (no boss, no --join)")
+	memberFlags(fs, &mc, "127.0.0.1:7948", &join)
+	fs.StringVar(&cfg.BossURL, "boss-url", "", "cluster: fetch the bucket table from this URL (e.g. a load balancer in front of the boss) rather than the boss member's address")
 	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
 	gatewayFlags(fs, &cfg, &secret, &origins)
@@ -203,6 +219,15 @@ func runGateway(args []string) error {
 	}
 	defer stopProfiling()
 	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
+	switch {
+	case len(join) > 0 && cfg.QueueNode != "":
+		return errors.New("give --join (a cluster) or --queuenode (standalone), not both")
+	case len(join) == 0 && cfg.QueueNode == "":
+		return errors.New("give --join with the boss's gossip address (a cluster), or --queuenode with a queue node's link address (standalone)")
+	case len(join) > 0:
+		mc.Join, mc.Logger = join, log
+		cfg.Member = &mc
+	}
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
 	gw, err := gateway.New(cfg)
@@ -215,13 +240,19 @@ func runGateway(args []string) error {
 }
 
 func runQueueNode(args []string) error {
-	fs := newFlagSet("queuenode", "Runs a queue node: it holds queues in RAM and serves gateways over links.")
+	fs := newFlagSet("queuenode", `Runs a queue node: it holds queues in RAM and serves gateways over links. With
+--join it is a cluster member: the boss gives it buckets and it serves the
+queues in them (moved or unknown ones are answered "moved"). Without --join it
+is standalone and serves every queue.`)
 	cfg := queuenode.DefaultConfig()
 	var httpAddr string
+	var join listFlag
 	var lf commonFlags
-	fs.StringVar(&cfg.NodeID, "id", "", "node id (default: node-<link address>)")
-	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz and /varz (empty: none)")
+	mc := member.DefaultConfig()
+	fs.StringVar(&cfg.NodeID, "id", "", "node id, unique and stable in the cluster (default: node-<link address>)")
+	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz, /varz and /v1/table (empty: none)")
 	nodeFlags(fs, &cfg)
+	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
 	lf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -234,17 +265,26 @@ func runQueueNode(args []string) error {
 	cfg.Logger = log
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
+	var ln net.Listener
+	if httpAddr != "" {
+		// Bound first: the node's membership metadata carries its address.
+		if ln, err = net.Listen("tcp", httpAddr); err != nil {
+			return fmt.Errorf("listen for HTTP: %w", err)
+		}
+		defer ln.Close()
+		cfg.HTTPAddr = ln.Addr().String()
+	}
+	if len(join) > 0 {
+		mc.Join, mc.Logger = join, log
+		cfg.Member = &mc
+	}
 	node, err := queuenode.New(cfg)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	if httpAddr != "" {
-		ln, err := net.Listen("tcp", httpAddr)
-		if err != nil {
-			return fmt.Errorf("listen for HTTP: %w", err)
-		}
+	if ln != nil {
 		mux := http.NewServeMux()
 		node.HandleHTTP(mux)
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}

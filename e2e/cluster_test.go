@@ -1,0 +1,596 @@
+package e2e
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/tablewatch"
+	"github.com/imq-dev/imq/launch"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// Fast failure detection for the tests: a killed member is declared dead
+// in fastGossip.DetectionTime (0.7 s) rather than the default 5.5 s.
+var (
+	fastGossip = member.Config{ProbeInterval: 200 * time.Millisecond, ProbeTimeout: 100 * time.Millisecond, SuspicionMult: 2}
+	gossipArgs = []string{"--probe-interval", "200ms", "--probe-timeout", "100ms", "--suspicion-mult", "2"}
+)
+
+func startLocalCluster(t *testing.T, nodes, gateways int) *launch.Cluster {
+	t.Helper()
+	cfg := launch.ClusterConfig{
+		Binary: imqBinary(t), QueueNodes: nodes, Gateways: gateways, Dir: t.TempDir(), Dev: true,
+		JWTSecret: e2eSecret, ClusterArgs: append([]string{"--log-level", "debug"}, gossipArgs...),
+	}
+	c, err := launch.StartCluster(ctxT(t, 60*time.Second), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Stop(10 * time.Second)
+		if t.Failed() {
+			for _, p := range append(append([]*launch.Process{c.Boss}, c.Nodes...), c.Gateways...) {
+				if b, err := os.ReadFile(p.LogPath()); err == nil {
+					t.Logf("---- %s ----\n%s", p.Name, b)
+				}
+			}
+		}
+	})
+	return c
+}
+
+// bossTable fetches and decodes the boss's table.
+func bossTable(t *testing.T, c *launch.Cluster) *bucket.Table {
+	t.Helper()
+	resp, err := http.Get("http://" + c.Boss.Addr("http") + tablewatch.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	tb, err := tablewatch.Decode(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tb
+}
+
+func ownerOf(tb *bucket.Table, queue string) string {
+	n, _ := tb.Lookup(queue)
+	return n.ID
+}
+
+// room is one chat room of a test: subscribers on every gateway and a
+// publisher that numbers its messages and stamps them with the send time.
+type room struct {
+	name string
+	subs []*client.Subscription
+	cols []*collector
+	pub  *client.Client
+
+	mu      sync.Mutex
+	offsets []uint64 // of publishes that succeeded, in order (one epoch)
+	sent    []int64  // their send times
+}
+
+func openRooms(t *testing.T, c *launch.Cluster, prefix string, n int) []*room {
+	t.Helper()
+	urls := c.URLs()
+	rooms := make([]*room, n)
+	for i := range rooms {
+		r := &room{name: fmt.Sprintf("/room/%s-%d", prefix, i)}
+		for g, url := range urls {
+			cl := dialClient(t, url, fmt.Sprintf("%s-%d-sub%d", prefix, i, g))
+			sub, err := cl.Join(ctxT(t, 10*time.Second), r.name, client.Messages("chat"))
+			if err != nil {
+				t.Fatalf("join %s through %s: %v", r.name, url, err)
+			}
+			r.subs = append(r.subs, sub)
+			r.cols = append(r.cols, collect(sub))
+		}
+		r.pub = dialClient(t, urls[i%len(urls)], fmt.Sprintf("%s-%d-pub", prefix, i))
+		rooms[i] = r
+	}
+	return rooms
+}
+
+// chat publishes to every room every interval until stop is closed;
+// failures (a lost node, before its rooms are reassigned) are skipped.
+func chat(rooms []*room, interval time.Duration, stop <-chan struct{}) *sync.WaitGroup {
+	var wg sync.WaitGroup
+	for _, r := range rooms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tick := time.NewTicker(interval)
+			defer tick.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+				}
+				now := time.Now().UnixNano()
+				payload := binary.BigEndian.AppendUint64(nil, uint64(now))
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				off, err := r.pub.Publish(ctx, r.name, "chat", payload)
+				cancel()
+				if err == nil {
+					r.mu.Lock()
+					r.offsets = append(r.offsets, off)
+					r.sent = append(r.sent, now)
+					r.mu.Unlock()
+				}
+			}
+		}()
+	}
+	return &wg
+}
+
+func sentAt(u client.Update) int64 {
+	if len(u.Payload) < 8 {
+		return 0
+	}
+	return int64(binary.BigEndian.Uint64(u.Payload))
+}
+
+// checkExactlyOnce fails unless every subscriber of r saw exactly the
+// successful publishes, in order, and nothing else.
+func checkExactlyOnce(t *testing.T, r *room) {
+	t.Helper()
+	r.mu.Lock()
+	want := slices.Clone(r.offsets)
+	r.mu.Unlock()
+	for i, col := range r.cols {
+		waitFor(t, 10*time.Second, r.name+" subscribers to catch up", func() bool { return len(col.events()) >= len(want) })
+		var got []uint64
+		for _, u := range col.snapshot() {
+			switch u.Kind {
+			case client.KindEvent:
+				got = append(got, u.Offset)
+			case client.KindGap, client.KindClosed:
+				t.Fatalf("%s subscriber %d: unexpected %v update (%v): %s", r.name, i, u.Kind, u.Reason, u.Message)
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("%s subscriber %d saw %d events, want the %d published:\ngot  %v\nwant %v", r.name, i, len(got), len(want), got, want)
+		}
+	}
+}
+
+// TestClusterSpreadsQueues: 3 queue nodes, 2 gateways and a boss as
+// processes. Queues live on the node the table says; clients on different
+// gateways share rooms.
+func TestClusterSpreadsQueues(t *testing.T) {
+	c := startLocalCluster(t, 3, 2)
+	tb := bossTable(t, c)
+	if len(tb.Nodes()) != 3 {
+		t.Fatalf("table has %d nodes", len(tb.Nodes()))
+	}
+	for id, n := range tb.Counts() {
+		if n < bucket.MinBuckets {
+			t.Fatalf("%s holds %d buckets", id, n)
+		}
+	}
+	rooms := openRooms(t, c, "spread", 12)
+	stop := make(chan struct{})
+	wg := chat(rooms, 20*time.Millisecond, stop)
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+
+	perNode := map[string]int{}
+	for _, r := range rooms {
+		perNode[ownerOf(tb, r.name)]++
+		checkExactlyOnce(t, r)
+		if len(r.offsets) == 0 {
+			t.Fatalf("%s: no publish succeeded", r.name)
+		}
+	}
+	if len(perNode) < 2 {
+		t.Fatalf("12 rooms all on one node: %v", perNode)
+	}
+	// Each node holds exactly the rooms the table gives it.
+	for _, n := range c.Nodes {
+		var v struct {
+			Queues int64 `json:"queues"`
+		}
+		getJSON(t, "http://"+n.Addr("http")+"/varz", &v)
+		if int(v.Queues) != perNode[n.Name] {
+			t.Errorf("%s holds %d queues; the table gives it %d of the rooms", n.Name, v.Queues, perNode[n.Name])
+		}
+	}
+}
+
+// TestClusterQueueNodeKilled: a queue node is SIGKILLed under chat traffic.
+// The subscribers of its rooms are told (a gap, reason NODE_LOST) and are
+// back in their rooms, receiving, within the detection bound; the other
+// rooms lose nothing. The node, restarted, gets buckets again.
+func TestClusterQueueNodeKilled(t *testing.T) {
+	c := startLocalCluster(t, 3, 2)
+	tb := bossTable(t, c)
+	rooms := openRooms(t, c, "kill", 12)
+	victim := c.Nodes[0]
+	var hit, spared []*room
+	for _, r := range rooms {
+		if ownerOf(tb, r.name) == victim.Name {
+			hit = append(hit, r)
+		} else {
+			spared = append(spared, r)
+		}
+	}
+	if len(hit) == 0 || len(spared) == 0 {
+		t.Fatalf("want rooms on and off %s: %d and %d", victim.Name, len(hit), len(spared))
+	}
+	stop := make(chan struct{})
+	wg := chat(rooms, 20*time.Millisecond, stop)
+	time.Sleep(300 * time.Millisecond)
+
+	killed := time.Now()
+	victim.Signal(syscall.SIGKILL)
+	<-victim.Done()
+
+	// The bound: the failure detector, then the table's way to every
+	// process and the clients' rejoin (backoff up to 200 ms here).
+	bound := fastGossip.DetectionTime(6) + 2*time.Second
+	var worst time.Duration
+	for _, r := range hit {
+		for i, col := range r.cols {
+			var back time.Duration
+			waitFor(t, bound+5*time.Second, fmt.Sprintf("%s subscriber %d back in the room", r.name, i), func() bool {
+				told := false
+				for _, u := range col.snapshot() {
+					if u.Kind == client.KindGap && u.Reason == imqpb.Reason_REASON_NODE_LOST {
+						told = true
+					}
+					if told && u.Kind == client.KindEvent && sentAt(u) > killed.UnixNano() {
+						back = time.Since(killed)
+						return true
+					}
+				}
+				return false
+			})
+			worst = max(worst, back)
+		}
+	}
+	t.Logf("%d subscribers of %d rooms on the killed node: all back within %s (bound %s)", 2*len(hit), len(hit), worst.Round(time.Millisecond), bound)
+	if worst > bound {
+		t.Errorf("recovery took %s, more than the bound %s", worst, bound)
+	}
+	close(stop)
+	wg.Wait()
+	for _, r := range spared {
+		checkExactlyOnce(t, r)
+	}
+
+	after := bossTable(t, c)
+	if _, ok := slices.BinarySearchFunc(after.Nodes(), victim.Name, func(n bucket.Node, id string) int {
+		return cmpStr(n.ID, id)
+	}); ok {
+		t.Fatalf("the dead node is still in table v%d", after.Version())
+	}
+	if err := c.Restart(ctxT(t, 20*time.Second), victim); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n := bossTable(t, c).Counts()[victim.Name]; n < bucket.MinBuckets {
+		t.Fatalf("the restarted node holds %d buckets", n)
+	}
+}
+
+func cmpStr(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// TestClusterNodeJoinMovesOnlyStolenBuckets: a 4th queue node joins. Only
+// the buckets it steals change owner; their rooms' subscribers are told
+// (reason MOVED) and rejoin on the new node; every other room loses nothing.
+func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
+	c := startLocalCluster(t, 3, 2)
+	before := bossTable(t, c)
+	rooms := openRooms(t, c, "join", 16)
+	stop := make(chan struct{})
+	wg := chat(rooms, 20*time.Millisecond, stop)
+	time.Sleep(300 * time.Millisecond)
+
+	added, err := c.AddQueueNode(ctxT(t, 20*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("rebalanced and routing in %s", time.Since(start).Round(time.Millisecond))
+	after := bossTable(t, c)
+	want, moves, err := before.Join(bucket.Node{ID: added.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Buckets() != want.Buckets() {
+		t.Fatalf("%d buckets after the join, want %d", after.Buckets(), want.Buckets())
+	}
+	moved := 0
+	for b := range after.Buckets() {
+		if after.Owner(b).ID != want.Owner(b).ID {
+			t.Fatalf("bucket %d is on %s, want %s", b, after.Owner(b).ID, want.Owner(b).ID)
+		}
+		if after.Owner(b).ID == added.Name {
+			moved++
+		}
+	}
+	if moved != len(moves) || moved == 0 {
+		t.Fatalf("%d buckets moved, want the %d stolen", moved, len(moves))
+	}
+
+	var movedRooms, keptRooms []*room
+	for _, r := range rooms {
+		if ownerOf(after, r.name) == added.Name {
+			movedRooms = append(movedRooms, r)
+		} else {
+			keptRooms = append(keptRooms, r)
+		}
+	}
+	if len(movedRooms) == 0 {
+		t.Fatal("no room moved to the new node; use more rooms")
+	}
+	for _, r := range movedRooms {
+		for i, col := range r.cols {
+			waitFor(t, 10*time.Second, fmt.Sprintf("%s subscriber %d moved", r.name, i), func() bool {
+				told := false
+				for _, u := range col.snapshot() {
+					if u.Kind == client.KindGap && u.Reason == imqpb.Reason_REASON_MOVED {
+						told = true
+					}
+					if told && u.Kind == client.KindEvent && sentAt(u) > start.UnixNano() {
+						return true
+					}
+				}
+				return false
+			})
+		}
+	}
+	close(stop)
+	wg.Wait()
+	for _, r := range keptRooms {
+		checkExactlyOnce(t, r)
+	}
+	t.Logf("%d of %d rooms moved with %d of %d buckets", len(movedRooms), len(rooms), moved, after.Buckets())
+}
+
+// TestClusterBossRestart: the boss is SIGKILLed under traffic; the cluster
+// keeps serving on its table; restarted on the same data, the boss has the
+// same table and traffic never stopped.
+func TestClusterBossRestart(t *testing.T) {
+	c := startLocalCluster(t, 2, 2)
+	before := bossTable(t, c)
+	rooms := openRooms(t, c, "boss", 6)
+	stop := make(chan struct{})
+	wg := chat(rooms, 20*time.Millisecond, stop)
+	time.Sleep(200 * time.Millisecond)
+
+	c.Boss.Signal(syscall.SIGKILL)
+	<-c.Boss.Done()
+	time.Sleep(fastGossip.DetectionTime(5) + 500*time.Millisecond) // the members declare the boss dead
+	if err := c.Restart(ctxT(t, 20*time.Second), c.Boss); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	after := bossTable(t, c)
+	if after.Version() != before.Version() || !slices.Equal(after.Nodes(), before.Nodes()) {
+		t.Fatalf("table before the restart %v %v, after %v %v", before, before.Nodes(), after, after.Nodes())
+	}
+	for b := range after.Buckets() {
+		if after.Owner(b) != before.Owner(b) {
+			t.Fatalf("bucket %d moved across the restart", b)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	for _, r := range rooms {
+		checkExactlyOnce(t, r)
+		r.mu.Lock()
+		n := len(r.offsets)
+		r.mu.Unlock()
+		// 20 ms apart for about 1.7 s, boss down for most of it.
+		if n < 40 {
+			t.Fatalf("%s: only %d publishes succeeded: traffic stopped with the boss", r.name, n)
+		}
+	}
+}
+
+func getJSON(t *testing.T, url string, v any) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+}
+
+// holdingProxy forwards to the boss, and while held keeps every answer
+// until released: the gateway behind it cannot learn a new table.
+type holdingProxy struct {
+	target string
+	mu     sync.Mutex
+	held   chan struct{} // nil while not holding; closed on release
+}
+
+func (p *holdingProxy) hold() {
+	p.mu.Lock()
+	p.held = make(chan struct{})
+	p.mu.Unlock()
+}
+
+func (p *holdingProxy) release() {
+	p.mu.Lock()
+	if p.held != nil {
+		close(p.held)
+		p.held = nil
+	}
+	p.mu.Unlock()
+}
+
+func (p *holdingProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	req, _ := http.NewRequestWithContext(r.Context(), r.Method, p.target+r.URL.RequestURI(), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	p.mu.Lock()
+	held := p.held
+	p.mu.Unlock()
+	if held != nil {
+		select {
+		case <-held:
+		case <-r.Context().Done():
+			return
+		}
+	}
+	for k, v := range resp.Header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(resp.StatusCode)
+	w.Write(body)
+}
+
+// metric returns the sum of a counter's samples on a /metrics page.
+func metric(t *testing.T, addr, name string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	sum := 0.0
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, name+" ") || strings.HasPrefix(line, name+"{") {
+			var v float64
+			fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v)
+			sum += v
+		}
+	}
+	return sum
+}
+
+// TestClusterStaleGatewayTable: a gateway that cannot hear of a new table
+// routes a publish to the bucket's old owner, which answers MOVED; the
+// gateway fetches the table and resends, and the client just sees success.
+func TestClusterStaleGatewayTable(t *testing.T) {
+	c := startLocalCluster(t, 2, 1)
+	proxy := &holdingProxy{target: "http://" + c.Boss.Addr("http")}
+	srv := httptest.NewServer(proxy)
+	t.Cleanup(func() {
+		proxy.release()
+		srv.CloseClientConnections() // the gateway's long-poll would hold Close
+		srv.Close()
+	})
+	stale, err := c.AddGateway(ctxT(t, 20*time.Second), "--boss-url", srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	before := bossTable(t, c)
+
+	proxy.hold()
+	if _, err := c.AddQueueNode(ctxT(t, 20*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	var after *bucket.Table
+	waitFor(t, 20*time.Second, "the boss to give the new node buckets", func() bool {
+		after = bossTable(t, c)
+		return len(after.Nodes()) == 3
+	})
+	for _, n := range c.Nodes { // the nodes know the new table
+		waitFor(t, 10*time.Second, n.Name+" to hold the new table", func() bool {
+			var v struct {
+				TableVersion uint64 `json:"table_version"`
+			}
+			getJSON(t, "http://"+n.Addr("http")+"/varz", &v)
+			return v.TableVersion == after.Version()
+		})
+	}
+	var gv struct {
+		TableVersion uint64 `json:"table_version"`
+	}
+	getJSON(t, "http://"+stale.Addr("http")+"/varz", &gv)
+	if gv.TableVersion != before.Version() {
+		t.Fatalf("the held gateway routes by v%d, want the stale v%d", gv.TableVersion, before.Version())
+	}
+
+	// A room that moved to the new node.
+	var queue string
+	for i := 0; queue == ""; i++ {
+		q := fmt.Sprintf("/room/stale-%d", i)
+		if ownerOf(after, q) == c.Nodes[2].Name && ownerOf(before, q) != c.Nodes[2].Name {
+			queue = q
+		}
+	}
+	subClient := dialClient(t, c.URLs()[0], "fresh-sub")
+	sub, err := subClient.Join(ctxT(t, 10*time.Second), queue, client.Messages("chat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := collect(sub)
+	pub := dialClient(t, "ws://"+stale.Addr("http")+"/ws", "stale-pub")
+	done := make(chan error, 1)
+	go func() {
+		_, err := pub.Publish(ctxT(t, 10*time.Second), queue, "chat", []byte("through a stale table"))
+		done <- err
+	}()
+	waitFor(t, 5*time.Second, "the stale gateway to be answered MOVED", func() bool {
+		return metric(t, stale.Addr("http"), "imq_gateway_moved_retries_total") >= 1
+	})
+	proxy.release()
+	if err := <-done; err != nil {
+		t.Fatalf("the publish through the stale gateway failed: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the subscriber on the new owner to receive it", func() bool {
+		for _, u := range col.events() {
+			if string(u.Payload) == "through a stale table" {
+				return true
+			}
+		}
+		return false
+	})
+	if f := metric(t, stale.Addr("http"), "imq_gateway_moved_failures_total"); f != 0 {
+		t.Fatalf("%g MOVED retries failed", f)
+	}
+}
