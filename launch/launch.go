@@ -1,6 +1,8 @@
-// Package launch composes IMQ services in one process: `imq dev` and the
-// end-to-end tests use it. It sits above the services (it imports gateway/
-// and queuenode/; nothing below imports it).
+// Package launch starts IMQ services: StartDev composes a boss, a queue node
+// and a gateway in one process (`imq dev`, and tests), StartCluster runs a
+// local cluster of separate processes (`imq cluster`, the end-to-end tests).
+// It sits above the services (it imports boss/, gateway/ and queuenode/;
+// nothing below imports it).
 package launch
 
 import (
@@ -13,48 +15,86 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/boss"
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/queuenode"
 )
 
-// DevConfig configures a one-process cluster: one queue node and one gateway.
+// DevConfig configures a one-process cluster: one queue node and one
+// gateway, and with Boss a boss that gives the node every bucket, as in a
+// real cluster.
 type DevConfig struct {
 	Gateway   gateway.Config
 	QueueNode queuenode.Config
-	Logger    *slog.Logger
+	// Boss, if not nil, runs a boss in the process; the node and the gateway
+	// join it (gossip on free loopback ports) and route by its table.
+	// nil: the gateway is wired straight to the node (standalone mode).
+	Boss   *boss.Config
+	Logger *slog.Logger
 }
 
 // Dev is a running one-process cluster.
 type Dev struct {
+	Boss    *boss.Boss // nil in standalone mode
 	Node    *queuenode.Server
 	Gateway *gateway.Server
 	errc    chan error
 }
 
-// StartDev starts a queue node and a gateway wired to it, both serving in the
-// background, with one metrics registry served on the gateway's listener.
+// StartDev starts the services, all serving in the background, with one
+// metrics registry served on the gateway's listener.
 func StartDev(cfg DevConfig) (*Dev, error) {
 	reg := prometheus.NewRegistry()
 	obs.Register(reg)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	d := &Dev{errc: make(chan error, 3)}
+	var join *member.Config
+	if cfg.Boss != nil {
+		bc := *cfg.Boss
+		bc.Registry, bc.Logger = reg, cfg.Logger
+		if bc.Member.BindAddr == "" {
+			bc.Member.BindAddr = "127.0.0.1:0"
+		}
+		b, err := boss.New(bc)
+		if err != nil {
+			return nil, err
+		}
+		d.Boss = b
+		join = &member.Config{BindAddr: "127.0.0.1:0", Join: []string{b.GossipAddr()}, Cluster: bc.Member.Cluster}
+	}
 	nc := cfg.QueueNode
 	nc.Registry, nc.Logger = reg, cfg.Logger
+	if join != nil {
+		mc := *join
+		nc.Member = &mc
+	}
 	node, err := queuenode.New(nc)
 	if err != nil {
+		d.Shutdown(context.Background())
 		return nil, err
 	}
+	d.Node = node
 	gc := cfg.Gateway
 	gc.Registry, gc.Logger = reg, cfg.Logger
-	gc.QueueNode = node.LinkAddr()
+	if join != nil {
+		mc := *join
+		gc.Member, gc.QueueNode = &mc, ""
+	} else {
+		gc.QueueNode = node.LinkAddr()
+	}
 	gw, err := gateway.New(gc)
 	if err != nil {
-		node.Shutdown(context.Background())
+		d.Shutdown(context.Background())
 		return nil, err
 	}
-	d := &Dev{Node: node, Gateway: gw, errc: make(chan error, 2)}
+	d.Gateway = gw
+	if d.Boss != nil {
+		go func() { d.errc <- d.Boss.Run(context.Background()) }()
+	}
 	go func() { d.errc <- node.Run(context.Background()) }()
 	go func() { d.errc <- gw.Run(context.Background()) }()
 	return d, nil
@@ -67,9 +107,20 @@ func (d *Dev) URL() string { return "ws://" + d.Gateway.Addr() + "/ws" }
 // own.
 func (d *Dev) Err() <-chan error { return d.errc }
 
-// Shutdown stops the gateway (clients are told to reconnect), then the node.
+// Shutdown stops the gateway (clients are told to reconnect), then the
+// node, then the boss.
 func (d *Dev) Shutdown(ctx context.Context) error {
-	return errors.Join(d.Gateway.Shutdown(ctx), d.Node.Shutdown(ctx))
+	var errs []error
+	if d.Gateway != nil {
+		errs = append(errs, d.Gateway.Shutdown(ctx))
+	}
+	if d.Node != nil {
+		errs = append(errs, d.Node.Shutdown(ctx))
+	}
+	if d.Boss != nil {
+		errs = append(errs, d.Boss.Shutdown(ctx))
+	}
+	return errors.Join(errs...)
 }
 
 // LocalDevConfig returns a one-process cluster for tests and trials: both
@@ -83,8 +134,8 @@ func LocalDevConfig() DevConfig {
 	return DevConfig{Gateway: gc, QueueNode: nc}
 }
 
-// WaitReady waits until the gateway is healthy, that is its link to the
-// queue node is up, or ctx ends.
+// WaitReady waits until the gateway is healthy (with a boss: it has the
+// table and its link to the node is up), or ctx ends.
 func (d *Dev) WaitReady(ctx context.Context) error {
 	url := "http://" + d.Gateway.Addr() + "/healthz"
 	for {

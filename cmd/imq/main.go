@@ -18,6 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/boss"
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
@@ -149,8 +150,13 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 }
 
 func runDev(args []string) error {
-	fs := newFlagSet("dev", "Runs a gateway and a queue node in one process, in development mode: clients may\nconnect with ws://ADDR/ws?user=ID instead of a token. Metrics of both are on the\ngateway's /metrics.")
-	gc, nc := gateway.DefaultConfig(), queuenode.DefaultConfig()
+	fs := newFlagSet("dev", `Runs a boss, a queue node and a gateway in one process, in development mode:
+clients may connect with ws://ADDR/ws?user=ID instead of a token. The three
+form a cluster as separate processes would (gossip on free loopback ports; the
+boss gives the node every bucket). Metrics of all three are on the gateway's
+/metrics; the boss's API is at --boss-addr.`)
+	gc, nc, bc := gateway.DefaultConfig(), queuenode.DefaultConfig(), boss.DefaultConfig()
+	fs.StringVar(&bc.HTTPAddr, "boss-addr", bc.HTTPAddr, "HTTP listen address of the boss's API (/v1/nodes, /v1/table)")
 	var secret string
 	var origins listFlag
 	var lf commonFlags
@@ -171,13 +177,22 @@ func runDev(args []string) error {
 	}
 	nc.NodeID = "dev-node"
 	nc.Limits.MaxPayload, nc.LinkTimeout = gc.MaxPayload, gc.LinkTimeout
-	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc, Logger: log})
+	bc.Member.BindAddr = "127.0.0.1:0"
+	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc, Boss: &bc, Logger: log})
 	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	err = d.WaitReady(rctx)
+	cancel()
+	if err != nil {
+		d.Shutdown(context.Background())
 		return err
 	}
 	fmt.Printf("imq %s: development cluster running (no token needed)\n", versionString())
 	fmt.Printf("  WebSocket:  %s?user=alice   (subprotocol imq.v1 or imq.v1.json)\n", d.URL())
 	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz\n", d.Gateway.Addr())
+	fmt.Printf("  Boss:       http://%s/v1/nodes   table: /v1/table\n", d.Boss.Addr())
 	fmt.Printf("  Queue node: %s (link)\n", d.Node.LinkAddr())
 	fmt.Println("Press Ctrl-C to stop.")
 	ctx, stop := signalContext()
