@@ -45,7 +45,15 @@ func (p *Process) start() error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(p.binary, append(slices.Clone(p.args), "--log-format", "json")...)
+	args := slices.Clone(p.args)
+	for i := range args {
+		// The launcher learns addresses from info lines: a quieter level
+		// would hide them.
+		if args[i] == "--log-level" && i+1 < len(args) && (args[i+1] == "warn" || args[i+1] == "error") {
+			args[i+1] = "info"
+		}
+	}
+	cmd := exec.Command(p.binary, append(args, "--log-format", "json")...)
 	cmd.Stdout = f
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

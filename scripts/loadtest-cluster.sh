@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 go build -o bin/imq ./cmd/imq
 dir=$(mktemp -d /tmp/imq-loadtest-cluster.XXXXXX)
 taskset -c 0 bin/imq cluster --queuenodes "${IMQ_NODES:-2}" --gateways "${IMQ_GATEWAYS:-2}" --dir "$dir" \
-	-- --log-level warn >"$dir/cluster.out" 2>&1 &
+	>"$dir/cluster.out" 2>&1 &
 launcher=$!
 trap 'kill -INT $launcher 2>/dev/null; wait $launcher 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
