@@ -249,6 +249,7 @@ func (b *Boss) shutdown(ctx context.Context) error {
 	b.cancel()
 	b.wg.Wait() // no publish after this
 	err := b.http.Shutdown(ctx)
+	b.ln.Close() // Serve closes it, unless Run never got to Serve
 	leave := 3 * time.Second
 	if d, ok := ctx.Deadline(); ok {
 		leave = min(max(time.Until(d), 100*time.Millisecond), leave)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -455,6 +456,9 @@ func TestClusterMovedGivesUp(t *testing.T) {
 			if !r.GetRetryable() {
 				t.Fatal("not retryable")
 			}
+			if !strings.Contains(r.GetMessage(), "not mine") {
+				t.Fatalf("message %q does not pass on the node's last answer", r.GetMessage())
+			}
 			for i := range 5 {
 				if req := fake.request(t); req.GetPublish() == nil || req.GetTableVersion() != 1 {
 					t.Fatalf("attempt %d: %v", i+1, req)
@@ -603,5 +607,105 @@ func TestClusterNodeReaddressed(t *testing.T) {
 	getJSON(t, "http://"+gw.Addr()+"/varz", &v)
 	if len(v.Links) != 1 || v.Links[0].Addr != after.LinkAddr() || !v.Links[0].Up {
 		t.Fatalf("links %+v, want qa at %s", v.Links, after.LinkAddr())
+	}
+}
+
+// TestClusterMovedWaitsForNodesTable: a node ahead of the gateway answers
+// MOVED with its table's version; the gateway resends as soon as it holds
+// that version, rather than waiting for one newer still (which may never
+// come).
+func TestClusterMovedWaitsForNodesTable(t *testing.T) {
+	gw := startClusterGateway(t, func(c *gateway.Config) { c.RequestTimeout = 2 * time.Second })
+	gw.SetMovedWait(time.Minute) // only the request's time bounds the wait
+	old := startFakeNode(t, func(*imqpb.NodeRequest) *imqpb.NodeReply {
+		return &imqpb.NodeReply{Code: imqpb.Code_MOVED, Message: "not mine", TableVersion: 2}
+	})
+	owner := startNode(t, "qb", nil)
+	t1 := bucket.Single(bucket.Node{ID: "qa", LinkAddr: old.addr()})
+	t2 := mustJoin(t, t1, bucket.Node{ID: "qb", LinkAddr: owner.LinkAddr()})
+	install(t, gw, t1)
+	q := queueOn(t, t2, "qb", "ahead")
+
+	c := dialGateway(t, gw, "alice")
+	id := c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Publish{Publish: &imqpb.Publish{Queue: q, Mount: "chat", Payload: []byte("1")}}})
+	old.request(t)
+	install(t, gw, t2) // the node's version
+	expectCode(t, c.reply(id), imqpb.Code_OK)
+}
+
+// TestClusterRefusedRequestChangesNothing: a join or leave refused by the
+// in-flight limit neither supersedes the join still on its way nor ends a
+// subscription.
+func TestClusterRefusedRequestChangesNothing(t *testing.T) {
+	gw := startClusterGateway(t, func(c *gateway.Config) { c.MaxInflight = 1 })
+	hold := make(chan struct{})
+	fake := startFakeNode(t, func(req *imqpb.NodeRequest) *imqpb.NodeReply {
+		if req.GetJoin().GetQueue() == "/room/held" {
+			<-hold
+		}
+		return fakeOK(req)
+	})
+	install(t, gw, bucket.Single(bucket.Node{ID: "qa", LinkAddr: fake.addr()}))
+	c := dialGateway(t, gw, "alice")
+	expectCode(t, c.join("/room/a", chat()), imqpb.Code_OK)
+
+	joinID := c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Join{Join: &imqpb.Join{Queue: "/room/held", Mounts: []*imqpb.MountSpec{chat()}}}})
+	waitFor(t, 5*time.Second, func() bool {
+		for {
+			select {
+			case r := <-fake.reqs:
+				if r.GetJoin().GetQueue() == "/room/held" {
+					return true
+				}
+			default:
+				return false
+			}
+		}
+	})
+	expectCode(t, c.join("/room/held", chat()), imqpb.Code_LIMIT_EXCEEDED)
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: "/room/a"}}}), imqpb.Code_LIMIT_EXCEEDED)
+	close(hold)
+	expectCode(t, c.reply(joinID), imqpb.Code_OK)
+
+	for i, q := range []string{"/room/held", "/room/a"} {
+		frame, _ := proto.Marshal(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Event{Event: &imqpb.Event{Queue: q, Mount: "chat", Offset: uint64(10 + i)}}})
+		fake.push(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Deliver{Deliver: &imqpb.Deliver{Queue: q, Mount: "chat", Frame: frame}}})
+		if ev := nextEvent(t, c); ev.GetQueue() != q {
+			t.Fatalf("event %v, want one of %s", ev, q)
+		}
+	}
+}
+
+// TestClusterLeaveFollowsSubscription: after the queue's bucket moved, a
+// leave goes to the node the subscription was made through (which has the
+// subscriber), and a rejoin through the new owner leaves the old one.
+func TestClusterLeaveFollowsSubscription(t *testing.T) {
+	gw := startClusterGateway(t, nil)
+	old := startFakeNode(t, fakeOK)
+	owner := startNode(t, "qb", nil)
+	t1 := bucket.Single(bucket.Node{ID: "qa", LinkAddr: old.addr()})
+	t2 := mustJoin(t, t1, bucket.Node{ID: "qb", LinkAddr: owner.LinkAddr()})
+	install(t, gw, t1)
+	q1, q2 := queueOn(t, t2, "qb", "left"), queueOn(t, t2, "qb", "rejoined")
+
+	c := dialGateway(t, gw, "alice")
+	expectCode(t, c.join(q1, chat()), imqpb.Code_OK)
+	expectCode(t, c.join(q2, chat()), imqpb.Code_OK)
+	old.request(t)
+	old.request(t)
+	install(t, gw, t2) // the old node has not closed the queues yet
+
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Leave{Leave: &imqpb.Leave{Queue: q1}}}), imqpb.Code_OK)
+	if r := old.request(t); r.GetLeave().GetQueue() != q1 || r.GetId() == 0 {
+		t.Fatalf("the old node got %v, want the leave of %s", r, q1)
+	}
+
+	expectCode(t, c.join(q2, chat()), imqpb.Code_OK) // through the new owner
+	if r := old.request(t); r.GetLeave().GetQueue() != q2 {
+		t.Fatalf("the old node got %v, want a leave of %s", r, q2)
+	}
+	off := c.publish(q2, "chat", []byte(`"on qb"`)).GetPublished().GetOffset()
+	if ev := nextEvent(t, c); ev.GetQueue() != q2 || ev.GetOffset() != off {
+		t.Fatalf("event %v, want %s offset %d from the new owner", ev, q2, off)
 	}
 }

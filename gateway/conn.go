@@ -322,28 +322,46 @@ func (c *conn) update(id uint64, queue, what string, size int, req *imqpb.NodeRe
 		c.replyErr(id, imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "%s is %d bytes; the limit is %d", what, size, c.s.cfg.MaxPayload))
 		return
 	}
-	c.forward(id, queue, req, nil, 0, func(r *imqpb.NodeReply, _ *nodeLink) {
+	if !c.reserve(id) {
+		return
+	}
+	c.forward(queue, req, nil, 0, nil, func(r *imqpb.NodeReply, _ *nodeLink) {
 		c.replyNode(id, r, func(rep *imqpb.Reply) { result(rep, r) })
 	})
 }
 
-// forward sends req for queue to the node owning it, and again to the new
-// owner when the node answers MOVED (see routed); op and seq name a join or
-// leave in the connection's per-queue sequence (nil for other requests).
-// onReply runs exactly once, with the final reply and the link it came on
-// (nil when the gateway answered itself): on a link's reader with the node's
-// reply (in link order), on a link's own goroutine for a timeout or a lost
-// link, on a retry's goroutine, or here when the request could not be sent.
-// It does not run when the in-flight limit refuses the request.
-func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, op *queueOps, seq uint64, onReply func(*imqpb.NodeReply, *nodeLink)) bool {
+// reserve takes one of the connection's MaxInflight request slots, or
+// answers request id LIMIT_EXCEEDED and reports false. A request reserves
+// before it changes anything (a join or leave before it takes its place in
+// the queue's sequence), so a refused one has no effect at all: it cannot
+// supersede an earlier join or leave that is still on its way.
+func (c *conn) reserve(id uint64) bool {
 	if c.inflight.Add(1) > int32(c.s.cfg.MaxInflight) {
 		c.inflight.Add(-1)
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "more than %d requests in flight; wait for replies", c.s.cfg.MaxInflight))
 		return false
 	}
+	return true
+}
+
+// unreserve gives back a slot taken by reserve for a request that was
+// answered before it was forwarded.
+func (c *conn) unreserve() { c.inflight.Add(-1) }
+
+// forward sends req for queue to the node owning it, and again to the new
+// owner when the node answers MOVED (see routed); op and seq name a join or
+// leave in the connection's per-queue sequence (nil for other requests).
+// via, if not nil, is the link to send to instead of the table's (a leave
+// goes to the node its subscription was made through). The caller has
+// reserved the request's slot (reserve); forward gives it back. onReply runs
+// exactly once, with the final reply and the link it came on (nil when the
+// gateway answered itself): on a link's reader with the node's reply (in
+// link order), on a link's own goroutine for a timeout or a lost link, on a
+// retry's goroutine, or here when the request could not be sent.
+func (c *conn) forward(queue string, req *imqpb.NodeRequest, op *queueOps, seq uint64, via *nodeLink, onReply func(*imqpb.NodeReply, *nodeLink)) {
 	req.User, req.Session = c.user, c.session
 	rt := &routed{
-		c: c, queue: queue, req: req, op: op, seq: seq,
+		c: c, queue: queue, req: req, op: op, seq: seq, via: via,
 		deadline: time.Now().Add(c.s.cfg.RequestTimeout),
 		done: func(r *imqpb.NodeReply, l *nodeLink) {
 			c.inflight.Add(-1)
@@ -353,7 +371,6 @@ func (c *conn) forward(id uint64, queue string, req *imqpb.NodeRequest, op *queu
 	if err := rt.send(); err != nil {
 		rt.finish(err)
 	}
-	return true
 }
 
 // leaveNode tells a node that this session left queue, without a reply:

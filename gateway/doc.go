@@ -11,10 +11,15 @@
 // started and stopped as nodes join, leave or change address. Each request
 // carries the table version it was routed by. A node that does not own the
 // queue by its own table answers MOVED with its version: the gateway waits
-// for a newer table (or, when the node is the one behind, briefly) and sends
-// the request again, up to 5 times, so the client notices nothing; past that
-// the client is answered UNAVAILABLE, retryable. A join or leave is sent
-// again only while it is the connection's latest operation on the queue.
+// until its table has caught up with the node's (or, when the node is the
+// one behind, briefly) and sends the request again, up to 5 times, so the
+// client notices nothing; past that the client is answered UNAVAILABLE,
+// retryable. A join or leave is sent again only while it is the
+// connection's latest operation on the queue. A leave goes to the node the
+// subscription was made through, and a join that replaces a subscription
+// made through another node leaves that node, so no node keeps a subscriber
+// the gateway no longer has. A request the in-flight limit refuses changes
+// nothing.
 //
 // Subscriptions belong to the link they were made through: only that link's
 // events reach them, and they end (Unsubscribed, rejoin) when that link goes

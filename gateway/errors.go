@@ -10,9 +10,10 @@ import (
 var (
 	// errNoTable: cluster mode before the first bucket table (or a table
 	// without queue nodes).
-	errNoTable = imqerr.New(imqpb.Code_UNAVAILABLE, "no bucket table yet; the gateway is waiting for the boss")
+	errNoTable = imqerr.New(imqpb.Code_UNAVAILABLE, "the gateway's bucket table has no queue nodes (none received from the boss yet, or every node left); try again")
 	// errMoving: nodes kept answering MOVED until the attempts or the
-	// request's time ran out.
+	// request's time ran out. The client gets it with the last node's
+	// MOVED message appended (routed.movedErr).
 	errMoving = imqerr.New(imqpb.Code_UNAVAILABLE, "queue is moving between nodes; try again")
 	// errSuperseded: a join or leave answered MOVED was overtaken by a later
 	// join or leave of the same queue on the connection, which decides.

@@ -32,8 +32,12 @@ type routed struct {
 	// op and seq, for a join or leave, name the operation in the
 	// connection's per-queue sequence (subs.go): it is sent again only while
 	// it is the latest.
-	op       *queueOps
-	seq      uint64
+	op  *queueOps
+	seq uint64
+	// via, if not nil, is the link to send the first attempt to rather
+	// than the table's: a leave goes to the node its subscription was made
+	// through, which may no longer own the queue by the table.
+	via      *nodeLink
 	deadline time.Time // the request's time, over all its attempts
 	done     func(r *imqpb.NodeReply, l *nodeLink)
 
@@ -41,14 +45,18 @@ type routed struct {
 	// orders the two).
 	attempts int
 	version  uint64 // of the table the last send was routed by
+	moved    string // the last MOVED reply's message, for the client if retries end
 }
 
-// send routes the request by the current table and sends it. The error says
-// it was not sent (no table, or the link is down or full).
+// send routes the request by the current table (or to via) and sends it.
+// The error says it was not sent (no table, or the link is down or full).
 func (rt *routed) send() error {
-	l, v, err := rt.c.s.linkFor(rt.queue)
-	if err != nil {
-		return err
+	l, v := rt.via, rt.c.s.table().Version()
+	if l == nil {
+		var err error
+		if l, v, err = rt.c.s.linkFor(rt.queue); err != nil {
+			return err
+		}
 	}
 	rt.attempts++
 	rt.version = v
@@ -64,24 +72,34 @@ func (rt *routed) replied(l *nodeLink, r *imqpb.NodeReply) {
 		return
 	}
 	nodeVersion := r.GetTableVersion()
+	rt.moved = r.GetMessage()
 	rt.c.s.goTracked(func() { rt.retry(nodeVersion) }) // ends within the request's time
 }
 
-// retry sends the request again after a MOVED answered by a node holding
-// table nodeVersion: once the gateway holds a newer table than the node
-// (waiting for it, bounded), or after a short pause when the node is the one
-// behind.
+// retry sends the request again, by the table, after a MOVED answered by a
+// node holding table nodeVersion. When the node is ahead of the table the
+// request was routed by, it waits (bounded) until the gateway holds the
+// node's table, which gives the queue to its new owner; when both routed by
+// the same version (they disagree on a table they share: a bug), until the
+// gateway holds a newer one. When the node is the one behind, it sends again
+// after a short pause: the request's table_version has told the node to
+// fetch the newer table.
 func (rt *routed) retry(nodeVersion uint64) {
 	s := rt.c.s
 	if rt.attempts >= maxMovedAttempts {
-		rt.fail("attempts", errMoving)
+		rt.fail("attempts", rt.movedErr())
 		return
 	}
 	ctx, cancel := context.WithDeadline(s.ctx, rt.deadline)
 	defer cancel()
+	rt.via = nil // the node it was sent to does not own the queue
 	if nodeVersion >= rt.version {
+		want := nodeVersion
+		if nodeVersion == rt.version {
+			want++
+		}
 		wctx, wcancel := context.WithTimeout(ctx, s.movedWait)
-		s.waitTable(wctx, nodeVersion+1)
+		s.waitTable(wctx, want)
 		wcancel()
 	} else {
 		t := time.NewTimer(staleNodeDelay * time.Duration(rt.attempts))
@@ -96,7 +114,7 @@ func (rt *routed) retry(nodeVersion uint64) {
 		rt.fail("shutdown", errShuttingDown)
 		return
 	case ctx.Err() != nil:
-		rt.fail("deadline", errMoving)
+		rt.fail("deadline", rt.movedErr())
 		return
 	}
 	s.m.movedRetries.Inc()
@@ -126,6 +144,15 @@ func (rt *routed) resend() {
 	if err != nil {
 		rt.finish(err)
 	}
+}
+
+// movedErr is errMoving with the node's last word, which says whose table
+// is behind (or that a node has no table at all).
+func (rt *routed) movedErr() *imqerr.Error {
+	if rt.moved == "" {
+		return errMoving
+	}
+	return imqerr.New(errMoving.Code, "%s (the last node said: %s)", errMoving.Message, rt.moved)
 }
 
 // fail ends a request that MOVED answers kept from its node.

@@ -207,6 +207,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		defer close(s.shutDone)
 		s.closing.Store(true)
 		err := s.http.Shutdown(ctx) // stops accepting; hijacked connections are ours
+		s.ln.Close()                // Serve closes it, unless Run never got to Serve
 		for _, c := range s.conns.snapshot() {
 			c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
 		}

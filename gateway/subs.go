@@ -69,26 +69,34 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		c.replyErr(id, err)
 		return
 	}
-	c.subMu.Lock()
-	if c.subs[queue] == nil && c.subscribed() >= c.s.cfg.MaxSubscriptions {
-		c.subMu.Unlock()
-		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "a connection may join %d queues", c.s.cfg.MaxSubscriptions))
+	if !c.reserve(id) {
 		return
 	}
-	e, seq := c.opLocked(queue)
+	c.subMu.Lock()
+	var e *queueOps
+	var seq uint64
+	if c.subs[queue] != nil || c.subscribed() < c.s.cfg.MaxSubscriptions {
+		e, seq = c.opLocked(queue)
+	}
 	c.subMu.Unlock()
 	if e == nil {
+		c.unreserve()
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "a connection may join %d queues", c.s.cfg.MaxSubscriptions))
 		return
 	}
-	sent := c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Join{Join: m}}, e, seq, func(r *imqpb.NodeReply, l *nodeLink) {
+	c.forward(queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Join{Join: m}}, e, seq, nil, func(r *imqpb.NodeReply, l *nodeLink) {
 		c.subMu.Lock()
 		latest := !c.dead && e.seq == seq
 		var leave, lost bool
+		var before *nodeLink // the link of the subscription this join ends or replaces
+		if e.sub != nil {
+			before = e.sub.link
+		}
 		switch {
 		case !latest:
 			// A later join or leave decides; after the reader ends,
 			// leaveAll has already sent the leave that follows this join.
+			before = nil
 		case r.GetCode() == imqpb.Code_OK && l != nil:
 			sub := &localSub{mounts: make([]string, len(r.GetJoined().GetMounts())), node: l.node.ID, link: l}
 			for i, ms := range r.GetJoined().GetMounts() {
@@ -101,12 +109,22 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 			// the outcome certain, and an earlier subscription is gone too.
 			leave, lost = true, e.sub != nil
 			c.unsubscribeLocked(queue, e)
+		default:
+			before = nil // the earlier subscription, if any, stands
 		}
-		c.doneLocked(queue, e)
-		c.subMu.Unlock()
+		// The leaves go under subMu, so that no later join of the queue
+		// can reach the node first and be undone by them.
 		if leave {
 			c.leaveNode(queue, l) // where the join went
 		}
+		if before != nil && before != l {
+			// The earlier subscription was made through another node (the
+			// queue's bucket moved since): leave it there, so that node
+			// does not keep a subscriber this connection no longer has.
+			c.leaveNode(queue, before)
+		}
+		c.doneLocked(queue, e)
+		c.subMu.Unlock()
 		if lost {
 			c.s.m.unsubscribed.WithLabelValues(reasonLabel(imqpb.Reason_REASON_TIMEOUT)).Inc()
 			c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
@@ -116,44 +134,59 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		}
 		c.replyNode(id, r, func(rep *imqpb.Reply) { rep.Result = &imqpb.Reply_Joined{Joined: r.GetJoined()} })
 	})
-	if !sent {
-		c.subMu.Lock()
-		c.doneLocked(queue, e)
-		c.subMu.Unlock()
-	}
 }
 
+// leave forwards a leave to the node the subscription was made through
+// (which, while the queue's bucket moves, may not be the table's owner), or
+// by the table when there is none; a join still in flight to the table's
+// node is left there too.
 func (c *conn) leave(id uint64, m *imqpb.Leave) {
 	queue := m.GetQueue()
 	if err := wire.ValidateQueueName(queue); err != nil {
 		c.replyErr(id, err)
 		return
 	}
+	if !c.reserve(id) {
+		return
+	}
 	c.subMu.Lock()
 	e, seq := c.opLocked(queue)
+	var via *nodeLink
 	if e != nil {
+		if e.sub != nil {
+			via = e.sub.link
+			if e.inflight > 1 { // a join on its way, by the table
+				if l, _, err := c.s.linkFor(queue); err == nil && l != via {
+					c.leaveNode(queue, l)
+				}
+			}
+		}
 		c.unsubscribeLocked(queue, e) // no events after a leave, whatever the node says
 	}
 	c.subMu.Unlock()
 	if e == nil {
+		c.unreserve()
 		c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "too many joins and leaves in flight"))
 		return
 	}
-	sent := c.forward(id, queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Leave{Leave: m}}, e, seq, func(r *imqpb.NodeReply, l *nodeLink) {
+	c.forward(queue, &imqpb.NodeRequest{Op: &imqpb.NodeRequest_Leave{Leave: m}}, e, seq, via, func(r *imqpb.NodeReply, l *nodeLink) {
 		c.subMu.Lock()
-		retry := r.GetCode() == imqpb.Code_TIMEOUT && !c.dead && e.seq == seq
-		c.doneLocked(queue, e)
-		c.subMu.Unlock()
-		if retry { // the node may not have it: say it again, without waiting
+		// A timeout leaves the outcome unknown, and a leave the gateway
+		// could not send (l nil: the link was full, say) never reached the
+		// node, while the subscription is already gone here: say it again,
+		// without a reply (such a leave is never refused), unless a later
+		// join or leave decides.
+		retry := (r.GetCode() == imqpb.Code_TIMEOUT || l == nil) && !c.dead && e.seq == seq
+		if l == nil {
+			l = via
+		}
+		if retry { // under subMu, before any later join of the queue
 			c.leaveNode(queue, l)
 		}
-		c.replyNode(id, r, nil)
-	})
-	if !sent {
-		c.subMu.Lock()
 		c.doneLocked(queue, e)
 		c.subMu.Unlock()
-	}
+		c.replyNode(id, r, nil)
+	})
 }
 
 // leaveAll runs when the reader ends: every queue joined, or with a join in

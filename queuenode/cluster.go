@@ -98,7 +98,12 @@ func (e *movedError) Unwrap() error { return e.err }
 
 // checkOwnerLocked reports whether this node serves queue: always in
 // standalone mode; in cluster mode only when the current table gives the
-// queue's bucket to this node.
+// queue's bucket to this node. Otherwise it answers MOVED with the node's
+// table version, also before the node has a table (version 0) or when its
+// table has no nodes: a gateway that routed by a newer table then resends
+// after a short pause, while the request's table_version makes this node
+// fetch that table at once (a node added to the table is often asked
+// before it has heard of the table).
 //
 // The caller holds the queue's shard lock. That is what makes a table change
 // safe: applyTable stores the new table first and then takes each shard lock
@@ -115,7 +120,11 @@ func (s *Server) checkOwnerLocked(queue string) error {
 	t := s.table.Load()
 	owner, ok := t.Lookup(queue)
 	if !ok {
-		return imqerr.New(imqpb.Code_UNAVAILABLE, "waiting for the bucket table from the boss")
+		msg := "queue node %s has no bucket table from the boss yet (version %d)"
+		if t.Version() > 0 {
+			msg = "queue node %s holds bucket table version %d, which has no queue nodes"
+		}
+		return &movedError{err: imqerr.New(imqpb.Code_MOVED, msg, s.cfg.NodeID, t.Version()), version: t.Version()}
 	}
 	if owner.ID != s.cfg.NodeID {
 		return &movedError{

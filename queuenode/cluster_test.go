@@ -28,9 +28,14 @@ const waitFor = 5 * time.Second
 
 // testMemberConfig is a membership on a free local port. Other members join
 // the node's by hand (Member.Join), and leave gracefully rather than wait
-// for the failure detector.
+// for the failure detector; its short timings are the backstop when a leave
+// message is lost on a loaded machine (the default detection, 5.5 s, would
+// outlast the tests' waits).
 func testMemberConfig() *member.Config {
-	return &member.Config{BindAddr: "127.0.0.1:0"}
+	return &member.Config{
+		BindAddr: "127.0.0.1:0", ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 50 * time.Millisecond,
+		SuspicionMult: 3, RejoinInterval: 200 * time.Millisecond,
+	}
 }
 
 // startMember starts a member with meta that joins n's cluster, until the
@@ -303,6 +308,9 @@ func (s *Server) hasQueue(name string) bool {
 	return sh.queues[name] != nil
 }
 
+// TestClusterNodeWaitsForTable: before its first table the node serves no
+// queue and answers MOVED by table 0, which a gateway routing by a real
+// table retries (the node being the one behind) rather than failing.
 func TestClusterNodeWaitsForTable(t *testing.T) {
 	s := startClusterNode(t, "a")
 	l := dialLink(t, s.LinkAddr(), "gw-1")
@@ -311,8 +319,8 @@ func TestClusterNodeWaitsForTable(t *testing.T) {
 	}
 	for _, req := range []*imqpb.NodeRequest{joinReq("/room/1", "s1", "chat"), publishReq("/room/1", "chat"), setStateReq("/room/1", "score", "k")} {
 		r := l.do(req)
-		if r.GetCode() != imqpb.Code_UNAVAILABLE {
-			t.Fatalf("%v without a table: %v %q, want UNAVAILABLE", req.GetOp(), r.GetCode(), r.GetMessage())
+		if r.GetCode() != imqpb.Code_MOVED || r.GetTableVersion() != 0 || r.GetMessage() == "" {
+			t.Fatalf("%v without a table: %v %q (table %d), want MOVED by table 0", req.GetOp(), r.GetCode(), r.GetMessage(), r.GetTableVersion())
 		}
 	}
 	if s.queueCount.Load() != 0 {
@@ -645,5 +653,58 @@ func TestClusterConfigValidated(t *testing.T) {
 	if s, err := New(cfg); err == nil {
 		s.Shutdown(context.Background())
 		t.Fatal("New accepted a membership config whose probe timeout is not shorter than its interval")
+	}
+}
+
+// TestClusterRunContextShutsDown: ending Run's context shuts the node down
+// as Shutdown does: its links close and it leaves the membership, rather
+// than staying a live member that no longer takes links.
+func TestClusterRunContextShutsDown(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NodeID, cfg.LinkAddr, cfg.Member = "a", "127.0.0.1:0", testMemberConfig()
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &testNode{Server: s, gossip: s.member.Load().Addr()}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		sctx, scancel := context.WithTimeout(context.Background(), waitFor)
+		defer scancel()
+		s.Shutdown(sctx)
+	})
+	observer := startMember(t, n, member.Meta{Role: member.RoleGateway, ID: "observer"})
+	sees := func() bool {
+		for _, p := range observer.Peers() {
+			if p.Meta.ID == "a" {
+				return true
+			}
+		}
+		return false
+	}
+	eventually(t, "the observer to see the node", sees)
+	l := dialLink(t, s.LinkAddr(), "gw-1")
+
+	cancel()
+	l.c.SetReadDeadline(time.Now().Add(waitFor))
+	for {
+		if _, err := l.fr.Next(); err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatal("the link is still open after Run's context ended")
+			}
+			break
+		}
+	}
+	eventually(t, "the node to leave the membership", func() bool { return !sees() })
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(waitFor):
+		t.Fatal("Run did not return")
 	}
 }

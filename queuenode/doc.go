@@ -14,8 +14,8 @@
 // cluster mode. In cluster mode it is a member of the cluster's membership
 // (internal/member), follows the boss's bucket table (internal/tablewatch)
 // and serves only the queues whose bucket the table gives it: other requests
-// are answered MOVED with the table's version, and before it has a table
-// UNAVAILABLE. A gateway that routed by a newer table makes the node fetch
+// are answered MOVED with the table's version (also before it has a table:
+// version 0). A gateway that routed by a newer table makes the node fetch
 // it at once. When a new table takes a bucket away, the node closes the
 // bucket's queues and sends each gateway with subscribers one QueueClosed
 // (reason MOVED), so the clients rejoin on the new owner; queues are not

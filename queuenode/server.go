@@ -104,11 +104,13 @@ func (s *Server) NodeID() string { return s.cfg.NodeID }
 
 // Run accepts gateway links (and, in cluster mode, follows the boss's bucket
 // table) until ctx is done or Shutdown is called. It returns nil after a
-// shutdown.
+// shutdown; ctx ending is a Shutdown (links closed, the cluster left), not
+// merely the end of accepting.
 func (s *Server) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() {
-		s.cancel()
-		s.ln.Close()
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s.Shutdown(sctx)
 	})
 	defer stop()
 	s.wg.Add(1)

@@ -21,6 +21,9 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 )
 
+// errNotBoss: an answer to a long poll that the boss would not give.
+var errNotBoss = errors.New("the boss URL does not long-poll like the boss")
+
 // Path is the boss's table endpoint, also served by every gateway and queue
 // node (their current table) for the boss to reconcile with after a restart.
 const Path = "/v1/table"
@@ -130,6 +133,13 @@ func (w *Watcher) Run(ctx context.Context) {
 		t, err := w.poll(pctx, base)
 		stopKick()
 		cancel()
+		if err == nil && t != nil && t.Version() <= w.Table().Version() {
+			// The boss answers a long poll only with a newer table: this
+			// is not the boss (a gateway's or node's /v1/table answers at
+			// once), and asking again at once would spin.
+			err = fmt.Errorf("%w: it served table version %d, not newer than ours, %d", errNotBoss, t.Version(), w.Table().Version())
+			t = nil
+		}
 		switch {
 		case err == nil:
 			failures, backoff = 0, 100*time.Millisecond
@@ -141,7 +151,7 @@ func (w *Watcher) Run(ctx context.Context) {
 		case ctx.Err() == nil:
 			failures++
 			if failures == 1 || failures%30 == 0 {
-				w.log.Warn("cannot reach the boss for the bucket table; routing on the last one", "boss", base, "err", err, "attempts", failures)
+				w.log.Warn("cannot get the bucket table from the boss; routing on the last one", "boss", base, "err", err, "attempts", failures)
 			}
 			w.pause(ctx, backoff/2+rand.N(backoff/2+1))
 			backoff = min(2*backoff, 2*time.Second)

@@ -103,6 +103,15 @@ func TestWatcherFollowsTheBossInOrder(t *testing.T) {
 	if got, err := w.AtLeast(ctx, 2); err != nil || len(got.Nodes()) != 2 {
 		t.Fatalf("second table: %v %v", got, err)
 	}
+	// OnChange runs once Table returns the new table: wait for it.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		mu.Lock()
+		n := len(seen)
+		mu.Unlock()
+		if n >= 2 || time.Now().After(deadline) {
+			break
+		}
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if len(seen) != 2 || seen[0] != 1 || seen[1] != 2 {
@@ -160,5 +169,35 @@ func TestDecodeRefusesGarbage(t *testing.T) {
 	}
 	if w.Table().Version() != 0 {
 		t.Fatal("a bad table was installed")
+	}
+}
+
+// TestWatcherDoesNotSpinOnANonBoss: a URL that answers at once with a table
+// no newer than ours (a gateway's or queue node's /v1/table given as the
+// boss) is polled with backoff, not in a tight loop.
+func TestWatcherDoesNotSpinOnANonBoss(t *testing.T) {
+	var mu sync.Mutex
+	polls := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		polls++
+		mu.Unlock()
+		ServeTable(w, table("a"))
+	}))
+	defer srv.Close()
+	w := New(Config{BossURL: func() (string, bool) { return srv.URL, true }}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	time.Sleep(500 * time.Millisecond)
+	cancel()
+	<-done
+	if w.Table().Version() != 1 {
+		t.Fatalf("table v%d, want the v1 served", w.Table().Version())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if polls > 20 {
+		t.Fatalf("%d polls in half a second", polls)
 	}
 }
