@@ -389,6 +389,7 @@ func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
 	if len(movedRooms) == 0 {
 		t.Fatal("no room moved to the new node; use more rooms")
 	}
+	var worst time.Duration
 	for _, r := range movedRooms {
 		for i, col := range r.cols {
 			waitFor(t, 10*time.Second, fmt.Sprintf("%s subscriber %d moved", r.name, i), func() bool {
@@ -398,6 +399,7 @@ func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
 						told = true
 					}
 					if told && u.Kind == client.KindEvent && sentAt(u) > start.UnixNano() {
+						worst = max(worst, time.Duration(sentAt(u)-start.UnixNano()))
 						return true
 					}
 				}
@@ -405,6 +407,7 @@ func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
 			})
 		}
 	}
+	t.Logf("the moved rooms' subscribers were receiving messages sent %s after the new node was serving", worst.Round(time.Millisecond))
 	close(stop)
 	wg.Wait()
 	for _, r := range keptRooms {

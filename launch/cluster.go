@@ -236,7 +236,7 @@ func (c *Cluster) WaitRouting(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("launch: cluster not routing: %w", last)
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
 }
