@@ -86,8 +86,8 @@ type Config struct {
 }
 
 // DefaultConfig returns the documented defaults: memberlist's LAN settings,
-// which declare a killed member dead in about DetectionTime (5 s in a small
-// cluster).
+// which declare a killed member dead in about DetectionTime (5.5 s in a
+// small cluster).
 func DefaultConfig() Config {
 	return Config{
 		BindAddr:       "127.0.0.1:7946",
@@ -154,12 +154,13 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// DetectionTime is about how long the members take to declare a killed
-// member of a cluster of n dead: the probe that finds it silent (up to one
-// probe interval, plus its timeout) and the suspicion it cannot refute. With
-// the defaults and up to 10 members: 1 s + 0.5 s + 4 s = 5.5 s at most,
-// once enough members confirm the suspicion (memberlist lets a suspicion
-// that too few members confirm last up to 6 times longer).
+// DetectionTime estimates how long the members take to declare a killed
+// member of a cluster of n dead: a probe interval, the probe's timeout and
+// the suspicion it cannot refute. With the defaults and up to 10 members:
+// 1 s + 0.5 s + 4 s = 5.5 s. Measured (BENCHMARKS.md): 5.2–6.4 s, the rest
+// being the wait for the dead member's turn in the probers' round-robin.
+// memberlist lets a suspicion that too few members confirm last up to 6
+// times longer.
 func (c Config) DetectionTime(n int) time.Duration {
 	c.setDefaults()
 	scale := math.Max(1, math.Log10(math.Max(1, float64(n))))
@@ -239,6 +240,20 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 	// (metadata updates), so later reads of it would race.
 	n := ml.LocalNode()
 	m.addr = net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+	// A service bound to every interface (0.0.0.0:7100) is reached at the
+	// address this member gossips from.
+	m.mu.Lock()
+	before := m.meta
+	m.meta.LinkAddr = reachable(m.meta.LinkAddr, n.Addr)
+	m.meta.HTTPAddr = reachable(m.meta.HTTPAddr, n.Addr)
+	changed := m.meta != before
+	m.mu.Unlock()
+	if changed { // before joining anyone: nobody has seen the old metadata
+		if err := ml.UpdateNode(cfg.ProbeInterval); err != nil {
+			ml.Shutdown()
+			return nil, fmt.Errorf("membership: %w", err)
+		}
+	}
 	if len(cfg.Join) > 0 {
 		if _, err := ml.Join(cfg.Join); err != nil {
 			m.log.Warn("could not join the cluster yet; retrying", "join", cfg.Join, "err", err)
@@ -432,6 +447,19 @@ func (w *logWriter) Write(p []byte) (int, error) {
 	line = bytes.TrimPrefix(line, []byte("memberlist: "))
 	w.log.Log(context.Background(), level, "memberlist: "+string(line))
 	return len(p), nil
+}
+
+// reachable replaces an unspecified host in addr (0.0.0.0, ::, empty) with
+// ip.
+func reachable(addr string, ip net.IP) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if h := net.ParseIP(host); host != "" && (h == nil || !h.IsUnspecified()) {
+		return addr
+	}
+	return net.JoinHostPort(ip.String(), port)
 }
 
 func splitHostPort(addr string) (string, int, error) {

@@ -153,3 +153,15 @@ func TestDetectionTimeDefaults(t *testing.T) {
 		t.Fatalf("default detection time for 6 members is %s, documented 5.5s", got)
 	}
 }
+
+func TestUnspecifiedAddressesAreAdvertisedReachable(t *testing.T) {
+	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
+	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1", LinkAddr: "0.0.0.0:7100", HTTPAddr: ":7101"})
+	if m := node.Meta(); m.LinkAddr != "127.0.0.1:7100" || m.HTTPAddr != "127.0.0.1:7101" {
+		t.Fatalf("advertised %q and %q", m.LinkAddr, m.HTTPAddr)
+	}
+	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool {
+		p, ok := find(boss.Peers(), "qn-1")
+		return ok && p.Meta.LinkAddr == "127.0.0.1:7100"
+	})
+}
