@@ -702,3 +702,48 @@ func TestImqClusterCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadtestThroughNodeLoss: `imq loadtest` runs against a cluster while a
+// queue node is SIGKILLed. The bots of the lost rooms are told and rejoin;
+// the run reports those rooms as lost and still checks every other room
+// exactly once, with no violation.
+func TestLoadtestThroughNodeLoss(t *testing.T) {
+	c := startLocalCluster(t, 3, 2)
+	report := t.TempDir() + "/report.json"
+	cmd := exec.Command(imqBinary(t), "loadtest", "--url", strings.Join(c.URLs(), ","), "--secret", e2eSecret,
+		"--rooms", "12", "--bots-per-room", "4", "--chat-rate", "2", "--state-rate", "0.5", "--churn-rate", "0",
+		"--duration", "6s", "--json", report)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill() })
+	time.Sleep(2500 * time.Millisecond)
+	c.Nodes[1].Signal(syscall.SIGKILL)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("loadtest: %v\n%s", err, out.String())
+	}
+	var r struct {
+		Verify struct {
+			Expected, Delivered, Missing, Duplicated int64
+			RoomsLost                                int64 `json:"rooms_lost"`
+		} `json:"verify"`
+		Violations map[string]int64 `json:"violations"`
+	}
+	b, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		t.Fatal(err)
+	}
+	v := r.Verify
+	t.Logf("rooms lost %d; %d of %d expected deliveries made, violations %v", v.RoomsLost, v.Delivered, v.Expected, r.Violations)
+	if v.RoomsLost == 0 || v.RoomsLost == 12 {
+		t.Fatalf("%d of 12 rooms lost; the killed node held some, not all\n%s", v.RoomsLost, out.String())
+	}
+	if v.Expected == 0 || v.Delivered != v.Expected || len(r.Violations) != 0 {
+		t.Fatalf("the surviving rooms were not delivered exactly once: %+v %v\n%s", v, r.Violations, out.String())
+	}
+}
