@@ -84,11 +84,7 @@ func (s *Server) bossURL() (string, bool) {
 	if m == nil {
 		return "", false
 	}
-	boss, ok := m.Boss()
-	if !ok || boss.Meta.HTTPAddr == "" {
-		return "", false
-	}
-	return "http://" + boss.Meta.HTTPAddr, true
+	return m.BossURL()
 }
 
 // membersChanged runs after membership changes: a boss or queue node that

@@ -62,11 +62,7 @@ func (s *Server) bossURL() (string, bool) {
 	if m == nil {
 		return "", false
 	}
-	boss, ok := m.Boss()
-	if !ok || boss.Meta.HTTPAddr == "" {
-		return "", false
-	}
-	return "http://" + boss.Meta.HTTPAddr, true
+	return m.BossURL()
 }
 
 // leaveCluster leaves the membership gracefully, so that the boss sees

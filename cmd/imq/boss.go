@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -42,18 +41,5 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	errc := make(chan error, 1)
-	go func() { errc <- b.Run(ctx) }() // logs "boss serving" with addr and gossip
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-	}
-	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-	defer cancel()
-	if err := b.Shutdown(sctx); err != nil {
-		return err
-	}
-	return <-errc
+	return serve(ctx, log, b.Run, b.Shutdown) // Run logs "boss serving" with addr and gossip
 }

@@ -307,8 +307,14 @@ is standalone and serves every queue.`)
 		defer srv.Close()
 		log.Info("queue node HTTP", "addr", ln.Addr().String())
 	}
+	return serve(ctx, log, node.Run, node.Shutdown)
+}
+
+// serve runs a service until it stops on its own or ctx ends (a signal),
+// then shuts it down within shutdownTimeout and returns what Run returned.
+func serve(ctx context.Context, log *slog.Logger, run, shutdown func(context.Context) error) error {
 	errc := make(chan error, 1)
-	go func() { errc <- node.Run(ctx) }()
+	go func() { errc <- run(ctx) }()
 	select {
 	case err := <-errc:
 		return err
@@ -317,7 +323,7 @@ is standalone and serves every queue.`)
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
-	if err := node.Shutdown(sctx); err != nil {
+	if err := shutdown(sctx); err != nil {
 		return err
 	}
 	return <-errc
