@@ -387,7 +387,7 @@ func (c *conn) leaveNode(queue string, l *nodeLink) {
 	}
 	l.request(&imqpb.NodeRequest{
 		User: c.user, Session: c.session, TableVersion: v, Op: &imqpb.NodeRequest_Leave{Leave: &imqpb.Leave{Queue: queue}},
-	}, nil)
+	}, time.Time{}, nil)
 }
 
 // replyNode answers the client from a node reply; set fills in the result.

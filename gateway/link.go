@@ -209,9 +209,10 @@ func (l *nodeLink) down() {
 }
 
 // request sends req to the node. onReply, if not nil, is called exactly once:
-// with the node's reply, or with TIMEOUT or UNAVAILABLE. Without onReply the
+// with the node's reply, or with TIMEOUT (past deadline; zero: the
+// configured RequestTimeout from now) or UNAVAILABLE. Without onReply the
 // node sends no reply. The error says the request was not sent.
-func (l *nodeLink) request(req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply)) error {
+func (l *nodeLink) request(req *imqpb.NodeRequest, deadline time.Time, onReply func(*imqpb.NodeReply)) error {
 	if onReply != nil {
 		req.Id = l.nextID.Add(1)
 	}
@@ -232,7 +233,10 @@ func (l *nodeLink) request(req *imqpb.NodeRequest, onReply func(*imqpb.NodeReply
 		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is not keeping up", l.node.ID)
 	}
 	if onReply != nil {
-		l.pending[req.Id] = &pendingReq{onReply: onReply, deadline: time.Now().Add(l.s.cfg.RequestTimeout)}
+		if deadline.IsZero() {
+			deadline = time.Now().Add(l.s.cfg.RequestTimeout)
+		}
+		l.pending[req.Id] = &pendingReq{onReply: onReply, deadline: deadline}
 	}
 	l.out = append(l.out, frame)
 	l.outBytes += len(frame)

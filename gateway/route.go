@@ -61,7 +61,8 @@ func (rt *routed) send() error {
 	rt.attempts++
 	rt.version = v
 	rt.req.TableVersion = v
-	return l.request(rt.req, func(r *imqpb.NodeReply) { rt.replied(l, r) })
+	// Every attempt shares the request's deadline: retries never stretch it.
+	return l.request(rt.req, rt.deadline, func(r *imqpb.NodeReply) { rt.replied(l, r) })
 }
 
 // replied takes a reply from l: MOVED is retried, anything else is final.

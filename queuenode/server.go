@@ -130,6 +130,7 @@ func (s *Server) Run(ctx context.Context) error {
 		conn, err := s.ln.Accept()
 		if err != nil {
 			if s.ctx.Err() != nil {
+				s.wg.Wait() // Shutdown's work: links closed, goroutines done
 				return nil
 			}
 			var ne net.Error
@@ -139,6 +140,7 @@ func (s *Server) Run(ctx context.Context) error {
 				case <-time.After(100 * time.Millisecond):
 					continue
 				case <-s.ctx.Done():
+					s.wg.Wait()
 					return nil
 				}
 			}
