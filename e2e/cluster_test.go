@@ -54,6 +54,11 @@ func startLocalCluster(t *testing.T, nodes, gateways int) *launch.Cluster {
 	}
 	t.Cleanup(func() {
 		c.Stop(10 * time.Second)
+		for _, p := range append(append([]*launch.Process{c.Boss}, c.Nodes...), c.Gateways...) {
+			if b, _ := os.ReadFile(p.LogPath()); strings.Contains(string(b), "WARNING: DATA RACE") {
+				t.Errorf("%s: the race detector reported a data race (log follows)", p.Name)
+			}
+		}
 		if t.Failed() {
 			for _, p := range append(append([]*launch.Process{c.Boss}, c.Nodes...), c.Gateways...) {
 				if b, err := os.ReadFile(p.LogPath()); err == nil {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -31,7 +32,11 @@ func imqBinary(t *testing.T) string {
 			return
 		}
 		binPath = filepath.Join(dir, "imq")
-		out, err := exec.Command("go", "build", "-o", binPath, "github.com/imq-dev/imq/cmd/imq").CombinedOutput()
+		args := []string{"build", "-o", binPath}
+		if raceEnabled { // the processes under test get the race detector too
+			args = append(args, "-race")
+		}
+		out, err := exec.Command("go", append(args, "github.com/imq-dev/imq/cmd/imq")...).CombinedOutput()
 		if err != nil {
 			buildErr = &buildError{err: err, out: string(out)}
 		}
@@ -96,6 +101,14 @@ func start(t *testing.T, name string, args ...string) *proc {
 	}()
 	t.Cleanup(func() {
 		p.kill(syscall.SIGKILL)
+		p.mu.Lock()
+		for _, l := range p.logs {
+			if msg, _ := l["msg"].(string); strings.Contains(msg, "WARNING: DATA RACE") {
+				t.Errorf("%s: the race detector reported a data race (log follows)", p.name)
+				break
+			}
+		}
+		p.mu.Unlock()
 		if t.Failed() {
 			p.dump()
 		}
