@@ -71,6 +71,10 @@ const (
 	Code_MOVED Code = 15
 	// A bug; the request had no effect that the caller can rely on.
 	Code_INTERNAL Code = 16
+	// Admin RPC: the queue (or mount) does not exist; nothing was created.
+	Code_NOT_FOUND Code = 17
+	// The backend's call-out denied the operation (its reason is the message).
+	Code_DENIED Code = 18
 )
 
 // Enum value maps for Code.
@@ -93,6 +97,8 @@ var (
 		14: "TIMEOUT",
 		15: "MOVED",
 		16: "INTERNAL",
+		17: "NOT_FOUND",
+		18: "DENIED",
 	}
 	Code_value = map[string]int32{
 		"OK":                 0,
@@ -112,6 +118,8 @@ var (
 		"TIMEOUT":            14,
 		"MOVED":              15,
 		"INTERNAL":           16,
+		"NOT_FOUND":          17,
+		"DENIED":             18,
 	}
 )
 
@@ -2059,7 +2067,7 @@ const file_imq_proto_rawDesc = "" +
 	"\aGoodbye\x12&\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x0e.imq.v1.ReasonR\x06reason\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
-	"\treconnect\x18\x03 \x01(\bR\treconnect*\xb2\x02\n" +
+	"\treconnect\x18\x03 \x01(\bR\treconnect*\xcd\x02\n" +
 	"\x04Code\x12\x06\n" +
 	"\x02OK\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x13\n" +
@@ -2079,7 +2087,10 @@ const file_imq_proto_rawDesc = "" +
 	"\vUNAVAILABLE\x10\r\x12\v\n" +
 	"\aTIMEOUT\x10\x0e\x12\t\n" +
 	"\x05MOVED\x10\x0f\x12\f\n" +
-	"\bINTERNAL\x10\x10*?\n" +
+	"\bINTERNAL\x10\x10\x12\r\n" +
+	"\tNOT_FOUND\x10\x11\x12\n" +
+	"\n" +
+	"\x06DENIED\x10\x12*?\n" +
 	"\tMountKind\x12\x1a\n" +
 	"\x16MOUNT_KIND_UNSPECIFIED\x10\x00\x12\v\n" +
 	"\aMESSAGE\x10\x01\x12\t\n" +

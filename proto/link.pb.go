@@ -390,7 +390,13 @@ type NodeRequest struct {
 	//	*NodeRequest_Leave
 	//	*NodeRequest_Publish
 	//	*NodeRequest_SetState
-	Op            isNodeRequest_Op `protobuf_oneof:"op"`
+	//	*NodeRequest_GetState
+	//	*NodeRequest_History
+	//	*NodeRequest_QueueInfo
+	Op isNodeRequest_Op `protobuf_oneof:"op"`
+	// True for requests of the admin RPC (the backend): user is empty or the
+	// backend's name, and the node's call-outs are not consulted.
+	Backend       bool `protobuf:"varint,5,opt,name=backend,proto3" json:"backend,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -496,6 +502,40 @@ func (x *NodeRequest) GetSetState() *SetState {
 	return nil
 }
 
+func (x *NodeRequest) GetGetState() *GetState {
+	if x != nil {
+		if x, ok := x.Op.(*NodeRequest_GetState); ok {
+			return x.GetState
+		}
+	}
+	return nil
+}
+
+func (x *NodeRequest) GetHistory() *History {
+	if x != nil {
+		if x, ok := x.Op.(*NodeRequest_History); ok {
+			return x.History
+		}
+	}
+	return nil
+}
+
+func (x *NodeRequest) GetQueueInfo() *QueueInfo {
+	if x != nil {
+		if x, ok := x.Op.(*NodeRequest_QueueInfo); ok {
+			return x.QueueInfo
+		}
+	}
+	return nil
+}
+
+func (x *NodeRequest) GetBackend() bool {
+	if x != nil {
+		return x.Backend
+	}
+	return false
+}
+
 type isNodeRequest_Op interface {
 	isNodeRequest_Op()
 }
@@ -516,6 +556,19 @@ type NodeRequest_SetState struct {
 	SetState *SetState `protobuf:"bytes,13,opt,name=set_state,json=setState,proto3,oneof"`
 }
 
+type NodeRequest_GetState struct {
+	// Admin RPC reads: they never create a queue.
+	GetState *GetState `protobuf:"bytes,14,opt,name=get_state,json=getState,proto3,oneof"`
+}
+
+type NodeRequest_History struct {
+	History *History `protobuf:"bytes,15,opt,name=history,proto3,oneof"`
+}
+
+type NodeRequest_QueueInfo struct {
+	QueueInfo *QueueInfo `protobuf:"bytes,16,opt,name=queue_info,json=queueInfo,proto3,oneof"`
+}
+
 func (*NodeRequest_Join) isNodeRequest_Op() {}
 
 func (*NodeRequest_Leave) isNodeRequest_Op() {}
@@ -523,6 +576,12 @@ func (*NodeRequest_Leave) isNodeRequest_Op() {}
 func (*NodeRequest_Publish) isNodeRequest_Op() {}
 
 func (*NodeRequest_SetState) isNodeRequest_Op() {}
+
+func (*NodeRequest_GetState) isNodeRequest_Op() {}
+
+func (*NodeRequest_History) isNodeRequest_Op() {}
+
+func (*NodeRequest_QueueInfo) isNodeRequest_Op() {}
 
 type NodeReply struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
@@ -538,7 +597,13 @@ type NodeReply struct {
 	//	*NodeReply_Joined
 	//	*NodeReply_Published
 	//	*NodeReply_StateSet
-	Result        isNodeReply_Result `protobuf_oneof:"result"`
+	//	*NodeReply_State
+	//	*NodeReply_History
+	//	*NodeReply_QueueInfo
+	Result isNodeReply_Result `protobuf_oneof:"result"`
+	// For publish and set_state: the queue did not exist and was created by
+	// this request.
+	Created       bool `protobuf:"varint,5,opt,name=created,proto3" json:"created,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -635,6 +700,40 @@ func (x *NodeReply) GetStateSet() *StateSet {
 	return nil
 }
 
+func (x *NodeReply) GetState() *StateSnapshot {
+	if x != nil {
+		if x, ok := x.Result.(*NodeReply_State); ok {
+			return x.State
+		}
+	}
+	return nil
+}
+
+func (x *NodeReply) GetHistory() *HistoryPage {
+	if x != nil {
+		if x, ok := x.Result.(*NodeReply_History); ok {
+			return x.History
+		}
+	}
+	return nil
+}
+
+func (x *NodeReply) GetQueueInfo() *QueueInfoResult {
+	if x != nil {
+		if x, ok := x.Result.(*NodeReply_QueueInfo); ok {
+			return x.QueueInfo
+		}
+	}
+	return nil
+}
+
+func (x *NodeReply) GetCreated() bool {
+	if x != nil {
+		return x.Created
+	}
+	return false
+}
+
 type isNodeReply_Result interface {
 	isNodeReply_Result()
 }
@@ -651,11 +750,589 @@ type NodeReply_StateSet struct {
 	StateSet *StateSet `protobuf:"bytes,12,opt,name=state_set,json=stateSet,proto3,oneof"`
 }
 
+type NodeReply_State struct {
+	State *StateSnapshot `protobuf:"bytes,13,opt,name=state,proto3,oneof"`
+}
+
+type NodeReply_History struct {
+	History *HistoryPage `protobuf:"bytes,14,opt,name=history,proto3,oneof"`
+}
+
+type NodeReply_QueueInfo struct {
+	QueueInfo *QueueInfoResult `protobuf:"bytes,15,opt,name=queue_info,json=queueInfo,proto3,oneof"`
+}
+
 func (*NodeReply_Joined) isNodeReply_Result() {}
 
 func (*NodeReply_Published) isNodeReply_Result() {}
 
 func (*NodeReply_StateSet) isNodeReply_Result() {}
+
+func (*NodeReply_State) isNodeReply_Result() {}
+
+func (*NodeReply_History) isNodeReply_Result() {}
+
+func (*NodeReply_QueueInfo) isNodeReply_Result() {}
+
+// GetState reads a state mount (keys empty: every key).
+type GetState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Queue         string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	Mount         string                 `protobuf:"bytes,2,opt,name=mount,proto3" json:"mount,omitempty"`
+	Keys          []string               `protobuf:"bytes,3,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetState) Reset() {
+	*x = GetState{}
+	mi := &file_link_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetState) ProtoMessage() {}
+
+func (x *GetState) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetState.ProtoReflect.Descriptor instead.
+func (*GetState) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GetState) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *GetState) GetMount() string {
+	if x != nil {
+		return x.Mount
+	}
+	return ""
+}
+
+func (x *GetState) GetKeys() []string {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+type StateSnapshot struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Head          uint64                 `protobuf:"varint,2,opt,name=head,proto3" json:"head,omitempty"`
+	Entries       []*StateEntry          `protobuf:"bytes,3,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StateSnapshot) Reset() {
+	*x = StateSnapshot{}
+	mi := &file_link_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateSnapshot) ProtoMessage() {}
+
+func (x *StateSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateSnapshot.ProtoReflect.Descriptor instead.
+func (*StateSnapshot) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *StateSnapshot) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *StateSnapshot) GetHead() uint64 {
+	if x != nil {
+		return x.Head
+	}
+	return 0
+}
+
+func (x *StateSnapshot) GetEntries() []*StateEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+// History reads a message mount's retained events after since_offset
+// (0: from the oldest retained), at most limit (0: the node's default).
+type History struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Queue         string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	Mount         string                 `protobuf:"bytes,2,opt,name=mount,proto3" json:"mount,omitempty"`
+	SinceOffset   uint64                 `protobuf:"varint,3,opt,name=since_offset,json=sinceOffset,proto3" json:"since_offset,omitempty"`
+	Limit         uint32                 `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *History) Reset() {
+	*x = History{}
+	mi := &file_link_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *History) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*History) ProtoMessage() {}
+
+func (x *History) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use History.ProtoReflect.Descriptor instead.
+func (*History) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *History) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *History) GetMount() string {
+	if x != nil {
+		return x.Mount
+	}
+	return ""
+}
+
+func (x *History) GetSinceOffset() uint64 {
+	if x != nil {
+		return x.SinceOffset
+	}
+	return 0
+}
+
+func (x *History) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type HistoryPage struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Epoch  uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Head   uint64                 `protobuf:"varint,2,opt,name=head,proto3" json:"head,omitempty"`
+	Events []*Event               `protobuf:"bytes,3,rep,name=events,proto3" json:"events,omitempty"`
+	// Events after since_offset were evicted before this read: the page
+	// starts later than asked.
+	Missed bool `protobuf:"varint,4,opt,name=missed,proto3" json:"missed,omitempty"`
+	// More retained events follow the last one in this page.
+	More          bool `protobuf:"varint,5,opt,name=more,proto3" json:"more,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryPage) Reset() {
+	*x = HistoryPage{}
+	mi := &file_link_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryPage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryPage) ProtoMessage() {}
+
+func (x *HistoryPage) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryPage.ProtoReflect.Descriptor instead.
+func (*HistoryPage) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *HistoryPage) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *HistoryPage) GetHead() uint64 {
+	if x != nil {
+		return x.Head
+	}
+	return 0
+}
+
+func (x *HistoryPage) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *HistoryPage) GetMissed() bool {
+	if x != nil {
+		return x.Missed
+	}
+	return false
+}
+
+func (x *HistoryPage) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
+type QueueInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Queue         string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueInfo) Reset() {
+	*x = QueueInfo{}
+	mi := &file_link_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueInfo) ProtoMessage() {}
+
+func (x *QueueInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueInfo.ProtoReflect.Descriptor instead.
+func (*QueueInfo) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *QueueInfo) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+type QueueInfoResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Queue         string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Head          uint64                 `protobuf:"varint,3,opt,name=head,proto3" json:"head,omitempty"`
+	Mounts        []*MountInfo           `protobuf:"bytes,4,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	Subscribers   []*SubscriberInfo      `protobuf:"bytes,5,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
+	Node          string                 `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
+	CreatedMs     int64                  `protobuf:"varint,7,opt,name=created_ms,json=createdMs,proto3" json:"created_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueInfoResult) Reset() {
+	*x = QueueInfoResult{}
+	mi := &file_link_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueInfoResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueInfoResult) ProtoMessage() {}
+
+func (x *QueueInfoResult) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueInfoResult.ProtoReflect.Descriptor instead.
+func (*QueueInfoResult) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *QueueInfoResult) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *QueueInfoResult) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *QueueInfoResult) GetHead() uint64 {
+	if x != nil {
+		return x.Head
+	}
+	return 0
+}
+
+func (x *QueueInfoResult) GetMounts() []*MountInfo {
+	if x != nil {
+		return x.Mounts
+	}
+	return nil
+}
+
+func (x *QueueInfoResult) GetSubscribers() []*SubscriberInfo {
+	if x != nil {
+		return x.Subscribers
+	}
+	return nil
+}
+
+func (x *QueueInfoResult) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *QueueInfoResult) GetCreatedMs() int64 {
+	if x != nil {
+		return x.CreatedMs
+	}
+	return 0
+}
+
+type MountInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Kind  MountKind              `protobuf:"varint,2,opt,name=kind,proto3,enum=imq.v1.MountKind" json:"kind,omitempty"`
+	// Message mounts: events retained, and the oldest retained offset.
+	Retained     uint32 `protobuf:"varint,3,opt,name=retained,proto3" json:"retained,omitempty"`
+	OldestOffset uint64 `protobuf:"varint,4,opt,name=oldest_offset,json=oldestOffset,proto3" json:"oldest_offset,omitempty"`
+	// State mounts: keys and their bytes.
+	Keys          uint32 `protobuf:"varint,5,opt,name=keys,proto3" json:"keys,omitempty"`
+	Bytes         uint64 `protobuf:"varint,6,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MountInfo) Reset() {
+	*x = MountInfo{}
+	mi := &file_link_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MountInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MountInfo) ProtoMessage() {}
+
+func (x *MountInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MountInfo.ProtoReflect.Descriptor instead.
+func (*MountInfo) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *MountInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MountInfo) GetKind() MountKind {
+	if x != nil {
+		return x.Kind
+	}
+	return MountKind_MOUNT_KIND_UNSPECIFIED
+}
+
+func (x *MountInfo) GetRetained() uint32 {
+	if x != nil {
+		return x.Retained
+	}
+	return 0
+}
+
+func (x *MountInfo) GetOldestOffset() uint64 {
+	if x != nil {
+		return x.OldestOffset
+	}
+	return 0
+}
+
+func (x *MountInfo) GetKeys() uint32 {
+	if x != nil {
+		return x.Keys
+	}
+	return 0
+}
+
+func (x *MountInfo) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+type SubscriberInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Session       string                 `protobuf:"bytes,2,opt,name=session,proto3" json:"session,omitempty"`
+	Gateway       string                 `protobuf:"bytes,3,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	Mounts        []string               `protobuf:"bytes,4,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubscriberInfo) Reset() {
+	*x = SubscriberInfo{}
+	mi := &file_link_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubscriberInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubscriberInfo) ProtoMessage() {}
+
+func (x *SubscriberInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubscriberInfo.ProtoReflect.Descriptor instead.
+func (*SubscriberInfo) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *SubscriberInfo) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *SubscriberInfo) GetSession() string {
+	if x != nil {
+		return x.Session
+	}
+	return ""
+}
+
+func (x *SubscriberInfo) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *SubscriberInfo) GetMounts() []string {
+	if x != nil {
+		return x.Mounts
+	}
+	return nil
+}
 
 // Deliver carries one event or state change to every gateway with a subscriber
 // to its mount. frame is the encoded ServerMessage exactly as binary clients
@@ -671,7 +1348,7 @@ type Deliver struct {
 
 func (x *Deliver) Reset() {
 	*x = Deliver{}
-	mi := &file_link_proto_msgTypes[6]
+	mi := &file_link_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +1360,7 @@ func (x *Deliver) String() string {
 func (*Deliver) ProtoMessage() {}
 
 func (x *Deliver) ProtoReflect() protoreflect.Message {
-	mi := &file_link_proto_msgTypes[6]
+	mi := &file_link_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +1373,7 @@ func (x *Deliver) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Deliver.ProtoReflect.Descriptor instead.
 func (*Deliver) Descriptor() ([]byte, []int) {
-	return file_link_proto_rawDescGZIP(), []int{6}
+	return file_link_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Deliver) GetQueue() string {
@@ -735,7 +1412,7 @@ type QueueClosed struct {
 
 func (x *QueueClosed) Reset() {
 	*x = QueueClosed{}
-	mi := &file_link_proto_msgTypes[7]
+	mi := &file_link_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -747,7 +1424,7 @@ func (x *QueueClosed) String() string {
 func (*QueueClosed) ProtoMessage() {}
 
 func (x *QueueClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_link_proto_msgTypes[7]
+	mi := &file_link_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -760,7 +1437,7 @@ func (x *QueueClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueueClosed.ProtoReflect.Descriptor instead.
 func (*QueueClosed) Descriptor() ([]byte, []int) {
-	return file_link_proto_rawDescGZIP(), []int{7}
+	return file_link_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *QueueClosed) GetQueue() string {
@@ -809,7 +1486,7 @@ const file_link_proto_rawDesc = "" +
 	"\bHelloAck\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\rR\bprotocol\x12#\n" +
-	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\"\x9f\x02\n" +
+	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\"\xcb\x03\n" +
 	"\vNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12\x18\n" +
@@ -819,8 +1496,13 @@ const file_link_proto_rawDesc = "" +
 	" \x01(\v2\f.imq.v1.JoinH\x00R\x04join\x12%\n" +
 	"\x05leave\x18\v \x01(\v2\r.imq.v1.LeaveH\x00R\x05leave\x12+\n" +
 	"\apublish\x18\f \x01(\v2\x0f.imq.v1.PublishH\x00R\apublish\x12/\n" +
-	"\tset_state\x18\r \x01(\v2\x10.imq.v1.SetStateH\x00R\bsetStateB\x04\n" +
-	"\x02op\"\x94\x02\n" +
+	"\tset_state\x18\r \x01(\v2\x10.imq.v1.SetStateH\x00R\bsetState\x12/\n" +
+	"\tget_state\x18\x0e \x01(\v2\x10.imq.v1.GetStateH\x00R\bgetState\x12+\n" +
+	"\ahistory\x18\x0f \x01(\v2\x0f.imq.v1.HistoryH\x00R\ahistory\x122\n" +
+	"\n" +
+	"queue_info\x18\x10 \x01(\v2\x11.imq.v1.QueueInfoH\x00R\tqueueInfo\x12\x18\n" +
+	"\abackend\x18\x05 \x01(\bR\abackendB\x04\n" +
+	"\x02op\"\xc8\x03\n" +
 	"\tNodeReply\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12 \n" +
 	"\x04code\x18\x02 \x01(\x0e2\f.imq.v1.CodeR\x04code\x12\x18\n" +
@@ -829,8 +1511,55 @@ const file_link_proto_rawDesc = "" +
 	"\x06joined\x18\n" +
 	" \x01(\v2\x0e.imq.v1.JoinedH\x00R\x06joined\x121\n" +
 	"\tpublished\x18\v \x01(\v2\x11.imq.v1.PublishedH\x00R\tpublished\x12/\n" +
-	"\tstate_set\x18\f \x01(\v2\x10.imq.v1.StateSetH\x00R\bstateSetB\b\n" +
-	"\x06result\"K\n" +
+	"\tstate_set\x18\f \x01(\v2\x10.imq.v1.StateSetH\x00R\bstateSet\x12-\n" +
+	"\x05state\x18\r \x01(\v2\x15.imq.v1.StateSnapshotH\x00R\x05state\x12/\n" +
+	"\ahistory\x18\x0e \x01(\v2\x13.imq.v1.HistoryPageH\x00R\ahistory\x128\n" +
+	"\n" +
+	"queue_info\x18\x0f \x01(\v2\x17.imq.v1.QueueInfoResultH\x00R\tqueueInfo\x12\x18\n" +
+	"\acreated\x18\x05 \x01(\bR\acreatedB\b\n" +
+	"\x06result\"J\n" +
+	"\bGetState\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
+	"\x05mount\x18\x02 \x01(\tR\x05mount\x12\x12\n" +
+	"\x04keys\x18\x03 \x03(\tR\x04keys\"g\n" +
+	"\rStateSnapshot\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x12\n" +
+	"\x04head\x18\x02 \x01(\x04R\x04head\x12,\n" +
+	"\aentries\x18\x03 \x03(\v2\x12.imq.v1.StateEntryR\aentries\"n\n" +
+	"\aHistory\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
+	"\x05mount\x18\x02 \x01(\tR\x05mount\x12!\n" +
+	"\fsince_offset\x18\x03 \x01(\x04R\vsinceOffset\x12\x14\n" +
+	"\x05limit\x18\x04 \x01(\rR\x05limit\"\x8a\x01\n" +
+	"\vHistoryPage\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x12\n" +
+	"\x04head\x18\x02 \x01(\x04R\x04head\x12%\n" +
+	"\x06events\x18\x03 \x03(\v2\r.imq.v1.EventR\x06events\x12\x16\n" +
+	"\x06missed\x18\x04 \x01(\bR\x06missed\x12\x12\n" +
+	"\x04more\x18\x05 \x01(\bR\x04more\"!\n" +
+	"\tQueueInfo\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xe9\x01\n" +
+	"\x0fQueueInfoResult\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x12\n" +
+	"\x04head\x18\x03 \x01(\x04R\x04head\x12)\n" +
+	"\x06mounts\x18\x04 \x03(\v2\x11.imq.v1.MountInfoR\x06mounts\x128\n" +
+	"\vsubscribers\x18\x05 \x03(\v2\x16.imq.v1.SubscriberInfoR\vsubscribers\x12\x12\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\x12\x1d\n" +
+	"\n" +
+	"created_ms\x18\a \x01(\x03R\tcreatedMs\"\xb1\x01\n" +
+	"\tMountInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x11.imq.v1.MountKindR\x04kind\x12\x1a\n" +
+	"\bretained\x18\x03 \x01(\rR\bretained\x12#\n" +
+	"\roldest_offset\x18\x04 \x01(\x04R\foldestOffset\x12\x12\n" +
+	"\x04keys\x18\x05 \x01(\rR\x04keys\x12\x14\n" +
+	"\x05bytes\x18\x06 \x01(\x04R\x05bytes\"p\n" +
+	"\x0eSubscriberInfo\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x18\n" +
+	"\asession\x18\x02 \x01(\tR\asession\x12\x18\n" +
+	"\agateway\x18\x03 \x01(\tR\agateway\x12\x16\n" +
+	"\x06mounts\x18\x04 \x03(\tR\x06mounts\"K\n" +
 	"\aDeliver\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05mount\x18\x02 \x01(\tR\x05mount\x12\x14\n" +
@@ -852,51 +1581,73 @@ func file_link_proto_rawDescGZIP() []byte {
 	return file_link_proto_rawDescData
 }
 
-var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_link_proto_goTypes = []any{
-	(*LinkUp)(nil),      // 0: imq.v1.LinkUp
-	(*LinkDown)(nil),    // 1: imq.v1.LinkDown
-	(*Hello)(nil),       // 2: imq.v1.Hello
-	(*HelloAck)(nil),    // 3: imq.v1.HelloAck
-	(*NodeRequest)(nil), // 4: imq.v1.NodeRequest
-	(*NodeReply)(nil),   // 5: imq.v1.NodeReply
-	(*Deliver)(nil),     // 6: imq.v1.Deliver
-	(*QueueClosed)(nil), // 7: imq.v1.QueueClosed
-	(*Ping)(nil),        // 8: imq.v1.Ping
-	(*Pong)(nil),        // 9: imq.v1.Pong
-	(*Join)(nil),        // 10: imq.v1.Join
-	(*Leave)(nil),       // 11: imq.v1.Leave
-	(*Publish)(nil),     // 12: imq.v1.Publish
-	(*SetState)(nil),    // 13: imq.v1.SetState
-	(Code)(0),           // 14: imq.v1.Code
-	(*Joined)(nil),      // 15: imq.v1.Joined
-	(*Published)(nil),   // 16: imq.v1.Published
-	(*StateSet)(nil),    // 17: imq.v1.StateSet
-	(Reason)(0),         // 18: imq.v1.Reason
+	(*LinkUp)(nil),          // 0: imq.v1.LinkUp
+	(*LinkDown)(nil),        // 1: imq.v1.LinkDown
+	(*Hello)(nil),           // 2: imq.v1.Hello
+	(*HelloAck)(nil),        // 3: imq.v1.HelloAck
+	(*NodeRequest)(nil),     // 4: imq.v1.NodeRequest
+	(*NodeReply)(nil),       // 5: imq.v1.NodeReply
+	(*GetState)(nil),        // 6: imq.v1.GetState
+	(*StateSnapshot)(nil),   // 7: imq.v1.StateSnapshot
+	(*History)(nil),         // 8: imq.v1.History
+	(*HistoryPage)(nil),     // 9: imq.v1.HistoryPage
+	(*QueueInfo)(nil),       // 10: imq.v1.QueueInfo
+	(*QueueInfoResult)(nil), // 11: imq.v1.QueueInfoResult
+	(*MountInfo)(nil),       // 12: imq.v1.MountInfo
+	(*SubscriberInfo)(nil),  // 13: imq.v1.SubscriberInfo
+	(*Deliver)(nil),         // 14: imq.v1.Deliver
+	(*QueueClosed)(nil),     // 15: imq.v1.QueueClosed
+	(*Ping)(nil),            // 16: imq.v1.Ping
+	(*Pong)(nil),            // 17: imq.v1.Pong
+	(*Join)(nil),            // 18: imq.v1.Join
+	(*Leave)(nil),           // 19: imq.v1.Leave
+	(*Publish)(nil),         // 20: imq.v1.Publish
+	(*SetState)(nil),        // 21: imq.v1.SetState
+	(Code)(0),               // 22: imq.v1.Code
+	(*Joined)(nil),          // 23: imq.v1.Joined
+	(*Published)(nil),       // 24: imq.v1.Published
+	(*StateSet)(nil),        // 25: imq.v1.StateSet
+	(*StateEntry)(nil),      // 26: imq.v1.StateEntry
+	(*Event)(nil),           // 27: imq.v1.Event
+	(MountKind)(0),          // 28: imq.v1.MountKind
+	(Reason)(0),             // 29: imq.v1.Reason
 }
 var file_link_proto_depIdxs = []int32{
 	2,  // 0: imq.v1.LinkUp.hello:type_name -> imq.v1.Hello
 	4,  // 1: imq.v1.LinkUp.request:type_name -> imq.v1.NodeRequest
-	8,  // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
+	16, // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
 	3,  // 3: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
 	5,  // 4: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
-	6,  // 5: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
-	9,  // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
-	7,  // 7: imq.v1.LinkDown.queue_closed:type_name -> imq.v1.QueueClosed
-	10, // 8: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
-	11, // 9: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
-	12, // 10: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
-	13, // 11: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
-	14, // 12: imq.v1.NodeReply.code:type_name -> imq.v1.Code
-	15, // 13: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
-	16, // 14: imq.v1.NodeReply.published:type_name -> imq.v1.Published
-	17, // 15: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
-	18, // 16: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	14, // 5: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
+	17, // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
+	15, // 7: imq.v1.LinkDown.queue_closed:type_name -> imq.v1.QueueClosed
+	18, // 8: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
+	19, // 9: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
+	20, // 10: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
+	21, // 11: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
+	6,  // 12: imq.v1.NodeRequest.get_state:type_name -> imq.v1.GetState
+	8,  // 13: imq.v1.NodeRequest.history:type_name -> imq.v1.History
+	10, // 14: imq.v1.NodeRequest.queue_info:type_name -> imq.v1.QueueInfo
+	22, // 15: imq.v1.NodeReply.code:type_name -> imq.v1.Code
+	23, // 16: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
+	24, // 17: imq.v1.NodeReply.published:type_name -> imq.v1.Published
+	25, // 18: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
+	7,  // 19: imq.v1.NodeReply.state:type_name -> imq.v1.StateSnapshot
+	9,  // 20: imq.v1.NodeReply.history:type_name -> imq.v1.HistoryPage
+	11, // 21: imq.v1.NodeReply.queue_info:type_name -> imq.v1.QueueInfoResult
+	26, // 22: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
+	27, // 23: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
+	12, // 24: imq.v1.QueueInfoResult.mounts:type_name -> imq.v1.MountInfo
+	13, // 25: imq.v1.QueueInfoResult.subscribers:type_name -> imq.v1.SubscriberInfo
+	28, // 26: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
+	29, // 27: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
+	28, // [28:28] is the sub-list for method output_type
+	28, // [28:28] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_link_proto_init() }
@@ -922,11 +1673,17 @@ func file_link_proto_init() {
 		(*NodeRequest_Leave)(nil),
 		(*NodeRequest_Publish)(nil),
 		(*NodeRequest_SetState)(nil),
+		(*NodeRequest_GetState)(nil),
+		(*NodeRequest_History)(nil),
+		(*NodeRequest_QueueInfo)(nil),
 	}
 	file_link_proto_msgTypes[5].OneofWrappers = []any{
 		(*NodeReply_Joined)(nil),
 		(*NodeReply_Published)(nil),
 		(*NodeReply_StateSet)(nil),
+		(*NodeReply_State)(nil),
+		(*NodeReply_History)(nil),
+		(*NodeReply_QueueInfo)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -934,7 +1691,7 @@ func file_link_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_link_proto_rawDesc), len(file_link_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
