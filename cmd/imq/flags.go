@@ -75,6 +75,38 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
+// repeatFlag is a repeatable string flag whose values may contain commas.
+type repeatFlag []string
+
+func (r *repeatFlag) String() string { return strings.Join(*r, " | ") }
+
+func (r *repeatFlag) Set(v string) error {
+	*r = append(*r, v)
+	return nil
+}
+
+// failureFlag is --callout-failure: deny (false) or allow (true).
+type failureFlag bool
+
+func (f *failureFlag) String() string {
+	if *f {
+		return "allow"
+	}
+	return "deny"
+}
+
+func (f *failureFlag) Set(v string) error {
+	switch v {
+	case "deny":
+		*f = false
+	case "allow":
+		*f = true
+	default:
+		return fmt.Errorf("want deny or allow, got %q", v)
+	}
+	return nil
+}
+
 // commonFlags are the flags of every serving command.
 type commonFlags struct {
 	level     string

@@ -105,6 +105,64 @@ func signalContext() (context.Context, context.CancelFunc) {
 
 const shutdownTimeout = 15 * time.Second
 
+// rpcFlags are the gateway's admin RPC and auth call-out flags, turned into
+// configuration by apply.
+type rpcFlags struct {
+	keys repeatFlag
+}
+
+func (rf *rpcFlags) register(fs *flag.FlagSet, cfg *gateway.Config) {
+	fs.Var(&rf.keys, "api-key", `admin RPC key: "SECRET[ methods=publish,get_state][ prefixes=/room/,/lobby/]", repeatable; IMQ_API_KEYS holds more, separated by newlines or ';'`)
+	fs.IntVar(&cfg.RPCMaxBody, "rpc-max-body", cfg.RPCMaxBody, "largest admin RPC request body in bytes")
+	fs.DurationVar(&cfg.RPCTimeout, "rpc-timeout", cfg.RPCTimeout, "time limit of one admin RPC call")
+	fs.StringVar(&cfg.AuthURL, "auth-url", "", "backend URL that turns connect tokens into user ids (POST {\"token\"}; a token that verifies as a JWT does not leave the gateway)")
+	fs.DurationVar(&cfg.AuthCalloutTimeout, "auth-callout-timeout", cfg.AuthCalloutTimeout, "time limit of one --auth-url call")
+	fs.IntVar(&cfg.AuthCalloutConcurrency, "auth-callout-concurrency", cfg.AuthCalloutConcurrency, "--auth-url calls in flight at most")
+}
+
+func (rf *rpcFlags) apply(cfg *gateway.Config) error {
+	for _, spec := range rf.keys {
+		k, err := gateway.ParseAPIKey(spec)
+		if err != nil {
+			return fmt.Errorf("--api-key: %w", err)
+		}
+		cfg.APIKeys = append(cfg.APIKeys, k)
+	}
+	if env := os.Getenv("IMQ_API_KEYS"); env != "" {
+		keys, err := gateway.ParseAPIKeys(env)
+		if err != nil {
+			return fmt.Errorf("IMQ_API_KEYS: %w", err)
+		}
+		cfg.APIKeys = append(cfg.APIKeys, keys...)
+	}
+	return nil
+}
+
+// calloutFlags are the queue node's call-out flags.
+type calloutFlags struct {
+	specs   repeatFlag
+	failure failureFlag
+}
+
+func (cf *calloutFlags) register(fs *flag.FlagSet, cfg *queuenode.Config) {
+	fs.Var(&cf.specs, "callout", `call the backend before joins and publishes: "PREFIX=URL[ hooks=join,publish,leave]", repeatable (POST URL/<hook>)`)
+	fs.DurationVar(&cfg.CalloutTimeout, "callout-timeout", cfg.CalloutTimeout, "time limit of one call-out")
+	fs.IntVar(&cfg.CalloutConcurrency, "callout-concurrency", cfg.CalloutConcurrency, "call-outs in flight per backend host at most")
+	fs.Var(&cf.failure, "callout-failure", "what a failed call-out (timeout, error, bad answer, backend down) means for a join or publish: deny or allow")
+}
+
+func (cf *calloutFlags) apply(cfg *queuenode.Config) error {
+	for _, spec := range cf.specs {
+		c, err := queuenode.ParseCallout(spec)
+		if err != nil {
+			return fmt.Errorf("--callout: %w", err)
+		}
+		cfg.Callouts = append(cfg.Callouts, c)
+	}
+	cfg.CalloutFailOpen = bool(cf.failure)
+	return nil
+}
+
 // gatewayFlags binds the gateway's flags to cfg.
 func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins *listFlag) {
 	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "HTTP listen address for /ws, /metrics, /healthz and /varz")
@@ -160,10 +218,20 @@ boss gives the node every bucket). Metrics of all three are on the gateway's
 	var secret string
 	var origins listFlag
 	var lf commonFlags
+	var rf rpcFlags
+	var cf calloutFlags
 	gatewayFlags(fs, &gc, &secret, &origins)
+	rf.register(fs, &gc)
 	nodeFlags(fs, &nc)
+	cf.register(fs, &nc)
 	lf.register(fs)
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := rf.apply(&gc); err != nil {
+		return err
+	}
+	if err := cf.apply(&nc); err != nil {
 		return err
 	}
 	log, stopProfiling, err := lf.setup()
@@ -193,6 +261,14 @@ boss gives the node every bucket). Metrics of all three are on the gateway's
 	fmt.Printf("  WebSocket:  %s?user=alice   (subprotocol imq.v1 or imq.v1.json)\n", d.URL())
 	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz\n", d.Gateway.Addr())
 	fmt.Printf("  Boss:       http://%s/v1/nodes   table: /v1/table\n", d.Boss.Addr())
+	if n := len(gc.APIKeys); n > 0 {
+		fmt.Printf("  Admin RPC:  POST http://%s/rpc/v1/<method>   (%d API key(s))\n", d.Gateway.Addr(), n)
+	} else {
+		fmt.Printf("  Admin RPC:  off: give --api-key SECRET to use POST http://%s/rpc/v1/<method>\n", d.Gateway.Addr())
+	}
+	for _, c := range nc.Callouts {
+		fmt.Printf("  Call-outs:  %s → %s\n", c.Prefix, c.URL)
+	}
 	fmt.Printf("  Queue node: %s (link)\n", d.Node.LinkAddr())
 	fmt.Println("Press Ctrl-C to stop.")
 	ctx, stop := signalContext()
@@ -219,6 +295,8 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	var lf commonFlags
 	mc := member.DefaultConfig()
 	fs.StringVar(&cfg.QueueNode, "queuenode", "", "standalone: link address of the one queue node (no boss, no --join)")
+	var rf rpcFlags
+	rf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7948", &join)
 	fs.StringVar(&cfg.BossURL, "boss-url", "", "cluster: fetch the bucket table from this URL (e.g. a load balancer in front of the boss) rather than the boss member's address")
 	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
@@ -234,6 +312,9 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	}
 	defer stopProfiling()
 	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
+	if err := rf.apply(&cfg); err != nil {
+		return err
+	}
 	switch {
 	case len(join) > 0 && cfg.QueueNode != "":
 		return errors.New("give --join (a cluster) or --queuenode (standalone), not both")
@@ -266,10 +347,15 @@ is standalone and serves every queue.`)
 	mc := member.DefaultConfig()
 	fs.StringVar(&cfg.NodeID, "id", "", "node id, unique and stable in the cluster (default: node-<link address>)")
 	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz, /varz and /v1/table (empty: none)")
+	var cf calloutFlags
 	nodeFlags(fs, &cfg)
+	cf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
 	lf.register(fs)
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := cf.apply(&cfg); err != nil {
 		return err
 	}
 	log, stopProfiling, err := lf.setup()
