@@ -51,6 +51,26 @@ type Config struct {
 	// boss can reach, not 0.0.0.0. Empty: not advertised. Cluster mode
 	// only.
 	HTTPAddr string
+	// Callouts ask backends about client operations on the queues under
+	// their prefixes (see Callout and ParseCallout); for a queue under
+	// several prefixes the longest wins, and a queue under none has no
+	// call-outs. Backend (admin RPC) requests never make call-outs. Prefixes
+	// must differ. Empty: no call-outs.
+	Callouts []Callout
+	// CalloutTimeout bounds one call-out, from asking for a connection slot
+	// (see CalloutConcurrency) to the end of the answer. Default: 2s.
+	CalloutTimeout time.Duration
+	// CalloutConcurrency bounds the call-outs in flight to one backend host
+	// (scheme, host and port of Callout.URL). Up to 16 times as many wait
+	// for a slot within CalloutTimeout; beyond that a call-out fails at
+	// once. Default: 64.
+	CalloutConcurrency int
+	// CalloutFailOpen is the policy when a join or publish call-out fails (a
+	// timeout, a connection error, a non-2xx status, an answer that is not
+	// the expected JSON or over 1 MiB, too many call-outs waiting): true lets
+	// the operation through as if allowed; false (the default) refuses it
+	// with DENIED, "the backend did not answer: ...".
+	CalloutFailOpen bool
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the node's metrics. Default: a private registry.
@@ -68,6 +88,9 @@ func DefaultConfig() Config {
 		IdleTTL:     60 * time.Second,
 		LinkBuffer:  64 << 20,
 		LinkTimeout: wire.DefaultLinkTimeout,
+
+		CalloutTimeout:     2 * time.Second,
+		CalloutConcurrency: 64,
 	}
 }
 
@@ -90,6 +113,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.LinkTimeout == 0 {
 		c.LinkTimeout = d.LinkTimeout
+	}
+	if c.CalloutTimeout == 0 {
+		c.CalloutTimeout = d.CalloutTimeout
+	}
+	if c.CalloutConcurrency == 0 {
+		c.CalloutConcurrency = d.CalloutConcurrency
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -138,6 +167,20 @@ func (c *Config) validate() error {
 	}
 	if c.LinkBuffer < 4*l.MaxPayload {
 		errs = append(errs, fmt.Errorf("link buffer (%d bytes) must hold at least 4 payloads of %d bytes", c.LinkBuffer, l.MaxPayload))
+	}
+	if c.CalloutTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("callout timeout must be positive, got %s", c.CalloutTimeout))
+	}
+	positive("callout concurrency", c.CalloutConcurrency)
+	prefixes := make(map[string]bool, len(c.Callouts))
+	for _, co := range c.Callouts {
+		if err := co.validate(); err != nil {
+			errs = append(errs, err)
+		}
+		if prefixes[co.Prefix] {
+			errs = append(errs, fmt.Errorf("callout prefix %q is configured twice", co.Prefix))
+		}
+		prefixes[co.Prefix] = true
 	}
 	if c.Member != nil {
 		if err := c.Member.Validate(); err != nil {

@@ -7,8 +7,22 @@
 // what serializes the queue, and the frames it produces are appended to the
 // gateways' bounded link buffers under that same lock, so every gateway sees
 // each queue's events in offset order. No lock is held across I/O: each link
-// has one reader goroutine (which executes requests) and one writer goroutine
-// (which owns the socket's writes).
+// has one reader goroutine (which executes requests, or hands them to a
+// chain, below) and one writer goroutine (which owns the socket's writes).
+//
+// Call-outs (Config.Callouts, callout.go) ask a backend over HTTP whether a
+// client may join or publish, and tell it when one left. A call-out never
+// holds a shard lock or the link's reader: a request that needs one is
+// handed to the chain of its session and queue (chain.go), a goroutine that
+// runs that session's requests on that queue in order (call-out first, then
+// the operation under the shard lock, ownership checked again) and ends
+// when it has none left; the chains end when their link closes. Requests on
+// queues without call-outs, and backend requests (NodeRequest.backend),
+// run on the reader as before. Leave notifications go through a bounded
+// queue drained by a few workers that Run starts and Shutdown stops.
+//
+// The admin RPC's reads (get_state, history, queue_info; reads.go) run like
+// other operations but never create a queue or mount (NOT_FOUND).
 //
 // A node runs standalone (Config.Member nil: it owns every queue) or in
 // cluster mode. In cluster mode it is a member of the cluster's membership

@@ -1,10 +1,12 @@
 package queuenode
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -29,6 +31,16 @@ type link struct {
 	// reconnected link never shares subscribers with the one it replaces
 	wake chan struct{}
 	done chan struct{}
+	// ctx is cancelled when the link closes: call-outs made for its
+	// requests stop, and its chains run nothing more.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	chainMu      sync.Mutex
+	chains       map[chainKey]*chain // Guarded by chainMu: those with work.
+	chained      int                 // Guarded by chainMu: requests in chains.
+	chainedBytes int                 // Guarded by chainMu: their bytes.
+	async        sync.WaitGroup      // the chains' goroutines
 
 	mu       sync.Mutex
 	out      [][]byte // Guarded by mu: frames waiting for the writer.
@@ -64,14 +76,16 @@ func (s *Server) serveLink(conn net.Conn) {
 	conn.SetReadDeadline(time.Time{})
 
 	l := &link{s: s, conn: conn, gateway: hello.GetGatewayId(), wake: make(chan struct{}, 1), done: make(chan struct{})}
+	l.ctx, l.cancel = context.WithCancel(s.ctx)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
+		l.cancel()
 		conn.Close()
 		return
 	}
 	s.linkSerial++
-	l.key = fmt.Sprintf("%s/%d", l.gateway, s.linkSerial)
+	l.key = linkKey(l.gateway, s.linkSerial)
 	s.links[l.key] = l
 	s.mu.Unlock()
 	log = log.With("link", l.key)
@@ -89,6 +103,7 @@ func (s *Server) serveLink(conn net.Conn) {
 	err = l.readLoop(fr)
 	l.close(err)
 	<-writerDone
+	l.async.Wait() // the chains end at once: l.ctx is done
 	s.mu.Lock()
 	delete(s.links, l.key)
 	s.mu.Unlock()
@@ -98,6 +113,17 @@ func (s *Server) serveLink(conn net.Conn) {
 	} else {
 		log.Info("gateway link closed")
 	}
+}
+
+// linkKey names a gateway's link by its serial, unique in the process.
+func linkKey(gateway string, serial uint64) string { return fmt.Sprintf("%s/%d", gateway, serial) }
+
+// gatewayOfKey returns the gateway id in a link key.
+func gatewayOfKey(key string) string {
+	if i := strings.LastIndexByte(key, '/'); i >= 0 {
+		return key[:i]
+	}
+	return key
 }
 
 func (l *link) readLoop(fr *wire.FrameReader) error {
@@ -206,6 +232,7 @@ func (l *link) close(cause error) {
 	l.outBytes = 0
 	l.mu.Unlock()
 	close(l.done)
+	l.cancel()
 	if cause != nil {
 		l.s.log.Debug("closing link", "link", l.key, "cause", cause)
 	}

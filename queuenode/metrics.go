@@ -16,6 +16,9 @@ type metrics struct {
 	queuesCreated prometheus.Counter
 	queuesExpired prometheus.Counter
 
+	callouts       *prometheus.CounterVec
+	calloutSeconds *prometheus.HistogramVec
+
 	movedReplies     prometheus.Counter
 	queuesMoved      prometheus.Counter
 	deadGatewayLinks prometheus.Counter
@@ -47,6 +50,14 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		queuesExpired: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_queues_dropped_total", Help: "Queues dropped: idle past the idle TTL, or empty when their last subscriber left.",
 		}),
+		callouts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_callouts_total",
+			Help: "Call-outs to backends, by hook and outcome (allowed, denied, rewritten, failed_allowed, failed_denied; leave notifications: allowed when delivered, failed_allowed when not, dropped when their queue was full).",
+		}, []string{"hook", "outcome"}),
+		calloutSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "imq_queuenode_callout_seconds", Help: "Duration of call-outs to backends, waiting for a connection slot included, by hook.",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"hook"}),
 		movedReplies: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_moved_replies_total", Help: "Requests answered MOVED: the queue's bucket belongs to another node by this node's table.",
 		}),
@@ -58,7 +69,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		}),
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
-		m.linkOverflows, m.queuesCreated, m.queuesExpired,
+		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds,
 		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_table_version", Help: "Version of the bucket table the node holds (0: none, or standalone).",
@@ -70,8 +81,21 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_queuenode_links", Help: "Connected gateway links.",
 		}, func() float64 { return float64(s.linkCount()) }),
 	)
-	for _, op := range []string{"join", "leave", "publish", "set_state"} {
+	for _, op := range []string{"join", "leave", "publish", "set_state", "get_state", "history", "queue_info"} {
 		m.requests.WithLabelValues(op)
+	}
+	for _, hn := range hookNames {
+		m.calloutSeconds.WithLabelValues(hn.name)
+		outcomes := []string{outcomeAllowed, outcomeFailedAllowed, outcomeDropped}
+		if hn.hook != HookLeave {
+			outcomes = []string{outcomeAllowed, outcomeDenied, outcomeFailedAllowed, outcomeFailedDenied}
+			if hn.hook == HookPublish {
+				outcomes = append(outcomes, outcomeRewritten)
+			}
+		}
+		for _, o := range outcomes {
+			m.callouts.WithLabelValues(hn.name, o)
+		}
 	}
 	for _, c := range imqpb.Code_name {
 		if c != "OK" {

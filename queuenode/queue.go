@@ -73,6 +73,7 @@ type Queue struct {
 	name       string
 	epoch      uint64
 	head       uint64 // last offset assigned
+	created    time.Time
 	lastActive time.Time
 	limits     *Limits
 	mounts     map[string]*mount
@@ -108,6 +109,7 @@ func NewQueue(name string, epoch uint64, limits *Limits, now time.Time) *Queue {
 	return &Queue{
 		name:       name,
 		epoch:      epoch,
+		created:    now,
 		lastActive: now,
 		limits:     limits,
 		mounts:     make(map[string]*mount),
@@ -123,6 +125,9 @@ func (q *Queue) Epoch() uint64 { return q.epoch }
 
 // Head returns the last offset assigned.
 func (q *Queue) Head() uint64 { return q.head }
+
+// Created returns the time the queue was created.
+func (q *Queue) Created() time.Time { return q.created }
 
 // Subscribers returns the number of joined sessions.
 func (q *Queue) Subscribers() int { return len(q.subs) }
@@ -338,14 +343,17 @@ func (q *Queue) Leave(session string, now time.Time) bool {
 }
 
 // RemoveGateway removes every subscriber that joined through gateway, and
-// returns how many it removed.
-func (q *Queue) RemoveGateway(gateway string, now time.Time) int {
+// returns how many it removed. removed, if set, is called with each.
+func (q *Queue) RemoveGateway(gateway string, now time.Time, removed func(Subscriber)) int {
 	n := 0
 	for session, s := range q.subs {
 		if s.Gateway == gateway {
 			q.unref(s)
 			delete(q.subs, session)
 			n++
+			if removed != nil {
+				removed(s.Subscriber)
+			}
 		}
 	}
 	if n > 0 {
@@ -419,6 +427,144 @@ func (q *Queue) SubscriberList() []Subscriber {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Session < out[j].Session })
 	return out
+}
+
+// History page sizes: the events one History call returns when it names no
+// limit, and the most it returns whatever it names.
+const (
+	DefaultHistoryLimit = 100
+	MaxHistoryLimit     = 1000
+)
+
+// StateKeySet reports whether state mount name holds key.
+func (q *Queue) StateKeySet(name, key string) bool {
+	m := q.mounts[name]
+	return m != nil && m.state[key] != nil
+}
+
+// readMount returns mount name for a read, which never creates one: a
+// missing mount is NOT_FOUND.
+func (q *Queue) readMount(name string, kind imqpb.MountKind) (*mount, error) {
+	if err := wire.ValidateMountName(name); err != nil {
+		return nil, err
+	}
+	m := q.mounts[name]
+	if m == nil {
+		return nil, imqerr.New(imqpb.Code_NOT_FOUND, "mount %q does not exist on queue %s", name, q.name)
+	}
+	if m.kind != kind {
+		return nil, imqerr.New(imqpb.Code_WRONG_MOUNT_TYPE, "mount %q of %s is a %s mount, not %s", name, q.name, m.kind, kind)
+	}
+	return m, nil
+}
+
+// GetState reads state mount name: the entries of keys that are set (keys
+// empty: every entry), sorted by key. A read larger than MaxJoinBytes (the
+// bound of a snapshot in a join) is refused with LIMIT_EXCEEDED.
+func (q *Queue) GetState(name string, keys []string) (*imqpb.StateSnapshot, error) {
+	m, err := q.readMount(name, imqpb.MountKind_STATE)
+	if err != nil {
+		return nil, err
+	}
+	snap := &imqpb.StateSnapshot{Epoch: q.epoch, Head: q.head}
+	if len(keys) == 0 {
+		snap.Entries = m.snapshot()
+	} else {
+		for _, k := range keys {
+			if err := wire.ValidateStateKey(k); err != nil {
+				return nil, err
+			}
+		}
+		keys = slices.Compact(slices.Sorted(slices.Values(keys)))
+		for _, k := range keys {
+			if e := m.state[k]; e != nil {
+				snap.Entries = append(snap.Entries, e)
+			}
+		}
+	}
+	size := 0
+	for _, e := range snap.Entries {
+		size += len(e.Key) + len(e.Value) + entryOverhead
+	}
+	if size > q.limits.MaxJoinBytes {
+		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state of mount %q of %s is %d bytes; one read may carry %d (name fewer keys)", name, q.name, size, q.limits.MaxJoinBytes)
+	}
+	return snap, nil
+}
+
+// History reads message mount name: the retained events with an offset
+// above since, oldest first, at most limit of them (0: DefaultHistoryLimit;
+// capped at MaxHistoryLimit) and at most MaxReplayBytes of payload (but at
+// least one event, so that paging always advances). missed is resume's rule:
+// an event of the mount after since was evicted (by count or age), so the
+// page starts later than asked; since 0 on a mount that has evicted events
+// is missed too. more says retained events follow the page. History ages
+// out old events first, as a join would, and changes nothing else.
+func (q *Queue) History(name string, since uint64, limit int, now time.Time) (*imqpb.HistoryPage, error) {
+	m, err := q.readMount(name, imqpb.MountKind_MESSAGE)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case limit <= 0:
+		limit = DefaultHistoryLimit
+	case limit > MaxHistoryLimit:
+		limit = MaxHistoryLimit
+	}
+	m.expire(now, q.limits.HistoryAge)
+	from := sort.Search(len(m.hist), func(i int) bool { return m.hist[i].Offset > since })
+	end, budget := from, q.limits.MaxReplayBytes
+	for end < len(m.hist) && end-from < limit {
+		b := eventBytes(m.hist[end])
+		if end > from && b > budget {
+			break
+		}
+		budget -= b
+		end++
+	}
+	page := &imqpb.HistoryPage{Epoch: q.epoch, Head: q.head, Missed: since < m.evicted, More: end < len(m.hist)}
+	if end > from {
+		page.Events = slices.Clone(m.hist[from:end])
+	}
+	return page, nil
+}
+
+// Info describes the queue: its mounts by name and its subscribers by
+// session, with each subscriber's Gateway as it joined (the caller maps
+// it to what it shows). The subscribers listed are bounded by MaxJoinBytes
+// (the first by session); the mounts are few. It ages out old events first,
+// as History does.
+func (q *Queue) Info(now time.Time) *imqpb.QueueInfoResult {
+	res := &imqpb.QueueInfoResult{Queue: q.name, Epoch: q.epoch, Head: q.head, CreatedMs: q.created.UnixMilli()}
+	for _, name := range slices.Sorted(maps.Keys(q.mounts)) {
+		m := q.mounts[name]
+		mi := &imqpb.MountInfo{Name: name, Kind: m.kind}
+		if m.kind == imqpb.MountKind_STATE {
+			mi.Keys, mi.Bytes = uint32(len(m.state)), uint64(m.stateBytes)
+		} else {
+			m.expire(now, q.limits.HistoryAge)
+			mi.Retained = uint32(len(m.hist))
+			if len(m.hist) > 0 {
+				mi.OldestOffset = m.hist[0].Offset
+			}
+		}
+		res.Mounts = append(res.Mounts, mi)
+	}
+	budget := q.limits.MaxJoinBytes
+	for _, session := range slices.Sorted(maps.Keys(q.subs)) {
+		s := q.subs[session]
+		size := len(s.User) + len(s.Session) + len(s.Gateway) + entryOverhead
+		for _, mn := range s.mounts {
+			size += len(mn) + 2
+		}
+		if budget -= size; budget < 0 {
+			break
+		}
+		res.Subscribers = append(res.Subscribers, &imqpb.SubscriberInfo{
+			User: s.User, Session: s.Session, Gateway: s.Gateway, Mounts: slices.Clone(s.mounts),
+		})
+	}
+	return res
 }
 
 func (m *mount) dropOldest(n int) {

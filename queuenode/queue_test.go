@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/imq-dev/imq/internal/imqerr"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -747,11 +749,11 @@ func TestGatewayRefs(t *testing.T) {
 	for range 3 {
 		mustJoin(t, q, sub("s3", "gwB"), now, msgSpec("input"))
 	}
-	if n := q.RemoveGateway("gwB", now); n != 1 {
+	if n := q.RemoveGateway("gwB", now, nil); n != 1 {
 		t.Fatalf("RemoveGateway(gwB) = %d, want 1", n)
 	}
 	check("gwB removed", map[string][]string{"chat": {"gwC"}, "score": {"gwA"}, "input": {"gwA"}})
-	if n := q.RemoveGateway("gwB", now); n != 0 {
+	if n := q.RemoveGateway("gwB", now, nil); n != 0 {
 		t.Fatalf("RemoveGateway(gwB) again = %d, want 0", n)
 	}
 	if got := q.SubscriberList(); !reflect.DeepEqual(got, []Subscriber{sub("s2", "gwA"), sub("s4", "gwC")}) {
@@ -789,7 +791,7 @@ func TestGatewayRefsManySubscribers(t *testing.T) {
 	if got := gatewaysOf(t, q, "chat"); !slices.Equal(got, []string{"gw0", "gw2"}) {
 		t.Fatalf("gateways after gw1's subscribers left = %v", got)
 	}
-	if n := q.RemoveGateway("gw0", t0); n != 7 {
+	if n := q.RemoveGateway("gw0", t0, nil); n != 7 {
 		t.Fatalf("RemoveGateway(gw0) = %d, want 7", n)
 	}
 	if got := gatewaysOf(t, q, "chat"); !slices.Equal(got, []string{"gw2"}) {
@@ -817,7 +819,7 @@ func TestExpireIdle(t *testing.T) {
 		{"state set", func() { mustSetState(t, q, "score", "k", nil, false, at(300*time.Second)) }, 359 * time.Second, false},
 		{"state set, ttl later", nil, 360 * time.Second, true},
 		{"joined again", func() { mustJoin(t, q, sub("s2", "gw2"), at(400*time.Second), msgSpec("chat")) }, 500 * time.Second, false},
-		{"gateway removed", func() { q.RemoveGateway("gw2", at(500*time.Second)) }, 559 * time.Second, false},
+		{"gateway removed", func() { q.RemoveGateway("gw2", at(500*time.Second), nil) }, 559 * time.Second, false},
 		{"gateway removed, ttl later", nil, 560 * time.Second, true},
 	} {
 		if c.do != nil {
@@ -1066,5 +1068,212 @@ func TestGateways(t *testing.T) {
 	q.Leave("s3", t0)
 	if got, want := q.Gateways(), []string{"gw-b/1"}; !slices.Equal(got, want) {
 		t.Fatalf("after the leave: Gateways() = %v, want %v", got, want)
+	}
+}
+
+func TestGetState(t *testing.T) {
+	q := newTestQueue(t, nil)
+	mustPublish(t, q, "chat", []byte("x"), t0)
+	vb := mustSetState(t, q, "score", "bob", []byte("2"), false, t0).GetVersion()
+	va := mustSetState(t, q, "score", "alice", []byte("1"), false, t0).GetVersion()
+	before := viewOf(q)
+	keysOf := func(snap *imqpb.StateSnapshot) []string {
+		out := []string{}
+		for _, e := range snap.GetEntries() {
+			out = append(out, fmt.Sprintf("%s=%s@%d", e.GetKey(), e.GetValue(), e.GetVersion()))
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name string
+		keys []string
+		want []string
+	}{
+		{"all", nil, []string{fmt.Sprint("alice=1@", va), fmt.Sprint("bob=2@", vb)}},
+		{"some, duplicated and missing", []string{"bob", "nobody", "bob"}, []string{fmt.Sprint("bob=2@", vb)}},
+		{"none set", []string{"nobody"}, []string{}},
+	} {
+		snap, err := q.GetState("score", c.keys)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if snap.GetEpoch() != testEpoch || snap.GetHead() != q.Head() {
+			t.Fatalf("%s: epoch %d head %d, want %d %d", c.name, snap.GetEpoch(), snap.GetHead(), testEpoch, q.Head())
+		}
+		if got := keysOf(snap); !slices.Equal(got, c.want) {
+			t.Fatalf("%s: entries %v, want %v", c.name, got, c.want)
+		}
+	}
+	for _, c := range []struct {
+		mount string
+		keys  []string
+		want  imqpb.Code
+	}{
+		{"nothing", nil, imqpb.Code_NOT_FOUND},
+		{"chat", nil, imqpb.Code_WRONG_MOUNT_TYPE},
+		{"bad mount!", nil, imqpb.Code_INVALID_MOUNT},
+		{"score", []string{""}, imqpb.Code_BAD_REQUEST},
+	} {
+		_, err := q.GetState(c.mount, c.keys)
+		wantCode(t, err, c.want)
+	}
+	if !reflect.DeepEqual(viewOf(q), before) {
+		t.Fatal("reads changed the queue")
+	}
+	if q.StateKeySet("score", "alice") != true || q.StateKeySet("score", "nobody") || q.StateKeySet("nothing", "alice") {
+		t.Fatal("StateKeySet is wrong")
+	}
+
+	l := testLimits()
+	l.MaxJoinBytes = 100
+	small := newTestQueue(t, l)
+	mustSetState(t, small, "score", "k", bytes.Repeat([]byte("v"), 80), false, t0)
+	if _, err := small.GetState("score", nil); imqerr.CodeOf(err) != imqpb.Code_LIMIT_EXCEEDED {
+		t.Fatalf("GetState over MaxJoinBytes: %v, want LIMIT_EXCEEDED", err)
+	}
+}
+
+func TestHistoryPaging(t *testing.T) {
+	l := testLimits()
+	l.HistoryLen = 20
+	q := newTestQueue(t, l)
+	// chat gets offsets 1, 3, 5, ..., 49; input the even ones. chat keeps the
+	// last 20 (11..49), having evicted 1..9.
+	for i := range 50 {
+		mount := "chat"
+		if i%2 == 1 {
+			mount = "input"
+		}
+		mustPublish(t, q, mount, []byte("x"), t0)
+	}
+	odd := func(from, to uint64) []uint64 {
+		out := []uint64{}
+		for o := from; o <= to; o += 2 {
+			out = append(out, o)
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name         string
+		since        uint64
+		limit        int
+		want         []uint64
+		missed, more bool
+	}{
+		{"from the start, evicted", 0, 0, odd(11, 49), true, false},
+		{"just before the oldest retained", 9, 0, odd(11, 49), false, false},
+		{"inside the evicted range", 8, 0, odd(11, 49), true, false},
+		{"one page", 9, 5, odd(11, 19), false, true},
+		{"next page", 19, 5, odd(21, 29), false, true},
+		{"last page", 39, 5, odd(41, 49), false, false},
+		{"after another mount's event", 40, 5, odd(41, 49), false, false},
+		{"at head", 50, 0, []uint64{}, false, false},
+		{"beyond head", 99, 0, []uint64{}, false, false},
+	} {
+		page, err := q.History("chat", c.since, c.limit, t0)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := offsetsOf(page.GetEvents()); !slices.Equal(got, c.want) || page.GetMissed() != c.missed || page.GetMore() != c.more {
+			t.Fatalf("%s: events %v missed %v more %v; want %v %v %v", c.name, got, page.GetMissed(), page.GetMore(), c.want, c.missed, c.more)
+		}
+		if page.GetEpoch() != testEpoch || page.GetHead() != 50 {
+			t.Fatalf("%s: epoch %d head %d", c.name, page.GetEpoch(), page.GetHead())
+		}
+	}
+	for _, c := range []struct {
+		mount string
+		want  imqpb.Code
+	}{{"nothing", imqpb.Code_NOT_FOUND}, {"bad mount!", imqpb.Code_INVALID_MOUNT}} {
+		_, err := q.History(c.mount, 0, 0, t0)
+		wantCode(t, err, c.want)
+	}
+	mustSetState(t, q, "score", "k", []byte("1"), false, t0)
+	_, err := q.History("score", 0, 0, t0)
+	wantCode(t, err, imqpb.Code_WRONG_MOUNT_TYPE)
+}
+
+func TestHistoryLimits(t *testing.T) {
+	l := testLimits()
+	l.HistoryLen = 2000
+	q := newTestQueue(t, l)
+	for range 1500 {
+		mustPublish(t, q, "small", []byte("x"), t0)
+	}
+	for _, c := range []struct {
+		limit, want int
+	}{{0, DefaultHistoryLimit}, {-1, DefaultHistoryLimit}, {7, 7}, {5000, MaxHistoryLimit}} {
+		page, err := q.History("small", 0, c.limit, t0)
+		if err != nil || len(page.GetEvents()) != c.want || !page.GetMore() {
+			t.Fatalf("limit %d: %d events, more %v, err %v; want %d, more", c.limit, len(page.GetEvents()), page.GetMore(), err, c.want)
+		}
+	}
+
+	// The page's bytes are bounded too: 10 events of 100 bytes fit; an event
+	// larger than the whole budget still comes alone.
+	l = testLimits()
+	l.HistoryLen = 100
+	l.MaxReplayBytes = 10 * (100 + entryOverhead + len("alice"))
+	q = newTestQueue(t, l)
+	for range 25 {
+		mustPublish(t, q, "big", bytes.Repeat([]byte("b"), 100), t0)
+	}
+	page, _ := q.History("big", 0, 1000, t0)
+	if len(page.GetEvents()) != 10 || !page.GetMore() {
+		t.Fatalf("byte-bounded page: %d events, more %v; want 10, more", len(page.GetEvents()), page.GetMore())
+	}
+	huge := mustPublish(t, q, "huge", bytes.Repeat([]byte("h"), l.MaxReplayBytes+1), t0)
+	mustPublish(t, q, "huge", []byte("after"), t0)
+	page, _ = q.History("huge", 0, 0, t0)
+	if got := offsetsOf(page.GetEvents()); !slices.Equal(got, []uint64{huge.GetOffset()}) || !page.GetMore() {
+		t.Fatalf("oversized first event: page %v more %v; want just %d, more", got, page.GetMore(), huge.GetOffset())
+	}
+
+	// Aged events are gone from history, and missed.
+	l2 := testLimits()
+	l2.HistoryAge = time.Minute
+	aged := newTestQueue(t, l2)
+	mustPublish(t, aged, "chat", []byte("old"), t0)
+	fresh := mustPublish(t, aged, "chat", []byte("new"), at(50*time.Second))
+	page, _ = aged.History("chat", 0, 0, at(90*time.Second))
+	if got := offsetsOf(page.GetEvents()); !slices.Equal(got, []uint64{fresh.GetOffset()}) || !page.GetMissed() {
+		t.Fatalf("after aging: %v missed %v; want [%d] missed", got, page.GetMissed(), fresh.GetOffset())
+	}
+}
+
+func TestInfo(t *testing.T) {
+	l := testLimits()
+	q := NewQueue(testQueue, testEpoch, l, at(-time.Hour))
+	for range 7 {
+		mustPublish(t, q, "chat", []byte("x"), t0) // keeps 3..7 of 7
+	}
+	mustSetState(t, q, "score", "alice", []byte("10"), false, t0)
+	mustSetState(t, q, "score", "bob", []byte("2"), false, t0)
+	mustJoin(t, q, sub("s2", "gwB/7"), t0, msgSpec("chat"), stateSpec("score"))
+	mustJoin(t, q, sub("s1", "gwA/1"), t0, msgSpec("chat"))
+	mustJoin(t, q, sub("s3", "gwA/1"), t0, msgSpec("empty"))
+
+	info := q.Info(t0)
+	want := &imqpb.QueueInfoResult{
+		Queue: testQueue, Epoch: testEpoch, Head: 9, CreatedMs: at(-time.Hour).UnixMilli(),
+		Mounts: []*imqpb.MountInfo{
+			{Name: "chat", Kind: imqpb.MountKind_MESSAGE, Retained: 5, OldestOffset: 3},
+			{Name: "empty", Kind: imqpb.MountKind_MESSAGE},
+			{Name: "score", Kind: imqpb.MountKind_STATE, Keys: 2, Bytes: uint64(len("alice10bob2"))},
+		},
+		Subscribers: []*imqpb.SubscriberInfo{
+			{User: "u-s1", Session: "s1", Gateway: "gwA/1", Mounts: []string{"chat"}},
+			{User: "u-s2", Session: "s2", Gateway: "gwB/7", Mounts: []string{"chat", "score"}},
+			{User: "u-s3", Session: "s3", Gateway: "gwA/1", Mounts: []string{"empty"}},
+		},
+	}
+	if !proto.Equal(info, want) {
+		t.Fatalf("Info() =\n%v\nwant\n%v", info, want)
+	}
+
+	// The subscriber list is bounded by MaxJoinBytes, first sessions first.
+	l.MaxJoinBytes = len("u-s1s1gwA/1chat") + 2 + len("u-s2s2gwB/7chatscore") + 4 + 2*entryOverhead
+	if got := len(q.Info(t0).GetSubscribers()); got != 2 {
+		t.Fatalf("bounded Info lists %d subscribers, want 2", got)
 	}
 }

@@ -1,12 +1,16 @@
 package queuenode
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,6 +45,8 @@ type Server struct {
 
 	shards     [numShards]shard
 	queueCount atomic.Int64
+
+	co *callouts // nil: no call-outs configured
 
 	epochMu   sync.Mutex
 	lastEpoch uint64 // Guarded by epochMu.
@@ -87,6 +93,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.table.Store(bucket.Empty())
 	s.m = newMetrics(cfg.Registry, s)
+	s.co = newCallouts(&s.cfg, s.m, s.log)
 	if cfg.Member != nil {
 		if err := s.startCluster(); err != nil {
 			ln.Close()
@@ -118,6 +125,9 @@ func (s *Server) Run(ctx context.Context) error {
 		defer s.wg.Done()
 		s.sweepLoop()
 	}()
+	if s.co != nil {
+		s.co.start() // Shutdown stops its workers
+	}
 	if s.watcher != nil {
 		s.wg.Add(1)
 		go func() { // ends with the server
@@ -157,8 +167,9 @@ func (s *Server) Run(ctx context.Context) error {
 // Shutdown leaves the cluster (cluster mode: gracefully, within about a
 // second, so that the boss sees "left" at once and moves the node's buckets),
 // stops accepting links, closes every link (gateways tell their clients the
-// node is gone) and waits for the goroutines to end or ctx to expire. It is
-// safe to call more than once.
+// node is gone; call-outs waiting for them are cancelled) and waits for the
+// goroutines to end, then lets the leave call-outs still queued go out, all
+// until ctx expires. It is safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.leaveCluster()
 	s.mu.Lock()
@@ -175,12 +186,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
+	var err error
 	select {
 	case <-done:
-		return nil
 	case <-ctx.Done():
-		return ctx.Err()
+		err = ctx.Err()
 	}
+	if s.co != nil {
+		if cerr := s.co.stop(ctx); err == nil {
+			err = cerr
+		}
+	}
+	return err
 }
 
 // HandleHTTP adds /metrics, /healthz, /varz and GET /v1/table (the node's
@@ -228,22 +245,23 @@ func (s *Server) shardFor(queue string) *shard {
 	return &s.shards[xxhash.Sum64String(queue)%numShards]
 }
 
-// queueLocked returns queue name from sh, creating it when create is set.
-func (s *Server) queueLocked(sh *shard, name string, create bool) (*Queue, error) {
+// queueLocked returns queue name from sh, creating it when create is set;
+// created says it did.
+func (s *Server) queueLocked(sh *shard, name string, create bool) (q *Queue, created bool, err error) {
 	if q := sh.queues[name]; q != nil {
-		return q, nil
+		return q, false, nil
 	}
 	if !create {
-		return nil, nil
+		return nil, false, nil
 	}
 	if s.queueCount.Load() >= int64(s.cfg.MaxQueues) {
-		return nil, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "node holds %d queues, its limit", s.cfg.MaxQueues)
+		return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "node holds %d queues, its limit", s.cfg.MaxQueues)
 	}
-	q := NewQueue(name, s.nextEpoch(), &s.cfg.Limits, s.cfg.Now())
+	q = NewQueue(name, s.nextEpoch(), &s.cfg.Limits, s.cfg.Now())
 	sh.queues[name] = q
 	s.queueCount.Add(1)
 	s.m.queuesCreated.Inc()
-	return q, nil
+	return q, true, nil
 }
 
 // dropIfDisposableLocked drops q from sh when keeping it would serve no one:
@@ -270,56 +288,138 @@ func (s *Server) nextEpoch() uint64 {
 	return e
 }
 
-// handle executes one request from link l. Each operation sends its own
-// success reply under the queue's lock, so that a joiner's reply precedes the
-// events after it; handle answers errors.
+// handle runs one request from link l, on l's reader. A client operation
+// on a queue with call-outs may be handed to its chain (chain.go); every
+// other request runs at once. Each operation sends its own success reply
+// under the queue's lock, so that a joiner's reply precedes the events after
+// it; finish answers errors.
 func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
 	s.kickIfBehind(req.GetTableVersion())
+	var rt *route
+	if s.co != nil && !req.GetBackend() {
+		if rt = s.co.match(requestQueue(req)); rt != nil && l.enqueue(rt, req) {
+			return
+		}
+	}
+	s.execute(l, req, rt, nil)
+}
+
+// execute runs req: rt is its queue's call-out route (nil: none, or a
+// backend request) and res what its call-outs decided when it ran in a
+// chain (nil: it runs on the reader).
+func (s *Server) execute(l *link, req *imqpb.NodeRequest, rt *route, res *calloutResult) {
 	var op string
 	var err error
 	switch x := req.GetOp().(type) {
 	case *imqpb.NodeRequest_Join:
-		op, err = "join", s.join(l, req, x.Join)
+		op, err = "join", s.join(l, req, x.Join, res)
 	case *imqpb.NodeRequest_Leave:
-		op, err = "leave", s.leave(l, req, x.Leave)
+		op, err = "leave", s.leave(l, req, x.Leave, rt)
 	case *imqpb.NodeRequest_Publish:
-		op, err = "publish", s.publish(l, req, x.Publish)
+		op, err = "publish", s.publish(l, req, x.Publish, res)
 	case *imqpb.NodeRequest_SetState:
 		op, err = "set_state", s.setState(l, req, x.SetState)
+	case *imqpb.NodeRequest_GetState:
+		op, err = "get_state", s.getState(l, req, x.GetState)
+	case *imqpb.NodeRequest_History:
+		op, err = "history", s.history(l, req, x.History)
+	case *imqpb.NodeRequest_QueueInfo:
+		op, err = "queue_info", s.queueInfo(l, req, x.QueueInfo)
 	default:
 		err = imqerr.New(imqpb.Code_UNKNOWN_MESSAGE, "unknown link request")
 	}
+	s.finish(l, req, op, err)
+}
+
+// opName names req's operation in metrics ("" for an unknown one).
+func opName(req *imqpb.NodeRequest) string {
+	switch req.GetOp().(type) {
+	case *imqpb.NodeRequest_Join:
+		return "join"
+	case *imqpb.NodeRequest_Leave:
+		return "leave"
+	case *imqpb.NodeRequest_Publish:
+		return "publish"
+	case *imqpb.NodeRequest_SetState:
+		return "set_state"
+	case *imqpb.NodeRequest_GetState:
+		return "get_state"
+	case *imqpb.NodeRequest_History:
+		return "history"
+	case *imqpb.NodeRequest_QueueInfo:
+		return "queue_info"
+	}
+	return ""
+}
+
+// finish counts a request that ended, and answers it if it failed (the
+// operation sent its own success reply).
+func (s *Server) finish(l *link, req *imqpb.NodeRequest, op string, err error) {
 	if op != "" {
 		s.m.requests.WithLabelValues(op).Inc()
 	}
-	if err != nil {
-		e := imqerr.From(err)
-		s.m.errors.WithLabelValues(e.Code.String()).Inc()
-		r := &imqpb.NodeReply{Id: req.GetId(), Code: e.Code, Message: e.Message}
-		var moved *movedError
-		if errors.As(err, &moved) {
-			r.TableVersion = moved.version
-			s.m.movedReplies.Inc()
-		}
-		if req.GetId() != 0 {
-			l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
-		}
+	if err == nil {
+		return
+	}
+	e := imqerr.From(err)
+	s.m.errors.WithLabelValues(e.Code.String()).Inc()
+	r := &imqpb.NodeReply{Id: req.GetId(), Code: e.Code, Message: e.Message}
+	var moved *movedError
+	if errors.As(err, &moved) {
+		r.TableVersion = moved.version
+		s.m.movedReplies.Inc()
+	}
+	if req.GetId() != 0 {
+		l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
 	}
 }
 
-func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join) error {
+// checkClient refuses a client operation (not the backend's) that does not
+// name its user and session, which the gateway always sets.
+func checkClient(req *imqpb.NodeRequest) error {
+	if !req.GetBackend() && (req.GetUser() == "" || req.GetSession() == "") {
+		return imqerr.New(imqpb.Code_BAD_REQUEST, "a client request must name its user and session")
+	}
+	return nil
+}
+
+// senderOf is who req's events and state changes are from: its user, or ""
+// for the backend.
+func senderOf(req *imqpb.NodeRequest) string {
+	if req.GetBackend() {
+		return ""
+	}
+	return req.GetUser()
+}
+
+// join joins req's session to j's queue. After a join call-out (res set),
+// it first sets the state the backend seeded where it is not set, as the
+// backend, so that the joiner's snapshots hold it.
+func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join, res *calloutResult) error {
+	if req.GetBackend() {
+		return imqerr.New(imqpb.Code_BAD_REQUEST, "the backend does not join queues")
+	}
+	if err := checkClient(req); err != nil {
+		return err
+	}
 	if err := wire.ValidateQueueName(j.GetQueue()); err != nil {
 		return err
 	}
 	sh := s.shardFor(j.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	if res != nil && l.ctx.Err() != nil {
+		return nil // the link closed during the call-out: see runChained
+	}
 	if err := s.checkOwnerLocked(j.GetQueue()); err != nil {
 		return err
 	}
-	q, err := s.queueLocked(sh, j.GetQueue(), true)
+	q, _, err := s.queueLocked(sh, j.GetQueue(), true)
 	if err != nil {
 		return err
+	}
+	if res != nil && len(res.seed) > 0 {
+		s.seedLocked(q, res.seed, j.GetMounts())
 	}
 	joined, err := q.Join(Subscriber{User: req.GetUser(), Session: req.GetSession(), Gateway: l.key}, j.GetMounts(), s.cfg.Now())
 	if err != nil {
@@ -329,25 +429,75 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join) error {
 	return nil
 }
 
-func (s *Server) leave(l *link, req *imqpb.NodeRequest, lv *imqpb.Leave) error {
+// seedLocked sets the state a join call-out seeded (mount, key, JSON value)
+// where the key is not set, as the backend would, in order of mount and
+// key. A seed the queue refuses (wrong mount kind, limits) is skipped, and
+// so is one for a mount the join (specs) names as a message mount, which
+// would make the join fail.
+func (s *Server) seedLocked(q *Queue, seed map[string]map[string]json.RawMessage, specs []*imqpb.MountSpec) {
+	now := s.cfg.Now()
+	for _, mount := range slices.Sorted(maps.Keys(seed)) {
+		if slices.ContainsFunc(specs, func(m *imqpb.MountSpec) bool {
+			return m.GetName() == mount && m.GetKind() != imqpb.MountKind_STATE
+		}) {
+			s.log.Debug("join call-out state seed for a message mount skipped", "queue", q.Name(), "mount", mount)
+			continue
+		}
+		for _, key := range slices.Sorted(maps.Keys(seed[mount])) {
+			if q.StateKeySet(mount, key) {
+				continue
+			}
+			var v bytes.Buffer
+			json.Compact(&v, seed[mount][key]) // valid: it was decoded
+			ch, err := q.SetState(mount, "", key, v.Bytes(), false, now)
+			if err != nil {
+				s.log.Debug("join call-out state seed refused", "queue", q.Name(), "mount", mount, "key", key, "err", err)
+				continue
+			}
+			s.m.stateChanges.Inc()
+			s.deliverLocked(q, ch.Mount, &imqpb.ServerMessage{Msg: &imqpb.ServerMessage_State{State: ch}})
+		}
+	}
+}
+
+// leave removes req's session from lv's queue; with a leave call-out on rt,
+// the backend is told afterwards.
+func (s *Server) leave(l *link, req *imqpb.NodeRequest, lv *imqpb.Leave, rt *route) error {
+	if req.GetBackend() {
+		return imqerr.New(imqpb.Code_BAD_REQUEST, "the backend does not leave queues")
+	}
+	if err := checkClient(req); err != nil {
+		return err
+	}
 	if err := wire.ValidateQueueName(lv.GetQueue()); err != nil {
 		return err
 	}
 	sh := s.shardFor(lv.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	q, _ := s.queueLocked(sh, lv.GetQueue(), false)
+	q, _, _ := s.queueLocked(sh, lv.GetQueue(), false)
 	if q == nil || !q.Leave(req.GetSession(), s.cfg.Now()) {
 		return imqerr.New(imqpb.Code_NOT_JOINED, "not joined to %s", lv.GetQueue())
 	}
 	s.dropIfDisposableLocked(sh, q)
+	if rt != nil && rt.hooks&HookLeave != 0 {
+		s.co.notifyLeave(rt, req.GetUser(), req.GetSession(), lv.GetQueue())
+	}
 	l.reply(req.GetId(), nil)
 	return nil
 }
 
-func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish) error {
+// publish appends p's payload, or the one its call-out rewrote it to (res).
+func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish, res *calloutResult) error {
+	if err := checkClient(req); err != nil {
+		return err
+	}
 	if err := wire.ValidateQueueName(p.GetQueue()); err != nil {
 		return err
+	}
+	payload := p.GetPayload()
+	if res != nil && res.rewritten {
+		payload = res.payload
 	}
 	sh := s.shardFor(p.GetQueue())
 	sh.mu.Lock()
@@ -355,11 +505,11 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish) erro
 	if err := s.checkOwnerLocked(p.GetQueue()); err != nil {
 		return err
 	}
-	q, err := s.queueLocked(sh, p.GetQueue(), true)
+	q, created, err := s.queueLocked(sh, p.GetQueue(), true)
 	if err != nil {
 		return err
 	}
-	ev, err := q.Publish(p.GetMount(), req.GetUser(), p.GetPayload(), s.cfg.Now())
+	ev, err := q.Publish(p.GetMount(), senderOf(req), payload, s.cfg.Now())
 	if err != nil {
 		return err
 	}
@@ -367,11 +517,15 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish) erro
 	s.deliverLocked(q, ev.Mount, &imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Event{Event: ev}})
 	l.reply(req.GetId(), func(r *imqpb.NodeReply) {
 		r.Result = &imqpb.NodeReply_Published{Published: &imqpb.Published{Offset: ev.Offset}}
+		r.Created = created
 	})
 	return nil
 }
 
 func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) error {
+	if err := checkClient(req); err != nil {
+		return err
+	}
 	if err := wire.ValidateQueueName(st.GetQueue()); err != nil {
 		return err
 	}
@@ -381,11 +535,11 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	if err := s.checkOwnerLocked(st.GetQueue()); err != nil {
 		return err
 	}
-	q, err := s.queueLocked(sh, st.GetQueue(), true)
+	q, created, err := s.queueLocked(sh, st.GetQueue(), true)
 	if err != nil {
 		return err
 	}
-	ch, err := q.SetState(st.GetMount(), req.GetUser(), st.GetKey(), st.GetValue(), st.GetDelete(), s.cfg.Now())
+	ch, err := q.SetState(st.GetMount(), senderOf(req), st.GetKey(), st.GetValue(), st.GetDelete(), s.cfg.Now())
 	if err != nil {
 		return err
 	}
@@ -397,6 +551,7 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	}
 	l.reply(req.GetId(), func(r *imqpb.NodeReply) {
 		r.Result = &imqpb.NodeReply_StateSet{StateSet: &imqpb.StateSet{Version: version}}
+		r.Created = created
 	})
 	return nil
 }
@@ -425,7 +580,8 @@ func (s *Server) deliverLocked(q *Queue, mount string, msg *imqpb.ServerMessage)
 	})
 }
 
-// removeGateway drops every subscriber that joined through link key.
+// removeGateway drops every subscriber that joined through link key, and
+// tells the backends with a leave call-out.
 func (s *Server) removeGateway(key string) {
 	now := s.cfg.Now()
 	removed := 0
@@ -433,7 +589,13 @@ func (s *Server) removeGateway(key string) {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		for _, q := range sh.queues {
-			removed += q.RemoveGateway(key, now)
+			var left func(Subscriber)
+			if s.co != nil {
+				if rt := s.co.match(q.Name()); rt != nil && rt.hooks&HookLeave != 0 {
+					left = func(sub Subscriber) { s.co.notifyLeave(rt, sub.User, sub.Session, q.Name()) }
+				}
+			}
+			removed += q.RemoveGateway(key, now, left)
 			s.dropIfDisposableLocked(sh, q)
 		}
 		sh.mu.Unlock()

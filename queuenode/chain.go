@@ -1,0 +1,183 @@
+package queuenode
+
+import (
+	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/wire"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// Requests that wait for a call-out leave the link's reader: each session's
+// requests on a queue with call-outs run in order in a chain, one goroutine
+// per chain with work, so that a slow backend delays only the session that
+// waits for it (not the link, the queue's other users or other queues) and
+// a session's publishes, joins and leaves on a queue never overtake one
+// another. A request that needs no call-out runs on the reader as before,
+// unless its chain has work, which it then joins.
+
+// maxChainedPerLink bounds the requests one link may have in its chains;
+// more are answered LIMIT_EXCEEDED. Their payload bytes are bounded by
+// Config.LinkBuffer too.
+const maxChainedPerLink = 4096
+
+// chainedOverhead approximates a chained request's bytes beside its payload.
+const chainedOverhead = 256
+
+// chainKey names the requests of one session on one queue.
+type chainKey struct{ session, queue string }
+
+// chain is one chainKey's requests waiting to run, in arrival order; the
+// chain's goroutine runs them one at a time.
+type chain struct {
+	reqs []*imqpb.NodeRequest // Guarded by link.chainMu.
+}
+
+// requestQueue returns the queue a client operation names ("" for others).
+func requestQueue(req *imqpb.NodeRequest) string {
+	switch x := req.GetOp().(type) {
+	case *imqpb.NodeRequest_Join:
+		return x.Join.GetQueue()
+	case *imqpb.NodeRequest_Leave:
+		return x.Leave.GetQueue()
+	case *imqpb.NodeRequest_Publish:
+		return x.Publish.GetQueue()
+	case *imqpb.NodeRequest_SetState:
+		return x.SetState.GetQueue()
+	}
+	return ""
+}
+
+func chainedBytes(req *imqpb.NodeRequest) int {
+	return chainedOverhead + len(req.GetPublish().GetPayload()) + len(req.GetSetState().GetValue())
+}
+
+// enqueue hands req, a client operation on a queue with call-outs (route
+// rt), to its chain when it needs a call-out or its chain has work. It
+// reports whether it took req, which it then answers itself (possibly with
+// LIMIT_EXCEEDED at once). It runs on the link's reader.
+func (l *link) enqueue(rt *route, req *imqpb.NodeRequest) bool {
+	key := chainKey{session: req.GetSession(), queue: requestQueue(req)}
+	size := chainedBytes(req)
+	l.chainMu.Lock()
+	c := l.chains[key]
+	if c == nil && !needsCallout(rt, req) {
+		l.chainMu.Unlock()
+		return false
+	}
+	if n := l.chained; n >= maxChainedPerLink || l.chainedBytes+size > l.s.cfg.LinkBuffer {
+		l.chainMu.Unlock()
+		l.s.finish(l, req, opName(req), imqerr.New(imqpb.Code_LIMIT_EXCEEDED,
+			"this gateway has %d requests waiting for call-outs on queue node %s, its limit", n, l.s.cfg.NodeID))
+		return true
+	}
+	l.chained++
+	l.chainedBytes += size
+	start := c == nil
+	if start {
+		c = &chain{}
+		if l.chains == nil {
+			l.chains = make(map[chainKey]*chain)
+		}
+		l.chains[key] = c
+	}
+	c.reqs = append(c.reqs, req)
+	l.chainMu.Unlock()
+	if start {
+		l.async.Add(1)
+		go func() { // ends when the chain is empty
+			defer l.async.Done()
+			l.runChain(key, c, rt)
+		}()
+	}
+	return true
+}
+
+// runChain runs c's requests in order until none is left, then forgets c.
+func (l *link) runChain(key chainKey, c *chain, rt *route) {
+	var done *imqpb.NodeRequest
+	for {
+		l.chainMu.Lock()
+		if done != nil {
+			l.chained--
+			l.chainedBytes -= chainedBytes(done)
+		}
+		if len(c.reqs) == 0 {
+			delete(l.chains, key)
+			l.chainMu.Unlock()
+			return
+		}
+		req := c.reqs[0]
+		c.reqs[0] = nil
+		c.reqs = c.reqs[1:]
+		l.chainMu.Unlock()
+		l.s.runChained(l, rt, req)
+		done = req
+	}
+}
+
+// runChained runs one request of a chain: its call-out, if it needs one,
+// with no lock held, then the operation as the reader would run it. Once
+// the link is closed nothing runs: there is no one to answer, and a join
+// would only add a subscriber for removeGateway to remove (serveLink waits
+// for the chains before it removes the link's subscribers).
+func (s *Server) runChained(l *link, rt *route, req *imqpb.NodeRequest) {
+	if l.ctx.Err() != nil {
+		return
+	}
+	res := &calloutResult{}
+	if needsCallout(rt, req) {
+		if err := s.precheck(req); err != nil {
+			s.finish(l, req, opName(req), err)
+			return
+		}
+		var err error
+		switch x := req.GetOp().(type) {
+		case *imqpb.NodeRequest_Join:
+			res.seed, err = s.co.join(l.ctx, rt, req, x.Join)
+		case *imqpb.NodeRequest_Publish:
+			res.payload, res.rewritten, err = s.co.publish(l.ctx, rt, req, x.Publish)
+		}
+		if l.ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			s.finish(l, req, opName(req), err)
+			return
+		}
+	}
+	s.execute(l, req, rt, res)
+}
+
+// precheck refuses, before its call-out, a join or publish that would fail
+// anyway: the backend is not asked about a malformed request or a queue
+// this node does not serve (the gateway retries a MOVED one elsewhere).
+func (s *Server) precheck(req *imqpb.NodeRequest) error {
+	if err := checkClient(req); err != nil {
+		return err
+	}
+	queue := requestQueue(req)
+	if err := wire.ValidateQueueName(queue); err != nil {
+		return err
+	}
+	switch x := req.GetOp().(type) {
+	case *imqpb.NodeRequest_Join:
+		if len(x.Join.GetMounts()) == 0 {
+			return imqerr.New(imqpb.Code_INVALID_MOUNT, "join %s: name at least one mount", queue)
+		}
+		for _, m := range x.Join.GetMounts() {
+			if err := wire.ValidateMountName(m.GetName()); err != nil {
+				return err
+			}
+		}
+	case *imqpb.NodeRequest_Publish:
+		if err := wire.ValidateMountName(x.Publish.GetMount()); err != nil {
+			return err
+		}
+		if n := len(x.Publish.GetPayload()); n > s.cfg.Limits.MaxPayload {
+			return imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "payload is %d bytes; the limit is %d", n, s.cfg.Limits.MaxPayload)
+		}
+	}
+	sh := s.shardFor(queue)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	return s.checkOwnerLocked(queue)
+}
