@@ -44,8 +44,37 @@ type Config struct {
 	// ("http://boss.internal:7900", say behind a load balancer) instead of
 	// the boss that membership names. Empty: the newest live boss member.
 	BossURL string
-	// JWTSecret verifies HS256 connect tokens. Required unless Dev is set.
+	// JWTSecret verifies HS256 connect tokens. A JWT secret, AuthURL or
+	// Dev is required.
 	JWTSecret []byte
+	// AuthURL, if set, authenticates connect tokens through the backend: a
+	// token that does not verify as a JWT (any token, without JWTSecret) is
+	// POSTed as {"token": "..."} to this http:// or https:// URL; a 200
+	// answer {"user": "<id>"} accepts it, anything else refuses it
+	// (UNAUTHORIZED, with the answer's "reason" if it gave one). Empty: no
+	// call-out.
+	AuthURL string
+	// AuthCalloutTimeout bounds one auth call-out, including the wait for a
+	// free slot (see AuthCalloutConcurrency). Default 2 s.
+	AuthCalloutTimeout time.Duration
+	// AuthCalloutConcurrency bounds the auth call-outs in flight; further
+	// connects wait for a slot within AuthCalloutTimeout. Default 64.
+	AuthCalloutConcurrency int
+	// APIKeys are the keys the admin RPC (POST /rpc/v1/<method>) accepts as
+	// "Authorization: Bearer <secret>", each optionally limited to some
+	// methods and queue prefixes (ParseAPIKey, ParseAPIKeys). Empty: the
+	// admin RPC answers every call 401.
+	APIKeys []APIKey
+	// RPCMaxBody is the largest admin RPC request body, in bytes; a larger
+	// one is answered 413 PAYLOAD_TOO_LARGE. Default 1 MiB.
+	RPCMaxBody int
+	// RPCTimeout bounds one admin RPC call, reading its body included (a
+	// batch as a whole); past it the call is answered 504 TIMEOUT (the
+	// outcome is unknown). Default 5 s.
+	RPCTimeout time.Duration
+	// RPCMaxInflight bounds the admin RPC calls in progress; further calls
+	// are answered 429 LIMIT_EXCEEDED at once. Default 1024.
+	RPCMaxInflight int
 	// Dev also accepts a plain user id in the URL (?user=alice). Never in
 	// production: anyone can be anyone.
 	Dev bool
@@ -114,6 +143,12 @@ func DefaultConfig() Config {
 		RequestTimeout:   5 * time.Second,
 		LinkPingInterval: wire.DefaultLinkPingInterval,
 		LinkTimeout:      wire.DefaultLinkTimeout,
+
+		AuthCalloutTimeout:     2 * time.Second,
+		AuthCalloutConcurrency: 64,
+		RPCMaxBody:             1 << 20,
+		RPCTimeout:             5 * time.Second,
+		RPCMaxInflight:         1024,
 	}
 }
 
@@ -145,6 +180,11 @@ func (c *Config) setDefaults() {
 	setD(&c.RequestTimeout, d.RequestTimeout)
 	setD(&c.LinkPingInterval, d.LinkPingInterval)
 	setD(&c.LinkTimeout, d.LinkTimeout)
+	setD(&c.AuthCalloutTimeout, d.AuthCalloutTimeout)
+	set(&c.AuthCalloutConcurrency, d.AuthCalloutConcurrency)
+	set(&c.RPCMaxBody, d.RPCMaxBody)
+	setD(&c.RPCTimeout, d.RPCTimeout)
+	set(&c.RPCMaxInflight, d.RPCMaxInflight)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -172,8 +212,23 @@ func (c *Config) validate() error {
 	case !strings.HasPrefix(c.BossURL, "http://") && !strings.HasPrefix(c.BossURL, "https://"):
 		errs = append(errs, fmt.Errorf("boss URL %q must start with http:// or https://", c.BossURL))
 	}
-	if len(c.JWTSecret) == 0 && !c.Dev {
-		errs = append(errs, errors.New("a JWT secret is required (or development mode)"))
+	if len(c.JWTSecret) == 0 && c.AuthURL == "" && !c.Dev {
+		errs = append(errs, errors.New("a JWT secret or an auth URL is required (or development mode)"))
+	}
+	if c.AuthURL != "" {
+		if u, err := url.Parse(c.AuthURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("auth URL %q must be an http:// or https:// URL", c.AuthURL))
+		}
+	}
+	seen := make(map[string]int, len(c.APIKeys))
+	for i, k := range c.APIKeys {
+		if err := k.validate(); err != nil {
+			errs = append(errs, fmt.Errorf("API key %d: %w", i+1, err))
+		}
+		if j, dup := seen[k.Secret]; dup {
+			errs = append(errs, fmt.Errorf("API keys %d and %d have the same secret", j, i+1))
+		}
+		seen[k.Secret] = i + 1
 	}
 	if len(c.JWTSecret) > 0 && len(c.JWTSecret) < 16 {
 		errs = append(errs, fmt.Errorf("the JWT secret is %d bytes; use at least 16", len(c.JWTSecret)))
@@ -190,6 +245,7 @@ func (c *Config) validate() error {
 		"max connections": c.MaxConnections, "send queue bytes": c.SendQueueBytes,
 		"send queue frames": c.SendQueueFrames, "max frame bytes": c.MaxFrameBytes,
 		"max payload": c.MaxPayload, "max subscriptions": c.MaxSubscriptions, "max inflight": c.MaxInflight,
+		"auth call-out concurrency": c.AuthCalloutConcurrency, "RPC max body": c.RPCMaxBody, "RPC max inflight": c.RPCMaxInflight,
 	} {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative, got %d", name, v))
@@ -205,6 +261,7 @@ func (c *Config) validate() error {
 		"ping interval": c.PingInterval, "client timeout": c.ClientTimeout, "auth timeout": c.AuthTimeout,
 		"write timeout": c.WriteTimeout, "request timeout": c.RequestTimeout,
 		"link ping interval": c.LinkPingInterval, "link timeout": c.LinkTimeout,
+		"auth call-out timeout": c.AuthCalloutTimeout, "RPC timeout": c.RPCTimeout,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 	"google.golang.org/protobuf/proto"
@@ -280,13 +281,17 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		c.replyErr(id, imqerr.New(imqpb.Code_ALREADY_CONNECTED, "this connection authenticated as %q with ?user=; send connect without a token", c.user))
 		return
 	case c.user == "":
-		user, err := verifyToken(c.s.cfg.JWTSecret, m.GetToken())
+		// With an auth call-out this waits for the backend, bounded by
+		// AuthCalloutTimeout: the connection has nothing else to do before
+		// it is authenticated.
+		user, err := c.s.authenticate(m.GetToken())
 		if err != nil {
 			c.replyErr(id, err)
 			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, false)
 			return
 		}
 		c.user = user
+		c.s.conns.addUser(c, user)
 	}
 	c.acked = true
 	c.extendRead()
@@ -361,7 +366,7 @@ func (c *conn) unreserve() { c.inflight.Add(-1) }
 func (c *conn) forward(queue string, req *imqpb.NodeRequest, op *queueOps, seq uint64, via *nodeLink, onReply func(*imqpb.NodeReply, *nodeLink)) {
 	req.User, req.Session = c.user, c.session
 	rt := &routed{
-		c: c, queue: queue, req: req, op: op, seq: seq, via: via,
+		s: c.s, c: c, queue: queue, req: req, op: op, seq: seq, via: via,
 		deadline: time.Now().Add(c.s.cfg.RequestTimeout),
 		done: func(r *imqpb.NodeReply, l *nodeLink) {
 			c.inflight.Add(-1)
@@ -490,9 +495,20 @@ func (c *conn) goAway(reason imqpb.Reason, msg string, reconnect bool) {
 	c.mu.Unlock()
 }
 
-func (c *conn) goAwayLocked(reason imqpb.Reason, msg string, reconnect bool) {
+// kick closes the connection for a backend (admin RPC kick): goodbye reason
+// KICKED, no reconnect, msg shown to the user. It reports whether this closed
+// it (false: it was closing already).
+func (c *conn) kick(msg string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.goAwayLocked(imqpb.Reason_REASON_KICKED, msg, false)
+}
+
+// goAwayLocked queues the goodbye unless one is queued already; it reports
+// whether it queued this one.
+func (c *conn) goAwayLocked(reason imqpb.Reason, msg string, reconnect bool) bool {
 	if c.closing {
-		return
+		return false
 	}
 	c.closing = true
 	c.bye.Store(true)
@@ -505,8 +521,26 @@ func (c *conn) goAwayLocked(reason imqpb.Reason, msg string, reconnect bool) {
 	if err == nil {
 		c.queue = append(c.queue, outFrame{data: b, kind: kind})
 	}
-	c.queue = append(c.queue, outFrame{data: websocket.FormatCloseMessage(closeCode(reason), msg), kind: websocket.CloseMessage})
+	c.queue = append(c.queue, outFrame{data: websocket.FormatCloseMessage(closeCode(reason), closeText(msg)), kind: websocket.CloseMessage})
 	c.startWriterLocked()
+	return true
+}
+
+// maxCloseText is the most text a close frame carries: a control frame's
+// payload is at most 125 bytes, two of them the close code.
+const maxCloseText = 123
+
+// closeText cuts msg to fit a close frame, on a UTF-8 boundary. The goodbye
+// before it carries the whole message.
+func closeText(msg string) string {
+	if len(msg) <= maxCloseText {
+		return msg
+	}
+	n := maxCloseText
+	for n > 0 && !utf8.RuneStart(msg[n]) {
+		n--
+	}
+	return msg[:n]
 }
 
 // writeLoop writes batches of queued frames, each batch in one syscall, and
@@ -612,6 +646,8 @@ func reasonLabel(r imqpb.Reason) string {
 		return "timeout"
 	case imqpb.Reason_REASON_QUEUE_CLOSED:
 		return "queue_closed"
+	case imqpb.Reason_REASON_KICKED:
+		return "kicked"
 	}
 	return "other"
 }

@@ -26,6 +26,23 @@
 // down or is stopped (NODE_LOST) or its node closes the queue because its
 // bucket moved (QueueClosed: MOVED), whatever the table says by then.
 //
+// Admin RPC (rpc*.go; the contract is docs/openapi.json). POST
+// /rpc/v1/<method> on the same listener, authenticated by an API key
+// (Config.APIKeys, compared in constant time), each call bounded by
+// RPCMaxBody, RPCTimeout and, across calls, RPCMaxInflight. Params are
+// decoded strictly and checked before anything is sent, so bad input
+// changes nothing. Queue operations go to the queue's owner through the same
+// routing as client requests (rpc_call.go: backend requests, MOVED retried),
+// and the handler waits for the reply. Kick closes this gateway's sessions of
+// the user (an index of connections by user) and asks the other live gateway
+// members over the same RPC with "local": true.
+//
+// Auth call-out (auth_callout.go, Config.AuthURL): a connect token that is
+// not a valid JWT of this gateway is POSTed to the backend from the
+// connection's reader, bounded by AuthCalloutTimeout and a pool of
+// AuthCalloutConcurrency slots: the connection has nothing else to do
+// before it is authenticated.
+//
 // Goroutines: per client connection one reader (runs for the connection's
 // life) and at most one writer (started when frames are queued, ends when the
 // queue is empty: an idle connection holds no writer and no write buffer);
@@ -33,6 +50,9 @@
 // ending when the node leaves the table or at Shutdown); in cluster mode the
 // table watcher and memberlist's own (ending at Shutdown); and one short
 // goroutine per request answered MOVED, ending within the request timeout.
+// Per admin RPC call net/http's handler goroutine; a broadcast adds up to 64
+// publishers and a kick one goroutine per other gateway, all ending before
+// the call answers, within its timeout.
 // The fan-out runs on the link reader and never blocks: it appends to bounded
 // per-connection send queues, and a connection that overflows its queue is
 // sent a goodbye and closed (slow consumer).

@@ -29,3 +29,6 @@ func (s *Server) Links() map[string]bool {
 	}
 	return out
 }
+
+// RPCMethods returns the admin RPC's method names, sorted.
+func RPCMethods() []string { return rpcMethodNames() }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,8 +31,11 @@ func newLimitListener(ln net.Listener, maxConns int, s *Server) *limitListener {
 	return &limitListener{Listener: ln, s: s, max: int64(maxConns + httpSlack)}
 }
 
-var fullResponse = []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 65\r\n\r\n" +
-	`{"error":{"code":"LIMIT_EXCEEDED","message":"gateway is full"}}` + "\r\n")
+// fullBody is the error shape of the admin RPC and httpError.
+const fullBody = `{"error":{"code":"LIMIT_EXCEEDED","message":"gateway is full","retryable":true}}` + "\n"
+
+var fullResponse = []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+	strconv.Itoa(len(fullBody)) + "\r\n\r\n" + fullBody)
 
 func (l *limitListener) Accept() (net.Conn, error) {
 	backoff := 5 * time.Millisecond

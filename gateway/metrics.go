@@ -19,6 +19,10 @@ type metrics struct {
 	movedRetries  prometheus.Counter
 	movedFailures *prometheus.CounterVec
 	tableChanges  prometheus.Counter
+	rpcRequests   *prometheus.CounterVec
+	rpcSeconds    *prometheus.HistogramVec
+	authCallouts  *prometheus.CounterVec
+	authSeconds   prometheus.Histogram
 }
 
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
@@ -59,9 +63,27 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		tableChanges: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_gateway_table_changes_total", Help: "Bucket tables the gateway switched its routing to.",
 		}),
+		rpcRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_rpc_requests_total", Help: "Admin RPC calls answered, by method (\"unknown\" for names that are not methods) and code (OK or the error code).",
+		}, []string{"method", "code"}),
+		rpcSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "imq_gateway_rpc_seconds", Help: "Admin RPC call duration, from the request's headers to its answer written, by method.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"method"}),
+		authCallouts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_auth_callouts_total", Help: "Connect tokens asked of the auth backend, by outcome: accepted, refused (the backend said no), failed (no usable answer; the token was refused).",
+		}, []string{"outcome"}),
+		authSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "imq_gateway_auth_callout_seconds", Help: "Auth call-out duration, the wait for a slot included.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}),
 	}
 	reg.MustRegister(m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,
 		m.slowConsumers, m.sendDrops, m.unsubscribed, m.movedRetries, m.movedFailures, m.tableChanges,
+		m.rpcRequests, m.rpcSeconds, m.authCallouts, m.authSeconds,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_gateway_rpc_inflight", Help: "Admin RPC calls in progress.",
+		}, func() float64 { return float64(len(s.rpcSlots)) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_connections", Help: "Open client connections.",
 		}, func() float64 { return float64(s.conns.count()) }),
@@ -83,6 +105,9 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	}
 	for _, r := range []imqpb.Reason{imqpb.Reason_REASON_NODE_LOST, imqpb.Reason_REASON_MOVED, imqpb.Reason_REASON_TIMEOUT} {
 		m.unsubscribed.WithLabelValues(reasonLabel(r))
+	}
+	for _, o := range []string{"accepted", "refused", "failed"} {
+		m.authCallouts.WithLabelValues(o)
 	}
 	for _, c := range imqpb.Code_name {
 		if c != "OK" {

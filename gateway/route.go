@@ -20,12 +20,16 @@ const (
 	staleNodeDelay = 20 * time.Millisecond
 )
 
-// routed is one client request on its way to the node that owns its queue.
-// A MOVED reply does not reach the client: the request is sent again, on a
-// goroutine of its own so the link reader never waits, once the gateway's
-// table has caught up with the node's. done runs exactly once, with the final
-// reply and the link it came on (nil when the gateway answered itself).
+// routed is one client (or admin RPC) request on its way to the node that
+// owns its queue. A MOVED reply does not reach the client: the request is
+// sent again, on a goroutine of its own so the link reader never waits, once
+// the gateway's table has caught up with the node's. done runs exactly once,
+// with the final reply and the link it came on (nil when the gateway
+// answered itself).
 type routed struct {
+	s *Server
+	// c is the client connection the request came from; nil for the admin
+	// RPC (rpc_call.go), whose requests are never joins or leaves.
 	c     *conn
 	queue string
 	req   *imqpb.NodeRequest
@@ -51,10 +55,10 @@ type routed struct {
 // send routes the request by the current table (or to via) and sends it.
 // The error says it was not sent (no table, or the link is down or full).
 func (rt *routed) send() error {
-	l, v := rt.via, rt.c.s.table().Version()
+	l, v := rt.via, rt.s.table().Version()
 	if l == nil {
 		var err error
-		if l, v, err = rt.c.s.linkFor(rt.queue); err != nil {
+		if l, v, err = rt.s.linkFor(rt.queue); err != nil {
 			return err
 		}
 	}
@@ -74,7 +78,7 @@ func (rt *routed) replied(l *nodeLink, r *imqpb.NodeReply) {
 	}
 	nodeVersion := r.GetTableVersion()
 	rt.moved = r.GetMessage()
-	rt.c.s.goTracked(func() { rt.retry(nodeVersion) }) // ends within the request's time
+	rt.s.goTracked(func() { rt.retry(nodeVersion) }) // ends within the request's time
 }
 
 // retry sends the request again, by the table, after a MOVED answered by a
@@ -86,7 +90,7 @@ func (rt *routed) replied(l *nodeLink, r *imqpb.NodeReply) {
 // after a short pause: the request's table_version has told the node to
 // fetch the newer table.
 func (rt *routed) retry(nodeVersion uint64) {
-	s := rt.c.s
+	s := rt.s
 	if rt.attempts >= maxMovedAttempts {
 		rt.fail("attempts", rt.movedErr())
 		return
@@ -158,7 +162,7 @@ func (rt *routed) movedErr() *imqerr.Error {
 
 // fail ends a request that MOVED answers kept from its node.
 func (rt *routed) fail(reason string, err *imqerr.Error) {
-	rt.c.s.m.movedFailures.WithLabelValues(reason).Inc()
+	rt.s.m.movedFailures.WithLabelValues(reason).Inc()
 	rt.finish(err)
 }
 

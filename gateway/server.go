@@ -17,9 +17,11 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/gorilla/websocket"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/imqerr"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
@@ -66,6 +68,13 @@ type Server struct {
 
 	index index
 	conns connSet
+
+	// Admin RPC (rpc.go) and the auth call-out (auth_callout.go); set in
+	// New.
+	apiKeys   []apiKey
+	rpcSlots  chan struct{} // one per RPC call in progress
+	rpcClient *http.Client  // asks the other gateways (kick)
+	auth      *authCallout  // nil without Config.AuthURL
 
 	sessionPrefix string // gateway id and a random nonce: sessions stay unique if two gateways share an id
 	connSeq       atomic.Uint64
@@ -137,14 +146,23 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.conns.init()
 	s.index.init()
+	s.apiKeys = newAPIKeys(cfg.APIKeys)
+	s.rpcSlots = make(chan struct{}, cfg.RPCMaxInflight)
+	s.rpcClient = newRPCClient()
+	s.auth = newAuthCallout(&s.cfg)
+	if len(cfg.APIKeys) == 0 {
+		s.log.Info("admin RPC off: no API keys configured")
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /ws", s.serveWS)
+	mux.HandleFunc(RPCPath, s.serveRPC)
 	mux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
 	obs.Handle(mux, cfg.Registry, s.health, s.varz)
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute, // keep-alive admin RPC callers; WebSockets are hijacked
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	if cfg.Member != nil {
@@ -222,6 +240,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 		s.closeLinks()
 		s.leaveCluster()
+		s.rpcClient.CloseIdleConnections()
+		if s.auth != nil {
+			s.auth.client.CloseIdleConnections()
+		}
 		s.shutErr = err
 	})
 	select {
@@ -332,7 +354,7 @@ func (s *Server) httpError(w http.ResponseWriter, status int, code imqpb.Code, m
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-IMQ-Error", code.String())
 	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(map[string]any{"error": map[string]string{"code": code.String(), "message": msg}})
+	json.NewEncoder(w).Encode(map[string]any{"error": errorBodyOf(&imqerr.Error{Code: code, Message: msg})})
 }
 
 func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
@@ -404,11 +426,17 @@ func (s *Server) originAllowed(origin, host string) bool {
 }
 
 // connSet is the set of open connections, sharded to keep registration off
-// one lock.
+// one lock, with an index by user (for kick) sharded the same way. A
+// connection is in the user index once its user is known: from the start
+// with ?user= (development mode), else from its successful connect.
 type connSet struct {
 	shards [64]struct {
 		mu    sync.Mutex
 		conns map[*conn]struct{}
+	}
+	users [64]struct {
+		mu    sync.Mutex
+		conns map[string]map[*conn]struct{} // by user; an entry per connection, so bounded by them
 	}
 	n atomic.Int64
 }
@@ -416,23 +444,70 @@ type connSet struct {
 func (cs *connSet) init() {
 	for i := range cs.shards {
 		cs.shards[i].conns = make(map[*conn]struct{})
+		cs.users[i].conns = make(map[string]map[*conn]struct{})
 	}
 }
 
+// add registers c, and indexes it by its user when that is known already.
+// It runs before c's reader starts.
 func (cs *connSet) add(c *conn) {
 	sh := &cs.shards[c.id%uint64(len(cs.shards))]
 	sh.mu.Lock()
 	sh.conns[c] = struct{}{}
 	sh.mu.Unlock()
 	cs.n.Add(1)
+	if c.user != "" {
+		cs.addUser(c, c.user)
+	}
 }
 
+// addUser indexes c by user; c's reader calls it once connect has
+// authenticated it.
+func (cs *connSet) addUser(c *conn, user string) {
+	sh := &cs.users[xxhash.Sum64String(user)%uint64(len(cs.users))]
+	sh.mu.Lock()
+	set := sh.conns[user]
+	if set == nil {
+		set = make(map[*conn]struct{}, 1)
+		sh.conns[user] = set
+	}
+	set[c] = struct{}{}
+	sh.mu.Unlock()
+}
+
+// remove forgets c. It runs on c's reader goroutine, after the reader ended
+// (c.user no longer changes).
 func (cs *connSet) remove(c *conn) {
 	sh := &cs.shards[c.id%uint64(len(cs.shards))]
 	sh.mu.Lock()
 	delete(sh.conns, c)
 	sh.mu.Unlock()
 	cs.n.Add(-1)
+	if c.user == "" {
+		return
+	}
+	ush := &cs.users[xxhash.Sum64String(c.user)%uint64(len(cs.users))]
+	ush.mu.Lock()
+	if set := ush.conns[c.user]; set != nil {
+		delete(set, c)
+		if len(set) == 0 {
+			delete(ush.conns, c.user)
+		}
+	}
+	ush.mu.Unlock()
+}
+
+// ofUser returns the open connections of user.
+func (cs *connSet) ofUser(user string) []*conn {
+	sh := &cs.users[xxhash.Sum64String(user)%uint64(len(cs.users))]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	set := sh.conns[user]
+	out := make([]*conn, 0, len(set))
+	for c := range set {
+		out = append(out, c)
+	}
+	return out
 }
 
 func (cs *connSet) count() int { return int(cs.n.Load()) }

@@ -1,0 +1,290 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/imq-dev/imq/internal/imqerr"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// The admin RPC: POST /rpc/v1/<method> with a JSON object, authenticated by
+// an API key, answering a JSON result or {"error": {code, message,
+// retryable}}. The contract (methods, statuses, data encoding) is
+// docs/openapi.json; this file holds the HTTP side (keys, request ids, body
+// limits, the in-flight bound, errors, logs, metrics), rpc_methods.go the
+// methods, rpc_call.go the call to a queue's node and rpc_kick.go kick.
+
+// RPCPath is where the admin RPC is served: RPCPath + method.
+const RPCPath = "/rpc/v1/"
+
+// maxRequestID bounds an X-Request-Id the caller sends; a longer or
+// unprintable one is replaced by a generated one.
+const maxRequestID = 128
+
+// rpcMethod runs one method: it decodes params strictly, checks them and
+// the caller's key, and returns the result object or an error.
+type rpcMethod func(s *Server, ctx context.Context, rc *rpcCall, params []byte) (any, error)
+
+// rpcMethods is every method by name; init fills it, since batch refers to
+// it.
+var rpcMethods map[string]rpcMethod
+
+func init() {
+	rpcMethods = map[string]rpcMethod{
+		"publish":      (*Server).rpcPublish,
+		"set_state":    (*Server).rpcSetState,
+		"delete_state": (*Server).rpcDeleteState,
+		"get_state":    (*Server).rpcGetState,
+		"history":      (*Server).rpcHistory,
+		"queue_info":   (*Server).rpcQueueInfo,
+		"kick":         (*Server).rpcKick,
+		"broadcast":    (*Server).rpcBroadcast,
+		"batch":        (*Server).rpcBatch,
+	}
+}
+
+// rpcMethodNames returns the method names, sorted.
+func rpcMethodNames() []string {
+	names := make([]string, 0, len(rpcMethods))
+	for n := range rpcMethods {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// rpcCall is what a method knows of the HTTP call it serves.
+type rpcCall struct {
+	key  *apiKey
+	auth string // the Authorization header as received: kick forwards it
+	id   string // request id
+}
+
+// rpcError is an error answered with an HTTP status other than its code's.
+type rpcError struct {
+	status int
+	err    *imqerr.Error
+}
+
+func (e *rpcError) Error() string { return e.err.Error() }
+func (e *rpcError) Unwrap() error { return e.err }
+
+// errorBody is the JSON error object, in a response and in a batch's or a
+// broadcast's results.
+type errorBody struct {
+	Code      string `json:"code"`
+	Message   string `json:"message"`
+	Retryable bool   `json:"retryable"`
+}
+
+func errorBodyOf(err error) *errorBody {
+	e := imqerr.From(err)
+	return &errorBody{Code: e.Code.String(), Message: e.Message, Retryable: e.Retryable()}
+}
+
+// rpcStatus is the HTTP status that answers code.
+func rpcStatus(code imqpb.Code) int {
+	switch code {
+	case imqpb.Code_OK:
+		return http.StatusOK
+	case imqpb.Code_BAD_REQUEST, imqpb.Code_INVALID_QUEUE_NAME, imqpb.Code_INVALID_MOUNT,
+		imqpb.Code_NOT_CONNECTED, imqpb.Code_ALREADY_CONNECTED:
+		return http.StatusBadRequest
+	case imqpb.Code_UNKNOWN_MESSAGE, imqpb.Code_NOT_FOUND:
+		return http.StatusNotFound
+	case imqpb.Code_UNAUTHORIZED:
+		return http.StatusUnauthorized
+	case imqpb.Code_FORBIDDEN, imqpb.Code_DENIED:
+		return http.StatusForbidden
+	case imqpb.Code_WRONG_MOUNT_TYPE, imqpb.Code_NOT_JOINED:
+		return http.StatusConflict
+	case imqpb.Code_PAYLOAD_TOO_LARGE:
+		return http.StatusRequestEntityTooLarge
+	case imqpb.Code_LIMIT_EXCEEDED:
+		return http.StatusTooManyRequests
+	case imqpb.Code_UNAVAILABLE, imqpb.Code_MOVED:
+		return http.StatusServiceUnavailable
+	case imqpb.Code_TIMEOUT:
+		return http.StatusGatewayTimeout
+	}
+	return http.StatusInternalServerError
+}
+
+// serveRPC answers POST /rpc/v1/<method>: it runs the call, then writes the
+// answer, counts it and logs one line.
+func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	id := requestID(r.Header.Get("X-Request-Id"))
+	w.Header().Set("X-Request-Id", id)
+	method := strings.TrimPrefix(r.URL.Path, RPCPath)
+	label := method
+	if rpcMethods[method] == nil {
+		label = "unknown"
+	}
+	release := func() {}
+	result, keyIndex, err := s.runRPC(w, r, method, id, &release)
+	defer release() // after the answer is written: the slot bounds the writes too
+
+	status, code := http.StatusOK, imqpb.Code_OK
+	var body any = result
+	if err != nil {
+		e := imqerr.From(err)
+		code, status = e.Code, rpcStatus(e.Code)
+		if re, ok := errors.AsType[*rpcError](err); ok {
+			status = re.status
+		}
+		body = map[string]*errorBody{"error": errorBodyOf(e)}
+		if status == http.StatusUnauthorized {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="imq"`)
+		}
+		if status == http.StatusMethodNotAllowed {
+			w.Header().Set("Allow", http.MethodPost)
+		}
+	}
+	rc := http.NewResponseController(w)
+	rc.SetWriteDeadline(time.Now().Add(s.cfg.RPCTimeout))
+	defer rc.SetWriteDeadline(time.Time{}) // the connection may serve more requests
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	if werr := enc.Encode(body); werr != nil {
+		s.log.Debug("rpc answer not written", "request_id", id, "err", werr)
+	}
+
+	d := time.Since(start)
+	s.m.rpcRequests.WithLabelValues(label, code.String()).Inc()
+	s.m.rpcSeconds.WithLabelValues(label).Observe(d.Seconds())
+	attrs := []slog.Attr{
+		slog.String("method", method), slog.Int("status", status), slog.String("code", code.String()),
+		slog.Duration("duration", d), slog.String("request_id", id),
+	}
+	if keyIndex > 0 {
+		attrs = append(attrs, slog.Int("api_key", keyIndex)) // which configured key, never the key
+	}
+	if err != nil && status >= 500 {
+		attrs = append(attrs, slog.String("error", imqerr.From(err).Message))
+	}
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "rpc call", attrs...)
+}
+
+// runRPC authenticates, reads and runs one call. It takes an in-flight slot
+// and sets *release to give it back.
+func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id string, release *func()) (result any, keyIndex int, err error) {
+	if r.Method != http.MethodPost {
+		return nil, 0, &rpcError{http.StatusMethodNotAllowed, imqerr.New(imqpb.Code_BAD_REQUEST, "the admin RPC takes POST, not %s", r.Method)}
+	}
+	key, err := s.rpcAuth(r)
+	if err != nil {
+		return nil, 0, err
+	}
+	run := rpcMethods[method]
+	if run == nil {
+		return nil, key.index, imqerr.New(imqpb.Code_UNKNOWN_MESSAGE, "unknown method %q (methods: %s)", method, strings.Join(rpcMethodNames(), ", "))
+	}
+	if !key.allowsMethod(method) {
+		return nil, key.index, imqerr.New(imqpb.Code_FORBIDDEN, "this API key may not call %s", method)
+	}
+	select {
+	case s.rpcSlots <- struct{}{}:
+		*release = func() { <-s.rpcSlots }
+	default:
+		return nil, key.index, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "the gateway has %d admin RPC calls in progress; retry later", s.cfg.RPCMaxInflight)
+	}
+
+	deadline := time.Now().Add(s.cfg.RPCTimeout)
+	ctx, cancel := context.WithDeadline(r.Context(), deadline)
+	defer cancel()
+	body, err := s.readRPCBody(w, r, deadline)
+	if err != nil {
+		return nil, key.index, err
+	}
+	rc := &rpcCall{key: key, auth: r.Header.Get("Authorization"), id: id}
+	result, err = run(s, ctx, rc, body)
+	return result, key.index, err
+}
+
+// rpcAuth finds the caller's API key.
+func (s *Server) rpcAuth(r *http.Request) (*apiKey, error) {
+	if len(s.apiKeys) == 0 {
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the admin RPC is off: no API keys are configured on this gateway (--api-key or IMQ_API_KEYS)")
+	}
+	h := r.Header.Get("Authorization")
+	if h == "" {
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>")
+	}
+	scheme, secret, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the Authorization header must be \"Bearer <key>\"")
+	}
+	key := findKey(s.apiKeys, strings.TrimSpace(secret))
+	if key == nil {
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "unknown API key")
+	}
+	return key, nil
+}
+
+// readRPCBody reads the body, at most RPCMaxBody bytes, by deadline.
+func (s *Server) readRPCBody(w http.ResponseWriter, r *http.Request, deadline time.Time) ([]byte, error) {
+	limit := int64(s.cfg.RPCMaxBody)
+	tooLarge := imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "the request body is larger than %d bytes", limit)
+	if r.ContentLength > limit {
+		return nil, tooLarge
+	}
+	http.NewResponseController(w).SetReadDeadline(deadline)
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err == nil {
+		return b, nil
+	}
+	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+		return nil, tooLarge
+	}
+	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+		return nil, imqerr.New(imqpb.Code_TIMEOUT, "the request body did not arrive within %s", s.cfg.RPCTimeout)
+	}
+	return nil, imqerr.New(imqpb.Code_BAD_REQUEST, "reading the request body: %v", err)
+}
+
+// requestID returns the caller's request id when it is usable, else a new
+// one.
+func requestID(h string) string {
+	if h != "" && len(h) <= maxRequestID && !strings.ContainsFunc(h, func(r rune) bool { return r < 0x20 || r > 0x7e }) {
+		return h
+	}
+	var b [12]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// ctxErr converts the end of a call's context to the caller's error.
+func ctxErr(ctx context.Context, timeout time.Duration) error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return imqerr.New(imqpb.Code_TIMEOUT, "the call did not finish within %s; the outcome is unknown", timeout)
+	}
+	return imqerr.New(imqpb.Code_UNAVAILABLE, "the call was cancelled; the outcome is unknown")
+}
+
+// marshalRPC encodes v as JSON without HTML escaping (which would change
+// stored payloads holding < > or &).
+func marshalRPC(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+}

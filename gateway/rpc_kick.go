@@ -1,0 +1,169 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/member"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// defaultKickMessage is the goodbye message of a kick without a reason.
+const defaultKickMessage = "disconnected by the game server"
+
+type kickParams struct {
+	User   string `json:"user" rpc:"required"`
+	Reason string `json:"reason"`
+	// Local: close this gateway's sessions only. The gateway that serves a
+	// kick sets it when it asks the other gateways.
+	Local bool `json:"local"`
+}
+
+type kickResult struct {
+	Sessions int      `json:"sessions"`
+	Gateways int      `json:"gateways"`
+	Failed   []string `json:"failed"`
+}
+
+// rpcKick closes the user's sessions on this gateway (goodbye KICKED, no
+// reconnect, the reason as message) and, unless local, asks every other
+// live gateway of the membership to do the same, concurrently and within
+// the call's time. Gateways counts this one and those asked; Failed lists
+// the ids of those that did not answer 200.
+func (s *Server) rpcKick(ctx context.Context, rc *rpcCall, params []byte) (any, error) {
+	var p kickParams
+	if _, err := decodeParams(params, &p, ""); err != nil {
+		return nil, err
+	}
+	if err := validUserID(p.User); err != nil {
+		return nil, imqerr.New(imqpb.Code_BAD_REQUEST, "field \"user\": %s", imqerr.From(err).Message)
+	}
+	if len(p.Reason) > maxKickReason {
+		return nil, imqerr.New(imqpb.Code_BAD_REQUEST, "field \"reason\" is %d bytes; at most %d", len(p.Reason), maxKickReason)
+	}
+	if q := "/user/" + p.User; !rc.key.allowsQueue(q) {
+		return nil, imqerr.New(imqpb.Code_FORBIDDEN, "this API key may not act on user %s (queue %s)", p.User, q)
+	}
+	msg := p.Reason
+	if msg == "" {
+		msg = defaultKickMessage
+	}
+	out := &kickResult{Sessions: s.kickLocal(p.User, msg), Gateways: 1, Failed: []string{}}
+	if p.Local {
+		return out, nil
+	}
+	peers := s.otherGateways()
+	if len(peers) == 0 {
+		return out, nil
+	}
+	body, err := marshalRPC(kickParams{User: p.User, Reason: p.Reason, Local: true})
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, peer := range peers {
+		wg.Go(func() { // ends within ctx
+			n, err := s.kickRemote(ctx, rc, peer, body)
+			mu.Lock()
+			defer mu.Unlock()
+			out.Gateways++
+			if err != nil {
+				s.log.Warn("kick: a gateway did not answer", "peer", peer.Meta.ID, "addr", peer.Meta.HTTPAddr, "request_id", rc.id, "err", err)
+				out.Failed = append(out.Failed, peer.Meta.ID)
+				return
+			}
+			out.Sessions += n
+		})
+	}
+	wg.Wait()
+	slices.Sort(out.Failed)
+	return out, nil
+}
+
+// kickLocal closes this gateway's connections of user and counts those it
+// closed (not those closing already).
+func (s *Server) kickLocal(user, msg string) int {
+	n := 0
+	for _, c := range s.conns.ofUser(user) {
+		if c.kick(msg) {
+			n++
+		}
+	}
+	if n > 0 {
+		s.log.Info("kicked sessions", "user", user, "sessions", n)
+	}
+	return n
+}
+
+// otherGateways returns the live gateways of the membership but this one
+// (none standalone).
+func (s *Server) otherGateways() []member.Peer {
+	m := s.member.Load()
+	if m == nil {
+		return nil
+	}
+	var out []member.Peer
+	for _, p := range m.Peers() {
+		if p.Meta.Role == member.RoleGateway && p.Name != m.Name() {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// kickRemote asks peer to close its sessions of the user (body: kick params
+// with local set), with the caller's API key, and returns how many it
+// closed.
+func (s *Server) kickRemote(ctx context.Context, rc *rpcCall, peer member.Peer, body []byte) (int, error) {
+	if peer.Meta.HTTPAddr == "" {
+		return 0, fmt.Errorf("gateway %s advertises no HTTP address", peer.Meta.ID)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+peer.Meta.HTTPAddr+RPCPath+"kick", bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", rc.auth)
+	req.Header.Set("X-Request-Id", rc.id)
+	resp, err := s.rpcClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err != nil {
+		return 0, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("answered %s: %s", resp.Status, bytes.TrimSpace(b))
+	}
+	var r kickResult
+	if err := json.Unmarshal(b, &r); err != nil {
+		return 0, fmt.Errorf("answered malformed JSON: %w", err)
+	}
+	return r.Sessions, nil
+}
+
+// newRPCClient returns the keep-alive HTTP client the gateway asks other
+// gateways with. It follows no redirects and uses no proxy: the peers are
+// cluster members at the addresses they advertise.
+func newRPCClient() *http.Client {
+	return &http.Client{
+		Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 16,
+			IdleConnTimeout:     90 * time.Second,
+		},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+}
