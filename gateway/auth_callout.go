@@ -84,11 +84,17 @@ func (s *Server) authenticate(token string) (string, error) {
 }
 
 // check asks the backend about token. outcome is accepted, refused (the
-// backend said no) or failed (no usable answer: unreachable, timeout, an
-// error status, a malformed answer); every failure refuses the token.
+// backend said no: UNAUTHORIZED) or failed (no usable answer: unreachable,
+// timeout, a 5xx status, a malformed answer: a retryable UNAVAILABLE).
 func (a *authCallout) check(ctx context.Context, token string, timeout time.Duration) (user, outcome string, err error) {
 	refuse := func(outcome, format string, args ...any) (string, string, error) {
-		return "", outcome, imqerr.New(imqpb.Code_UNAUTHORIZED, format, args...)
+		code := imqpb.Code_UNAUTHORIZED
+		if outcome == "failed" {
+			// The backend refused nothing: the client may retry, and a
+			// short backend outage does not log players out for good.
+			code = imqpb.Code_UNAVAILABLE
+		}
+		return "", outcome, imqerr.New(code, format, args...)
 	}
 	select {
 	case a.slots <- struct{}{}:

@@ -79,7 +79,8 @@ func startAuthBackend(t *testing.T) *authBackend {
 }
 
 // connectToken connects with token on a new connection and returns the
-// reply; a refused one is followed by the goodbye AUTH_FAILED.
+// reply; a refused one is followed by the goodbye AUTH_FAILED, which says
+// reconnect exactly when the refusal is retryable (the backend failed).
 func connectToken(t *testing.T, d *launch.Dev, token string) *imqpb.Reply {
 	t.Helper()
 	c, _, err := dialRaw(t, d, "", false, nil)
@@ -89,7 +90,7 @@ func connectToken(t *testing.T, d *launch.Dev, token string) *imqpb.Reply {
 	r := c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token}}})
 	if r.GetCode() != imqpb.Code_OK {
 		g := c.expectGoodbye(imqpb.Reason_REASON_AUTH_FAILED)
-		if g.GetReconnect() || g.GetMessage() != r.GetMessage() {
+		if g.GetReconnect() != r.GetRetryable() || g.GetMessage() != r.GetMessage() {
 			t.Fatalf("goodbye %v after %v", g, r)
 		}
 	}
@@ -102,18 +103,22 @@ func TestAuthCallout(t *testing.T) {
 		c.Gateway.AuthURL = b.srv.URL + "/imq/auth"
 		c.Gateway.AuthCalloutTimeout = 300 * time.Millisecond
 	})
+	// The backend's refusals are UNAUTHORIZED; its failures (no usable
+	// answer) a retryable UNAVAILABLE.
+	unavailable := imqpb.Code_UNAVAILABLE
 	for _, c := range []struct {
 		token, user, msg string
+		code             imqpb.Code
 	}{
 		{token: "good-alice", user: "alice"},
 		{token: "refuse", msg: "account suspended"},
 		{token: "forbidden", msg: "banned until tomorrow"},
-		{token: "error", msg: "HTTP 500"},
+		{token: "error", msg: "HTTP 500", code: unavailable},
 		{token: "unknown", msg: "HTTP 401"},
-		{token: "slow", msg: "did not answer within 300ms"},
-		{token: "bad-user", msg: "invalid user"},
-		{token: "huge", msg: "larger than"},
-		{token: "not-json", msg: "not a JSON object"},
+		{token: "slow", msg: "did not answer within 300ms", code: unavailable},
+		{token: "bad-user", msg: "invalid user", code: unavailable},
+		{token: "huge", msg: "larger than", code: unavailable},
+		{token: "not-json", msg: "not a JSON object", code: unavailable},
 		{token: "", msg: "no token"},
 	} {
 		t.Run(c.token, func(t *testing.T) {
@@ -126,7 +131,11 @@ func TestAuthCallout(t *testing.T) {
 				}
 				return
 			}
-			expectCode(t, r, imqpb.Code_UNAUTHORIZED)
+			want := imqpb.Code_UNAUTHORIZED
+			if c.code != imqpb.Code_OK {
+				want = c.code
+			}
+			expectCode(t, r, want)
 			if !strings.Contains(r.GetMessage(), c.msg) {
 				t.Fatalf("message %q, want it to mention %q", r.GetMessage(), c.msg)
 			}

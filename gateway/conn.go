@@ -287,7 +287,8 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		user, err := c.s.authenticate(m.GetToken())
 		if err != nil {
 			c.replyErr(id, err)
-			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, false)
+			// reconnect when the backend failed rather than refused
+			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, imqerr.From(err).Retryable())
 			return
 		}
 		c.user = user

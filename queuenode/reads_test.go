@@ -138,8 +138,8 @@ func TestBackendWritesAndReads(t *testing.T) {
 	if r := l.ok(backendSetState("/room/1", "score", "bob", ``, true)); r.GetCreated() || r.GetStateSet().GetVersion() != 5 {
 		t.Fatalf("delete: %v, want version 5, not created", r)
 	}
-	if r := l.ok(backendSetState("/room/3", "score", "bob", ``, true)); !r.GetCreated() {
-		t.Fatalf("delete on a new queue: %v, want created", r)
+	if r := l.do(backendSetState("/room/3", "score", "bob", ``, true)); r.GetCode() != imqpb.Code_NOT_FOUND {
+		t.Fatalf("delete on a missing queue: %v, want NOT_FOUND (nothing created)", r)
 	}
 
 	// A client joins; the backend's events reach it with sender "".
@@ -224,5 +224,16 @@ func TestReadsCheckOwnership(t *testing.T) {
 	}
 	if r := l.do(queueInfoReq(mine)); r.GetCode() != imqpb.Code_NOT_FOUND {
 		t.Fatalf("read of a missing queue it owns: %v, want NOT_FOUND", r.GetCode())
+	}
+}
+
+func TestBackendDeleteOfMissingQueueCreatesNothing(t *testing.T) {
+	s := startNode(t, DefaultConfig())
+	l := dialLink(t, s.LinkAddr(), "gw-1")
+	if r := l.do(backendSetState("/room/none", "scores", "k", "", true)); r.GetCode() != imqpb.Code_NOT_FOUND {
+		t.Fatalf("got %v %q, want NOT_FOUND", r.GetCode(), r.GetMessage())
+	}
+	if n := s.queueCount.Load(); n != 0 {
+		t.Fatalf("%d queues after deleting from a missing one", n)
 	}
 }

@@ -535,9 +535,15 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	if err := s.checkOwnerLocked(st.GetQueue()); err != nil {
 		return err
 	}
-	q, created, err := s.queueLocked(sh, st.GetQueue(), true)
+	// The backend deleting a key of a queue that does not exist learns so,
+	// rather than creating an empty queue.
+	create := !(req.GetBackend() && st.GetDelete())
+	q, created, err := s.queueLocked(sh, st.GetQueue(), create)
 	if err != nil {
 		return err
+	}
+	if q == nil {
+		return imqerr.New(imqpb.Code_NOT_FOUND, "queue %s does not exist on this node", st.GetQueue())
 	}
 	ch, err := q.SetState(st.GetMount(), senderOf(req), st.GetKey(), st.GetValue(), st.GetDelete(), s.cfg.Now())
 	if err != nil {

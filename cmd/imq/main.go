@@ -115,6 +115,7 @@ func (rf *rpcFlags) register(fs *flag.FlagSet, cfg *gateway.Config) {
 	fs.Var(&rf.keys, "api-key", `admin RPC key: "SECRET[ methods=publish,get_state][ prefixes=/room/,/lobby/]", repeatable; IMQ_API_KEYS holds more, separated by newlines or ';'`)
 	fs.IntVar(&cfg.RPCMaxBody, "rpc-max-body", cfg.RPCMaxBody, "largest admin RPC request body in bytes")
 	fs.DurationVar(&cfg.RPCTimeout, "rpc-timeout", cfg.RPCTimeout, "time limit of one admin RPC call")
+	fs.IntVar(&cfg.RPCMaxInflight, "rpc-max-inflight", cfg.RPCMaxInflight, "admin RPC calls in flight at most; more are answered 429")
 	fs.StringVar(&cfg.AuthURL, "auth-url", "", "backend URL that turns connect tokens into user ids (POST {\"token\"}; a token that verifies as a JWT does not leave the gateway)")
 	fs.DurationVar(&cfg.AuthCalloutTimeout, "auth-callout-timeout", cfg.AuthCalloutTimeout, "time limit of one --auth-url call")
 	fs.IntVar(&cfg.AuthCalloutConcurrency, "auth-callout-concurrency", cfg.AuthCalloutConcurrency, "--auth-url calls in flight at most")
