@@ -17,6 +17,7 @@ run:
 
 # The race detector runs on every package; fuzz targets run their seed corpus.
 test:
+	@scripts/ensure-php.sh
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
