@@ -44,9 +44,15 @@ func init() {
 
 func startLocalCluster(t *testing.T, nodes, gateways int) *launch.Cluster {
 	t.Helper()
+	return startLocalClusterArgs(t, nodes, gateways, nil)
+}
+
+func startLocalClusterArgs(t *testing.T, nodes, gateways int, gatewayArgs []string) *launch.Cluster {
+	t.Helper()
 	cfg := launch.ClusterConfig{
 		Binary: imqBinary(t), QueueNodes: nodes, Gateways: gateways, Dir: t.TempDir(), Dev: true,
 		JWTSecret: e2eSecret, ClusterArgs: append([]string{"--log-level", "debug"}, gossipArgs...),
+		GatewayArgs: gatewayArgs,
 	}
 	c, err := launch.StartCluster(ctxT(t, 60*time.Second), cfg)
 	if err != nil {
