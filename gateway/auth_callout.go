@@ -6,9 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -26,23 +29,33 @@ const (
 	maxAuthAnswer = 64 << 10
 	// maxAuthReason bounds the backend's reason passed on to the client.
 	maxAuthReason = 512
+	// authWarnEvery rate-limits the warning logged when call-outs fail.
+	authWarnEvery = 10 * time.Second
 )
 
 // authCallout asks the backend about tokens. Its slots bound the calls in
 // flight.
 type authCallout struct {
 	url    string
+	logURL string // url with any password redacted, for logs
 	client *http.Client
 	slots  chan struct{}
+	// lastWarn is when a failure was last logged as a warning (Unix ns).
+	lastWarn atomic.Int64
 }
 
 func newAuthCallout(cfg *Config) *authCallout {
 	if cfg.AuthURL == "" {
 		return nil
 	}
+	logURL := cfg.AuthURL
+	if u, err := url.Parse(cfg.AuthURL); err == nil {
+		logURL = u.Redacted()
+	}
 	return &authCallout{
-		url:   cfg.AuthURL,
-		slots: make(chan struct{}, cfg.AuthCalloutConcurrency),
+		url:    cfg.AuthURL,
+		logURL: logURL,
+		slots:  make(chan struct{}, cfg.AuthCalloutConcurrency),
 		client: &http.Client{
 			Transport: &http.Transport{
 				Proxy:               http.ProxyFromEnvironment,
@@ -78,14 +91,21 @@ func (s *Server) authenticate(token string) (string, error) {
 	s.m.authCallouts.WithLabelValues(outcome).Inc()
 	s.m.authSeconds.Observe(time.Since(start).Seconds())
 	if outcome == "failed" {
-		s.log.Warn("auth call-out failed", "url", s.auth.url, "err", imqerr.From(err).Message)
+		// Once per authWarnEvery at warning level: a backend outage fails
+		// every connect, and the metrics count them all.
+		level, now, last := slog.LevelDebug, time.Now().UnixNano(), s.auth.lastWarn.Load()
+		if now-last >= int64(authWarnEvery) && s.auth.lastWarn.CompareAndSwap(last, now) {
+			level = slog.LevelWarn
+		}
+		s.log.Log(context.Background(), level, "auth call-out failed", "url", s.auth.logURL, "err", imqerr.From(err).Message)
 	}
 	return user, err
 }
 
 // check asks the backend about token. outcome is accepted, refused (the
 // backend said no: UNAUTHORIZED) or failed (no usable answer: unreachable,
-// timeout, a 5xx status, a malformed answer: a retryable UNAVAILABLE).
+// timeout, a 5xx, 429 or 408 status with or without a reason, a malformed
+// answer: a retryable UNAVAILABLE).
 func (a *authCallout) check(ctx context.Context, token string, timeout time.Duration) (user, outcome string, err error) {
 	refuse := func(outcome, format string, args ...any) (string, string, error) {
 		code := imqpb.Code_UNAUTHORIZED
@@ -136,14 +156,16 @@ func (a *authCallout) check(ctx context.Context, token string, timeout time.Dura
 	jsonErr := json.Unmarshal(b, &ans)
 	reason := shortReason(ans.Reason)
 	switch {
+	case backendFailed(resp.StatusCode) && reason != "":
+		// A 5xx, 429 or 408 judged no token, whatever its body says: a
+		// backend in maintenance must not log its players out for good.
+		return refuse("failed", "%s", reason)
+	case backendFailed(resp.StatusCode):
+		return refuse("failed", "the auth backend failed (HTTP %s)", strconv.Itoa(resp.StatusCode))
 	case resp.StatusCode != http.StatusOK && reason != "":
 		return refuse("refused", "%s", reason)
 	case resp.StatusCode != http.StatusOK:
-		outcome := "refused"
-		if resp.StatusCode >= 500 {
-			outcome = "failed"
-		}
-		return refuse(outcome, "the auth backend refused the token (HTTP %s)", strconv.Itoa(resp.StatusCode))
+		return refuse("refused", "the auth backend refused the token (HTTP %s)", strconv.Itoa(resp.StatusCode))
 	case jsonErr != nil:
 		return refuse("failed", "the auth backend's answer is not a JSON object")
 	case ans.Allow != nil && !*ans.Allow, ans.User == "":
@@ -156,6 +178,13 @@ func (a *authCallout) check(ctx context.Context, token string, timeout time.Dura
 		return refuse("failed", "the auth backend named an invalid user: %s", imqerr.From(err).Message)
 	}
 	return ans.User, "accepted", nil
+}
+
+// backendFailed reports whether an answer's HTTP status says the backend
+// could not judge the token (server errors, rate limits, its own timeouts)
+// rather than refused it.
+func backendFailed(status int) bool {
+	return status >= 500 || status == http.StatusTooManyRequests || status == http.StatusRequestTimeout
 }
 
 // shortReason bounds a backend's reason, on a UTF-8 boundary.

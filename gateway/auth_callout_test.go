@@ -59,6 +59,11 @@ func startAuthBackend(t *testing.T) *authBackend {
 			io.WriteString(w, `{"reason":"banned until tomorrow"}`)
 		case req.Token == "error":
 			w.WriteHeader(http.StatusInternalServerError)
+		case req.Token == "maintenance":
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, `{"allow":false,"reason":"down for maintenance"}`)
+		case req.Token == "rate-limited":
+			w.WriteHeader(http.StatusTooManyRequests)
 		case req.Token == "slow":
 			select {
 			case <-r.Context().Done():
@@ -114,6 +119,9 @@ func TestAuthCallout(t *testing.T) {
 		{token: "refuse", msg: "account suspended"},
 		{token: "forbidden", msg: "banned until tomorrow"},
 		{token: "error", msg: "HTTP 500", code: unavailable},
+		// A failing backend's reason is passed on, but refuses nothing.
+		{token: "maintenance", msg: "down for maintenance", code: unavailable},
+		{token: "rate-limited", msg: "HTTP 429", code: unavailable},
 		{token: "unknown", msg: "HTTP 401"},
 		{token: "slow", msg: "did not answer within 300ms", code: unavailable},
 		{token: "bad-user", msg: "invalid user", code: unavailable},

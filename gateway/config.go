@@ -50,9 +50,11 @@ type Config struct {
 	// AuthURL, if set, authenticates connect tokens through the backend: a
 	// token that does not verify as a JWT (any token, without JWTSecret) is
 	// POSTed as {"token": "..."} to this http:// or https:// URL; a 200
-	// answer {"user": "<id>"} accepts it, anything else refuses it
-	// (UNAUTHORIZED, with the answer's "reason" if it gave one). Empty: no
-	// call-out.
+	// answer {"user": "<id>"} accepts it; a refusal ({"allow": false}, or
+	// another status) is UNAUTHORIZED, with the answer's "reason" if it
+	// gave one; no usable answer (unreachable, timeout, 5xx, 429, 408,
+	// malformed) is a retryable UNAVAILABLE whose goodbye says reconnect.
+	// Empty: no call-out.
 	AuthURL string
 	// AuthCalloutTimeout bounds one auth call-out, including the wait for a
 	// free slot (see AuthCalloutConcurrency). Default 2 s.

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/imq-dev/imq/internal/imqerr"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -32,6 +33,14 @@ const RPCPath = "/rpc/v1/"
 // maxRequestID bounds an X-Request-Id the caller sends; a longer or
 // unprintable one is replaced by a generated one.
 const maxRequestID = 128
+
+// maxLoggedMethod bounds an unknown method name in the call's log line.
+const maxLoggedMethod = 64
+
+// unreadBodyWait bounds the reading of what is left of the body of a call
+// refused before its body was read (net/http reads it so that the
+// connection can serve another request).
+const unreadBodyWait = time.Second
 
 // rpcMethod runs one method: it decodes params strictly, checks them and
 // the caller's key, and returns the result object or an error.
@@ -129,9 +138,12 @@ func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
 	id := requestID(r.Header.Get("X-Request-Id"))
 	w.Header().Set("X-Request-Id", id)
 	method := strings.TrimPrefix(r.URL.Path, RPCPath)
-	label := method
+	label, logMethod := method, method
 	if rpcMethods[method] == nil {
 		label = "unknown"
+		if len(logMethod) > maxLoggedMethod { // any caller, key or not, picks the path
+			logMethod = strings.ToValidUTF8(logMethod[:maxLoggedMethod], "") + "..."
+		}
 	}
 	release := func() {}
 	result, keyIndex, err := s.runRPC(w, r, method, id, &release)
@@ -169,7 +181,7 @@ func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
 	s.m.rpcRequests.WithLabelValues(label, code.String()).Inc()
 	s.m.rpcSeconds.WithLabelValues(label).Observe(d.Seconds())
 	attrs := []slog.Attr{
-		slog.String("method", method), slog.Int("status", status), slog.String("code", code.String()),
+		slog.String("method", logMethod), slog.Int("status", status), slog.String("code", code.String()),
 		slog.Duration("duration", d), slog.String("request_id", id),
 	}
 	if keyIndex > 0 {
@@ -184,6 +196,17 @@ func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
 // runRPC authenticates, reads and runs one call. It takes an in-flight slot
 // and sets *release to give it back.
 func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id string, release *func()) (result any, keyIndex int, err error) {
+	bodyRead := false
+	defer func() {
+		if !bodyRead {
+			// Refused before its body was read: net/http reads what is
+			// left of it before it sends the answer, with no deadline of
+			// its own, so a caller without a key could trickle a body and
+			// hold the connection for good. Past this the connection is
+			// closed after the answer instead.
+			http.NewResponseController(w).SetReadDeadline(time.Now().Add(unreadBodyWait))
+		}
+	}()
 	if r.Method != http.MethodPost {
 		return nil, 0, &rpcError{http.StatusMethodNotAllowed, imqerr.New(imqpb.Code_BAD_REQUEST, "the admin RPC takes POST, not %s", r.Method)}
 	}
@@ -209,8 +232,16 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 	ctx, cancel := context.WithDeadline(r.Context(), deadline)
 	defer cancel()
 	body, err := s.readRPCBody(w, r, deadline)
+	bodyRead = true
 	if err != nil {
 		return nil, key.index, err
+	}
+	if !utf8.Valid(body) {
+		// JSON text is UTF-8 (RFC 8259). encoding/json would turn a bad
+		// byte in a string into U+FFFD (another state key than the one
+		// sent) and keep it in a raw data value (which then reads back as
+		// data_base64).
+		return nil, key.index, imqerr.New(imqpb.Code_BAD_REQUEST, "the request body is not valid UTF-8, as JSON must be; send raw bytes as data_base64 or value_base64")
 	}
 	rc := &rpcCall{key: key, auth: r.Header.Get("Authorization"), id: id}
 	result, err = run(s, ctx, rc, body)
@@ -241,12 +272,18 @@ func (s *Server) rpcAuth(r *http.Request) (*apiKey, error) {
 func (s *Server) readRPCBody(w http.ResponseWriter, r *http.Request, deadline time.Time) ([]byte, error) {
 	limit := int64(s.cfg.RPCMaxBody)
 	tooLarge := imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "the request body is larger than %d bytes", limit)
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(deadline) // net/http reads an unread body before it answers: this bounds that too
 	if r.ContentLength > limit {
 		return nil, tooLarge
 	}
-	http.NewResponseController(w).SetReadDeadline(deadline)
 	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err == nil {
+		// Clear it: once the body is read, net/http reads on in the
+		// background to notice a client that goes away, and that read
+		// failing at the deadline would cancel the call's context (a 503
+		// "cancelled" racing the 504 TIMEOUT).
+		rc.SetReadDeadline(time.Time{})
 		return b, nil
 	}
 	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
@@ -271,7 +308,10 @@ func requestID(h string) string {
 
 // ctxErr converts the end of a call's context to the caller's error.
 func ctxErr(ctx context.Context, timeout time.Duration) error {
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	// Past the deadline it is a timeout, even if a parent context was
+	// cancelled a moment before the deadline's own timer fired.
+	dl, ok := ctx.Deadline()
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || ok && !time.Now().Before(dl) {
 		return imqerr.New(imqpb.Code_TIMEOUT, "the call did not finish within %s; the outcome is unknown", timeout)
 	}
 	return imqerr.New(imqpb.Code_UNAVAILABLE, "the call was cancelled; the outcome is unknown")

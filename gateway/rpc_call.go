@@ -15,6 +15,12 @@ import (
 // other than OK comes back as its *imqerr.Error, with the reply. The node
 // is the id of the node that answered (empty when none did).
 func (s *Server) callNode(ctx context.Context, queue string, req *imqpb.NodeRequest) (reply *imqpb.NodeReply, node string, err error) {
+	if ctx.Err() != nil {
+		// Send nothing past the call's end: the caller would be told the
+		// outcome is unknown of a request that then runs anyway (the tail
+		// of a broadcast, say).
+		return nil, "", ctxErr(ctx, s.cfg.RPCTimeout)
+	}
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(s.cfg.RequestTimeout)

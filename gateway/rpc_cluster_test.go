@@ -126,8 +126,8 @@ func TestRPCKickCluster(t *testing.T) {
 	if r.Sessions != 2 || r.Gateways != 4 || !slices.Equal(r.Failed, []string{"gw-dead", "gw-hung"}) {
 		t.Fatalf("kick: %+v, want 2 sessions, 4 gateways, gw-dead and gw-hung failed", r)
 	}
-	if took := time.Since(start); took > 3*time.Second {
-		t.Fatalf("the kick took %s; the RPC timeout is 2s", took)
+	if took := time.Since(start); took >= cfg.Gateway.RPCTimeout {
+		t.Fatalf("the kick took %s; the RPC timeout is %s, which the answer must beat", took, cfg.Gateway.RPCTimeout)
 	}
 	carol.expectGoodbye(imqpb.Reason_REASON_KICKED)
 	carol2.expectGoodbye(imqpb.Reason_REASON_KICKED)

@@ -20,6 +20,10 @@ import (
 // defaultKickMessage is the goodbye message of a kick without a reason.
 const defaultKickMessage = "disconnected by the game server"
 
+// kickAnswerMargin: the other gateways asked by a kick must answer by the
+// call's deadline less RPCTimeout/kickAnswerMargin, the time kept to answer.
+const kickAnswerMargin = 10
+
 type kickParams struct {
 	User   string `json:"user" rpc:"required"`
 	Reason string `json:"reason"`
@@ -69,11 +73,20 @@ func (s *Server) rpcKick(ctx context.Context, rc *rpcCall, params []byte) (any, 
 	if err != nil {
 		return nil, err
 	}
+	// The peers must answer a little before the call's own deadline, so
+	// that the answer naming those that did not reaches the caller before
+	// its timeout (which is likely the same as ours).
+	pctx := ctx
+	if dl, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		pctx, cancel = context.WithDeadline(ctx, dl.Add(-s.cfg.RPCTimeout/kickAnswerMargin))
+		defer cancel()
+	}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, peer := range peers {
-		wg.Go(func() { // ends within ctx
-			n, err := s.kickRemote(ctx, rc, peer, body)
+		wg.Go(func() { // ends within pctx
+			n, err := s.kickRemote(pctx, rc, peer, body)
 			mu.Lock()
 			defer mu.Unlock()
 			out.Gateways++

@@ -1,12 +1,14 @@
 package gateway_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"reflect"
 	"slices"
@@ -733,6 +735,8 @@ func TestRPCBadInput(t *testing.T) {
 		{"keys not strings", "POST", "get_state", testAPIKey, `{"queue":"/room/bad","mount":"scores","keys":[1]}`, 400, "BAD_REQUEST", `"keys": expected an array of strings`},
 		{"limit not an integer", "POST", "history", testAPIKey, `{"queue":"/room/bad","mount":"chat","limit":1.5}`, 400, "BAD_REQUEST", `"limit": expected an integer, got the number 1.5`},
 		{"local not a boolean", "POST", "kick", testAPIKey, `{"user":"bob","local":"yes"}`, 400, "BAD_REQUEST", `"local": expected true or false, got a string`},
+		{"data not UTF-8", "POST", "publish", testAPIKey, "{\"queue\":\"/room/bad\",\"mount\":\"chat\",\"data\":\"caf\xe9\"}", 400, "BAD_REQUEST", "UTF-8"},
+		{"state key not UTF-8", "POST", "set_state", testAPIKey, "{\"queue\":\"/room/bad\",\"mount\":\"scores\",\"key\":\"k\xff\",\"value\":3}", 400, "BAD_REQUEST", "UTF-8"},
 		{"nested batch", "POST", "batch", testAPIKey, `{"calls":[{"method":"batch","params":{"calls":[]}}]}`, 400, "BAD_REQUEST", "batch"},
 	}
 	for _, c := range cases {
@@ -800,12 +804,19 @@ func TestRPCLog(t *testing.T) {
 	rpcDo(t, d.Gateway.Addr(), http.MethodPost, "publish", testAPIKey, `{"queue":"/room/log","mount":"chat","data":1}`, http.Header{"X-Request-Id": {"log-1"}})
 	rpcDo(t, d.Gateway.Addr(), http.MethodPost, "publish", roomKey, `{"queue":"/lobby/log","mount":"chat","data":1}`, http.Header{"X-Request-Id": {"log-2"}})
 	rpcDo(t, d.Gateway.Addr(), http.MethodPost, "publish", "bad-key-0123456789abc", `{}`, http.Header{"X-Request-Id": {"log-3"}})
+	// An unknown method is logged cut short: anyone picks the path.
+	long := strings.Repeat("m", 2000)
+	rpcDo(t, d.Gateway.Addr(), http.MethodPost, long, "", `{}`, http.Header{"X-Request-Id": {"log-4"}})
 	want := map[string]struct {
 		status float64
 		code   string
 		key    float64
-	}{"log-1": {200, "OK", 1}, "log-2": {403, "FORBIDDEN", 2}, "log-3": {401, "UNAUTHORIZED", 0}}
-	waitFor(t, 5*time.Second, func() bool { return strings.Count(logs.String(), `"msg":"rpc call"`) >= 3 })
+		method string
+	}{
+		"log-1": {200, "OK", 1, "publish"}, "log-2": {403, "FORBIDDEN", 2, "publish"}, "log-3": {401, "UNAUTHORIZED", 0, "publish"},
+		"log-4": {401, "UNAUTHORIZED", 0, long[:64] + "..."},
+	}
+	waitFor(t, 5*time.Second, func() bool { return strings.Count(logs.String(), `"msg":"rpc call"`) >= 4 })
 	for line := range strings.Lines(logs.String()) {
 		if strings.Contains(line, testAPIKey) || strings.Contains(line, roomKey) || strings.Contains(line, "bad-key-0123456789abc") {
 			t.Fatalf("a key was logged: %s", line)
@@ -820,7 +831,7 @@ func TestRPCLog(t *testing.T) {
 		}
 		delete(want, rec["request_id"].(string))
 		key, _ := rec["api_key"].(float64)
-		if rec["method"] != "publish" || rec["status"] != w.status || rec["code"] != w.code || key != w.key || rec["duration"] == nil {
+		if rec["method"] != w.method || rec["status"] != w.status || rec["code"] != w.code || key != w.key || rec["duration"] == nil {
 			t.Fatalf("log line %s, want %+v", line, w)
 		}
 	}
@@ -1005,4 +1016,78 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// TestRPCBroadcastStopsAtDeadline: once a broadcast's time is up, the
+// queues it has not reached yet are answered TIMEOUT without being sent
+// (nothing runs on the node behind an answer of "outcome unknown").
+func TestRPCBroadcastStopsAtDeadline(t *testing.T) {
+	var mu sync.Mutex
+	received := 0 // publishes before the marker; guarded by mu
+	fake := startFakeNode(t, func(req *imqpb.NodeRequest) *imqpb.NodeReply {
+		if req.GetPublish().GetQueue() == "/room/marker" {
+			return fakeOK(req)
+		}
+		mu.Lock()
+		received++
+		mu.Unlock()
+		return nil // never answers
+	})
+	gw := startRPCGateway(t, fake.addr(), func(c *gateway.Config) { c.RPCTimeout = 300 * time.Millisecond })
+	queues := make([]string, 300)
+	for i := range queues {
+		queues[i] = fmt.Sprintf("%q", fmt.Sprint("/room/b", i))
+	}
+	a := rpcDo(t, gw.Addr(), http.MethodPost, "broadcast", testAPIKey, `{"queues":[`+strings.Join(queues, ",")+`],"mount":"chat","data":1}`, nil)
+	if a.status != http.StatusOK {
+		t.Fatalf("broadcast: %s", a)
+	}
+	var res struct {
+		Results []struct {
+			Error *struct{ Code string } `json:"error"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal(a.body, &res); err != nil || len(res.Results) != len(queues) {
+		t.Fatalf("broadcast answer %s (%v)", a, err)
+	}
+	for i, r := range res.Results {
+		if r.Error == nil || r.Error.Code != "TIMEOUT" {
+			t.Fatalf("result %d: %+v, want TIMEOUT", i, r.Error)
+		}
+	}
+	// The link keeps order: once the marker is answered, every publish the
+	// broadcast sent has arrived.
+	if a := rpcDo(t, gw.Addr(), http.MethodPost, "publish", testAPIKey, `{"queue":"/room/marker","mount":"chat","data":1}`, nil); a.status != http.StatusOK {
+		t.Fatalf("marker publish: %s", a)
+	}
+	mu.Lock()
+	n := received
+	mu.Unlock()
+	if n > 64 {
+		t.Fatalf("the node received %d publishes, want at most the 64 sent before the deadline", n)
+	}
+}
+
+// TestRPCRefusedSlowBody: a call refused before its body is read (no key,
+// here) is answered at once even if its body trickles in forever: a caller
+// without a key cannot hold the gateway's connections.
+func TestRPCRefusedSlowBody(t *testing.T) {
+	d := startRPC(t, nil)
+	c, err := net.Dial("tcp", d.Gateway.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// A chunked body: its length is unknown, so net/http would read it to
+	// its end before answering.
+	io.WriteString(c, "POST "+gateway.RPCPath+"publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer while the body trickles: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("status %d, want 401", resp.StatusCode)
+	}
 }

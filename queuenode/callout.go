@@ -17,6 +17,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/imq-dev/imq/internal/imqerr"
 	"github.com/imq-dev/imq/internal/wire"
@@ -406,7 +407,10 @@ func (c *callouts) join(ctx context.Context, rt *route, req *imqpb.NodeRequest, 
 // rewritten payload (rewritten false: publish p's as is), or DENIED.
 func (c *callouts) publish(ctx context.Context, rt *route, req *imqpb.NodeRequest, p *imqpb.Publish) (payload []byte, rewritten bool, err error) {
 	call := publishCall{Hook: "publish", User: req.GetUser(), Session: req.GetSession(), Queue: p.GetQueue(), Mount: p.GetMount()}
-	if json.Valid(p.GetPayload()) {
+	// JSON text is UTF-8 (RFC 8259): a payload that json.Valid accepts but
+	// that holds other bytes ("caf\xe9" in Latin-1) goes as base64, or the
+	// backend's decoder would refuse the whole call.
+	if json.Valid(p.GetPayload()) && utf8.Valid(p.GetPayload()) {
 		call.Data = p.GetPayload()
 	} else {
 		call.DataBase64 = base64.StdEncoding.EncodeToString(p.GetPayload())
@@ -457,7 +461,7 @@ func denied(reason string) error {
 }
 
 // failed applies the failure policy to a join or publish call-out that
-// failed with err: nil (go ahead) when failing open, else DENIED.
+// failed with err: nil (go ahead) when failing open, else UNAVAILABLE.
 func (c *callouts) failed(rt *route, hook string, err error) error {
 	if c.failOpen {
 		c.m.callouts.WithLabelValues(hook, outcomeFailedAllowed).Inc()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -729,5 +731,75 @@ func TestCalloutShutdownCancels(t *testing.T) {
 	}
 	if s.hasQueue("/room/1") {
 		t.Fatal("a request whose call-out was cancelled ran")
+	}
+}
+
+// TestCalloutLinkBoundKeepsLeaves: a leave without a reply (what a gateway
+// sends for a closed connection or a timed-out join) is never refused by
+// the link's bound: dropped behind its chain's join, it would leave a
+// subscriber that no session has.
+func TestCalloutLinkBoundKeepsLeaves(t *testing.T) {
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	b := newBackend(t, func(r *http.Request, _ backendCall) (int, string) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		return 200, `{"allow": true}`
+	})
+	s := startCalloutNode(t, b.srv.URL, func(c *Config) {
+		c.Limits.MaxPayload = 1000
+		c.LinkBuffer = 4000
+	})
+	l := dialLink(t, s.LinkAddr(), "gw-1")
+	join := l.send(joinReq("/room/1", "s1", "chat"))
+	big := strings.Repeat("x", 948)
+	var pubs []uint64
+	for i := range 3 { // the link's bound is reached: not even a leave fits
+		pubs = append(pubs, l.send(userPublish(fmt.Sprint("u", i), "/room/1", "chat", `"`+big+`"`)))
+	}
+	if r := l.do(userPublish("u9", "/room/1", "chat", `"`+big+`"`)); r.GetCode() != imqpb.Code_LIMIT_EXCEEDED {
+		t.Fatalf("publish beyond the link's bound: %v, want LIMIT_EXCEEDED", r.GetCode())
+	}
+	l.write(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: leaveReq("/room/1", "s1")}}) // id 0: no reply
+	l.sync()
+	releaseOnce.Do(func() { close(release) })
+	if r := l.await(join); r.GetCode() != imqpb.Code_OK {
+		t.Fatalf("join: %v %q", r.GetCode(), r.GetMessage())
+	}
+	for _, id := range pubs {
+		if r := l.await(id); r.GetCode() != imqpb.Code_OK {
+			t.Fatalf("publish: %v %q", r.GetCode(), r.GetMessage())
+		}
+	}
+	eventually(t, "the leave to run after the join", func() bool {
+		return len(l.ok(queueInfoReq("/room/1")).GetQueueInfo().GetSubscribers()) == 0
+	})
+}
+
+// TestCalloutPublishNotUTF8: a payload that is JSON but for bytes that are
+// not UTF-8 reaches the backend as data_base64, never as invalid JSON text.
+func TestCalloutPublishNotUTF8(t *testing.T) {
+	var raw []string
+	var mu sync.Mutex
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		raw = append(raw, string(b))
+		mu.Unlock()
+		w.Write([]byte(`{"allow": true}`))
+	}))
+	t.Cleanup(srv.Close)
+	s := startCalloutNode(t, srv.URL, nil)
+	l := dialLink(t, s.LinkAddr(), "gw-1")
+	l.ok(userPublish("bob", "/room/1", "chat", "\"caf\xe9\""))
+	l.ok(userPublish("bob", "/room/1", "chat", `"café"`))
+	mu.Lock()
+	defer mu.Unlock()
+	if len(raw) != 2 || !utf8.ValidString(raw[0]) || !strings.Contains(raw[0], `"data_base64":"ImNhZuki"`) ||
+		!strings.Contains(raw[1], `"data":"café"`) {
+		t.Fatalf("publish call-outs %q", raw)
 	}
 }

@@ -63,7 +63,12 @@ func (l *link) enqueue(rt *route, req *imqpb.NodeRequest) bool {
 		l.chainMu.Unlock()
 		return false
 	}
-	if n := l.chained; n >= maxChainedPerLink || l.chainedBytes+size > l.s.cfg.LinkBuffer {
+	// A leave is never refused: the gateway sends the leaves of closed
+	// connections and of timed-out joins without asking for a reply, and
+	// one dropped behind its chain's join would leave a subscriber here
+	// that no session has. Leaves are small and bounded by subscriptions.
+	_, leave := req.GetOp().(*imqpb.NodeRequest_Leave)
+	if n := l.chained; !leave && (n >= maxChainedPerLink || l.chainedBytes+size > l.s.cfg.LinkBuffer) {
 		l.chainMu.Unlock()
 		l.s.finish(l, req, opName(req), imqerr.New(imqpb.Code_LIMIT_EXCEEDED,
 			"this gateway has %d requests waiting for call-outs on queue node %s, its limit", n, l.s.cfg.NodeID))

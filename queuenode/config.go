@@ -69,7 +69,8 @@ type Config struct {
 	// timeout, a connection error, a non-2xx status, an answer that is not
 	// the expected JSON or over 1 MiB, too many call-outs waiting): true lets
 	// the operation through as if allowed; false (the default) refuses it
-	// with DENIED, "the backend did not answer: ...".
+	// with UNAVAILABLE (retryable: the backend refused nothing), "the
+	// backend did not answer: ...". DENIED is only the backend's own no.
 	CalloutFailOpen bool
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
