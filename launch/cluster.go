@@ -2,6 +2,8 @@ package launch
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -36,6 +38,9 @@ type ClusterConfig struct {
 	ClusterArgs, BossArgs, NodeArgs, GatewayArgs []string
 	// Output, if set, receives every log line, prefixed by process name.
 	Output io.Writer
+	// GossipKey encrypts the cluster's gossip (--gossip-key, passed in the
+	// environment). Default: a new random 32-byte key per cluster.
+	GossipKey []byte
 }
 
 // Cluster is a running local cluster.
@@ -73,6 +78,10 @@ func StartCluster(ctx context.Context, cfg ClusterConfig) (*Cluster, error) {
 	}
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "boss"), 0o755); err != nil {
 		return nil, err
+	}
+	if cfg.GossipKey == nil {
+		cfg.GossipKey = make([]byte, 32)
+		rand.Read(cfg.GossipKey)
 	}
 	c := &Cluster{cfg: cfg}
 	err := c.start(ctx)
@@ -142,6 +151,7 @@ func (c *Cluster) process(name, role string, args []string) *Process {
 		Name: name, Role: role, binary: c.cfg.Binary,
 		args:    append(args, c.cfg.ClusterArgs...),
 		logPath: filepath.Join(c.cfg.Dir, name+".log"),
+		env:     []string{"IMQ_GOSSIP_KEY=" + base64.StdEncoding.EncodeToString(c.cfg.GossipKey)},
 		out:     c.cfg.Output, outMu: &c.outMu, addrs: map[string]string{},
 	}
 	p.cond = sync.NewCond(&p.mu)

@@ -26,6 +26,7 @@ type Process struct {
 	Role string // "boss", "queuenode" or "gateway"
 
 	args    []string
+	env     []string // added to this process's environment
 	binary  string
 	logPath string
 	out     io.Writer // may be nil
@@ -54,6 +55,7 @@ func (p *Process) start() error {
 		}
 	}
 	cmd := exec.Command(p.binary, append(args, "--log-format", "json")...)
+	cmd.Env = append(cmd.Environ(), p.env...)
 	cmd.Stdout = f
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

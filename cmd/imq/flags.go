@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/base64"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -107,6 +108,28 @@ func (f *failureFlag) Set(v string) error {
 	return nil
 }
 
+// gossipKey is --gossip-key: base64 of the memberlist key.
+type gossipKey []byte
+
+func (k *gossipKey) String() string {
+	if len(*k) == 0 {
+		return ""
+	}
+	return "[set]"
+}
+
+func (k *gossipKey) Set(v string) error {
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(v))
+	if err != nil {
+		return fmt.Errorf("not base64: %v", err)
+	}
+	if n := len(b); n != 16 && n != 24 && n != 32 {
+		return fmt.Errorf("the key is %d bytes; want 16, 24 or 32", n)
+	}
+	*k = b
+	return nil
+}
+
 // commonFlags are the flags of every serving command.
 type commonFlags struct {
 	level     string
@@ -167,5 +190,6 @@ func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, joi
 	fs.StringVar(&cfg.Cluster, "cluster-name", cfg.Cluster, "cluster name: members of differently named clusters ignore each other")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "how often each member probes another (failure detection)")
 	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe")
+	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Empty: gossip in the clear, for trusted networks only")
 	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }

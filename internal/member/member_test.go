@@ -165,3 +165,33 @@ func TestUnspecifiedAddressesAreAdvertisedReachable(t *testing.T) {
 		return ok && p.Meta.LinkAddr == "127.0.0.1:7100"
 	})
 }
+
+func TestGossipKeyKeepsOutsidersOut(t *testing.T) {
+	key := []byte("0123456789abcdef")
+	keyed := fastConfig()
+	keyed.SecretKey = key
+	boss := startMember(t, keyed, Meta{Role: RoleBoss, ID: "boss"})
+	in := fastConfig(boss.Addr())
+	in.SecretKey = key
+	startMember(t, in, Meta{Role: RoleGateway, ID: "gw-in"})
+	waitUntil(t, 5*time.Second, "the keyed gateway to join", func() bool { _, ok := find(boss.Peers(), "gw-in"); return ok })
+
+	out := fastConfig(boss.Addr())
+	out.SecretKey = []byte("another-key-0123")
+	if m, err := Start(out, Meta{Role: RoleGateway, ID: "gw-wrong-key"}); err == nil {
+		t.Cleanup(func() { m.Shutdown() })
+	}
+	plain, err := Start(fastConfig(boss.Addr()), Meta{Role: RoleGateway, ID: "gw-no-key"})
+	if err == nil {
+		t.Cleanup(func() { plain.Shutdown() })
+	}
+	time.Sleep(time.Second) // several gossip rounds
+	for _, id := range []string{"gw-wrong-key", "gw-no-key"} {
+		if _, ok := find(boss.Peers(), id); ok {
+			t.Errorf("%s joined a keyed cluster", id)
+		}
+	}
+	if err := (Config{SecretKey: []byte("short")}).Validate(); err == nil {
+		t.Error("a 5-byte gossip key was accepted")
+	}
+}
