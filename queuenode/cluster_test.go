@@ -54,13 +54,13 @@ func startMember(t *testing.T, n *testNode, meta member.Meta) *member.Member {
 }
 
 // startNode runs a node with cfg on free local ports until the test ends.
-func startNode(t *testing.T, cfg Config) *Server {
+func startNode(t testing.TB, cfg Config) *Server {
 	t.Helper()
 	return startNodeThen(t, cfg, nil)
 }
 
 // startNodeThen is startNode that calls before, if set, between New and Run.
-func startNodeThen(t *testing.T, cfg Config, before func(*Server)) *Server {
+func startNodeThen(t testing.TB, cfg Config, before func(*Server)) *Server {
 	t.Helper()
 	cfg.LinkAddr = "127.0.0.1:0"
 	s, err := New(cfg)
@@ -133,7 +133,7 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 
 // testLink is a gateway's end of a link, driven by hand.
 type testLink struct {
-	t      *testing.T
+	t      testing.TB
 	c      net.Conn
 	fr     *wire.FrameReader
 	ack    *imqpb.HelloAck
@@ -143,7 +143,7 @@ type testLink struct {
 
 // dialLink opens a link to the node at addr as gateway and reads its hello
 // ack.
-func dialLink(t *testing.T, addr, gateway string) *testLink {
+func dialLink(t testing.TB, addr, gateway string) *testLink {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
