@@ -297,32 +297,17 @@ func (b *Boss) fillVarz(ctx context.Context, ms []MemberView, self string) {
 }
 
 func (b *Boss) fetchVarz(ctx context.Context, p member.Peer) (json.RawMessage, error) {
-	base, err := peerURL(p)
-	if err != nil {
+	var raw []byte
+	err := b.peerGet(ctx, p, "/varz", b.cfg.PeerTimeout, func(r io.Reader) (err error) {
+		raw, err = io.ReadAll(io.LimitReader(r, maxVarzBytes+1))
+		return err
+	})
+	switch {
+	case err != nil:
 		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, b.cfg.PeerTimeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/varz", nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := b.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /varz answered %s", resp.Status)
-	}
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxVarzBytes+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(raw) > maxVarzBytes {
+	case len(raw) > maxVarzBytes:
 		return nil, fmt.Errorf("/varz is larger than %d bytes", maxVarzBytes)
-	}
-	if !json.Valid(raw) {
+	case !json.Valid(raw):
 		return nil, fmt.Errorf("/varz is not JSON")
 	}
 	return json.RawMessage(raw), nil

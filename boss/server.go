@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -363,25 +364,36 @@ func (b *Boss) catchUp(ctx context.Context, peers []member.Peer) (cur *bucket.Ta
 
 // fetchTable gets p's current table from its /v1/table.
 func (b *Boss) fetchTable(ctx context.Context, p member.Peer) (*bucket.Table, error) {
+	var t *bucket.Table
+	err := b.peerGet(ctx, p, tablewatch.Path, b.cfg.TableFetchTimeout, func(r io.Reader) (err error) {
+		t, err = tablewatch.Decode(r)
+		return err
+	})
+	return t, err
+}
+
+// peerGet GETs path from p's HTTP address within timeout and hands a 200's
+// body to read.
+func (b *Boss) peerGet(ctx context.Context, p member.Peer, path string, timeout time.Duration, read func(io.Reader) error) error {
 	base, err := peerURL(p)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, b.cfg.TableFetchTimeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+tablewatch.Path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	resp, err := b.client.Do(req)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s answered %s", tablewatch.Path, resp.Status)
+		return fmt.Errorf("GET %s answered %s", path, resp.Status)
 	}
-	return tablewatch.Decode(resp.Body)
+	return read(resp.Body)
 }
 
 // peerURL is the base URL of p's HTTP address; an address on every

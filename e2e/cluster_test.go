@@ -323,7 +323,7 @@ func TestClusterQueueNodeKilled(t *testing.T) {
 
 	after := bossTable(t, c)
 	if _, ok := slices.BinarySearchFunc(after.Nodes(), victim.Name, func(n bucket.Node, id string) int {
-		return cmpStr(n.ID, id)
+		return strings.Compare(n.ID, id)
 	}); ok {
 		t.Fatalf("the dead node is still in table v%d", after.Version())
 	}
@@ -336,16 +336,6 @@ func TestClusterQueueNodeKilled(t *testing.T) {
 	if n := bossTable(t, c).Counts()[victim.Name]; n < bucket.MinBuckets {
 		t.Fatalf("the restarted node holds %d buckets", n)
 	}
-}
-
-func cmpStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // TestClusterNodeJoinMovesOnlyStolenBuckets: a 4th queue node joins. Only

@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -315,16 +314,4 @@ func ctxErr(ctx context.Context, timeout time.Duration) error {
 		return imqerr.New(imqpb.Code_TIMEOUT, "the call did not finish within %s; the outcome is unknown", timeout)
 	}
 	return imqerr.New(imqpb.Code_UNAVAILABLE, "the call was cancelled; the outcome is unknown")
-}
-
-// marshalRPC encodes v as JSON without HTML escaping (which would change
-// stored payloads holding < > or &).
-func marshalRPC(v any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, err
-	}
-	return bytes.TrimRight(buf.Bytes(), "\n"), nil
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/imq-dev/imq/internal/imqerr"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -69,7 +70,7 @@ func (s *Server) rpcKick(ctx context.Context, rc *rpcCall, params []byte) (any, 
 	if len(peers) == 0 {
 		return out, nil
 	}
-	body, err := marshalRPC(kickParams{User: p.User, Reason: p.Reason, Local: true})
+	body, err := wire.MarshalUnescaped(kickParams{User: p.User, Reason: p.Reason, Local: true})
 	if err != nil {
 		return nil, err
 	}

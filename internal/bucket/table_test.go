@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -23,7 +24,7 @@ func checkInvariants(t *testing.T, tb *Table) {
 	if len(tb.owners) != 1<<tb.bits {
 		t.Fatalf("%v: %d owners for %d bits", tb, len(tb.owners), tb.bits)
 	}
-	if !slices.IsSortedFunc(tb.nodes, func(a, b Node) int { return cmpString(a.ID, b.ID) }) {
+	if !slices.IsSortedFunc(tb.nodes, func(a, b Node) int { return strings.Compare(a.ID, b.ID) }) {
 		t.Fatalf("%v: nodes not sorted", tb)
 	}
 	counts := make([]int, len(tb.nodes))
@@ -40,16 +41,6 @@ func checkInvariants(t *testing.T, tb *Table) {
 	if 8*hi > 9*lo {
 		t.Fatalf("%v: load differential %d:%d is worse than 9:8", tb, hi, lo)
 	}
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // ownerAt returns, for each bucket of a table with bits k, the owner's ID in

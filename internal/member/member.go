@@ -20,6 +20,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -315,7 +316,7 @@ func (m *Member) Peers() []Peer {
 		out = append(out, p)
 	}
 	m.mu.Unlock()
-	slices.SortFunc(out, func(a, b Peer) int { return cmpString(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b Peer) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
@@ -495,14 +496,4 @@ func splitHostPort(addr string) (string, int, error) {
 		host = "0.0.0.0"
 	}
 	return host, port, nil
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

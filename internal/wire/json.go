@@ -98,7 +98,7 @@ func rewriteObject(b []byte, md protoreflect.MessageDescriptor, fn rewriteFn) ([
 					return nil, err
 				}
 			}
-			vals[i], err = marshalJSON(items)
+			vals[i], err = MarshalUnescaped(items)
 		case fd.Kind() == protoreflect.MessageKind && !fd.IsMap() && !isWellKnown(fd.Message()):
 			vals[i], err = rewriteObject(raw, fd.Message(), fn)
 		default:
@@ -118,7 +118,7 @@ func rewriteObject(b []byte, md protoreflect.MessageDescriptor, fn rewriteFn) ([
 		if i > 0 {
 			out.WriteByte(',')
 		}
-		k, err := marshalJSON(key)
+		k, err := MarshalUnescaped(key)
 		if err != nil {
 			return nil, err
 		}
@@ -156,9 +156,9 @@ func objectMembers(b []byte) (keys []string, vals []json.RawMessage, err error) 
 	return keys, vals, nil
 }
 
-// marshalJSON is json.Marshal without HTML escaping, which would change the
-// bytes of payloads that contain < > or &.
-func marshalJSON(v any) ([]byte, error) {
+// MarshalUnescaped is json.Marshal without HTML escaping, which would change
+// the bytes of payloads that contain < > or &.
+func MarshalUnescaped(v any) ([]byte, error) {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
@@ -227,7 +227,7 @@ func jsonToBytes(key string, raw json.RawMessage, fd protoreflect.FieldDescripto
 	if err := json.Compact(&buf, raw); err != nil {
 		return "", nil, fmt.Errorf("%s: %v", key, err)
 	}
-	enc, err := marshalJSON(buf.Bytes()) // []byte marshals as a base64 string
+	enc, err := MarshalUnescaped(buf.Bytes()) // []byte marshals as a base64 string
 	if err != nil {
 		return "", nil, err
 	}
