@@ -32,3 +32,9 @@ func (s *Server) Links() map[string]bool {
 
 // RPCMethods returns the admin RPC's method names, sorted.
 func RPCMethods() []string { return rpcMethodNames() }
+
+// SignKick signs body as a gateway passing on a kick with secret does.
+func SignKick(secret string, body []byte, now time.Time) string {
+	keys := newAPIKeys([]APIKey{{Secret: secret}})
+	return signKick(&keys[0], body, now)
+}

@@ -75,9 +75,9 @@ func rpcMethodNames() []string {
 
 // rpcCall is what a method knows of the HTTP call it serves.
 type rpcCall struct {
-	key  *apiKey
-	auth string // the Authorization header as received: kick forwards it
-	id   string // request id
+	key    *apiKey
+	id     string // request id
+	signed bool   // a kick passed on by another gateway (rpc_kick.go), not a backend's call
 }
 
 // rpcError is an error answered with an HTTP status other than its code's.
@@ -209,9 +209,12 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 	if r.Method != http.MethodPost {
 		return nil, 0, &rpcError{http.StatusMethodNotAllowed, imqerr.New(imqpb.Code_BAD_REQUEST, "the admin RPC takes POST, not %s", r.Method)}
 	}
-	key, err := s.rpcAuth(r)
+	key, sig, err := s.rpcAuth(r)
 	if err != nil {
 		return nil, 0, err
+	}
+	if sig != nil && method != "kick" {
+		return nil, key.index, imqerr.New(imqpb.Code_FORBIDDEN, "a gateway's signature is good for kick only")
 	}
 	run := rpcMethods[method]
 	if run == nil {
@@ -242,29 +245,46 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 		// data_base64).
 		return nil, key.index, imqerr.New(imqpb.Code_BAD_REQUEST, "the request body is not valid UTF-8, as JSON must be; send raw bytes as data_base64 or value_base64")
 	}
-	rc := &rpcCall{key: key, auth: r.Header.Get("Authorization"), id: id}
+	if sig != nil {
+		if err := sig.verify(key, body, time.Now()); err != nil {
+			return nil, key.index, err
+		}
+	}
+	rc := &rpcCall{key: key, id: id, signed: sig != nil}
 	result, err = run(s, ctx, rc, body)
 	return result, key.index, err
 }
 
-// rpcAuth finds the caller's API key.
-func (s *Server) rpcAuth(r *http.Request) (*apiKey, error) {
+// rpcAuth finds the caller's API key: a backend's bearer key, or the key a
+// gateway signed a passed-on kick with (sig, checked once the body is read).
+func (s *Server) rpcAuth(r *http.Request) (*apiKey, *kickSignature, error) {
 	if len(s.apiKeys) == 0 {
-		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the admin RPC is off: no API keys are configured on this gateway (--api-key or IMQ_API_KEYS)")
+		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the admin RPC is off: no API keys are configured on this gateway (--api-key or IMQ_API_KEYS)")
 	}
 	h := r.Header.Get("Authorization")
 	if h == "" {
-		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>")
+		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>")
 	}
-	scheme, secret, ok := strings.Cut(h, " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the Authorization header must be \"Bearer <key>\"")
+	scheme, rest, ok := strings.Cut(h, " ")
+	switch {
+	case ok && strings.EqualFold(scheme, kickScheme):
+		sig, err := parseKickSignature(rest)
+		if err != nil {
+			return nil, nil, err
+		}
+		key := findKeyByID(s.apiKeys, sig.keyID)
+		if key == nil {
+			return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "a kick signed with a key this gateway does not have")
+		}
+		return key, sig, nil
+	case !ok || !strings.EqualFold(scheme, "Bearer"):
+		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the Authorization header must be \"Bearer <key>\"")
 	}
-	key := findKey(s.apiKeys, strings.TrimSpace(secret))
+	key := findKey(s.apiKeys, strings.TrimSpace(rest))
 	if key == nil {
-		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "unknown API key")
+		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "unknown API key")
 	}
-	return key, nil
+	return key, nil, nil
 }
 
 // readRPCBody reads the body, at most RPCMaxBody bytes, by deadline.

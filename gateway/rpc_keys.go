@@ -3,6 +3,7 @@ package gateway
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -180,6 +181,7 @@ func (k APIKey) MarshalJSON() ([]byte, error) { return json.Marshal(k.String()) 
 type apiKey struct {
 	index    int // 1-based, for logs: which key was used, never the key
 	hash     [sha256.Size]byte
+	secret   []byte          // signs and checks the kicks gateways pass on (rpc_kick.go)
 	methods  map[string]bool // nil: all
 	prefixes []string        // nil: all
 }
@@ -187,7 +189,7 @@ type apiKey struct {
 func newAPIKeys(keys []APIKey) []apiKey {
 	out := make([]apiKey, len(keys))
 	for i, k := range keys {
-		out[i] = apiKey{index: i + 1, hash: sha256.Sum256([]byte(k.Secret)), prefixes: slices.Clone(k.Prefixes)}
+		out[i] = apiKey{index: i + 1, hash: sha256.Sum256([]byte(k.Secret)), secret: []byte(k.Secret), prefixes: slices.Clone(k.Prefixes)}
 		if len(k.Methods) > 0 {
 			out[i].methods = map[string]bool{}
 			for _, m := range k.Methods {
@@ -211,6 +213,22 @@ func findKey(keys []apiKey, secret string) *apiKey {
 	}
 	return found
 }
+
+// findKeyByID returns the key whose id (keyID) is id, or nil, comparing
+// every key in constant time.
+func findKeyByID(keys []apiKey, id string) *apiKey {
+	var found *apiKey
+	for i := range keys {
+		if subtle.ConstantTimeCompare([]byte(keys[i].id()), []byte(id)) == 1 {
+			found = &keys[i]
+		}
+	}
+	return found
+}
+
+// id names the key to other gateways without revealing it: the first 8
+// bytes of its SHA-256, in hex.
+func (k *apiKey) id() string { return hex.EncodeToString(k.hash[:8]) }
 
 func (k *apiKey) allowsMethod(m string) bool { return k.methods == nil || k.methods[m] }
 

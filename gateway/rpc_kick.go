@@ -3,12 +3,17 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -48,6 +53,9 @@ func (s *Server) rpcKick(ctx context.Context, rc *rpcCall, params []byte) (any, 
 	var p kickParams
 	if _, err := decodeParams(params, &p, ""); err != nil {
 		return nil, err
+	}
+	if rc.signed && !p.Local {
+		return nil, imqerr.New(imqpb.Code_FORBIDDEN, "a kick passed on by a gateway must be local")
 	}
 	if err := validUserID(p.User); err != nil {
 		return nil, imqerr.New(imqpb.Code_BAD_REQUEST, "field \"user\": %s", imqerr.From(err).Message)
@@ -136,8 +144,8 @@ func (s *Server) otherGateways() []member.Peer {
 }
 
 // kickRemote asks peer to close its sessions of the user (body: kick params
-// with local set), with the caller's API key, and returns how many it
-// closed.
+// with local set), signed with the caller's API key (the key itself stays
+// here), and returns how many it closed.
 func (s *Server) kickRemote(ctx context.Context, rc *rpcCall, peer member.Peer, body []byte) (int, error) {
 	if peer.Meta.HTTPAddr == "" {
 		return 0, fmt.Errorf("gateway %s advertises no HTTP address", peer.Meta.ID)
@@ -147,7 +155,7 @@ func (s *Server) kickRemote(ctx context.Context, rc *rpcCall, peer member.Peer, 
 		return 0, err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", rc.auth)
+	req.Header.Set("Authorization", signKick(rc.key, body, time.Now()))
 	req.Header.Set("X-Request-Id", rc.id)
 	resp, err := s.rpcClient.Do(req)
 	if err != nil {
@@ -180,4 +188,73 @@ func newRPCClient() *http.Client {
 		},
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
+}
+
+// A kick one gateway passes on to another is signed, not sent with the
+// caller's key: Authorization: IMQ-Kick id=<key id>, ts=<unix s>,
+// sig=<hex HMAC-SHA256 of "imq-kick-v1\n" ts "\n" body, keyed by the key>.
+// The receiving gateway, which has the same keys, checks it and that it is
+// fresh; a key never travels between gateways.
+const (
+	kickScheme    = "IMQ-Kick"
+	kickSigMaxAge = time.Minute
+)
+
+type kickSignature struct {
+	keyID string
+	ts    int64
+	sig   []byte
+}
+
+func kickMAC(secret []byte, ts int64, body []byte) []byte {
+	m := hmac.New(sha256.New, secret)
+	fmt.Fprintf(m, "imq-kick-v1\n%d\n", ts)
+	m.Write(body)
+	return m.Sum(nil)
+}
+
+// signKick returns the Authorization header of a kick passed on with key.
+func signKick(key *apiKey, body []byte, now time.Time) string {
+	ts := now.Unix()
+	return fmt.Sprintf("%s id=%s, ts=%d, sig=%s", kickScheme, key.id(), ts, hex.EncodeToString(kickMAC(key.secret, ts, body)))
+}
+
+func parseKickSignature(v string) (*kickSignature, error) {
+	bad := imqerr.New(imqpb.Code_UNAUTHORIZED, "a malformed %s signature", kickScheme)
+	var ks kickSignature
+	for _, part := range strings.Split(v, ",") {
+		k, val, ok := strings.Cut(strings.TrimSpace(part), "=")
+		if !ok {
+			return nil, bad
+		}
+		var err error
+		switch k {
+		case "id":
+			ks.keyID = val
+		case "ts":
+			ks.ts, err = strconv.ParseInt(val, 10, 64)
+		case "sig":
+			ks.sig, err = hex.DecodeString(val)
+		default:
+			return nil, bad
+		}
+		if err != nil {
+			return nil, bad
+		}
+	}
+	if ks.keyID == "" || ks.ts == 0 || len(ks.sig) != sha256.Size {
+		return nil, bad
+	}
+	return &ks, nil
+}
+
+// verify checks the signature over body with key and that it is fresh.
+func (ks *kickSignature) verify(key *apiKey, body []byte, now time.Time) error {
+	if d := now.Sub(time.Unix(ks.ts, 0)); d > kickSigMaxAge || d < -kickSigMaxAge {
+		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature %s from now; at most %s (are the clocks in step?)", kickScheme, d.Round(time.Second), kickSigMaxAge)
+	}
+	if !hmac.Equal(ks.sig, kickMAC(key.secret, ks.ts, body)) {
+		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature that does not match", kickScheme)
+	}
+	return nil
 }
