@@ -650,3 +650,30 @@ func TestNoDataDir(t *testing.T) {
 		t.Fatalf("/metrics: %s", resp.Status)
 	}
 }
+
+// TestRepublishesOnDivergence: a member holds another table under the boss's
+// own version (a boss that lost its state published a version the cluster
+// already had). The boss republishes its table as the next version, which
+// every member takes as newer.
+func TestRepublishesOnDivergence(t *testing.T) {
+	b, _ := startBoss(t, testConfig(t, t.TempDir()))
+	startNode(t, b, "qn-1")
+	waitNodes(t, b, "qn-1")
+	cur := b.Table()
+	other := tableAt(t, build(t, []bucket.Node{{ID: "qn-7", LinkAddr: "127.0.0.1:17"}}), cur.Version())
+	startMember(t, b.GossipAddr(), member.Meta{
+		Role: member.RoleGateway, ID: "gw-1", TableVersion: other.Version(), TableSum: other.Sum(),
+	})
+	waitFor(t, 10*time.Second, "a republish", func() bool { return b.Table().Version() == cur.Version()+1 })
+	if got := b.Table(); got.Sum() != cur.Sum() {
+		t.Fatalf("the republished table's contents changed: %s", jsonOf(t, got))
+	}
+	// A member that agrees with the boss changes nothing.
+	startMember(t, b.GossipAddr(), member.Meta{
+		Role: member.RoleGateway, ID: "gw-2", TableVersion: b.Table().Version(), TableSum: b.Table().Sum(),
+	})
+	time.Sleep(500 * time.Millisecond)
+	if v := b.Table().Version(); v != cur.Version()+1 {
+		t.Fatalf("version %d after an agreeing member joined", v)
+	}
+}

@@ -132,7 +132,7 @@ func New(cfg Config) (*Boss, error) {
 		b.kickReconcile()
 	}
 	b.member, err = member.Start(mcfg, member.Meta{
-		Role: member.RoleBoss, ID: cfg.ID, HTTPAddr: b.httpAddr, TableVersion: st.Table.Version(),
+		Role: member.RoleBoss, ID: cfg.ID, HTTPAddr: b.httpAddr, TableVersion: st.Table.Version(), TableSum: st.Table.Sum(),
 	})
 	if err != nil {
 		ln.Close()
@@ -300,6 +300,7 @@ func (b *Boss) reconcile(ctx context.Context) {
 	peerAddrs := b.savedPeers // until the boss hears from the cluster, keep whom to rejoin
 	if ready {
 		peerAddrs = b.otherAddrs(peers)
+		cur = b.undiverge(cur, peers, peerAddrs)
 		alive, _ := liveNodes(peers)
 		p := planTable(cur, alive)
 		if len(p.failed) > 0 && b.warnDue() {
@@ -318,6 +319,28 @@ func (b *Boss) reconcile(ctx context.Context) {
 	if b.dirty || !slices.Equal(peerAddrs, b.savedPeers) {
 		b.persist(cur, peerAddrs)
 	}
+}
+
+// undiverge republishes cur under the next version when a live member holds
+// another table with cur's version: a boss that lost its state published a
+// version the cluster already had, and members would ignore it as not newer.
+// Renumbered, the boss's table wins everywhere.
+func (b *Boss) undiverge(cur *bucket.Table, peers []member.Peer, peerAddrs []string) *bucket.Table {
+	self, sum := b.member.Name(), cur.Sum()
+	for _, p := range peers {
+		if p.Name == self || p.Meta.TableVersion != cur.Version() || p.Meta.TableSum == "" || p.Meta.TableSum == sum {
+			continue
+		}
+		next, err := cur.Renumber(cur.Version() + 1)
+		if err != nil {
+			return cur
+		}
+		b.commit(next, peerAddrs)
+		b.log.Warn("a member holds another table of the same version; republished the boss's as the next",
+			"member", p.Name, "version", next.Version(), "member_sum", p.Meta.TableSum, "sum", sum)
+		return next
+	}
+	return cur
 }
 
 // catchUp adopts the newest table a live member holds when it is newer than
@@ -495,7 +518,7 @@ func (b *Boss) commit(t *bucket.Table, peers []string) {
 	close(b.pub)
 	b.pub = make(chan struct{})
 	b.pubMu.Unlock()
-	b.member.SetTableVersion(t.Version())
+	b.member.SetTable(t.Version(), t.Sum())
 	b.m.publishes.Inc()
 }
 

@@ -182,7 +182,7 @@ func (s *Server) setTable(next *bucket.Table) {
 	s.changedMu.Unlock()
 
 	if m := s.member.Load(); m != nil {
-		m.SetTableVersion(next.Version())
+		m.SetTable(next.Version(), next.Sum())
 	}
 	s.m.tableChanges.Inc()
 	s.log.Info("routing by bucket table", "version", next.Version(), "from", cur.table.Version(),

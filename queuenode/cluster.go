@@ -169,7 +169,7 @@ func (s *Server) applyTable(_, next *bucket.Table) {
 		sh.mu.Unlock()
 	}
 	if m := s.member.Load(); m != nil {
-		m.SetTableVersion(next.Version())
+		m.SetTable(next.Version(), next.Sum())
 	}
 	s.log.Info("bucket table applied", "version", next.Version(), "from", cur.Version(),
 		"buckets_owned", next.Counts()[s.cfg.NodeID], "buckets", next.Buckets(), "queues_closed", closed)

@@ -21,6 +21,9 @@
 package bucket
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -270,6 +273,35 @@ func (t *Table) Readdress(node Node) (*Table, error) {
 	next := &Table{version: t.version + 1, bits: t.bits, owners: t.owners, nodes: slices.Clone(t.nodes)}
 	next.nodes[pos] = node // owners is shared: tables are immutable
 	return next, nil
+}
+
+// Sum identifies the table's contents (bits, nodes and owners; not the
+// version) in 16 hex digits: two tables with one version and different sums
+// diverged (a boss that lost its state published a version the cluster
+// already had).
+func (t *Table) Sum() string {
+	h := sha256.New()
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], uint64(t.bits))
+	h.Write(b[:])
+	for _, n := range t.nodes {
+		fmt.Fprintf(h, "%q %q\n", n.ID, n.LinkAddr)
+	}
+	for _, o := range t.owners {
+		binary.BigEndian.PutUint64(b[:], uint64(o))
+		h.Write(b[:])
+	}
+	return hex.EncodeToString(h.Sum(nil)[:8])
+}
+
+// Renumber returns the same table as version v, which must be newer.
+func (t *Table) Renumber(v uint64) (*Table, error) {
+	if v <= t.version {
+		return nil, fmt.Errorf("bucket: renumber version %d to %d: not newer", t.version, v)
+	}
+	next := *t // owners and nodes are shared: tables are immutable
+	next.version = v
+	return &next, nil
 }
 
 // tableJSON is the wire and disk form of a Table.

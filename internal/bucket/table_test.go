@@ -331,3 +331,25 @@ func queueOwnedBy(t *testing.T, tb *Table, id string) string {
 	t.Fatalf("no queue routes to %s", id)
 	return ""
 }
+
+func TestSumAndRenumber(t *testing.T) {
+	a := Single(Node{ID: "a", LinkAddr: "1"})
+	b, _, _ := a.Join(Node{ID: "b", LinkAddr: "2"})
+	moved, _ := a.Readdress(Node{ID: "a", LinkAddr: "9"})
+	if a.Sum() == b.Sum() || a.Sum() == moved.Sum() {
+		t.Fatal("different tables have one sum")
+	}
+	again, err := b.Renumber(b.Version() + 5)
+	if err != nil || again.Version() != b.Version()+5 || again.Sum() != b.Sum() {
+		t.Fatalf("renumbered: %v %v, sum %s vs %s", again, err, again.Sum(), b.Sum())
+	}
+	var decoded Table
+	js, _ := json.Marshal(b)
+	json.Unmarshal(js, &decoded)
+	if decoded.Sum() != b.Sum() {
+		t.Fatal("a decoded table has another sum")
+	}
+	if _, err := b.Renumber(b.Version()); err == nil {
+		t.Fatal("renumbered to the same version")
+	}
+}

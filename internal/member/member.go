@@ -50,8 +50,10 @@ type Meta struct {
 	// Started (Unix ms) tells two incarnations of one id apart: the newer
 	// wins.
 	Started int64 `json:"started"`
-	// TableVersion is the bucket table version the member holds.
+	// TableVersion is the bucket table version the member holds, and
+	// TableSum its contents' bucket.Table.Sum.
 	TableVersion uint64 `json:"table,omitempty"`
+	TableSum     string `json:"sum,omitempty"`
 }
 
 // Config configures membership. A zero field takes its default from
@@ -292,12 +294,12 @@ func (m *Member) Meta() Meta {
 	return m.meta
 }
 
-// SetTableVersion records the bucket table version this member holds and
-// gossips it (in the background).
-func (m *Member) SetTableVersion(v uint64) {
+// SetTable records the bucket table version this member holds and its sum,
+// and gossips them (in the background).
+func (m *Member) SetTable(v uint64, sum string) {
 	m.mu.Lock()
-	same := m.meta.TableVersion == v
-	m.meta.TableVersion = v
+	same := m.meta.TableVersion == v && m.meta.TableSum == sum
+	m.meta.TableVersion, m.meta.TableSum = v, sum
 	m.mu.Unlock()
 	if !same {
 		select {

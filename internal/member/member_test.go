@@ -62,7 +62,7 @@ func TestMembersSeeEachOtherAndTheirMetadata(t *testing.T) {
 	}
 	waitUntil(t, 5*time.Second, "OnChange to run", func() bool { return changes.Load() > 0 })
 
-	node.SetTableVersion(7)
+	node.SetTable(7, "abc")
 	waitUntil(t, 5*time.Second, "the table version to reach the boss", func() bool {
 		p, _ := find(boss.Peers(), "qn-1")
 		return p.Meta.TableVersion == 7
