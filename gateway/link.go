@@ -212,9 +212,19 @@ func (l *nodeLink) down() {
 // with the node's reply, or with TIMEOUT (past deadline; zero: the
 // configured RequestTimeout from now) or UNAVAILABLE. Without onReply the
 // node sends no reply. The error says the request was not sent.
+//
+// The deadline goes in the frame too (deadline_ms), so that a node whose
+// call-outs kept the request waiting past it drops it rather than run what
+// the client was told timed out. A request without a reply has none: it
+// must run whenever it arrives.
 func (l *nodeLink) request(req *imqpb.NodeRequest, deadline time.Time, onReply func(*imqpb.NodeReply)) error {
+	req.DeadlineMs = 0
 	if onReply != nil {
+		if deadline.IsZero() {
+			deadline = time.Now().Add(l.s.cfg.RequestTimeout)
+		}
 		req.Id = l.nextID.Add(1)
+		req.DeadlineMs = deadline.UnixMilli()
 	}
 	frame, err := wire.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: req}})
 	if err != nil {
@@ -233,9 +243,6 @@ func (l *nodeLink) request(req *imqpb.NodeRequest, deadline time.Time, onReply f
 		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is not keeping up", l.node.ID)
 	}
 	if onReply != nil {
-		if deadline.IsZero() {
-			deadline = time.Now().Add(l.s.cfg.RequestTimeout)
-		}
 		l.pending[req.Id] = &pendingReq{onReply: onReply, deadline: deadline}
 	}
 	l.out = append(l.out, frame)

@@ -65,7 +65,9 @@ func (rt *routed) send() error {
 	rt.attempts++
 	rt.version = v
 	rt.req.TableVersion = v
-	// Every attempt shares the request's deadline: retries never stretch it.
+	// Every attempt shares the request's deadline: retries never stretch it,
+	// and each carries it to its node (deadline_ms), which drops the
+	// request if call-outs keep it waiting past it.
 	return l.request(rt.req, rt.deadline, func(r *imqpb.NodeReply) { rt.replied(l, r) })
 }
 

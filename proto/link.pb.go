@@ -396,7 +396,19 @@ type NodeRequest struct {
 	Op isNodeRequest_Op `protobuf_oneof:"op"`
 	// True for requests of the admin RPC (the backend): user is empty or the
 	// backend's name, and the node's call-outs are not consulted.
-	Backend       bool `protobuf:"varint,5,opt,name=backend,proto3" json:"backend,omitempty"`
+	Backend bool `protobuf:"varint,5,opt,name=backend,proto3" json:"backend,omitempty"`
+	// When the gateway stops waiting for the reply and answers the client
+	// TIMEOUT itself, in Unix milliseconds by the gateway's clock (0: none).
+	// The gateway sets it on every request with a reply (id not 0), and every
+	// attempt of a request sent again after MOVED carries the same one. A
+	// request that waits for call-outs on the node (its own, or those of the
+	// requests ahead of it from its session on its queue) and whose turn comes
+	// after its deadline is answered TIMEOUT without asking the backend or
+	// running: the gateway has already answered it, and a client retrying that
+	// TIMEOUT must not make its publish happen twice. Leaves always run;
+	// requests that wait for no call-out are not checked. Gateway and node
+	// clocks are assumed to agree to well within the request timeout.
+	DeadlineMs    int64 `protobuf:"varint,6,opt,name=deadline_ms,json=deadlineMs,proto3" json:"deadline_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -534,6 +546,13 @@ func (x *NodeRequest) GetBackend() bool {
 		return x.Backend
 	}
 	return false
+}
+
+func (x *NodeRequest) GetDeadlineMs() int64 {
+	if x != nil {
+		return x.DeadlineMs
+	}
+	return 0
 }
 
 type isNodeRequest_Op interface {
@@ -1486,7 +1505,7 @@ const file_link_proto_rawDesc = "" +
 	"\bHelloAck\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\rR\bprotocol\x12#\n" +
-	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\"\xcb\x03\n" +
+	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\"\xec\x03\n" +
 	"\vNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12\x18\n" +
@@ -1501,7 +1520,9 @@ const file_link_proto_rawDesc = "" +
 	"\ahistory\x18\x0f \x01(\v2\x0f.imq.v1.HistoryH\x00R\ahistory\x122\n" +
 	"\n" +
 	"queue_info\x18\x10 \x01(\v2\x11.imq.v1.QueueInfoH\x00R\tqueueInfo\x12\x18\n" +
-	"\abackend\x18\x05 \x01(\bR\abackendB\x04\n" +
+	"\abackend\x18\x05 \x01(\bR\abackend\x12\x1f\n" +
+	"\vdeadline_ms\x18\x06 \x01(\x03R\n" +
+	"deadlineMsB\x04\n" +
 	"\x02op\"\xc8\x03\n" +
 	"\tNodeReply\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12 \n" +

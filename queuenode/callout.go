@@ -37,7 +37,8 @@ const (
 	// rewrite its payload.
 	HookPublish
 	// HookLeave tells that a client left (explicitly, or its gateway's link
-	// closed), after the fact; the answer is ignored.
+	// closed), after the fact and asynchronously (see Callout); the answer
+	// is ignored.
 	HookLeave
 
 	// AllHooks is every hook, what a Callout with no Hooks makes.
@@ -72,6 +73,26 @@ func (h Hooks) String() string {
 
 // Callout sends the client operations on the queues under Prefix to a
 // backend at URL for approval. See Config.Callouts.
+//
+// A join or publish call-out is made before its operation, which waits for
+// the answer; one session's operations on one queue are asked about and
+// applied in the order sent. A leave notification is asynchronous: it is
+// queued when the leave is applied and sent by a few workers, so it may
+// reach the backend after the call-out of a later join of the same session
+// (or never: it is dropped when the queue is full, or when Shutdown runs
+// out of time).
+//
+// So every hook body carries, beside its own fields, "seq", "time_ms" and
+// "node": seq is strictly increasing over all of the node's call-outs and
+// is given when the node decides the operation (a join or publish when it
+// asks; a leave when it applies it); time_ms is that moment in Unix
+// milliseconds and node the node's id. A backend that tracks presence
+// orders a session's join and leave on a queue by seq, not by arrival. seq
+// starts from the node's start time in Unix microseconds, so it goes on
+// increasing when the node restarts (unless it averaged more than a million
+// call-outs a second); seqs of different nodes do not compare (a queue
+// whose bucket moves changes node), their time_ms do, as far as the nodes'
+// clocks agree.
 type Callout struct {
 	// Prefix selects the queues whose name starts with it, byte for byte:
 	// "/room/" selects /room/1 and /room/a/b, "/room" also /roomy. It starts
@@ -222,6 +243,9 @@ type callouts struct {
 	failOpen bool
 	m        *metrics
 	log      *slog.Logger
+	node     string           // the node's id, in every hook body
+	now      func() time.Time // Config.Now
+	seq      atomic.Uint64    // the last seq given (see stamp)
 
 	// Leave notifications: sent by leaveWorkers goroutines, started by
 	// start and ended by stop.
@@ -252,6 +276,8 @@ type hostLimit struct {
 type leaveNote struct {
 	rt                   *route
 	user, session, queue string
+	seq                  uint64
+	timeMs               int64
 }
 
 // errCalloutsBusy is a call-out refused because too many wait for its host.
@@ -281,6 +307,10 @@ func newCallouts(cfg *Config, m *metrics, log *slog.Logger) *callouts {
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: cfg.CalloutTimeout,
 	}
+	now := cfg.Now
+	if now == nil { // a Config without its defaults set, in tests
+		now = time.Now
+	}
 	c := &callouts{
 		client: &http.Client{
 			Transport: transport,
@@ -291,9 +321,13 @@ func newCallouts(cfg *Config, m *metrics, log *slog.Logger) *callouts {
 		failOpen: cfg.CalloutFailOpen,
 		m:        m,
 		log:      log,
+		node:     cfg.NodeID,
+		now:      now,
 		leaves:   make(chan leaveNote, leaveQueueLen),
 		stopping: make(chan struct{}),
 	}
+	// Seqs go on increasing across restarts of the node: see Callout.
+	c.seq.Store(uint64(max(now().UnixMicro(), 0)))
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	hosts := make(map[string]*hostLimit)
 	for _, co := range cfg.Callouts {
@@ -333,6 +367,12 @@ func needsCallout(rt *route, req *imqpb.NodeRequest) bool {
 	return false
 }
 
+// stamp gives an operation the node has decided on its seq and time_ms
+// (see Callout).
+func (c *callouts) stamp() (seq uint64, timeMs int64) {
+	return c.seq.Add(1), c.now().UnixMilli()
+}
+
 // calloutResult is what call-outs decided for a request run by a chain
 // (zero for a request that needed none).
 type calloutResult struct {
@@ -341,8 +381,13 @@ type calloutResult struct {
 	rewritten bool
 }
 
+// The hook bodies. Seq, TimeMs and Node are documented on Callout.
+
 type joinCall struct {
 	Hook    string   `json:"hook"`
+	Seq     uint64   `json:"seq"`
+	TimeMs  int64    `json:"time_ms"`
+	Node    string   `json:"node"`
 	User    string   `json:"user"`
 	Session string   `json:"session"`
 	Queue   string   `json:"queue"`
@@ -357,6 +402,9 @@ type joinAnswer struct {
 
 type publishCall struct {
 	Hook       string          `json:"hook"`
+	Seq        uint64          `json:"seq"`
+	TimeMs     int64           `json:"time_ms"`
+	Node       string          `json:"node"`
 	User       string          `json:"user"`
 	Session    string          `json:"session"`
 	Queue      string          `json:"queue"`
@@ -374,6 +422,9 @@ type publishAnswer struct {
 
 type leaveCall struct {
 	Hook    string `json:"hook"`
+	Seq     uint64 `json:"seq"`
+	TimeMs  int64  `json:"time_ms"`
+	Node    string `json:"node"`
 	User    string `json:"user"`
 	Session string `json:"session"`
 	Queue   string `json:"queue"`
@@ -382,7 +433,8 @@ type leaveCall struct {
 // join asks rt's backend whether req may join j's queue. It returns the
 // state to seed, or DENIED.
 func (c *callouts) join(ctx context.Context, rt *route, req *imqpb.NodeRequest, j *imqpb.Join) (map[string]map[string]json.RawMessage, error) {
-	call := joinCall{Hook: "join", User: req.GetUser(), Session: req.GetSession(), Queue: j.GetQueue(), Mounts: make([]string, len(j.GetMounts()))}
+	call := joinCall{Hook: "join", Node: c.node, User: req.GetUser(), Session: req.GetSession(), Queue: j.GetQueue(), Mounts: make([]string, len(j.GetMounts()))}
+	call.Seq, call.TimeMs = c.stamp()
 	for i, m := range j.GetMounts() {
 		call.Mounts[i] = m.GetName()
 	}
@@ -406,7 +458,8 @@ func (c *callouts) join(ctx context.Context, rt *route, req *imqpb.NodeRequest, 
 // publish asks rt's backend whether req may publish p. It returns the
 // rewritten payload (rewritten false: publish p's as is), or DENIED.
 func (c *callouts) publish(ctx context.Context, rt *route, req *imqpb.NodeRequest, p *imqpb.Publish) (payload []byte, rewritten bool, err error) {
-	call := publishCall{Hook: "publish", User: req.GetUser(), Session: req.GetSession(), Queue: p.GetQueue(), Mount: p.GetMount()}
+	call := publishCall{Hook: "publish", Node: c.node, User: req.GetUser(), Session: req.GetSession(), Queue: p.GetQueue(), Mount: p.GetMount()}
+	call.Seq, call.TimeMs = c.stamp()
 	// JSON text is UTF-8 (RFC 8259): a payload that json.Valid accepts but
 	// that holds other bytes ("caf\xe9" in Latin-1) goes as base64, or the
 	// backend's decoder would refuse the whole call.
@@ -566,11 +619,15 @@ func (h *hostLimit) acquire(ctx context.Context) error {
 
 func (h *hostLimit) release() { <-h.slots }
 
-// notifyLeave queues a leave notification for rt's backend. It never
-// blocks: when the queue is full the notification is dropped and counted.
+// notifyLeave queues a leave notification for rt's backend; the caller has
+// just applied the leave, under its queue's shard lock, which is when it
+// gets its seq. It never blocks: when the queue is full the notification is
+// dropped and counted.
 func (c *callouts) notifyLeave(rt *route, user, session, queue string) {
+	n := leaveNote{rt: rt, user: user, session: session, queue: queue}
+	n.seq, n.timeMs = c.stamp()
 	select {
-	case c.leaves <- leaveNote{rt: rt, user: user, session: session, queue: queue}:
+	case c.leaves <- n:
 	default:
 		c.m.callouts.WithLabelValues("leave", outcomeDropped).Inc()
 	}
@@ -610,7 +667,8 @@ func (c *callouts) sendLeave(n leaveNote) {
 		c.m.callouts.WithLabelValues("leave", outcomeDropped).Inc()
 		return
 	}
-	if err := c.call(c.ctx, n.rt, "leave", leaveCall{Hook: "leave", User: n.user, Session: n.session, Queue: n.queue}, nil); err != nil {
+	call := leaveCall{Hook: "leave", Seq: n.seq, TimeMs: n.timeMs, Node: c.node, User: n.user, Session: n.session, Queue: n.queue}
+	if err := c.call(c.ctx, n.rt, "leave", call, nil); err != nil {
 		c.m.callouts.WithLabelValues("leave", outcomeFailedAllowed).Inc()
 		return
 	}

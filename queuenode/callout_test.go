@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -214,8 +215,9 @@ func TestCalloutJoinDenied(t *testing.T) {
 	if len(calls) != 2 {
 		t.Fatalf("%d join call-outs, want 2", len(calls))
 	}
+	body, _, _ := stamped(t, s, calls[0])
 	want := map[string]any{"hook": "join", "user": "u-s1", "session": "s1", "queue": "/room/1", "mounts": []any{"chat", "input", "score"}}
-	if got, _ := json.Marshal(calls[0]); string(got) != mustJSON(t, want) {
+	if got, _ := json.Marshal(body); string(got) != mustJSON(t, want) {
 		t.Fatalf("join call-out body %s, want %s", got, mustJSON(t, want))
 	}
 	if s.hasQueue("/room/1") {
@@ -229,6 +231,26 @@ func TestCalloutJoinDenied(t *testing.T) {
 	if n := len(b.callsTo("join")); n != 2 {
 		t.Fatalf("%d join call-outs after a join outside the prefix, want 2", n)
 	}
+}
+
+// stamped checks the seq, time_ms and node of a hook body (see Callout) and
+// returns them and a copy of the body without them.
+func stamped(t *testing.T, s *Server, body map[string]any) (rest map[string]any, seq uint64, timeMs int64) {
+	t.Helper()
+	// Decoded as float64, exact for these values (below 2^53).
+	fseq, ok1 := body["seq"].(float64)
+	ftime, ok2 := body["time_ms"].(float64)
+	if !ok1 || !ok2 || fseq <= 0 || fseq != float64(uint64(fseq)) || body["node"] != s.NodeID() {
+		t.Fatalf("hook body %v: want a positive integer seq, a time_ms and node %q", body, s.NodeID())
+	}
+	if now := time.Now().UnixMilli(); int64(ftime) > now || int64(ftime) < now-int64(waitFor/time.Millisecond) {
+		t.Fatalf("hook body time_ms %v, now is %d", ftime, now)
+	}
+	rest = maps.Clone(body)
+	delete(rest, "seq")
+	delete(rest, "time_ms")
+	delete(rest, "node")
+	return rest, uint64(fseq), int64(ftime)
 }
 
 func mustJSON(t *testing.T, v any) string {
@@ -417,7 +439,8 @@ func TestCalloutLeaveNotified(t *testing.T) {
 	l.ok(leaveReq("/room/1", "s1"))
 	l.ok(leaveReq("/room/quiet/1", "s1"))
 	eventually(t, "the leave call-out", func() bool { return len(b.callsTo("leave")) == 1 })
-	if got, want := mustJSON(t, b.callsTo("leave")[0]), mustJSON(t, map[string]any{"hook": "leave", "user": "u-s1", "session": "s1", "queue": "/room/1"}); got != want {
+	leave, _, _ := stamped(t, s, b.callsTo("leave")[0])
+	if got, want := mustJSON(t, leave), mustJSON(t, map[string]any{"hook": "leave", "user": "u-s1", "session": "s1", "queue": "/room/1"}); got != want {
 		t.Fatalf("leave call-out %s, want %s", got, want)
 	}
 
@@ -801,5 +824,96 @@ func TestCalloutPublishNotUTF8(t *testing.T) {
 	if len(raw) != 2 || !utf8.ValidString(raw[0]) || !strings.Contains(raw[0], `"data_base64":"ImNhZuki"`) ||
 		!strings.Contains(raw[1], `"data":"café"`) {
 		t.Fatalf("publish call-outs %q", raw)
+	}
+}
+
+// TestCalloutBodiesOrdered: every hook body carries seq, time_ms and node.
+// A leave notification is sent asynchronously and may reach the backend
+// after the call-out of a later join of the same session; seq, given when
+// the node decides each operation, still orders them.
+func TestCalloutBodiesOrdered(t *testing.T) {
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	var mu sync.Mutex
+	var answered []backendCall // Guarded by mu: in the order answered.
+	b := newBackend(t, func(r *http.Request, c backendCall) (int, string) {
+		if c.Hook == "leave" && c.Body["session"] == "s1" {
+			select { // the leave notification is slow to go out
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}
+		mu.Lock()
+		answered = append(answered, c)
+		mu.Unlock()
+		return 200, `{"allow": true}`
+	})
+	s := startCalloutNode(t, b.srv.URL, func(c *Config) { c.NodeID = "node-a" })
+	l := dialLink(t, s.LinkAddr(), "gw-1")
+	l.ok(joinReq("/room/1", "s1", "chat"))
+	l.ok(userPublish("u-s1", "/room/1", "chat", `1`))
+	l.ok(leaveReq("/room/1", "s1"))
+	eventually(t, "the leave call-out to start", func() bool { return b.cur.Load() == 1 })
+	l.ok(joinReq("/room/1", "s1", "chat"))
+	releaseOnce.Do(func() { close(release) })
+	eventually(t, "the leave call-out", func() bool { mu.Lock(); defer mu.Unlock(); return len(answered) == 4 })
+
+	mu.Lock()
+	calls := slices.Clone(answered)
+	mu.Unlock()
+	var hooks []string
+	var seqs []uint64
+	var lastTime int64
+	for _, c := range calls {
+		_, seq, timeMs := stamped(t, s, c.Body)
+		hooks = append(hooks, c.Hook)
+		seqs = append(seqs, seq)
+		if c.Hook != "leave" && timeMs < lastTime {
+			t.Fatalf("%s's time_ms %d is before the previous call-out's, %d", c.Hook, timeMs, lastTime)
+		}
+		lastTime = max(lastTime, timeMs)
+	}
+	// The rejoin's call-out was answered before the leave notification;
+	// by seq, the leave comes between the two joins.
+	if want := []string{"join", "publish", "join", "leave"}; !slices.Equal(hooks, want) {
+		t.Fatalf("call-outs answered as %v, want %v", hooks, want)
+	}
+	if !(seqs[0] < seqs[1] && seqs[1] < seqs[3] && seqs[3] < seqs[2]) {
+		t.Fatalf("seqs %v of join, publish, rejoin, leave: want join < publish < leave < rejoin", seqs)
+	}
+
+	// A link that closes: its subscribers' leaves are stamped as the node
+	// removes them, after everything before.
+	l.c.Close()
+	eventually(t, "the closed link's leave call-out", func() bool { mu.Lock(); defer mu.Unlock(); return len(answered) == 5 })
+	mu.Lock()
+	last := answered[4]
+	mu.Unlock()
+	if _, seq, _ := stamped(t, s, last.Body); last.Hook != "leave" || seq <= seqs[2] {
+		t.Fatalf("closed link's %s seq %d, want a leave after the rejoin's %d", last.Hook, seq, seqs[2])
+	}
+}
+
+// TestCalloutSeqAcrossRestarts: a node's seqs start from its start time in
+// Unix microseconds, so a restarted node's come after the last one's.
+func TestCalloutSeqAcrossRestarts(t *testing.T) {
+	start := time.Now()
+	cfg := DefaultConfig()
+	cfg.Callouts = []Callout{{Prefix: "/room/", URL: "http://backend"}}
+	cfg.Now = func() time.Time { return start }
+	co := newCallouts(&cfg, newMetrics(prometheus.NewRegistry(), nil), slog.New(slog.DiscardHandler))
+	var last uint64
+	for range 1000 {
+		seq, timeMs := co.stamp()
+		if seq <= last || timeMs != start.UnixMilli() {
+			t.Fatalf("stamp %d, %d after seq %d", seq, timeMs, last)
+		}
+		last = seq
+	}
+	cfg.Now = func() time.Time { return start.Add(time.Second) } // restarted a second later
+	co = newCallouts(&cfg, newMetrics(prometheus.NewRegistry(), nil), slog.New(slog.DiscardHandler))
+	if seq, _ := co.stamp(); seq <= last {
+		t.Fatalf("restarted node's first seq %d, want after %d", seq, last)
 	}
 }

@@ -13,11 +13,36 @@ import (
 // a session's publishes, joins and leaves on a queue never overtake one
 // another. A request that needs no call-out runs on the reader as before,
 // unless its chain has work, which it then joins.
+//
+// Chains are bounded per link (maxChainedPerLink, Config.LinkBuffer) and
+// per chain (maxChainedPerChain); a request past its deadline when its turn
+// comes is answered TIMEOUT and dropped. Leaves are exempt from all three.
 
 // maxChainedPerLink bounds the requests one link may have in its chains;
 // more are answered LIMIT_EXCEEDED. Their payload bytes are bounded by
 // Config.LinkBuffer too.
 const maxChainedPerLink = 4096
+
+// maxChainedPerChain bounds the requests one chain (one session on one
+// queue) may have waiting, the running one included; more are answered
+// LIMIT_EXCEEDED, so that a few sessions flooding a slow backend cannot
+// take the whole link's bound from the others.
+const maxChainedPerChain = 64
+
+// Requests a chain refuses or drops, answered without running. Both are
+// retryable; neither applies to a leave, which always runs.
+var (
+	errChainFull = &imqerr.Error{Code: imqpb.Code_LIMIT_EXCEEDED, Message: "too many operations waiting for the backend on this queue"}
+	errExpired   = &imqerr.Error{Code: imqpb.Code_TIMEOUT, Message: "expired before the backend was asked; the gateway has already answered"}
+)
+
+// Reasons a chained request is answered without running, the reason label
+// of imq_queuenode_chained_refused_total.
+const (
+	refusedLink    = "link"
+	refusedChain   = "chain"
+	refusedExpired = "expired"
+)
 
 // chainedOverhead approximates a chained request's bytes beside its payload.
 const chainedOverhead = 256
@@ -29,6 +54,7 @@ type chainKey struct{ session, queue string }
 // chain's goroutine runs them one at a time.
 type chain struct {
 	reqs []*imqpb.NodeRequest // Guarded by link.chainMu.
+	n    int                  // Guarded by link.chainMu: reqs and the one running.
 }
 
 // requestQueue returns the queue a client operation names ("" for others).
@@ -68,8 +94,15 @@ func (l *link) enqueue(rt *route, req *imqpb.NodeRequest) bool {
 	// one dropped behind its chain's join would leave a subscriber here
 	// that no session has. Leaves are small and bounded by subscriptions.
 	_, leave := req.GetOp().(*imqpb.NodeRequest_Leave)
+	if !leave && c != nil && c.n >= maxChainedPerChain {
+		l.chainMu.Unlock()
+		l.s.m.chainedRefused.WithLabelValues(refusedChain).Inc()
+		l.s.finish(l, req, opName(req), errChainFull)
+		return true
+	}
 	if n := l.chained; !leave && (n >= maxChainedPerLink || l.chainedBytes+size > l.s.cfg.LinkBuffer) {
 		l.chainMu.Unlock()
+		l.s.m.chainedRefused.WithLabelValues(refusedLink).Inc()
 		l.s.finish(l, req, opName(req), imqerr.New(imqpb.Code_LIMIT_EXCEEDED,
 			"this gateway has %d requests waiting for call-outs on queue node %s, its limit", n, l.s.cfg.NodeID))
 		return true
@@ -85,6 +118,7 @@ func (l *link) enqueue(rt *route, req *imqpb.NodeRequest) bool {
 		l.chains[key] = c
 	}
 	c.reqs = append(c.reqs, req)
+	c.n++
 	l.chainMu.Unlock()
 	if start {
 		l.async.Add(1)
@@ -102,6 +136,7 @@ func (l *link) runChain(key chainKey, c *chain, rt *route) {
 	for {
 		l.chainMu.Lock()
 		if done != nil {
+			c.n--
 			l.chained--
 			l.chainedBytes -= chainedBytes(done)
 		}
@@ -123,9 +158,15 @@ func (l *link) runChain(key chainKey, c *chain, rt *route) {
 // with no lock held, then the operation as the reader would run it. Once
 // the link is closed nothing runs: there is no one to answer, and a join
 // would only add a subscriber for removeGateway to remove (serveLink waits
-// for the chains before it removes the link's subscribers).
+// for the chains before it removes the link's subscribers). A request
+// whose turn comes after its deadline does not run either (see expired).
 func (s *Server) runChained(l *link, rt *route, req *imqpb.NodeRequest) {
 	if l.ctx.Err() != nil {
+		return
+	}
+	if s.expired(req) {
+		s.m.chainedRefused.WithLabelValues(refusedExpired).Inc()
+		s.finish(l, req, opName(req), errExpired)
 		return
 	}
 	res := &calloutResult{}
@@ -150,6 +191,22 @@ func (s *Server) runChained(l *link, rt *route, req *imqpb.NodeRequest) {
 		}
 	}
 	s.execute(l, req, rt, res)
+}
+
+// expired reports whether req, whose turn in its chain has come, is past
+// the deadline its gateway set (NodeRequest.deadline_ms). The gateway has
+// answered it TIMEOUT already, and the client may have sent it again: run
+// now, a publish would happen twice. A leave is never expired: it must
+// apply, or a subscriber would stay that no session has.
+func (s *Server) expired(req *imqpb.NodeRequest) bool {
+	d := req.GetDeadlineMs()
+	if d == 0 {
+		return false
+	}
+	if _, leave := req.GetOp().(*imqpb.NodeRequest_Leave); leave {
+		return false
+	}
+	return s.cfg.Now().UnixMilli() > d
 }
 
 // precheck refuses, before its call-out, a join or publish that would fail

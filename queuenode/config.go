@@ -55,7 +55,15 @@ type Config struct {
 	// their prefixes (see Callout and ParseCallout); for a queue under
 	// several prefixes the longest wins, and a queue under none has no
 	// call-outs. Backend (admin RPC) requests never make call-outs. Prefixes
-	// must differ. Empty: no call-outs.
+	// must differ. Empty: no call-outs. Leave notifications are sent
+	// asynchronously and may arrive after a later join's call-out: a backend
+	// tracking presence orders hooks by their "seq" (see Callout).
+	//
+	// A session may have at most 64 operations on one queue waiting for
+	// call-outs (the running one included), and a gateway link 4096 in all,
+	// within LinkBuffer bytes; more are answered LIMIT_EXCEEDED. One whose
+	// turn comes after its gateway's deadline is answered TIMEOUT without
+	// asking the backend or running. Leaves are exempt from these limits.
 	Callouts []Callout
 	// CalloutTimeout bounds one call-out, from asking for a connection slot
 	// (see CalloutConcurrency) to the end of the answer. Default: 2s.

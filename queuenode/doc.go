@@ -18,8 +18,11 @@
 // the operation under the shard lock, ownership checked again) and ends
 // when it has none left; the chains end when their link closes. Requests on
 // queues without call-outs, and backend requests (NodeRequest.backend),
-// run on the reader as before. Leave notifications go through a bounded
-// queue drained by a few workers that Run starts and Shutdown stops.
+// run on the reader as before. Chains are bounded per link and per chain,
+// and drop a request whose gateway deadline passed before its turn. Leave
+// notifications go through a bounded queue drained by a few workers that
+// Run starts and Shutdown stops, so they are asynchronous: hook bodies
+// carry a node-wide seq that orders them (see Callout).
 //
 // The admin RPC's reads (get_state, history, queue_info; reads.go) run like
 // other operations but never create a queue or mount (NOT_FOUND).

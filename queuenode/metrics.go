@@ -18,6 +18,7 @@ type metrics struct {
 
 	callouts       *prometheus.CounterVec
 	calloutSeconds *prometheus.HistogramVec
+	chainedRefused *prometheus.CounterVec
 
 	movedReplies     prometheus.Counter
 	queuesMoved      prometheus.Counter
@@ -58,6 +59,10 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_queuenode_callout_seconds", Help: "Duration of call-outs to backends, waiting for a connection slot included, by hook.",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"hook"}),
+		chainedRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_chained_refused_total",
+			Help: "Client requests on queues with call-outs answered without running, by reason: link (LIMIT_EXCEEDED: the link's requests waiting for call-outs at their bound), chain (LIMIT_EXCEEDED: the session's on the queue at theirs), expired (TIMEOUT: past the gateway's deadline when their turn came).",
+		}, []string{"reason"}),
 		movedReplies: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_moved_replies_total", Help: "Requests answered MOVED: the queue's bucket belongs to another node by this node's table.",
 		}),
@@ -69,7 +74,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		}),
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
-		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds,
+		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds, m.chainedRefused,
 		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_table_version", Help: "Version of the bucket table the node holds (0: none, or standalone).",
@@ -96,6 +101,9 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		for _, o := range outcomes {
 			m.callouts.WithLabelValues(hn.name, o)
 		}
+	}
+	for _, r := range []string{refusedLink, refusedChain, refusedExpired} {
+		m.chainedRefused.WithLabelValues(r)
 	}
 	for _, c := range imqpb.Code_name {
 		if c != "OK" {

@@ -15,6 +15,7 @@
  *
  * Routes (all POST with a JSON body, all answer JSON):
  *
+ *   (every body also has "seq", "time_ms" and "node": order by seq per node)
  *   /imq/<name>/join     {"hook":"join","user","session","queue","mounts":[names]}
  *                        → {"allow": true[, "state": {mount: {key: value}}]}
  *                        | {"allow": false, "reason": "..."}
