@@ -222,6 +222,7 @@ boss gives the node every bucket). Metrics of all three are on the gateway's
 	var rf rpcFlags
 	var cf calloutFlags
 	gatewayFlags(fs, &gc, &secret, &origins)
+	fs.Lookup("allowed-origins").Usage = "Origin values allowed on /ws, comma-separated or repeated (default in development: * , any)"
 	rf.register(fs, &gc)
 	nodeFlags(fs, &nc)
 	cf.register(fs, &nc)
