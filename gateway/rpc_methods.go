@@ -295,6 +295,9 @@ type queueInfoResult struct {
 	CreatedMs   int64             `json:"created_ms"`
 	Mounts      []*mountInfo      `json:"mounts"`
 	Subscribers []*subscriberInfo `json:"subscribers"`
+	// SubscribersTotal counts all subscribers; Subscribers holds the first
+	// of them by session, as many as fit the node's reply bound.
+	SubscribersTotal uint32 `json:"subscribers_total"`
 }
 
 type mountInfo struct {
@@ -328,7 +331,8 @@ func (s *Server) rpcQueueInfo(ctx context.Context, rc *rpcCall, params []byte) (
 	qi := r.GetQueueInfo()
 	out := &queueInfoResult{
 		Queue: qi.GetQueue(), Epoch: qi.GetEpoch(), Head: qi.GetHead(), Node: qi.GetNode(), CreatedMs: qi.GetCreatedMs(),
-		Mounts: make([]*mountInfo, len(qi.GetMounts())), Subscribers: make([]*subscriberInfo, len(qi.GetSubscribers())),
+		SubscribersTotal: qi.GetSubscribersTotal(),
+		Mounts:           make([]*mountInfo, len(qi.GetMounts())), Subscribers: make([]*subscriberInfo, len(qi.GetSubscribers())),
 	}
 	if out.Queue == "" {
 		out.Queue = p.Queue

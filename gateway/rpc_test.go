@@ -222,13 +222,14 @@ type (
 		Mounts  []string `json:"mounts"`
 	}
 	queueInfoRes struct {
-		Queue       string          `json:"queue"`
-		Epoch       uint64          `json:"epoch"`
-		Head        uint64          `json:"head"`
-		Node        string          `json:"node"`
-		CreatedMs   int64           `json:"created_ms"`
-		Mounts      []mountRes      `json:"mounts"`
-		Subscribers []subscriberRes `json:"subscribers"`
+		Queue            string          `json:"queue"`
+		Epoch            uint64          `json:"epoch"`
+		Head             uint64          `json:"head"`
+		Node             string          `json:"node"`
+		CreatedMs        int64           `json:"created_ms"`
+		Mounts           []mountRes      `json:"mounts"`
+		Subscribers      []subscriberRes `json:"subscribers"`
+		SubscribersTotal int             `json:"subscribers_total"`
 	}
 	kickRes struct {
 		Sessions int      `json:"sessions"`
@@ -468,8 +469,8 @@ func TestRPCQueueInfo(t *testing.T) {
 	if !slices.Equal(qi.Mounts, wantMounts) {
 		t.Fatalf("mounts %+v, want %+v", qi.Mounts, wantMounts)
 	}
-	if len(qi.Subscribers) != 1 {
-		t.Fatalf("subscribers %+v", qi.Subscribers)
+	if len(qi.Subscribers) != 1 || qi.SubscribersTotal != 1 {
+		t.Fatalf("subscribers %+v of %d", qi.Subscribers, qi.SubscribersTotal)
 	}
 	s := qi.Subscribers[0]
 	if s.User != "alice" || s.Session != session || s.Gateway != d.Gateway.ID() || !slices.Equal(s.Mounts, []string{"chat", "scores"}) {

@@ -1108,16 +1108,19 @@ func (x *QueueInfo) GetQueue() string {
 }
 
 type QueueInfoResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Queue         string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Head          uint64                 `protobuf:"varint,3,opt,name=head,proto3" json:"head,omitempty"`
-	Mounts        []*MountInfo           `protobuf:"bytes,4,rep,name=mounts,proto3" json:"mounts,omitempty"`
-	Subscribers   []*SubscriberInfo      `protobuf:"bytes,5,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
-	Node          string                 `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
-	CreatedMs     int64                  `protobuf:"varint,7,opt,name=created_ms,json=createdMs,proto3" json:"created_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Queue       string                 `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	Epoch       uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Head        uint64                 `protobuf:"varint,3,opt,name=head,proto3" json:"head,omitempty"`
+	Mounts      []*MountInfo           `protobuf:"bytes,4,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	Subscribers []*SubscriberInfo      `protobuf:"bytes,5,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
+	Node        string                 `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
+	CreatedMs   int64                  `protobuf:"varint,7,opt,name=created_ms,json=createdMs,proto3" json:"created_ms,omitempty"`
+	// All the queue's subscribers; subscribers lists the first of them by
+	// session, as many as fit the reply's bound.
+	SubscribersTotal uint32 `protobuf:"varint,8,opt,name=subscribers_total,json=subscribersTotal,proto3" json:"subscribers_total,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *QueueInfoResult) Reset() {
@@ -1195,6 +1198,13 @@ func (x *QueueInfoResult) GetNode() string {
 func (x *QueueInfoResult) GetCreatedMs() int64 {
 	if x != nil {
 		return x.CreatedMs
+	}
+	return 0
+}
+
+func (x *QueueInfoResult) GetSubscribersTotal() uint32 {
+	if x != nil {
+		return x.SubscribersTotal
 	}
 	return 0
 }
@@ -1559,7 +1569,7 @@ const file_link_proto_rawDesc = "" +
 	"\x06missed\x18\x04 \x01(\bR\x06missed\x12\x12\n" +
 	"\x04more\x18\x05 \x01(\bR\x04more\"!\n" +
 	"\tQueueInfo\x12\x14\n" +
-	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xe9\x01\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\"\x96\x02\n" +
 	"\x0fQueueInfoResult\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x12\n" +
@@ -1568,7 +1578,8 @@ const file_link_proto_rawDesc = "" +
 	"\vsubscribers\x18\x05 \x03(\v2\x16.imq.v1.SubscriberInfoR\vsubscribers\x12\x12\n" +
 	"\x04node\x18\x06 \x01(\tR\x04node\x12\x1d\n" +
 	"\n" +
-	"created_ms\x18\a \x01(\x03R\tcreatedMs\"\xb1\x01\n" +
+	"created_ms\x18\a \x01(\x03R\tcreatedMs\x12+\n" +
+	"\x11subscribers_total\x18\b \x01(\rR\x10subscribersTotal\"\xb1\x01\n" +
 	"\tMountInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x11.imq.v1.MountKindR\x04kind\x12\x1a\n" +

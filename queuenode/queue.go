@@ -551,6 +551,7 @@ func (q *Queue) Info(now time.Time) *imqpb.QueueInfoResult {
 		res.Mounts = append(res.Mounts, mi)
 	}
 	budget := q.limits.MaxJoinBytes
+	res.SubscribersTotal = uint32(len(q.subs))
 	for _, session := range slices.Sorted(maps.Keys(q.subs)) {
 		s := q.subs[session]
 		size := len(s.User) + len(s.Session) + len(s.Gateway) + entryOverhead

@@ -1266,6 +1266,7 @@ func TestInfo(t *testing.T) {
 			{User: "u-s2", Session: "s2", Gateway: "gwB/7", Mounts: []string{"chat", "score"}},
 			{User: "u-s3", Session: "s3", Gateway: "gwA/1", Mounts: []string{"empty"}},
 		},
+		SubscribersTotal: 3,
 	}
 	if !proto.Equal(info, want) {
 		t.Fatalf("Info() =\n%v\nwant\n%v", info, want)
@@ -1273,7 +1274,7 @@ func TestInfo(t *testing.T) {
 
 	// The subscriber list is bounded by MaxJoinBytes, first sessions first.
 	l.MaxJoinBytes = len("u-s1s1gwA/1chat") + 2 + len("u-s2s2gwB/7chatscore") + 4 + 2*entryOverhead
-	if got := len(q.Info(t0).GetSubscribers()); got != 2 {
-		t.Fatalf("bounded Info lists %d subscribers, want 2", got)
+	if got := q.Info(t0); len(got.GetSubscribers()) != 2 || got.GetSubscribersTotal() != 3 {
+		t.Fatalf("bounded Info lists %d of %d subscribers, want 2 of 3", len(got.GetSubscribers()), got.GetSubscribersTotal())
 	}
 }

@@ -180,6 +180,7 @@ func TestBackendWritesAndReads(t *testing.T) {
 			{User: "u-s1", Session: "s1", Gateway: "gw-1", Mounts: []string{"chat"}},
 			{User: "bob", Session: "s2", Gateway: "gw-2", Mounts: []string{"score", "chat"}},
 		},
+		SubscribersTotal: 2,
 	}
 	if !proto.Equal(info, want) {
 		t.Fatalf("queue info:\n%v\nwant\n%v", info, want)
