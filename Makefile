@@ -5,22 +5,31 @@ VERSION       ?= $(shell git describe --tags --always --dirty 2>/dev/null || ech
 PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 GOBIN         := $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build run test test-short bench proto fuzz clean
+.PHONY: all build install run test test-short lint bench proto fuzz clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/imq
 
+# Installs imq into $(GOBIN) (go env GOPATH/bin): put that directory on PATH.
+install:
+	$(GO) install -ldflags "-X main.version=$(VERSION)" ./cmd/imq
+
 run:
 	$(GO) run -ldflags "-X main.version=$(VERSION)" ./cmd/imq dev
 
-# The race detector runs on every package; fuzz targets run their seed corpus.
-test:
-	@scripts/ensure-php.sh
+# vet, gofmt and staticcheck (a tool dependency in go.mod, so `go tool`
+# fetches the pinned version through the module proxy).
+lint:
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
+	$(GO) tool staticcheck ./...
+
+# The race detector runs on every package; fuzz targets run their seed corpus.
+test: lint
+	@scripts/ensure-php.sh
 	$(GO) test -race -count=1 -timeout 8m ./...
 
 test-short:

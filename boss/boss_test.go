@@ -462,10 +462,10 @@ func TestAdoptsNewerTable(t *testing.T) {
 	startMember(t, b.GossipAddr(), member.Meta{
 		Role: member.RoleGateway, ID: "gw-1", HTTPAddr: strings.TrimPrefix(srv.URL, "http://"), TableVersion: 50,
 	})
-	after := waitNodes(t, b, "qn-1")
+	waitNodes(t, b, "qn-1")
 	waitFor(t, 10*time.Second, "version 51", func() bool { return b.Table().Version() == 51 })
 	want, _, _ := newer.Leave("qn-9")
-	if after = b.Table(); jsonOf(t, after) != jsonOf(t, want) {
+	if after := b.Table(); jsonOf(t, after) != jsonOf(t, want) {
 		t.Fatalf("after adopting\n%s\nwant\n%s", jsonOf(t, after), jsonOf(t, want))
 	}
 	if s, err := loadState(b.cfg.DataDir); err != nil || s.Table.Version() != 51 {

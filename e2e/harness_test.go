@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -199,15 +198,6 @@ func (c *cluster) startGateway(addr string) {
 }
 
 func (c *cluster) url() string { return "ws://" + c.gwAddr + "/ws" }
-
-func (c *cluster) healthy() bool {
-	resp, err := http.Get("http://" + c.gwAddr + "/healthz")
-	if err != nil {
-		return false
-	}
-	resp.Body.Close()
-	return resp.StatusCode == http.StatusOK
-}
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)

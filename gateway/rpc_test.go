@@ -404,11 +404,9 @@ func TestRPCHistory(t *testing.T) {
 	c := mustDial(t, d, "alice", false)
 	expectCode(t, c.join(queue, chat()), imqpb.Code_OK)
 	expectCode(t, c.publish(queue, "chat", []byte(`"from alice"`)), imqpb.Code_OK)
-	var offsets []uint64
 	for i, data := range []string{`"data":{"i":1}`, `"data_base64":"/w=="`, `"data":[3]`} {
 		var r publishRes
 		rpcOK(t, d, "publish", `{"queue":"`+queue+`","mount":"chat",`+data+`}`, &r)
-		offsets = append(offsets, r.Offset)
 		if r.Offset != uint64(i+2) {
 			t.Fatalf("offset %d", r.Offset)
 		}

@@ -108,7 +108,8 @@ func (s *Server) serveLink(conn net.Conn) {
 	delete(s.links, l.key)
 	s.mu.Unlock()
 	s.removeGateway(l.key)
-	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+	// readLoop always ends with an error: EOF or a closed socket is a clean close.
+	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		log.Warn("gateway link closed", "err", err)
 	} else {
 		log.Info("gateway link closed")

@@ -323,7 +323,7 @@ type nodeJSON struct {
 func (t *Table) MarshalJSON() ([]byte, error) {
 	j := tableJSON{Version: t.version, Bits: t.bits, Nodes: make([]nodeJSON, len(t.nodes)), Owners: t.owners}
 	for i, n := range t.nodes {
-		j.Nodes[i] = nodeJSON{ID: n.ID, LinkAddr: n.LinkAddr}
+		j.Nodes[i] = nodeJSON(n)
 	}
 	if j.Owners == nil {
 		j.Owners = []int{}
@@ -343,7 +343,7 @@ func (t *Table) UnmarshalJSON(b []byte) error {
 		next.owners = j.Owners
 	}
 	for _, n := range j.Nodes {
-		next.nodes = append(next.nodes, Node{ID: n.ID, LinkAddr: n.LinkAddr})
+		next.nodes = append(next.nodes, Node(n))
 	}
 	if err := next.check(); err != nil {
 		return fmt.Errorf("bucket: decode table: %w", err)
