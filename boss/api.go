@@ -157,7 +157,8 @@ type MemberView struct {
 	ID         string      `json:"id"`
 	GossipAddr string      `json:"gossip_addr,omitempty"`
 	LinkAddr   string      `json:"link_addr,omitempty"`
-	HTTPAddr   string      `json:"http_addr,omitempty"`
+	HTTPAddr   string      `json:"http_addr,omitempty"`   // internal: the boss's API, a gateway's or queue node's internal listener
+	ClientAddr string      `json:"client_addr,omitempty"` // a gateway's client address (/ws)
 	State      string      `json:"state"`
 	Status     string      `json:"status"`
 	// Buckets is how many buckets a queue node owns (absent for other
@@ -166,8 +167,8 @@ type MemberView struct {
 	// TableVersion is the table version the member holds.
 	TableVersion uint64    `json:"table_version"`
 	Started      time.Time `json:"started,omitzero"`
-	// Varz is the member's own /varz, fetched within Config.PeerTimeout;
-	// VarzError says why it is missing.
+	// Varz is the member's own /varz, fetched from HTTPAddr within
+	// Config.PeerTimeout; VarzError says why it is missing.
 	Varz      json.RawMessage `json:"varz,omitempty"`
 	VarzError string          `json:"varz_error,omitempty"`
 }
@@ -196,7 +197,7 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 	for _, p := range peers {
 		m := MemberView{
 			Name: p.Name, Role: p.Meta.Role, ID: p.Meta.ID, GossipAddr: p.Addr, LinkAddr: p.Meta.LinkAddr,
-			HTTPAddr: p.Meta.HTTPAddr, State: StateAlive, TableVersion: p.Meta.TableVersion,
+			HTTPAddr: p.Meta.HTTPAddr, ClientAddr: p.Meta.ClientAddr, State: StateAlive, TableVersion: p.Meta.TableVersion,
 		}
 		if p.Meta.Started > 0 {
 			m.Started = time.UnixMilli(p.Meta.Started).UTC()

@@ -84,7 +84,7 @@ func startPHPBackend(t *testing.T) string {
 // PHP call-out backend under php -S, and the PHP demo driving the RPC.
 func TestDevWithBackend(t *testing.T) {
 	backend := startPHPBackend(t)
-	dev := start(t, "dev", "dev", "--addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0",
+	dev := start(t, "dev", "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0",
 		"--api-key", apiKey+" methods=publish,set_state,delete_state,get_state,history,queue_info,kick,broadcast,batch prefixes=/room/,/lobby/,/user/",
 		"--callout", "/room/="+backend+"/imq/room", "--auth-url", backend+"/imq/auth")
 	addr := dev.waitLog("gateway serving")["addr"].(string)

@@ -231,7 +231,7 @@ func TestClusterSpreadsQueues(t *testing.T) {
 		var v struct {
 			Queues int64 `json:"queues"`
 		}
-		getJSON(t, "http://"+n.Addr("http")+"/varz", &v)
+		getJSON(t, "http://"+n.Addr("internal")+"/varz", &v)
 		if int(v.Queues) != perNode[n.Name] {
 			t.Errorf("%s holds %d queues; the table gives it %d of the rooms", n.Name, v.Queues, perNode[n.Name])
 		}
@@ -580,14 +580,14 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 			var v struct {
 				TableVersion uint64 `json:"table_version"`
 			}
-			getJSON(t, "http://"+n.Addr("http")+"/varz", &v)
+			getJSON(t, "http://"+n.Addr("internal")+"/varz", &v)
 			return v.TableVersion == after.Version()
 		})
 	}
 	var gv struct {
 		TableVersion uint64 `json:"table_version"`
 	}
-	getJSON(t, "http://"+stale.Addr("http")+"/varz", &gv)
+	getJSON(t, "http://"+stale.Addr("internal")+"/varz", &gv)
 	if gv.TableVersion != before.Version() {
 		t.Fatalf("the held gateway routes by v%d, want the stale v%d", gv.TableVersion, before.Version())
 	}
@@ -613,7 +613,7 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 		done <- err
 	}()
 	waitFor(t, 5*time.Second, "the stale gateway to be answered MOVED", func() bool {
-		return metric(t, stale.Addr("http"), "imq_gateway_moved_retries_total") >= 1
+		return metric(t, stale.Addr("internal"), "imq_gateway_moved_retries_total") >= 1
 	})
 	proxy.release()
 	if err := <-done; err != nil {
@@ -627,7 +627,7 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 		}
 		return false
 	})
-	if f := metric(t, stale.Addr("http"), "imq_gateway_moved_failures_total"); f != 0 {
+	if f := metric(t, stale.Addr("internal"), "imq_gateway_moved_failures_total"); f != 0 {
 		t.Fatalf("%g MOVED retries failed", f)
 	}
 }

@@ -145,7 +145,7 @@ func TestRoomAcrossProcesses(t *testing.T) {
 func TestGatewayKilledClientResumes(t *testing.T) {
 	cl := startCluster(t)
 	// The publisher uses a second gateway, which stays up.
-	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
+	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
 	pubURL := "ws://" + pubGW.waitLog("gateway serving")["addr"].(string) + "/ws"
 	pubGW.waitLog("queue node link up")
 

@@ -182,7 +182,7 @@ const e2eSecret = "e2e-secret-0123456789abcdef"
 func startCluster(t *testing.T, gwArgs ...string) *cluster {
 	t.Helper()
 	c := &cluster{t: t, gwArgs: gwArgs}
-	c.node = start(t, "queuenode", "queuenode", "--link-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
+	c.node = start(t, "queuenode", "queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0")
 	c.linkAddr = c.node.waitLog("queue node serving links")["addr"].(string)
 	c.startGateway("127.0.0.1:0")
 	return c
@@ -191,7 +191,7 @@ func startCluster(t *testing.T, gwArgs ...string) *cluster {
 // startGateway starts (or restarts) the gateway on addr.
 func (c *cluster) startGateway(addr string) {
 	c.t.Helper()
-	args := append([]string{"gateway", "--addr", addr, "--queuenode", c.linkAddr, "--dev", "--jwt-secret", e2eSecret}, c.gwArgs...)
+	args := append([]string{"gateway", "--addr", addr, "--internal-addr", "127.0.0.1:0", "--queuenode", c.linkAddr, "--dev", "--jwt-secret", e2eSecret}, c.gwArgs...)
 	c.gw = start(c.t, "gateway", args...)
 	c.gwAddr = c.gw.waitLog("gateway serving")["addr"].(string)
 	c.gw.waitLog("queue node link up")

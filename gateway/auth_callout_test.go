@@ -183,7 +183,7 @@ func TestAuthCallout(t *testing.T) {
 	})
 
 	t.Run("metrics", func(t *testing.T) {
-		resp, err := http.Get("http://" + d.Gateway.Addr() + "/metrics")
+		resp, err := http.Get("http://" + d.Gateway.InternalAddr() + "/metrics")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -65,7 +65,9 @@ func (s *Server) startCluster() error {
 		}
 		s.membersChanged()
 	}
-	m, err := member.Start(mc, member.Meta{Role: member.RoleGateway, ID: s.cfg.GatewayID, HTTPAddr: s.Addr()})
+	m, err := member.Start(mc, member.Meta{
+		Role: member.RoleGateway, ID: s.cfg.GatewayID, HTTPAddr: s.InternalAddr(), ClientAddr: s.Addr(),
+	})
 	if err != nil {
 		return err
 	}

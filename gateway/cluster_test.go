@@ -32,7 +32,7 @@ import (
 func startClusterGateway(t *testing.T, mod func(*gateway.Config)) *gateway.Server {
 	t.Helper()
 	cfg := gateway.DefaultConfig()
-	cfg.Addr, cfg.Dev = "127.0.0.1:0", true
+	cfg.Addr, cfg.InternalAddr, cfg.Dev = "127.0.0.1:0", "127.0.0.1:0", true
 	cfg.Member = &member.Config{BindAddr: "127.0.0.1:0", Cluster: "imq-gateway-test"}
 	if mod != nil {
 		mod(&cfg)
@@ -329,7 +329,7 @@ func TestClusterConfig(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			cfg := gateway.DefaultConfig()
-			cfg.Addr, cfg.Dev = "127.0.0.1:0", true
+			cfg.Addr, cfg.InternalAddr, cfg.Dev = "127.0.0.1:0", "127.0.0.1:0", true
 			mod(&cfg)
 			if gw, err := gateway.New(cfg); err == nil {
 				gw.Shutdown(context.Background())
@@ -366,12 +366,12 @@ func TestClusterRoutesByTable(t *testing.T) {
 		t.Fatalf("healthz %d with a table and links up", code)
 	}
 	var v gateway.Varz
-	getJSON(t, base+"/varz", &v)
+	getJSON(t, "http://"+gw.InternalAddr()+"/varz", &v)
 	if v.TableVersion != table.Version() || v.LinksUp != 2 || v.Mode != "cluster" {
 		t.Fatalf("varz %+v", v)
 	}
 	var served bucket.Table
-	getJSON(t, base+"/v1/table", &served)
+	getJSON(t, "http://"+gw.InternalAddr()+"/v1/table", &served)
 	if served.Version() != table.Version() || served.Buckets() != table.Buckets() {
 		t.Fatalf("/v1/table served %s, want %s", &served, table)
 	}
@@ -432,7 +432,7 @@ func TestClusterMovedIsRetried(t *testing.T) {
 			break
 		}
 	}
-	if v := metricValue(t, gw.Addr(), "imq_gateway_moved_retries_total"); v != "2" {
+	if v := metricValue(t, gw.InternalAddr(), "imq_gateway_moved_retries_total"); v != "2" {
 		t.Fatalf("moved retries %q, want 2", v)
 	}
 }
@@ -492,7 +492,7 @@ func TestClusterMovedGivesUp(t *testing.T) {
 			if joins != 1 || leaves != 5 {
 				t.Fatalf("node saw %d joins and %d leaves, want 1 and 5", joins, leaves)
 			}
-			if v := metricValue(t, gw.Addr(), `imq_gateway_moved_failures_total{reason="superseded"}`); v != "1" {
+			if v := metricValue(t, gw.InternalAddr(), `imq_gateway_moved_failures_total{reason="superseded"}`); v != "1" {
 				t.Fatalf("superseded failures %q", v)
 			}
 		})
@@ -541,7 +541,7 @@ func TestClusterQueueClosed(t *testing.T) {
 			t.Fatalf("event %v, want offset %d from the new owner", ev, off)
 		}
 	}
-	if v := metricValue(t, gw.Addr(), `imq_gateway_unsubscribed_total{reason="moved"}`); v != "1" {
+	if v := metricValue(t, gw.InternalAddr(), `imq_gateway_unsubscribed_total{reason="moved"}`); v != "1" {
 		t.Fatalf("moved unsubscriptions %q", v)
 	}
 }
@@ -574,7 +574,7 @@ func TestClusterNodeLeavesTable(t *testing.T) {
 	}
 	expectCode(t, c.join(onA, chat()), imqpb.Code_OK) // now on qb
 	var v gateway.Varz
-	getJSON(t, "http://"+gw.Addr()+"/varz", &v)
+	getJSON(t, "http://"+gw.InternalAddr()+"/varz", &v)
 	if v.TableVersion != t3.Version() || v.LinksUp != 1 || len(v.Links) != 1 || v.Links[0].Node != "qb" {
 		t.Fatalf("varz %+v", v)
 	}
@@ -604,7 +604,7 @@ func TestClusterNodeReaddressed(t *testing.T) {
 		t.Fatalf("event %v", ev)
 	}
 	var v gateway.Varz
-	getJSON(t, "http://"+gw.Addr()+"/varz", &v)
+	getJSON(t, "http://"+gw.InternalAddr()+"/varz", &v)
 	if len(v.Links) != 1 || v.Links[0].Addr != after.LinkAddr() || !v.Links[0].Up {
 		t.Fatalf("links %+v, want qa at %s", v.Links, after.LinkAddr())
 	}

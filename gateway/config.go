@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"strings"
 	"time"
@@ -17,11 +18,19 @@ import (
 // Config configures a gateway. A zero field takes its default from
 // DefaultConfig unless its comment says otherwise.
 type Config struct {
-	// Addr is the HTTP listen address serving /ws, /metrics, /healthz,
-	// /varz and /v1/table ("127.0.0.1:8080"; port 0 picks a free port, see
-	// Server.Addr). In cluster mode the bound address is advertised in the
-	// membership as is, so bind a host others can reach, not 0.0.0.0.
+	// Addr is the client listen address: /ws, the admin RPC (/rpc/v1/) and
+	// /healthz, nothing else ("127.0.0.1:8080"; port 0 picks a free port,
+	// see Server.Addr). In cluster mode it is advertised in the membership
+	// for operators to see (member.Meta.ClientAddr).
 	Addr string
+	// InternalAddr is the internal listen address, for operators and the
+	// cluster only: /metrics, /healthz, /varz, /v1/table and kicks passed
+	// on by other gateways ("127.0.0.1:8081"; port 0 picks a free port, see
+	// Server.InternalAddr). Keep it off the public network. In cluster mode
+	// it is the HTTP address advertised in the membership, where the boss
+	// reads /varz and other gateways pass on kicks; a host bound on every
+	// interface (0.0.0.0) is advertised at the gossip address's host.
+	InternalAddr string
 	// GatewayID names this gateway process to queue nodes and, in cluster
 	// mode, in the membership. Default: random.
 	GatewayID string
@@ -31,14 +40,15 @@ type Config struct {
 	QueueNode string
 	// Member, if set, runs the gateway in cluster mode: it joins the
 	// cluster's membership (role gateway, its id GatewayID, advertising
-	// Addr as its HTTP address), follows the bucket table that the boss
-	// publishes, keeps one link to each queue node in the table and routes
-	// every queue operation to the queue's owner; an operation answered
-	// MOVED is sent again, once the table caught up, without the client
-	// noticing. Until the first table arrives operations are answered
-	// UNAVAILABLE. Its Logger defaults to Logger; its OnChange, if set, runs
-	// before the gateway's own handling. nil: standalone mode, one static
-	// queue node (QueueNode) owning every queue, as in imq dev and tests.
+	// InternalAddr as its HTTP address and Addr as its client address),
+	// follows the bucket table that the boss publishes, keeps one link to
+	// each queue node in the table and routes every queue operation to the
+	// queue's owner; an operation answered MOVED is sent again, once the
+	// table caught up, without the client noticing. Until the first table
+	// arrives operations are answered UNAVAILABLE. Its Logger defaults to
+	// Logger; its OnChange, if set, runs before the gateway's own handling.
+	// nil: standalone mode, one static queue node (QueueNode) owning every
+	// queue, as in imq dev and tests.
 	Member *member.Config
 	// BossURL, in cluster mode, is where the gateway fetches the table
 	// ("http://boss.internal:7900", say behind a load balancer) instead of
@@ -132,6 +142,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Addr:             "127.0.0.1:8080",
+		InternalAddr:     "127.0.0.1:8081",
 		SendQueueBytes:   1 << 20,
 		SendQueueFrames:  4096,
 		MaxFrameBytes:    256 << 10,
@@ -168,6 +179,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Addr == "" {
 		c.Addr = d.Addr
+	}
+	if c.InternalAddr == "" {
+		c.InternalAddr = d.InternalAddr
 	}
 	set(&c.SendQueueBytes, d.SendQueueBytes)
 	set(&c.SendQueueFrames, d.SendQueueFrames)
@@ -206,6 +220,9 @@ func (c *Config) validate() error {
 		if err := c.Member.Validate(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if _, p, err := net.SplitHostPort(c.InternalAddr); err == nil && p != "0" && c.InternalAddr == c.Addr {
+		errs = append(errs, fmt.Errorf("the internal address %s must differ from the client address", c.InternalAddr))
 	}
 	switch {
 	case c.BossURL == "":

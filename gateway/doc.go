@@ -4,10 +4,15 @@
 // receives each event once per gateway and fans it out to its local
 // subscribers, encoding the client frame once for all of them.
 //
+// Listeners. The client port (Config.Addr) serves /ws, the admin RPC and
+// /healthz only; the internal listener (Config.InternalAddr), for operators
+// and the cluster, serves /metrics, /healthz, /varz, /v1/table and kicks
+// passed on by other gateways. The membership advertises the internal one.
+//
 // Routing. Standalone (Config.QueueNode), one node owns every queue. In
 // cluster mode (Config.Member) the gateway is a member of the cluster, learns
 // the bucket table from the boss (internal/tablewatch; it also serves its
-// current table at /v1/table) and keeps one link per node of the table,
+// current table at /v1/table, internally) and keeps one link per node of the table,
 // started and stopped as nodes join, leave or change address. Each request
 // carries the table version it was routed by. A node that does not own the
 // queue by its own table answers MOVED with its version: the gateway waits
@@ -27,7 +32,7 @@
 // bucket moved (QueueClosed: MOVED), whatever the table says by then.
 //
 // Admin RPC (rpc*.go; the contract is docs/openapi.json). POST
-// /rpc/v1/<method> on the same listener, authenticated by an API key
+// /rpc/v1/<method> on the client port, authenticated by an API key
 // (Config.APIKeys, compared in constant time), each call bounded by
 // RPCMaxBody, RPCTimeout and, across calls, RPCMaxInflight. Params are
 // decoded strictly and checked before anything is sent, so bad input
@@ -35,7 +40,8 @@
 // routing as client requests (rpc_call.go: backend requests, MOVED retried),
 // and the handler waits for the reply. Kick closes this gateway's sessions of
 // the user (an index of connections by user) and asks the other live gateway
-// members over the same RPC with "local": true.
+// members over the same RPC with "local": true, signed, at their internal
+// listeners.
 //
 // Auth call-out (auth_callout.go, Config.AuthURL): a connect token that is
 // not a valid JWT of this gateway is POSTed to the backend from the

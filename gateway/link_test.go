@@ -23,7 +23,7 @@ func TestSilentNodeLinkIsDropped(t *testing.T) {
 	}
 	defer ln.Close()
 	cfg := gateway.DefaultConfig()
-	cfg.Addr, cfg.Dev, cfg.QueueNode = "127.0.0.1:0", true, ln.Addr().String()
+	cfg.Addr, cfg.InternalAddr, cfg.Dev, cfg.QueueNode = "127.0.0.1:0", "127.0.0.1:0", true, ln.Addr().String()
 	cfg.LinkPingInterval, cfg.LinkTimeout = 50*time.Millisecond, 300*time.Millisecond
 	gw, err := gateway.New(cfg)
 	if err != nil {

@@ -107,7 +107,7 @@ func TestRPCConfigValidation(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := gateway.DefaultConfig()
-			cfg.Addr, cfg.Dev, cfg.QueueNode = "127.0.0.1:0", true, "127.0.0.1:1"
+			cfg.Addr, cfg.InternalAddr, cfg.Dev, cfg.QueueNode = "127.0.0.1:0", "127.0.0.1:0", true, "127.0.0.1:1"
 			c.mod(&cfg)
 			gw, err := gateway.New(cfg)
 			if gw != nil {

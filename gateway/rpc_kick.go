@@ -145,10 +145,11 @@ func (s *Server) otherGateways() []member.Peer {
 
 // kickRemote asks peer to close its sessions of the user (body: kick params
 // with local set), signed with the caller's API key (the key itself stays
-// here), and returns how many it closed.
+// here), and returns how many it closed. It posts to the peer's advertised
+// HTTP address, its internal listener, which serves RPCPath+"kick" too.
 func (s *Server) kickRemote(ctx context.Context, rc *rpcCall, peer member.Peer, body []byte) (int, error) {
 	if peer.Meta.HTTPAddr == "" {
-		return 0, fmt.Errorf("gateway %s advertises no HTTP address", peer.Meta.ID)
+		return 0, fmt.Errorf("gateway %s advertises no internal HTTP address", peer.Meta.ID)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+peer.Meta.HTTPAddr+RPCPath+"kick", bytes.NewReader(body))
 	if err != nil {

@@ -845,7 +845,7 @@ func TestRPCMetrics(t *testing.T) {
 	rpcOK(t, d, "publish", `{"queue":"/room/m","mount":"chat","data":1}`, new(publishRes))
 	rpcFail(t, d, "queue_info", `{"queue":"/room/none"}`, http.StatusNotFound, "NOT_FOUND")
 	rpcFail(t, d, "whatever", `{}`, http.StatusNotFound, "UNKNOWN_MESSAGE")
-	resp, err := http.Get("http://" + d.Gateway.Addr() + "/metrics")
+	resp, err := http.Get("http://" + d.Gateway.InternalAddr() + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -926,7 +926,7 @@ func TestRPCTimeout(t *testing.T) {
 func startRPCGateway(t *testing.T, nodeAddr string, mod func(*gateway.Config)) *gateway.Server {
 	t.Helper()
 	cfg := gateway.DefaultConfig()
-	cfg.Addr, cfg.Dev, cfg.QueueNode = "127.0.0.1:0", true, nodeAddr
+	cfg.Addr, cfg.InternalAddr, cfg.Dev, cfg.QueueNode = "127.0.0.1:0", "127.0.0.1:0", true, nodeAddr
 	cfg.APIKeys = testAPIKeys(t)
 	if mod != nil {
 		mod(&cfg)

@@ -45,9 +45,14 @@ type Server struct {
 	log      *slog.Logger
 	m        *metrics
 	ln       *limitListener
-	http     *http.Server
+	http     *http.Server // clients: /ws, /rpc/v1/, /healthz
 	upgrader websocket.Upgrader
 	maxConns int
+
+	// The internal listener (Config.InternalAddr): /metrics, /healthz,
+	// /varz, /v1/table and kicks passed on by other gateways.
+	internalLn net.Listener
+	internal   *http.Server
 
 	// Routing (cluster.go). routes is replaced whole by setTable; lookups
 	// load it without a lock.
@@ -126,6 +131,11 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("gateway: listen: %w", err)
 	}
 	s.ln = newLimitListener(ln, s.maxConns, s)
+	s.internalLn, err = net.Listen("tcp", cfg.InternalAddr)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("gateway: listen on the internal address: %w", err)
+	}
 	if cfg.Member == nil {
 		// Standalone: one node owns every bucket, for good.
 		node := bucket.Node{ID: "queuenode", LinkAddr: cfg.QueueNode}
@@ -154,29 +164,48 @@ func New(cfg Config) (*Server, error) {
 		s.log.Info("admin RPC off: no API keys configured")
 	}
 
+	// The client port shows nothing of the cluster's insides: internal
+	// addresses, the table and metrics are on the internal listener.
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /ws", s.serveWS)
 	mux.HandleFunc(RPCPath, s.serveRPC)
-	mux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
-	obs.Handle(mux, cfg.Registry, s.health, s.varz)
+	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // load balancers check the client port
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute, // keep-alive admin RPC callers; WebSockets are hijacked
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
+	imux := http.NewServeMux()
+	obs.Handle(imux, cfg.Registry, s.health, s.varz)
+	imux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
+	// Other gateways pass kicks on here (rpc_kick.go), at the admin RPC's
+	// path: a gateway of the previous release, which posts to the address
+	// a peer advertises, finds it too.
+	imux.HandleFunc("POST "+RPCPath+"kick", s.serveRPC)
+	s.internal = &http.Server{
+		Handler:           imux,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute, // keep-alive scrapers and peers
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
 	if cfg.Member != nil {
 		if err := s.startCluster(); err != nil {
 			s.cancel()
 			ln.Close()
+			s.internalLn.Close()
 			return nil, fmt.Errorf("gateway: %w", err)
 		}
 	}
 	return s, nil
 }
 
-// Addr returns the HTTP listen address.
+// Addr returns the client listen address (/ws, /rpc/v1/, /healthz).
 func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// InternalAddr returns the internal listen address (/metrics, /healthz,
+// /varz, /v1/table).
+func (s *Server) InternalAddr() string { return s.internalLn.Addr().String() }
 
 // ID returns the gateway id.
 func (s *Server) ID() string { return s.cfg.GatewayID }
@@ -203,7 +232,14 @@ func (s *Server) Run(ctx context.Context) error {
 		defer s.wg.Done()
 		s.pingLoop()
 	}()
-	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws")
+	s.wg.Add(1)
+	go func() { // ends at Shutdown
+		defer s.wg.Done()
+		if err := s.internal.Serve(s.internalLn); !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("internal listener failed; /metrics, /varz and passed-on kicks are down", "addr", s.InternalAddr(), "err", err)
+		}
+	}()
+	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws", "internal", s.InternalAddr())
 	err := s.http.Serve(s.ln)
 	if errors.Is(err, http.ErrServerClosed) {
 		<-s.shutDone
@@ -211,6 +247,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return nil
 	}
 	s.closeLinks() // the links and the watcher stop
+	s.internal.Close()
 	s.wg.Wait()
 	s.leaveCluster()
 	return fmt.Errorf("gateway: serve: %w", err)
@@ -240,6 +277,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 		s.closeLinks()
 		s.leaveCluster()
+		// The internal listener goes last: /metrics and /varz show the
+		// drain. Close: a scrape in flight is cut short rather than holding
+		// up the shutdown.
+		s.internal.Close()
+		s.internalLn.Close() // Close closes it, unless Run never got to Serve
 		s.rpcClient.CloseIdleConnections()
 		if s.auth != nil {
 			s.auth.client.CloseIdleConnections()
@@ -288,8 +330,10 @@ func (s *Server) health() error {
 
 // Varz is the gateway's JSON state at /varz.
 type Varz struct {
-	GatewayID      string `json:"gateway_id"`
+	GatewayID string `json:"gateway_id"`
+	// Addr is the client listen address, InternalAddr the internal one.
 	Addr           string `json:"addr"`
+	InternalAddr   string `json:"internal_addr"`
 	Mode           string `json:"mode"` // "standalone" or "cluster"
 	Connections    int    `json:"connections"`
 	MaxConnections int    `json:"max_connections"`
@@ -315,7 +359,7 @@ type LinkVarz struct {
 func (s *Server) varz() any {
 	r := s.routes.Load()
 	v := Varz{
-		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
+		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), InternalAddr: s.InternalAddr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
 		Queues: s.index.count(), Table: r.table.String(), TableVersion: r.table.Version(), Links: []LinkVarz{},
 	}
 	if s.cfg.Member != nil {

@@ -14,7 +14,7 @@ import (
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
-// metricValue scrapes one unlabelled metric from the gateway.
+// metricValue scrapes one metric from the gateway's internal listener at addr.
 func metricValue(t *testing.T, addr, name string) string {
 	t.Helper()
 	resp, err := http.Get("http://" + addr + "/metrics")
@@ -76,8 +76,10 @@ func TestSlowConsumerIsCutOff(t *testing.T) {
 		t.Errorf("fast clients' p99 latency %s while a slow consumer lagged", p99)
 	}
 
-	waitFor(t, 10*time.Second, func() bool { return metricValue(t, d.Gateway.Addr(), "imq_gateway_slow_consumers_total") == "1" })
-	waitFor(t, 10*time.Second, func() bool { return metricValue(t, d.Gateway.Addr(), "imq_gateway_connections") == "3" })
+	waitFor(t, 10*time.Second, func() bool {
+		return metricValue(t, d.Gateway.InternalAddr(), "imq_gateway_slow_consumers_total") == "1"
+	})
+	waitFor(t, 10*time.Second, func() bool { return metricValue(t, d.Gateway.InternalAddr(), "imq_gateway_connections") == "3" })
 
 	runtime.GC()
 	var after runtime.MemStats
@@ -88,7 +90,7 @@ func TestSlowConsumerIsCutOff(t *testing.T) {
 		t.Errorf("heap grew %d MiB: the slow consumer's backlog was not bounded", growth>>20)
 	}
 
-	if v := metricValue(t, d.Gateway.Addr(), `imq_gateway_disconnects_total{reason="slow_consumer"}`); v != "1" {
+	if v := metricValue(t, d.Gateway.InternalAddr(), `imq_gateway_disconnects_total{reason="slow_consumer"}`); v != "1" {
 		t.Errorf("slow_consumer disconnects = %q, want 1", v)
 	}
 

@@ -117,7 +117,7 @@ func (c *Cluster) start(ctx context.Context) error {
 func (c *Cluster) AddQueueNode(ctx context.Context) (*Process, error) {
 	any0 := c.cfg.Host + ":0"
 	name := fmt.Sprintf("qn-%d", len(c.Nodes)+1)
-	p := c.process(name, "queuenode", append([]string{"queuenode", "--id", name, "--link-addr", any0, "--http-addr", any0,
+	p := c.process(name, "queuenode", append([]string{"queuenode", "--id", name, "--link-addr", any0, "--internal-addr", any0,
 		"--gossip-addr", any0, "--join", c.Boss.Addr("gossip")}, c.cfg.NodeArgs...))
 	if err := c.startProcess(ctx, p); err != nil {
 		return nil, err
@@ -131,7 +131,7 @@ func (c *Cluster) AddQueueNode(ctx context.Context) (*Process, error) {
 func (c *Cluster) AddGateway(ctx context.Context, extra ...string) (*Process, error) {
 	any0 := c.cfg.Host + ":0"
 	name := fmt.Sprintf("gw-%d", len(c.Gateways)+1)
-	args := []string{"gateway", "--id", name, "--addr", any0, "--gossip-addr", any0, "--join", c.Boss.Addr("gossip")}
+	args := []string{"gateway", "--id", name, "--addr", any0, "--internal-addr", any0, "--gossip-addr", any0, "--join", c.Boss.Addr("gossip")}
 	if c.cfg.Dev {
 		args = append(args, "--dev")
 	}
@@ -161,8 +161,8 @@ func (c *Cluster) process(name, role string, args []string) *Process {
 // serving names, per role, the log lines carrying each address.
 var serving = map[string][]struct{ msg, attr, kind string }{
 	"boss":      {{"boss serving", "addr", "http"}, {"boss serving", "gossip", "gossip"}},
-	"queuenode": {{"queue node serving links", "addr", "link"}, {"queue node HTTP", "addr", "http"}, {"cluster member", "gossip", "gossip"}},
-	"gateway":   {{"gateway serving", "addr", "http"}, {"cluster member", "gossip", "gossip"}},
+	"queuenode": {{"queue node serving links", "addr", "link"}, {"queue node internal HTTP", "addr", "internal"}, {"cluster member", "gossip", "gossip"}},
+	"gateway":   {{"gateway serving", "addr", "http"}, {"gateway serving", "internal", "internal"}, {"cluster member", "gossip", "gossip"}},
 }
 
 // startProcess starts p and records its addresses. The first start asks for
@@ -174,10 +174,7 @@ func (c *Cluster) startProcess(ctx context.Context, p *Process) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	flagOf := map[string]string{"link": "--link-addr", "gossip": "--gossip-addr", "http": "--addr"}
-	if p.Role == "queuenode" {
-		flagOf["http"] = "--http-addr"
-	}
+	flagOf := map[string]string{"link": "--link-addr", "gossip": "--gossip-addr", "http": "--addr", "internal": "--internal-addr"}
 	for _, s := range serving[p.Role] {
 		l, err := p.WaitLog(ctx, s.msg)
 		if err != nil {
@@ -278,7 +275,7 @@ func (c *Cluster) routing(ctx context.Context) error {
 			TableVersion uint64 `json:"table_version"`
 			LinksUp      int    `json:"links_up"`
 		}
-		if err := getJSON(ctx, "http://"+g.Addr("http")+"/varz", &v); err != nil {
+		if err := getJSON(ctx, "http://"+g.Addr("internal")+"/varz", &v); err != nil {
 			return err
 		}
 		if v.TableVersion != t.Version || v.LinksUp != len(want) {

@@ -44,7 +44,10 @@ type Dev struct {
 }
 
 // StartDev starts the services, all serving in the background, with one
-// metrics registry served on the gateway's listener.
+// metrics registry served at /metrics on the gateway's internal listener
+// (and the queue node's). The queue node gets an internal listener of its
+// own (on a free loopback port unless QueueNode.InternalAddr says), so that
+// the boss's /v1/nodes shows its /varz as for every other member.
 func StartDev(cfg DevConfig) (*Dev, error) {
 	reg := prometheus.NewRegistry()
 	obs.Register(reg)
@@ -68,6 +71,9 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 	}
 	nc := cfg.QueueNode
 	nc.Registry, nc.Logger = reg, cfg.Logger
+	if nc.InternalAddr == "" {
+		nc.InternalAddr = "127.0.0.1:0"
+	}
 	if join != nil {
 		mc := *join
 		nc.Member = &mc
@@ -124,13 +130,13 @@ func (d *Dev) Shutdown(ctx context.Context) error {
 }
 
 // LocalDevConfig returns a one-process cluster for tests and trials: both
-// services on 127.0.0.1 with ports the OS picks, the gateway in development
-// mode (?user= accepted).
+// services on 127.0.0.1 with ports the OS picks (their internal listeners
+// too), the gateway in development mode (?user= accepted).
 func LocalDevConfig() DevConfig {
 	gc := gateway.DefaultConfig()
-	gc.Addr, gc.Dev = "127.0.0.1:0", true
+	gc.Addr, gc.InternalAddr, gc.Dev = "127.0.0.1:0", "127.0.0.1:0", true
 	nc := queuenode.DefaultConfig()
-	nc.LinkAddr = "127.0.0.1:0"
+	nc.LinkAddr, nc.InternalAddr = "127.0.0.1:0", "127.0.0.1:0"
 	return DevConfig{Gateway: gc, QueueNode: nc}
 }
 

@@ -2,6 +2,8 @@ package launch
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,4 +61,83 @@ func TestDevWithBoss(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("no event")
 	}
+}
+
+// TestDevNodesShowEveryMembersVarz: under imq dev the boss's /v1/nodes
+// shows every member with its own /varz, the queue node's included, each
+// fetched from the member's internal listener (never a gateway's client
+// port, which no longer serves /varz).
+func TestDevNodesShowEveryMembersVarz(t *testing.T) {
+	cfg := LocalDevConfig()
+	bc := boss.DefaultConfig()
+	bc.HTTPAddr, bc.Member.BindAddr = "127.0.0.1:0", "127.0.0.1:0"
+	bc.Member.Cluster = "imq-launch-nodes-test"
+	cfg.Boss = &bc
+	cfg.QueueNode.NodeID, cfg.Gateway.GatewayID = "dev-node", "dev-gw"
+	cfg.QueueNode.InternalAddr = "" // StartDev gives the node one of its own
+	d, err := StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		d.Shutdown(ctx)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if d.Node.InternalAddr() == "" {
+		t.Fatal("the dev queue node has no internal listener")
+	}
+	want := map[string]struct{ http, client, varzID string }{
+		"boss":     {d.Boss.Addr(), "", ""},
+		"dev-node": {d.Node.InternalAddr(), "", `"node_id":"dev-node"`},
+		"dev-gw":   {d.Gateway.InternalAddr(), d.Gateway.Addr(), `"gateway_id":"dev-gw"`},
+	}
+	var last string
+	for {
+		last = devNodesProblem(ctx, d, want)
+		if last == "" {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("/v1/nodes: %s", last)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// devNodesProblem says what in the boss's /v1/nodes differs from want (by
+// member id: internal HTTP address, client address, a fragment of its
+// /varz), or "" when nothing does.
+func devNodesProblem(ctx context.Context, d *Dev, want map[string]struct{ http, client, varzID string }) string {
+	var view boss.NodesView
+	if err := getJSON(ctx, "http://"+d.Boss.Addr()+"/v1/nodes", &view); err != nil {
+		return err.Error()
+	}
+	seen := map[string]bool{}
+	for _, m := range view.Members {
+		w, ok := want[m.ID]
+		switch {
+		case !ok:
+			return fmt.Sprintf("unexpected member %s", m.ID)
+		case m.VarzError != "" || len(m.Varz) == 0:
+			return fmt.Sprintf("%s (%s) has no varz: %q", m.ID, m.Role, m.VarzError)
+		case m.HTTPAddr != w.http || m.ClientAddr != w.client:
+			return fmt.Sprintf("%s advertises internal %q, client %q; want %q, %q", m.ID, m.HTTPAddr, m.ClientAddr, w.http, w.client)
+		}
+		compact := strings.Join(strings.Fields(string(m.Varz)), "")
+		if !strings.Contains(compact, strings.ReplaceAll(w.varzID, " ", "")) {
+			return fmt.Sprintf("%s's varz is not its own: %s", m.ID, compact)
+		}
+		seen[m.ID] = true
+	}
+	if len(seen) != len(want) {
+		return fmt.Sprintf("members %v, want %d", seen, len(want))
+	}
+	return ""
 }

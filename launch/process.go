@@ -147,8 +147,9 @@ func (p *Process) WaitLogFunc(ctx context.Context, msg string, match func(map[st
 }
 
 // Addr returns an address the process logged when it started serving:
-// "http" (boss API, gateway WebSockets, queue node metrics), "link" (queue
-// node) or "gossip".
+// "http" (the boss's API, a gateway's client port), "internal" (a gateway's
+// or queue node's internal listener: /metrics, /varz, /v1/table), "link"
+// (queue node) or "gossip".
 func (p *Process) Addr(kind string) string {
 	p.mu.Lock()
 	defer p.mu.Unlock()

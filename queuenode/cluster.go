@@ -38,7 +38,7 @@ func (s *Server) startCluster() error {
 		Role:     member.RoleQueueNode,
 		ID:       s.cfg.NodeID,
 		LinkAddr: s.LinkAddr(),
-		HTTPAddr: s.cfg.HTTPAddr,
+		HTTPAddr: s.InternalAddr(),
 	})
 	if err != nil {
 		return fmt.Errorf("queuenode: %w", err)

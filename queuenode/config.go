@@ -45,12 +45,15 @@ type Config struct {
 	// before the node's own handling. nil: standalone, the node owns every
 	// queue and has no table (imq queuenode without --join, imq dev, tests).
 	Member *member.Config
-	// HTTPAddr is the host:port of the HTTP listener serving HandleHTTP's
-	// mux (the caller binds it), advertised in the membership metadata as
-	// is so that the boss can read /varz and /v1/table there: a host the
-	// boss can reach, not 0.0.0.0. Empty: not advertised. Cluster mode
-	// only.
-	HTTPAddr string
+	// InternalAddr is the internal HTTP listen address, for operators and
+	// the cluster only: /metrics, /healthz, /varz and /v1/table (see
+	// HandleHTTP; "127.0.0.1:7101" in `imq queuenode`; port 0 picks a free
+	// port, see Server.InternalAddr). In cluster mode it is the HTTP
+	// address advertised in the membership, where the boss reads /varz and
+	// /v1/table; a host bound on every interface (0.0.0.0) is advertised at
+	// the gossip address's host. Empty: no internal listener (the caller
+	// may serve HandleHTTP's mux itself; the boss then shows no /varz).
+	InternalAddr string
 	// Callouts ask backends about client operations on the queues under
 	// their prefixes (see Callout and ParseCallout); for a queue under
 	// several prefixes the longest wins, and a queue under none has no

@@ -43,6 +43,10 @@ type Server struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// The internal listener (Config.InternalAddr); both nil without one.
+	internalLn net.Listener
+	internal   *http.Server
+
 	shards     [numShards]shard
 	queueCount atomic.Int64
 
@@ -94,13 +98,40 @@ func New(cfg Config) (*Server, error) {
 	s.table.Store(bucket.Empty())
 	s.m = newMetrics(cfg.Registry, s)
 	s.co = newCallouts(&s.cfg, s.m, s.log)
+	if cfg.InternalAddr != "" {
+		// Bound before joining: the membership metadata carries its address.
+		if s.internalLn, err = net.Listen("tcp", cfg.InternalAddr); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("queuenode: listen on the internal address: %w", err)
+		}
+		mux := http.NewServeMux()
+		s.HandleHTTP(mux)
+		s.internal = &http.Server{
+			Handler:           mux,
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute, // keep-alive scrapers and the boss
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		}
+	}
 	if cfg.Member != nil {
 		if err := s.startCluster(); err != nil {
 			ln.Close()
+			if s.internalLn != nil {
+				s.internalLn.Close()
+			}
 			return nil, err
 		}
 	}
 	return s, nil
+}
+
+// InternalAddr returns the internal listen address (/metrics, /healthz,
+// /varz, /v1/table), or "" without one.
+func (s *Server) InternalAddr() string {
+	if s.internalLn == nil {
+		return ""
+	}
+	return s.internalLn.Addr().String()
 }
 
 // LinkAddr returns the address gateways connect to.
@@ -134,6 +165,16 @@ func (s *Server) Run(ctx context.Context) error {
 			defer s.wg.Done()
 			s.watcher.Run(s.ctx)
 		}()
+	}
+	if s.internal != nil {
+		s.wg.Add(1)
+		go func() { // ends at Shutdown
+			defer s.wg.Done()
+			if err := s.internal.Serve(s.internalLn); !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("internal listener failed; /metrics, /varz and /v1/table are down", "addr", s.InternalAddr(), "err", err)
+			}
+		}()
+		s.log.Info("queue node internal HTTP", "addr", s.InternalAddr())
 	}
 	s.log.Info("queue node serving links", "addr", s.LinkAddr())
 	for {
@@ -181,6 +222,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 	s.cancel()
 	s.ln.Close()
+	if s.internal != nil {
+		s.internal.Close()   // a scrape in flight is cut short
+		s.internalLn.Close() // Close closes it, unless Run never got to Serve
+	}
 	for _, l := range links {
 		l.close(nil)
 	}

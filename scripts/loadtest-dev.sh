@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 go build -o bin/imq ./cmd/imq
 port=${IMQ_BENCH_PORT:-18180}
-taskset -c 0 bin/imq dev --addr 127.0.0.1:$port --link-addr 127.0.0.1:0 --log-level warn >/tmp/imq-loadtest-server.log 2>&1 &
+iport=$((port + 1)) # the gateway's internal listener: /varz
+taskset -c 0 bin/imq dev --addr 127.0.0.1:$port --internal-addr 127.0.0.1:$iport --link-addr 127.0.0.1:0 --log-level warn >/tmp/imq-loadtest-server.log 2>&1 &
 server=$!
 sampler=
 trap 'kill $sampler 2>/dev/null || true; kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
@@ -21,7 +22,7 @@ echo "server idle: RSS $(rss) KiB"
 (
 	best=0
 	while sleep 2; do
-		conns=$(curl -s http://127.0.0.1:$port/varz | awk -F'[:,]' '/"connections"/ {gsub(/ /,"",$2); print $2}')
+		conns=$(curl -s http://127.0.0.1:$iport/varz | awk -F'[:,]' '/"connections"/ {gsub(/ /,"",$2); print $2}')
 		[ -n "$conns" ] || continue
 		if [ "$conns" -ge "$best" ]; then
 			best=$conns

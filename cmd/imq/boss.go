@@ -16,7 +16,7 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	cfg := boss.DefaultConfig()
 	var join listFlag
 	var lf commonFlags
-	fs.StringVar(&cfg.HTTPAddr, "addr", cfg.HTTPAddr, "HTTP listen address for /v1/table, /v1/nodes, /metrics, /healthz and /varz")
+	fs.StringVar(&cfg.HTTPAddr, "addr", cfg.HTTPAddr, "HTTP listen address of the API: /v1/table, /v1/nodes, /metrics, /healthz and /varz (internal: for operators, gateways and queue nodes; keep it off the public network)")
 	fs.StringVar(&cfg.ID, "id", cfg.ID, "boss id in the cluster membership")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory where the bucket table is persisted, such as /var/lib/imq/boss (empty: the table does not survive a restart of the boss and is recovered from the members)")
 	fs.DurationVar(&cfg.ReconcileGrace, "reconcile-grace", cfg.ReconcileGrace, "after a restart, how long to wait to hear from the cluster before removing queue nodes the boss does not see")

@@ -57,14 +57,14 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	}
 	row(c.Boss, "api http://"+c.Boss.Addr("http")+"/v1/nodes", "gossip "+c.Boss.Addr("gossip"))
 	for _, n := range c.Nodes {
-		row(n, "link "+n.Addr("link"), "http "+n.Addr("http"))
+		row(n, "link "+n.Addr("link"), "internal http://"+n.Addr("internal")+"/varz")
 	}
 	for _, g := range c.Gateways {
 		ws := "ws://" + g.Addr("http") + "/ws"
 		if cfg.Dev {
 			ws += "?user=alice"
 		}
-		row(g, ws)
+		row(g, ws, "internal http://"+g.Addr("internal")+"/varz")
 	}
 	tw.Flush()
 	fmt.Printf("\nTry: imq loadtest --url %s\nPress Ctrl-C to stop.\n", strings.Join(c.URLs(), ","))

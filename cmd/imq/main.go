@@ -8,8 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -166,7 +164,8 @@ func (cf *calloutFlags) apply(cfg *queuenode.Config) error {
 
 // gatewayFlags binds the gateway's flags to cfg.
 func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins *listFlag) {
-	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "HTTP listen address for /ws, /metrics, /healthz and /varz")
+	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "client listen address: /ws, the admin RPC (/rpc/v1/) and /healthz")
+	fs.StringVar(&cfg.InternalAddr, "internal-addr", cfg.InternalAddr, "internal HTTP listen address for /metrics, /healthz, /varz, /v1/table and kicks passed on by other gateways; keep it off the public network")
 	fs.StringVar(secret, "jwt-secret", "", "HS256 secret that verifies connect tokens (at least 16 bytes)")
 	fs.Var(origins, "allowed-origins", "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: the request's own host)")
 	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "client connection limit (0: as many as the open-file limit allows)")
@@ -212,8 +211,10 @@ func runDev(args []string) error {
 	fs := newFlagSet("dev", `Runs a boss, a queue node and a gateway in one process, in development mode:
 clients may connect with ws://ADDR/ws?user=ID instead of a token. The three
 form a cluster as separate processes would (gossip on free loopback ports; the
-boss gives the node every bucket). Metrics of all three are on the gateway's
-/metrics; the boss's API is at --boss-addr.`)
+boss gives the node every bucket). Clients use --addr (/ws, /rpc/v1/,
+/healthz). Metrics of all three are at /metrics on the gateway's internal
+listener, --internal-addr, beside its /varz; the queue node's /varz is on a
+free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	gc, nc, bc := gateway.DefaultConfig(), queuenode.DefaultConfig(), boss.DefaultConfig()
 	fs.StringVar(&bc.HTTPAddr, "boss-addr", bc.HTTPAddr, "HTTP listen address of the boss's API (/v1/nodes, /v1/table)")
 	var secret string
@@ -261,7 +262,7 @@ boss gives the node every bucket). Metrics of all three are on the gateway's
 	}
 	fmt.Printf("imq %s: development cluster running (no token needed)\n", versionString())
 	fmt.Printf("  WebSocket:  %s?user=alice   (subprotocol imq.v1 or imq.v1.json)\n", d.URL())
-	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz\n", d.Gateway.Addr())
+	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz   (internal)\n", d.Gateway.InternalAddr())
 	fmt.Printf("  Boss:       http://%s/v1/nodes   table: /v1/table\n", d.Boss.Addr())
 	if n := len(gc.APIKeys); n > 0 {
 		fmt.Printf("  Admin RPC:  POST http://%s/rpc/v1/<method>   (%d API key(s))\n", d.Gateway.Addr(), n)
@@ -271,7 +272,7 @@ boss gives the node every bucket). Metrics of all three are on the gateway's
 	for _, c := range nc.Callouts {
 		fmt.Printf("  Call-outs:  %s → %s\n", c.Prefix, c.URL)
 	}
-	fmt.Printf("  Queue node: %s (link)\n", d.Node.LinkAddr())
+	fmt.Printf("  Queue node: %s (link)   state: http://%s/varz\n", d.Node.LinkAddr(), d.Node.InternalAddr())
 	fmt.Println("Press Ctrl-C to stop.")
 	ctx, stop := signalContext()
 	defer stop()
@@ -343,12 +344,13 @@ func runQueueNode(args []string) error {
 queues in them (moved or unknown ones are answered "moved"). Without --join it
 is standalone and serves every queue.`)
 	cfg := queuenode.DefaultConfig()
-	var httpAddr string
+	var legacyHTTPAddr string
 	var join listFlag
 	var lf commonFlags
 	mc := member.DefaultConfig()
 	fs.StringVar(&cfg.NodeID, "id", "", "node id, unique and stable in the cluster (default: node-<link address>)")
-	fs.StringVar(&httpAddr, "http-addr", "127.0.0.1:7101", "HTTP listen address for /metrics, /healthz, /varz and /v1/table (empty: none)")
+	fs.StringVar(&cfg.InternalAddr, "internal-addr", "127.0.0.1:7101", "internal HTTP listen address for /metrics, /healthz, /varz and /v1/table; keep it off the public network (empty: none)")
+	fs.StringVar(&legacyHTTPAddr, "http-addr", "", "deprecated: the old name of --internal-addr")
 	var cf calloutFlags
 	nodeFlags(fs, &cfg)
 	cf.register(fs, &cfg)
@@ -360,23 +362,25 @@ is standalone and serves every queue.`)
 	if err := cf.apply(&cfg); err != nil {
 		return err
 	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true }) // flags and IMQ_* variables given
+	if set["http-addr"] {
+		if set["internal-addr"] && legacyHTTPAddr != cfg.InternalAddr {
+			return errors.New("give --internal-addr or its deprecated name --http-addr, not both")
+		}
+		cfg.InternalAddr = legacyHTTPAddr
+	}
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
 	defer stopProfiling()
+	if set["http-addr"] {
+		log.Warn("--http-addr (IMQ_HTTP_ADDR) is deprecated; use --internal-addr (IMQ_INTERNAL_ADDR)")
+	}
 	cfg.Logger = log
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
-	var ln net.Listener
-	if httpAddr != "" {
-		// Bound first: the node's membership metadata carries its address.
-		if ln, err = net.Listen("tcp", httpAddr); err != nil {
-			return fmt.Errorf("listen for HTTP: %w", err)
-		}
-		defer ln.Close()
-		cfg.HTTPAddr = ln.Addr().String()
-	}
 	if len(join) > 0 {
 		mc.Join, mc.Logger = join, log
 		cfg.Member = &mc
@@ -387,14 +391,6 @@ is standalone and serves every queue.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	if ln != nil {
-		mux := http.NewServeMux()
-		node.HandleHTTP(mux)
-		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
-		go srv.Serve(ln)
-		defer srv.Close()
-		log.Info("queue node HTTP", "addr", ln.Addr().String())
-	}
 	return serve(ctx, log, node.Run, node.Shutdown)
 }
 

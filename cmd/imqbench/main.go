@@ -47,6 +47,7 @@ func main() {
 
 type config struct {
 	url        string
+	metricsURL string
 	pid        int
 	rooms      int
 	subs       int
@@ -63,6 +64,7 @@ func run() error {
 	var cfg config
 	var rates string
 	flag.StringVar(&cfg.url, "url", "ws://127.0.0.1:8080/ws", "gateway WebSocket URL (a development-mode gateway: bots use ?user=)")
+	flag.StringVar(&cfg.metricsURL, "metrics-url", "http://127.0.0.1:8081/metrics", "the server's /metrics, on the gateway's internal listener (imq dev --internal-addr)")
 	flag.IntVar(&cfg.pid, "server-pid", 0, "PID of the server process, for CPU and RSS from /proc (required)")
 	flag.IntVar(&cfg.rooms, "rooms", 100, "rooms")
 	flag.IntVar(&cfg.subs, "subs", 100, "subscribers per room")
@@ -111,7 +113,7 @@ func run() error {
 	n := cfg.rooms * (cfg.subs + 1)
 	fmt.Printf("\nserver RSS: %d KiB before, %d KiB with %d idle joined connections, %s after the last joined: %.2f KiB per connection\n",
 		rssBase, rss, n, cfg.settle, float64(rss-rssBase)/float64(n))
-	if heap, stack, err := goMemory(cfg.url); err == nil {
+	if heap, stack, err := goMemory(cfg.metricsURL); err == nil {
 		fmt.Printf("of which Go heap in use %.2f KiB and goroutine stacks %.2f KiB per connection (from /metrics)\n\n",
 			heap/1024/float64(n), stack/1024/float64(n))
 	}
@@ -575,13 +577,9 @@ func cpuTime(pid string) (time.Duration, error) {
 }
 
 // goMemory reads the server's heap and stack bytes in use from its /metrics
-// (on the gateway's listener, as imq dev serves it).
-func goMemory(wsURL string) (heap, stack float64, err error) {
-	u, err := url.Parse(wsURL)
-	if err != nil {
-		return 0, 0, err
-	}
-	resp, err := http.Get("http://" + u.Host + "/metrics")
+// (on the gateway's internal listener, as imq dev serves it).
+func goMemory(metricsURL string) (heap, stack float64, err error) {
+	resp, err := http.Get(metricsURL)
 	if err != nil {
 		return 0, 0, err
 	}

@@ -44,9 +44,14 @@ type Meta struct {
 	ID   string `json:"id"`
 	// LinkAddr is where a queue node takes gateway links.
 	LinkAddr string `json:"link,omitempty"`
-	// HTTPAddr serves /healthz, /varz and /v1/table (the boss's API; a
-	// gateway's WebSockets).
+	// HTTPAddr is the member's internal HTTP address: /healthz, /varz,
+	// /metrics and /v1/table (the boss's API; a gateway's and a queue node's
+	// internal listener, where the boss fetches /varz and a gateway passes
+	// on kicks). Never a client-facing address.
 	HTTPAddr string `json:"http,omitempty"`
+	// ClientAddr is where a gateway serves clients (/ws, /rpc/v1/), for
+	// operators to see; empty for other roles.
+	ClientAddr string `json:"client,omitempty"`
 	// Started (Unix ms) tells two incarnations of one id apart: the newer
 	// wins.
 	Started int64 `json:"started"`
@@ -259,6 +264,7 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 	before := m.meta
 	m.meta.LinkAddr = reachable(m.meta.LinkAddr, n.Addr)
 	m.meta.HTTPAddr = reachable(m.meta.HTTPAddr, n.Addr)
+	m.meta.ClientAddr = reachable(m.meta.ClientAddr, n.Addr)
 	changed := m.meta != before
 	m.mu.Unlock()
 	if changed { // before joining anyone: nobody has seen the old metadata

@@ -160,6 +160,10 @@ func TestUnspecifiedAddressesAreAdvertisedReachable(t *testing.T) {
 	if m := node.Meta(); m.LinkAddr != "127.0.0.1:7100" || m.HTTPAddr != "127.0.0.1:7101" {
 		t.Fatalf("advertised %q and %q", m.LinkAddr, m.HTTPAddr)
 	}
+	gw := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleGateway, ID: "gw-1", HTTPAddr: "0.0.0.0:8081", ClientAddr: "[::]:8080"})
+	if m := gw.Meta(); m.HTTPAddr != "127.0.0.1:8081" || m.ClientAddr != "127.0.0.1:8080" {
+		t.Fatalf("gateway advertised internal %q, client %q", m.HTTPAddr, m.ClientAddr)
+	}
 	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool {
 		p, ok := find(boss.Peers(), "qn-1")
 		return ok && p.Meta.LinkAddr == "127.0.0.1:7100"

@@ -1,6 +1,9 @@
 // Package obs holds the observability endpoints every IMQ process serves on
-// its HTTP listener: /metrics (Prometheus), /healthz and /varz (cheap JSON
-// state, after nats-server's). It imports no IMQ package.
+// its internal HTTP listener (the boss's API, a gateway's or a queue node's
+// --internal-addr), never on a client-facing one: /metrics (Prometheus),
+// /healthz and /varz (cheap JSON state, after nats-server's), which show
+// internal addresses and load. Only /healthz may also be served to clients
+// (HealthHandler), for load balancers. It imports no IMQ package.
 package obs
 
 import (
@@ -28,7 +31,19 @@ func Register(reg *prometheus.Registry) {
 // process is ready to serve; varz returns a JSON-encodable snapshot.
 func Handle(mux *http.ServeMux, reg *prometheus.Registry, health func() error, varz func() any) {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("GET /healthz", HealthHandler(health))
+	mux.HandleFunc("GET /varz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(varz())
+	})
+}
+
+// HealthHandler answers /healthz: 200 {"status": "ok"} when health returns
+// nil, else 503 with its error.
+func HealthHandler(health func() error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		if err := health(); err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -36,13 +51,7 @@ func Handle(mux *http.ServeMux, reg *prometheus.Registry, health func() error, v
 			return
 		}
 		json.NewEncoder(w).Encode(map[string]string{"status": "ok"})
-	})
-	mux.HandleFunc("GET /varz", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		enc.Encode(varz())
-	})
+	}
 }
 
 // HandleProfiling adds the runtime profiles (net/http/pprof) under

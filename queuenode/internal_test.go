@@ -1,0 +1,61 @@
+package queuenode
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"testing"
+
+	"github.com/imq-dev/imq/internal/tablewatch"
+)
+
+// TestInternalListener: with InternalAddr the node serves /metrics,
+// /healthz, /varz and /v1/table itself, advertises that address in the
+// membership (where the boss reads /varz), and stops serving at Shutdown.
+func TestInternalListener(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NodeID, cfg.Member, cfg.InternalAddr = "qn-int", testMemberConfig(), "127.0.0.1:0"
+	s := startNode(t, cfg)
+	addr := s.InternalAddr()
+	if addr == "" {
+		t.Fatal("no internal address")
+	}
+	if got := s.member.Load().Meta().HTTPAddr; got != addr {
+		t.Fatalf("membership advertises HTTP address %q, want the internal %s", got, addr)
+	}
+	for _, path := range []string{"/metrics", "/healthz", "/varz", tablewatch.Path} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %s", path, resp.Status)
+		}
+		if path == "/varz" {
+			var v Varz
+			if err := json.Unmarshal(body, &v); err != nil || v.NodeID != "qn-int" {
+				t.Fatalf("/varz %s (%v)", body, err)
+			}
+		}
+	}
+	if err := s.Shutdown(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := http.Get("http://" + addr + "/varz"); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the internal listener still answers after Shutdown: %s", resp.Status)
+	}
+}
+
+// TestNoInternalListener: without InternalAddr nothing is bound or
+// advertised.
+func TestNoInternalListener(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NodeID, cfg.Member = "qn-none", testMemberConfig()
+	s := startNode(t, cfg)
+	if s.InternalAddr() != "" || s.member.Load().Meta().HTTPAddr != "" {
+		t.Fatalf("internal address %q, advertised %q; want none", s.InternalAddr(), s.member.Load().Meta().HTTPAddr)
+	}
+}
