@@ -111,7 +111,7 @@ func newAggregator(cfg Config) *aggregator {
 		cfg:   cfg,
 		start: now,
 		report: &Report{
-			URL: cfg.URL, Scenario: cfg.Scenario, Workers: cfg.Workers, RunID: cfg.RunID,
+			URL: cfg.URL, Scenario: cfg.Scenario, Workers: cfg.Workers, RunID: cfg.RunID, AbortErrors: cfg.AbortErrors,
 			Started: now, BotsPlanned: cfg.Scenario.Bots(), TrackLimit: cfg.TrackLimit,
 			Errors: map[string]int64{}, Disconnects: map[string]int64{}, Violations: map[string]int64{},
 			Latency: map[string]LatencySummary{},
@@ -136,6 +136,9 @@ func (a *aggregator) add(src int, t *Tick) {
 	mergeSnap(a.winHist, t.Deliver)
 	if t.RampStopped != "" && r.RampStopped == "" {
 		r.RampStopped = t.RampStopped
+	}
+	if t.ConnectError != "" && r.ConnectError == "" {
+		r.ConnectError = t.ConnectError
 	}
 }
 
@@ -199,6 +202,9 @@ func (a *aggregator) progress(p Point) {
 
 // abortCheck returns why the run must stop, or "".
 func (a *aggregator) abortCheck() string {
+	if c := a.report.Counters; c.Connects == 0 && c.ConnectFailed >= int64(min(a.report.BotsPlanned, minAbortRequests)) {
+		return a.report.noConnectText()
+	}
 	if time.Since(a.start) < a.cfg.AbortGrace {
 		return ""
 	}

@@ -15,13 +15,17 @@ func TestLoadScenario(t *testing.T) {
 	tests := []struct {
 		name, json string
 		wantErr    string
-		check      func(Scenario) bool
+		check      func(File) bool
 	}{
 		{"overrides", `{"rooms": 2, "bots_per_room": 3, "duration": "5s", "chat_rate": 0.5}`, "",
-			func(s Scenario) bool {
-				return s.Rooms == 2 && s.BotsPerRoom == 3 && s.Duration == Duration(5*time.Second) && s.ChatRate == 0.5 && s.Namespace == "/dark"
+			func(s File) bool {
+				return s.Rooms == 2 && s.BotsPerRoom == 3 && s.Duration == Duration(5*time.Second) && s.ChatRate == 0.5 && s.Namespace == "/dark" && s.URL == ""
 			}},
-		{"duration in seconds", `{"duration": 1.5}`, "", func(s Scenario) bool { return s.Duration == Duration(1500*time.Millisecond) }},
+		{"duration in seconds", `{"duration": 1.5}`, "", func(s File) bool { return s.Duration == Duration(1500*time.Millisecond) }},
+		{"url", `{"url": "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws", "rooms": 3}`, "",
+			func(s File) bool { return s.URL == "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws" && s.Rooms == 3 }},
+		{"bad url", `{"url": "http://127.0.0.1:9/ws"}`, "want ws://", nil},
+		{"two values", `{"rooms": 2} {"rooms": 3}`, "more than one", nil},
 		{"unknown field", `{"roms": 2}`, "unknown field", nil},
 		{"bad duration", `{"duration": "soon"}`, "duration", nil},
 		{"zero rooms", `{"rooms": 0}`, "rooms", nil},
@@ -167,17 +171,26 @@ func TestVerifyRoom(t *testing.T) {
 		want    VerifyResult
 	}{
 		{"all delivered", [][]interval{{{Lo: 1, Hi: 13, Got: []uint64{2, 3, 5, 7, 9, 12}}}},
-			VerifyResult{Expected: 6, Delivered: 6, Intervals: 1}},
+			VerifyResult{Expected: 6, Delivered: 6, Intervals: 1, InWindow: 6}},
 		{"bounds are exclusive", [][]interval{{{Lo: 3, Hi: 9, Got: []uint64{5, 7}}}},
-			VerifyResult{Expected: 2, Delivered: 2, Intervals: 1}},
+			VerifyResult{Expected: 2, Delivered: 2, Intervals: 1, InWindow: 2}},
 		{"missing and duplicated", [][]interval{{{Lo: 1, Hi: 13, Got: []uint64{2, 3, 3, 7, 9}}}},
-			VerifyResult{Expected: 6, Delivered: 3, Missing: 2, Duplicated: 1, Intervals: 1}},
+			VerifyResult{Expected: 6, Delivered: 3, Missing: 2, Duplicated: 1, Intervals: 1, InWindow: 5}},
 		{"untracked and outside", [][]interval{{{Lo: 4, Hi: 8, Got: []uint64{2, 5, 6, 7}}}},
-			VerifyResult{Expected: 2, Delivered: 2, Untracked: 1, Intervals: 1}},
+			VerifyResult{Expected: 2, Delivered: 2, Untracked: 1, Intervals: 1, InWindow: 3}},
 		{"two members, churn", [][]interval{
 			{{Lo: 1, Hi: 6, Got: []uint64{2, 3, 5}}, {Lo: 8, Hi: 13, Got: []uint64{9, 12}}},
 			{{Lo: 6, Hi: 10, Got: []uint64{7}}}},
-			VerifyResult{Expected: 7, Delivered: 6, Missing: 1, Intervals: 3}},
+			VerifyResult{Expected: 7, Delivered: 6, Missing: 1, Intervals: 3, InWindow: 6}},
+		// The closing update (13) did not come back: the receiver got up to
+		// 5, so 2 and 3 are lost only if skipped; 7, 9 and 12 are in
+		// flight, not missing.
+		{"in flight at the end", [][]interval{{{Lo: 1, Hi: 6, Want: 13, Got: []uint64{3, 5}}}},
+			VerifyResult{Expected: 3, Delivered: 2, Missing: 1, Intervals: 1, InFlight: 3, Unconfirmed: 1, InWindow: 2}},
+		// Nothing arrived after the join's own update (4): every later
+		// publish before the closing update is in flight.
+		{"nothing arrived", [][]interval{{{Lo: 4, Hi: 4, Want: 10}}},
+			VerifyResult{InFlight: 3, Unconfirmed: 1}},
 		{"empty and unknown bounds", [][]interval{{{Lo: 5, Hi: 6}, {Lo: ^uint64(0), Hi: 3}}}, VerifyResult{}},
 	}
 	for _, tt := range tests {
