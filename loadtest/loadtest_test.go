@@ -18,6 +18,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
 )
 
@@ -398,5 +399,83 @@ func TestMintToken(t *testing.T) {
 		if aud == "" && len(claims.Audience) != 0 || aud != "" && (len(claims.Audience) != 1 || claims.Audience[0] != aud) {
 			t.Errorf("aud %q: token carries aud %v", aud, claims.Audience)
 		}
+	}
+}
+
+// startGateway starts another gateway of d's cluster (standalone: wired to
+// its queue node) and returns its URL.
+func startGateway(t *testing.T, d *launch.Dev) string {
+	t.Helper()
+	gc := launch.LocalDevConfig().Gateway
+	gc.JWTSecret = []byte("loadtest-secret-0123456789")
+	gc.QueueNode = d.Node.LinkAddr()
+	gw, err := gateway.New(gc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- gw.Run(context.Background()) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		gw.Shutdown(ctx)
+		<-done
+	})
+	return "ws://" + gw.Addr() + "/ws"
+}
+
+// Every scenario shipped in examples/loadtest parses, and runs (shorter
+// and smaller, its rates and namespace kept) against an in-process cluster
+// with as many gateways as its url names, without a violation.
+func TestExampleScenarios(t *testing.T) {
+	files, err := filepath.Glob("../examples/loadtest/*.json")
+	if err != nil || len(files) < 3 {
+		t.Fatalf("example scenarios: %v, %v; want at least 3", files, err)
+	}
+	d := startDev(t)
+	urls := []string{d.URL()}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			f, err := os.Open(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fromFile, err := LoadScenario(f, DefaultScenario())
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := DefaultConfig()
+			if fromFile.URL == "" {
+				t.Fatalf("%s sets no url", file)
+			}
+			cfg.URL = fromFile.URL
+			if err := cfg.validate(); err != nil {
+				t.Fatalf("%s: %v", file, err)
+			}
+			n := len(cfg.URLs())
+			for len(urls) < n {
+				urls = append(urls, startGateway(t, d))
+			}
+			cfg = smallConfig(strings.Join(urls[:n], ","))
+			cfg.Scenario = fromFile.Scenario
+			cfg.Scenario.Rooms = min(cfg.Scenario.Rooms, 2)
+			cfg.Scenario.BotsPerRoom = min(cfg.Scenario.BotsPerRoom, 4)
+			cfg.Scenario.Duration, cfg.Scenario.RampRate = Duration(1500*time.Millisecond), 0
+			r, err := Run(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Err(); err != nil {
+				t.Fatalf("%v\n%s", err, summaryText(t, r))
+			}
+			bots := int64(cfg.Scenario.Bots())
+			if r.Counters.Connects != bots || r.TotalViolations() != 0 || r.Scenario.Namespace != fromFile.Namespace {
+				t.Errorf("connects %d of %d, violations %v, namespace %q", r.Counters.Connects, bots, r.Violations, r.Scenario.Namespace)
+			}
+			if fromFile.ChatRate > 0 && (r.Counters.Publishes == 0 || r.Verify.Delivered != r.Verify.Expected) {
+				t.Errorf("publishes %d, verify %+v", r.Counters.Publishes, r.Verify)
+			}
+		})
 	}
 }
