@@ -180,6 +180,11 @@ func TestRunInvariants(t *testing.T) {
 	if len(r.Series) < 2 {
 		t.Errorf("series has %d points; want at least 2", len(r.Series))
 	}
+	// The first point holds the engine's first second (every bot connects
+	// at once), not an empty window drawn as 0 before it.
+	if p := r.Series[0]; p.Connected != 12 || p.T < 0.5 || p.T > 1.5 {
+		t.Errorf("first point %+v: want t≈1s and the 12 bots connected", p)
+	}
 	if !strings.Contains(out.String(), "deliv/s") {
 		t.Errorf("no progress lines in output %q", out.String())
 	}

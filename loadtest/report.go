@@ -81,11 +81,15 @@ type Point struct {
 	Connected        int64   `json:"connected"`
 	PublishesPerSec  float64 `json:"publishes_per_second"`
 	DeliveriesPerSec float64 `json:"deliveries_per_second"`
-	P50Ms            float64 `json:"p50_ms"`
-	P99Ms            float64 `json:"p99_ms"`
-	MaxMs            float64 `json:"max_ms"`
-	Requests         int64   `json:"requests"`
-	Failed           int64   `json:"failed"`
+	// LatencySamples counts the deliveries P50Ms, P99Ms and MaxMs
+	// summarize; with none, they are 0 and mean nothing (charts leave a
+	// gap).
+	LatencySamples int64   `json:"latency_samples"`
+	P50Ms          float64 `json:"p50_ms"`
+	P99Ms          float64 `json:"p99_ms"`
+	MaxMs          float64 `json:"max_ms"`
+	Requests       int64   `json:"requests"`
+	Failed         int64   `json:"failed"`
 }
 
 var tablePercentiles = []float64{50, 75, 90, 95, 99, 99.9, 99.99, 100}
