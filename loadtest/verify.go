@@ -46,8 +46,8 @@ type VerifyResult struct {
 	// violations.
 	InFlight int64 `json:"in_flight"`
 	// Unconfirmed counts the intervals whose closing update did not come
-	// back in time (--settle-timeout during the run, --drain at its end):
-	// those the in-flight messages belong to.
+	// back in time (SettleTimeout before a churning bot leaves, Drain at
+	// the end of the run): those the in-flight messages belong to.
 	Unconfirmed int64 `json:"unconfirmed"`
 	// InWindow counts the chat events received inside the checked
 	// intervals, extra copies included; Counters.Deliveries minus InWindow
