@@ -126,7 +126,7 @@ func (b *bot) connect(load context.Context) bool {
 	c, err := client.Dial(ctx, e.urls[b.id%len(e.urls)], opts...)
 	if err != nil {
 		if load.Err() == nil {
-			e.st.connectFailure(fmt.Errorf("%s: %w", e.urls[b.id%len(e.urls)], err))
+			e.st.connectFailure(connectError(e.urls[b.id%len(e.urls)], e.cfg.ConnectTimeout, err))
 			e.log.Debug("bot could not connect", "user", b.user, "err", err)
 		}
 		return false
@@ -135,6 +135,23 @@ func (b *bot) connect(load context.Context) bool {
 	e.st.connects.Add(1)
 	b.c = c
 	return true
+}
+
+// connectError says why a bot could not connect to url: for a timeout,
+// within how long and what the last attempt met (the client retries until
+// then), such as a refused TCP connection.
+func connectError(url string, timeout time.Duration, err error) error {
+	if !errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: %w", url, err)
+	}
+	if m, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, cause := range m.Unwrap() {
+			if !errors.Is(cause, context.DeadlineExceeded) {
+				return fmt.Errorf("%s: not connected within %v; last attempt: %w", url, timeout, cause)
+			}
+		}
+	}
+	return fmt.Errorf("%s: not connected within %v", url, timeout)
 }
 
 // mintToken returns an HS256 JWT whose sub is user, expiring after ttl,

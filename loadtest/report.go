@@ -119,7 +119,7 @@ func (r *Report) TotalViolations() int64 {
 
 // noConnectText says that no bot could connect, and why the first failed.
 func (r *Report) noConnectText() string {
-	return fmt.Sprintf("no bot could connect (%d tried, each for up to --connect-timeout); the first: %s", r.Counters.ConnectFailed, r.ConnectError)
+	return fmt.Sprintf("no bot could connect (%d tried); the first: %s", r.Counters.ConnectFailed, r.ConnectError)
 }
 
 // Err says why the run failed, or returns nil if it passed: it aborted
