@@ -388,14 +388,7 @@ func (b *bot) converge() {
 		time.Sleep(20 * time.Millisecond)
 	}
 	for _, o := range peers {
-		b.state.Checked++
-		switch {
-		case bytes.Equal(mirror[o.user], o.lastValue):
-			b.state.Converged++
-		case reached < o.lastVersion:
-			b.state.Behind++
-		default:
-			b.state.Diverged++
+		if b.state.addPair(mirror[o.user], o.lastValue, reached, o.lastVersion) == pairDiverged {
 			e.st.violation("state_diverged")
 		}
 	}

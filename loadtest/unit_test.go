@@ -360,3 +360,27 @@ func TestChartData(t *testing.T) {
 		t.Errorf("svg has %d polylines; want p50 and p99 from t=2s on", n)
 	}
 }
+
+func TestStatePairs(t *testing.T) {
+	var s StateResult
+	v1, v2 := []byte(`{"n":1}`), []byte(`{"n":2}`)
+	for _, tt := range []struct {
+		have, want       []byte
+		reached, version uint64
+		out              pairOutcome
+	}{
+		{v2, v2, 10, 10, pairConverged},
+		{v2, v2, 3, 10, pairConverged}, // in the join's snapshot
+		{v1, v2, 9, 10, pairBehind},    // the update is not here yet
+		{nil, v2, 9, 10, pairBehind},
+		{v1, v2, 10, 10, pairDiverged}, // the bot is past it: skipped
+		{nil, v2, 12, 10, pairDiverged},
+	} {
+		if got := s.addPair(tt.have, tt.want, tt.reached, tt.version); got != tt.out {
+			t.Errorf("have %s, want %s, reached %d, version %d: %v; want %v", tt.have, tt.want, tt.reached, tt.version, got, tt.out)
+		}
+	}
+	if s != (StateResult{Checked: 6, Converged: 2, Behind: 2, Diverged: 2}) {
+		t.Errorf("counts %+v", s)
+	}
+}

@@ -1,6 +1,7 @@
 package loadtest
 
 import (
+	"bytes"
 	"slices"
 	"sort"
 )
@@ -138,6 +139,35 @@ type StateResult struct {
 	// or past the other bot's last version when the drain ended: the
 	// update was in flight (late or lost). Not a violation.
 	Behind int64 `json:"behind"`
+}
+
+// pairOutcome is how one bot's mirror compares with another bot's last
+// value.
+type pairOutcome int
+
+const (
+	pairConverged pairOutcome = iota
+	pairBehind
+	pairDiverged
+)
+
+// addPair counts one (bot, other bot) pair: have is the bot's mirror of
+// the other's key, want the other's last confirmed value at version;
+// reached is the highest offset the bot had received before reading have.
+// A wrong value is behind (in flight) while reached is below version, and
+// diverged once it is not: the update should have arrived, in order.
+func (s *StateResult) addPair(have, want []byte, reached, version uint64) pairOutcome {
+	s.Checked++
+	switch {
+	case bytes.Equal(have, want):
+		s.Converged++
+		return pairConverged
+	case reached < version:
+		s.Behind++
+		return pairBehind
+	}
+	s.Diverged++
+	return pairDiverged
 }
 
 func (s *StateResult) add(o StateResult) {
