@@ -90,10 +90,10 @@ func DefaultScenario() Scenario {
 	}
 }
 
-// File is a scenario file (--scenario FILE): the scenario's fields and,
+// ScenarioFile is a scenario file (--scenario FILE): the scenario's fields and,
 // optionally, the target, all named as the command's flags with
 // underscores.
-type File struct {
+type ScenarioFile struct {
 	// URL, when set, is the gateway URL (or comma-separated URLs), as
 	// --url.
 	URL string `json:"url,omitempty"`
@@ -103,20 +103,20 @@ type File struct {
 // LoadScenario reads a JSON scenario file on top of base: fields absent
 // from the file keep base's values, and URL is empty unless the file sets
 // it. Unknown fields are an error, to catch typos.
-func LoadScenario(r io.Reader, base Scenario) (File, error) {
+func LoadScenario(r io.Reader, base Scenario) (ScenarioFile, error) {
 	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
-	f := File{Scenario: base}
+	f := ScenarioFile{Scenario: base}
 	if err := dec.Decode(&f); err != nil {
-		return File{Scenario: base}, fmt.Errorf("scenario: %w", err)
+		return ScenarioFile{Scenario: base}, fmt.Errorf("scenario: %w", err)
 	}
 	if dec.More() {
-		return File{Scenario: base}, errors.New("scenario: more than one JSON value")
+		return ScenarioFile{Scenario: base}, errors.New("scenario: more than one JSON value")
 	}
 	if f.URL != "" {
 		for u := range strings.SplitSeq(f.URL, ",") {
 			if err := CheckTarget(strings.TrimSpace(u), true); err != nil {
-				return File{Scenario: base}, fmt.Errorf("scenario: %w", err)
+				return ScenarioFile{Scenario: base}, fmt.Errorf("scenario: %w", err)
 			}
 		}
 	}

@@ -17,15 +17,15 @@ func TestLoadScenario(t *testing.T) {
 	tests := []struct {
 		name, json string
 		wantErr    string
-		check      func(File) bool
+		check      func(ScenarioFile) bool
 	}{
 		{"overrides", `{"rooms": 2, "bots_per_room": 3, "duration": "5s", "chat_rate": 0.5}`, "",
-			func(s File) bool {
+			func(s ScenarioFile) bool {
 				return s.Rooms == 2 && s.BotsPerRoom == 3 && s.Duration == Duration(5*time.Second) && s.ChatRate == 0.5 && s.Namespace == "/dark" && s.URL == ""
 			}},
-		{"duration in seconds", `{"duration": 1.5}`, "", func(s File) bool { return s.Duration == Duration(1500*time.Millisecond) }},
+		{"duration in seconds", `{"duration": 1.5}`, "", func(s ScenarioFile) bool { return s.Duration == Duration(1500*time.Millisecond) }},
 		{"url", `{"url": "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws", "rooms": 3}`, "",
-			func(s File) bool { return s.URL == "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws" && s.Rooms == 3 }},
+			func(s ScenarioFile) bool { return s.URL == "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws" && s.Rooms == 3 }},
 		{"bad url", `{"url": "http://127.0.0.1:9/ws"}`, "want ws://", nil},
 		{"two values", `{"rooms": 2} {"rooms": 3}`, "more than one", nil},
 		{"unknown field", `{"roms": 2}`, "unknown field", nil},
