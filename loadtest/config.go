@@ -90,9 +90,9 @@ func DefaultScenario() Scenario {
 	}
 }
 
-// ScenarioFile is a scenario file (--scenario FILE): the scenario's fields and,
-// optionally, the target, all named as the command's flags with
-// underscores.
+// ScenarioFile is a scenario file (--scenario FILE): the scenario's
+// fields and, optionally, the target, all named as the command's flags
+// with underscores.
 type ScenarioFile struct {
 	// URL, when set, is the gateway URL (or comma-separated URLs), as
 	// --url.
