@@ -90,16 +90,37 @@ func DefaultScenario() Scenario {
 	}
 }
 
-// LoadScenario reads a JSON scenario on top of base: fields absent from the
-// file keep base's values. Unknown fields are an error, to catch typos.
-func LoadScenario(r io.Reader, base Scenario) (Scenario, error) {
+// ScenarioFile is a scenario file (--scenario FILE): the scenario's
+// fields and, optionally, the target, all named as the command's flags
+// with underscores.
+type ScenarioFile struct {
+	// URL, when set, is the gateway URL (or comma-separated URLs), as
+	// --url.
+	URL string `json:"url,omitempty"`
+	Scenario
+}
+
+// LoadScenario reads a JSON scenario file on top of base: fields absent
+// from the file keep base's values, and URL is empty unless the file sets
+// it. Unknown fields are an error, to catch typos.
+func LoadScenario(r io.Reader, base Scenario) (ScenarioFile, error) {
 	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
-	s := base
-	if err := dec.Decode(&s); err != nil {
-		return base, fmt.Errorf("scenario: %w", err)
+	f := ScenarioFile{Scenario: base}
+	if err := dec.Decode(&f); err != nil {
+		return ScenarioFile{Scenario: base}, fmt.Errorf("scenario: %w", err)
 	}
-	return s, s.validate()
+	if dec.More() {
+		return ScenarioFile{Scenario: base}, errors.New("scenario: more than one JSON value")
+	}
+	if f.URL != "" {
+		for u := range strings.SplitSeq(f.URL, ",") {
+			if err := CheckTarget(strings.TrimSpace(u), true); err != nil {
+				return ScenarioFile{Scenario: base}, fmt.Errorf("scenario: %w", err)
+			}
+		}
+	}
+	return f, f.Scenario.validate()
 }
 
 func (s Scenario) validate() error {
@@ -139,8 +160,16 @@ type Config struct {
 	// Secret, when set, mints each bot an HS256 JWT with sub = its user id;
 	// when empty the bots use development mode (?user=ID).
 	Secret []byte
+	// Audience, when set with Secret, is the aud claim of the minted
+	// tokens, for a gateway configured to require one; empty mints tokens
+	// without aud. Tokens always carry exp: the run's end plus an hour.
+	Audience string
 	// AllowRemote permits a target that is not a loopback address.
 	AllowRemote bool
+	// ConnectTimeout bounds each bot's connection (dial, WebSocket
+	// handshake and connect, retried with backoff within it); a bot that
+	// cannot connect in time counts as a failed connect.
+	ConnectTimeout time.Duration
 	// Workers is the number of worker processes; 0 or 1 runs the bots in
 	// this process. Rooms are split among workers, so it is at most Rooms.
 	Workers int
@@ -156,7 +185,11 @@ type Config struct {
 	// few seconds exceeds it; 0 disables.
 	AbortP99 time.Duration
 	// AbortErrors stops the run when failed requests / requests over the
-	// last few seconds exceeds it, as a fraction (0.01 = 1%); 0 disables.
+	// last few seconds exceeds it, as a fraction (0.01 = 1%); 0 disables
+	// that check. It is also the fraction of bots that may fail to connect
+	// before the run counts as failed (Report.Err): with 0, any bot that
+	// could not connect fails the run. A run in which no bot could connect
+	// stops as soon as that is clear, whatever AbortErrors says.
 	AbortErrors float64
 	// AbortGrace is how long after the start the abort thresholds are not
 	// checked.
@@ -167,9 +200,17 @@ type Config struct {
 	// they arrive. Zero means a budget of trackBudget offsets shared by all
 	// the run's bots, at most 100,000 and at least 1,000 each.
 	TrackLimit int
-	// SettleTimeout bounds each step of the end phase: waiting for a bot's
-	// own echo and for state mirrors to converge.
+	// SettleTimeout bounds how long a bot that leaves its room during the
+	// run (churn) waits for its own last update to come back, which
+	// closes its membership interval.
 	SettleTimeout time.Duration
+	// Drain bounds each step of the end phase, after the load stops
+	// (bots publish no more but keep receiving): waiting for a bot's own
+	// last update to come back, then for the state mirrors to converge.
+	// Each ends as soon as everything arrived. What has not arrived by
+	// then is reported as in flight (late or lost: nothing later arrived
+	// to tell), not as a violation.
+	Drain time.Duration
 	// RunID prefixes the bots' user ids (lt-<RunID>-r<room>-b<bot>); empty
 	// means random, so that runs do not share state keys.
 	RunID string
@@ -185,12 +226,14 @@ type Config struct {
 // on its default address.
 func DefaultConfig() Config {
 	return Config{
-		URL:           "ws://127.0.0.1:8080/ws",
-		Scenario:      DefaultScenario(),
-		Workers:       1,
-		AbortGrace:    3 * time.Second,
-		TrackLimit:    0,
-		SettleTimeout: 5 * time.Second,
+		URL:            "ws://127.0.0.1:8080/ws",
+		Scenario:       DefaultScenario(),
+		ConnectTimeout: 3 * time.Second,
+		Workers:        1,
+		AbortGrace:     3 * time.Second,
+		TrackLimit:     0,
+		SettleTimeout:  5 * time.Second,
+		Drain:          5 * time.Second,
 	}
 }
 
@@ -222,6 +265,12 @@ func (c *Config) validate() error {
 		return fmt.Errorf("track limit %d: want >= 0 (0: automatic)", c.TrackLimit)
 	case c.SettleTimeout <= 0:
 		return fmt.Errorf("settle timeout %v: want > 0", c.SettleTimeout)
+	case c.ConnectTimeout <= 0 || c.ConnectTimeout > 5*time.Minute:
+		return fmt.Errorf("connect timeout %v: want > 0 and at most 5m", c.ConnectTimeout)
+	case c.Drain <= 0 || c.Drain > time.Hour:
+		return fmt.Errorf("drain %v: want > 0 and at most 1h", c.Drain)
+	case c.Audience != "" && len(c.Secret) == 0:
+		return errors.New("jwt audience: only with a secret to mint tokens")
 	}
 	for _, u := range c.URLs() {
 		if err := CheckTarget(u, c.AllowRemote); err != nil {
@@ -252,9 +301,6 @@ func (c *Config) validate() error {
 	}
 	return nil
 }
-
-// ErrRemoteTarget is returned for a non-loopback target without AllowRemote.
-var ErrRemoteTarget = errors.New("target is not a loopback address (127.0.0.0/8, ::1, localhost); pass --allow-remote to load a remote cluster")
 
 // URLs returns the gateway URLs in URL.
 func (c *Config) URLs() []string {

@@ -11,6 +11,9 @@
 // value. Membership intervals are measured in queue offsets, not clocks: a
 // bot sets its own key right after joining and right before leaving, and the
 // versions the server returns bound the offsets it must have received.
+// When the load stops the bots keep receiving for a bounded drain; what a
+// later offset proves skipped is a violation, what has not arrived by then
+// with nothing later either is reported as in flight (late or lost).
 //
 // Run drives one scenario, in process or split by room over worker
 // processes (the same binary re-executed in worker mode, see RunWorker),

@@ -184,12 +184,12 @@ func (e *engine) makeDialers() []*websocket.Dialer {
 	}
 	ds := make([]*websocket.Dialer, n)
 	for i := range ds {
-		nd := &net.Dialer{Timeout: 10 * time.Second}
+		nd := &net.Dialer{Timeout: e.cfg.ConnectTimeout}
 		if n > 1 {
 			nd.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i))}
 		}
 		ds[i] = &websocket.Dialer{
-			HandshakeTimeout: 10 * time.Second,
+			HandshakeTimeout: e.cfg.ConnectTimeout,
 			NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 				c, err := nd.DialContext(ctx, network, addr)
 				if err != nil {

@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,7 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
 	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
 )
 
@@ -142,6 +148,17 @@ func TestRunInvariants(t *testing.T) {
 	if v.Expected == 0 || v.Delivered != v.Expected || v.Missing != 0 || v.Duplicated != 0 {
 		t.Errorf("verify %+v: want every expected message delivered exactly once", v)
 	}
+	if v.InFlight != 0 || r.State.Behind != 0 {
+		t.Errorf("verify %+v, state %+v: want nothing in flight at the end of an unloaded run", v, r.State)
+	}
+	// Every delivery inside a checked interval is accounted for, and the
+	// summary gives the split.
+	if v.InWindow < v.Delivered || v.InWindow > c.Deliveries {
+		t.Errorf("in window %d: want between delivered once %d and deliveries %d", v.InWindow, v.Delivered, c.Deliveries)
+	}
+	if want := fmt.Sprintf("%d inside the exactly-once intervals, %d outside", v.InWindow, c.Deliveries-v.InWindow); !strings.Contains(summaryText(t, r), want) {
+		t.Errorf("summary lacks %q", want)
+	}
 	// Each member can receive a message at most once, so deliveries are
 	// bounded by publishes × room size, and the checked ones by all.
 	if c.Deliveries < v.Delivered || c.Deliveries > c.Publishes*int64(cfg.Scenario.BotsPerRoom) {
@@ -162,6 +179,11 @@ func TestRunInvariants(t *testing.T) {
 	}
 	if len(r.Series) < 2 {
 		t.Errorf("series has %d points; want at least 2", len(r.Series))
+	}
+	// The first point holds the engine's first second (every bot connects
+	// at once), not an empty window drawn as 0 before it.
+	if p := r.Series[0]; p.Connected != 12 || p.T < 0.5 || p.T > 1.5 {
+		t.Errorf("first point %+v: want t≈1s and the 12 bots connected", p)
 	}
 	if !strings.Contains(out.String(), "deliv/s") {
 		t.Errorf("no progress lines in output %q", out.String())
@@ -275,5 +297,190 @@ func TestRunWorkers(t *testing.T) {
 	}
 	if r.Latency["deliver"].Count == 0 || r.State.Converged != 6*2 {
 		t.Errorf("deliver samples %d, state %+v", r.Latency["deliver"].Count, r.State)
+	}
+}
+
+// closedURL returns a WebSocket URL on 127.0.0.1 where nothing listens.
+func closedURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "ws://" + addr + "/ws"
+}
+
+// A run where nothing listens stops soon after the first connect timeouts,
+// rather than ramping its bots (10 s here) and running its whole duration,
+// and fails saying why.
+func TestRunNobodyListening(t *testing.T) {
+	cfg := smallConfig(closedURL(t))
+	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.RampRate = 20, 10, 20
+	cfg.Scenario.Duration = Duration(30 * time.Second)
+	cfg.ConnectTimeout = 500 * time.Millisecond
+	start := time.Now()
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 6*time.Second {
+		t.Errorf("run took %v; want it to stop soon after the connect timeout", took)
+	}
+	err = r.Err()
+	if !errors.Is(err, ErrAborted) || !strings.Contains(err.Error(), "no bot could connect") ||
+		!strings.Contains(err.Error(), cfg.URL) || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("Err() = %v; want an abort saying no bot could connect to %s: connection refused", err, cfg.URL)
+	}
+	if r.Counters.Connects != 0 || r.Counters.ConnectFailed < minAbortRequests {
+		t.Errorf("connects %d, failed %d; want 0 and at least %d", r.Counters.Connects, r.Counters.ConnectFailed, minAbortRequests)
+	}
+	if s := summaryText(t, r); !strings.Contains(s, "connection refused") {
+		t.Errorf("summary does not give the connect error:\n%s", s)
+	}
+}
+
+// A gateway that refuses every bot (here: tokens signed with the wrong
+// secret) fails the run at once.
+func TestRunGatewayRefusesEveryone(t *testing.T) {
+	d := startDev(t)
+	cfg := smallConfig(d.URL())
+	cfg.Scenario.Duration = Duration(30 * time.Second)
+	cfg.Secret = []byte("not-the-gateway-secret-0123456789")
+	start := time.Now()
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("run took %v; want it to stop at once", took)
+	}
+	if err := r.Err(); err == nil || !strings.Contains(err.Error(), "no bot could connect") || !strings.Contains(err.Error(), "UNAUTHORIZED") {
+		t.Fatalf("Err() = %v; want no bot could connect: UNAUTHORIZED", err)
+	}
+}
+
+// When some bots connect and others cannot, the run fails unless
+// --abort-errors allows that share.
+func TestRunSomeConnectsFail(t *testing.T) {
+	d := startDev(t)
+	cfg := smallConfig(d.URL() + "," + closedURL(t)) // bot i uses URL i mod 2
+	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.ChurnRate = 2, 2, 0
+	cfg.Scenario.Duration = Duration(time.Second)
+	cfg.ConnectTimeout = 300 * time.Millisecond
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Counters.Connects != 2 || r.Counters.ConnectFailed != 2 {
+		t.Fatalf("connects %d, failed %d; want 2 and 2", r.Counters.Connects, r.Counters.ConnectFailed)
+	}
+	if err := r.Err(); !errors.Is(err, ErrConnect) || !strings.Contains(err.Error(), "2 of 4 bots could not connect") {
+		t.Errorf("Err() = %v; want 2 of 4 bots could not connect", err)
+	}
+	r.AbortErrors = 0.5
+	if err := r.Err(); err != nil {
+		t.Errorf("with --abort-errors 50%%: Err() = %v; want nil", err)
+	}
+}
+
+// Minted tokens always expire, and carry aud only when asked.
+func TestMintToken(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	for _, aud := range []string{"", "game"} {
+		tok, err := mintToken(secret, "u1", aud, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var claims jwt.RegisteredClaims
+		if _, err := jwt.ParseWithClaims(tok, &claims, func(*jwt.Token) (any, error) { return secret, nil },
+			jwt.WithExpirationRequired(), jwt.WithValidMethods([]string{"HS256"})); err != nil {
+			t.Fatalf("aud %q: %v", aud, err)
+		}
+		if claims.Subject != "u1" || claims.ExpiresAt == nil || time.Until(claims.ExpiresAt.Time) > time.Minute {
+			t.Errorf("aud %q: claims %+v", aud, claims)
+		}
+		if aud == "" && len(claims.Audience) != 0 || aud != "" && (len(claims.Audience) != 1 || claims.Audience[0] != aud) {
+			t.Errorf("aud %q: token carries aud %v", aud, claims.Audience)
+		}
+	}
+}
+
+// startGateway starts another gateway of d's cluster (standalone: wired to
+// its queue node) and returns its URL.
+func startGateway(t *testing.T, d *launch.Dev) string {
+	t.Helper()
+	gc := launch.LocalDevConfig().Gateway
+	gc.JWTSecret = []byte("loadtest-secret-0123456789")
+	gc.QueueNode = d.Node.LinkAddr()
+	gw, err := gateway.New(gc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- gw.Run(context.Background()) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		gw.Shutdown(ctx)
+		<-done
+	})
+	return "ws://" + gw.Addr() + "/ws"
+}
+
+// Every scenario shipped in examples/loadtest parses, and runs (shorter
+// and smaller, its rates and namespace kept) against an in-process cluster
+// with as many gateways as its url names, without a violation.
+func TestExampleScenarios(t *testing.T) {
+	files, err := filepath.Glob("../examples/loadtest/*.json")
+	if err != nil || len(files) < 3 {
+		t.Fatalf("example scenarios: %v, %v; want at least 3", files, err)
+	}
+	d := startDev(t)
+	urls := []string{d.URL()}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			f, err := os.Open(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fromFile, err := LoadScenario(f, DefaultScenario())
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := DefaultConfig()
+			if fromFile.URL == "" {
+				t.Fatalf("%s sets no url", file)
+			}
+			cfg.URL = fromFile.URL
+			if err := cfg.validate(); err != nil {
+				t.Fatalf("%s: %v", file, err)
+			}
+			n := len(cfg.URLs())
+			for len(urls) < n {
+				urls = append(urls, startGateway(t, d))
+			}
+			cfg = smallConfig(strings.Join(urls[:n], ","))
+			cfg.Scenario = fromFile.Scenario
+			cfg.Scenario.Rooms = min(cfg.Scenario.Rooms, 2)
+			cfg.Scenario.BotsPerRoom = min(cfg.Scenario.BotsPerRoom, 4)
+			cfg.Scenario.Duration, cfg.Scenario.RampRate = Duration(1500*time.Millisecond), 0
+			r, err := Run(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Err(); err != nil {
+				t.Fatalf("%v\n%s", err, summaryText(t, r))
+			}
+			bots := int64(cfg.Scenario.Bots())
+			if r.Counters.Connects != bots || r.TotalViolations() != 0 || r.Scenario.Namespace != fromFile.Namespace {
+				t.Errorf("connects %d of %d, violations %v, namespace %q", r.Counters.Connects, bots, r.Violations, r.Scenario.Namespace)
+			}
+			if fromFile.ChatRate > 0 && (r.Counters.Publishes == 0 || r.Verify.Delivered != r.Verify.Expected) {
+				t.Errorf("publishes %d, verify %+v", r.Counters.Publishes, r.Verify)
+			}
+		})
 	}
 }

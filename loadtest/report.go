@@ -28,6 +28,11 @@ type Report struct {
 	PeakConnected int64 `json:"peak_connected"`
 	// AbortReason says why the run stopped early; empty if it did not.
 	AbortReason string `json:"abort_reason,omitempty"`
+	// AbortErrors is Config.AbortErrors: the fraction of bots that may
+	// fail to connect before Err fails the run.
+	AbortErrors float64 `json:"abort_errors,omitempty"`
+	// ConnectError is the first error a bot could not connect with.
+	ConnectError string `json:"connect_error,omitempty"`
 	// RampStopped says which limit stopped the ramp, if one did.
 	RampStopped string `json:"ramp_stopped,omitempty"`
 	FileLimit   uint64 `json:"file_limit"`
@@ -41,8 +46,9 @@ type Report struct {
 	Errors      map[string]int64 `json:"errors"`
 	Disconnects map[string]int64 `json:"disconnects"`
 	// Violations counts protocol violations by kind: out_of_order,
-	// duplicate, gap, own_update_not_received and state_diverged as they
-	// happened, missing and duplicated from Verify.
+	// duplicate, gap and state_diverged as they happened, missing and
+	// duplicated from Verify. What was still in flight at the end
+	// (Verify.InFlight, State.Behind) is not a violation.
 	Violations map[string]int64 `json:"violations"`
 	Verify     VerifyResult     `json:"verify"`
 	State      StateResult      `json:"state"`
@@ -75,11 +81,15 @@ type Point struct {
 	Connected        int64   `json:"connected"`
 	PublishesPerSec  float64 `json:"publishes_per_second"`
 	DeliveriesPerSec float64 `json:"deliveries_per_second"`
-	P50Ms            float64 `json:"p50_ms"`
-	P99Ms            float64 `json:"p99_ms"`
-	MaxMs            float64 `json:"max_ms"`
-	Requests         int64   `json:"requests"`
-	Failed           int64   `json:"failed"`
+	// LatencySamples counts the deliveries P50Ms, P99Ms and MaxMs
+	// summarize; with none, they are 0 and mean nothing (charts leave a
+	// gap).
+	LatencySamples int64   `json:"latency_samples"`
+	P50Ms          float64 `json:"p50_ms"`
+	P99Ms          float64 `json:"p99_ms"`
+	MaxMs          float64 `json:"max_ms"`
+	Requests       int64   `json:"requests"`
+	Failed         int64   `json:"failed"`
 }
 
 var tablePercentiles = []float64{50, 75, 90, 95, 99, 99.9, 99.99, 100}
@@ -107,6 +117,33 @@ func (r *Report) TotalViolations() int64 {
 	return n
 }
 
+// noConnectText says that no bot could connect, and why the first failed.
+func (r *Report) noConnectText() string {
+	return fmt.Sprintf("no bot could connect (%d tried); the first: %s", r.Counters.ConnectFailed, r.ConnectError)
+}
+
+// Err says why the run failed, or returns nil if it passed: it aborted
+// (a threshold, or no bot could connect), more bots failed to connect than
+// AbortErrors allows (with AbortErrors 0, any), or it saw a protocol
+// violation. Messages in flight at the end are reported, not failures.
+// `imq loadtest` exits non-zero exactly when Err is not nil.
+func (r *Report) Err() error {
+	c := r.Counters
+	tried := c.Connects + c.ConnectFailed
+	switch {
+	case r.AbortReason != "":
+		return fmt.Errorf("%w: %s", ErrAborted, r.AbortReason)
+	case c.ConnectFailed > 0 && c.Connects == 0:
+		return fmt.Errorf("%w: %s", ErrConnect, r.noConnectText())
+	case c.ConnectFailed > 0 && float64(c.ConnectFailed) > r.AbortErrors*float64(tried):
+		return fmt.Errorf("%w: %d of %d bots could not connect (%.2f%%, more than --abort-errors %g%%); the first: %s",
+			ErrConnect, c.ConnectFailed, tried, 100*float64(c.ConnectFailed)/float64(tried), 100*r.AbortErrors, r.ConnectError)
+	case r.TotalViolations() > 0:
+		return fmt.Errorf("%w: %d%s", ErrViolations, r.TotalViolations(), mapText(r.Violations))
+	}
+	return nil
+}
+
 // WriteJSON writes the report as indented JSON.
 func (r *Report) WriteJSON(w io.Writer) error {
 	enc := json.NewEncoder(w)
@@ -132,8 +169,13 @@ func (r *Report) WriteSummary(w io.Writer) error {
 	c := r.Counters
 	fmt.Fprintf(tw, "bots\t%d planned, %d started, %d connected, %d failed to connect, peak %d connected\n",
 		r.BotsPlanned, r.BotsStarted, c.Connects, c.ConnectFailed, r.PeakConnected)
+	if r.ConnectError != "" {
+		fmt.Fprintf(tw, "connect error\t(the first) %s\n", r.ConnectError)
+	}
 	fmt.Fprintf(tw, "publishes\t%d (%.1f/s)\n", c.Publishes, r.PublishesPerSec)
-	fmt.Fprintf(tw, "deliveries\t%d (%.1f/s)\n", c.Deliveries, r.DeliveriesPerSec)
+	v := r.Verify
+	fmt.Fprintf(tw, "deliveries\t%d (%.1f/s): %d inside the exactly-once intervals, %d outside them (before a join's own update, after a bot's last one, past the tracking cap, or in a lost room)\n",
+		c.Deliveries, r.DeliveriesPerSec, v.InWindow, c.Deliveries-v.InWindow)
 	fmt.Fprintf(tw, "state\t%d sets, %d changes received\n", c.StateSets, c.StateUpdates)
 	fmt.Fprintf(tw, "joins / leaves\t%d / %d\n", c.Joins, c.Leaves)
 	fmt.Fprintf(tw, "requests\t%d, %d failed%s\n", c.Requests, c.Failed, mapText(r.Errors))
@@ -142,13 +184,15 @@ func (r *Report) WriteSummary(w io.Writer) error {
 		disc = "none"
 	}
 	fmt.Fprintf(tw, "disconnects\t%s\n", disc)
-	v := r.Verify
-	fmt.Fprintf(tw, "exactly once\t%d expected, %d delivered once, %d missing, %d duplicated, %d untracked, over %d intervals (first %d offsets per bot)\n",
+	fmt.Fprintf(tw, "exactly once\t%d expected: %d delivered once, %d lost (a later offset arrived), %d duplicated; %d untracked; %d intervals (first %d offsets per bot)\n",
 		v.Expected, v.Delivered, v.Missing, v.Duplicated, v.Untracked, v.Intervals, r.TrackLimit)
+	fmt.Fprintf(tw, "in flight\t%d messages published while a bot was joined, not received by its leave or the drain's end, nor anything after them: late or lost, not violations (%d memberships)\n",
+		v.InFlight, v.Unconfirmed)
 	if v.RoomsLost > 0 {
 		fmt.Fprintf(tw, "rooms lost	%d (their queue was lost and recreated, as the server told the bots; not checked for exactly once)\n", v.RoomsLost)
 	}
-	fmt.Fprintf(tw, "state converged\t%d of %d pairs\n", r.State.Converged, r.State.Checked)
+	fmt.Fprintf(tw, "state converged\t%d of %d pairs; %d behind (update in flight at the end of the drain, not a violation), %d diverged\n",
+		r.State.Converged, r.State.Checked, r.State.Behind, r.State.Diverged)
 	fmt.Fprintf(tw, "violations\t%d%s\n", r.TotalViolations(), mapText(r.Violations))
 	fmt.Fprintln(tw)
 	fmt.Fprint(tw, "latency (ms)\tcount\tmin\tmean")

@@ -21,6 +21,10 @@ type sourceMsg struct {
 // abortWindow is how many recent seconds the abort thresholds look at.
 const abortWindow = 3
 
+// flushPhase is how long after the engines' ticks the aggregator closes
+// each second.
+const flushPhase = 500 * time.Millisecond
+
 // minAbortRequests is the fewest requests in the window for the error
 // rate to count, so that one failure of three does not abort a run.
 const minAbortRequests = 20
@@ -52,8 +56,13 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	a := newAggregator(cfg)
 	var errs []string
-	ticker := time.NewTicker(time.Second)
-	defer ticker.Stop()
+	// Engines tick each second from their start; the aggregator closes
+	// its seconds half a second later, so that each point holds one tick
+	// of each engine (workers start a little later than this process),
+	// rather than none in one point and two in the next.
+	flushes := 1
+	flush := time.NewTimer(flushPhase + time.Second)
+	defer flush.Stop()
 	for pending := cfg.Workers; pending > 0; {
 		select {
 		case m := <-ch:
@@ -67,7 +76,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 				errs = append(errs, m.err.Error())
 				pending--
 			}
-		case <-ticker.C:
+		case <-flush.C:
+			flushes++
+			flush.Reset(time.Until(a.start.Add(flushPhase + time.Duration(flushes)*time.Second)))
 			a.flush()
 			if a.report.AbortReason == "" {
 				if why := a.abortCheck(); why != "" {
@@ -111,7 +122,7 @@ func newAggregator(cfg Config) *aggregator {
 		cfg:   cfg,
 		start: now,
 		report: &Report{
-			URL: cfg.URL, Scenario: cfg.Scenario, Workers: cfg.Workers, RunID: cfg.RunID,
+			URL: cfg.URL, Scenario: cfg.Scenario, Workers: cfg.Workers, RunID: cfg.RunID, AbortErrors: cfg.AbortErrors,
 			Started: now, BotsPlanned: cfg.Scenario.Bots(), TrackLimit: cfg.TrackLimit,
 			Errors: map[string]int64{}, Disconnects: map[string]int64{}, Violations: map[string]int64{},
 			Latency: map[string]LatencySummary{},
@@ -137,6 +148,9 @@ func (a *aggregator) add(src int, t *Tick) {
 	if t.RampStopped != "" && r.RampStopped == "" {
 		r.RampStopped = t.RampStopped
 	}
+	if t.ConnectError != "" && r.ConnectError == "" {
+		r.ConnectError = t.ConnectError
+	}
 }
 
 func (a *aggregator) final(res *engineResult) {
@@ -161,15 +175,17 @@ func (a *aggregator) flush() {
 		connected += c
 	}
 	r.PeakConnected = max(r.PeakConnected, connected)
-	elapsed := time.Since(a.start).Seconds()
-	dt := 1.0
+	// The point is stamped with the end of the engines' second it holds.
+	t := max(time.Since(a.start).Seconds()-flushPhase.Seconds(), 0)
+	dt := max(t, 1)
 	if n := len(r.Series); n > 0 {
-		dt = max(elapsed-r.Series[n-1].T, 1) // the last flush may come early: no inflated rate
+		t = max(t, r.Series[n-1].T)
+		dt = max(t-r.Series[n-1].T, 1) // the last flush may come early: no inflated rate
 	}
 	c := a.win.Counters
 	h := a.winHist
 	p := Point{
-		T: elapsed, Connected: connected,
+		T: t, Connected: connected, LatencySamples: h.TotalCount(),
 		PublishesPerSec: float64(c.Publishes) / dt, DeliveriesPerSec: float64(c.Deliveries) / dt,
 		P50Ms: usToMs(h.ValueAtPercentile(50)), P99Ms: usToMs(h.ValueAtPercentile(99)), MaxMs: usToMs(h.Max()),
 		Requests: c.Requests, Failed: c.Failed,
@@ -199,6 +215,9 @@ func (a *aggregator) progress(p Point) {
 
 // abortCheck returns why the run must stop, or "".
 func (a *aggregator) abortCheck() string {
+	if c := a.report.Counters; c.Connects == 0 && c.ConnectFailed >= int64(min(a.report.BotsPlanned, minAbortRequests)) {
+		return a.report.noConnectText()
+	}
 	if time.Since(a.start) < a.cfg.AbortGrace {
 		return ""
 	}

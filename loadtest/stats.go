@@ -90,6 +90,9 @@ type Tick struct {
 	Join        *hdrhistogram.Snapshot `json:"join,omitempty"`
 	Connect     *hdrhistogram.Snapshot `json:"connect,omitempty"`
 	RampStopped string                 `json:"ramp_stopped,omitempty"`
+	// ConnectError is the first error a bot could not connect with, sent
+	// once.
+	ConnectError string `json:"connect_error,omitempty"`
 }
 
 // histShards spreads the delivery histogram over locks: every received
@@ -108,6 +111,8 @@ type stats struct {
 	requests, failed, publishes, deliveries atomic.Int64
 	stateSets, stateUpdates, joins, leaves  atomic.Int64
 	connects, connectFailed                 atomic.Int64
+	connectErr                              atomic.Pointer[string] // the first connect failure
+	connectErrSent                          bool                   // owned by tick's caller
 	deliver                                 [histShards]shard
 	mu                                      sync.Mutex
 	// Guarded by mu.
@@ -157,6 +162,17 @@ func (s *stats) disconnect(reason string) {
 	s.bump(func(s *stats) map[string]int64 { return s.disconnects }, reason)
 }
 
+// connectFailure counts a bot that could not connect, as a failed request
+// too, and keeps the first error.
+func (s *stats) connectFailure(err error) {
+	s.connectFailed.Add(1)
+	s.requests.Add(1)
+	s.failed.Add(1)
+	s.bump(func(s *stats) map[string]int64 { return s.errors }, "CONNECT_FAILED")
+	msg := err.Error()
+	s.connectErr.CompareAndSwap(nil, &msg)
+}
+
 // request counts one request and, if it failed, its error code.
 func (s *stats) request(err error) {
 	s.requests.Add(1)
@@ -189,6 +205,9 @@ func (s *stats) tick() Tick {
 		Deliveries: s.deliveries.Swap(0), StateSets: s.stateSets.Swap(0), StateUpdates: s.stateUpdates.Swap(0),
 		Joins: s.joins.Swap(0), Leaves: s.leaves.Swap(0), Connects: s.connects.Swap(0), ConnectFailed: s.connectFailed.Swap(0),
 	}}
+	if p := s.connectErr.Load(); p != nil && !s.connectErrSent {
+		t.ConnectError, s.connectErrSent = *p, true
+	}
 	win := newHist()
 	for i := range s.deliver {
 		sh := &s.deliver[i]

@@ -2,7 +2,9 @@ package loadtest
 
 import (
 	"errors"
+	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,13 +17,17 @@ func TestLoadScenario(t *testing.T) {
 	tests := []struct {
 		name, json string
 		wantErr    string
-		check      func(Scenario) bool
+		check      func(ScenarioFile) bool
 	}{
 		{"overrides", `{"rooms": 2, "bots_per_room": 3, "duration": "5s", "chat_rate": 0.5}`, "",
-			func(s Scenario) bool {
-				return s.Rooms == 2 && s.BotsPerRoom == 3 && s.Duration == Duration(5*time.Second) && s.ChatRate == 0.5 && s.Namespace == "/dark"
+			func(s ScenarioFile) bool {
+				return s.Rooms == 2 && s.BotsPerRoom == 3 && s.Duration == Duration(5*time.Second) && s.ChatRate == 0.5 && s.Namespace == "/dark" && s.URL == ""
 			}},
-		{"duration in seconds", `{"duration": 1.5}`, "", func(s Scenario) bool { return s.Duration == Duration(1500*time.Millisecond) }},
+		{"duration in seconds", `{"duration": 1.5}`, "", func(s ScenarioFile) bool { return s.Duration == Duration(1500*time.Millisecond) }},
+		{"url", `{"url": "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws", "rooms": 3}`, "",
+			func(s ScenarioFile) bool { return s.URL == "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/ws" && s.Rooms == 3 }},
+		{"bad url", `{"url": "http://127.0.0.1:9/ws"}`, "want ws://", nil},
+		{"two values", `{"rooms": 2} {"rooms": 3}`, "more than one", nil},
 		{"unknown field", `{"roms": 2}`, "unknown field", nil},
 		{"bad duration", `{"duration": "soon"}`, "duration", nil},
 		{"zero rooms", `{"rooms": 0}`, "rooms", nil},
@@ -167,17 +173,26 @@ func TestVerifyRoom(t *testing.T) {
 		want    VerifyResult
 	}{
 		{"all delivered", [][]interval{{{Lo: 1, Hi: 13, Got: []uint64{2, 3, 5, 7, 9, 12}}}},
-			VerifyResult{Expected: 6, Delivered: 6, Intervals: 1}},
+			VerifyResult{Expected: 6, Delivered: 6, Intervals: 1, InWindow: 6}},
 		{"bounds are exclusive", [][]interval{{{Lo: 3, Hi: 9, Got: []uint64{5, 7}}}},
-			VerifyResult{Expected: 2, Delivered: 2, Intervals: 1}},
+			VerifyResult{Expected: 2, Delivered: 2, Intervals: 1, InWindow: 2}},
 		{"missing and duplicated", [][]interval{{{Lo: 1, Hi: 13, Got: []uint64{2, 3, 3, 7, 9}}}},
-			VerifyResult{Expected: 6, Delivered: 3, Missing: 2, Duplicated: 1, Intervals: 1}},
+			VerifyResult{Expected: 6, Delivered: 3, Missing: 2, Duplicated: 1, Intervals: 1, InWindow: 5}},
 		{"untracked and outside", [][]interval{{{Lo: 4, Hi: 8, Got: []uint64{2, 5, 6, 7}}}},
-			VerifyResult{Expected: 2, Delivered: 2, Untracked: 1, Intervals: 1}},
+			VerifyResult{Expected: 2, Delivered: 2, Untracked: 1, Intervals: 1, InWindow: 3}},
 		{"two members, churn", [][]interval{
 			{{Lo: 1, Hi: 6, Got: []uint64{2, 3, 5}}, {Lo: 8, Hi: 13, Got: []uint64{9, 12}}},
 			{{Lo: 6, Hi: 10, Got: []uint64{7}}}},
-			VerifyResult{Expected: 7, Delivered: 6, Missing: 1, Intervals: 3}},
+			VerifyResult{Expected: 7, Delivered: 6, Missing: 1, Intervals: 3, InWindow: 6}},
+		// The closing update (13) did not come back: the receiver got up to
+		// 5, so 2 and 3 are lost only if skipped; 7, 9 and 12 are in
+		// flight, not missing.
+		{"in flight at the end", [][]interval{{{Lo: 1, Hi: 6, Want: 13, Got: []uint64{3, 5}}}},
+			VerifyResult{Expected: 3, Delivered: 2, Missing: 1, Intervals: 1, InFlight: 3, Unconfirmed: 1, InWindow: 2}},
+		// Nothing arrived after the join's own update (4): every later
+		// publish before the closing update is in flight.
+		{"nothing arrived", [][]interval{{{Lo: 4, Hi: 4, Want: 10}}},
+			VerifyResult{InFlight: 3, Unconfirmed: 1}},
 		{"empty and unknown bounds", [][]interval{{{Lo: 5, Hi: 6}, {Lo: ^uint64(0), Hi: 3}}}, VerifyResult{}},
 	}
 	for _, tt := range tests {
@@ -195,5 +210,177 @@ func TestDurationJSON(t *testing.T) {
 	b, _ := d.MarshalJSON()
 	if string(b) != `"250ms"` {
 		t.Errorf("marshal %s", b)
+	}
+}
+
+func TestNiceTicks(t *testing.T) {
+	tests := []struct {
+		ymax    float64
+		integer bool
+		want    []float64
+	}{
+		{9070, false, []float64{0, 2000, 4000, 6000, 8000, 10000}},
+		{1.69, false, []float64{0, 0.5, 1, 1.5, 2}},
+		{0.3, false, []float64{0, 0.1, 0.2, 0.3}},
+		{100, false, []float64{0, 20, 40, 60, 80, 100}},
+		{3, true, []float64{0, 1, 2, 3}},
+		{0.4, true, []float64{0, 1}},
+		{7, true, []float64{0, 2, 4, 6, 8}},
+		{12, true, []float64{0, 5, 10, 15}},
+		{0, true, []float64{0, 1}},
+		{0, false, []float64{0, 1}},
+	}
+	for _, tt := range tests {
+		if got := niceTicks(tt.ymax, tt.integer); !slices.Equal(got, tt.want) {
+			t.Errorf("niceTicks(%g, %v) = %v; want %v", tt.ymax, tt.integer, got, tt.want)
+		}
+	}
+	// Any scale: steps of 1, 2 or 5 × 10^n, 3 to 7 ticks, the top covering
+	// ymax by less than a step; whole numbers for counts.
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 10000 {
+		ymax := math.Pow(10, rng.Float64()*11-3) // 0.001 (1 µs in ms) to 10^8
+		integer := rng.IntN(2) == 0
+		ticks := niceTicks(ymax, integer)
+		step := ticks[1]
+		mant := step / math.Pow(10, math.Floor(math.Log10(step)+1e-9))
+		top := ticks[len(ticks)-1]
+		if !slices.ContainsFunc([]float64{1, 2, 5}, func(m float64) bool { return math.Abs(m-mant) < 1e-6 }) ||
+			len(ticks) < 2 || len(ticks) > 7 || top < ymax*(1-1e-9) || top-step >= ymax ||
+			(ymax >= 10 && len(ticks) < 3) {
+			t.Fatalf("niceTicks(%g, %v) = %v", ymax, integer, ticks)
+		}
+		seen := map[string]bool{}
+		for _, v := range ticks {
+			if integer && v != math.Trunc(v) {
+				t.Fatalf("niceTicks(%g, integer) = %v: not whole numbers", ymax, ticks)
+			}
+			if l := tickLabel(v); len(l) > 6 || seen[l] {
+				t.Fatalf("niceTicks(%g): tick %v labelled %q", ymax, v, l)
+			} else {
+				seen[l] = true
+			}
+		}
+	}
+}
+
+func TestTimeTicks(t *testing.T) {
+	tests := []struct {
+		tmax   float64
+		want   []float64
+		labels string
+	}{
+		{3.2, []float64{0, 1, 2, 3}, "0s 1s 2s 3s"},
+		{30.4, []float64{0, 5, 10, 15, 20, 25, 30}, "0s 5s 10s 15s 20s 25s 30s"},
+		{95, []float64{0, 15, 30, 45, 60, 75, 90}, "0s 15s 30s 45s 1m 1m15s 1m30s"},
+		{600, []float64{0, 120, 240, 360, 480, 600}, "0s 2m 4m 6m 8m 10m"},
+		{5400, []float64{0, 900, 1800, 2700, 3600, 4500, 5400}, "0s 15m 30m 45m 1h 1h15m 1h30m"},
+	}
+	for _, tt := range tests {
+		got := timeTicks(tt.tmax)
+		var labels []string
+		for _, v := range got {
+			labels = append(labels, timeLabel(v))
+		}
+		if !slices.Equal(got, tt.want) || strings.Join(labels, " ") != tt.labels {
+			t.Errorf("timeTicks(%g) = %v %q; want %v %q", tt.tmax, got, labels, tt.want, tt.labels)
+		}
+	}
+	// Every few seconds: never only 0 and the end for a run of 10 s or
+	// more, never more than maxTimeTicks intervals.
+	for tmax := 1.0; tmax < 20000; tmax *= 1.07 {
+		got := timeTicks(tmax)
+		if len(got) > maxTimeTicks+1 || (tmax >= 10 && len(got) < 4) || got[len(got)-1] > tmax {
+			t.Fatalf("timeTicks(%g) = %v", tmax, got)
+		}
+	}
+}
+
+// chartOf returns the chart holding the series named name, and the series.
+func chartOf(t *testing.T, cs []chart, name string) (chart, series) {
+	t.Helper()
+	for _, c := range cs {
+		for _, s := range c.series {
+			if s.name == name {
+				return c, s
+			}
+		}
+	}
+	t.Fatalf("no series %q", name)
+	return chart{}, series{}
+}
+
+func TestChartData(t *testing.T) {
+	// Three seconds: the first without deliveries; then p99 well under max,
+	// then a second of one delivery where p99 equals max.
+	r := &Report{Series: []Point{
+		{T: 1, Connected: 10},
+		{T: 2, Connected: 10, LatencySamples: 500, P50Ms: 1, P99Ms: 4, MaxMs: 400, DeliveriesPerSec: 9070, PublishesPerSec: 900, Failed: 3},
+		{T: 3, Connected: 7, LatencySamples: 1, P50Ms: 2, P99Ms: 2, MaxMs: 2, DeliveriesPerSec: 10, PublishesPerSec: 1},
+	}}
+	cs := r.charts()
+	for _, name := range []string{"p50", "p99", "max"} {
+		_, s := chartOf(t, cs, name)
+		if !math.IsNaN(s.ys[0]) {
+			t.Errorf("%s: a second without deliveries is drawn as %v; want a gap", name, s.ys[0])
+		}
+	}
+	// p99 is on a scale of its own, not flattened under max: its peak is
+	// drawn at least half way up, and max is in another chart.
+	c99, s99 := chartOf(t, cs, "p99")
+	cmax, _ := chartOf(t, cs, "max")
+	if yt := c99.yAxis(); s99.ys[1] < yt[len(yt)-1]/2 {
+		t.Errorf("p99 peak %v on an axis up to %v", s99.ys[1], yt[len(yt)-1])
+	}
+	if c99.title == cmax.title {
+		t.Error("p99 and max share a chart")
+	}
+	// Series of one chart are told apart by colour and dash.
+	for _, c := range cs {
+		for i, a := range c.series {
+			for _, b := range c.series[i+1:] {
+				if a.color == b.color || a.dash == b.dash {
+					t.Errorf("%s: %s and %s look alike", c.title, a.name, b.name)
+				}
+			}
+		}
+	}
+	for _, name := range []string{"connected", "failed"} {
+		if c, _ := chartOf(t, cs, name); !c.integer {
+			t.Errorf("%s: want integer ticks", name)
+		}
+	}
+	// The SVG: a gap starts the latency lines at t=2s; the time axis is
+	// labelled each second; no NaN leaks into coordinates.
+	svg := string(c99.svg())
+	if strings.Contains(svg, "NaN") || !strings.Contains(svg, ">1s<") || !strings.Contains(svg, ">2s<") || !strings.Contains(svg, ">3s<") {
+		t.Errorf("svg: %s", svg)
+	}
+	if n := strings.Count(svg, "<polyline"); n != 2 {
+		t.Errorf("svg has %d polylines; want p50 and p99 from t=2s on", n)
+	}
+}
+
+func TestStatePairs(t *testing.T) {
+	var s StateResult
+	v1, v2 := []byte(`{"n":1}`), []byte(`{"n":2}`)
+	for _, tt := range []struct {
+		have, want       []byte
+		reached, version uint64
+		out              pairOutcome
+	}{
+		{v2, v2, 10, 10, pairConverged},
+		{v2, v2, 3, 10, pairConverged}, // in the join's snapshot
+		{v1, v2, 9, 10, pairBehind},    // the update is not here yet
+		{nil, v2, 9, 10, pairBehind},
+		{v1, v2, 10, 10, pairDiverged}, // the bot is past it: skipped
+		{nil, v2, 12, 10, pairDiverged},
+	} {
+		if got := s.addPair(tt.have, tt.want, tt.reached, tt.version); got != tt.out {
+			t.Errorf("have %s, want %s, reached %d, version %d: %v; want %v", tt.have, tt.want, tt.reached, tt.version, got, tt.out)
+		}
+	}
+	if s != (StateResult{Checked: 6, Converged: 2, Behind: 2, Diverged: 2}) {
+		t.Errorf("counts %+v", s)
 	}
 }

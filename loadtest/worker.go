@@ -15,16 +15,19 @@ import (
 // workerSpec is what the parent sends a worker on its stdin: its share of
 // the rooms and the configuration that matters to the engine.
 type workerSpec struct {
-	Index         int      `json:"index"`
-	Rooms         []int    `json:"rooms"`
-	URL           string   `json:"url"`
-	Scenario      Scenario `json:"scenario"`
-	Secret        []byte   `json:"secret,omitempty"`
-	AllowRemote   bool     `json:"allow_remote"`
-	SourceAddrs   int      `json:"source_addrs"`
-	TrackLimit    int      `json:"track_limit"`
-	SettleTimeout Duration `json:"settle_timeout"`
-	RunID         string   `json:"run_id"`
+	Index          int      `json:"index"`
+	Rooms          []int    `json:"rooms"`
+	URL            string   `json:"url"`
+	Scenario       Scenario `json:"scenario"`
+	Secret         []byte   `json:"secret,omitempty"`
+	Audience       string   `json:"audience,omitempty"`
+	AllowRemote    bool     `json:"allow_remote"`
+	ConnectTimeout Duration `json:"connect_timeout"`
+	Drain          Duration `json:"drain"`
+	SourceAddrs    int      `json:"source_addrs"`
+	TrackLimit     int      `json:"track_limit"`
+	SettleTimeout  Duration `json:"settle_timeout"`
+	RunID          string   `json:"run_id"`
 }
 
 // workerLine is one line a worker writes on its stdout.
@@ -47,6 +50,7 @@ func RunWorker(ctx context.Context, in io.Reader, out io.Writer, log *slog.Logge
 	cfg.URL, cfg.Scenario, cfg.Secret, cfg.AllowRemote = spec.URL, spec.Scenario, spec.Secret, spec.AllowRemote
 	cfg.SourceAddrs, cfg.TrackLimit, cfg.RunID = spec.SourceAddrs, spec.TrackLimit, spec.RunID
 	cfg.SettleTimeout, cfg.Workers, cfg.Logger = time.Duration(spec.SettleTimeout), 1, log
+	cfg.Audience, cfg.ConnectTimeout, cfg.Drain = spec.Audience, time.Duration(spec.ConnectTimeout), time.Duration(spec.Drain)
 	if err := cfg.validate(); err != nil {
 		return err
 	}
@@ -77,7 +81,8 @@ func startWorkers(ctx context.Context, cfg Config, ch chan<- sourceMsg) error {
 	specs := make([]workerSpec, cfg.Workers)
 	for i := range specs {
 		specs[i] = workerSpec{Index: i, URL: cfg.URL, Scenario: cfg.Scenario, Secret: cfg.Secret,
-			AllowRemote: cfg.AllowRemote, SourceAddrs: cfg.SourceAddrs, TrackLimit: cfg.TrackLimit,
+			Audience: cfg.Audience, AllowRemote: cfg.AllowRemote, SourceAddrs: cfg.SourceAddrs, TrackLimit: cfg.TrackLimit,
+			ConnectTimeout: Duration(cfg.ConnectTimeout), Drain: Duration(cfg.Drain),
 			SettleTimeout: Duration(cfg.SettleTimeout), RunID: cfg.RunID}
 	}
 	for room := range cfg.Scenario.Rooms {

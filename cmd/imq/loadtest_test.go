@@ -1,0 +1,53 @@
+package main
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// closedURL returns a WebSocket URL on 127.0.0.1 where nothing listens.
+func closedURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "ws://" + addr + "/ws"
+}
+
+// `imq loadtest` against a URL where nothing listens fails quickly, saying
+// so; the URL may come from the scenario file.
+func TestLoadtestNothingListening(t *testing.T) {
+	fromFlag, fromFile := closedURL(t), closedURL(t)
+	scenario := filepath.Join(t.TempDir(), "s.json")
+	if err := os.WriteFile(scenario, []byte(`{"url": "`+fromFile+`", "rooms": 2, "bots_per_room": 2, "duration": "30s"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name string
+		args []string
+		url  string
+	}{
+		{"flags", []string{"--url", fromFlag, "--rooms", "2", "--bots-per-room", "2", "--duration", "30s"}, fromFlag},
+		{"scenario url", []string{"--scenario", scenario}, fromFile},
+		{"flag overrides scenario url", []string{"--scenario", scenario, "--url", fromFlag}, fromFlag},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			err := runLoadtest(append(tt.args, "--connect-timeout", "300ms", "--log-level", "error"))
+			if took := time.Since(start); took > 5*time.Second {
+				t.Errorf("took %v; want a quick failure", took)
+			}
+			if err == nil || !strings.Contains(err.Error(), "no bot could connect") || !strings.Contains(err.Error(), tt.url+": ") ||
+				!strings.Contains(err.Error(), "connection refused") {
+				t.Fatalf("err %v; want no bot could connect to %s: ... connection refused", err, tt.url)
+			}
+		})
+	}
+}
