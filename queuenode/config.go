@@ -65,6 +65,14 @@ type Config struct {
 	// turn comes after its gateway's deadline is answered TIMEOUT without
 	// asking the backend or running. Leaves are exempt from these limits.
 	Callouts []Callout
+	// OwnedState lists queue-name prefixes (each starts with "/" and begins
+	// some valid queue name) under which state keys belong to users: a
+	// client may set or delete only the key equal to its user id or keys
+	// starting with "<user>/" (on every state mount of the queue); any
+	// other key is refused with FORBIDDEN before any call-out. Backend
+	// (admin RPC) writes and join call-out seeds may write any key. Empty:
+	// any client may write any key (subject to call-outs).
+	OwnedState []string
 	// CalloutTimeout bounds one call-out, from asking for a connection slot
 	// (see CalloutConcurrency) to the end of the answer. Default: 2s.
 	CalloutTimeout time.Duration
@@ -73,7 +81,7 @@ type Config struct {
 	// for a slot within CalloutTimeout; beyond that a call-out fails at
 	// once. Default: 64.
 	CalloutConcurrency int
-	// CalloutFailOpen is the policy when a join or publish call-out fails (a
+	// CalloutFailOpen is the policy when a join, publish or set_state call-out fails (a
 	// timeout, a connection error, a non-2xx status, an answer that is not
 	// the expected JSON or over 1 MiB, too many call-outs waiting): true lets
 	// the operation through as if allowed; false (the default) refuses it
@@ -190,6 +198,11 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("callout prefix %q is configured twice", co.Prefix))
 		}
 		prefixes[co.Prefix] = true
+	}
+	for _, p := range c.OwnedState {
+		if err := validPrefix(p); err != nil {
+			errs = append(errs, fmt.Errorf("owned-state prefix: %w", err))
+		}
 	}
 	if c.Member != nil {
 		if err := c.Member.Validate(); err != nil {

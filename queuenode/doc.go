@@ -11,7 +11,7 @@
 // chain, below) and one writer goroutine (which owns the socket's writes).
 //
 // Call-outs (Config.Callouts, callout.go) ask a backend over HTTP whether a
-// client may join or publish, and tell it when one left. A call-out never
+// client may join, publish or change state, and tell it when one left. A call-out never
 // holds a shard lock or the link's reader: a request that needs one is
 // handed to the chain of its session and queue (chain.go), a goroutine that
 // runs that session's requests on that queue in order (call-out first, then

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -522,11 +523,43 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish, res 
 	return nil
 }
 
+// ownedStatePrefix returns the OwnedState prefix queue is under, or "".
+func (s *Server) ownedStatePrefix(queue string) string {
+	for _, p := range s.cfg.OwnedState {
+		if strings.HasPrefix(queue, p) {
+			return p
+		}
+	}
+	return ""
+}
+
+// checkStateOwner refuses a client's change of a state key that belongs
+// to another user, on a queue under an OwnedState prefix (see
+// Config.OwnedState). The backend may change any key.
+func (s *Server) checkStateOwner(req *imqpb.NodeRequest, st *imqpb.SetState) error {
+	if req.GetBackend() {
+		return nil
+	}
+	p := s.ownedStatePrefix(st.GetQueue())
+	if p == "" {
+		return nil
+	}
+	user, key := req.GetUser(), st.GetKey()
+	if key == user || strings.HasPrefix(key, user+"/") {
+		return nil
+	}
+	return imqerr.New(imqpb.Code_FORBIDDEN, "state key %q of %s belongs to another user: under %s a user may write only the key %q and keys starting with %q",
+		key, st.GetQueue(), p, user, user+"/")
+}
+
 func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) error {
 	if err := checkClient(req); err != nil {
 		return err
 	}
 	if err := wire.ValidateQueueName(st.GetQueue()); err != nil {
+		return err
+	}
+	if err := s.checkStateOwner(req, st); err != nil {
 		return err
 	}
 	sh := s.shardFor(st.GetQueue())

@@ -146,10 +146,11 @@ type calloutFlags struct {
 }
 
 func (cf *calloutFlags) register(fs *flag.FlagSet, cfg *queuenode.Config) {
-	fs.Var(&cf.specs, "callout", `call the backend before joins and publishes: "PREFIX=URL[ hooks=join,publish,leave]", repeatable (POST URL/<hook>)`)
+	fs.Var(&cf.specs, "callout", `call the backend before joins, publishes and state changes: "PREFIX=URL[ hooks=join,publish,set_state,leave]" (default: all four), repeatable (POST URL/<hook>)`)
 	fs.DurationVar(&cfg.CalloutTimeout, "callout-timeout", cfg.CalloutTimeout, "time limit of one call-out")
 	fs.IntVar(&cfg.CalloutConcurrency, "callout-concurrency", cfg.CalloutConcurrency, "call-outs in flight per backend host at most")
-	fs.Var(&cf.failure, "callout-failure", "what a failed call-out (timeout, error, bad answer, backend down) means for a join or publish: deny or allow")
+	fs.Var(&cf.failure, "callout-failure", "what a failed call-out (timeout, error, bad answer, backend down) means for a join, publish or state change: deny or allow")
+	fs.Var((*listFlag)(&cfg.OwnedState), "owned-state", "queue-name prefix under which a client may write only its own state keys (<user> and <user>/...); comma-separated or repeated (the admin RPC writes any key)")
 }
 
 func (cf *calloutFlags) apply(cfg *queuenode.Config) error {
