@@ -29,6 +29,23 @@ type Config struct {
 	Limits Limits
 	// MaxQueues bounds the queues held by this node.
 	MaxQueues int
+	// MaxNodeBytes bounds the bytes of all the node's queues together, as
+	// Queue.Bytes counts them (history, state, and an overhead per queue
+	// and mount). A write that needs room past it first evicts the oldest
+	// history across the node (down to 7/8 of the budget); when that is
+	// not enough (state is never evicted) the write, or the queue it would
+	// create, is refused with LIMIT_EXCEEDED. The Go heap is larger than
+	// the bytes counted (protobuf structs, maps, garbage not yet
+	// collected: about twice as much under a flood), so leave room.
+	// Default: 1 GiB, which a machine with 4 GB of RAM holds; give a
+	// dedicated node about a third of its RAM.
+	MaxNodeBytes int64
+	// MaxQueueCreates bounds the queues one user's requests may create per
+	// minute (a token bucket of that size, refilled at that rate); more are
+	// refused with LIMIT_EXCEEDED. Backend (admin RPC) requests are exempt.
+	// Default: 600, ten a second, far more than a player joins rooms,
+	// while a script creating fresh queues is stopped within a minute.
+	MaxQueueCreates int
 	// IdleTTL is how long a queue with no subscribers and no traffic is kept.
 	IdleTTL time.Duration
 	// LinkBuffer bounds the bytes queued for one gateway; a gateway that falls
@@ -99,12 +116,14 @@ type Config struct {
 // DefaultConfig returns the documented defaults.
 func DefaultConfig() Config {
 	return Config{
-		LinkAddr:    "127.0.0.1:7100",
-		Limits:      DefaultLimits(),
-		MaxQueues:   1_000_000,
-		IdleTTL:     60 * time.Second,
-		LinkBuffer:  64 << 20,
-		LinkTimeout: wire.DefaultLinkTimeout,
+		LinkAddr:        "127.0.0.1:7100",
+		Limits:          DefaultLimits(),
+		MaxQueues:       1_000_000,
+		MaxNodeBytes:    1 << 30,
+		MaxQueueCreates: 600,
+		IdleTTL:         60 * time.Second,
+		LinkBuffer:      64 << 20,
+		LinkTimeout:     wire.DefaultLinkTimeout,
 
 		CalloutTimeout:     2 * time.Second,
 		CalloutConcurrency: 64,
@@ -121,6 +140,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxQueues == 0 {
 		c.MaxQueues = d.MaxQueues
+	}
+	if c.MaxNodeBytes == 0 {
+		c.MaxNodeBytes = d.MaxNodeBytes
+	}
+	if c.MaxQueueCreates == 0 {
+		c.MaxQueueCreates = d.MaxQueueCreates
 	}
 	if c.IdleTTL == 0 {
 		c.IdleTTL = d.IdleTTL
@@ -157,6 +182,7 @@ func (c *Config) validate() error {
 		}
 	}
 	positive("history length", l.HistoryLen)
+	positive("history bytes", l.HistoryBytes)
 	positive("max payload", l.MaxPayload)
 	positive("max mounts", l.MaxMounts)
 	positive("max state keys", l.MaxStateKeys)
@@ -172,6 +198,10 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("max replay bytes (%d) must not exceed max join bytes (%d)", l.MaxReplayBytes, l.MaxJoinBytes))
 	}
 	positive("max queues", c.MaxQueues)
+	positive("max queue creates", c.MaxQueueCreates)
+	if least := int64(max(minNodeBytes, 4*l.MaxPayload)); c.MaxNodeBytes < least {
+		errs = append(errs, fmt.Errorf("max node bytes must be at least %d (1 MiB, and 4 payloads), got %d", least, c.MaxNodeBytes))
+	}
 	positive("link buffer", c.LinkBuffer)
 	if l.HistoryAge < 0 {
 		errs = append(errs, fmt.Errorf("history age must not be negative, got %s", l.HistoryAge))

@@ -24,6 +24,15 @@
 // Run starts and Shutdown stops, so they are asynchronous: hook bodies
 // carry a node-wide seq that orders them (see Callout).
 //
+// The node's memory budget (Config.MaxNodeBytes, budget.go) is an atomic
+// total of every queue's Bytes: a write reserves room with a
+// compare-and-swap before it takes its shard lock and settles what it
+// really added under the lock, so the total never passes the budget and
+// no global lock is taken per write. A reservation that does not fit
+// evicts the oldest history across the node first, one eviction at a time
+// and with no shard lock held by the caller. Queue creation per user is
+// rate-limited by a sharded map of token buckets.
+//
 // The admin RPC's reads (get_state, history, queue_info; reads.go) run like
 // other operations but never create a queue or mount (NOT_FOUND).
 //
