@@ -253,3 +253,57 @@ func TestFloodBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestNodeBudgetConcurrent: links writing at once, into fresh and shared
+// queues, while evictions run: the count never passes the budget, and
+// when all is done it is exactly what the queues hold.
+func TestNodeBudgetConcurrent(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.MaxNodeBytes = 1 << 20
+	s := startNode(t, cfg)
+	var over atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 4 * 150 {
+			if b := s.bytesForTest(); b > cfg.MaxNodeBytes {
+				over.Store(b)
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	errs := make(chan string, 4)
+	for g := range 4 {
+		l := dialLink(t, s.LinkAddr(), fmt.Sprint("gw-", g))
+		go func() {
+			var bad string
+			for i := range 150 {
+				var r *imqpb.NodeReply
+				switch i % 3 {
+				case 0:
+					r = l.do(userPublishBytes(fmt.Sprint("u", g), fmt.Sprintf("/c/%d/%d", g, i), 20<<10))
+				case 1:
+					r = l.do(userPublishBytes(fmt.Sprint("u", g), "/shared", 20<<10))
+				default:
+					r = l.do(backendSetState(fmt.Sprintf("/st/%d", i%5), "st", fmt.Sprint(g), "v", false))
+				}
+				if r.GetCode() != imqpb.Code_OK && bad == "" {
+					bad = fmt.Sprintf("gw-%d request %d: %v %q", g, i, r.GetCode(), r.GetMessage())
+				}
+			}
+			errs <- bad
+		}()
+	}
+	for range 4 {
+		if e := <-errs; e != "" {
+			t.Error(e)
+		}
+	}
+	<-done
+	if b := over.Load(); b != 0 {
+		t.Fatalf("node bytes reached %d, over the budget %d", b, cfg.MaxNodeBytes)
+	}
+	if b, sum := s.bytesForTest(), s.sumQueueBytes(); b != sum || b > cfg.MaxNodeBytes {
+		t.Fatalf("node bytes %d, queues hold %d, budget %d", b, sum, cfg.MaxNodeBytes)
+	}
+}

@@ -88,9 +88,9 @@ func (h Hooks) String() string {
 //
 // So every hook body carries, beside its own fields, "seq", "time_ms" and
 // "node": seq is strictly increasing over all of the node's call-outs and
-// is given when the node decides the operation (a join or publish when it
-// asks; a leave when it applies it); time_ms is that moment in Unix
-// milliseconds and node the node's id. A backend that tracks presence
+// is given when the node decides the operation (a join, publish or
+// set_state when it asks; a leave when it applies it); time_ms is that
+// moment in Unix milliseconds and node the node's id. A backend that tracks presence
 // orders a session's join and leave on a queue by seq, not by arrival. seq
 // starts from the node's start time in Unix microseconds, so it goes on
 // increasing when the node restarts (unless it averaged more than a million
