@@ -145,6 +145,9 @@ func TestNodeBudget(t *testing.T) {
 	l.ok(backendSetState("/s/0", "st", "0", "", true))
 	l.ok(userPublishBytes("alice", "/new", 10))
 	check("after a delete")
+	if v := s.varz().(Varz); v.Bytes != s.bytesForTest() || v.MaxBytes != cfg.MaxNodeBytes {
+		t.Fatalf("/varz bytes %d of %d, want %d of %d", v.Bytes, v.MaxBytes, s.bytesForTest(), cfg.MaxNodeBytes)
+	}
 }
 
 // TestQueueCreateRate: one user's requests may create MaxQueueCreates
