@@ -28,7 +28,7 @@ import (
 type Hooks uint8
 
 // The call-out hooks. A hook call is a POST of JSON to Callout.URL + "/" +
-// the hook's name (join, publish, leave).
+// the hook's name (join, publish, set_state, leave).
 const (
 	// HookJoin asks whether a client may join, before the join; the answer
 	// may seed state keys that are not set yet.
@@ -40,15 +40,19 @@ const (
 	// closed), after the fact and asynchronously (see Callout); the answer
 	// is ignored.
 	HookLeave
+	// HookSetState asks whether a client may set or delete a state key,
+	// before the change; a refusal is FORBIDDEN. The backend cannot
+	// rewrite the value.
+	HookSetState
 
 	// AllHooks is every hook, what a Callout with no Hooks makes.
-	AllHooks = HookJoin | HookPublish | HookLeave
+	AllHooks = HookJoin | HookPublish | HookSetState | HookLeave
 )
 
 var hookNames = []struct {
 	hook Hooks
 	name string
-}{{HookJoin, "join"}, {HookPublish, "publish"}, {HookLeave, "leave"}}
+}{{HookJoin, "join"}, {HookPublish, "publish"}, {HookSetState, "set_state"}, {HookLeave, "leave"}}
 
 // hookByName returns the hook called name, or 0.
 func hookByName(name string) Hooks {
@@ -74,7 +78,7 @@ func (h Hooks) String() string {
 // Callout sends the client operations on the queues under Prefix to a
 // backend at URL for approval. See Config.Callouts.
 //
-// A join or publish call-out is made before its operation, which waits for
+// A join, publish or set_state call-out is made before its operation, which waits for
 // the answer; one session's operations on one queue are asked about and
 // applied in the order sent. A leave notification is asynchronous: it is
 // queued when the leave is applied and sent by a few workers, so it may
@@ -84,9 +88,9 @@ func (h Hooks) String() string {
 //
 // So every hook body carries, beside its own fields, "seq", "time_ms" and
 // "node": seq is strictly increasing over all of the node's call-outs and
-// is given when the node decides the operation (a join or publish when it
-// asks; a leave when it applies it); time_ms is that moment in Unix
-// milliseconds and node the node's id. A backend that tracks presence
+// is given when the node decides the operation (a join, publish or
+// set_state when it asks; a leave when it applies it); time_ms is that
+// moment in Unix milliseconds and node the node's id. A backend that tracks presence
 // orders a session's join and leave on a queue by seq, not by arrival. seq
 // starts from the node's start time in Unix microseconds, so it goes on
 // increasing when the node restarts (unless it averaged more than a million
@@ -129,13 +133,13 @@ func (c Callout) hooks() Hooks {
 //
 // PREFIX is the queue-name prefix, URL the backend's http or https base URL
 // (the "=" before "http://" or "https://" splits them, so the prefix may
-// itself contain "="), and hooks lists some of join, publish and leave
-// (default: all three). Example: "/room/=http://127.0.0.1:9000/imq/room
+// itself contain "="), and hooks lists some of join, publish, set_state
+// and leave (default: all four). Example: "/room/=http://127.0.0.1:9000/imq/room
 // hooks=join,leave".
 func ParseCallout(spec string) (Callout, error) {
 	fields := strings.Fields(spec)
 	if len(fields) == 0 {
-		return Callout{}, errors.New("callout: empty spec; want PREFIX=URL[ hooks=join,publish,leave]")
+		return Callout{}, errors.New("callout: empty spec; want PREFIX=URL[ hooks=join,publish,set_state,leave]")
 	}
 	head := fields[0]
 	split := -1
@@ -152,14 +156,14 @@ func ParseCallout(spec string) (Callout, error) {
 		}
 	}
 	if split < 0 {
-		return Callout{}, fmt.Errorf("callout %q: want PREFIX=URL[ hooks=join,publish,leave]", spec)
+		return Callout{}, fmt.Errorf("callout %q: want PREFIX=URL[ hooks=join,publish,set_state,leave]", spec)
 	}
 	c := Callout{Prefix: head[:split], URL: head[split+1:]}
 	seen := false
 	for _, opt := range fields[1:] {
 		name, val, _ := strings.Cut(opt, "=")
 		if name != "hooks" {
-			return Callout{}, fmt.Errorf("callout %q: unknown option %q (the only option is hooks=join,publish,leave)", spec, opt)
+			return Callout{}, fmt.Errorf("callout %q: unknown option %q (the only option is hooks=join,publish,set_state,leave)", spec, opt)
 		}
 		if seen {
 			return Callout{}, fmt.Errorf("callout %q: hooks given twice", spec)
@@ -168,7 +172,7 @@ func ParseCallout(spec string) (Callout, error) {
 		for _, name := range strings.Split(val, ",") {
 			h := hookByName(name)
 			if h == 0 {
-				return Callout{}, fmt.Errorf("callout %q: unknown hook %q (hooks are join, publish and leave)", spec, name)
+				return Callout{}, fmt.Errorf("callout %q: unknown hook %q (hooks are join, publish, set_state and leave)", spec, name)
 			}
 			c.Hooks |= h
 		}
@@ -180,13 +184,8 @@ func ParseCallout(spec string) (Callout, error) {
 }
 
 func (c Callout) validate() error {
-	if c.Prefix == "" || c.Prefix[0] != '/' {
-		return fmt.Errorf("callout prefix %q must start with '/'", c.Prefix)
-	}
-	// Some valid queue name starts with the prefix if and only if the prefix
-	// followed by one more name character is valid.
-	if len(c.Prefix) >= wire.MaxQueueName || wire.ValidateQueueName(c.Prefix+"x") != nil {
-		return fmt.Errorf("callout prefix %q does not begin any valid queue name", c.Prefix)
+	if err := validPrefix(c.Prefix); err != nil {
+		return fmt.Errorf("callout %w", err)
 	}
 	u, err := url.Parse(c.URL)
 	if err != nil {
@@ -200,6 +199,20 @@ func (c Callout) validate() error {
 	}
 	if c.Hooks&^AllHooks != 0 {
 		return fmt.Errorf("callout for %s: unknown hooks %#x", c.Prefix, uint8(c.Hooks&^AllHooks))
+	}
+	return nil
+}
+
+// validPrefix checks a queue-name prefix: it starts with "/" and some valid
+// queue name starts with it.
+func validPrefix(p string) error {
+	if p == "" || p[0] != '/' {
+		return fmt.Errorf("prefix %q must start with '/'", p)
+	}
+	// Some valid queue name starts with the prefix if and only if the prefix
+	// followed by one more name character is valid.
+	if len(p) >= wire.MaxQueueName || wire.ValidateQueueName(p+"x") != nil {
+		return fmt.Errorf("prefix %q does not begin any valid queue name", p)
 	}
 	return nil
 }
@@ -363,6 +376,8 @@ func needsCallout(rt *route, req *imqpb.NodeRequest) bool {
 		return rt.hooks&HookJoin != 0
 	case *imqpb.NodeRequest_Publish:
 		return rt.hooks&HookPublish != 0
+	case *imqpb.NodeRequest_SetState:
+		return rt.hooks&HookSetState != 0
 	}
 	return false
 }
@@ -418,6 +433,26 @@ type publishAnswer struct {
 	Reason     string          `json:"reason"`
 	Data       json.RawMessage `json:"data"`
 	DataBase64 *string         `json:"data_base64"`
+}
+
+type setStateCall struct {
+	Hook        string          `json:"hook"`
+	Seq         uint64          `json:"seq"`
+	TimeMs      int64           `json:"time_ms"`
+	Node        string          `json:"node"`
+	User        string          `json:"user"`
+	Session     string          `json:"session"`
+	Queue       string          `json:"queue"`
+	Mount       string          `json:"mount"`
+	Key         string          `json:"key"`
+	Value       json.RawMessage `json:"value,omitempty"`
+	ValueBase64 string          `json:"value_base64,omitempty"`
+	Delete      bool            `json:"delete"`
+}
+
+type setStateAnswer struct {
+	Allow  *bool  `json:"allow"`
+	Reason string `json:"reason"`
 }
 
 type leaveCall struct {
@@ -506,6 +541,43 @@ func (c *callouts) publish(ctx context.Context, rt *route, req *imqpb.NodeReques
 	return payload, rewritten, nil
 }
 
+// setState asks rt's backend whether req may make the state change st. A
+// refusal is FORBIDDEN with the backend's reason (not DENIED, as for joins
+// and publishes: a refused state write is an authorization failure, as
+// the owner rule's is); a failure follows the failure policy.
+func (c *callouts) setState(ctx context.Context, rt *route, req *imqpb.NodeRequest, st *imqpb.SetState) error {
+	call := setStateCall{Hook: "set_state", Node: c.node, User: req.GetUser(), Session: req.GetSession(),
+		Queue: st.GetQueue(), Mount: st.GetMount(), Key: st.GetKey(), Delete: st.GetDelete()}
+	call.Seq, call.TimeMs = c.stamp()
+	if !st.GetDelete() {
+		// As for publish: only UTF-8 JSON travels as JSON.
+		if v := st.GetValue(); json.Valid(v) && utf8.Valid(v) {
+			call.Value = v
+		} else {
+			call.ValueBase64 = base64.StdEncoding.EncodeToString(v)
+		}
+	}
+	var ans setStateAnswer
+	err := c.call(ctx, rt, "set_state", call, &ans)
+	if err == nil && ans.Allow == nil {
+		err = calloutErr(`invalid answer: no "allow"`, nil)
+		c.warn(rt, "set_state", err)
+	}
+	if err != nil {
+		return c.failed(rt, "set_state", err)
+	}
+	if !*ans.Allow {
+		c.m.callouts.WithLabelValues("set_state", outcomeDenied).Inc()
+		reason := ans.Reason
+		if reason == "" {
+			reason = deniedMessage
+		}
+		return &imqerr.Error{Code: imqpb.Code_FORBIDDEN, Message: reason}
+	}
+	c.m.callouts.WithLabelValues("set_state", outcomeAllowed).Inc()
+	return nil
+}
+
 func denied(reason string) error {
 	if reason == "" {
 		reason = deniedMessage
@@ -513,7 +585,7 @@ func denied(reason string) error {
 	return &imqerr.Error{Code: imqpb.Code_DENIED, Message: reason}
 }
 
-// failed applies the failure policy to a join or publish call-out that
+// failed applies the failure policy to a join, publish or set_state call-out that
 // failed with err: nil (go ahead) when failing open, else UNAVAILABLE.
 func (c *callouts) failed(rt *route, hook string, err error) error {
 	if c.failOpen {

@@ -30,7 +30,8 @@ func TestParseCallout(t *testing.T) {
 	}{
 		{"/room/=http://127.0.0.1:9000/imq/room", Callout{Prefix: "/room/", URL: "http://127.0.0.1:9000/imq/room"}},
 		{"/=https://backend.example/hooks/ hooks=join", Callout{Prefix: "/", URL: "https://backend.example/hooks/", Hooks: HookJoin}},
-		{"  /game/eu-1=http://h hooks=leave,publish,join  ", Callout{Prefix: "/game/eu-1", URL: "http://h", Hooks: AllHooks}},
+		{"  /game/eu-1=http://h hooks=leave,publish,join  ", Callout{Prefix: "/game/eu-1", URL: "http://h", Hooks: HookJoin | HookPublish | HookLeave}},
+		{"/g/=http://h hooks=set_state,leave,publish,join", Callout{Prefix: "/g/", URL: "http://h", Hooks: AllHooks}},
 		{"/a=b/=http://h hooks=publish,publish", Callout{Prefix: "/a=b/", URL: "http://h", Hooks: HookPublish}},
 		{"/r=HTTP://h", Callout{Prefix: "/r", URL: "HTTP://h"}},
 	}
@@ -40,7 +41,7 @@ func TestParseCallout(t *testing.T) {
 			t.Errorf("ParseCallout(%q) = %+v, %v; want %+v", c.spec, got, err, c.want)
 		}
 	}
-	if s := (Callout{Prefix: "/r/", URL: "http://u:secret@h/x"}).String(); s != "/r/=http://u:xxxxx@h/x hooks=join,publish,leave" {
+	if s := (Callout{Prefix: "/r/", URL: "http://u:secret@h/x"}).String(); s != "/r/=http://u:xxxxx@h/x hooks=join,publish,set_state,leave" {
 		t.Errorf("String() = %q", s)
 	}
 	bad := []string{
@@ -75,7 +76,7 @@ func TestParseCallout(t *testing.T) {
 	if err := cfg.validate(); err == nil || !strings.Contains(err.Error(), "twice") {
 		t.Errorf("duplicate prefixes: %v", err)
 	}
-	cfg.Callouts = []Callout{{Prefix: "/r/", URL: "http://a", Hooks: 8}}
+	cfg.Callouts = []Callout{{Prefix: "/r/", URL: "http://a", Hooks: 16}}
 	if err := cfg.validate(); err == nil {
 		t.Error("unknown hook bits accepted")
 	}
@@ -915,5 +916,131 @@ func TestCalloutSeqAcrossRestarts(t *testing.T) {
 	co = newCallouts(&cfg, newMetrics(prometheus.NewRegistry(), nil), slog.New(slog.DiscardHandler))
 	if seq, _ := co.stamp(); seq <= last {
 		t.Fatalf("restarted node's first seq %d, want after %d", seq, last)
+	}
+}
+
+func userSetState(user, queue, mount, key, value string, del bool) *imqpb.NodeRequest {
+	return &imqpb.NodeRequest{User: user, Session: "s-" + user, Op: &imqpb.NodeRequest_SetState{SetState: &imqpb.SetState{
+		Queue: queue, Mount: mount, Key: key, Value: []byte(value), Delete: del,
+	}}}
+}
+
+// stateChanges returns the keys of the state changes among frames.
+func stateChanges(t *testing.T, frames []*imqpb.LinkDown) []string {
+	t.Helper()
+	var keys []string
+	for _, m := range delivered(t, frames) {
+		if st := m.GetState(); st != nil {
+			keys = append(keys, st.GetKey())
+		}
+	}
+	return keys
+}
+
+// TestCalloutSetState: a client's state change goes through the set_state
+// hook like a publish: allowed, refused (FORBIDDEN, nothing stored or
+// delivered) or failed (the failure policy); the backend's own writes and
+// routes without the hook ask nobody.
+func TestCalloutSetState(t *testing.T) {
+	b := newBackend(t, func(_ *http.Request, c backendCall) (int, string) {
+		if c.Hook != "set_state" {
+			return 200, `{"allow": true}`
+		}
+		switch c.Body["key"] {
+		case "cheat":
+			return 200, `{"allow": false, "reason": "no cheating"}`
+		case "quiet":
+			return 200, `{"allow": false}`
+		case "err":
+			return 503, `{"allow": true}`
+		}
+		return 200, `{"allow": true, "value": "ignored"}`
+	})
+	for _, failOpen := range []bool{false, true} {
+		t.Run(fmt.Sprint("fail open ", failOpen), func(t *testing.T) {
+			s := startCalloutNode(t, b.srv.URL, func(c *Config) {
+				c.CalloutFailOpen = failOpen
+				c.Callouts = append(c.Callouts, Callout{Prefix: "/room/nostate/", URL: b.srv.URL + "/imq", Hooks: HookJoin | HookPublish})
+			})
+			const q = "/room/1"
+			l := dialLink(t, s.LinkAddr(), "gw-1")
+			join := joinReq(q, "s-alice", "chat")
+			join.User = "alice"
+			join.GetJoin().Mounts = append(join.GetJoin().Mounts, stateSpec("scores"))
+			l.ok(join)
+			before := len(b.callsTo("set_state"))
+
+			l.ok(userSetState("bob", q, "scores", "bob", `{"points":1}`, false))
+			calls := b.callsTo("set_state")[before:]
+			if len(calls) != 1 {
+				t.Fatalf("%d set_state call-outs, want 1", len(calls))
+			}
+			body, _, _ := stamped(t, s, calls[0])
+			want := map[string]any{"hook": "set_state", "user": "bob", "session": "s-bob", "queue": q, "mount": "scores",
+				"key": "bob", "value": map[string]any{"points": 1}, "delete": false}
+			if got := mustJSON(t, body); got != mustJSON(t, want) {
+				t.Fatalf("set_state call-out body %s, want %s", got, mustJSON(t, want))
+			}
+			if got := stateChanges(t, l.sync()); !slices.Equal(got, []string{"bob"}) {
+				t.Fatalf("delivered state changes %v, want [bob]", got)
+			}
+
+			for key, reason := range map[string]string{"cheat": "no cheating", "quiet": deniedMessage} {
+				r := l.do(userSetState("bob", q, "scores", key, `1`, false))
+				if r.GetCode() != imqpb.Code_FORBIDDEN || r.GetMessage() != reason {
+					t.Fatalf("refused state write: %v %q, want FORBIDDEN %q", r.GetCode(), r.GetMessage(), reason)
+				}
+			}
+			r := l.do(userSetState("bob", q, "scores", "err", "\xff", false))
+			if failOpen && r.GetCode() != imqpb.Code_OK || !failOpen && r.GetCode() != imqpb.Code_UNAVAILABLE {
+				t.Fatalf("state write with a failing backend, fail open %v: %v %q", failOpen, r.GetCode(), r.GetMessage())
+			}
+			if last := b.callsTo("set_state"); last[len(last)-1]["value_base64"] != "/w==" || last[len(last)-1]["value"] != nil {
+				t.Fatalf("a non-JSON value went as %v, want value_base64", last[len(last)-1])
+			}
+			wantKeys := []string{"bob"}
+			if failOpen {
+				wantKeys = append(wantKeys, "err")
+			}
+			if got := stateChanges(t, l.sync()); !slices.Equal(got, wantKeys[1:]) {
+				t.Fatalf("delivered state changes %v after refusals, want %v", got, wantKeys[1:])
+			}
+			var stored []string
+			for _, e := range l.ok(getStateReq(q, "scores")).GetState().GetEntries() {
+				stored = append(stored, e.GetKey())
+			}
+			if !slices.Equal(stored, wantKeys) {
+				t.Fatalf("stored keys %v, want %v", stored, wantKeys)
+			}
+			if e := l.ok(getStateReq(q, "scores", "bob")).GetState().GetEntries(); string(e[0].GetValue()) != `{"points":1}` {
+				t.Fatalf("bob's value %s: an answer's value must not rewrite it", e[0].GetValue())
+			}
+
+			// Deletes ask too, without a value.
+			n := len(b.callsTo("set_state"))
+			if r := l.do(userSetState("bob", q, "scores", "cheat", "", true)); r.GetCode() != imqpb.Code_FORBIDDEN {
+				t.Fatalf("refused delete: %v", r.GetCode())
+			}
+			l.ok(userSetState("bob", q, "scores", "bob", "", true))
+			calls = b.callsTo("set_state")[n:]
+			if len(calls) != 2 || calls[1]["delete"] != true || calls[1]["value"] != nil || calls[1]["value_base64"] != nil {
+				t.Fatalf("delete call-outs %v", calls)
+			}
+
+			// The backend's writes and a route without the hook ask nobody.
+			n = len(b.callsTo("set_state"))
+			l.ok(backendSetState(q, "scores", "cheat", `1`, false))
+			l.ok(userSetState("bob", "/room/nostate/1", "scores", "cheat", `1`, false))
+			if got := len(b.callsTo("set_state")); got != n {
+				t.Fatalf("%d set_state call-outs for backend or unhooked writes", got-n)
+			}
+			outcome := outcomeFailedDenied
+			if failOpen {
+				outcome = outcomeFailedAllowed
+			}
+			if a, d, f := calloutCount(t, s, "set_state", outcomeAllowed), calloutCount(t, s, "set_state", outcomeDenied), calloutCount(t, s, "set_state", outcome); a != 2 || d != 3 || f != 1 {
+				t.Fatalf("set_state outcomes allowed %v, denied %v, %s %v; want 2, 3, 1", a, d, outcome, f)
+			}
+		})
 	}
 }

@@ -181,6 +181,8 @@ func (s *Server) runChained(l *link, rt *route, req *imqpb.NodeRequest) {
 			res.seed, err = s.co.join(l.ctx, rt, req, x.Join)
 		case *imqpb.NodeRequest_Publish:
 			res.payload, res.rewritten, err = s.co.publish(l.ctx, rt, req, x.Publish)
+		case *imqpb.NodeRequest_SetState:
+			err = s.co.setState(l.ctx, rt, req, x.SetState)
 		}
 		if l.ctx.Err() != nil {
 			return
@@ -209,9 +211,10 @@ func (s *Server) expired(req *imqpb.NodeRequest) bool {
 	return s.cfg.Now().UnixMilli() > d
 }
 
-// precheck refuses, before its call-out, a join or publish that would fail
-// anyway: the backend is not asked about a malformed request or a queue
-// this node does not serve (the gateway retries a MOVED one elsewhere).
+// precheck refuses, before its call-out, a join, publish or state change
+// that would fail anyway: the backend is not asked about a malformed
+// request, a state key the owner rule refuses, or a queue this node does
+// not serve (the gateway retries a MOVED one elsewhere).
 func (s *Server) precheck(req *imqpb.NodeRequest) error {
 	if err := checkClient(req); err != nil {
 		return err
@@ -236,6 +239,20 @@ func (s *Server) precheck(req *imqpb.NodeRequest) error {
 		}
 		if n := len(x.Publish.GetPayload()); n > s.cfg.Limits.MaxPayload {
 			return imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "payload is %d bytes; the limit is %d", n, s.cfg.Limits.MaxPayload)
+		}
+	case *imqpb.NodeRequest_SetState:
+		st := x.SetState
+		if err := wire.ValidateMountName(st.GetMount()); err != nil {
+			return err
+		}
+		if err := wire.ValidateStateKey(st.GetKey()); err != nil {
+			return err
+		}
+		if n := len(st.GetValue()); !st.GetDelete() && n > s.cfg.Limits.MaxStateValue {
+			return imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "state value is %d bytes; the limit is %d", n, s.cfg.Limits.MaxStateValue)
+		}
+		if err := s.checkStateOwner(req, st); err != nil {
+			return err
 		}
 	}
 	sh := s.shardFor(queue)

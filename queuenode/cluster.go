@@ -195,8 +195,7 @@ func (s *Server) closeQueueLocked(sh *shard, q *Queue) {
 		}
 		l.send(frame)
 	}
-	delete(sh.queues, q.Name())
-	s.queueCount.Add(-1)
+	s.removeQueueLocked(sh, q)
 	s.m.queuesMoved.Inc()
 }
 

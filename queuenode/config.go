@@ -29,6 +29,23 @@ type Config struct {
 	Limits Limits
 	// MaxQueues bounds the queues held by this node.
 	MaxQueues int
+	// MaxNodeBytes bounds the bytes of all the node's queues together, as
+	// Queue.Bytes counts them (history, state, and an overhead per queue
+	// and mount). A write that needs room past it first evicts the oldest
+	// history across the node (down to 7/8 of the budget); when that is
+	// not enough (state is never evicted) the write, or the queue it would
+	// create, is refused with LIMIT_EXCEEDED. The Go heap is larger than
+	// the bytes counted (protobuf structs, maps, garbage not yet
+	// collected: about twice as much under a flood), so leave room.
+	// Default: 1 GiB, which a machine with 4 GB of RAM holds; give a
+	// dedicated node about a third of its RAM.
+	MaxNodeBytes int64
+	// MaxQueueCreates bounds the queues one user's requests may create per
+	// minute (a token bucket of that size, refilled at that rate); more are
+	// refused with LIMIT_EXCEEDED. Backend (admin RPC) requests are exempt.
+	// Default: 600, ten a second, far more than a player joins rooms,
+	// while a script creating fresh queues is stopped within a minute.
+	MaxQueueCreates int
 	// IdleTTL is how long a queue with no subscribers and no traffic is kept.
 	IdleTTL time.Duration
 	// LinkBuffer bounds the bytes queued for one gateway; a gateway that falls
@@ -68,6 +85,14 @@ type Config struct {
 	// turn comes after its gateway's deadline is answered TIMEOUT without
 	// asking the backend or running. Leaves are exempt from these limits.
 	Callouts []Callout
+	// OwnedState lists queue-name prefixes (each starts with "/" and begins
+	// some valid queue name) under which state keys belong to users: a
+	// client may set or delete only the key equal to its user id or keys
+	// starting with "<user>/" (on every state mount of the queue); any
+	// other key is refused with FORBIDDEN before any call-out. Backend
+	// (admin RPC) writes and join call-out seeds may write any key. Empty:
+	// any client may write any key (subject to call-outs).
+	OwnedState []string
 	// CalloutTimeout bounds one call-out, from asking for a connection slot
 	// (see CalloutConcurrency) to the end of the answer. Default: 2s.
 	CalloutTimeout time.Duration
@@ -76,7 +101,7 @@ type Config struct {
 	// for a slot within CalloutTimeout; beyond that a call-out fails at
 	// once. Default: 64.
 	CalloutConcurrency int
-	// CalloutFailOpen is the policy when a join or publish call-out fails (a
+	// CalloutFailOpen is the policy when a join, publish or set_state call-out fails (a
 	// timeout, a connection error, a non-2xx status, an answer that is not
 	// the expected JSON or over 1 MiB, too many call-outs waiting): true lets
 	// the operation through as if allowed; false (the default) refuses it
@@ -94,12 +119,14 @@ type Config struct {
 // DefaultConfig returns the documented defaults.
 func DefaultConfig() Config {
 	return Config{
-		LinkAddr:    "127.0.0.1:7100",
-		Limits:      DefaultLimits(),
-		MaxQueues:   1_000_000,
-		IdleTTL:     60 * time.Second,
-		LinkBuffer:  64 << 20,
-		LinkTimeout: wire.DefaultLinkTimeout,
+		LinkAddr:        "127.0.0.1:7100",
+		Limits:          DefaultLimits(),
+		MaxQueues:       1_000_000,
+		MaxNodeBytes:    1 << 30,
+		MaxQueueCreates: 600,
+		IdleTTL:         60 * time.Second,
+		LinkBuffer:      64 << 20,
+		LinkTimeout:     wire.DefaultLinkTimeout,
 
 		CalloutTimeout:     2 * time.Second,
 		CalloutConcurrency: 64,
@@ -116,6 +143,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxQueues == 0 {
 		c.MaxQueues = d.MaxQueues
+	}
+	if c.MaxNodeBytes == 0 {
+		c.MaxNodeBytes = d.MaxNodeBytes
+	}
+	if c.MaxQueueCreates == 0 {
+		c.MaxQueueCreates = d.MaxQueueCreates
 	}
 	if c.IdleTTL == 0 {
 		c.IdleTTL = d.IdleTTL
@@ -152,6 +185,7 @@ func (c *Config) validate() error {
 		}
 	}
 	positive("history length", l.HistoryLen)
+	positive("history bytes", l.HistoryBytes)
 	positive("max payload", l.MaxPayload)
 	positive("max mounts", l.MaxMounts)
 	positive("max state keys", l.MaxStateKeys)
@@ -167,6 +201,10 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("max replay bytes (%d) must not exceed max join bytes (%d)", l.MaxReplayBytes, l.MaxJoinBytes))
 	}
 	positive("max queues", c.MaxQueues)
+	positive("max queue creates", c.MaxQueueCreates)
+	if least := int64(max(minNodeBytes, 4*l.MaxPayload)); c.MaxNodeBytes < least {
+		errs = append(errs, fmt.Errorf("max node bytes must be at least %d (1 MiB, and 4 payloads), got %d", least, c.MaxNodeBytes))
+	}
 	positive("link buffer", c.LinkBuffer)
 	if l.HistoryAge < 0 {
 		errs = append(errs, fmt.Errorf("history age must not be negative, got %s", l.HistoryAge))
@@ -193,6 +231,11 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("callout prefix %q is configured twice", co.Prefix))
 		}
 		prefixes[co.Prefix] = true
+	}
+	for _, p := range c.OwnedState {
+		if err := validPrefix(p); err != nil {
+			errs = append(errs, fmt.Errorf("owned-state prefix: %w", err))
+		}
 	}
 	if c.Member != nil {
 		if err := c.Member.Validate(); err != nil {

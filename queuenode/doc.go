@@ -11,7 +11,7 @@
 // chain, below) and one writer goroutine (which owns the socket's writes).
 //
 // Call-outs (Config.Callouts, callout.go) ask a backend over HTTP whether a
-// client may join or publish, and tell it when one left. A call-out never
+// client may join, publish or change state, and tell it when one left. A call-out never
 // holds a shard lock or the link's reader: a request that needs one is
 // handed to the chain of its session and queue (chain.go), a goroutine that
 // runs that session's requests on that queue in order (call-out first, then
@@ -23,6 +23,15 @@
 // notifications go through a bounded queue drained by a few workers that
 // Run starts and Shutdown stops, so they are asynchronous: hook bodies
 // carry a node-wide seq that orders them (see Callout).
+//
+// The node's memory budget (Config.MaxNodeBytes, budget.go) is an atomic
+// total of every queue's Bytes: a write reserves room with a
+// compare-and-swap before it takes its shard lock and settles what it
+// really added under the lock, so the total never passes the budget and
+// no global lock is taken per write. A reservation that does not fit
+// evicts the oldest history across the node first, one eviction at a time
+// and with no shard lock held by the caller. Queue creation per user is
+// rate-limited by a sharded map of token buckets.
 //
 // The admin RPC's reads (get_state, history, queue_info; reads.go) run like
 // other operations but never create a queue or mount (NOT_FOUND).

@@ -20,6 +20,11 @@ type metrics struct {
 	calloutSeconds *prometheus.HistogramVec
 	chainedRefused *prometheus.CounterVec
 
+	evictedEvents *prometheus.CounterVec
+	evictedBytes  *prometheus.CounterVec
+	evictionRuns  prometheus.Counter
+	refused       *prometheus.CounterVec
+
 	movedReplies     prometheus.Counter
 	queuesMoved      prometheus.Counter
 	deadGatewayLinks prometheus.Counter
@@ -63,6 +68,20 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_queuenode_chained_refused_total",
 			Help: "Client requests on queues with call-outs answered without running, by reason: link (LIMIT_EXCEEDED: the link's requests waiting for call-outs at their bound), chain (LIMIT_EXCEEDED: the session's on the queue at theirs), expired (TIMEOUT: past the gateway's deadline when their turn came).",
 		}, []string{"reason"}),
+		evictedEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_evicted_events_total",
+			Help: "Events evicted from message mount histories, by reason: count (--history-len), age (--history-age), bytes (--history-bytes), node (the node's memory budget, --max-node-bytes).",
+		}, []string{"reason"}),
+		evictedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_evicted_bytes_total", Help: "Bytes (as the memory budget counts them) of the events evicted, by reason as imq_queuenode_evicted_events_total.",
+		}, []string{"reason"}),
+		evictionRuns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_budget_evictions_total", Help: "Times the node walked its queues to evict the oldest history because a write did not fit its memory budget.",
+		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_refused_total",
+			Help: "Writes and queue creations refused with LIMIT_EXCEEDED, by reason: node_bytes (the memory budget is full and no history is left to evict), queue_creates (the user's --max-queue-creates), max_queues (--max-queues).",
+		}, []string{"reason"}),
 		movedReplies: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_moved_replies_total", Help: "Requests answered MOVED: the queue's bucket belongs to another node by this node's table.",
 		}),
@@ -75,7 +94,14 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
 		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds, m.chainedRefused,
+		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.refused,
 		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_bytes", Help: "Bytes the node's queues hold as its memory budget counts them (history, state, overheads), writes in flight included.",
+		}, func() float64 { return float64(s.nodeBytes.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_max_bytes", Help: "The node's memory budget (--max-node-bytes).",
+		}, func() float64 { return float64(s.cfg.MaxNodeBytes) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_table_version", Help: "Version of the bucket table the node holds (0: none, or standalone).",
 		}, func() float64 { return float64(s.currentTable().Version()) }),
@@ -101,6 +127,13 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		for _, o := range outcomes {
 			m.callouts.WithLabelValues(hn.name, o)
 		}
+	}
+	for r := range numEvictReasons {
+		m.evictedEvents.WithLabelValues(r.String())
+		m.evictedBytes.WithLabelValues(r.String())
+	}
+	for _, r := range []string{refusedNodeBytes, refusedQueueCreates, refusedMaxQueues} {
+		m.refused.WithLabelValues(r)
 	}
 	for _, r := range []string{refusedLink, refusedChain, refusedExpired} {
 		m.chainedRefused.WithLabelValues(r)

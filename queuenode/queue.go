@@ -12,10 +12,15 @@ import (
 )
 
 // Limits bound what one queue may hold. Every field must be positive except
-// HistoryAge, where zero means events age out only by count.
+// HistoryAge, where zero means events age out only by count and bytes.
 type Limits struct {
 	// HistoryLen is how many events each message mount keeps for resume.
 	HistoryLen int
+	// HistoryBytes bounds the bytes of the events each message mount keeps
+	// for resume (payload, sender and entryOverhead each; see
+	// Queue.Bytes): past it the oldest are evicted, as past HistoryLen. The
+	// newest event is always kept, even a larger one.
+	HistoryBytes int
 	// HistoryAge is how long an event is kept for resume.
 	HistoryAge time.Duration
 	// MaxPayload is the largest event payload, in bytes.
@@ -43,10 +48,46 @@ type Limits struct {
 // beside its key, value or payload.
 const entryOverhead = 32
 
+// queueOverhead and mountOverhead approximate the memory of an empty queue
+// and an empty mount beside their names, for Queue.Bytes.
+const (
+	queueOverhead = 512
+	mountOverhead = 256
+)
+
+// QueueBytes is what an empty queue called name counts in Queue.Bytes, and
+// MountBytes what an empty mount called name adds.
+func QueueBytes(name string) int64 { return queueOverhead + int64(len(name)) }
+
+// MountBytes is what an empty mount called name adds to Queue.Bytes.
+func MountBytes(name string) int64 { return mountOverhead + int64(len(name)) }
+
+// EvictReason says why events left a message mount's history.
+type EvictReason int
+
+// The reasons events are evicted, the reason label of
+// imq_queuenode_evicted_events_total.
+const (
+	EvictCount EvictReason = iota // HistoryLen
+	EvictAge                      // HistoryAge
+	EvictBytes                    // HistoryBytes
+	EvictNode                     // the node's memory budget (Queue.EvictOldest)
+	numEvictReasons
+)
+
+var evictReasonNames = [numEvictReasons]string{"count", "age", "bytes", "node"}
+
+// String returns the reason's metric label.
+func (r EvictReason) String() string { return evictReasonNames[r] }
+
+// Evictions counts the events and bytes evicted for one reason.
+type Evictions struct{ Events, Bytes int64 }
+
 // DefaultLimits returns the limits documented in README.md.
 func DefaultLimits() Limits {
 	return Limits{
 		HistoryLen:     256,
+		HistoryBytes:   1 << 20,
 		HistoryAge:     5 * time.Minute,
 		MaxPayload:     64 << 10,
 		MaxMounts:      16,
@@ -78,6 +119,13 @@ type Queue struct {
 	limits     *Limits
 	mounts     map[string]*mount
 	subs       map[string]*subscription // by session
+
+	bytes   int64                      // see Bytes
+	evicted [numEvictReasons]Evictions // since the last TakeEvictions
+
+	// accounted is owned by the Server: the part of its node-wide total
+	// that this queue's Bytes made up when it last settled.
+	accounted int64
 }
 
 type mount struct {
@@ -86,8 +134,9 @@ type mount struct {
 
 	// Message mounts. hist is ordered by offset; evicted is the offset of the
 	// newest event dropped from it (0: none), which decides "missed".
-	hist    []*imqpb.Event
-	evicted uint64
+	hist      []*imqpb.Event
+	evicted   uint64
+	histBytes int // eventBytes of hist
 
 	// State mounts.
 	state      map[string]*imqpb.StateEntry
@@ -114,7 +163,52 @@ func NewQueue(name string, epoch uint64, limits *Limits, now time.Time) *Queue {
 		limits:     limits,
 		mounts:     make(map[string]*mount),
 		subs:       make(map[string]*subscription),
+		bytes:      QueueBytes(name),
 	}
+}
+
+// Bytes approximates the memory the queue holds, what the node's budget
+// counts: QueueBytes, MountBytes per mount, each retained event's payload
+// and sender plus entryOverhead, each state entry's key and value plus
+// entryOverhead. Subscribers are not counted (their number is bounded by
+// the gateways' connections).
+func (q *Queue) Bytes() int64 { return q.bytes }
+
+// TakeEvictions returns the events evicted from the queue's history since
+// its last call, by reason, and starts counting again.
+func (q *Queue) TakeEvictions() [numEvictReasons]Evictions {
+	e := q.evicted
+	q.evicted = [numEvictReasons]Evictions{}
+	return e
+}
+
+// ForEachEvent calls fn with the time and Bytes share of every retained
+// event.
+func (q *Queue) ForEachEvent(fn func(timeMs int64, bytes int)) {
+	for _, m := range q.mounts {
+		for _, ev := range m.hist {
+			fn(ev.TimeMs, eventBytes(ev))
+		}
+	}
+}
+
+// EvictOldest drops, from each message mount, the oldest events for which
+// evict returns true, stopping at the mount's first event for which it
+// returns false (events are in time order), and counts them under
+// EvictNode. A resume from before them reports missed, as after any
+// eviction. It returns the bytes freed.
+func (q *Queue) EvictOldest(evict func(timeMs int64, bytes int) bool) (freed int64) {
+	before := q.bytes
+	for _, m := range q.mounts {
+		n := 0
+		for n < len(m.hist) && evict(m.hist[n].TimeMs, eventBytes(m.hist[n])) {
+			n++
+		}
+		if n > 0 {
+			q.drop(m, n, EvictNode)
+		}
+	}
+	return before - q.bytes
 }
 
 // Name returns the queue's name.
@@ -148,6 +242,7 @@ func (q *Queue) mountFor(name string, kind imqpb.MountKind) (*mount, error) {
 		m.state = make(map[string]*imqpb.StateEntry)
 	}
 	q.mounts[name] = m
+	q.bytes += MountBytes(name)
 	return m, nil
 }
 
@@ -175,8 +270,19 @@ func (q *Queue) Publish(name, sender string, payload []byte, now time.Time) (*im
 		Payload: payload,
 	}
 	m.hist = append(m.hist, ev)
+	b := eventBytes(ev)
+	m.histBytes += b
+	q.bytes += int64(b)
 	if len(m.hist) > q.limits.HistoryLen {
-		m.dropOldest(len(m.hist) - q.limits.HistoryLen)
+		q.drop(m, len(m.hist)-q.limits.HistoryLen, EvictCount)
+	}
+	if m.histBytes > q.limits.HistoryBytes {
+		n, over := 0, m.histBytes-q.limits.HistoryBytes
+		for over > 0 && n < len(m.hist)-1 {
+			over -= eventBytes(m.hist[n])
+			n++
+		}
+		q.drop(m, n, EvictBytes)
 	}
 	return ev, nil
 }
@@ -233,9 +339,14 @@ func (q *Queue) SetState(name, sender, key string, value []byte, del bool, now t
 	if del {
 		delete(m.state, key)
 		size -= len(key)
+		q.bytes -= entryOverhead
 	} else {
+		if old == nil {
+			q.bytes += entryOverhead
+		}
 		m.state[key] = &imqpb.StateEntry{Key: key, Value: value, Version: q.head}
 	}
+	q.bytes += int64(size - m.stateBytes)
 	m.stateBytes = size
 	return &imqpb.StateChange{
 		Queue:   q.name,
@@ -322,7 +433,7 @@ func (q *Queue) Join(sub Subscriber, specs []*imqpb.MountSpec, now time.Time) (*
 		if m.kind == imqpb.MountKind_STATE {
 			ms.State = m.snapshot()
 		} else {
-			m.expire(now, q.limits.HistoryAge)
+			q.expire(m, now)
 			ms.History, ms.Missed = m.replay(spec, q.epoch, &replayBudget)
 		}
 		joined.Mounts[i] = ms
@@ -414,7 +525,7 @@ func (q *Queue) Gateways() []string {
 // is idle: no subscribers and no activity for ttl.
 func (q *Queue) Expire(now time.Time, ttl time.Duration) (idle bool) {
 	for _, m := range q.mounts {
-		m.expire(now, q.limits.HistoryAge)
+		q.expire(m, now)
 	}
 	return len(q.subs) == 0 && now.Sub(q.lastActive) >= ttl
 }
@@ -511,7 +622,7 @@ func (q *Queue) History(name string, since uint64, limit int, now time.Time) (*i
 	case limit > MaxHistoryLimit:
 		limit = MaxHistoryLimit
 	}
-	m.expire(now, q.limits.HistoryAge)
+	q.expire(m, now)
 	from := sort.Search(len(m.hist), func(i int) bool { return m.hist[i].Offset > since })
 	end, budget := from, q.limits.MaxReplayBytes
 	for end < len(m.hist) && end-from < limit {
@@ -542,7 +653,7 @@ func (q *Queue) Info(now time.Time) *imqpb.QueueInfoResult {
 		if m.kind == imqpb.MountKind_STATE {
 			mi.Keys, mi.Bytes = uint32(len(m.state)), uint64(m.stateBytes)
 		} else {
-			m.expire(now, q.limits.HistoryAge)
+			q.expire(m, now)
 			mi.Retained = uint32(len(m.hist))
 			if len(m.hist) > 0 {
 				mi.OldestOffset = m.hist[0].Offset
@@ -568,21 +679,36 @@ func (q *Queue) Info(now time.Time) *imqpb.QueueInfoResult {
 	return res
 }
 
-func (m *mount) dropOldest(n int) {
+// drop evicts the n oldest events of m for reason.
+func (q *Queue) drop(m *mount, n int, reason EvictReason) {
+	if n <= 0 {
+		return
+	}
+	b := 0
+	for _, ev := range m.hist[:n] {
+		b += eventBytes(ev)
+	}
 	m.evicted = m.hist[n-1].Offset
 	clear(m.hist[:n])
 	m.hist = m.hist[n:]
+	if len(m.hist) == 0 {
+		m.hist = nil // let the old backing array go
+	}
+	m.histBytes -= b
+	q.bytes -= int64(b)
+	q.evicted[reason].Events += int64(n)
+	q.evicted[reason].Bytes += int64(b)
 }
 
-func (m *mount) expire(now time.Time, age time.Duration) {
+// expire drops the events of m older than HistoryAge.
+func (q *Queue) expire(m *mount, now time.Time) {
+	age := q.limits.HistoryAge
 	if age <= 0 || len(m.hist) == 0 {
 		return
 	}
 	cutoff := now.Add(-age).UnixMilli()
 	n := sort.Search(len(m.hist), func(i int) bool { return m.hist[i].TimeMs > cutoff })
-	if n > 0 {
-		m.dropOldest(n)
-	}
+	q.drop(m, n, EvictAge)
 }
 
 // replay returns the events a join with spec should receive and whether the

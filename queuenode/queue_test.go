@@ -1278,3 +1278,109 @@ func TestInfo(t *testing.T) {
 		t.Fatalf("bounded Info lists %d of %d subscribers, want 2 of 3", len(got.GetSubscribers()), got.GetSubscribersTotal())
 	}
 }
+
+// TestHistoryBytes: HistoryBytes bounds each message mount's retained
+// events by bytes, evicting the oldest (but never the newest), alongside
+// HistoryLen; Bytes follows every change and resume reports exactly what
+// was evicted.
+func TestHistoryBytes(t *testing.T) {
+	// Each event of n payload bytes counts n+37: the sender "alice" and
+	// entryOverhead.
+	cases := []struct {
+		name          string
+		historyLen    int
+		historyBytes  int
+		sizes         []int // eventBytes of each publish
+		retained      []uint64
+		newestEvicted uint64
+		evicted       map[EvictReason]Evictions
+	}{
+		{"under the bound", 100, 1000, []int{100, 100, 100, 100, 100}, offsetRange(1, 5), 0, nil},
+		{"at the bound", 100, 500, []int{100, 100, 100, 100, 100}, offsetRange(1, 5), 0, nil},
+		{"one byte over", 100, 499, []int{100, 100, 100, 100, 100}, offsetRange(2, 5), 1,
+			map[EvictReason]Evictions{EvictBytes: {1, 100}}},
+		{"a large event evicts several", 100, 500, []int{100, 100, 100, 100, 300}, offsetRange(3, 5), 2,
+			map[EvictReason]Evictions{EvictBytes: {2, 200}}},
+		{"the newest is kept alone", 100, 200, []int{100, 100, 300}, []uint64{3}, 2,
+			map[EvictReason]Evictions{EvictBytes: {2, 200}}},
+		{"bytes before count", 3, 250, []int{100, 100, 100, 100, 100}, offsetRange(4, 5), 3,
+			map[EvictReason]Evictions{EvictBytes: {3, 300}}},
+		{"count before bytes", 2, 1000, []int{100, 100, 100, 100}, offsetRange(3, 4), 2,
+			map[EvictReason]Evictions{EvictCount: {2, 200}}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			l := testLimits()
+			l.HistoryLen, l.HistoryBytes = c.historyLen, c.historyBytes
+			q := newTestQueue(t, l)
+			for i, n := range c.sizes {
+				mustPublish(t, q, "chat", make([]byte, n-37), at(time.Duration(i)*time.Millisecond))
+			}
+			checkResume(t, q, "chat", at(time.Second), everyResumePoint(uint64(len(c.sizes)), c.retained, c.newestEvicted))
+			want := QueueBytes(testQueue) + MountBytes("chat")
+			for _, o := range c.retained {
+				want += int64(c.sizes[o-1])
+			}
+			if q.Bytes() != want {
+				t.Errorf("Bytes() = %d, want %d", q.Bytes(), want)
+			}
+			got := q.TakeEvictions()
+			for r := range numEvictReasons {
+				if got[r] != c.evicted[r] {
+					t.Errorf("evicted by %s: %+v, want %+v", r, got[r], c.evicted[r])
+				}
+			}
+			if q.TakeEvictions() != [numEvictReasons]Evictions{} {
+				t.Error("TakeEvictions did not reset")
+			}
+		})
+	}
+}
+
+// TestQueueBytes: Bytes counts state entries and mounts too, and
+// EvictOldest evicts the oldest events of every mount by time, as a resume
+// then sees.
+func TestQueueBytes(t *testing.T) {
+	q := newTestQueue(t, nil)
+	base := QueueBytes(testQueue)
+	if q.Bytes() != base {
+		t.Fatalf("empty queue: %d bytes, want %d", q.Bytes(), base)
+	}
+	mustSetState(t, q, "st", "key", []byte("12345"), false, at(0))
+	want := base + MountBytes("st") + 3 + 5 + entryOverhead
+	if q.Bytes() != want {
+		t.Fatalf("after a set: %d, want %d", q.Bytes(), want)
+	}
+	mustSetState(t, q, "st", "key", []byte("1"), false, at(0))
+	if want -= 4; q.Bytes() != want {
+		t.Fatalf("after an overwrite: %d, want %d", q.Bytes(), want)
+	}
+	mustSetState(t, q, "st", "key", nil, true, at(0))
+	if want = base + MountBytes("st"); q.Bytes() != want {
+		t.Fatalf("after a delete: %d, want %d", q.Bytes(), want)
+	}
+	// chat at 0, 10, 20 ms; input at 5, 15 ms.
+	for i, m := range []string{"chat", "input", "chat", "input", "chat"} {
+		mustPublish(t, q, m, []byte("x"), at(time.Duration(i*5)*time.Millisecond))
+	}
+	var times []int64
+	q.ForEachEvent(func(ms int64, b int) {
+		if b != 1+5+entryOverhead {
+			t.Fatalf("event of %d bytes", b)
+		}
+		times = append(times, ms-t0.UnixMilli())
+	})
+	if slices.Sort(times); !slices.Equal(times, []int64{0, 5, 10, 15, 20}) {
+		t.Fatalf("ForEachEvent times %v", times)
+	}
+	cutoff := t0.UnixMilli() + 12
+	freed := q.EvictOldest(func(ms int64, _ int) bool { return ms < cutoff })
+	if freed != 3*(1+5+entryOverhead) {
+		t.Fatalf("EvictOldest freed %d", freed)
+	}
+	if e := q.TakeEvictions()[EvictNode]; e.Events != 3 {
+		t.Fatalf("node evictions %+v", e)
+	}
+	checkResume(t, q, "chat", at(time.Second), everyResumePoint(q.Head(), []uint64{8}, 6))
+	checkResume(t, q, "input", at(time.Second), everyResumePoint(q.Head(), []uint64{7}, 5))
+}

@@ -28,6 +28,7 @@ func readQueue[T any](s *Server, queue string, read func(q *Queue) (T, error)) (
 	if q == nil {
 		return zero, imqerr.New(imqpb.Code_NOT_FOUND, "queue %s does not exist on this node", queue)
 	}
+	defer s.settleLocked(q, 0) // reads age out old history
 	return read(q)
 }
 

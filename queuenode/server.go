@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +50,11 @@ type Server struct {
 
 	shards     [numShards]shard
 	queueCount atomic.Int64
+
+	// The memory budget and queue creation limits: see budget.go.
+	nodeBytes atomic.Int64
+	evictMu   sync.Mutex // one evictOldest at a time
+	creates   *createLimiter
 
 	co *callouts // nil: no call-outs configured
 
@@ -96,6 +102,7 @@ func New(cfg Config) (*Server, error) {
 		s.shards[i].queues = make(map[string]*Queue)
 	}
 	s.table.Store(bucket.Empty())
+	s.creates = newCreateLimiter(cfg.MaxQueueCreates)
 	s.m = newMetrics(cfg.Registry, s)
 	s.co = newCallouts(&s.cfg, s.m, s.log)
 	if cfg.InternalAddr != "" {
@@ -270,6 +277,11 @@ type Varz struct {
 	TableVersion uint64 `json:"table_version"`
 	// BucketsOwned is how many of the table's buckets this node owns.
 	BucketsOwned int `json:"buckets_owned"`
+	// Bytes is what the node's queues hold by its memory budget's count
+	// (history, state, overheads; see Queue.Bytes), and MaxBytes that
+	// budget (--max-node-bytes).
+	Bytes    int64 `json:"bytes"`
+	MaxBytes int64 `json:"max_bytes"`
 }
 
 func (s *Server) varz() any {
@@ -277,6 +289,7 @@ func (s *Server) varz() any {
 	return Varz{
 		NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount(),
 		TableVersion: t.Version(), BucketsOwned: t.Counts()[s.cfg.NodeID],
+		Bytes: s.nodeBytes.Load(), MaxBytes: s.cfg.MaxNodeBytes,
 	}
 }
 
@@ -290,9 +303,10 @@ func (s *Server) shardFor(queue string) *shard {
 	return &s.shards[xxhash.Sum64String(queue)%numShards]
 }
 
-// queueLocked returns queue name from sh, creating it when create is set;
-// created says it did.
-func (s *Server) queueLocked(sh *shard, name string, create bool) (q *Queue, created bool, err error) {
+// queueLocked returns queue name from sh, creating it when create is set
+// (for user: a client's request counts against its MaxQueueCreates; ""
+// for the backend's); created says it did.
+func (s *Server) queueLocked(sh *shard, name string, create bool, user string) (q *Queue, created bool, err error) {
 	if q := sh.queues[name]; q != nil {
 		return q, false, nil
 	}
@@ -300,7 +314,13 @@ func (s *Server) queueLocked(sh *shard, name string, create bool) (q *Queue, cre
 		return nil, false, nil
 	}
 	if s.queueCount.Load() >= int64(s.cfg.MaxQueues) {
+		s.m.refused.WithLabelValues(refusedMaxQueues).Inc()
 		return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "node holds %d queues, its limit", s.cfg.MaxQueues)
+	}
+	if user != "" && !s.creates.allow(user, s.cfg.Now()) {
+		s.m.refused.WithLabelValues(refusedQueueCreates).Inc()
+		return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "user %s created %d queues within a minute, the limit (--max-queue-creates); try again later",
+			user, s.cfg.MaxQueueCreates)
 	}
 	q = NewQueue(name, s.nextEpoch(), &s.cfg.Limits, s.cfg.Now())
 	sh.queues[name] = q
@@ -314,8 +334,7 @@ func (s *Server) queueLocked(sh *shard, name string, create bool) (q *Queue, cre
 // idle TTL, which keeps join/leave churn from filling the node.
 func (s *Server) dropIfDisposableLocked(sh *shard, q *Queue) {
 	if q.Disposable() {
-		delete(sh.queues, q.Name())
-		s.queueCount.Add(-1)
+		s.removeQueueLocked(sh, q)
 		s.m.queuesExpired.Inc()
 	}
 }
@@ -451,20 +470,28 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join, res *callo
 		return err
 	}
 	sh := s.shardFor(j.GetQueue())
-	sh.mu.Lock()
+	var q *Queue
+	mounts := make([]string, len(j.GetMounts()))
+	for i, m := range j.GetMounts() {
+		mounts[i] = m.GetName()
+	}
+	reserved, err := s.lockWithRoom(sh, func() int64 { return s.needLocked(sh, j.GetQueue(), mounts...) })
 	defer sh.mu.Unlock()
+	defer func() { s.settleLocked(q, reserved) }()
+	if err != nil {
+		return err
+	}
 	if res != nil && l.ctx.Err() != nil {
 		return nil // the link closed during the call-out: see runChained
 	}
 	if err := s.checkOwnerLocked(j.GetQueue()); err != nil {
 		return err
 	}
-	q, _, err := s.queueLocked(sh, j.GetQueue(), true)
-	if err != nil {
+	if q, _, err = s.queueLocked(sh, j.GetQueue(), true, req.GetUser()); err != nil {
 		return err
 	}
 	if res != nil && len(res.seed) > 0 {
-		s.seedLocked(q, res.seed, j.GetMounts())
+		s.seedLocked(q, res.seed, j.GetMounts(), &reserved)
 	}
 	joined, err := q.Join(Subscriber{User: req.GetUser(), Session: req.GetSession(), Gateway: l.key}, j.GetMounts(), s.cfg.Now())
 	if err != nil {
@@ -478,8 +505,9 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join, res *callo
 // where the key is not set, as the backend would, in order of mount and
 // key. A seed the queue refuses (wrong mount kind, limits) is skipped, and
 // so is one for a mount the join (specs) names as a message mount, which
-// would make the join fail.
-func (s *Server) seedLocked(q *Queue, seed map[string]map[string]json.RawMessage, specs []*imqpb.MountSpec) {
+// would make the join fail, and one the node's memory budget has no room
+// for (seeds never evict); the room taken is added to reserved.
+func (s *Server) seedLocked(q *Queue, seed map[string]map[string]json.RawMessage, specs []*imqpb.MountSpec, reserved *int64) {
 	now := s.cfg.Now()
 	for _, mount := range slices.Sorted(maps.Keys(seed)) {
 		if slices.ContainsFunc(specs, func(m *imqpb.MountSpec) bool {
@@ -494,6 +522,15 @@ func (s *Server) seedLocked(q *Queue, seed map[string]map[string]json.RawMessage
 			}
 			var v bytes.Buffer
 			json.Compact(&v, seed[mount][key]) // valid: it was decoded
+			need := int64(len(key) + v.Len() + entryOverhead)
+			if q.mounts[mount] == nil {
+				need += MountBytes(mount)
+			}
+			if !s.tryReserve(need) {
+				s.log.Debug("join call-out state seed skipped: the node's memory budget is full", "queue", q.Name(), "mount", mount, "key", key)
+				continue
+			}
+			*reserved += need
 			ch, err := q.SetState(mount, "", key, v.Bytes(), false, now)
 			if err != nil {
 				s.log.Debug("join call-out state seed refused", "queue", q.Name(), "mount", mount, "key", key, "err", err)
@@ -520,7 +557,7 @@ func (s *Server) leave(l *link, req *imqpb.NodeRequest, lv *imqpb.Leave, rt *rou
 	sh := s.shardFor(lv.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	q, _, _ := s.queueLocked(sh, lv.GetQueue(), false)
+	q, _, _ := s.queueLocked(sh, lv.GetQueue(), false, "")
 	if q == nil || !q.Leave(req.GetSession(), s.cfg.Now()) {
 		return imqerr.New(imqpb.Code_NOT_JOINED, "not joined to %s", lv.GetQueue())
 	}
@@ -545,12 +582,19 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish, res 
 		payload = res.payload
 	}
 	sh := s.shardFor(p.GetQueue())
-	sh.mu.Lock()
+	var q *Queue
+	reserved, err := s.lockWithRoom(sh, func() int64 {
+		return s.needLocked(sh, p.GetQueue(), p.GetMount()) + int64(len(payload)+len(senderOf(req))+entryOverhead)
+	})
 	defer sh.mu.Unlock()
+	defer func() { s.settleLocked(q, reserved) }()
+	if err != nil {
+		return err
+	}
 	if err := s.checkOwnerLocked(p.GetQueue()); err != nil {
 		return err
 	}
-	q, created, err := s.queueLocked(sh, p.GetQueue(), true)
+	q, created, err := s.queueLocked(sh, p.GetQueue(), true, senderOf(req))
 	if err != nil {
 		return err
 	}
@@ -567,6 +611,35 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish, res 
 	return nil
 }
 
+// ownedStatePrefix returns the OwnedState prefix queue is under, or "".
+func (s *Server) ownedStatePrefix(queue string) string {
+	for _, p := range s.cfg.OwnedState {
+		if strings.HasPrefix(queue, p) {
+			return p
+		}
+	}
+	return ""
+}
+
+// checkStateOwner refuses a client's change of a state key that belongs
+// to another user, on a queue under an OwnedState prefix (see
+// Config.OwnedState). The backend may change any key.
+func (s *Server) checkStateOwner(req *imqpb.NodeRequest, st *imqpb.SetState) error {
+	if req.GetBackend() {
+		return nil
+	}
+	p := s.ownedStatePrefix(st.GetQueue())
+	if p == "" {
+		return nil
+	}
+	user, key := req.GetUser(), st.GetKey()
+	if key == user || strings.HasPrefix(key, user+"/") {
+		return nil
+	}
+	return imqerr.New(imqpb.Code_FORBIDDEN, "state key %q of %s belongs to another user: under %s a user may write only the key %q and keys starting with %q",
+		key, st.GetQueue(), p, user, user+"/")
+}
+
 func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) error {
 	if err := checkClient(req); err != nil {
 		return err
@@ -574,16 +647,29 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	if err := wire.ValidateQueueName(st.GetQueue()); err != nil {
 		return err
 	}
+	if err := s.checkStateOwner(req, st); err != nil {
+		return err
+	}
 	sh := s.shardFor(st.GetQueue())
-	sh.mu.Lock()
+	var q *Queue
+	reserved, err := s.lockWithRoom(sh, func() int64 {
+		if st.GetDelete() {
+			return s.needLocked(sh, st.GetQueue())
+		}
+		return s.needLocked(sh, st.GetQueue(), st.GetMount()) + int64(len(st.GetKey())+len(st.GetValue())+entryOverhead)
+	})
 	defer sh.mu.Unlock()
+	defer func() { s.settleLocked(q, reserved) }()
+	if err != nil {
+		return err
+	}
 	if err := s.checkOwnerLocked(st.GetQueue()); err != nil {
 		return err
 	}
 	// The backend deleting a key of a queue that does not exist learns so,
 	// rather than creating an empty queue.
 	create := !(req.GetBackend() && st.GetDelete())
-	q, created, err := s.queueLocked(sh, st.GetQueue(), create)
+	q, created, err := s.queueLocked(sh, st.GetQueue(), create, senderOf(req))
 	if err != nil {
 		return err
 	}
@@ -676,15 +762,17 @@ func (s *Server) sweep() {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		for name, q := range sh.queues {
+		for _, q := range sh.queues {
 			if q.Expire(now, s.cfg.IdleTTL) {
-				delete(sh.queues, name)
-				s.queueCount.Add(-1)
+				s.removeQueueLocked(sh, q)
 				s.m.queuesExpired.Inc()
+			} else {
+				s.settleLocked(q, 0)
 			}
 		}
 		sh.mu.Unlock()
 	}
+	s.creates.sweep(now)
 }
 
 func encodeLink(m *imqpb.LinkDown) []byte {

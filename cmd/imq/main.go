@@ -144,10 +144,11 @@ type calloutFlags struct {
 }
 
 func (cf *calloutFlags) register(fs *flag.FlagSet, cfg *queuenode.Config) {
-	fs.Var(&cf.specs, "callout", `call the backend before joins and publishes: "PREFIX=URL[ hooks=join,publish,leave]", repeatable (POST URL/<hook>)`)
+	fs.Var(&cf.specs, "callout", `call the backend before joins, publishes and state changes: "PREFIX=URL[ hooks=join,publish,set_state,leave]" (default: all four), repeatable (POST URL/<hook>)`)
 	fs.DurationVar(&cfg.CalloutTimeout, "callout-timeout", cfg.CalloutTimeout, "time limit of one call-out")
 	fs.IntVar(&cfg.CalloutConcurrency, "callout-concurrency", cfg.CalloutConcurrency, "call-outs in flight per backend host at most")
-	fs.Var(&cf.failure, "callout-failure", "what a failed call-out (timeout, error, bad answer, backend down) means for a join or publish: deny or allow")
+	fs.Var(&cf.failure, "callout-failure", "what a failed call-out (timeout, error, bad answer, backend down) means for a join, publish or state change: deny or allow")
+	fs.Var((*listFlag)(&cfg.OwnedState), "owned-state", "queue-name prefix under which a client may write only its own state keys (<user> and <user>/...); comma-separated or repeated (the admin RPC writes any key)")
 }
 
 func (cf *calloutFlags) apply(cfg *queuenode.Config) error {
@@ -188,7 +189,8 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	fs.StringVar(&cfg.LinkAddr, "link-addr", cfg.LinkAddr, "TCP listen address for gateway links")
 	fs.IntVar(&cfg.Limits.HistoryLen, "history-len", cfg.Limits.HistoryLen, "events kept per message mount for resume")
-	fs.DurationVar(&cfg.Limits.HistoryAge, "history-age", cfg.Limits.HistoryAge, "how long events are kept for resume (0: by count only)")
+	fs.DurationVar(&cfg.Limits.HistoryAge, "history-age", cfg.Limits.HistoryAge, "how long events are kept for resume (0: by count and bytes only)")
+	fs.IntVar(&cfg.Limits.HistoryBytes, "history-bytes", cfg.Limits.HistoryBytes, "bytes of events kept per message mount for resume (the oldest are evicted past it)")
 	if fs.Lookup("max-payload") == nil { // imq dev shares the gateway's
 		fs.IntVar(&cfg.Limits.MaxPayload, "max-payload", cfg.Limits.MaxPayload, "largest event payload in bytes")
 	}
@@ -200,6 +202,8 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	fs.IntVar(&cfg.Limits.MaxReplayBytes, "max-replay-bytes", cfg.Limits.MaxReplayBytes, "history replayed in one join, in bytes")
 	fs.IntVar(&cfg.Limits.MaxJoinBytes, "max-join-bytes", cfg.Limits.MaxJoinBytes, "one join's reply (state snapshots and replay), in bytes")
 	fs.IntVar(&cfg.MaxQueues, "max-queues", cfg.MaxQueues, "queues per node")
+	fs.Int64Var(&cfg.MaxNodeBytes, "max-node-bytes", cfg.MaxNodeBytes, "memory budget of all queues' history and state, in bytes: past it the oldest history is evicted, then new queues and writes are refused (the heap may be about twice this)")
+	fs.IntVar(&cfg.MaxQueueCreates, "max-queue-creates", cfg.MaxQueueCreates, "queues one user may create per minute (the admin RPC is exempt)")
 	fs.DurationVar(&cfg.IdleTTL, "idle-ttl", cfg.IdleTTL, "drop a queue with no subscribers and no traffic after this long")
 	fs.IntVar(&cfg.LinkBuffer, "link-buffer", cfg.LinkBuffer, "bytes queued for one gateway before its link is closed")
 	if fs.Lookup("link-timeout") == nil { // imq dev shares the gateway's

@@ -2,7 +2,8 @@
 /**
  * An IMQ call-out backend: what a game's web backend answers when a queue
  * node asks "may this user join?", "is this message allowed?", and is told
- * "this user left"; plus the gateway's connect-time auth call-out.
+ * "may this user change this state key?", and is told "this user left"; plus
+ * the gateway's connect-time auth call-out.
  *
  * Run it with PHP's built-in server, this file as the router script:
  *
@@ -22,6 +23,9 @@
  *   /imq/<name>/publish  {"hook":"publish","user","session","queue","mount","data"|"data_base64"}
  *                        → {"allow": true} | {"allow": true, "data"|"data_base64": ...}
  *                        | {"allow": false, "reason": "..."}
+ *   /imq/<name>/set_state {"hook":"set_state","user","session","queue","mount","key",
+ *                         "value"|"value_base64" (not for a delete),"delete"}
+ *                        → {"allow": true} | {"allow": false, "reason": "..."}
  *   /imq/<name>/leave    {"hook":"leave","user","session","queue"} → 204
  *   /imq/auth            {"token": "..."} → {"user": "id"} | {"allow": false, "reason": "..."}
  *
@@ -37,6 +41,9 @@
  *            (or a payload that is one JSON string), in raw bytes anywhere.
  *            An unchanged payload is answered {"allow": true}, so IMQ keeps
  *            the bytes as they were.
+ *   set_state  keys starting with "_" are the server's: a player's change of
+ *            one (set or delete) is refused ("keys starting with _ are set by
+ *            the server"). Anything else is allowed.
  *   leave    appends one JSON line {time, user, session, queue} to the file
  *            named by IMQ_PHP_LEAVE_LOG (default: imq-php-leave.log in the
  *            system temp directory).
@@ -203,6 +210,24 @@ function onPublish(stdClass $in): array
     return ['allow' => true];
 }
 
+/** set_state: keys starting with "_" are the server's. */
+function onSetState(stdClass $in): array
+{
+    str($in, 'mount');
+    $key = str($in, 'key');
+    if (!isset($in->delete) || !is_bool($in->delete)) {
+        throw new BadInput('field "delete" must be a boolean');
+    }
+    $hasValue = property_exists($in, 'value') || property_exists($in, 'value_base64');
+    if ($in->delete === $hasValue) {
+        throw new BadInput('a set carries "value" or "value_base64", a delete neither');
+    }
+    if (str_starts_with($key, '_')) {
+        return ['allow' => false, 'reason' => 'keys starting with _ are set by the server'];
+    }
+    return ['allow' => true];
+}
+
 /** leave: log it. */
 function onLeave(stdClass $in): void
 {
@@ -246,7 +271,7 @@ try {
         clearstatcache();
         respond(200, ['ms' => slowMs(), 'started' => (int)@filesize(slowFile() . '.started')]);
     }
-    $isHook = preg_match('#^/imq/[A-Za-z0-9_.-]+/(join|publish|leave)$#', $path, $m) === 1;
+    $isHook = preg_match('#^/imq/[A-Za-z0-9_.-]+/(join|publish|set_state|leave)$#', $path, $m) === 1;
     if (!$isHook && $path !== '/imq/auth') {
         respond(404, ['error' => "no route for $path"]);
     }
@@ -268,6 +293,8 @@ try {
             respond(200, onJoin($in));
         case 'publish':
             respond(200, onPublish($in));
+        case 'set_state':
+            respond(200, onSetState($in));
         default:
             onLeave($in);
             respond(204);

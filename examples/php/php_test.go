@@ -766,6 +766,23 @@ func TestCallouts(t *testing.T) {
 		}
 	})
 
+	t.Run("state change checked", func(t *testing.T) {
+		if _, err := bob.SetState(ctx, q, "scores", "_admin", []byte(`true`)); codeOf(t, err).Code != imqpb.Code_FORBIDDEN ||
+			codeOf(t, err).Message != "keys starting with _ are set by the server" {
+			t.Errorf("a server key's change: %v, want FORBIDDEN with the backend's reason", err)
+		}
+		if _, err := bob.DeleteState(ctx, q, "scores", "_admin"); codeOf(t, err).Code != imqpb.Code_FORBIDDEN {
+			t.Errorf("a server key's delete: %v, want FORBIDDEN", err)
+		}
+		if _, err := bob.SetState(ctx, q, "scores", "bob", []byte("\xff raw")); err != nil {
+			t.Fatalf("bob's own key: %v", err)
+		}
+		u := nextUpdate(t, sub, "bob's state change", func(u client.Update) bool { return u.Kind == client.KindStateSet && u.Key != "started" })
+		if u.Key != "bob" || string(u.Payload) != "\xff raw" {
+			t.Errorf("alice got state %q=%q, want only bob's allowed change", u.Key, u.Payload)
+		}
+	})
+
 	t.Run("leave logged", func(t *testing.T) {
 		if err := sub.Leave(ctx); err != nil {
 			t.Fatal(err)
