@@ -16,8 +16,11 @@ build:
 install:
 	$(GO) install -ldflags "-X main.version=$(VERSION)" ./cmd/imq
 
-run:
-	$(GO) run -ldflags "-X main.version=$(VERSION)" ./cmd/imq dev
+# Runs the built binary rather than `go run`: on Ctrl-C, go run dies of the
+# SIGINT it forwards and make reports "*** [run] Interrupt"; imq exits 0
+# and make ends silently.
+run: build
+	@exec ./$(BIN) dev
 
 # vet, gofmt and staticcheck (a tool dependency in go.mod, so `go tool`
 # fetches the pinned version through the module proxy).
