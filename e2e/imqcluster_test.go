@@ -130,20 +130,23 @@ func (c *imqCluster) childPIDs() map[string]int {
 	return out
 }
 
-// waitOutput waits for a line starting with prefix and returns it.
-func (c *imqCluster) waitOutput(prefix string, d time.Duration) string {
+// waitOutput waits for a line starting with prefix, after the first from
+// lines, and returns it and its index.
+func (c *imqCluster) waitOutput(from int, prefix string, d time.Duration) (string, int) {
 	c.t.Helper()
 	var line string
+	var at int
 	waitFor(c.t, d, fmt.Sprintf("imq cluster to print %q", prefix), func() bool {
-		for _, l := range c.output() {
-			if strings.HasPrefix(l, prefix) {
-				line = l
+		out := c.output()
+		for i := from; i < len(out); i++ {
+			if strings.HasPrefix(out[i], prefix) {
+				line, at = out[i], i
 				return true
 			}
 		}
 		return false
 	})
-	return line
+	return line, at
 }
 
 // interrupt is Ctrl-C: imq cluster must exit 0 within 30 s, leaving no
@@ -226,13 +229,20 @@ func TestImqClusterCommand(t *testing.T) {
 // node again and the gateway's URL serves again.
 func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	c := startImqCluster(t, []string{"IMQ_API_KEYS=" + apiKey + " methods=queue_info"}, "--queuenodes", "2", "--gateways", "1")
-	for _, victim := range []string{"qn-2", "gw-1"} {
+	seen := len(c.output())
+	for _, kill := range []struct{ victim, backoff string }{
+		{"qn-2", "500ms"},
+		{"qn-2", "1s"}, // again at once: the backoff doubles
+		{"gw-1", "500ms"},
+	} {
+		victim := kill.victim
 		pid := c.pids[victim]
 		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		c.waitOutput("imq cluster: "+victim+" exited (signal: killed); restarting in 500ms", 10*time.Second)
-		line := c.waitOutput("imq cluster: "+victim+" restarted (pid ", 30*time.Second)
+		_, seen = c.waitOutput(seen, "imq cluster: "+victim+" exited (signal: killed); restarting in "+kill.backoff, 10*time.Second)
+		var line string
+		line, seen = c.waitOutput(seen, "imq cluster: "+victim+" restarted (pid ", 30*time.Second)
 		var newPID int
 		fmt.Sscanf(strings.TrimPrefix(line, "imq cluster: "+victim+" restarted (pid "), "%d", &newPID)
 		if newPID == 0 || newPID == pid || syscall.Kill(newPID, 0) != nil {
