@@ -45,6 +45,10 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 		apiKeys = append(apiKeys, env) // as imq gateway: IMQ_API_KEYS adds to --api-key
 	}
 	cfg.APIKeys, cfg.AllowedOrigins = apiKeys, origins
+	// Consumed: the processes get them from cfg, not twice by inheritance.
+	for _, v := range []string{"IMQ_JWT_SECRET", "IMQ_JWT_SECRET_FILE", "IMQ_API_KEY", "IMQ_API_KEY_FILE", "IMQ_API_KEYS"} {
+		os.Unsetenv(v)
+	}
 	cfg.ClusterArgs = rest
 	if verbose {
 		cfg.Output = os.Stderr
