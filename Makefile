@@ -16,9 +16,9 @@ build:
 install:
 	$(GO) install -ldflags "-X main.version=$(VERSION)" ./cmd/imq
 
-# Runs the built binary rather than `go run`: on Ctrl-C, go run dies of the
-# SIGINT it forwards and make reports "*** [run] Interrupt"; imq exits 0
-# and make ends silently.
+# Runs the built binary rather than `go run`: after a Ctrl-C, go run exits 1
+# even when imq exits 0, and make reports "*** [run] Interrupt". imq exits 0,
+# and make ends silently (with 130, as any interrupted make).
 run: build
 	@exec ./$(BIN) dev
 
