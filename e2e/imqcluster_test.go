@@ -326,13 +326,14 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 // IMQ_JWT_SECRET), the API key (from --api-key-file) and the gossip key reach
 // the processes through their environment: no process's command line
 // (/proc/PID/cmdline, what ps shows every user) holds one, and the gateway
-// uses them.
+// uses them. --allowed-origins, no secret, goes on the gateway's.
 func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 	keyFile := filepath.Join(t.TempDir(), "api-key")
 	if err := os.WriteFile(keyFile, []byte(apiKey+" methods=queue_info\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret}, "--queuenodes", "1", "--gateways", "1", "--api-key-file", keyFile)
+	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret}, "--queuenodes", "1", "--gateways", "1", "--api-key-file", keyFile,
+		"--allowed-origins", "https://game.example.com")
 	pids := c.childPIDs()
 	pids["imq cluster"] = c.cmd.Process.Pid
 	for name, pid := range pids {
@@ -345,6 +346,9 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 			if strings.Contains(cmdline, secret) {
 				t.Errorf("%s's command line holds %q: %s", name, secret, cmdline)
 			}
+		}
+		if strings.HasPrefix(name, "gw-") && !strings.Contains(cmdline, "--allowed-origins https://game.example.com ") {
+			t.Errorf("%s did not get --allowed-origins: %s", name, cmdline)
 		}
 	}
 
