@@ -16,8 +16,11 @@ build:
 install:
 	$(GO) install -ldflags "-X main.version=$(VERSION)" ./cmd/imq
 
-run:
-	$(GO) run -ldflags "-X main.version=$(VERSION)" ./cmd/imq dev
+# Runs the built binary rather than `go run`: after a Ctrl-C, go run exits 1
+# even when imq exits 0, and make reports "*** [run] Interrupt". imq exits 0,
+# and make ends silently (with 130, as any interrupted make).
+run: build
+	@exec ./$(BIN) dev
 
 # vet, gofmt and staticcheck (a tool dependency in go.mod, so `go tool`
 # fetches the pinned version through the module proxy).

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -12,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -629,78 +627,6 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 	})
 	if f := metric(t, stale.Addr("internal"), "imq_gateway_moved_failures_total"); f != 0 {
 		t.Fatalf("%g MOVED retries failed", f)
-	}
-}
-
-// TestImqClusterCommand: `imq cluster` starts the processes, prints their
-// addresses, serves clients, and stops every process on Ctrl-C (SIGINT).
-func TestImqClusterCommand(t *testing.T) {
-	cmd := exec.Command(imqBinary(t), append([]string{"cluster", "--queuenodes", "2", "--gateways", "1", "--dir", t.TempDir(), "--"}, gossipArgs...)...)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	lines := make(chan string, 64)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
-	var url string
-	pids := map[string]int{}
-	deadline := time.After(30 * time.Second)
-	for url == "" || len(pids) < 4 {
-		select {
-		case l, ok := <-lines:
-			if !ok {
-				t.Fatalf("imq cluster exited early (pids %v)", pids)
-			}
-			f := strings.Fields(l)
-			if len(f) >= 4 && (f[1] == "boss" || f[1] == "queuenode" || f[1] == "gateway") {
-				pid, _ := strconv.Atoi(f[2])
-				pids[f[0]] = pid
-				if f[1] == "gateway" {
-					url = strings.TrimSuffix(f[3], "?user=alice")
-				}
-			}
-		case <-deadline:
-			t.Fatalf("imq cluster printed no table of processes in 30s (pids %v)", pids)
-		}
-	}
-	c := dialClient(t, url, "cmd-user")
-	sub, err := c.Join(ctxT(t, 10*time.Second), "/room/cmd", client.Messages("chat"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	col := collect(sub)
-	if _, err := c.Publish(ctxT(t, 5*time.Second), "/room/cmd", "chat", []byte(`"hi"`)); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 5*time.Second, "the message", func() bool { return len(col.events()) == 1 })
-
-	cmd.Process.Signal(syscall.SIGINT)
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-	select {
-	case err := <-waited:
-		if err != nil {
-			t.Fatalf("imq cluster exited with %v after SIGINT", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("imq cluster did not exit within 30s of SIGINT")
-	}
-	for name, pid := range pids {
-		// Signal 0 probes: the process must be gone (reaped by the launcher).
-		if err := syscall.Kill(pid, 0); err == nil {
-			syscall.Kill(pid, syscall.SIGKILL)
-			t.Errorf("%s (pid %d) still running after imq cluster exited", name, pid)
-		}
 	}
 }
 

@@ -93,7 +93,11 @@ func (l *nodeLink) run(ctx context.Context) {
 		failures, backoff = 0, 50*time.Millisecond
 		log.Info("queue node link up")
 		err = l.serve(ctx, conn)
-		log.Warn("queue node link lost", "err", err)
+		if ctx.Err() != nil { // stopped (the node left the table) or Shutdown: no loss
+			log.Info("queue node link closed")
+		} else {
+			log.Warn("queue node link lost", "err", err)
+		}
 		l.down()
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -29,8 +30,14 @@ type ClusterConfig struct {
 	Dir string
 	// Dev puts the gateways in development mode (?user= accepted).
 	Dev bool
-	// JWTSecret, if set, is given to every gateway.
+	// JWTSecret, if set, is given to every gateway, in its environment
+	// (IMQ_JWT_SECRET): a command line is visible to every user.
 	JWTSecret string
+	// APIKeys, if set, are the gateways' admin RPC keys (--api-key specs),
+	// given in their environment (IMQ_API_KEYS).
+	APIKeys []string
+	// AllowedOrigins, if set, go to every gateway's --allowed-origins.
+	AllowedOrigins []string
 	// Host is the address every process listens on. Default 127.0.0.1.
 	Host string
 	// ClusterArgs go to every process (membership timing flags such as
@@ -135,10 +142,16 @@ func (c *Cluster) AddGateway(ctx context.Context, extra ...string) (*Process, er
 	if c.cfg.Dev {
 		args = append(args, "--dev")
 	}
-	if c.cfg.JWTSecret != "" {
-		args = append(args, "--jwt-secret", c.cfg.JWTSecret)
+	if len(c.cfg.AllowedOrigins) > 0 {
+		args = append(args, "--allowed-origins", strings.Join(c.cfg.AllowedOrigins, ","))
 	}
 	p := c.process(name, "gateway", append(append(args, c.cfg.GatewayArgs...), extra...))
+	if c.cfg.JWTSecret != "" {
+		p.env = append(p.env, "IMQ_JWT_SECRET="+c.cfg.JWTSecret)
+	}
+	if len(c.cfg.APIKeys) > 0 {
+		p.env = append(p.env, "IMQ_API_KEYS="+strings.Join(c.cfg.APIKeys, "\n"))
+	}
 	if err := c.startProcess(ctx, p); err != nil {
 		return nil, err
 	}

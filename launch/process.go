@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -39,6 +40,26 @@ type Process struct {
 	cond  *sync.Cond
 	done  chan struct{}
 	addrs map[string]string // from the serving log lines; guarded by mu
+	// startedAt is when the running incarnation started; guarded by mu.
+	startedAt time.Time
+}
+
+// childEnv is the environment inherited, less what set overrides, plus
+// set. An inherited IMQ_X_FILE goes too when set has IMQ_X: the child
+// would refuse a secret given both ways.
+func childEnv(inherited, set []string) []string {
+	drop := map[string]bool{}
+	for _, kv := range set {
+		k, _, _ := strings.Cut(kv, "=")
+		drop[k], drop[k+"_FILE"] = true, true
+	}
+	out := make([]string, 0, len(inherited)+len(set))
+	for _, kv := range inherited {
+		if k, _, _ := strings.Cut(kv, "="); !drop[k] {
+			out = append(out, kv)
+		}
+	}
+	return append(out, set...)
 }
 
 func (p *Process) start() error {
@@ -55,7 +76,7 @@ func (p *Process) start() error {
 		}
 	}
 	cmd := exec.Command(p.binary, append(args, "--log-format", "json")...)
-	cmd.Env = append(cmd.Environ(), p.env...)
+	cmd.Env = childEnv(cmd.Environ(), p.env)
 	cmd.Stdout = f
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -70,7 +91,7 @@ func (p *Process) start() error {
 		return fmt.Errorf("start %s: %w", p.Name, err)
 	}
 	p.mu.Lock()
-	p.cmd = cmd
+	p.cmd, p.startedAt = cmd, time.Now()
 	p.logs, p.base = nil, 0
 	p.done = make(chan struct{})
 	done := p.done
@@ -218,6 +239,26 @@ func (p *Process) ExitCode() int {
 	default:
 		return -1
 	}
+}
+
+// ExitStatus describes how the last incarnation ended ("exit status 1",
+// "signal: killed"), or "running".
+func (p *Process) ExitStatus() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.done:
+		return p.cmd.ProcessState.String()
+	default:
+		return "running"
+	}
+}
+
+// StartedAt returns when the running (or last) incarnation started.
+func (p *Process) StartedAt() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.startedAt
 }
 
 // LogPath is the file holding every line the process logged.

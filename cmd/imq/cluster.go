@@ -14,16 +14,23 @@ import (
 func runCluster(args []string) error {
 	fs := newFlagSet("cluster", `Starts a local cluster of separate processes on 127.0.0.1: a boss, N queue
 nodes and M gateways joined to it, all on free ports. It prints their addresses
-and log files, and stops them all (gateways first) on Ctrl-C. Gateways run in
-development mode unless --jwt-secret is given.
+and log files, and supervises them: a process that exits (kill one to watch
+failover) is restarted on the same addresses, after 0.5 s doubling up to 30 s
+while it keeps failing, and the others keep running. Ctrl-C stops them all,
+gateways first. Gateways run in development mode unless --jwt-secret is given.
+Secrets reach the processes in their environment, never on their command line.
 
 Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	var cfg launch.ClusterConfig
 	var verbose bool
+	var origins listFlag
+	var apiKeys repeatFlag
 	fs.IntVar(&cfg.QueueNodes, "queuenodes", 2, "queue nodes to start")
 	fs.IntVar(&cfg.Gateways, "gateways", 2, "gateways to start")
 	fs.StringVar(&cfg.Dir, "dir", "", "directory for logs and the boss's data (default: a new temporary directory)")
 	fs.StringVar(&cfg.JWTSecret, "jwt-secret", "", "HS256 secret for the gateways (default: development mode, ?user= accepted)")
+	fs.Var(&apiKeys, "api-key", `the gateways' admin RPC key: "SECRET[ methods=...][ prefixes=...]", repeatable (as imq gateway --api-key)`)
+	fs.Var(&origins, "allowed-origins", "the gateways' --allowed-origins: Origin values allowed on /ws, comma-separated or repeated; * allows any")
 	fs.StringVar(&cfg.Host, "host", "127.0.0.1", "address every process listens on")
 	fs.BoolVar(&verbose, "verbose", false, "copy every process's log lines to stderr")
 	var rest []string
@@ -34,6 +41,14 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 		return err
 	}
 	cfg.Dev = cfg.JWTSecret == ""
+	if env := os.Getenv("IMQ_API_KEYS"); env != "" {
+		apiKeys = append(apiKeys, env) // as imq gateway: IMQ_API_KEYS adds to --api-key
+	}
+	cfg.APIKeys, cfg.AllowedOrigins = apiKeys, origins
+	// Consumed: the processes get them from cfg, not twice by inheritance.
+	for _, v := range []string{"IMQ_JWT_SECRET", "IMQ_JWT_SECRET_FILE", "IMQ_API_KEY", "IMQ_API_KEY_FILE", "IMQ_API_KEYS"} {
+		os.Unsetenv(v)
+	}
 	cfg.ClusterArgs = rest
 	if verbose {
 		cfg.Output = os.Stderr
@@ -43,13 +58,12 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	start := time.Now()
 	c, err := launch.StartCluster(ctx, cfg)
 	if err != nil {
-		return err
+		if ctx.Err() != nil {
+			return nil // Ctrl-C while starting: StartCluster stopped what it started
+		}
+		return fmt.Errorf("cluster: %w", err)
 	}
-	defer func() {
-		fmt.Println("stopping the cluster")
-		c.Stop(shutdownTimeout)
-	}()
-	fmt.Printf("imq %s: local cluster running (%s to start)\n\n", versionString(), time.Since(start).Round(time.Millisecond))
+	fmt.Printf("imq cluster: local cluster running (version %s, %s to start)\n\n", versionString(), time.Since(start).Round(time.Millisecond))
 	tw := tabwriter.NewWriter(os.Stdout, 2, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tROLE\tPID\tADDRESSES\tLOG")
 	row := func(p *launch.Process, addrs ...string) {
@@ -67,24 +81,16 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 		row(g, ws, "internal http://"+g.Addr("internal")+"/varz")
 	}
 	tw.Flush()
-	fmt.Printf("\nTry: imq loadtest --url %s\nPress Ctrl-C to stop.\n", strings.Join(c.URLs(), ","))
-	exited := make(chan *launch.Process, 1)
-	for _, p := range append(append([]*launch.Process{c.Boss}, c.Nodes...), c.Gateways...) {
-		go func() {
-			<-p.Done()
-			select {
-			case exited <- p:
-			default:
-			}
-		}()
+	url, auth, secret := c.URLs()[0], "?user=alice (development mode)", ""
+	if !cfg.Dev {
+		auth, secret = "a token: an HS256 JWT signed with the --jwt-secret", " --secret-file FILE_WITH_THE_JWT_SECRET"
 	}
-	select {
-	case <-ctx.Done():
-		return nil
-	case p := <-exited:
-		if ctx.Err() != nil {
-			return nil
-		}
-		return fmt.Errorf("%s exited (code %d); see %s", p.Name, p.ExitCode(), p.LogPath())
-	}
+	fmt.Printf("\nConnect:  a WebSocket client to %s with %s\nLoad:     imq loadtest --url %s%s\n", url, auth, strings.Join(c.URLs(), ","), secret)
+	fmt.Printf("Kill a process to watch failover: it is restarted. Press Ctrl-C to stop.\n")
+	c.Supervise(ctx, launch.SuperviseConfig{Logf: func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "imq cluster: "+format+"\n", args...)
+	}})
+	fmt.Println("imq cluster: stopping (gateways first)")
+	c.Stop(shutdownTimeout)
+	return nil
 }

@@ -37,9 +37,11 @@ func envName(flagName string) string {
 	return "IMQ_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// parse parses args, then sets each flag not given on the command line from
-// its environment variable.
+// parse registers the --NAME-file twin of every secret flag in fs, parses
+// args, then sets each flag not given on the command line from its
+// environment variable.
 func parse(fs *flag.FlagSet, args []string) error {
+	secrets := registerSecretFiles(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -48,18 +50,149 @@ func parse(fs *flag.FlagSet, args []string) error {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for _, sv := range secrets {
+		if set[sv.name] && set[sv.name+"-file"] {
+			return fmt.Errorf("give --%s or --%s-file, not both", sv.name, sv.name)
+		}
+		if set[sv.name] || set[sv.name+"-file"] {
+			// The command line wins over the environment for the pair.
+			set[sv.name], set[sv.name+"-file"] = true, true
+			continue
+		}
+		_, inEnv := os.LookupEnv(envName(sv.name))
+		_, fileInEnv := os.LookupEnv(envName(sv.name + "-file"))
+		if inEnv && fileInEnv {
+			return fmt.Errorf("set %s or %s, not both", envName(sv.name), envName(sv.name+"-file"))
+		}
+	}
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
 		if set[f.Name] || err != nil {
 			return
 		}
 		if v, ok := os.LookupEnv(envName(f.Name)); ok {
+			if sv, ok := f.Value.(*secretValue); ok { // checked, and named by its source, in apply
+				sv.given = append(sv.given, secretInput{v, envName(f.Name)})
+				return
+			}
 			if e := fs.Set(f.Name, v); e != nil {
 				err = fmt.Errorf("%s=%q: %v", envName(f.Name), v, e)
 			}
 		}
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	for _, sv := range secrets {
+		if err := sv.apply(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// secretNames are the flags that carry secrets, wherever they are
+// registered, and whether a --NAME-file holds one value or one per line.
+// A secret given on the command line is visible to every user of the
+// machine (ps, /proc/PID/cmdline), so each also reads from IMQ_NAME,
+// --NAME-file and IMQ_NAME_FILE; and no error message repeats its value.
+var secretNames = map[string]secretFileFormat{
+	"jwt-secret": wholeFile,
+	"gossip-key": wholeFile,
+	"secret":     wholeFile, // imq loadtest's token-minting secret
+	"api-key":    linePerValue,
+}
+
+type secretFileFormat int
+
+const (
+	wholeFile    secretFileFormat = iota // the file is the value, less one trailing newline
+	linePerValue                         // each non-blank line is a value (a repeatable flag)
+)
+
+// secretValue wraps a secret flag's own flag.Value. It records what it is
+// given and passes it on after parsing (apply), so that a bad value is
+// reported by where it came from, never by its text: the flag package
+// would quote it.
+type secretValue struct {
+	name   string
+	inner  flag.Value
+	format secretFileFormat
+	given  []secretInput
+}
+
+type secretInput struct{ value, source string }
+
+func (s *secretValue) String() string { return "" }
+
+func (s *secretValue) Set(v string) error {
+	s.given = append(s.given, secretInput{v, "--" + s.name})
+	return nil
+}
+
+func (s *secretValue) apply() error {
+	for _, in := range s.given {
+		if err := s.inner.Set(in.value); err != nil {
+			return fmt.Errorf("%s: %v", in.source, err)
+		}
+	}
+	return nil
+}
+
+// secretFile is the --NAME-file twin of a secret flag.
+type secretFile struct {
+	secret *secretValue
+	path   string
+}
+
+func (f *secretFile) String() string { return f.path }
+
+func (f *secretFile) Set(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err // the flag package names the flag
+	}
+	v := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	source := fmt.Sprintf("--%s-file %s", f.secret.name, path)
+	values := []string{v}
+	if f.secret.format == linePerValue {
+		values = values[:0]
+		for l := range strings.Lines(v) {
+			if l = strings.TrimSpace(l); l != "" {
+				values = append(values, l)
+			}
+		}
+	}
+	if len(values) == 0 || values[0] == "" {
+		return fmt.Errorf("%s is empty", path)
+	}
+	f.path = path
+	for _, v := range values {
+		f.secret.given = append(f.secret.given, secretInput{v, source})
+	}
+	return nil
+}
+
+// registerSecretFiles wraps every secret flag of fs and registers its
+// --NAME-file twin, before parsing so that --help lists them.
+func registerSecretFiles(fs *flag.FlagSet) []*secretValue {
+	var out []*secretValue
+	fs.VisitAll(func(f *flag.Flag) {
+		format, ok := secretNames[f.Name]
+		if !ok || fs.Lookup(f.Name+"-file") != nil {
+			return
+		}
+		sv := &secretValue{name: f.Name, inner: f.Value, format: format}
+		f.Value = sv
+		f.Usage += fmt.Sprintf(". Secret: prefer %s or --%s-file; a value on the command line is visible to other users in ps", envName(f.Name), f.Name)
+		what := "the secret"
+		if format == linePerValue {
+			what = "one value per line"
+		}
+		fs.Var(&secretFile{secret: sv}, f.Name+"-file", fmt.Sprintf("file holding --%s: %s (a trailing newline is ignored)", f.Name, what))
+		out = append(out, sv)
+	})
+	return out
 }
 
 // listFlag is a repeatable, comma-separable string flag.

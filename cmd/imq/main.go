@@ -44,7 +44,10 @@ A cluster is one boss, queue nodes and gateways, each started with
 --join BOSS_GOSSIP_ADDR; 'imq cluster' shows how on one machine.
 
 Run 'imq <command> --help' for a command's flags. Every flag can also be set
-with an environment variable: --jwt-secret is IMQ_JWT_SECRET.
+with an environment variable: --jwt-secret is IMQ_JWT_SECRET. Secrets
+(--jwt-secret, --api-key, --gossip-key) also come from a file:
+--jwt-secret-file or IMQ_JWT_SECRET_FILE. Prefer those: a command line is
+visible to every user of the machine.
 `
 
 func main() {

@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -198,6 +199,7 @@ type Member struct {
 	log  *slog.Logger
 	self string
 	addr string // gossip address
+	logw *logWriter
 
 	mu    sync.Mutex
 	meta  Meta            // guarded by mu
@@ -248,7 +250,8 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 	mc.TCPTimeout = max(2*cfg.ProbeInterval, time.Second)
 	mc.Delegate = delegate{m}
 	mc.Events = events{m}
-	mc.Logger = log.New(&logWriter{log: cfg.Logger}, "", 0)
+	m.logw = &logWriter{log: cfg.Logger}
+	mc.Logger = log.New(m.logw, "", 0)
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return nil, fmt.Errorf("membership: %w", err)
@@ -375,6 +378,7 @@ func (m *Member) Join(addrs []string) (int, error) { return m.ml.Join(addrs) }
 func (m *Member) Close(timeout time.Duration) error {
 	var err error
 	m.once.Do(func() {
+		m.logw.closing.Store(true)
 		close(m.stop)
 		m.wg.Wait()
 		err = m.ml.Leave(timeout)
@@ -390,6 +394,7 @@ func (m *Member) Close(timeout time.Duration) error {
 func (m *Member) Shutdown() error {
 	var err error
 	m.once.Do(func() {
+		m.logw.closing.Store(true)
 		close(m.stop)
 		m.wg.Wait()
 		err = m.ml.Shutdown()
@@ -461,8 +466,14 @@ func (e events) NotifyLeave(n *memberlist.Node)  { e.m.track(n, false) }
 func (e events) NotifyUpdate(n *memberlist.Node) { e.m.track(n, true) }
 
 // logWriter turns memberlist's "[LEVEL] memberlist: text" lines into slog
-// records at that level.
-type logWriter struct{ log *slog.Logger }
+// records at that level; from Close or Shutdown on, at debug level.
+// memberlist's timers race its own shutdown: a gossip or an indirect ping
+// already under way when the socket closes is logged as an error ("use of
+// closed network connection"), and an orderly exit is no error.
+type logWriter struct {
+	log     *slog.Logger
+	closing atomic.Bool
+}
 
 func (w *logWriter) Write(p []byte) (int, error) {
 	line := bytes.TrimSpace(p)
@@ -474,6 +485,9 @@ func (w *logWriter) Write(p []byte) (int, error) {
 		}
 	}
 	line = bytes.TrimPrefix(line, []byte("memberlist: "))
+	if w.closing.Load() {
+		level = slog.LevelDebug
+	}
 	w.log.Log(context.Background(), level, "memberlist: "+string(line))
 	return len(p), nil
 }

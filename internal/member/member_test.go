@@ -1,7 +1,11 @@
 package member
 
 import (
+	"context"
+	"log"
+	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -197,5 +201,55 @@ func TestGossipKeyKeepsOutsidersOut(t *testing.T) {
 	}
 	if err := (Config{SecretKey: []byte("short")}).Validate(); err == nil {
 		t.Error("a 5-byte gossip key was accepted")
+	}
+}
+
+// recordHandler keeps the level and message of every record.
+type recordHandler struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (h *recordHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *recordHandler) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.recs = append(h.recs, r)
+	return nil
+}
+func (h *recordHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *recordHandler) WithGroup(string) slog.Handler      { return h }
+
+func (h *recordHandler) levelOf(msg string) (slog.Level, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, r := range h.recs {
+		if r.Message == msg {
+			return r.Level, true
+		}
+	}
+	return 0, false
+}
+
+// TestCloseIsQuiet: memberlist's errors are errors while the member runs;
+// once it closes, what memberlist's timers log as they race the closed
+// socket ("use of closed network connection") is debug, not an ERROR line
+// at every Ctrl-C.
+func TestCloseIsQuiet(t *testing.T) {
+	h := &recordHandler{}
+	cfg := fastConfig()
+	cfg.Logger = slog.New(h)
+	m := startMember(t, cfg, Meta{Role: RoleGateway, ID: "gw-1"})
+	mlLog := log.New(m.logw, "", 0) // as memberlist's config holds it
+	mlLog.Printf("[ERR] memberlist: Failed to send gossip to 127.0.0.1:1: connection refused")
+	if l, ok := h.levelOf("memberlist: Failed to send gossip to 127.0.0.1:1: connection refused"); !ok || l != slog.LevelError {
+		t.Fatalf("a memberlist error while running is logged at %v (found %v), want ERROR", l, ok)
+	}
+	if err := m.Close(time.Second); err != nil {
+		t.Fatal(err)
+	}
+	mlLog.Printf("[ERR] memberlist: Failed to send indirect UDP ping: write udp 127.0.0.1:1->127.0.0.1:2: use of closed network connection")
+	if l, ok := h.levelOf("memberlist: Failed to send indirect UDP ping: write udp 127.0.0.1:1->127.0.0.1:2: use of closed network connection"); !ok || l != slog.LevelDebug {
+		t.Fatalf("a memberlist error after Close is logged at %v (found %v), want DEBUG", l, ok)
 	}
 }

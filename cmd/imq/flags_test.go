@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"encoding/base64"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// secretFlagSet registers the three kinds of secret flag: a string, a
+// validating flag.Value and a repeatable one.
+func secretFlagSet(jwt *string, key *gossipKey, apiKeys *repeatFlag) *flag.FlagSet {
+	fs := newFlagSet("test", "test")
+	fs.SetOutput(new(bytes.Buffer))
+	fs.StringVar(jwt, "jwt-secret", "", "HS256 secret")
+	fs.Var(key, "gossip-key", "gossip key")
+	fs.Var(apiKeys, "api-key", "admin RPC key")
+	return fs
+}
+
+func writeFile(t *testing.T, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestSecretFileForms: every secret flag has a --NAME-file form and an
+// IMQ_NAME_FILE variable that read the file less one trailing newline.
+func TestSecretFileForms(t *testing.T) {
+	key := make([]byte, 32)
+	key[0] = 7
+	b64 := base64.StdEncoding.EncodeToString(key)
+	jwtFile := writeFile(t, "jwt-secret-0123456789\n")
+	keyFile := writeFile(t, b64+"\n")
+	apiFile := writeFile(t, "key-one-0123456789 methods=publish\n\nkey-two-0123456789\r\n")
+
+	t.Run("flags", func(t *testing.T) {
+		var jwt string
+		var gk gossipKey
+		var api repeatFlag
+		fs := secretFlagSet(&jwt, &gk, &api)
+		if err := parse(fs, []string{"--jwt-secret-file", jwtFile, "--gossip-key-file", keyFile, "--api-key-file", apiFile}); err != nil {
+			t.Fatal(err)
+		}
+		if jwt != "jwt-secret-0123456789" {
+			t.Errorf("jwt secret %q", jwt)
+		}
+		if !bytes.Equal(gk, key) {
+			t.Errorf("gossip key %x, want %x", []byte(gk), key)
+		}
+		if want := []string{"key-one-0123456789 methods=publish", "key-two-0123456789"}; strings.Join(api, "|") != strings.Join(want, "|") {
+			t.Errorf("api keys %q, want %q", api, want)
+		}
+	})
+	t.Run("environment", func(t *testing.T) {
+		t.Setenv("IMQ_JWT_SECRET_FILE", jwtFile)
+		t.Setenv("IMQ_GOSSIP_KEY_FILE", keyFile)
+		t.Setenv("IMQ_API_KEY_FILE", apiFile)
+		var jwt string
+		var gk gossipKey
+		var api repeatFlag
+		if err := parse(secretFlagSet(&jwt, &gk, &api), nil); err != nil {
+			t.Fatal(err)
+		}
+		if jwt != "jwt-secret-0123456789" || !bytes.Equal(gk, key) || len(api) != 2 {
+			t.Errorf("got jwt %q, gossip key %x, api keys %q", jwt, []byte(gk), api)
+		}
+	})
+	t.Run("the command line wins over the environment", func(t *testing.T) {
+		t.Setenv("IMQ_JWT_SECRET", "from-the-environment")
+		var jwt string
+		if err := parse(secretFlagSet(&jwt, new(gossipKey), new(repeatFlag)), []string{"--jwt-secret-file", jwtFile}); err != nil {
+			t.Fatal(err)
+		}
+		if jwt != "jwt-secret-0123456789" {
+			t.Errorf("jwt secret %q, want the file's", jwt)
+		}
+	})
+}
+
+// TestSecretFileErrors: a missing or empty file, or a secret given twice,
+// is refused with an error naming the flag; no error repeats a secret.
+func TestSecretFileErrors(t *testing.T) {
+	empty := writeFile(t, "\n")
+	good := writeFile(t, "jwt-secret-0123456789")
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{"missing file", []string{"--jwt-secret-file", "/nonexistent/secret"}, nil, "flag -jwt-secret-file: open /nonexistent/secret"},
+		{"empty file", []string{"--jwt-secret-file", empty}, nil, "flag -jwt-secret-file: " + empty + " is empty"},
+		{"empty key file", []string{"--api-key-file", empty}, nil, "flag -api-key-file: " + empty + " is empty"},
+		{"both flags", []string{"--jwt-secret", "x-0123456789abcdef", "--jwt-secret-file", good}, nil, "give --jwt-secret or --jwt-secret-file, not both"},
+		{"both variables", nil, map[string]string{"IMQ_JWT_SECRET": "x-0123456789abcdef", "IMQ_JWT_SECRET_FILE": good}, "set IMQ_JWT_SECRET or IMQ_JWT_SECRET_FILE, not both"},
+		{"bad key in a variable", nil, map[string]string{"IMQ_GOSSIP_KEY": "s3cr3t-not-base64"}, "IMQ_GOSSIP_KEY: not base64"},
+		{"bad key on the command line", []string{"--gossip-key", "s3cr3t-not-base64"}, nil, "--gossip-key: not base64"},
+		{"bad key in a file", []string{"--gossip-key-file", writeFile(t, "s3cr3t-not-base64\n")}, nil, "--gossip-key-file "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			var jwt string
+			fs := secretFlagSet(&jwt, new(gossipKey), new(repeatFlag))
+			var out bytes.Buffer
+			fs.SetOutput(&out)
+			err := parse(fs, tc.args)
+			if err == nil {
+				t.Fatalf("parse succeeded (jwt secret %q)", jwt)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q, want it to contain %q", err, tc.want)
+			}
+			if strings.Contains(err.Error()+out.String(), "s3cr3t") {
+				t.Errorf("the error repeats the secret: %q %s", err, out.String())
+			}
+		})
+	}
+}
+
+// TestSecretFlagHelp: --help lists every *-file form and says why to
+// prefer it.
+func TestSecretFlagHelp(t *testing.T) {
+	fs := secretFlagSet(new(string), new(gossipKey), new(repeatFlag))
+	var out bytes.Buffer
+	fs.SetOutput(&out)
+	if err := parse(fs, []string{"--help"}); err != flag.ErrHelp {
+		t.Fatalf("parse --help: %v", err)
+	}
+	for _, want := range []string{
+		"--jwt-secret-file  [IMQ_JWT_SECRET_FILE]",
+		"--gossip-key-file  [IMQ_GOSSIP_KEY_FILE]",
+		"--api-key-file  [IMQ_API_KEY_FILE]",
+		"Secret: prefer IMQ_JWT_SECRET or --jwt-secret-file; a value on the command line is visible to other users in ps",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("--help lacks %q:\n%s", want, out.String())
+		}
+	}
+}
