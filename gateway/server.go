@@ -142,7 +142,7 @@ func New(cfg Config) (*Server, error) {
 		WriteBufferPool:  &sync.Pool{},
 		HandshakeTimeout: 10 * time.Second,
 		CheckOrigin:      func(*http.Request) bool { return true }, // checked before Upgrade
-		Error:            func(w http.ResponseWriter, r *http.Request, status int, reason error) {},
+		Error:            s.upgradeError,
 	}
 	s.conns.init()
 	s.index.init()
@@ -155,7 +155,7 @@ func New(cfg Config) (*Server, error) {
 	}
 
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ws", s.serveWS)
+	mux.HandleFunc("/ws", s.serveWS) // any method: serveWS answers non-GETs 405 in JSON
 	mux.HandleFunc(RPCPath, s.serveRPC)
 	mux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
 	obs.Handle(mux, cfg.Registry, s.health, s.varz)
@@ -362,8 +362,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		s.httpError(w, http.StatusServiceUnavailable, imqpb.Code_UNAVAILABLE, "gateway is shutting down")
 		return
 	}
-	if !websocket.IsWebSocketUpgrade(r) {
-		s.httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "this endpoint speaks WebSocket (subprotocol imq.v1 or imq.v1.json)")
+	if !s.checkHandshake(w, r) {
 		return
 	}
 	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
