@@ -44,9 +44,41 @@ type Config struct {
 	// ("http://boss.internal:7900", say behind a load balancer) instead of
 	// the boss that membership names. Empty: the newest live boss member.
 	BossURL string
-	// JWTSecret verifies HS256 connect tokens. A JWT secret, AuthURL or
-	// Dev is required.
+	// JWTSecret verifies HS256 connect tokens. A JWT secret, public keys,
+	// a JWKS URL, AuthURL or Dev is required. Token rules: see JWTAudience,
+	// JWTIssuer, JWTMaxAge and JWTAllowNoExp.
 	JWTSecret []byte
+	// JWTPublicKeys holds PEM public keys or certificates that verify
+	// connect tokens signed by a login service: RSA of at least 2048 bits
+	// verifies RS256 only, ECDSA P-256 ES256 only, P-384 ES384 only,
+	// Ed25519 EdDSA only. Empty: none.
+	JWTPublicKeys []byte
+	// JWKSURL is a login service's JSON Web Key Set (RFC 7517), whose keys
+	// verify connect tokens as JWTPublicKeys do, chosen by the token's kid.
+	// https:// only, or http:// to a loopback host. Empty: none.
+	JWKSURL string
+	// JWKSRefresh is how often the JWKS is fetched again. Default 10 min.
+	JWKSRefresh time.Duration
+	// JWKSMinRefetch spaces the fetches that tokens naming an unknown key
+	// id cause (a rotated key), so a flood of forged key ids costs the
+	// login service one fetch per interval. Default 30 s.
+	JWKSMinRefetch time.Duration
+	// JWKSTimeout bounds one JWKS fetch, the answer read included.
+	// Default 5 s.
+	JWKSTimeout time.Duration
+	// JWTAudience is this service's name in the tokens' aud claim: a token
+	// must name it. Empty: a token must carry no aud at all (one that names
+	// any audience is meant for another service).
+	JWTAudience string
+	// JWTIssuer, if set, must equal the tokens' iss claim. Empty: any iss.
+	JWTIssuer string
+	// JWTMaxAge bounds a token's lifetime: exp - iat, or exp - now for a
+	// token without iat. Default 24 h.
+	JWTMaxAge time.Duration
+	// JWTAllowNoExp accepts tokens without an exp claim, which never
+	// expire (JWTMaxAge does not apply to them). Default false: exp is
+	// required.
+	JWTAllowNoExp bool
 	// AuthURL, if set, authenticates connect tokens through the backend: a
 	// token that does not verify as a JWT (any token, without JWTSecret) is
 	// POSTed as {"token": "..."} to this http:// or https:// URL; a 200
@@ -146,6 +178,10 @@ func DefaultConfig() Config {
 		LinkPingInterval: wire.DefaultLinkPingInterval,
 		LinkTimeout:      wire.DefaultLinkTimeout,
 
+		JWKSRefresh:            10 * time.Minute,
+		JWKSMinRefetch:         30 * time.Second,
+		JWKSTimeout:            5 * time.Second,
+		JWTMaxAge:              24 * time.Hour,
 		AuthCalloutTimeout:     2 * time.Second,
 		AuthCalloutConcurrency: 64,
 		RPCMaxBody:             1 << 20,
@@ -182,6 +218,10 @@ func (c *Config) setDefaults() {
 	setD(&c.RequestTimeout, d.RequestTimeout)
 	setD(&c.LinkPingInterval, d.LinkPingInterval)
 	setD(&c.LinkTimeout, d.LinkTimeout)
+	setD(&c.JWKSRefresh, d.JWKSRefresh)
+	setD(&c.JWKSMinRefetch, d.JWKSMinRefetch)
+	setD(&c.JWKSTimeout, d.JWKSTimeout)
+	setD(&c.JWTMaxAge, d.JWTMaxAge)
 	setD(&c.AuthCalloutTimeout, d.AuthCalloutTimeout)
 	set(&c.AuthCalloutConcurrency, d.AuthCalloutConcurrency)
 	set(&c.RPCMaxBody, d.RPCMaxBody)
@@ -214,8 +254,16 @@ func (c *Config) validate() error {
 	case !strings.HasPrefix(c.BossURL, "http://") && !strings.HasPrefix(c.BossURL, "https://"):
 		errs = append(errs, fmt.Errorf("boss URL %q must start with http:// or https://", c.BossURL))
 	}
-	if len(c.JWTSecret) == 0 && c.AuthURL == "" && !c.Dev {
-		errs = append(errs, errors.New("a JWT secret or an auth URL is required (or development mode)"))
+	if len(c.JWTSecret) == 0 && len(c.JWTPublicKeys) == 0 && c.JWKSURL == "" && c.AuthURL == "" && !c.Dev {
+		errs = append(errs, errors.New("a JWT secret or an auth URL is required (or JWT public keys, a JWKS URL, or development mode)"))
+	}
+	if _, err := parseJWTPublicKeys(c.JWTPublicKeys); err != nil {
+		errs = append(errs, err)
+	}
+	if c.JWKSURL != "" {
+		if err := validJWKSURL(c.JWKSURL); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.AuthURL != "" {
 		if u, err := url.Parse(c.AuthURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -264,6 +312,8 @@ func (c *Config) validate() error {
 		"write timeout": c.WriteTimeout, "request timeout": c.RequestTimeout,
 		"link ping interval": c.LinkPingInterval, "link timeout": c.LinkTimeout,
 		"auth call-out timeout": c.AuthCalloutTimeout, "RPC timeout": c.RPCTimeout,
+		"JWKS refresh": c.JWKSRefresh, "JWKS minimum refetch interval": c.JWKSMinRefetch, "JWKS timeout": c.JWKSTimeout,
+		"JWT max age": c.JWTMaxAge,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))

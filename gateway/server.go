@@ -75,6 +75,7 @@ type Server struct {
 	rpcSlots  chan struct{} // one per RPC call in progress
 	rpcClient *http.Client  // asks the other gateways (kick)
 	auth      *authCallout  // nil without Config.AuthURL
+	jwt       *verifier     // checks connect tokens (auth.go)
 
 	sessionPrefix string // gateway id and a random nonce: sessions stay unique if two gateways share an id
 	connSeq       atomic.Uint64
@@ -150,6 +151,11 @@ func New(cfg Config) (*Server, error) {
 	s.rpcSlots = make(chan struct{}, cfg.RPCMaxInflight)
 	s.rpcClient = newRPCClient()
 	s.auth = newAuthCallout(&s.cfg)
+	jwks := newJWKSCache(&s.cfg, s.log, func(ok bool) { s.m.jwksFetches.WithLabelValues(okLabel(ok)).Inc() })
+	if s.jwt, err = newVerifier(&s.cfg, jwks); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
 	if len(cfg.APIKeys) == 0 {
 		s.log.Info("admin RPC off: no API keys configured")
 	}
@@ -203,6 +209,13 @@ func (s *Server) Run(ctx context.Context) error {
 		defer s.wg.Done()
 		s.pingLoop()
 	}()
+	if s.jwt.jwks != nil {
+		s.wg.Add(1)
+		go func() { // ends at Shutdown
+			defer s.wg.Done()
+			s.jwt.jwks.run(s.ctx)
+		}()
+	}
 	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws")
 	err := s.http.Serve(s.ln)
 	if errors.Is(err, http.ErrServerClosed) {

@@ -168,6 +168,20 @@ func (cf *calloutFlags) apply(cfg *queuenode.Config) error {
 func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins *listFlag) {
 	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "HTTP listen address for /ws, /metrics, /healthz and /varz")
 	fs.StringVar(secret, "jwt-secret", "", "HS256 secret that verifies connect tokens (at least 16 bytes)")
+	fs.Func("jwt-public-key", "PEM file of public keys or certificates that verify connect tokens: RSA (RS256), ECDSA P-256/P-384 (ES256/ES384), Ed25519 (EdDSA)", func(path string) error {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		cfg.JWTPublicKeys = b
+		return nil
+	})
+	fs.StringVar(&cfg.JWKSURL, "jwks-url", "", "JWKS URL of a login service whose keys verify connect tokens, chosen by kid (https, or http to a loopback host)")
+	fs.DurationVar(&cfg.JWKSRefresh, "jwks-refresh", cfg.JWKSRefresh, "how often the JWKS is fetched again (an unknown kid fetches it at most every 30s)")
+	fs.StringVar(&cfg.JWTAudience, "jwt-audience", "", "this service's name in the tokens' aud claim, which must name it (empty: tokens must carry no aud)")
+	fs.StringVar(&cfg.JWTIssuer, "jwt-issuer", "", "required iss claim of connect tokens (empty: any)")
+	fs.DurationVar(&cfg.JWTMaxAge, "jwt-max-age", cfg.JWTMaxAge, "refuse tokens valid for longer: exp - iat, or exp - now without iat")
+	fs.BoolVar(&cfg.JWTAllowNoExp, "jwt-allow-no-exp", false, "accept connect tokens without exp, which never expire (default: exp required)")
 	fs.Var(origins, "allowed-origins", "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: the request's own host)")
 	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "client connection limit (0: as many as the open-file limit allows)")
 	fs.IntVar(&cfg.SendQueueBytes, "send-queue-bytes", cfg.SendQueueBytes, "bytes queued for one client before it is cut off as a slow consumer")
