@@ -117,9 +117,28 @@ type Config struct {
 	// header (native clients, bots) are always accepted. Empty: only origins
 	// whose host equals the request's Host.
 	AllowedOrigins []string
-	// MaxConnections bounds client connections. Zero: as many as the
-	// open-file limit allows, less a reserve for links and files.
+	// MaxConnections bounds authenticated client connections. Zero: as
+	// many as the open-file limit allows, less a reserve for links and
+	// files and the MaxPending connections.
 	MaxConnections int
+	// MaxPending bounds the connections not yet authenticated (from accept
+	// to a successful connect; an idle HTTP keep-alive connection counts
+	// too), apart from MaxConnections, so that sockets that never
+	// authenticate cannot take the authenticated clients' places. Past it
+	// new connections are answered 503 LIMIT_EXCEEDED. Default: a quarter
+	// of MaxConnections, at least 16.
+	MaxPending int
+	// MaxPendingPerIP bounds the pending connections from one source (an
+	// IPv4 address or an IPv6 /64); past it they are answered 429
+	// LIMIT_EXCEEDED. Behind a proxy every client has the proxy's address:
+	// raise it to MaxPending, or turn it off with a negative value.
+	// Default 64.
+	MaxPendingPerIP int
+	// AuthFailuresPerIP is how many failed authentications (connect
+	// answered UNAUTHORIZED) a source may have per minute, in a burst of as
+	// many; past it its new connections are answered 429 LIMIT_EXCEEDED
+	// until its budget refills. Negative: no limit. Default 60.
+	AuthFailuresPerIP int
 	// SendQueueBytes bounds the bytes queued for one client; past it the
 	// client is a slow consumer and is disconnected.
 	SendQueueBytes int
@@ -163,20 +182,22 @@ type Config struct {
 // DefaultConfig returns the documented defaults.
 func DefaultConfig() Config {
 	return Config{
-		Addr:             "127.0.0.1:8080",
-		SendQueueBytes:   1 << 20,
-		SendQueueFrames:  4096,
-		MaxFrameBytes:    256 << 10,
-		MaxPayload:       64 << 10,
-		MaxSubscriptions: 256,
-		MaxInflight:      128,
-		PingInterval:     20 * time.Second,
-		ClientTimeout:    50 * time.Second,
-		AuthTimeout:      10 * time.Second,
-		WriteTimeout:     10 * time.Second,
-		RequestTimeout:   5 * time.Second,
-		LinkPingInterval: wire.DefaultLinkPingInterval,
-		LinkTimeout:      wire.DefaultLinkTimeout,
+		Addr:              "127.0.0.1:8080",
+		MaxPendingPerIP:   64,
+		AuthFailuresPerIP: 60,
+		SendQueueBytes:    1 << 20,
+		SendQueueFrames:   4096,
+		MaxFrameBytes:     256 << 10,
+		MaxPayload:        64 << 10,
+		MaxSubscriptions:  256,
+		MaxInflight:       128,
+		PingInterval:      20 * time.Second,
+		ClientTimeout:     50 * time.Second,
+		AuthTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		RequestTimeout:    5 * time.Second,
+		LinkPingInterval:  wire.DefaultLinkPingInterval,
+		LinkTimeout:       wire.DefaultLinkTimeout,
 
 		JWKSRefresh:            10 * time.Minute,
 		JWKSMinRefetch:         30 * time.Second,
@@ -205,6 +226,8 @@ func (c *Config) setDefaults() {
 	if c.Addr == "" {
 		c.Addr = d.Addr
 	}
+	set(&c.MaxPendingPerIP, d.MaxPendingPerIP)
+	set(&c.AuthFailuresPerIP, d.AuthFailuresPerIP)
 	set(&c.SendQueueBytes, d.SendQueueBytes)
 	set(&c.SendQueueFrames, d.SendQueueFrames)
 	set(&c.MaxFrameBytes, d.MaxFrameBytes)
@@ -292,7 +315,7 @@ func (c *Config) validate() error {
 		}
 	}
 	for name, v := range map[string]int{
-		"max connections": c.MaxConnections, "send queue bytes": c.SendQueueBytes,
+		"max connections": c.MaxConnections, "max pending": c.MaxPending, "send queue bytes": c.SendQueueBytes,
 		"send queue frames": c.SendQueueFrames, "max frame bytes": c.MaxFrameBytes,
 		"max payload": c.MaxPayload, "max subscriptions": c.MaxSubscriptions, "max inflight": c.MaxInflight,
 		"auth call-out concurrency": c.AuthCalloutConcurrency, "RPC max body": c.RPCMaxBody, "RPC max inflight": c.RPCMaxInflight,

@@ -47,7 +47,10 @@ type Server struct {
 	ln       *limitListener
 	http     *http.Server
 	upgrader websocket.Upgrader
-	maxConns int
+	maxConns int // authenticated connections at most
+	// maxPending bounds connections not yet authenticated (admission.go).
+	maxPending int
+	authLimit  *authLimiter
 
 	// Routing (cluster.go). routes is replaced whole by setTable; lookups
 	// load it without a lock.
@@ -120,13 +123,22 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConnections > 0 && cfg.MaxConnections < capacity {
 		s.maxConns = cfg.MaxConnections
 	}
-	s.log.Info("connection capacity", "open_file_limit", files, "max_connections", s.maxConns)
+	s.maxPending = cfg.MaxPending
+	if s.maxPending == 0 {
+		s.maxPending = max(16, s.maxConns/4)
+	}
+	if s.maxConns+s.maxPending > capacity { // the descriptors bound both pools
+		s.maxPending = max(1, min(s.maxPending, capacity/5))
+		s.maxConns = max(1, capacity-s.maxPending)
+	}
+	s.authLimit = newAuthLimiter(cfg.AuthFailuresPerIP)
+	s.log.Info("connection capacity", "open_file_limit", files, "max_connections", s.maxConns, "max_pending", s.maxPending)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("gateway: listen: %w", err)
 	}
-	s.ln = newLimitListener(ln, s.maxConns, s)
+	s.ln = newLimitListener(ln, s.maxConns, s.maxPending, cfg.MaxPendingPerIP, s)
 	if cfg.Member == nil {
 		// Standalone: one node owns every bucket, for good.
 		node := bucket.Node{ID: "queuenode", LinkAddr: cfg.QueueNode}
@@ -169,6 +181,8 @@ func New(cfg Config) (*Server, error) {
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute, // keep-alive admin RPC callers; WebSockets are hijacked
+		ConnState:         s.ln.connState,  // admission.go: idle connections are pending
+		ConnContext:       withConn,        // serveWS finds its *countedConn
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	if cfg.Member != nil {
@@ -404,18 +418,36 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if s.conns.count() >= s.maxConns {
-		s.httpError(w, http.StatusServiceUnavailable, imqpb.Code_LIMIT_EXCEEDED, "gateway is full")
+	// Admission (admission.go): a ?user= connection is authenticated at
+	// once and takes its place in the authenticated pool now; any other
+	// is pending until its connect.
+	cc := connOf(r)
+	if ok, _ := s.authLimit.allowed(cc.source(), time.Now()); !ok {
+		s.refuse(w, refusedAuthFailures)
 		return
+	}
+	if devUser != "" && !s.conns.tryAuth(s.maxConns) || devUser == "" && s.conns.authCount() >= s.maxConns {
+		s.refuse(w, refusedFull)
+		return
+	}
+	if devUser == "" {
+		if reason := cc.pend(); reason != "" {
+			s.refuse(w, reason)
+			return
+		}
 	}
 	ws, err := s.upgrader.Upgrade(hijackWrapper{w}, r, nil)
 	if err != nil {
+		if devUser != "" {
+			s.conns.unAuth()
+		}
 		s.m.accepted.WithLabelValues("upgrade_failed").Inc()
 		s.log.Debug("upgrade failed", "err", err)
 		return
 	}
 	s.m.accepted.WithLabelValues("ok").Inc()
 	c := newConn(s, ws, proto == SubprotocolJSON, devUser)
+	c.cc = cc
 	s.conns.add(c)
 	if s.closing.Load() { // Shutdown may have said its goodbyes before this one was added
 		c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
@@ -451,7 +483,29 @@ type connSet struct {
 		conns map[string]map[*conn]struct{} // by user; an entry per connection, so bounded by them
 	}
 	n atomic.Int64
+	// authed counts the connections with a user (authenticated), bounded
+	// by Server.maxConns through tryAuth.
+	authed atomic.Int64
 }
+
+// tryAuth takes a place in the authenticated pool, if one of max is free.
+func (cs *connSet) tryAuth(max int) bool {
+	for {
+		n := cs.authed.Load()
+		if n >= int64(max) {
+			return false
+		}
+		if cs.authed.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// unAuth gives back a place tryAuth took for a connection that never got
+// its user.
+func (cs *connSet) unAuth() { cs.authed.Add(-1) }
+
+func (cs *connSet) authCount() int { return int(cs.authed.Load()) }
 
 func (cs *connSet) init() {
 	for i := range cs.shards {
@@ -498,6 +552,7 @@ func (cs *connSet) remove(c *conn) {
 	if c.user == "" {
 		return
 	}
+	cs.authed.Add(-1) // a user was set only after tryAuth
 	ush := &cs.users[xxhash.Sum64String(c.user)%uint64(len(cs.users))]
 	ush.mu.Lock()
 	if set := ush.conns[c.user]; set != nil {
