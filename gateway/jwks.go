@@ -39,7 +39,8 @@ type jwksCache struct {
 	refresh    time.Duration
 	minRefetch time.Duration
 	log        *slog.Logger
-	onFetch    func(ok bool) // counts fetches (metrics)
+	onFetch    func(ok bool)   // counts fetches (metrics)
+	ctx        context.Context // ends fetches at Shutdown
 
 	mu       sync.Mutex
 	byID     map[string]jwtKey // Guarded by mu: keys with a kid.
@@ -50,13 +51,13 @@ type jwksCache struct {
 	inflight chan struct{}     // Guarded by mu: closed when the running fetch ends; nil when none runs.
 }
 
-func newJWKSCache(cfg *Config, log *slog.Logger, onFetch func(bool)) *jwksCache {
+func newJWKSCache(ctx context.Context, cfg *Config, log *slog.Logger, onFetch func(bool)) *jwksCache {
 	if cfg.JWKSURL == "" {
 		return nil
 	}
 	return &jwksCache{
 		url: cfg.JWKSURL, timeout: cfg.JWKSTimeout, refresh: cfg.JWKSRefresh, minRefetch: cfg.JWKSMinRefetch,
-		log: log, onFetch: onFetch, byID: map[string]jwtKey{},
+		log: log, onFetch: onFetch, ctx: ctx, byID: map[string]jwtKey{},
 		client: &http.Client{
 			Timeout: cfg.JWKSTimeout,
 			Transport: &http.Transport{
@@ -97,8 +98,9 @@ func validJWKSURL(raw string) error {
 // run keeps the cache fresh until ctx ends: a fetch now, then one every
 // refresh (every minRefetch while fetches fail).
 func (c *jwksCache) run(ctx context.Context) {
-	for {
-		err := c.refetch(ctx, true)
+	for first := true; ; first = false {
+		// The first round leaves out a fetch a connect has just made.
+		err := c.refetch(ctx, !first)
 		wait := c.refresh
 		if err != nil {
 			wait = c.minRefetch
@@ -177,7 +179,7 @@ func (c *jwksCache) refetch(ctx context.Context, force bool) error {
 	}
 	c.mu.Unlock()
 	close(done)
-	if err != nil {
+	if err != nil && c.ctx.Err() == nil {
 		c.log.Warn("JWKS fetch failed; keeping the keys fetched before", "url", c.url, "err", err)
 	}
 	return err
@@ -186,7 +188,7 @@ func (c *jwksCache) refetch(ctx context.Context, force bool) error {
 // fetch gets and parses the JWKS. Keys it cannot use are skipped with a
 // warning; a document without any usable key is an error.
 func (c *jwksCache) fetch() (map[string]jwtKey, []jwtKey, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	ctx, cancel := context.WithTimeout(c.ctx, c.timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url, nil)
 	if err != nil {

@@ -163,7 +163,7 @@ func New(cfg Config) (*Server, error) {
 	s.rpcSlots = make(chan struct{}, cfg.RPCMaxInflight)
 	s.rpcClient = newRPCClient()
 	s.auth = newAuthCallout(&s.cfg)
-	jwks := newJWKSCache(&s.cfg, s.log, func(ok bool) { s.m.jwksFetches.WithLabelValues(okLabel(ok)).Inc() })
+	jwks := newJWKSCache(s.ctx, &s.cfg, s.log, func(ok bool) { s.m.jwksFetches.WithLabelValues(okLabel(ok)).Inc() })
 	if s.jwt, err = newVerifier(&s.cfg, jwks); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("gateway: %w", err)
