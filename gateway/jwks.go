@@ -34,6 +34,7 @@ const maxJWKSBytes = 1 << 20
 // them.
 type jwksCache struct {
 	url        string
+	logURL     string // url with any password redacted
 	client     *http.Client
 	timeout    time.Duration
 	refresh    time.Duration
@@ -55,8 +56,12 @@ func newJWKSCache(ctx context.Context, cfg *Config, log *slog.Logger, onFetch fu
 	if cfg.JWKSURL == "" {
 		return nil
 	}
+	logURL := cfg.JWKSURL
+	if u, err := url.Parse(cfg.JWKSURL); err == nil {
+		logURL = u.Redacted()
+	}
 	return &jwksCache{
-		url: cfg.JWKSURL, timeout: cfg.JWKSTimeout, refresh: cfg.JWKSRefresh, minRefetch: cfg.JWKSMinRefetch,
+		url: cfg.JWKSURL, logURL: logURL, timeout: cfg.JWKSTimeout, refresh: cfg.JWKSRefresh, minRefetch: cfg.JWKSMinRefetch,
 		log: log, onFetch: onFetch, ctx: ctx, byID: map[string]jwtKey{},
 		client: &http.Client{
 			Timeout: cfg.JWKSTimeout,
@@ -131,7 +136,7 @@ func (c *jwksCache) lookup(ctx context.Context, kid string) (k jwtKey, found boo
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.fetched {
-		return jwtKey{}, false, fmt.Errorf("%w from %s: %v", errJWKSUnavailable, c.url, c.lastErr)
+		return jwtKey{}, false, fmt.Errorf("%w: %v", errJWKSUnavailable, c.lastErr)
 	}
 	k, found = c.byID[kid]
 	return k, found && kid != "", nil
@@ -180,7 +185,7 @@ func (c *jwksCache) refetch(ctx context.Context, force bool) error {
 	c.mu.Unlock()
 	close(done)
 	if err != nil && c.ctx.Err() == nil {
-		c.log.Warn("JWKS fetch failed; keeping the keys fetched before", "url", c.url, "err", err)
+		c.log.Warn("JWKS fetch failed; keeping the keys fetched before", "url", c.logURL, "err", err)
 	}
 	return err
 }
@@ -199,6 +204,10 @@ func (c *jwksCache) fetch() (map[string]jwtKey, []jwtKey, error) {
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return nil, nil, fmt.Errorf("no answer within %s", c.timeout)
+		}
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // clients see the cause, not the URL
 		}
 		return nil, nil, err
 	}
@@ -227,11 +236,11 @@ func (c *jwksCache) fetch() (map[string]jwtKey, []jwtKey, error) {
 		k, err := parseJWK(raw)
 		switch {
 		case err != nil:
-			c.log.Warn("JWKS key skipped", "url", c.url, "index", i, "err", err)
+			c.log.Warn("JWKS key skipped", "url", c.logURL, "index", i, "err", err)
 		case k.kid == "":
 			noID = append(noID, k)
 		case byID[k.kid].key != nil:
-			c.log.Warn("JWKS key skipped: its kid is taken by an earlier key", "url", c.url, "kid", k.kid)
+			c.log.Warn("JWKS key skipped: its kid is taken by an earlier key", "url", c.logURL, "kid", k.kid)
 		default:
 			byID[k.kid] = k
 		}
