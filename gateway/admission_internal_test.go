@@ -48,8 +48,11 @@ func TestPendingPool(t *testing.T) {
 	if p.count() != 0 || len(p.bySrc) != 0 {
 		t.Fatalf("count %d, %d sources after releasing all", p.count(), len(p.bySrc))
 	}
-	if off := newPendingPool(2, -1); off.acquire(a) != "" || off.acquire(a) != "" || off.acquire(a) != refusedPending {
-		t.Fatal("a negative per-source cap should leave only the total")
+	off := newPendingPool(2, -1)
+	for i, want := range []string{"", "", refusedPending} {
+		if got := off.acquire(a); got != want {
+			t.Fatalf("no per-source cap, acquire %d: %q, want %q", i+1, got, want)
+		}
 	}
 }
 
