@@ -298,6 +298,36 @@ func TestJWKS(t *testing.T) {
 	})
 }
 
+// TestJWKSKeepsKeys: a JWKS that fails after a good fetch leaves the keys
+// of that fetch in use.
+func TestJWKSKeepsKeys(t *testing.T) {
+	edPub, edKey, _ := ed25519.GenerateKey(rand.Reader)
+	var failing atomic.Bool
+	var fetches atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fetches.Add(1)
+		if failing.Load() {
+			http.Error(w, "down", http.StatusBadGateway)
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{"keys": []map[string]string{okpJWK("k1", edPub)}})
+	}))
+	t.Cleanup(srv.Close)
+	d := startDev(t, func(c *gateway.Config) {
+		c.JWTSecret, c.JWKSURL, c.JWKSMinRefetch = nil, srv.URL, 10*time.Millisecond
+	})
+	good := sign(t, jwt.SigningMethodEdDSA, edKey, "k1", claims("gus", 0, time.Minute))
+	expectConnect(t, d, good, imqpb.Code_OK, "")
+	failing.Store(true)
+	before := fetches.Load()
+	// An unknown kid makes the gateway fetch again, in vain.
+	waitFor(t, 5*time.Second, func() bool {
+		r := connectWith(t, d, sign(t, jwt.SigningMethodEdDSA, edKey, "k2", claims("gus", 0, time.Minute)))
+		return r.GetCode() == imqpb.Code_UNAUTHORIZED && fetches.Load() > before
+	})
+	expectConnect(t, d, good, imqpb.Code_OK, "")
+}
+
 // TestJWKSFailures: a JWKS that is slow, too large, failing or not JSON
 // gives a retryable UNAVAILABLE naming the cause, within the fetch timeout.
 func TestJWKSFailures(t *testing.T) {
