@@ -227,7 +227,7 @@ func TestGatewaySIGTERM(t *testing.T) {
 // refuses closes for good, and every subscription ends with KindClosed.
 func TestTokenRefusedOnReconnect(t *testing.T) {
 	cl := startCluster(t)
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{Subject: "eve"}).SignedString([]byte(e2eSecret))
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{Subject: "eve", ExpiresAt: jwt.NewNumericDate(time.Now().Add(time.Hour))}).SignedString([]byte(e2eSecret))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -71,12 +71,14 @@ func newAuthCallout(cfg *Config) *authCallout {
 	}
 }
 
-// authenticate returns the user a connect token names: a JWT signed with
-// the gateway's secret is accepted locally; any other token goes to the
-// auth call-out when there is one.
+// authenticate returns the user a connect token names: a JWT that verifies
+// (auth.go) is accepted locally; any other token goes to the auth call-out
+// when there is one.
 func (s *Server) authenticate(token string) (string, error) {
-	if len(s.cfg.JWTSecret) > 0 || s.auth == nil {
-		user, err := verifyToken(s.cfg.JWTSecret, token)
+	if s.jwt.configured() || s.auth == nil {
+		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.JWKSTimeout)
+		user, err := s.jwt.verify(ctx, token)
+		cancel()
 		if err == nil || s.auth == nil {
 			return user, err
 		}

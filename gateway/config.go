@@ -54,9 +54,41 @@ type Config struct {
 	// ("http://boss.internal:7900", say behind a load balancer) instead of
 	// the boss that membership names. Empty: the newest live boss member.
 	BossURL string
-	// JWTSecret verifies HS256 connect tokens. A JWT secret, AuthURL or
-	// Dev is required.
+	// JWTSecret verifies HS256 connect tokens. A JWT secret, public keys,
+	// a JWKS URL, AuthURL or Dev is required. Token rules: see JWTAudience,
+	// JWTIssuer, JWTMaxAge and JWTAllowNoExp.
 	JWTSecret []byte
+	// JWTPublicKeys holds PEM public keys or certificates that verify
+	// connect tokens signed by a login service: RSA of at least 2048 bits
+	// verifies RS256 only, ECDSA P-256 ES256 only, P-384 ES384 only,
+	// Ed25519 EdDSA only. Empty: none.
+	JWTPublicKeys []byte
+	// JWKSURL is a login service's JSON Web Key Set (RFC 7517), whose keys
+	// verify connect tokens as JWTPublicKeys do, chosen by the token's kid.
+	// https:// only, or http:// to a loopback host. Empty: none.
+	JWKSURL string
+	// JWKSRefresh is how often the JWKS is fetched again. Default 10 min.
+	JWKSRefresh time.Duration
+	// JWKSMinRefetch spaces the fetches that tokens naming an unknown key
+	// id cause (a rotated key), so a flood of forged key ids costs the
+	// login service one fetch per interval. Default 30 s.
+	JWKSMinRefetch time.Duration
+	// JWKSTimeout bounds one JWKS fetch, the answer read included.
+	// Default 5 s.
+	JWKSTimeout time.Duration
+	// JWTAudience is this service's name in the tokens' aud claim: a token
+	// must name it. Empty: a token must carry no aud at all (one that names
+	// any audience is meant for another service).
+	JWTAudience string
+	// JWTIssuer, if set, must equal the tokens' iss claim. Empty: any iss.
+	JWTIssuer string
+	// JWTMaxAge bounds a token's lifetime: exp - iat, or exp - now for a
+	// token without iat. Default 24 h.
+	JWTMaxAge time.Duration
+	// JWTAllowNoExp accepts tokens without an exp claim, which never
+	// expire (JWTMaxAge does not apply to them). Default false: exp is
+	// required.
+	JWTAllowNoExp bool
 	// AuthURL, if set, authenticates connect tokens through the backend: a
 	// token that does not verify as a JWT (any token, without JWTSecret) is
 	// POSTed as {"token": "..."} to this http:// or https:// URL; a 200
@@ -95,9 +127,28 @@ type Config struct {
 	// header (native clients, bots) are always accepted. Empty: only origins
 	// whose host equals the request's Host.
 	AllowedOrigins []string
-	// MaxConnections bounds client connections. Zero: as many as the
-	// open-file limit allows, less a reserve for links and files.
+	// MaxConnections bounds authenticated client connections. Zero: as
+	// many as the open-file limit allows, less a reserve for links and
+	// files and the MaxPending connections.
 	MaxConnections int
+	// MaxPending bounds the connections not yet authenticated (from accept
+	// to a successful connect; an idle HTTP keep-alive connection counts
+	// too), apart from MaxConnections, so that sockets that never
+	// authenticate cannot take the authenticated clients' places. Past it
+	// new connections are answered 503 LIMIT_EXCEEDED. Default: a quarter
+	// of MaxConnections, at least 16.
+	MaxPending int
+	// MaxPendingPerIP bounds the pending connections from one source (an
+	// IPv4 address or an IPv6 /64); past it they are answered 429
+	// LIMIT_EXCEEDED. Behind a proxy every client has the proxy's address:
+	// raise it to MaxPending, or turn it off with a negative value.
+	// Default 64.
+	MaxPendingPerIP int
+	// AuthFailuresPerIP is how many failed authentications (connect
+	// answered UNAUTHORIZED) a source may have per minute, in a burst of as
+	// many; past it its new connections are answered 429 LIMIT_EXCEEDED
+	// until its budget refills. Negative: no limit. Default 60.
+	AuthFailuresPerIP int
 	// SendQueueBytes bounds the bytes queued for one client; past it the
 	// client is a slow consumer and is disconnected.
 	SendQueueBytes int
@@ -141,22 +192,28 @@ type Config struct {
 // DefaultConfig returns the documented defaults.
 func DefaultConfig() Config {
 	return Config{
-		Addr:             "127.0.0.1:8080",
-		InternalAddr:     "127.0.0.1:8081",
-		SendQueueBytes:   1 << 20,
-		SendQueueFrames:  4096,
-		MaxFrameBytes:    256 << 10,
-		MaxPayload:       64 << 10,
-		MaxSubscriptions: 256,
-		MaxInflight:      128,
-		PingInterval:     20 * time.Second,
-		ClientTimeout:    50 * time.Second,
-		AuthTimeout:      10 * time.Second,
-		WriteTimeout:     10 * time.Second,
-		RequestTimeout:   5 * time.Second,
-		LinkPingInterval: wire.DefaultLinkPingInterval,
-		LinkTimeout:      wire.DefaultLinkTimeout,
+		Addr:              "127.0.0.1:8080",
+		InternalAddr:      "127.0.0.1:8081",
+		MaxPendingPerIP:   64,
+		AuthFailuresPerIP: 60,
+		SendQueueBytes:    1 << 20,
+		SendQueueFrames:   4096,
+		MaxFrameBytes:     256 << 10,
+		MaxPayload:        64 << 10,
+		MaxSubscriptions:  256,
+		MaxInflight:       128,
+		PingInterval:      20 * time.Second,
+		ClientTimeout:     50 * time.Second,
+		AuthTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		RequestTimeout:    5 * time.Second,
+		LinkPingInterval:  wire.DefaultLinkPingInterval,
+		LinkTimeout:       wire.DefaultLinkTimeout,
 
+		JWKSRefresh:            10 * time.Minute,
+		JWKSMinRefetch:         30 * time.Second,
+		JWKSTimeout:            5 * time.Second,
+		JWTMaxAge:              24 * time.Hour,
 		AuthCalloutTimeout:     2 * time.Second,
 		AuthCalloutConcurrency: 64,
 		RPCMaxBody:             1 << 20,
@@ -183,6 +240,8 @@ func (c *Config) setDefaults() {
 	if c.InternalAddr == "" {
 		c.InternalAddr = d.InternalAddr
 	}
+	set(&c.MaxPendingPerIP, d.MaxPendingPerIP)
+	set(&c.AuthFailuresPerIP, d.AuthFailuresPerIP)
 	set(&c.SendQueueBytes, d.SendQueueBytes)
 	set(&c.SendQueueFrames, d.SendQueueFrames)
 	set(&c.MaxFrameBytes, d.MaxFrameBytes)
@@ -196,6 +255,10 @@ func (c *Config) setDefaults() {
 	setD(&c.RequestTimeout, d.RequestTimeout)
 	setD(&c.LinkPingInterval, d.LinkPingInterval)
 	setD(&c.LinkTimeout, d.LinkTimeout)
+	setD(&c.JWKSRefresh, d.JWKSRefresh)
+	setD(&c.JWKSMinRefetch, d.JWKSMinRefetch)
+	setD(&c.JWKSTimeout, d.JWKSTimeout)
+	setD(&c.JWTMaxAge, d.JWTMaxAge)
 	setD(&c.AuthCalloutTimeout, d.AuthCalloutTimeout)
 	set(&c.AuthCalloutConcurrency, d.AuthCalloutConcurrency)
 	set(&c.RPCMaxBody, d.RPCMaxBody)
@@ -231,8 +294,16 @@ func (c *Config) validate() error {
 	case !strings.HasPrefix(c.BossURL, "http://") && !strings.HasPrefix(c.BossURL, "https://"):
 		errs = append(errs, fmt.Errorf("boss URL %q must start with http:// or https://", c.BossURL))
 	}
-	if len(c.JWTSecret) == 0 && c.AuthURL == "" && !c.Dev {
-		errs = append(errs, errors.New("a JWT secret or an auth URL is required (or development mode)"))
+	if len(c.JWTSecret) == 0 && len(c.JWTPublicKeys) == 0 && c.JWKSURL == "" && c.AuthURL == "" && !c.Dev {
+		errs = append(errs, errors.New("a JWT secret or an auth URL is required (or JWT public keys, a JWKS URL, or development mode)"))
+	}
+	if _, err := parseJWTPublicKeys(c.JWTPublicKeys); err != nil {
+		errs = append(errs, err)
+	}
+	if c.JWKSURL != "" {
+		if err := validJWKSURL(c.JWKSURL); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.AuthURL != "" {
 		if u, err := url.Parse(c.AuthURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -261,7 +332,7 @@ func (c *Config) validate() error {
 		}
 	}
 	for name, v := range map[string]int{
-		"max connections": c.MaxConnections, "send queue bytes": c.SendQueueBytes,
+		"max connections": c.MaxConnections, "max pending": c.MaxPending, "send queue bytes": c.SendQueueBytes,
 		"send queue frames": c.SendQueueFrames, "max frame bytes": c.MaxFrameBytes,
 		"max payload": c.MaxPayload, "max subscriptions": c.MaxSubscriptions, "max inflight": c.MaxInflight,
 		"auth call-out concurrency": c.AuthCalloutConcurrency, "RPC max body": c.RPCMaxBody, "RPC max inflight": c.RPCMaxInflight,
@@ -281,6 +352,8 @@ func (c *Config) validate() error {
 		"write timeout": c.WriteTimeout, "request timeout": c.RequestTimeout,
 		"link ping interval": c.LinkPingInterval, "link timeout": c.LinkTimeout,
 		"auth call-out timeout": c.AuthCalloutTimeout, "RPC timeout": c.RPCTimeout,
+		"JWKS refresh": c.JWKSRefresh, "JWKS minimum refetch interval": c.JWKSMinRefetch, "JWKS timeout": c.JWKSTimeout,
+		"JWT max age": c.JWTMaxAge,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))

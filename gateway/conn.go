@@ -42,6 +42,7 @@ type conn struct {
 	s       *Server
 	ws      *websocket.Conn
 	bc      *bufConn
+	cc      *countedConn // the listener's connection: its pending slot and source (nil in no test)
 	id      uint64
 	session string
 	json    bool
@@ -286,11 +287,21 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		// it is authenticated.
 		user, err := c.s.authenticate(m.GetToken())
 		if err != nil {
+			if imqerr.From(err).Code == imqpb.Code_UNAUTHORIZED {
+				c.s.authLimit.failed(c.cc.source(), time.Now())
+			}
 			c.replyErr(id, err)
 			// reconnect when the backend failed rather than refused
 			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, imqerr.From(err).Retryable())
 			return
 		}
+		if !c.s.conns.tryAuth(c.s.maxConns) {
+			c.s.m.refused.WithLabelValues(refusedFull).Inc()
+			c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "gateway is full; try again"))
+			c.goAway(imqpb.Reason_REASON_SERVER_FULL, "gateway is full", true)
+			return
+		}
+		c.cc.unpend()
 		c.user = user
 		c.s.conns.addUser(c, user)
 	}

@@ -43,6 +43,17 @@
 // members over the same RPC with "local": true, signed, at their internal
 // listeners.
 //
+// Tokens (auth.go, jwks.go): a connect token is a JWT verified with the
+// HS256 secret or a public key (a PEM file, or a login service's JWKS,
+// cached and refetched at most once per JWKSMinRefetch for an unknown key
+// id), each key pinned to the algorithm of its type; exp, a bounded
+// lifetime, aud and iss are checked.
+//
+// Admission (admission.go, listener.go): a connection is pending from
+// accept until its connect succeeds, capped in total and per source address
+// apart from the authenticated connections; failed authentications are
+// rate-limited per source address.
+//
 // Auth call-out (auth_callout.go, Config.AuthURL): a connect token that is
 // not a valid JWT of this gateway is POSTed to the backend from the
 // connection's reader, bounded by AuthCalloutTimeout and a pool of
@@ -56,6 +67,7 @@
 // ending when the node leaves the table or at Shutdown); in cluster mode the
 // table watcher and memberlist's own (ending at Shutdown); and one short
 // goroutine per request answered MOVED, ending within the request timeout.
+// With a JWKS URL, one refresher, ending at Shutdown.
 // Per admin RPC call net/http's handler goroutine; a broadcast adds up to 64
 // publishers and a kick one goroutine per other gateway, all ending before
 // the call answers, within its timeout.

@@ -3,6 +3,8 @@ package gateway
 import (
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/imq-dev/imq/internal/bucket"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -37,4 +39,11 @@ func RPCMethods() []string { return rpcMethodNames() }
 func SignKick(secret string, body []byte, now time.Time) string {
 	keys := newAPIKeys([]APIKey{{Secret: secret}})
 	return signKick(&keys[0], body, now)
+}
+
+// Refused returns imq_gateway_connections_refused_total{reason}.
+func (s *Server) Refused(reason string) float64 {
+	var m dto.Metric
+	s.m.refused.WithLabelValues(reason).Write(&m)
+	return m.GetCounter().GetValue()
 }

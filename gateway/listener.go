@@ -4,7 +4,7 @@ import (
 	"bufio"
 	"net"
 	"net/http"
-	"strconv"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,23 +19,22 @@ const httpSlack = 64
 // limitListener caps the open connections so the process never runs out of
 // file descriptors. Past the cap it accepts and closes at once with a 503, so
 // clients get an answer rather than a hung connect; when accept itself fails
-// for lack of descriptors it backs off instead of spinning.
+// for lack of descriptors it backs off instead of spinning. Each accepted
+// connection starts pending (admission.go): past the pending caps it is
+// refused likewise, with a 429 when its own source holds too many.
 type limitListener struct {
 	net.Listener
-	s      *Server
-	max    int64
-	active atomic.Int64
+	s       *Server
+	max     int64
+	active  atomic.Int64
+	pending *pendingPool
 }
 
-func newLimitListener(ln net.Listener, maxConns int, s *Server) *limitListener {
-	return &limitListener{Listener: ln, s: s, max: int64(maxConns + httpSlack)}
+// newLimitListener admits maxConns authenticated and maxPending pending
+// connections, and httpSlack more for /metrics and /healthz.
+func newLimitListener(ln net.Listener, maxConns, maxPending, maxPendingPerIP int, s *Server) *limitListener {
+	return &limitListener{Listener: ln, s: s, max: int64(maxConns + maxPending + httpSlack), pending: newPendingPool(maxPending, maxPendingPerIP)}
 }
-
-// fullBody is the error shape of the admin RPC and httpError.
-const fullBody = `{"error":{"code":"LIMIT_EXCEEDED","message":"gateway is full","retryable":true}}` + "\n"
-
-var fullResponse = []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
-	strconv.Itoa(len(fullBody)) + "\r\n\r\n" + fullBody)
 
 func (l *limitListener) Accept() (net.Conn, error) {
 	backoff := 5 * time.Millisecond
@@ -58,24 +57,94 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		if l.active.Add(1) > l.max {
 			l.active.Add(-1)
 			l.s.m.accepted.WithLabelValues("full").Inc()
-			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write(fullResponse)
+			l.s.m.refused.WithLabelValues(refusedFull).Inc()
+			refuseRaw(c, fullResponse)
 			c.Close()
 			continue
 		}
-		return &countedConn{Conn: c, l: l}, nil
+		cc := &countedConn{Conn: c, l: l, src: sourceKey(c.RemoteAddr())}
+		if reason := cc.pend(); reason != "" {
+			l.s.m.accepted.WithLabelValues("refused").Inc()
+			l.s.m.refused.WithLabelValues(reason).Inc()
+			resp := pendingResponse
+			if reason == refusedPendingIP {
+				resp = pendingIPResponse
+			}
+			refuseRaw(c, resp)
+			cc.Close()
+			continue
+		}
+		return cc, nil
 	}
 }
 
-// countedConn releases its slot in the listener once, on Close.
+// refuseRaw writes resp to a connection refused at accept. The answer is
+// small enough for the socket's buffer: the write does not wait for the
+// client, and the deadline covers a full buffer.
+func refuseRaw(c net.Conn, resp []byte) {
+	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	c.Write(resp)
+}
+
+// countedConn releases its slot in the listener once, on Close, and its
+// pending slot when it authenticates or closes.
 type countedConn struct {
 	net.Conn
 	l    *limitListener
+	src  netip.Prefix
 	once sync.Once
+
+	mu      sync.Mutex
+	pending bool // Guarded by mu: holds a slot of l.pending.
+	closed  bool // Guarded by mu.
+}
+
+// pend makes c pending, unless it is already, or returns why it may not
+// be. A nil c (a connection not from the listener) is never refused.
+func (c *countedConn) pend() string {
+	if c == nil {
+		return ""
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.pending {
+		return ""
+	}
+	if reason := c.l.pending.acquire(c.src); reason != "" {
+		return reason
+	}
+	c.pending = true
+	return ""
+}
+
+// unpend gives back c's pending slot: it authenticated, is serving an HTTP
+// request, or closed.
+func (c *countedConn) unpend() {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending {
+		c.pending = false
+		c.l.pending.release(c.src)
+	}
+}
+
+// source returns the address c's limits are counted by.
+func (c *countedConn) source() netip.Prefix {
+	if c == nil {
+		return netip.Prefix{}
+	}
+	return c.src
 }
 
 func (c *countedConn) Close() error {
 	err := c.Conn.Close()
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.unpend()
 	c.once.Do(func() { c.l.active.Add(-1) })
 	return err
 }

@@ -23,6 +23,8 @@ type metrics struct {
 	rpcSeconds    *prometheus.HistogramVec
 	authCallouts  *prometheus.CounterVec
 	authSeconds   prometheus.Histogram
+	jwksFetches   *prometheus.CounterVec
+	refused       *prometheus.CounterVec
 }
 
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
@@ -77,10 +79,16 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_gateway_auth_callout_seconds", Help: "Auth call-out duration, the wait for a slot included.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
+		jwksFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_jwks_fetches_total", Help: "JWKS fetches (--jwks-url), by result: ok, error (the keys fetched before stay in use).",
+		}, []string{"result"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_connections_refused_total", Help: "Connections refused for capacity or abuse, by reason: full (--max-connections authenticated), pending (--max-pending not yet authenticated), pending_ip (--max-pending-per-ip), auth_failures (--auth-failures-per-ip spent).",
+		}, []string{"reason"}),
 	}
 	reg.MustRegister(m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,
 		m.slowConsumers, m.sendDrops, m.unsubscribed, m.movedRetries, m.movedFailures, m.tableChanges,
-		m.rpcRequests, m.rpcSeconds, m.authCallouts, m.authSeconds,
+		m.rpcRequests, m.rpcSeconds, m.authCallouts, m.authSeconds, m.jwksFetches, m.refused,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_rpc_inflight", Help: "Admin RPC calls in progress.",
 		}, func() float64 { return float64(len(s.rpcSlots)) }),
@@ -88,7 +96,13 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_gateway_connections", Help: "Open client connections.",
 		}, func() float64 { return float64(s.conns.count()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "imq_gateway_connection_capacity", Help: "Client connections this gateway accepts at most.",
+			Name: "imq_gateway_connections_pending", Help: "Connections not yet authenticated (idle HTTP keep-alive ones included).",
+		}, func() float64 { return float64(s.ln.pending.count()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_gateway_pending_capacity", Help: "Connections not yet authenticated this gateway admits at most (--max-pending).",
+		}, func() float64 { return float64(s.maxPending) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_gateway_connection_capacity", Help: "Authenticated client connections this gateway accepts at most (--max-connections).",
 		}, func() float64 { return float64(s.maxConns) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_links_up", Help: "Queue node links currently up.",
@@ -106,6 +120,12 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	for _, r := range []imqpb.Reason{imqpb.Reason_REASON_NODE_LOST, imqpb.Reason_REASON_MOVED, imqpb.Reason_REASON_TIMEOUT} {
 		m.unsubscribed.WithLabelValues(reasonLabel(r))
 	}
+	for _, r := range refusedReasons {
+		m.refused.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "error"} {
+		m.jwksFetches.WithLabelValues(r)
+	}
 	for _, o := range []string{"accepted", "refused", "failed"} {
 		m.authCallouts.WithLabelValues(o)
 	}
@@ -115,4 +135,11 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		}
 	}
 	return m
+}
+
+func okLabel(ok bool) string {
+	if ok {
+		return "ok"
+	}
+	return "error"
 }

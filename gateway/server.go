@@ -47,7 +47,10 @@ type Server struct {
 	ln       *limitListener
 	http     *http.Server // clients: /ws, /rpc/v1/, /healthz
 	upgrader websocket.Upgrader
-	maxConns int
+	maxConns int // authenticated connections at most
+	// maxPending bounds connections not yet authenticated (admission.go).
+	maxPending int
+	authLimit  *authLimiter
 
 	// The internal listener (Config.InternalAddr): /metrics, /healthz,
 	// /varz, /v1/table and kicks passed on by other gateways.
@@ -80,6 +83,7 @@ type Server struct {
 	rpcSlots  chan struct{} // one per RPC call in progress
 	rpcClient *http.Client  // asks the other gateways (kick)
 	auth      *authCallout  // nil without Config.AuthURL
+	jwt       *verifier     // checks connect tokens (auth.go)
 
 	sessionPrefix string // gateway id and a random nonce: sessions stay unique if two gateways share an id
 	connSeq       atomic.Uint64
@@ -124,13 +128,22 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConnections > 0 && cfg.MaxConnections < capacity {
 		s.maxConns = cfg.MaxConnections
 	}
-	s.log.Info("connection capacity", "open_file_limit", files, "max_connections", s.maxConns)
+	s.maxPending = cfg.MaxPending
+	if s.maxPending == 0 {
+		s.maxPending = max(16, s.maxConns/4)
+	}
+	if s.maxConns+s.maxPending > capacity { // the descriptors bound both pools
+		s.maxPending = max(1, min(s.maxPending, capacity/5))
+		s.maxConns = max(1, capacity-s.maxPending)
+	}
+	s.authLimit = newAuthLimiter(cfg.AuthFailuresPerIP)
+	s.log.Info("connection capacity", "open_file_limit", files, "max_connections", s.maxConns, "max_pending", s.maxPending)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("gateway: listen: %w", err)
 	}
-	s.ln = newLimitListener(ln, s.maxConns, s)
+	s.ln = newLimitListener(ln, s.maxConns, s.maxPending, cfg.MaxPendingPerIP, s)
 	s.internalLn, err = net.Listen("tcp", cfg.InternalAddr)
 	if err != nil {
 		ln.Close()
@@ -152,7 +165,7 @@ func New(cfg Config) (*Server, error) {
 		WriteBufferPool:  &sync.Pool{},
 		HandshakeTimeout: 10 * time.Second,
 		CheckOrigin:      func(*http.Request) bool { return true }, // checked before Upgrade
-		Error:            func(w http.ResponseWriter, r *http.Request, status int, reason error) {},
+		Error:            s.upgradeError,
 	}
 	s.conns.init()
 	s.index.init()
@@ -160,6 +173,12 @@ func New(cfg Config) (*Server, error) {
 	s.rpcSlots = make(chan struct{}, cfg.RPCMaxInflight)
 	s.rpcClient = newRPCClient()
 	s.auth = newAuthCallout(&s.cfg)
+	jwks := newJWKSCache(s.ctx, &s.cfg, s.log, func(ok bool) { s.m.jwksFetches.WithLabelValues(okLabel(ok)).Inc() })
+	if s.jwt, err = newVerifier(&s.cfg, jwks); err != nil {
+		ln.Close()
+		s.internalLn.Close()
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
 	if len(cfg.APIKeys) == 0 {
 		s.log.Info("admin RPC off: no API keys configured")
 	}
@@ -167,13 +186,15 @@ func New(cfg Config) (*Server, error) {
 	// The client port shows nothing of the cluster's insides: internal
 	// addresses, the table and metrics are on the internal listener.
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ws", s.serveWS)
+	mux.HandleFunc("/ws", s.serveWS) // any method: serveWS answers non-GETs 405 in JSON
 	mux.HandleFunc(RPCPath, s.serveRPC)
 	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // load balancers check the client port
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute, // keep-alive admin RPC callers; WebSockets are hijacked
+		ConnState:         s.ln.connState,  // admission.go: idle connections are pending
+		ConnContext:       withConn,        // serveWS finds its *countedConn
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	imux := http.NewServeMux()
@@ -239,6 +260,13 @@ func (s *Server) Run(ctx context.Context) error {
 			s.log.Error("internal listener failed; /metrics, /varz and passed-on kicks are down", "addr", s.InternalAddr(), "err", err)
 		}
 	}()
+	if s.jwt.jwks != nil {
+		s.wg.Add(1)
+		go func() { // ends at Shutdown
+			defer s.wg.Done()
+			s.jwt.jwks.run(s.ctx)
+		}()
+	}
 	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws", "internal", s.InternalAddr())
 	err := s.http.Serve(s.ln)
 	if errors.Is(err, http.ErrServerClosed) {
@@ -406,8 +434,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		s.httpError(w, http.StatusServiceUnavailable, imqpb.Code_UNAVAILABLE, "gateway is shutting down")
 		return
 	}
-	if !websocket.IsWebSocketUpgrade(r) {
-		s.httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "this endpoint speaks WebSocket (subprotocol imq.v1 or imq.v1.json)")
+	if !s.checkHandshake(w, r) {
 		return
 	}
 	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
@@ -436,18 +463,36 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if s.conns.count() >= s.maxConns {
-		s.httpError(w, http.StatusServiceUnavailable, imqpb.Code_LIMIT_EXCEEDED, "gateway is full")
+	// Admission (admission.go): a ?user= connection is authenticated at
+	// once and takes its place in the authenticated pool now; any other
+	// is pending until its connect.
+	cc := connOf(r)
+	if ok, _ := s.authLimit.allowed(cc.source(), time.Now()); !ok {
+		s.refuse(w, refusedAuthFailures)
 		return
+	}
+	if devUser != "" && !s.conns.tryAuth(s.maxConns) || devUser == "" && s.conns.authCount() >= s.maxConns {
+		s.refuse(w, refusedFull)
+		return
+	}
+	if devUser == "" {
+		if reason := cc.pend(); reason != "" {
+			s.refuse(w, reason)
+			return
+		}
 	}
 	ws, err := s.upgrader.Upgrade(hijackWrapper{w}, r, nil)
 	if err != nil {
+		if devUser != "" {
+			s.conns.unAuth()
+		}
 		s.m.accepted.WithLabelValues("upgrade_failed").Inc()
 		s.log.Debug("upgrade failed", "err", err)
 		return
 	}
 	s.m.accepted.WithLabelValues("ok").Inc()
 	c := newConn(s, ws, proto == SubprotocolJSON, devUser)
+	c.cc = cc
 	s.conns.add(c)
 	if s.closing.Load() { // Shutdown may have said its goodbyes before this one was added
 		c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
@@ -483,7 +528,29 @@ type connSet struct {
 		conns map[string]map[*conn]struct{} // by user; an entry per connection, so bounded by them
 	}
 	n atomic.Int64
+	// authed counts the connections with a user (authenticated), bounded
+	// by Server.maxConns through tryAuth.
+	authed atomic.Int64
 }
+
+// tryAuth takes a place in the authenticated pool, if one of max is free.
+func (cs *connSet) tryAuth(max int) bool {
+	for {
+		n := cs.authed.Load()
+		if n >= int64(max) {
+			return false
+		}
+		if cs.authed.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// unAuth gives back a place tryAuth took for a connection that never got
+// its user.
+func (cs *connSet) unAuth() { cs.authed.Add(-1) }
+
+func (cs *connSet) authCount() int { return int(cs.authed.Load()) }
 
 func (cs *connSet) init() {
 	for i := range cs.shards {
@@ -530,6 +597,7 @@ func (cs *connSet) remove(c *conn) {
 	if c.user == "" {
 		return
 	}
+	cs.authed.Add(-1) // a user was set only after tryAuth
 	ush := &cs.users[xxhash.Sum64String(c.user)%uint64(len(cs.users))]
 	ush.mu.Lock()
 	if set := ush.conns[c.user]; set != nil {

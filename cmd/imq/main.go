@@ -171,8 +171,25 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 	fs.StringVar(&cfg.Addr, "addr", cfg.Addr, "client listen address: /ws, the admin RPC (/rpc/v1/) and /healthz")
 	fs.StringVar(&cfg.InternalAddr, "internal-addr", cfg.InternalAddr, "internal HTTP listen address for /metrics, /healthz, /varz, /v1/table and kicks passed on by other gateways; keep it off the public network")
 	fs.StringVar(secret, "jwt-secret", "", "HS256 secret that verifies connect tokens (at least 16 bytes)")
+	fs.Func("jwt-public-key", "PEM file of public keys or certificates that verify connect tokens: RSA (RS256), ECDSA P-256/P-384 (ES256/ES384), Ed25519 (EdDSA)", func(path string) error {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		cfg.JWTPublicKeys = b
+		return nil
+	})
+	fs.StringVar(&cfg.JWKSURL, "jwks-url", "", "JWKS URL of a login service whose keys verify connect tokens, chosen by kid (https, or http to a loopback host)")
+	fs.DurationVar(&cfg.JWKSRefresh, "jwks-refresh", cfg.JWKSRefresh, "how often the JWKS is fetched again (an unknown kid fetches it at most every 30s)")
+	fs.StringVar(&cfg.JWTAudience, "jwt-audience", "", "this service's name in the tokens' aud claim, which must name it (empty: tokens must carry no aud)")
+	fs.StringVar(&cfg.JWTIssuer, "jwt-issuer", "", "required iss claim of connect tokens (empty: any)")
+	fs.DurationVar(&cfg.JWTMaxAge, "jwt-max-age", cfg.JWTMaxAge, "refuse tokens valid for longer: exp - iat, or exp - now without iat")
+	fs.BoolVar(&cfg.JWTAllowNoExp, "jwt-allow-no-exp", false, "accept connect tokens without exp, which never expire (default: exp required)")
 	fs.Var(origins, "allowed-origins", "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: the request's own host)")
-	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "client connection limit (0: as many as the open-file limit allows)")
+	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "authenticated client connection limit (0: as many as the open-file limit allows)")
+	fs.IntVar(&cfg.MaxPending, "max-pending", 0, "connections not yet authenticated, apart from --max-connections; past it: 503 (0: a quarter of --max-connections, at least 16)")
+	fs.IntVar(&cfg.MaxPendingPerIP, "max-pending-per-ip", cfg.MaxPendingPerIP, "connections not yet authenticated from one IPv4 address or IPv6 /64; past it: 429 (behind a proxy raise it to --max-pending; negative: no limit)")
+	fs.IntVar(&cfg.AuthFailuresPerIP, "auth-failures-per-ip", cfg.AuthFailuresPerIP, "failed authentications one IPv4 address or IPv6 /64 may have per minute before its connections are answered 429 (negative: no limit)")
 	fs.IntVar(&cfg.SendQueueBytes, "send-queue-bytes", cfg.SendQueueBytes, "bytes queued for one client before it is cut off as a slow consumer")
 	fs.IntVar(&cfg.SendQueueFrames, "send-queue-frames", cfg.SendQueueFrames, "frames queued for one client before it is cut off as a slow consumer")
 	fs.IntVar(&cfg.MaxFrameBytes, "max-frame-bytes", cfg.MaxFrameBytes, "largest frame a client may send; larger closes the connection")
@@ -229,6 +246,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	var lf commonFlags
 	var rf rpcFlags
 	var cf calloutFlags
+	gc.MaxPendingPerIP = -1 // every local client, bots of imq loadtest included, comes from 127.0.0.1
 	gatewayFlags(fs, &gc, &secret, &origins)
 	fs.Lookup("allowed-origins").Usage = "Origin values allowed on /ws, comma-separated or repeated (default in development: * , any)"
 	rf.register(fs, &gc)

@@ -1,0 +1,177 @@
+package gateway_test
+
+import (
+	"bufio"
+	"context"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/launch"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// fromIP dials from source address ip (any of 127.0.0.0/8 reaches a
+// gateway on 127.0.0.1), so one test can play several hosts.
+func fromIP(ip string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}, Timeout: 5 * time.Second}
+	return d.DialContext
+}
+
+// dialFrom opens a WebSocket to d from ip, with ?query; it returns the
+// handshake's answer when refused.
+func dialFrom(t testing.TB, d *launch.Dev, ip, query string) (*rawClient, *http.Response, error) {
+	t.Helper()
+	dialer := websocket.Dialer{Subprotocols: []string{gateway.SubprotocolBinary}, HandshakeTimeout: 5 * time.Second, NetDialContext: fromIP(ip)}
+	ws, resp, err := dialer.Dial(d.URL()+query, nil)
+	if err != nil {
+		return nil, resp, err
+	}
+	t.Cleanup(func() { ws.Close() })
+	return &rawClient{t: t, ws: ws}, resp, nil
+}
+
+// silentTCP opens n TCP connections from ip that never send a byte, then
+// returns the HTTP status the gateway answered each at once (0: none within
+// a moment, the connection is held open).
+func silentTCP(t testing.TB, addr, ip string, n int) []int {
+	t.Helper()
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		c, err := fromIP(ip)(context.Background(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		conns[i] = c
+	}
+	deadline := time.Now().Add(300 * time.Millisecond)
+	codes := make([]int, n)
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Go(func() {
+			c.SetReadDeadline(deadline)
+			if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err == nil {
+				resp.Body.Close()
+				codes[i] = resp.StatusCode
+			}
+		})
+	}
+	wg.Wait()
+	return codes
+}
+
+// TestSilentSocketFlood: at a low --max-connections, a flood of sockets
+// that never authenticate (raw TCP that sends nothing, and WebSockets that
+// never send connect) from one host does not keep a real client out: it
+// gets in at once, long before the auth timeout would free a place.
+func TestSilentSocketFlood(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 20, 10, 4
+		c.AuthTimeout = time.Minute
+	})
+	addr := d.Gateway.Addr()
+	const attacker = "127.0.0.2"
+	// Two WebSockets that never authenticate take two of the attacker's
+	// four pending places...
+	for range 2 {
+		if _, _, err := dialFrom(t, d, attacker, ""); err != nil {
+			t.Fatalf("silent WebSocket: %v", err)
+		}
+	}
+	// ...silent TCP sockets the other two; of 100 (more than every place
+	// the gateway has: 20 + 10 + 64 for /metrics) the rest are answered 429
+	// at once rather than held.
+	held, refused := 0, 0
+	for _, code := range silentTCP(t, addr, attacker, 100) {
+		switch code {
+		case 0:
+			held++
+		case http.StatusTooManyRequests:
+			refused++
+		}
+	}
+
+	// The real client, from another address, gets in at once.
+	start := time.Now()
+	c, _, err := dialFrom(t, d, "127.0.0.1", "")
+	if err != nil {
+		t.Fatalf("a real client was refused during the flood: %v", err)
+	}
+	r := c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "real", time.Now().Add(time.Hour))}}})
+	expectCode(t, r, imqpb.Code_OK)
+	expectCode(t, c.join("/room/flood", chat()), imqpb.Code_OK)
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("the real client took %s to get in", el)
+	}
+	if held != 2 || refused != 98 {
+		t.Fatalf("of 100 silent sockets %d were held and %d answered 429; want 2 and 98", held, refused)
+	}
+	// A further WebSocket from the attacker is refused at the handshake.
+	if _, resp, err := dialFrom(t, d, attacker, ""); err == nil || resp == nil || resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("a fifth pending connection from one address: err %v, resp %v; want 429", err, resp)
+	}
+	if n := d.Gateway.Refused("pending_ip"); n < 99 {
+		t.Fatalf("refused{pending_ip} = %v, want at least 99", n)
+	}
+
+	// Hosts enough to fill the pending pool in total: the next connection,
+	// from any host, is answered 503; the authenticated ones go on.
+	var last *rawClient
+	for ip, n := range map[string]int{"127.0.0.3": 4, "127.0.0.4": 2} {
+		for range n {
+			var err error
+			if last, _, err = dialFrom(t, d, ip, ""); err != nil {
+				t.Fatalf("silent WebSocket from %s: %v", ip, err)
+			}
+		}
+	}
+	// 4 from the first attacker, 4 + 2 more: 10 pending, the cap.
+	if _, resp, err := dialFrom(t, d, "127.0.0.5", ""); err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("past --max-pending: err %v, resp %v; want 503", err, resp)
+	}
+	if d.Gateway.Refused("pending") < 1 {
+		t.Fatal("refused{pending} not counted")
+	}
+	expectCode(t, c.publish("/room/flood", "chat", []byte("still here")), imqpb.Code_OK)
+	// A pending place comes back when a silent socket goes.
+	last.ws.Close()
+	waitFor(t, 5*time.Second, func() bool {
+		_, _, err := dialFrom(t, d, "127.0.0.5", "?user=late")
+		return err == nil
+	})
+}
+
+// TestAuthFailureRateLimit: a host sending bad tokens spends its budget and
+// is refused 429 at the handshake; another host still gets in.
+func TestAuthFailureRateLimit(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.AuthFailuresPerIP = 5
+	})
+	const attacker = "127.0.0.6"
+	for i := range 5 {
+		c, _, err := dialFrom(t, d, attacker, "")
+		if err != nil {
+			t.Fatalf("attempt %d refused before the budget was spent: %v", i+1, err)
+		}
+		r := c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: "guess"}}})
+		expectCode(t, r, imqpb.Code_UNAUTHORIZED)
+	}
+	_, resp, err := dialFrom(t, d, attacker, "")
+	if err == nil || resp == nil || resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("sixth attempt after 5 failures: err %v, resp %v; want 429", err, resp)
+	}
+	if n := d.Gateway.Refused("auth_failures"); n != 1 {
+		t.Fatalf("refused{auth_failures} = %v, want 1", n)
+	}
+	c, _, err := dialFrom(t, d, "127.0.0.1", "")
+	if err != nil {
+		t.Fatalf("another host was refused: %v", err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "ok", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
+}
