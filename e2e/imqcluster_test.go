@@ -354,7 +354,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 
 	// The gateway has the JWT secret: a token signed with it connects, and
 	// it is not in development mode.
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{Subject: "eve"}).SignedString([]byte(e2eSecret))
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{Subject: "eve", ExpiresAt: jwt.NewNumericDate(time.Now().Add(time.Hour))}).SignedString([]byte(e2eSecret))
 	if err != nil {
 		t.Fatal(err)
 	}
