@@ -285,6 +285,7 @@ twice. Status goes to stderr. Ctrl-C exits 0.
   imq sub /room/1                           # the chat mount
   imq sub /room/1 --state scores --recent 20 # chat with 20 recent events, and scores
   imq sub /room/1 --count 1 --timeout 5s    # exit 1 if nothing comes in 5 s`)
+	fs.SetOutput(std.err)
 	var cf connFlags
 	var mounts, states listFlag
 	cf.register(fs)
@@ -404,6 +405,7 @@ each offset is printed on its own line.
   imq pub /room/1 '{"text":"gg"}'
   imq pub /room/1 hello --mount lobby
   tail -f game.log | imq pub /room/1 -`)
+	fs.SetOutput(std.err)
 	var cf connFlags
 	cf.register(fs)
 	mount := fs.String("mount", "chat", "message mount to publish to")
@@ -504,6 +506,7 @@ version (its offset in the queue). Everyone joined to the mount sees it.
 		name, summary, want = "state del QUEUE KEY", `Deletes KEY of a state mount of QUEUE and prints the change's version.`, want[:2]
 	}
 	fs := newFlagSet(name, summary)
+	fs.SetOutput(std.err)
 	var cf connFlags
 	cf.register(fs)
 	mount := stateMountFlag(fs)
@@ -551,6 +554,7 @@ leaves: {"queue":...,"mount":...,"state":{"alice":{"value":3220,"version":4}}}.
 With KEY, prints that key's {"value":...,"version":...}, or fails if it is not
 set. A value that is JSON is printed as JSON (value), other text as a string
 (value_text), other bytes as base64 (value_base64).`)
+	fs.SetOutput(std.err)
 	var cf connFlags
 	cf.register(fs)
 	mount := stateMountFlag(fs)
