@@ -16,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
 	"strings"
@@ -105,7 +106,7 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 	if err == nil {
 		return c, u, nil
 	}
-	if ctx.Err() != nil {
+	if errors.Is(ctx.Err(), context.Canceled) { // Ctrl-C
 		return nil, u, ctx.Err()
 	}
 	if e, ok := errors.AsType[*client.Error](err); ok {
@@ -115,7 +116,11 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 		}
 		return nil, u, fmt.Errorf("%s refused the connection: %s: %s%s", u, e.Code, e.Message, hint)
 	}
-	return nil, u, fmt.Errorf("cannot connect to %s: %s\n  is a gateway running there? `make run` (imq dev) starts one at %s", u, trimImq(err), defaultURL)
+	why := trimImq(err)
+	if op, ok := errors.AsType[*net.OpError](err); ok {
+		why = op.Error() // "dial tcp ...: connection refused" says it all
+	}
+	return nil, u, fmt.Errorf("cannot connect to %s: %s\n  is a gateway running there? `make run` (imq dev) starts one at %s", u, why, defaultURL)
 }
 
 // normalizeURL accepts what a person may type for the gateway:
@@ -353,8 +358,8 @@ twice. Status goes to stderr. Ctrl-C exits 0.
 		}
 	}))
 	if err != nil {
-		if ctx.Err() != nil {
-			return errors.Join(done(), err)
+		if interrupted.Err() != nil {
+			return nil
 		}
 		return err
 	}
