@@ -7,6 +7,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -444,20 +445,46 @@ each offset is printed on its own line.
 	if data != "-" {
 		return publish([]byte(data))
 	}
-	sc := bufio.NewScanner(std.in)
-	sc.Buffer(make([]byte, 0, 64<<10), maxLine)
-	for n := 1; sc.Scan(); n++ {
-		if len(sc.Bytes()) == 0 {
-			continue
+	// stdin is read on a goroutine of its own so that Ctrl-C ends a stream
+	// typed at a terminal at once; the goroutine ends at the end of stdin,
+	// or when it has a line and nobody wants it.
+	lines, readErr, stop := make(chan []byte), make(chan error, 1), make(chan struct{})
+	defer close(stop)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(std.in)
+		sc.Buffer(make([]byte, 0, 64<<10), maxLine)
+		for sc.Scan() {
+			select {
+			case lines <- bytes.Clone(sc.Bytes()):
+			case <-stop:
+				return
+			}
 		}
-		if err := publish(sc.Bytes()); err != nil {
-			return fmt.Errorf("stdin line %d: %w", n, err)
+		readErr <- sc.Err()
+	}()
+	for n := 1; ; n++ {
+		select {
+		case <-ctx.Done():
+			return nil // Ctrl-C ends a stream
+		case b, ok := <-lines:
+			switch {
+			case !ok:
+				if err := <-readErr; err != nil {
+					return fmt.Errorf("stdin: %w (a line may be at most %d bytes)", err, maxLine)
+				}
+				return nil
+			case len(b) == 0:
+				continue
+			}
+			if err := publish(b); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return fmt.Errorf("stdin line %d: %w", n, err)
+			}
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return fmt.Errorf("stdin: %w (a line may be at most %d bytes)", err, maxLine)
-	}
-	return nil
 }
 
 const stateUsage = `Usage: imq state set|get|del QUEUE ... [flags]

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -428,4 +429,43 @@ func TestParseArgs(t *testing.T) {
 			t.Errorf("%q: %q url %q mount %q, %v; want %q %q %q", tc.args, pos, *url, *mnt, err, tc.pos, tc.url, tc.mnt)
 		}
 	}
+}
+
+// TestPubStdinCtrlC: imq pub - publishes each line as it comes, and Ctrl-C
+// ends it with success at once, though stdin (a terminal, say) stays open.
+func TestPubStdinCtrlC(t *testing.T) {
+	url := startDev(t)
+	stdin, typing := io.Pipe()
+	t.Cleanup(func() { typing.Close() })
+	var out, errOut syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- runPub(ctx, []string{"/room/typed", "-", "--url", url}, stdio{in: stdin, out: &out, err: &errOut})
+	}()
+	for i := 1; i <= 2; i++ {
+		if _, err := io.WriteString(typing, "line\n"); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, "the line's offset", func() bool { return out.String() == offsets(i) })
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("imq pub - after Ctrl-C: %v, want success", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("imq pub - did not end on Ctrl-C while stdin was open")
+	}
+}
+
+// offsets returns "1\n2\n...n\n".
+func offsets(n int) string {
+	var b strings.Builder
+	for i := 1; i <= n; i++ {
+		fmt.Fprintln(&b, i)
+	}
+	return b.String()
 }
