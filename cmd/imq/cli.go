@@ -67,7 +67,8 @@ func (cf *connFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&cf.connectTimeout, "connect-timeout", dialTimeout, "how long to keep trying the first connect")
 }
 
-// dial connects within dialTimeout (or ctx), explaining the usual failures.
+// dial connects within --connect-timeout (or ctx), explaining the usual
+// failures.
 func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.Client, string, error) {
 	u, err := normalizeURL(cf.url)
 	if err != nil {
@@ -96,6 +97,9 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 		if user == "" {
 			user = randomUser()
 		}
+		if strings.Contains(user, "/") || wire.ValidateQueueName("/user/"+user) != nil { // as the gateway checks
+			return nil, "", fmt.Errorf("--user %q: use 1 to 249 of A-Z a-z 0-9 _ . : @ + = ~ -", user)
+		}
 		opts = append(opts, client.WithUser(user))
 	}
 	if cf.connectTimeout <= 0 {
@@ -122,6 +126,29 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 		why = op.Error() // "dial tcp ...: connection refused" says it all
 	}
 	return nil, u, fmt.Errorf("cannot connect to %s: %s\n  is a gateway running there? `make run` (imq dev) starts one at %s", u, why, defaultURL)
+}
+
+// join joins queue, retrying a refusal the server says may pass (a queue
+// node not reachable yet, as while imq dev starts) for up to
+// --connect-timeout.
+func (cf *connFlags) join(ctx context.Context, c *client.Client, std stdio, queue string, mounts ...client.Mount) (*client.Subscription, error) {
+	deadline := time.Now().Add(cf.connectTimeout)
+	wait := 100 * time.Millisecond
+	for {
+		sub, err := c.Join(ctx, queue, mounts...)
+		if err == nil || !client.IsRetryable(err) || time.Now().Add(wait).After(deadline) {
+			return sub, err
+		}
+		fmt.Fprintf(std.err, "imq: join %s: %s; retrying\n", queue, trimImq(err))
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		wait = min(2*wait, time.Second)
+	}
 }
 
 // normalizeURL accepts what a person may type for the gateway:
@@ -365,7 +392,7 @@ twice. Status goes to stderr. Ctrl-C exits 0.
 		return err
 	}
 	defer c.Close()
-	sub, err := c.Join(ctx, queue, ms...)
+	sub, err := cf.join(ctx, c, std, queue, ms...)
 	if err != nil {
 		if ctx.Err() != nil {
 			return done()
@@ -613,7 +640,7 @@ set. A value that is JSON is printed as JSON (value), other text as a string
 		return err
 	}
 	defer c.Close()
-	sub, err := c.Join(ctx, queue, client.State(*mount))
+	sub, err := cf.join(ctx, c, std, queue, client.State(*mount))
 	if err != nil {
 		return explain("join "+queue+" "+*mount, err)
 	}

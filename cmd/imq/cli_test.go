@@ -8,6 +8,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -128,6 +130,7 @@ func startSub(t *testing.T, args ...string) *bgSub {
 	waitFor(t, 10*time.Second, "imq sub to join", func() bool {
 		select {
 		case err := <-s.done:
+			s.done <- err // for the cleanup
 			t.Fatalf("imq sub ended early: %v\n%s", err, s.err.String())
 		default:
 		}
@@ -305,6 +308,7 @@ func TestClientCommandErrors(t *testing.T) {
 		{[]string{"pub", "/room/1", "x", "--url", "ftp://h"}, "want ws://HOST:PORT/ws"},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--token", "t", "--token-file", tokenFile}, "not both"},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "u", "--token-file", tokenFile}, "not both"},
+		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "a/b"}, `--user "a/b"`},
 		// The server's refusals, with their code.
 		{[]string{"pub", "/room/err", "x", "--url", url, "--mount", "scores"}, "publish to /room/err scores refused: WRONG_MOUNT_TYPE"},
 		{[]string{"sub", "/room/err", "--url", url, "--mount", "scores"}, "join /room/err refused: WRONG_MOUNT_TYPE"},
@@ -351,6 +355,14 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 		}
 		go gw.Run(context.Background())
 		t.Cleanup(func() { gw.Shutdown(ctxT(t, 10*time.Second)) })
+		waitFor(t, 10*time.Second, "the gateway's link to the node", func() bool {
+			resp, err := http.Get("http://" + gw.Addr() + "/healthz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == http.StatusOK
+		})
 		return gw
 	}
 	gw := startGateway("127.0.0.1:0")
@@ -468,4 +480,45 @@ func offsets(n int) string {
 		fmt.Fprintln(&b, i)
 	}
 	return b.String()
+}
+
+// TestSubRetriesUnavailableJoin: imq sub started while the gateway cannot
+// reach the queue node yet (as while imq dev starts) retries the join the
+// server refused as retryable, and then follows the queue.
+func TestSubRetriesUnavailableJoin(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	linkAddr := ln.Addr().String()
+	ln.Close() // the node comes up there later
+	gc := gateway.DefaultConfig()
+	gc.Addr, gc.Dev, gc.QueueNode = "127.0.0.1:0", true, linkAddr
+	gw, err := gateway.New(gc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go gw.Run(context.Background())
+	t.Cleanup(func() { gw.Shutdown(ctxT(t, 10*time.Second)) })
+
+	var out, errOut syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- runSub(ctx, []string{"/room/early", "--url", gw.Addr(), "--connect-timeout", "30s"}, stdio{out: &out, err: &errOut})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor(t, 10*time.Second, "imq sub to retry the join", func() bool { return strings.Contains(errOut.String(), "UNAVAILABLE") })
+
+	nc := queuenode.DefaultConfig()
+	nc.LinkAddr = linkAddr
+	node, err := queuenode.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go node.Run(context.Background())
+	t.Cleanup(func() { node.Shutdown(ctxT(t, 10*time.Second)) })
+	waitFor(t, 30*time.Second, "imq sub to join", func() bool { return strings.Contains(errOut.String(), "joined /room/early") })
+	mustRun(t, "", "pub", "/room/early", "hi", "--url", gw.Addr())
+	waitFor(t, 10*time.Second, "the event", func() bool { return strings.Contains(out.String(), `"data_text":"hi"`) })
 }
