@@ -64,7 +64,7 @@ func (cf *connFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&cf.user, "user", "", "user id, for a gateway in development mode (?user=ID); default cli-<random>")
 	fs.StringVar(&cf.token, "token", "", "connect token (an HS256 JWT whose sub is the user id) for a gateway not in development mode; a secret: prefer IMQ_TOKEN or --token-file, since other users can read a command line")
 	fs.StringVar(&cf.tokenFile, "token-file", "", "read the connect token from this file")
-	fs.DurationVar(&cf.connectTimeout, "connect-timeout", dialTimeout, "how long to keep trying the first connect")
+	fs.DurationVar(&cf.connectTimeout, "connect-timeout", dialTimeout, "how long to keep trying the first connect, and a join the server refuses as retryable (UNAVAILABLE while a cluster starts)")
 }
 
 // dial connects within --connect-timeout (or ctx), explaining the usual
