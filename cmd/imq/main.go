@@ -40,6 +40,11 @@ Commands:
   loadtest   run bots against a cluster and check what they receive
   version    print the version
 
+Try it without writing code (against 'imq dev' by default; see --url, --user, --token):
+  sub        imq sub QUEUE: print each update as one JSON line, resuming across reconnects
+  pub        imq pub QUEUE DATA: publish DATA (- reads stdin lines) and print its offset
+  state      imq state set QUEUE KEY VALUE | get QUEUE [KEY] | del QUEUE KEY
+
 A cluster is one boss, queue nodes and gateways, each started with
 --join BOSS_GOSSIP_ADDR; 'imq cluster' shows how on one machine.
 
@@ -69,6 +74,8 @@ func main() {
 		err = runQueueNode(args)
 	case "loadtest":
 		err = runLoadtest(args)
+	case "sub", "pub", "state":
+		err = runClientCommand(cmd, args)
 	case "version", "--version", "-v":
 		fmt.Println("imq", versionString())
 	case "help", "--help", "-h":
