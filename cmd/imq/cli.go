@@ -55,15 +55,14 @@ func osStdio() stdio { return stdio{in: os.Stdin, out: os.Stdout, err: os.Stderr
 
 // connFlags are how a client command reaches a gateway and who it is.
 type connFlags struct {
-	url, user, token, tokenFile string
-	connectTimeout              time.Duration
+	url, user, token string
+	connectTimeout   time.Duration
 }
 
 func (cf *connFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&cf.url, "url", defaultURL, "gateway WebSocket URL (the default is `imq dev`, i.e. make run); host:port alone means ws://host:port/ws")
 	fs.StringVar(&cf.user, "user", "", "user id, for a gateway in development mode (?user=ID); default cli-<random>")
-	fs.StringVar(&cf.token, "token", "", "connect token (an HS256 JWT whose sub is the user id) for a gateway not in development mode; a secret: prefer IMQ_TOKEN or --token-file, since other users can read a command line")
-	fs.StringVar(&cf.tokenFile, "token-file", "", "read the connect token from this file")
+	fs.StringVar(&cf.token, "token", "", "connect token (a JWT whose sub is the user id) for a gateway not in development mode")
 	fs.DurationVar(&cf.connectTimeout, "connect-timeout", dialTimeout, "how long to keep trying the first connect, and a join the server refuses as retryable (UNAVAILABLE while a cluster starts)")
 }
 
@@ -74,19 +73,7 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 	if err != nil {
 		return nil, "", err
 	}
-	token := cf.token
-	switch {
-	case token != "" && cf.tokenFile != "":
-		return nil, "", errors.New("give --token (IMQ_TOKEN) or --token-file, not both")
-	case cf.tokenFile != "":
-		b, err := os.ReadFile(cf.tokenFile)
-		if err != nil {
-			return nil, "", fmt.Errorf("--token-file: %w", err)
-		}
-		if token = strings.TrimSpace(string(b)); token == "" {
-			return nil, "", fmt.Errorf("--token-file %s is empty", cf.tokenFile)
-		}
-	}
+	token := cf.token // --token-file and IMQ_TOKEN(_FILE) land here too (flags.go)
 	user := cf.user
 	switch {
 	case token != "" && user != "":
@@ -117,7 +104,7 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 	if e, ok := errors.AsType[*client.Error](err); ok {
 		hint := ""
 		if token == "" {
-			hint = "\n  (a gateway not in development mode wants a token: --token-file or IMQ_TOKEN)"
+			hint = "\n  (a gateway not in development mode wants a token: --token-file, IMQ_TOKEN_FILE or IMQ_TOKEN)"
 		}
 		return nil, u, fmt.Errorf("%s refused the connection: %s: %s%s", u, e.Code, e.Message, hint)
 	}

@@ -348,7 +348,7 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 	startGateway := func(addr string) *gateway.Server {
 		t.Helper()
 		gc := gateway.DefaultConfig()
-		gc.Addr, gc.Dev, gc.QueueNode = addr, true, node.LinkAddr()
+		gc.Addr, gc.InternalAddr, gc.Dev, gc.QueueNode = addr, "127.0.0.1:0", true, node.LinkAddr()
 		gw, err := gateway.New(gc)
 		if err != nil {
 			t.Fatal(err)
@@ -493,7 +493,7 @@ func TestSubRetriesUnavailableJoin(t *testing.T) {
 	linkAddr := ln.Addr().String()
 	ln.Close() // the node comes up there later
 	gc := gateway.DefaultConfig()
-	gc.Addr, gc.Dev, gc.QueueNode = "127.0.0.1:0", true, linkAddr
+	gc.Addr, gc.InternalAddr, gc.Dev, gc.QueueNode = "127.0.0.1:0", "127.0.0.1:0", true, linkAddr
 	gw, err := gateway.New(gc)
 	if err != nil {
 		t.Fatal(err)

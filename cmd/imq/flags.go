@@ -39,7 +39,7 @@ func envName(flagName string) string {
 
 // parse registers the --NAME-file twin of every secret flag in fs, parses
 // args, then sets each flag not given on the command line from its
-// environment variable.
+// environment variable, then checks and applies the secret flags.
 func parse(fs *flag.FlagSet, args []string) error {
 	secrets := registerSecretFiles(fs)
 	if err := fs.Parse(args); err != nil {
@@ -48,7 +48,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	return applyEnv(fs)
+	return applyEnv(fs, secrets)
 }
 
 // parseArgs is parse for commands that take positional arguments (imq sub
@@ -56,6 +56,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 // flags, so that a value starting with '-' can follow it. It returns the
 // positional arguments.
 func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	secrets := registerSecretFiles(fs)
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {
@@ -71,12 +72,12 @@ func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 		}
 		pos, args = append(pos, rest[0]), rest[1:]
 	}
-	return pos, applyEnv(fs)
+	return pos, applyEnv(fs, secrets)
 }
 
 // applyEnv sets each flag not given on the command line from its
-// environment variable.
-func applyEnv(fs *flag.FlagSet) error {
+// environment variable, then checks and applies the secret flags.
+func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	for _, sv := range secrets {
@@ -129,6 +130,7 @@ var secretNames = map[string]secretFileFormat{
 	"jwt-secret": wholeFile,
 	"gossip-key": wholeFile,
 	"secret":     wholeFile, // imq loadtest's token-minting secret
+	"token":      wholeFile, // imq sub, pub and state's connect token
 	"api-key":    linePerValue,
 }
 
