@@ -94,7 +94,7 @@ func runCLI(t *testing.T, stdin string, args ...string) string {
 // no gap, and exits 0 on SIGINT (Ctrl-C).
 func TestCLISubAcrossGatewayKill(t *testing.T) {
 	cl := startCluster(t)
-	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
+	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
 	pubURL := "ws://" + pubGW.waitLog("gateway serving")["addr"].(string) + "/ws"
 	pubGW.waitLog("queue node link up")
 

@@ -385,7 +385,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 // two) or a "link lost" warning. A few runs, to catch the race.
 func TestImqDevCtrlCIsQuiet(t *testing.T) {
 	for run := range 3 {
-		cmd := exec.Command(imqBinary(t), "dev", "--addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
+		cmd := exec.Command(imqBinary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
 		var out syncBuffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {
