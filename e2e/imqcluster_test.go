@@ -202,7 +202,7 @@ func TestImqClusterCommand(t *testing.T) {
 	if len(c.pids) != 4 {
 		t.Fatalf("the table lists %v, want a boss, 2 queue nodes and a gateway", c.pids)
 	}
-	if out := strings.Join(c.output(), "\n"); !strings.HasPrefix(out, "imq cluster: local cluster running") || !strings.Contains(out, "Connect:  a WebSocket client to "+c.url+" with ?user=alice") {
+	if out := strings.Join(c.output(), "\n"); !strings.HasPrefix(out, "imq cluster: local cluster running") || !strings.Contains(out, "Try:      imq sub /room/1 --url "+c.url+"   ") {
 		t.Fatalf("no 'imq cluster:' header or connect hint:\n%s", out)
 	}
 	cl := dialClient(t, c.url, "cmd-user")

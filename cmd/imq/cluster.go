@@ -81,11 +81,12 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 		row(g, ws, "internal http://"+g.Addr("internal")+"/varz")
 	}
 	tw.Flush()
-	url, auth, secret := c.URLs()[0], "?user=alice (development mode)", ""
+	url, token, secret := c.URLs()[0], "", ""
 	if !cfg.Dev {
-		auth, secret = "a token: an HS256 JWT signed with the --jwt-secret", " --secret-file FILE_WITH_THE_JWT_SECRET"
+		token, secret = " --token-file FILE_WITH_A_JWT", " --secret-file FILE_WITH_THE_JWT_SECRET"
 	}
-	fmt.Printf("\nConnect:  a WebSocket client to %s with %s\nLoad:     imq loadtest --url %s%s\n", url, auth, strings.Join(c.URLs(), ","), secret)
+	fmt.Printf("\nTry:      imq sub /room/1 --url %s%s   (and imq pub /room/1 hello --url ... in another terminal)\n", url, token)
+	fmt.Printf("Load:     imq loadtest --url %s%s\n", strings.Join(c.URLs(), ","), secret)
 	fmt.Printf("Kill a process to watch failover: it is restarted. Press Ctrl-C to stop.\n")
 	c.Supervise(ctx, launch.SuperviseConfig{Logf: func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "imq cluster: "+format+"\n", args...)

@@ -299,7 +299,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	if n := len(gc.APIKeys); n > 0 {
 		fmt.Printf("  Admin RPC:  POST http://%s/rpc/v1/<method>   (%d API key(s))\n", d.Gateway.Addr(), n)
 	} else {
-		fmt.Printf("  Admin RPC:  off: give --api-key SECRET to use POST http://%s/rpc/v1/<method>\n", d.Gateway.Addr())
+		fmt.Printf("  Admin RPC:  off: start with IMQ_API_KEY=SECRET (or --api-key-file FILE) to use POST http://%s/rpc/v1/<method>\n", d.Gateway.Addr())
 	}
 	for _, c := range nc.Callouts {
 		fmt.Printf("  Call-outs:  %s → %s\n", c.Prefix, c.URL)
