@@ -47,7 +47,7 @@ func runLoadtest(args []string) error {
 		signal.Ignore(os.Interrupt, syscall.SIGTERM)
 		return loadtest.RunWorker(context.Background(), os.Stdin, os.Stdout, log)
 	}
-	fs := newFlagSet("loadtest", "Runs bots (real SDK clients) against a cluster: each joins its room, chats,\nupdates its key in the room's state, leaves and rejoins, and checks order,\nexactly-once delivery and state convergence. Refuses non-loopback targets\nwithout --allow-remote. Exits non-zero on abort, on protocol violations, when\nno bot could connect (it stops as soon as that is clear) and when more bots\nfailed to connect than --abort-errors allows (by default, any). After the load\nstops, bots keep receiving for up to --drain; what is still missing then is\nreported as in flight (late or lost), not as a violation. Example scenarios:\nexamples/loadtest/*.json.")
+	fs := newFlagSet("loadtest", "Runs bots (real SDK clients) against a cluster: each joins its room, chats,\nupdates its key in the room's state, leaves and rejoins, and checks order,\nexactly-once delivery and state convergence. Refuses non-loopback targets\nwithout --allow-remote. Exits non-zero on abort, on protocol violations, when\nno bot could connect and when more bots failed to connect than --abort-errors\nallows (by default, any): it stops as soon as that is clear. After the load\nstops, bots keep receiving for up to --drain; what is still missing then is\nreported as in flight (late or lost), not as a violation. Example scenarios:\nexamples/loadtest/*.json.")
 	cfg := loadtest.DefaultConfig()
 	sc := &cfg.Scenario
 	var (
