@@ -161,8 +161,15 @@ func (s *secretValue) Set(v string) error {
 	return nil
 }
 
+// apply passes each given value to the inner flag.Value. A value given
+// explicitly but empty (--secret "$SECRET" with SECRET unset, IMQ_SECRET=)
+// is an error, never the flag's "not set" meaning: for most secret flags
+// that is a less safe mode (no authentication, gossip in the clear).
 func (s *secretValue) apply() error {
 	for _, in := range s.given {
+		if strings.TrimSpace(in.value) == "" {
+			return fmt.Errorf("%s is empty", in.source)
+		}
 		if err := s.inner.Set(in.value); err != nil {
 			return fmt.Errorf("%s: %v", in.source, err)
 		}
@@ -354,6 +361,6 @@ func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, joi
 	fs.StringVar(&cfg.Cluster, "cluster-name", cfg.Cluster, "cluster name: members of differently named clusters ignore each other")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "how often each member probes another (failure detection)")
 	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe")
-	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Empty: gossip in the clear, for trusted networks only")
+	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Not given: gossip in the clear, for trusted networks only")
 	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }

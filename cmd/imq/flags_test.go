@@ -103,6 +103,14 @@ func TestSecretFileErrors(t *testing.T) {
 		{"bad key in a variable", nil, map[string]string{"IMQ_GOSSIP_KEY": "s3cr3t-not-base64"}, "IMQ_GOSSIP_KEY: not base64"},
 		{"bad key on the command line", []string{"--gossip-key", "s3cr3t-not-base64"}, nil, "--gossip-key: not base64"},
 		{"bad key in a file", []string{"--gossip-key-file", writeFile(t, "s3cr3t-not-base64\n")}, nil, "--gossip-key-file "},
+		{"empty flag", []string{"--jwt-secret", ""}, nil, "--jwt-secret is empty"},
+		{"blank flag", []string{"--jwt-secret", " \n"}, nil, "--jwt-secret is empty"},
+		{"empty key flag", []string{"--gossip-key", ""}, nil, "--gossip-key is empty"},
+		{"empty repeatable flag", []string{"--api-key", "key-one-0123456789", "--api-key", ""}, nil, "--api-key is empty"},
+		{"empty variable", nil, map[string]string{"IMQ_JWT_SECRET": ""}, "IMQ_JWT_SECRET is empty"},
+		{"empty key variable", nil, map[string]string{"IMQ_GOSSIP_KEY": ""}, "IMQ_GOSSIP_KEY is empty"},
+		{"empty api key variable", nil, map[string]string{"IMQ_API_KEY": ""}, "IMQ_API_KEY is empty"},
+		{"empty file variable", nil, map[string]string{"IMQ_JWT_SECRET_FILE": empty}, empty + " is empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for k, v := range tc.env {

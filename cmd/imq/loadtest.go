@@ -67,7 +67,7 @@ func runLoadtest(args []string) error {
 	fs.Float64Var(&sc.RampRate, "ramp-rate", sc.RampRate, "bots connecting per second (0: all at once)")
 	fs.DurationVar(&duration, "duration", duration, "how long the load runs, ramp included")
 	fs.StringVar(&sc.Namespace, "namespace", sc.Namespace, "queue-name prefix: rooms are <namespace>/room/<i>")
-	fs.StringVar(&secret, "secret", "", "HS256 secret to mint each bot a token with exp (empty: development mode, ?user=ID)")
+	fs.StringVar(&secret, "secret", "", "HS256 secret to mint each bot a token with exp (not given: development mode, ?user=ID; given empty: an error)")
 	fs.StringVar(&cfg.Audience, "jwt-audience", "", "aud claim of the minted tokens, for a gateway that requires one (empty: no aud)")
 	fs.DurationVar(&cfg.ConnectTimeout, "connect-timeout", cfg.ConnectTimeout, "time each bot has to connect (dial, handshake, retries) before it counts as a failed connect")
 	fs.DurationVar(&cfg.Drain, "drain", cfg.Drain, "after the load, how long bots keep receiving (no more publishing) for their last update, and then for state to converge; each step ends early when all arrived")
