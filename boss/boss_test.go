@@ -1,6 +1,7 @@
 package boss
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -648,6 +649,24 @@ func TestNoDataDir(t *testing.T) {
 	}
 	if resp, _ := get(t, "http://"+b.Addr()+"/metrics"); resp.StatusCode != http.StatusOK {
 		t.Fatalf("/metrics: %s", resp.Status)
+	}
+}
+
+// TestNoDataDirWarning: a boss without a data directory warns that its
+// table will not survive a restart, unless it is ephemeral (imq dev),
+// where the user has nothing to set.
+func TestNoDataDirWarning(t *testing.T) {
+	for _, ephemeral := range []bool{false, true} {
+		var logs bytes.Buffer
+		cfg := testConfig(t, "")
+		cfg.Ephemeral = ephemeral
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		_, stop := startBoss(t, cfg)
+		stop()
+		warned := strings.Contains(logs.String(), "level=WARN msg=\"no data directory")
+		if warned == ephemeral {
+			t.Errorf("ephemeral %v: warned %v; want %v. Logs:\n%s", ephemeral, warned, !ephemeral, logs.String())
+		}
 	}
 }
 
