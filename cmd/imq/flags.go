@@ -21,16 +21,35 @@ func newFlagSet(name, summary string) *flag.FlagSet {
 	fs := flag.NewFlagSet("imq "+name, flag.ContinueOnError)
 	fs.Usage = func() {
 		out := fs.Output()
-		fmt.Fprintf(out, "Usage: imq %s [flags]\n\n%s\n\nFlags (each also read from the environment variable shown):\n", name, summary)
+		fmt.Fprintf(out, "Usage: imq %s [flags]\n\n%s\n", name, summary)
+		n := 0
+		fs.VisitAll(func(*flag.Flag) { n++ })
+		if n == 0 {
+			return
+		}
+		fmt.Fprintf(out, "\nFlags (each also read from the environment variable shown):\n")
 		fs.VisitAll(func(f *flag.Flag) {
 			def := ""
-			if f.DefValue != "" && f.DefValue != "[]" {
+			if showDefault(f) {
 				def = fmt.Sprintf(" (default %s)", f.DefValue)
 			}
 			fmt.Fprintf(out, "  --%s  [%s]\n      %s%s\n", f.Name, envName(f.Name), f.Usage, def)
 		})
 	}
 	return fs
+}
+
+// showDefault says whether --help appends "(default X)" to f's usage: not
+// for an empty default or a boolean off by default (as the flag package),
+// nor when the usage already says what the default is.
+func showDefault(f *flag.Flag) bool {
+	if f.DefValue == "" || f.DefValue == "[]" || strings.Contains(f.Usage, "(default") {
+		return false
+	}
+	if b, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && b.IsBoolFlag() && f.DefValue == "false" {
+		return false
+	}
+	return true
 }
 
 func envName(flagName string) string {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // secretFlagSet registers the three kinds of secret flag: a string, a
@@ -151,6 +152,33 @@ func TestSecretFlagHelp(t *testing.T) {
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("--help lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestHelpDefaults: --help says each default once: not "(default false)"
+// for a boolean off by default, nor a second "(default X)" after a usage
+// that already names its default; other defaults are shown.
+func TestHelpDefaults(t *testing.T) {
+	fs := newFlagSet("test", "test")
+	var out bytes.Buffer
+	fs.SetOutput(&out)
+	fs.Bool("off", false, "a boolean off by default")
+	fs.Bool("on", true, "a boolean on by default")
+	fs.Bool("said", false, "accept tokens without exp (default: exp required)")
+	fs.Int("said-int", 3, "retries (default: three)")
+	fs.Duration("interval", time.Second, "how often")
+	fs.Int("zero", 0, "limit (0: none)")
+	if err := parse(fs, []string{"--help"}); err != flag.ErrHelp {
+		t.Fatalf("parse --help: %v", err)
+	}
+	help := out.String()
+	for _, want := range []string{
+		"a boolean off by default\n", "a boolean on by default (default true)\n",
+		"(default: exp required)\n", "retries (default: three)\n", "how often (default 1s)\n", "limit (0: none) (default 0)\n",
+	} {
+		if !strings.Contains(help, want) {
+			t.Errorf("--help lacks %q:\n%s", want, help)
 		}
 	}
 }
