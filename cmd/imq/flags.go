@@ -379,7 +379,7 @@ func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, joi
 	}
 	fs.StringVar(&cfg.Cluster, "cluster-name", cfg.Cluster, "cluster name: members of differently named clusters ignore each other")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "how often each member probes another (failure detection)")
-	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe")
+	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe; shorter than --probe-interval (0: half of --probe-interval, at most 500ms)")
 	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Not given: gossip in the clear, for trusted networks only")
 	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }

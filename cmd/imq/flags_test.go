@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imq-dev/imq/internal/member"
 )
 
 // secretFlagSet registers the three kinds of secret flag: a string, a
@@ -179,6 +181,31 @@ func TestHelpDefaults(t *testing.T) {
 	} {
 		if !strings.Contains(help, want) {
 			t.Errorf("--help lacks %q:\n%s", want, help)
+		}
+	}
+}
+
+// TestProbeIntervalFlagAlone: --probe-interval shorter than the default
+// probe timeout works alone (imq cluster -- --probe-interval 200ms); with
+// an explicit --probe-timeout not shorter, it is refused.
+func TestProbeIntervalFlagAlone(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string // "" for valid
+	}{
+		{[]string{"--probe-interval", "200ms"}, ""},
+		{[]string{"--probe-interval", "200ms", "--probe-timeout", "100ms"}, ""},
+		{[]string{"--probe-interval", "200ms", "--probe-timeout", "500ms"}, "probe timeout (500ms) must be shorter than the probe interval (200ms)"},
+	} {
+		fs := newFlagSet("test", "test")
+		cfg := member.DefaultConfig()
+		memberFlags(fs, &cfg, "127.0.0.1:0", nil)
+		if err := parse(fs, tc.args); err != nil {
+			t.Fatal(err)
+		}
+		err := cfg.Validate()
+		if (tc.want == "" && err != nil) || (tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want))) {
+			t.Errorf("%q: %v, want %q", tc.args, err, tc.want)
 		}
 	}
 }
