@@ -89,6 +89,40 @@ func startBoss(t *testing.T, cfg Config) (b *Boss, stop func()) {
 	return b, stop
 }
 
+// TestNodesViewOldBossSuperseded: while a killed boss's old incarnation is
+// still a live member, /v1/nodes shows it superseded and only the newest
+// boss, the one members follow, as owning the table.
+func TestNodesViewOldBossSuperseded(t *testing.T) {
+	old, err := member.Start(fastMembership(), member.Meta{Role: member.RoleBoss, ID: "boss", HTTPAddr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { old.Shutdown() })
+	waitFor(t, time.Second, "a new millisecond", func() bool { return time.Now().UnixMilli() > old.Meta().Started })
+	b, _ := startBoss(t, testConfig(t, t.TempDir()))
+	if _, err := old.Join([]string{b.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	var nv NodesView
+	waitFor(t, 10*time.Second, "both bosses in /v1/nodes", func() bool {
+		_, body := get(t, "http://"+b.Addr()+"/v1/nodes")
+		nv = NodesView{}
+		if err := json.Unmarshal(body, &nv); err != nil {
+			t.Fatal(err)
+		}
+		return len(nv.Members) == 2
+	})
+	for _, m := range nv.Members {
+		want := StatusBossSuperseded
+		if m.Name == b.member.Name() {
+			want = StatusBoss
+		}
+		if m.Role != member.RoleBoss || m.Status != want {
+			t.Errorf("%s (started %v): role %s, status %q; want %q", m.Name, m.Started, m.Role, m.Status, want)
+		}
+	}
+}
+
 // startMember starts a cluster member joined through the boss.
 func startMember(t *testing.T, join string, meta member.Meta) *member.Member {
 	t.Helper()

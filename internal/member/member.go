@@ -355,10 +355,15 @@ func (m *Member) track(n *memberlist.Node, live bool) {
 
 // Boss returns the live boss, the newest if there are two (a restarted boss
 // before its old incarnation is declared dead).
-func (m *Member) Boss() (Peer, bool) {
+func (m *Member) Boss() (Peer, bool) { return NewestBoss(m.Peers()) }
+
+// NewestBoss returns the boss among peers that every member follows: the
+// newest (latest Started; on a tie, the first in peers), and false if
+// there is none.
+func NewestBoss(peers []Peer) (Peer, bool) {
 	var boss Peer
 	found := false
-	for _, p := range m.Peers() {
+	for _, p := range peers {
 		if p.Meta.Role == RoleBoss && (!found || p.Meta.Started > boss.Meta.Started) {
 			boss, found = p, true
 		}
