@@ -129,7 +129,10 @@ const (
 	StatusLost         = "lost: in the table but not a live member"
 	StatusGateway      = "gateway is available and accepting connections"
 	StatusBoss         = "boss: owns the bucket table"
-	StatusUnknownRole  = "member of an unknown role"
+	// StatusBossSuperseded is an older boss, such as a killed one not yet
+	// declared dead, while a newer one is live: members follow the newest.
+	StatusBossSuperseded = "superseded: a newer boss is live and owns the bucket table"
+	StatusUnknownRole    = "member of an unknown role"
 )
 
 // Member states in /v1/nodes. Membership reports suspects (members failing
@@ -191,6 +194,7 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 		inTable[n.ID] = n
 	}
 	_, winners := liveNodes(peers)
+	newestBoss, _ := member.NewestBoss(peers) // the boss members follow
 	self := b.member.Name()
 	view := NodesView{TableVersion: t.Version(), Buckets: t.Buckets(), Ready: b.Ready(), Members: make([]MemberView, 0, len(peers))}
 	live := make(map[string]bool)
@@ -205,6 +209,9 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 		switch p.Meta.Role {
 		case member.RoleBoss:
 			m.Status = StatusBoss
+			if p.Name != newestBoss.Name {
+				m.Status = StatusBossSuperseded
+			}
 		case member.RoleGateway:
 			m.Status = StatusGateway
 		case member.RoleQueueNode:

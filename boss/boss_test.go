@@ -1,6 +1,7 @@
 package boss
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -86,6 +87,40 @@ func startBoss(t *testing.T, cfg Config) (b *Boss, stop func()) {
 	}
 	t.Cleanup(stop)
 	return b, stop
+}
+
+// TestNodesViewOldBossSuperseded: while a killed boss's old incarnation is
+// still a live member, /v1/nodes shows it superseded and only the newest
+// boss, the one members follow, as owning the table.
+func TestNodesViewOldBossSuperseded(t *testing.T) {
+	old, err := member.Start(fastMembership(), member.Meta{Role: member.RoleBoss, ID: "boss", HTTPAddr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { old.Shutdown() })
+	waitFor(t, time.Second, "a new millisecond", func() bool { return time.Now().UnixMilli() > old.Meta().Started })
+	b, _ := startBoss(t, testConfig(t, t.TempDir()))
+	if _, err := old.Join([]string{b.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	var nv NodesView
+	waitFor(t, 10*time.Second, "both bosses in /v1/nodes", func() bool {
+		_, body := get(t, "http://"+b.Addr()+"/v1/nodes")
+		nv = NodesView{}
+		if err := json.Unmarshal(body, &nv); err != nil {
+			t.Fatal(err)
+		}
+		return len(nv.Members) == 2
+	})
+	for _, m := range nv.Members {
+		want := StatusBossSuperseded
+		if m.Name == b.member.Name() {
+			want = StatusBoss
+		}
+		if m.Role != member.RoleBoss || m.Status != want {
+			t.Errorf("%s (started %v): role %s, status %q; want %q", m.Name, m.Started, m.Role, m.Status, want)
+		}
+	}
 }
 
 // startMember starts a cluster member joined through the boss.
@@ -648,6 +683,24 @@ func TestNoDataDir(t *testing.T) {
 	}
 	if resp, _ := get(t, "http://"+b.Addr()+"/metrics"); resp.StatusCode != http.StatusOK {
 		t.Fatalf("/metrics: %s", resp.Status)
+	}
+}
+
+// TestNoDataDirWarning: a boss without a data directory warns that its
+// table will not survive a restart, unless it is ephemeral (imq dev),
+// where the user has nothing to set.
+func TestNoDataDirWarning(t *testing.T) {
+	for _, ephemeral := range []bool{false, true} {
+		var logs bytes.Buffer
+		cfg := testConfig(t, "")
+		cfg.Ephemeral = ephemeral
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		_, stop := startBoss(t, cfg)
+		stop()
+		warned := strings.Contains(logs.String(), "level=WARN msg=\"no data directory")
+		if warned == ephemeral {
+			t.Errorf("ephemeral %v: warned %v; want %v. Logs:\n%s", ephemeral, warned, !ephemeral, logs.String())
+		}
 	}
 }
 

@@ -31,6 +31,11 @@ type Config struct {
 	// and peers (created if missing). Empty: nothing is persisted, and a
 	// restarted boss recovers the table from the members only.
 	DataDir string
+	// Ephemeral says that running without a DataDir is intended: the boss
+	// shares a process with the rest of its cluster (imq dev), which starts
+	// and stops with it, so there is nothing to recover after a restart.
+	// The boss then does not warn that DataDir is empty. Default false.
+	Ephemeral bool
 	// ReconcileGrace is how long a boss restarted with a persisted table
 	// waits to hear from the cluster before removing the nodes it does not
 	// see (it stops waiting as soon as a join through its persisted peers or

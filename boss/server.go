@@ -93,7 +93,9 @@ func New(cfg Config) (*Boss, error) {
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 
 	st := state{Format: stateFormat, Table: bucket.Empty()}
-	if cfg.DataDir == "" {
+	if cfg.DataDir == "" && cfg.Ephemeral {
+		b.log.Debug("no data directory: the bucket table is not persisted (ephemeral boss)")
+	} else if cfg.DataDir == "" {
 		b.log.Warn("no data directory: the bucket table will not survive a restart of the boss (it is then recovered from the members); set one")
 	} else {
 		if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {

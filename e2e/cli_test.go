@@ -170,6 +170,8 @@ func TestCLIExitCodes(t *testing.T) {
 		{[]string{"pub", "/room/1", "x", "--url", "127.0.0.1:1", "--connect-timeout", "300ms"}, 1, "make run"},
 		{[]string{"sub", "--help"}, 0, "--recent  [IMQ_RECENT]"},
 		{[]string{"state", "set", "--help"}, 0, "--token-file  [IMQ_TOKEN_FILE]"},
+		{[]string{"version", "--help"}, 0, "Usage: imq version"},
+		{[]string{"version", "extra"}, 1, `unexpected argument "extra"`},
 	} {
 		p := startCLI(t, "", tc.args...)
 		if code := p.wait(t); code != tc.code || !strings.Contains(p.err.String(), tc.stderr) {

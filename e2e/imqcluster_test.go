@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -220,6 +221,14 @@ func TestImqClusterCommand(t *testing.T) {
 	c.interrupt()
 	if errs := c.errorLines(true); len(errs) > 0 {
 		t.Fatalf("Ctrl-C left error lines:\n%s", strings.Join(errs, "\n"))
+	}
+	// The logs stay, and imq cluster says where, at the start and the end.
+	if out := c.output(); !slices.Contains(out, "Logs:     "+c.dir+" (kept when the cluster stops)") ||
+		!slices.Contains(out, "imq cluster: logs and the boss's data kept in "+c.dir) {
+		t.Errorf("imq cluster does not say where its logs are kept:\n%s", strings.Join(out, "\n"))
+	}
+	if _, err := os.Stat(filepath.Join(c.dir, "gw-1.log")); err != nil {
+		t.Errorf("the gateway's log is gone: %v", err)
 	}
 }
 

@@ -59,6 +59,7 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 	if cfg.Boss != nil {
 		bc := *cfg.Boss
 		bc.Registry, bc.Logger = reg, cfg.Logger
+		bc.Ephemeral = true // it lives and dies with this process's node and gateway
 		if bc.Member.BindAddr == "" {
 			bc.Member.BindAddr = "127.0.0.1:0"
 		}

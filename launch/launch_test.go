@@ -1,9 +1,12 @@
 package launch
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -140,4 +143,46 @@ func devNodesProblem(ctx context.Context, d *Dev, want map[string]struct{ http, 
 		return fmt.Sprintf("members %v, want %d", seen, len(want))
 	}
 	return ""
+}
+
+// lockedBuffer is a log sink safe for the goroutines of a running Dev.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestDevBossQuietAboutDataDir: imq dev's boss has no data directory and
+// imq dev no flag to give it one, so it does not warn that none is set.
+func TestDevBossQuietAboutDataDir(t *testing.T) {
+	var logs lockedBuffer
+	cfg := LocalDevConfig()
+	bc := boss.DefaultConfig()
+	bc.HTTPAddr = "127.0.0.1:0"
+	cfg.Boss = &bc
+	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	d, err := StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	defer d.Shutdown(ctx)
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s := logs.String(); strings.Contains(s, `level=WARN msg="no data directory`) {
+		t.Errorf("imq dev's boss warned about its data directory:\n%s", s)
+	}
 }

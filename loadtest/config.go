@@ -188,8 +188,10 @@ type Config struct {
 	// last few seconds exceeds it, as a fraction (0.01 = 1%); 0 disables
 	// that check. It is also the fraction of bots that may fail to connect
 	// before the run counts as failed (Report.Err): with 0, any bot that
-	// could not connect fails the run. A run in which no bot could connect
-	// stops as soon as that is clear, whatever AbortErrors says.
+	// could not connect fails the run. Connect failures are judged once
+	// the first 20 bots (all, if fewer) have tried: a run in which no bot
+	// could connect, or more than AbortErrors of them could not, stops then
+	// rather than running its duration to fail at the end.
 	AbortErrors float64
 	// AbortGrace is how long after the start the abort thresholds are not
 	// checked.

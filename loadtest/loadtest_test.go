@@ -361,27 +361,60 @@ func TestRunGatewayRefusesEveryone(t *testing.T) {
 	}
 }
 
-// When some bots connect and others cannot, the run fails unless
-// --abort-errors allows that share.
+// When some bots connect and others cannot, the run stops as soon as
+// enough bots have tried, saying so in its outcome, unless --abort-errors
+// allows that share.
 func TestRunSomeConnectsFail(t *testing.T) {
 	d := startDev(t)
 	cfg := smallConfig(d.URL() + "," + closedURL(t)) // bot i uses URL i mod 2
 	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.ChurnRate = 2, 2, 0
-	cfg.Scenario.Duration = Duration(time.Second)
+	cfg.Scenario.Duration = Duration(30 * time.Second)
 	cfg.ConnectTimeout = 300 * time.Millisecond
+	start := time.Now()
 	r, err := Run(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if took := time.Since(start); took > 6*time.Second {
+		t.Errorf("run took %v; want it to stop soon after the connects failed, well before its 30s", took)
+	}
 	if r.Counters.Connects != 2 || r.Counters.ConnectFailed != 2 {
 		t.Fatalf("connects %d, failed %d; want 2 and 2", r.Counters.Connects, r.Counters.ConnectFailed)
 	}
-	if err := r.Err(); !errors.Is(err, ErrConnect) || !strings.Contains(err.Error(), "2 of 4 bots could not connect") {
-		t.Errorf("Err() = %v; want 2 of 4 bots could not connect", err)
+	if err := r.Err(); !errors.Is(err, ErrAborted) || !strings.Contains(err.Error(), "2 of 4 bots could not connect") {
+		t.Errorf("Err() = %v; want an abort: 2 of 4 bots could not connect", err)
 	}
-	r.AbortErrors = 0.5
+	if s := summaryText(t, r); !strings.Contains(s, "ABORTED: 2 of 4 bots could not connect") {
+		t.Errorf("summary's outcome does not say the run aborted and why:\n%s", s)
+	}
+
+	cfg.AbortErrors = 0.6
+	cfg.Scenario.Duration = Duration(2 * time.Second)
+	r, err = Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := r.Err(); err != nil {
-		t.Errorf("with --abort-errors 50%%: Err() = %v; want nil", err)
+		t.Errorf("with --abort-errors 60%%: Err() = %v; want nil", err)
+	}
+	if r.AbortReason != "" || r.ElapsedSecs < 2 {
+		t.Errorf("with --abort-errors 60%%: aborted %q after %.1fs; want the whole 2s", r.AbortReason, r.ElapsedSecs)
+	}
+	if s := summaryText(t, r); !strings.Contains(s, "completed after") {
+		t.Errorf("summary's outcome does not say completed:\n%s", s)
+	}
+}
+
+// A run that failed without aborting says so, and why, in the summary's
+// outcome line rather than "completed".
+func TestSummaryOutcomeSaysFailed(t *testing.T) {
+	r := &Report{Counters: Counters{Connects: 9, ConnectFailed: 1}, ConnectError: "dial: connection refused", ElapsedSecs: 30}
+	if s := summaryText(t, r); !strings.Contains(s, "FAILED: 1 of 10 bots could not connect") || strings.Contains(s, "completed") {
+		t.Errorf("outcome of a failed run:\n%s", s)
+	}
+	r.AbortErrors = 0.1
+	if s := summaryText(t, r); !strings.Contains(s, "completed after 30.0s") {
+		t.Errorf("outcome of a passing run:\n%s", s)
 	}
 }
 

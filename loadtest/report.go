@@ -123,25 +123,48 @@ func (r *Report) noConnectText() string {
 }
 
 // Err says why the run failed, or returns nil if it passed: it aborted
-// (a threshold, or no bot could connect), more bots failed to connect than
-// AbortErrors allows (with AbortErrors 0, any), or it saw a protocol
-// violation. Messages in flight at the end are reported, not failures.
-// `imq loadtest` exits non-zero exactly when Err is not nil.
+// (a threshold, or too many bots could not connect), more bots failed to
+// connect than AbortErrors allows (with AbortErrors 0, any), or it saw a
+// protocol violation. Messages in flight at the end are reported, not
+// failures. `imq loadtest` exits non-zero exactly when Err is not nil.
 func (r *Report) Err() error {
-	c := r.Counters
-	tried := c.Connects + c.ConnectFailed
-	switch {
-	case r.AbortReason != "":
-		return fmt.Errorf("%w: %s", ErrAborted, r.AbortReason)
-	case c.ConnectFailed > 0 && c.Connects == 0:
-		return fmt.Errorf("%w: %s", ErrConnect, r.noConnectText())
-	case c.ConnectFailed > 0 && float64(c.ConnectFailed) > r.AbortErrors*float64(tried):
-		return fmt.Errorf("%w: %d of %d bots could not connect (%.2f%%, more than --abort-errors %g%%); the first: %s",
-			ErrConnect, c.ConnectFailed, tried, 100*float64(c.ConnectFailed)/float64(tried), 100*r.AbortErrors, r.ConnectError)
-	case r.TotalViolations() > 0:
-		return fmt.Errorf("%w: %d%s", ErrViolations, r.TotalViolations(), mapText(r.Violations))
+	if why, kind := r.failure(); kind != nil {
+		return fmt.Errorf("%w: %s", kind, why)
 	}
 	return nil
+}
+
+// failure returns why the run failed and the sentinel error for it, or ""
+// and nil if it passed. Err and the summary's outcome line share it.
+func (r *Report) failure() (string, error) {
+	c := r.Counters
+	switch {
+	case r.AbortReason != "":
+		return r.AbortReason, ErrAborted
+	case c.ConnectFailed > 0 && c.Connects == 0:
+		return r.noConnectText(), ErrConnect
+	case r.tooManyConnectsFailed():
+		return r.connectFailedText(), ErrConnect
+	case r.TotalViolations() > 0:
+		return fmt.Sprintf("%d%s", r.TotalViolations(), mapText(r.Violations)), ErrViolations
+	}
+	return "", nil
+}
+
+// tooManyConnectsFailed says whether more bots failed to connect than
+// AbortErrors allows (with AbortErrors 0, any).
+func (r *Report) tooManyConnectsFailed() bool {
+	c := r.Counters
+	return c.ConnectFailed > 0 && float64(c.ConnectFailed) > r.AbortErrors*float64(c.Connects+c.ConnectFailed)
+}
+
+// connectFailedText says how many bots could not connect, against
+// --abort-errors, and why the first failed.
+func (r *Report) connectFailedText() string {
+	c := r.Counters
+	tried := c.Connects + c.ConnectFailed
+	return fmt.Sprintf("%d of %d bots could not connect (%.2f%%, more than --abort-errors %g%%); the first: %s",
+		c.ConnectFailed, tried, 100*float64(c.ConnectFailed)/float64(tried), 100*r.AbortErrors, r.ConnectError)
 }
 
 // WriteJSON writes the report as indented JSON.
@@ -159,8 +182,10 @@ func (r *Report) WriteSummary(w io.Writer) error {
 	fmt.Fprintf(tw, "scenario\t%d rooms × %d bots, chat %g/s, state %g/s, churn %g/min, %d B, %v, %d worker(s)\n",
 		s.Rooms, s.BotsPerRoom, s.ChatRate, s.StateRate, s.ChurnRate, s.MessageSize, time.Duration(s.Duration), r.Workers)
 	outcome := "completed"
-	if r.AbortReason != "" {
+	if why, kind := r.failure(); r.AbortReason != "" {
 		outcome = "ABORTED: " + r.AbortReason
+	} else if kind != nil {
+		outcome = "FAILED: " + why
 	}
 	fmt.Fprintf(tw, "outcome\t%s after %.1fs\n", outcome, r.ElapsedSecs)
 	if r.RampStopped != "" {

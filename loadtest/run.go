@@ -215,8 +215,15 @@ func (a *aggregator) progress(p Point) {
 
 // abortCheck returns why the run must stop, or "".
 func (a *aggregator) abortCheck() string {
-	if c := a.report.Counters; c.Connects == 0 && c.ConnectFailed >= int64(min(a.report.BotsPlanned, minAbortRequests)) {
-		return a.report.noConnectText()
+	// Connect failures are judged once enough bots have tried: the run
+	// would fail at its end anyway (Report.Err), so it stops now.
+	if c := a.report.Counters; c.Connects+c.ConnectFailed >= int64(min(a.report.BotsPlanned, minAbortRequests)) {
+		if c.Connects == 0 {
+			return a.report.noConnectText()
+		}
+		if a.report.tooManyConnectsFailed() {
+			return a.report.connectFailedText()
+		}
 	}
 	if time.Since(a.start) < a.cfg.AbortGrace {
 		return ""

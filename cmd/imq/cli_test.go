@@ -309,6 +309,7 @@ func TestClientCommandErrors(t *testing.T) {
 		{[]string{"pub", "/room/1", "x", "--url", url, "--token", "t", "--token-file", tokenFile}, "not both"},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "u", "--token-file", tokenFile}, "not both"},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "a/b"}, `--user "a/b"`},
+		{[]string{"pub", "/room/1", "x", "--url", url, "--token", ""}, "--token is empty"},
 		// The server's refusals, with their code.
 		{[]string{"pub", "/room/err", "x", "--url", url, "--mount", "scores"}, "publish to /room/err scores refused: WRONG_MOUNT_TYPE"},
 		{[]string{"sub", "/room/err", "--url", url, "--mount", "scores"}, "join /room/err refused: WRONG_MOUNT_TYPE"},

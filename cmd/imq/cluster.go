@@ -28,7 +28,7 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	fs.IntVar(&cfg.QueueNodes, "queuenodes", 2, "queue nodes to start")
 	fs.IntVar(&cfg.Gateways, "gateways", 2, "gateways to start")
 	fs.StringVar(&cfg.Dir, "dir", "", "directory for logs and the boss's data (default: a new temporary directory)")
-	fs.StringVar(&cfg.JWTSecret, "jwt-secret", "", "HS256 secret for the gateways (default: development mode, ?user= accepted)")
+	fs.StringVar(&cfg.JWTSecret, "jwt-secret", "", "HS256 secret for the gateways (not given: development mode, ?user= accepted)")
 	fs.Var(&apiKeys, "api-key", `the gateways' admin RPC key: "SECRET[ methods=...][ prefixes=...]", repeatable (as imq gateway --api-key)`)
 	fs.Var(&origins, "allowed-origins", "the gateways' --allowed-origins: Origin values allowed on /ws, comma-separated or repeated; * allows any")
 	fs.StringVar(&cfg.Host, "host", "127.0.0.1", "address every process listens on")
@@ -55,6 +55,7 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
+	tempDir := cfg.Dir == "" // StartCluster makes one
 	start := time.Now()
 	c, err := launch.StartCluster(ctx, cfg)
 	if err != nil {
@@ -87,11 +88,20 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	}
 	fmt.Printf("\nTry:      imq sub /room/1 --url %s%s   (and imq pub /room/1 hello --url ... in another terminal)\n", url, token)
 	fmt.Printf("Load:     imq loadtest --url %s%s\n", strings.Join(c.URLs(), ","), secret)
+	fmt.Printf("Logs:     %s (kept when the cluster stops)\n", c.Dir())
 	fmt.Printf("Kill a process to watch failover: it is restarted. Press Ctrl-C to stop.\n")
 	c.Supervise(ctx, launch.SuperviseConfig{Logf: func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "imq cluster: "+format+"\n", args...)
 	}})
 	fmt.Println("imq cluster: stopping (gateways first)")
 	c.Stop(shutdownTimeout)
+	// The logs are what a user reads after watching failover: they stay,
+	// and the user is told where, and how to remove a directory they did
+	// not choose.
+	if tempDir {
+		fmt.Printf("imq cluster: logs and the boss's data kept in %s (remove with: rm -r %s)\n", c.Dir(), c.Dir())
+	} else {
+		fmt.Printf("imq cluster: logs and the boss's data kept in %s\n", c.Dir())
+	}
 	return nil
 }

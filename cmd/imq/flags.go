@@ -21,16 +21,35 @@ func newFlagSet(name, summary string) *flag.FlagSet {
 	fs := flag.NewFlagSet("imq "+name, flag.ContinueOnError)
 	fs.Usage = func() {
 		out := fs.Output()
-		fmt.Fprintf(out, "Usage: imq %s [flags]\n\n%s\n\nFlags (each also read from the environment variable shown):\n", name, summary)
+		fmt.Fprintf(out, "Usage: imq %s [flags]\n\n%s\n", name, summary)
+		n := 0
+		fs.VisitAll(func(*flag.Flag) { n++ })
+		if n == 0 {
+			return
+		}
+		fmt.Fprintf(out, "\nFlags (each also read from the environment variable shown):\n")
 		fs.VisitAll(func(f *flag.Flag) {
 			def := ""
-			if f.DefValue != "" && f.DefValue != "[]" {
+			if showDefault(f) {
 				def = fmt.Sprintf(" (default %s)", f.DefValue)
 			}
 			fmt.Fprintf(out, "  --%s  [%s]\n      %s%s\n", f.Name, envName(f.Name), f.Usage, def)
 		})
 	}
 	return fs
+}
+
+// showDefault says whether --help appends "(default X)" to f's usage: not
+// for an empty default or a boolean off by default (as the flag package),
+// nor when the usage already says what the default is.
+func showDefault(f *flag.Flag) bool {
+	if f.DefValue == "" || f.DefValue == "[]" || strings.Contains(f.Usage, "(default") {
+		return false
+	}
+	if b, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && b.IsBoolFlag() && f.DefValue == "false" {
+		return false
+	}
+	return true
 }
 
 func envName(flagName string) string {
@@ -161,8 +180,15 @@ func (s *secretValue) Set(v string) error {
 	return nil
 }
 
+// apply passes each given value to the inner flag.Value. A value given
+// explicitly but empty (--secret "$SECRET" with SECRET unset, IMQ_SECRET=)
+// is an error, never the flag's "not set" meaning: for most secret flags
+// that is a less safe mode (no authentication, gossip in the clear).
 func (s *secretValue) apply() error {
 	for _, in := range s.given {
+		if strings.TrimSpace(in.value) == "" {
+			return fmt.Errorf("%s is empty", in.source)
+		}
 		if err := s.inner.Set(in.value); err != nil {
 			return fmt.Errorf("%s: %v", in.source, err)
 		}
@@ -353,7 +379,7 @@ func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, joi
 	}
 	fs.StringVar(&cfg.Cluster, "cluster-name", cfg.Cluster, "cluster name: members of differently named clusters ignore each other")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "how often each member probes another (failure detection)")
-	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe")
-	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Empty: gossip in the clear, for trusted networks only")
+	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe; shorter than --probe-interval (0: half of --probe-interval, at most 500ms)")
+	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Not given: gossip in the clear, for trusted networks only")
 	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }

@@ -8,6 +8,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/internal/member"
 )
 
 // secretFlagSet registers the three kinds of secret flag: a string, a
@@ -103,6 +106,14 @@ func TestSecretFileErrors(t *testing.T) {
 		{"bad key in a variable", nil, map[string]string{"IMQ_GOSSIP_KEY": "s3cr3t-not-base64"}, "IMQ_GOSSIP_KEY: not base64"},
 		{"bad key on the command line", []string{"--gossip-key", "s3cr3t-not-base64"}, nil, "--gossip-key: not base64"},
 		{"bad key in a file", []string{"--gossip-key-file", writeFile(t, "s3cr3t-not-base64\n")}, nil, "--gossip-key-file "},
+		{"empty flag", []string{"--jwt-secret", ""}, nil, "--jwt-secret is empty"},
+		{"blank flag", []string{"--jwt-secret", " \n"}, nil, "--jwt-secret is empty"},
+		{"empty key flag", []string{"--gossip-key", ""}, nil, "--gossip-key is empty"},
+		{"empty repeatable flag", []string{"--api-key", "key-one-0123456789", "--api-key", ""}, nil, "--api-key is empty"},
+		{"empty variable", nil, map[string]string{"IMQ_JWT_SECRET": ""}, "IMQ_JWT_SECRET is empty"},
+		{"empty key variable", nil, map[string]string{"IMQ_GOSSIP_KEY": ""}, "IMQ_GOSSIP_KEY is empty"},
+		{"empty api key variable", nil, map[string]string{"IMQ_API_KEY": ""}, "IMQ_API_KEY is empty"},
+		{"empty file variable", nil, map[string]string{"IMQ_JWT_SECRET_FILE": empty}, empty + " is empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for k, v := range tc.env {
@@ -143,6 +154,58 @@ func TestSecretFlagHelp(t *testing.T) {
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("--help lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestHelpDefaults: --help says each default once: not "(default false)"
+// for a boolean off by default, nor a second "(default X)" after a usage
+// that already names its default; other defaults are shown.
+func TestHelpDefaults(t *testing.T) {
+	fs := newFlagSet("test", "test")
+	var out bytes.Buffer
+	fs.SetOutput(&out)
+	fs.Bool("off", false, "a boolean off by default")
+	fs.Bool("on", true, "a boolean on by default")
+	fs.Bool("said", false, "accept tokens without exp (default: exp required)")
+	fs.Int("said-int", 3, "retries (default: three)")
+	fs.Duration("interval", time.Second, "how often")
+	fs.Int("zero", 0, "limit (0: none)")
+	if err := parse(fs, []string{"--help"}); err != flag.ErrHelp {
+		t.Fatalf("parse --help: %v", err)
+	}
+	help := out.String()
+	for _, want := range []string{
+		"a boolean off by default\n", "a boolean on by default (default true)\n",
+		"(default: exp required)\n", "retries (default: three)\n", "how often (default 1s)\n", "limit (0: none) (default 0)\n",
+	} {
+		if !strings.Contains(help, want) {
+			t.Errorf("--help lacks %q:\n%s", want, help)
+		}
+	}
+}
+
+// TestProbeIntervalFlagAlone: --probe-interval shorter than the default
+// probe timeout works alone (imq cluster -- --probe-interval 200ms); with
+// an explicit --probe-timeout not shorter, it is refused.
+func TestProbeIntervalFlagAlone(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string // "" for valid
+	}{
+		{[]string{"--probe-interval", "200ms"}, ""},
+		{[]string{"--probe-interval", "200ms", "--probe-timeout", "100ms"}, ""},
+		{[]string{"--probe-interval", "200ms", "--probe-timeout", "500ms"}, "probe timeout (500ms) must be shorter than the probe interval (200ms)"},
+	} {
+		fs := newFlagSet("test", "test")
+		cfg := member.DefaultConfig()
+		memberFlags(fs, &cfg, "127.0.0.1:0", nil)
+		if err := parse(fs, tc.args); err != nil {
+			t.Fatal(err)
+		}
+		err := cfg.Validate()
+		if (tc.want == "" && err != nil) || (tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want))) {
+			t.Errorf("%q: %v, want %q", tc.args, err, tc.want)
 		}
 	}
 }

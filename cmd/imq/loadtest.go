@@ -47,7 +47,7 @@ func runLoadtest(args []string) error {
 		signal.Ignore(os.Interrupt, syscall.SIGTERM)
 		return loadtest.RunWorker(context.Background(), os.Stdin, os.Stdout, log)
 	}
-	fs := newFlagSet("loadtest", "Runs bots (real SDK clients) against a cluster: each joins its room, chats,\nupdates its key in the room's state, leaves and rejoins, and checks order,\nexactly-once delivery and state convergence. Refuses non-loopback targets\nwithout --allow-remote. Exits non-zero on abort, on protocol violations, when\nno bot could connect (it stops as soon as that is clear) and when more bots\nfailed to connect than --abort-errors allows (by default, any). After the load\nstops, bots keep receiving for up to --drain; what is still missing then is\nreported as in flight (late or lost), not as a violation. Example scenarios:\nexamples/loadtest/*.json.")
+	fs := newFlagSet("loadtest", "Runs bots (real SDK clients) against a cluster: each joins its room, chats,\nupdates its key in the room's state, leaves and rejoins, and checks order,\nexactly-once delivery and state convergence. Refuses non-loopback targets\nwithout --allow-remote. Exits non-zero on abort, on protocol violations, when\nno bot could connect and when more bots failed to connect than --abort-errors\nallows (by default, any): it stops as soon as that is clear. After the load\nstops, bots keep receiving for up to --drain; what is still missing then is\nreported as in flight (late or lost), not as a violation. Example scenarios:\nexamples/loadtest/*.json.")
 	cfg := loadtest.DefaultConfig()
 	sc := &cfg.Scenario
 	var (
@@ -67,7 +67,7 @@ func runLoadtest(args []string) error {
 	fs.Float64Var(&sc.RampRate, "ramp-rate", sc.RampRate, "bots connecting per second (0: all at once)")
 	fs.DurationVar(&duration, "duration", duration, "how long the load runs, ramp included")
 	fs.StringVar(&sc.Namespace, "namespace", sc.Namespace, "queue-name prefix: rooms are <namespace>/room/<i>")
-	fs.StringVar(&secret, "secret", "", "HS256 secret to mint each bot a token with exp (empty: development mode, ?user=ID)")
+	fs.StringVar(&secret, "secret", "", "HS256 secret to mint each bot a token with exp (not given: development mode, ?user=ID; given empty: an error)")
 	fs.StringVar(&cfg.Audience, "jwt-audience", "", "aud claim of the minted tokens, for a gateway that requires one (empty: no aud)")
 	fs.DurationVar(&cfg.ConnectTimeout, "connect-timeout", cfg.ConnectTimeout, "time each bot has to connect (dial, handshake, retries) before it counts as a failed connect")
 	fs.DurationVar(&cfg.Drain, "drain", cfg.Drain, "after the load, how long bots keep receiving (no more publishing) for their last update, and then for state to converge; each step ends early when all arrived")

@@ -51,3 +51,19 @@ func TestLoadtestNothingListening(t *testing.T) {
 		})
 	}
 }
+
+// An explicitly empty --secret (--secret "$SECRET" with SECRET unset) is
+// refused before the run, rather than silently running in development
+// mode (?user=).
+func TestLoadtestEmptySecret(t *testing.T) {
+	url := closedURL(t)
+	err := runLoadtest([]string{"--url", url, "--secret", "", "--log-level", "error"})
+	if err == nil || !strings.Contains(err.Error(), "--secret is empty") {
+		t.Errorf("--secret '': %v; want --secret is empty", err)
+	}
+	t.Setenv("IMQ_SECRET", "")
+	err = runLoadtest([]string{"--url", url, "--log-level", "error"})
+	if err == nil || !strings.Contains(err.Error(), "IMQ_SECRET is empty") {
+		t.Errorf("IMQ_SECRET='': %v; want IMQ_SECRET is empty", err)
+	}
+}

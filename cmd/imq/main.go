@@ -77,7 +77,7 @@ func main() {
 	case "sub", "pub", "state":
 		err = runClientCommand(cmd, args)
 	case "version", "--version", "-v":
-		fmt.Println("imq", versionString())
+		err = runVersion(args)
 	case "help", "--help", "-h":
 		fmt.Print(usage)
 	default:
@@ -91,6 +91,16 @@ func main() {
 		fmt.Fprintln(os.Stderr, "imq:", err)
 		os.Exit(1)
 	}
+}
+
+// runVersion is imq version: it takes no flags but --help.
+func runVersion(args []string) error {
+	fs := newFlagSet("version", "Prints the version of this imq binary.")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	fmt.Println("imq", versionString())
+	return nil
 }
 
 func versionString() string {
@@ -255,7 +265,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	var cf calloutFlags
 	gc.MaxPendingPerIP = -1 // every local client, bots of imq loadtest included, comes from 127.0.0.1
 	gatewayFlags(fs, &gc, &secret, &origins)
-	fs.Lookup("allowed-origins").Usage = "Origin values allowed on /ws, comma-separated or repeated (default in development: * , any)"
+	fs.Lookup("allowed-origins").Usage = "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: *, in development)"
 	rf.register(fs, &gc)
 	nodeFlags(fs, &nc)
 	cf.register(fs, &nc)

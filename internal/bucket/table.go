@@ -126,7 +126,15 @@ func (t *Table) Counts() map[string]int {
 }
 
 func (t *Table) String() string {
-	return fmt.Sprintf("table v%d: %d buckets on %d nodes", t.version, len(t.owners), len(t.nodes))
+	return fmt.Sprintf("table v%d: %s on %s", t.version, plural(len(t.owners), "bucket"), plural(len(t.nodes), "node"))
+}
+
+// plural is "1 node", "2 nodes".
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 func (t *Table) index(id string) (int, bool) {

@@ -353,3 +353,20 @@ func TestSumAndRenumber(t *testing.T) {
 		t.Fatal("renumbered to the same version")
 	}
 }
+
+// TestString: the summary /varz shows counts its nouns right.
+func TestString(t *testing.T) {
+	tb, _, err := Empty().Join(Node{ID: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := tb.String(), "table v1: 8 buckets on 1 node"; got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+	if tb, _, err = tb.Join(Node{ID: "n2"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := tb.String(), "table v2: 16 buckets on 2 nodes"; got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+}

@@ -81,7 +81,9 @@ type Config struct {
 	// ProbeInterval is how often each member probes a random other one.
 	ProbeInterval time.Duration
 	// ProbeTimeout is how long a probe waits for its ack before asking
-	// other members to probe indirectly.
+	// other members to probe indirectly; shorter than ProbeInterval.
+	// Zero: half of ProbeInterval, at most 500 ms (memberlist's LAN
+	// setting), so that a shorter ProbeInterval alone is valid.
 	ProbeTimeout time.Duration
 	// SuspicionMult scales how long a suspected member has to refute before
 	// it is declared dead: SuspicionMult × max(1, log10(members)) probe
@@ -98,6 +100,10 @@ type Config struct {
 	OnChange func()
 }
 
+// maxDefaultProbeTimeout caps the default ProbeTimeout: memberlist's LAN
+// setting.
+const maxDefaultProbeTimeout = 500 * time.Millisecond
+
 // DefaultConfig returns the documented defaults: memberlist's LAN settings,
 // which declare a killed member dead in about DetectionTime (5.5 s in a
 // small cluster).
@@ -106,7 +112,7 @@ func DefaultConfig() Config {
 		BindAddr:       "127.0.0.1:7946",
 		Cluster:        "imq",
 		ProbeInterval:  time.Second,
-		ProbeTimeout:   500 * time.Millisecond,
+		ProbeTimeout:   0, // half of ProbeInterval, at most maxDefaultProbeTimeout: 500 ms
 		SuspicionMult:  4,
 		RejoinInterval: 5 * time.Second,
 	}
@@ -124,7 +130,7 @@ func (c *Config) setDefaults() {
 		c.ProbeInterval = d.ProbeInterval
 	}
 	if c.ProbeTimeout == 0 {
-		c.ProbeTimeout = d.ProbeTimeout
+		c.ProbeTimeout = min(c.ProbeInterval/2, maxDefaultProbeTimeout)
 	}
 	if c.SuspicionMult == 0 {
 		c.SuspicionMult = d.SuspicionMult
@@ -349,10 +355,15 @@ func (m *Member) track(n *memberlist.Node, live bool) {
 
 // Boss returns the live boss, the newest if there are two (a restarted boss
 // before its old incarnation is declared dead).
-func (m *Member) Boss() (Peer, bool) {
+func (m *Member) Boss() (Peer, bool) { return NewestBoss(m.Peers()) }
+
+// NewestBoss returns the boss among peers that every member follows: the
+// newest (latest Started; on a tie, the first in peers), and false if
+// there is none.
+func NewestBoss(peers []Peer) (Peer, bool) {
 	var boss Peer
 	found := false
-	for _, p := range m.Peers() {
+	for _, p := range peers {
 		if p.Meta.Role == RoleBoss && (!found || p.Meta.Started > boss.Meta.Started) {
 			boss, found = p, true
 		}

@@ -129,6 +129,38 @@ func TestMemberRejoinsARestartedBoss(t *testing.T) {
 	waitUntil(t, 5*time.Second, "the gateway to rejoin", func() bool { _, ok := find(again.Peers(), "gw-1"); return ok })
 }
 
+// TestProbeTimeoutDefault: without a ProbeTimeout, any ProbeInterval is
+// valid (the timeout is half of it, at most 500 ms); a timeout given
+// explicitly must still be shorter than the interval.
+func TestProbeTimeoutDefault(t *testing.T) {
+	for _, c := range []struct {
+		interval, timeout, want time.Duration
+	}{
+		{time.Second, 0, 500 * time.Millisecond},
+		{5 * time.Second, 0, 500 * time.Millisecond},
+		{200 * time.Millisecond, 0, 100 * time.Millisecond},
+		{200 * time.Millisecond, 150 * time.Millisecond, 150 * time.Millisecond},
+	} {
+		cfg := DefaultConfig()
+		cfg.ProbeInterval, cfg.ProbeTimeout = c.interval, c.timeout
+		if err := cfg.Validate(); err != nil {
+			t.Errorf("interval %v, timeout %v: %v", c.interval, c.timeout, err)
+		}
+		cfg.setDefaults()
+		if cfg.ProbeTimeout != c.want {
+			t.Errorf("interval %v, timeout %v: the timeout is %v, want %v", c.interval, c.timeout, cfg.ProbeTimeout, c.want)
+		}
+	}
+	if got := DefaultConfig().DetectionTime(3); got != 5500*time.Millisecond {
+		t.Errorf("default detection time %v, want 5.5s", got)
+	}
+	cfg := DefaultConfig()
+	cfg.ProbeInterval, cfg.ProbeTimeout = 200*time.Millisecond, 500*time.Millisecond
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "probe timeout (500ms) must be shorter than the probe interval (200ms)") {
+		t.Errorf("an explicit timeout longer than the interval: %v", err)
+	}
+}
+
 func TestConfigErrors(t *testing.T) {
 	for _, c := range []struct {
 		cfg  Config
