@@ -95,6 +95,8 @@ func startImqCluster(t *testing.T, env []string, args ...string) *imqCluster {
 				c.addrs[f[0]] = f[3]
 				if f[1] != "gateway" {
 					c.addrs[f[0]] = f[4]
+				} else if len(f) >= 7 && f[4] == "internal" {
+					c.addrs[f[0]+"/internal"] = f[5] // http://ADDR/varz
 				}
 			}
 		}
@@ -300,6 +302,19 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 		}
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
+	})
+	// Healthy means one link up: wait for the links to both nodes, as a
+	// client retrying UNAVAILABLE would.
+	waitFor(t, 30*time.Second, "gw-1's links to both queue nodes", func() bool {
+		resp, err := http.Get(c.addrs["gw-1/internal"])
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var v struct {
+			LinksUp int `json:"links_up"`
+		}
+		return json.NewDecoder(resp.Body).Decode(&v) == nil && v.LinksUp == 2
 	})
 	cl := dialClient(t, c.url, "after-restart")
 	gw := strings.TrimSuffix(strings.TrimPrefix(c.url, "ws://"), "/ws")
