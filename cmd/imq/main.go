@@ -302,7 +302,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 		d.Shutdown(context.Background())
 		return err
 	}
-	fmt.Printf("imq %s: development cluster running (no token needed)\n", versionString())
+	fmt.Printf("imq dev: development cluster running (version %s; no token needed)\n", versionString())
 	fmt.Printf("  WebSocket:  %s?user=alice   (subprotocol imq.v1 or imq.v1.json)\n", d.URL())
 	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz   (internal)\n", d.Gateway.InternalAddr())
 	fmt.Printf("  Boss:       http://%s/v1/nodes   table: /v1/table\n", d.Boss.Addr())
