@@ -425,7 +425,7 @@ type publishCall struct {
 	Queue      string          `json:"queue"`
 	Mount      string          `json:"mount"`
 	Data       json.RawMessage `json:"data,omitempty"`
-	DataBase64 string          `json:"data_base64,omitempty"`
+	DataBase64 *string         `json:"data_base64,omitempty"` // set, "" included, for every payload not sent as JSON
 }
 
 type publishAnswer struct {
@@ -446,7 +446,7 @@ type setStateCall struct {
 	Mount       string          `json:"mount"`
 	Key         string          `json:"key"`
 	Value       json.RawMessage `json:"value,omitempty"`
-	ValueBase64 string          `json:"value_base64,omitempty"`
+	ValueBase64 *string         `json:"value_base64,omitempty"` // set, "" included, for every value not sent as JSON
 	Delete      bool            `json:"delete"`
 }
 
@@ -498,10 +498,12 @@ func (c *callouts) publish(ctx context.Context, rt *route, req *imqpb.NodeReques
 	// JSON text is UTF-8 (RFC 8259): a payload that json.Valid accepts but
 	// that holds other bytes ("caf\xe9" in Latin-1) goes as base64, or the
 	// backend's decoder would refuse the whole call.
+	// An empty payload is not JSON: it goes as "data_base64": "".
 	if json.Valid(p.GetPayload()) && utf8.Valid(p.GetPayload()) {
 		call.Data = p.GetPayload()
 	} else {
-		call.DataBase64 = base64.StdEncoding.EncodeToString(p.GetPayload())
+		b64 := base64.StdEncoding.EncodeToString(p.GetPayload())
+		call.DataBase64 = &b64
 	}
 	var ans publishAnswer
 	err = c.call(ctx, rt, "publish", call, &ans)
@@ -550,11 +552,14 @@ func (c *callouts) setState(ctx context.Context, rt *route, req *imqpb.NodeReque
 		Queue: st.GetQueue(), Mount: st.GetMount(), Key: st.GetKey(), Delete: st.GetDelete()}
 	call.Seq, call.TimeMs = c.stamp()
 	if !st.GetDelete() {
-		// As for publish: only UTF-8 JSON travels as JSON.
+		// As for publish: only UTF-8 JSON travels as JSON. An empty value
+		// is not JSON: it goes as "value_base64": "", so that the backend
+		// tells it from a delete.
 		if v := st.GetValue(); json.Valid(v) && utf8.Valid(v) {
 			call.Value = v
 		} else {
-			call.ValueBase64 = base64.StdEncoding.EncodeToString(v)
+			b64 := base64.StdEncoding.EncodeToString(v)
+			call.ValueBase64 = &b64
 		}
 	}
 	var ans setStateAnswer

@@ -1044,3 +1044,24 @@ func TestCalloutSetState(t *testing.T) {
 		})
 	}
 }
+
+// TestCalloutEmptyValue: an empty state value or payload is not JSON; it
+// goes as "value_base64": "" or "data_base64": "", so that the backend
+// tells a set from a delete and always finds the field it expects.
+func TestCalloutEmptyValue(t *testing.T) {
+	b := newBackend(t, nil)
+	s := startCalloutNode(t, b.srv.URL, nil)
+	l := dialLink(t, s.LinkAddr(), "gw-1")
+	l.ok(userSetState("bob", "/room/1", "scores", "bob", "", false))
+	l.ok(userPublish("bob", "/room/1", "chat", ""))
+	set, pub := b.callsTo("set_state"), b.callsTo("publish")
+	if len(set) != 1 || len(pub) != 1 {
+		t.Fatalf("%d set_state and %d publish call-outs, want 1 each", len(set), len(pub))
+	}
+	if v, ok := set[0]["value_base64"]; !ok || v != "" || set[0]["value"] != nil || set[0]["delete"] != false {
+		t.Errorf("an empty state value went as %v, want value_base64 \"\"", set[0])
+	}
+	if v, ok := pub[0]["data_base64"]; !ok || v != "" || pub[0]["data"] != nil {
+		t.Errorf("an empty payload went as %v, want data_base64 \"\"", pub[0])
+	}
+}

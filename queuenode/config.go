@@ -32,19 +32,27 @@ type Config struct {
 	// MaxNodeBytes bounds the bytes of all the node's queues together, as
 	// Queue.Bytes counts them (history, state, and an overhead per queue
 	// and mount). A write that needs room past it first evicts the oldest
-	// history across the node (down to 7/8 of the budget); when that is
-	// not enough (state is never evicted) the write, or the queue it would
-	// create, is refused with LIMIT_EXCEEDED. The Go heap is larger than
-	// the bytes counted (protobuf structs, maps, garbage not yet
-	// collected: about twice as much under a flood), so leave room.
-	// Default: 1 GiB, which a machine with 4 GB of RAM holds; give a
-	// dedicated node about a third of its RAM.
+	// history across the node (down to 7/8 of the budget, or, when state
+	// holds more than that, what the write needs plus 1/64 of the budget);
+	// when history cannot make room (state is never evicted) the write, or
+	// the queue it would create, is refused with LIMIT_EXCEEDED at once.
+	// Queues emptied by eviction stay until the idle sweep (IdleTTL). The
+	// Go heap is larger than the bytes counted (protobuf structs, maps,
+	// garbage not yet collected: about twice as much under a flood), so
+	// leave room. Zero means the default, 1 GiB, which a machine with 4 GB
+	// of RAM holds; give a dedicated node about a third of its RAM. At
+	// least 1 MiB and 4 × Limits.MaxPayload.
 	MaxNodeBytes int64
 	// MaxQueueCreates bounds the queues one user's requests may create per
 	// minute (a token bucket of that size, refilled at that rate); more are
-	// refused with LIMIT_EXCEEDED. Backend (admin RPC) requests are exempt.
-	// Default: 600, ten a second, far more than a player joins rooms,
-	// while a script creating fresh queues is stopped within a minute.
+	// refused with LIMIT_EXCEEDED. It bounds creations, not bytes: what
+	// the queues hold is bounded by Limits per queue and by MaxNodeBytes.
+	// The limiter tracks at most 65,536 users at a time; past that, users
+	// it does not track are refused until it forgets some (at most a minute
+	// after they stop creating). Backend (admin RPC) requests are exempt.
+	// Zero means the default, 600: ten a second, far more than a player
+	// joins rooms, while a script creating fresh queues is stopped within
+	// a minute. Negative: no limit.
 	MaxQueueCreates int
 	// IdleTTL is how long a queue with no subscribers and no traffic is kept.
 	IdleTTL time.Duration
@@ -201,7 +209,6 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("max replay bytes (%d) must not exceed max join bytes (%d)", l.MaxReplayBytes, l.MaxJoinBytes))
 	}
 	positive("max queues", c.MaxQueues)
-	positive("max queue creates", c.MaxQueueCreates)
 	if least := int64(max(minNodeBytes, 4*l.MaxPayload)); c.MaxNodeBytes < least {
 		errs = append(errs, fmt.Errorf("max node bytes must be at least %d (1 MiB, and 4 payloads), got %d", least, c.MaxNodeBytes))
 	}

@@ -28,10 +28,13 @@
 // total of every queue's Bytes: a write reserves room with a
 // compare-and-swap before it takes its shard lock and settles what it
 // really added under the lock, so the total never passes the budget and
-// no global lock is taken per write. A reservation that does not fit
-// evicts the oldest history across the node first, one eviction at a time
-// and with no shard lock held by the caller. Queue creation per user is
-// rate-limited by a sharded map of token buckets.
+// no global lock is taken per write. A write for a queue the node does not
+// serve is answered MOVED before it reserves anything. A reservation that
+// does not fit evicts the oldest history across the node first, one
+// eviction at a time and with no shard lock held by the caller; when the
+// node's history (an atomic total beside the first) cannot make room, it
+// is refused at once without walking the queues. Queue creation per user
+// is rate-limited by a sharded, bounded map of token buckets.
 //
 // The admin RPC's reads (get_state, history, queue_info; reads.go) run like
 // other operations but never create a queue or mount (NOT_FOUND).

@@ -24,6 +24,13 @@ type metrics struct {
 	evictedBytes  *prometheus.CounterVec
 	evictionRuns  prometheus.Counter
 	refused       *prometheus.CounterVec
+	seedsSkipped  *prometheus.CounterVec
+
+	// Resolved once, for the hot path.
+	evictedEventsBy  [numEvictReasons]prometheus.Counter
+	evictedBytesBy   [numEvictReasons]prometheus.Counter
+	evictionsFutile  prometheus.Counter
+	refusedNodeBytes prometheus.Counter
 
 	movedReplies     prometheus.Counter
 	queuesMoved      prometheus.Counter
@@ -78,9 +85,16 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		evictionRuns: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_budget_evictions_total", Help: "Times the node walked its queues to evict the oldest history because a write did not fit its memory budget.",
 		}),
+		evictionsFutile: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_queuenode_budget_evictions_futile_total", Help: "Budget evictions after which the write still did not fit; writes needing eviction are then refused for a second.",
+		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imq_queuenode_refused_total",
-			Help: "Writes and queue creations refused with LIMIT_EXCEEDED, by reason: node_bytes (the memory budget is full and no history is left to evict), queue_creates (the user's --max-queue-creates), max_queues (--max-queues).",
+			Help: "Writes and queue creations refused with LIMIT_EXCEEDED, by reason: node_bytes (the memory budget is full and the history left cannot make room), queue_creates (the user's --max-queue-creates), creators (the per-user creation limiter tracks as many users as it may), max_queues (--max-queues).",
+		}, []string{"reason"}),
+		seedsSkipped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_join_seeds_skipped_total",
+			Help: "State seeds from join call-outs not applied, by reason: node_bytes (the memory budget had no room; seeds never evict), refused (the queue's limits or the key's mount kind refused it).",
 		}, []string{"reason"}),
 		movedReplies: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_moved_replies_total", Help: "Requests answered MOVED: the queue's bucket belongs to another node by this node's table.",
@@ -94,7 +108,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
 		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds, m.chainedRefused,
-		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.refused,
+		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.evictionsFutile, m.refused, m.seedsSkipped,
 		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_bytes", Help: "Bytes the node's queues hold as its memory budget counts them (history, state, overheads), writes in flight included.",
@@ -129,11 +143,15 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		}
 	}
 	for r := range numEvictReasons {
-		m.evictedEvents.WithLabelValues(r.String())
-		m.evictedBytes.WithLabelValues(r.String())
+		m.evictedEventsBy[r] = m.evictedEvents.WithLabelValues(r.String())
+		m.evictedBytesBy[r] = m.evictedBytes.WithLabelValues(r.String())
 	}
-	for _, r := range []string{refusedNodeBytes, refusedQueueCreates, refusedMaxQueues} {
+	for _, r := range []string{refusedNodeBytes, refusedQueueCreates, refusedCreators, refusedMaxQueues} {
 		m.refused.WithLabelValues(r)
+	}
+	m.refusedNodeBytes = m.refused.WithLabelValues(refusedNodeBytes)
+	for _, r := range []string{seedSkippedBytes, seedSkippedRefused} {
+		m.seedsSkipped.WithLabelValues(r)
 	}
 	for _, r := range []string{refusedLink, refusedChain, refusedExpired} {
 		m.chainedRefused.WithLabelValues(r)

@@ -120,12 +120,15 @@ type Queue struct {
 	mounts     map[string]*mount
 	subs       map[string]*subscription // by session
 
-	bytes   int64                      // see Bytes
-	evicted [numEvictReasons]Evictions // since the last TakeEvictions
+	bytes    int64                      // see Bytes
+	history  int64                      // see HistoryBytes
+	evicted  [numEvictReasons]Evictions // since the last TakeEvictions
+	anyEvict bool                       // evicted holds something
 
-	// accounted is owned by the Server: the part of its node-wide total
-	// that this queue's Bytes made up when it last settled.
-	accounted int64
+	// accounted and accountedHistory are owned by the Server: the parts of
+	// its node-wide totals that this queue's Bytes and HistoryBytes made
+	// up when it last settled.
+	accounted, accountedHistory int64
 }
 
 type mount struct {
@@ -174,12 +177,20 @@ func NewQueue(name string, epoch uint64, limits *Limits, now time.Time) *Queue {
 // the gateways' connections).
 func (q *Queue) Bytes() int64 { return q.bytes }
 
+// HistoryBytes is the part of Bytes that the retained events of its
+// message mounts make up: what the node's budget may evict.
+func (q *Queue) HistoryBytes() int64 { return q.history }
+
 // TakeEvictions returns the events evicted from the queue's history since
-// its last call, by reason, and starts counting again.
-func (q *Queue) TakeEvictions() [numEvictReasons]Evictions {
-	e := q.evicted
-	q.evicted = [numEvictReasons]Evictions{}
-	return e
+// its last call, by reason, and starts counting again; ok is false, and
+// the array all zero, when none were.
+func (q *Queue) TakeEvictions() (e [numEvictReasons]Evictions, ok bool) {
+	if !q.anyEvict {
+		return e, false
+	}
+	e = q.evicted
+	q.evicted, q.anyEvict = [numEvictReasons]Evictions{}, false
+	return e, true
 }
 
 // ForEachEvent calls fn with the time and Bytes share of every retained
@@ -273,6 +284,7 @@ func (q *Queue) Publish(name, sender string, payload []byte, now time.Time) (*im
 	b := eventBytes(ev)
 	m.histBytes += b
 	q.bytes += int64(b)
+	q.history += int64(b)
 	if len(m.hist) > q.limits.HistoryLen {
 		q.drop(m, len(m.hist)-q.limits.HistoryLen, EvictCount)
 	}
@@ -696,8 +708,10 @@ func (q *Queue) drop(m *mount, n int, reason EvictReason) {
 	}
 	m.histBytes -= b
 	q.bytes -= int64(b)
+	q.history -= int64(b)
 	q.evicted[reason].Events += int64(n)
 	q.evicted[reason].Bytes += int64(b)
+	q.anyEvict = true
 }
 
 // expire drops the events of m older than HistoryAge.

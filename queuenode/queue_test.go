@@ -1324,13 +1324,19 @@ func TestHistoryBytes(t *testing.T) {
 			if q.Bytes() != want {
 				t.Errorf("Bytes() = %d, want %d", q.Bytes(), want)
 			}
-			got := q.TakeEvictions()
+			if q.HistoryBytes() != want-QueueBytes(testQueue)-MountBytes("chat") {
+				t.Errorf("HistoryBytes() = %d, want %d", q.HistoryBytes(), want-QueueBytes(testQueue)-MountBytes("chat"))
+			}
+			got, ok := q.TakeEvictions()
+			if ok != (len(c.evicted) > 0) {
+				t.Errorf("TakeEvictions reports evictions: %v", ok)
+			}
 			for r := range numEvictReasons {
 				if got[r] != c.evicted[r] {
 					t.Errorf("evicted by %s: %+v, want %+v", r, got[r], c.evicted[r])
 				}
 			}
-			if q.TakeEvictions() != [numEvictReasons]Evictions{} {
+			if e, ok := q.TakeEvictions(); ok || e != [numEvictReasons]Evictions{} {
 				t.Error("TakeEvictions did not reset")
 			}
 		})
@@ -1378,8 +1384,11 @@ func TestQueueBytes(t *testing.T) {
 	if freed != 3*(1+5+entryOverhead) {
 		t.Fatalf("EvictOldest freed %d", freed)
 	}
-	if e := q.TakeEvictions()[EvictNode]; e.Events != 3 {
-		t.Fatalf("node evictions %+v", e)
+	if e, _ := q.TakeEvictions(); e[EvictNode].Events != 3 {
+		t.Fatalf("node evictions %+v", e[EvictNode])
+	}
+	if h := q.HistoryBytes(); h != 2*(1+5+entryOverhead) {
+		t.Fatalf("HistoryBytes after EvictOldest: %d", h)
 	}
 	checkResume(t, q, "chat", at(time.Second), everyResumePoint(q.Head(), []uint64{8}, 6))
 	checkResume(t, q, "input", at(time.Second), everyResumePoint(q.Head(), []uint64{7}, 5))

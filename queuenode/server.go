@@ -52,9 +52,13 @@ type Server struct {
 	queueCount atomic.Int64
 
 	// The memory budget and queue creation limits: see budget.go.
-	nodeBytes atomic.Int64
-	evictMu   sync.Mutex // one evictOldest at a time
-	creates   *createLimiter
+	nodeBytes      atomic.Int64
+	historyBytes   atomic.Int64   // the part of nodeBytes that retained events make up
+	evictMu        sync.Mutex     // one evictOldest at a time
+	evictRestUntil time.Time      // Guarded by evictMu: no eviction before it.
+	creates        *createLimiter // nil: MaxQueueCreates is off
+
+	seedWarn atomic.Int64 // Unix ns of the last warning of a skipped seed
 
 	co *callouts // nil: no call-outs configured
 
@@ -102,7 +106,9 @@ func New(cfg Config) (*Server, error) {
 		s.shards[i].queues = make(map[string]*Queue)
 	}
 	s.table.Store(bucket.Empty())
-	s.creates = newCreateLimiter(cfg.MaxQueueCreates)
+	if cfg.MaxQueueCreates > 0 {
+		s.creates = newCreateLimiter(cfg.MaxQueueCreates, limiterShardUsers)
+	}
 	s.m = newMetrics(cfg.Registry, s)
 	s.co = newCallouts(&s.cfg, s.m, s.log)
 	if cfg.InternalAddr != "" {
@@ -317,10 +323,17 @@ func (s *Server) queueLocked(sh *shard, name string, create bool, user string) (
 		s.m.refused.WithLabelValues(refusedMaxQueues).Inc()
 		return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "node holds %d queues, its limit", s.cfg.MaxQueues)
 	}
-	if user != "" && !s.creates.allow(user, s.cfg.Now()) {
-		s.m.refused.WithLabelValues(refusedQueueCreates).Inc()
-		return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "user %s created %d queues within a minute, the limit (--max-queue-creates); try again later",
-			user, s.cfg.MaxQueueCreates)
+	if user != "" && s.creates != nil {
+		switch ok, full := s.creates.allow(user, s.cfg.Now()); {
+		case full:
+			s.m.refused.WithLabelValues(refusedCreators).Inc()
+			return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "queue node %s tracks as many users creating queues as it may (--max-queue-creates); try again shortly",
+				s.cfg.NodeID)
+		case !ok:
+			s.m.refused.WithLabelValues(refusedQueueCreates).Inc()
+			return nil, false, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "user %s created %d queues within a minute, the limit (--max-queue-creates); try again later",
+				user, s.cfg.MaxQueueCreates)
+		}
 	}
 	q = NewQueue(name, s.nextEpoch(), &s.cfg.Limits, s.cfg.Now())
 	sh.queues[name] = q
@@ -475,7 +488,7 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join, res *callo
 	for i, m := range j.GetMounts() {
 		mounts[i] = m.GetName()
 	}
-	reserved, err := s.lockWithRoom(sh, func() int64 { return s.needLocked(sh, j.GetQueue(), mounts...) })
+	reserved, err := s.lockWithRoom(sh, j.GetQueue(), func() int64 { return s.needLocked(sh, j.GetQueue(), mounts...) })
 	defer sh.mu.Unlock()
 	defer func() { s.settleLocked(q, reserved) }()
 	if err != nil {
@@ -483,9 +496,6 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join, res *callo
 	}
 	if res != nil && l.ctx.Err() != nil {
 		return nil // the link closed during the call-out: see runChained
-	}
-	if err := s.checkOwnerLocked(j.GetQueue()); err != nil {
-		return err
 	}
 	if q, _, err = s.queueLocked(sh, j.GetQueue(), true, req.GetUser()); err != nil {
 		return err
@@ -506,14 +516,15 @@ func (s *Server) join(l *link, req *imqpb.NodeRequest, j *imqpb.Join, res *callo
 // key. A seed the queue refuses (wrong mount kind, limits) is skipped, and
 // so is one for a mount the join (specs) names as a message mount, which
 // would make the join fail, and one the node's memory budget has no room
-// for (seeds never evict); the room taken is added to reserved.
+// for (seeds never evict); each skip is counted and warned of
+// (skippedSeed). The room taken is added to reserved.
 func (s *Server) seedLocked(q *Queue, seed map[string]map[string]json.RawMessage, specs []*imqpb.MountSpec, reserved *int64) {
 	now := s.cfg.Now()
 	for _, mount := range slices.Sorted(maps.Keys(seed)) {
 		if slices.ContainsFunc(specs, func(m *imqpb.MountSpec) bool {
 			return m.GetName() == mount && m.GetKind() != imqpb.MountKind_STATE
 		}) {
-			s.log.Debug("join call-out state seed for a message mount skipped", "queue", q.Name(), "mount", mount)
+			s.skippedSeed(seedSkippedRefused, q, mount, "", errors.New("the join names it as a message mount"))
 			continue
 		}
 		for _, key := range slices.Sorted(maps.Keys(seed[mount])) {
@@ -527,19 +538,50 @@ func (s *Server) seedLocked(q *Queue, seed map[string]map[string]json.RawMessage
 				need += MountBytes(mount)
 			}
 			if !s.tryReserve(need) {
-				s.log.Debug("join call-out state seed skipped: the node's memory budget is full", "queue", q.Name(), "mount", mount, "key", key)
+				s.skippedSeed(seedSkippedBytes, q, mount, key, nil)
 				continue
 			}
 			*reserved += need
 			ch, err := q.SetState(mount, "", key, v.Bytes(), false, now)
 			if err != nil {
-				s.log.Debug("join call-out state seed refused", "queue", q.Name(), "mount", mount, "key", key, "err", err)
+				s.skippedSeed(seedSkippedRefused, q, mount, key, err)
 				continue
 			}
 			s.m.stateChanges.Inc()
 			s.deliverLocked(q, ch.Mount, &imqpb.ServerMessage{Msg: &imqpb.ServerMessage_State{State: ch}})
 		}
 	}
+}
+
+// Reasons a join call-out's state seed is skipped, the reason label of
+// imq_queuenode_join_seeds_skipped_total.
+const (
+	seedSkippedBytes   = "node_bytes"
+	seedSkippedRefused = "refused"
+)
+
+// seedWarnEvery bounds the warnings of skipped seeds: one per interval,
+// however many joins skip seeds.
+const seedWarnEvery = 10 * time.Second
+
+// skippedSeed counts a seed skipped for reason (key "": every key of
+// mount) and warns of it, at most once per seedWarnEvery.
+func (s *Server) skippedSeed(reason string, q *Queue, mount, key string, err error) {
+	s.m.seedsSkipped.WithLabelValues(reason).Inc()
+	now := time.Now().UnixNano()
+	last := s.seedWarn.Load()
+	if now-last < int64(seedWarnEvery) || !s.seedWarn.CompareAndSwap(last, now) {
+		return
+	}
+	msg := "join call-out state seed skipped: the node's memory budget is full (seeds never evict; see imq_queuenode_join_seeds_skipped_total)"
+	if reason != seedSkippedBytes {
+		msg = "join call-out state seed refused by the queue (see imq_queuenode_join_seeds_skipped_total)"
+	}
+	args := []any{"queue", q.Name(), "mount", mount, "key", key}
+	if err != nil {
+		args = append(args, "err", err)
+	}
+	s.log.Warn(msg, args...)
 }
 
 // leave removes req's session from lv's queue; with a leave call-out on rt,
@@ -583,15 +625,12 @@ func (s *Server) publish(l *link, req *imqpb.NodeRequest, p *imqpb.Publish, res 
 	}
 	sh := s.shardFor(p.GetQueue())
 	var q *Queue
-	reserved, err := s.lockWithRoom(sh, func() int64 {
+	reserved, err := s.lockWithRoom(sh, p.GetQueue(), func() int64 {
 		return s.needLocked(sh, p.GetQueue(), p.GetMount()) + int64(len(payload)+len(senderOf(req))+entryOverhead)
 	})
 	defer sh.mu.Unlock()
 	defer func() { s.settleLocked(q, reserved) }()
 	if err != nil {
-		return err
-	}
-	if err := s.checkOwnerLocked(p.GetQueue()); err != nil {
 		return err
 	}
 	q, created, err := s.queueLocked(sh, p.GetQueue(), true, senderOf(req))
@@ -652,7 +691,7 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	}
 	sh := s.shardFor(st.GetQueue())
 	var q *Queue
-	reserved, err := s.lockWithRoom(sh, func() int64 {
+	reserved, err := s.lockWithRoom(sh, st.GetQueue(), func() int64 {
 		if st.GetDelete() {
 			return s.needLocked(sh, st.GetQueue())
 		}
@@ -661,9 +700,6 @@ func (s *Server) setState(l *link, req *imqpb.NodeRequest, st *imqpb.SetState) e
 	defer sh.mu.Unlock()
 	defer func() { s.settleLocked(q, reserved) }()
 	if err != nil {
-		return err
-	}
-	if err := s.checkOwnerLocked(st.GetQueue()); err != nil {
 		return err
 	}
 	// The backend deleting a key of a queue that does not exist learns so,

@@ -239,8 +239,8 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	fs.IntVar(&cfg.Limits.MaxReplayBytes, "max-replay-bytes", cfg.Limits.MaxReplayBytes, "history replayed in one join, in bytes")
 	fs.IntVar(&cfg.Limits.MaxJoinBytes, "max-join-bytes", cfg.Limits.MaxJoinBytes, "one join's reply (state snapshots and replay), in bytes")
 	fs.IntVar(&cfg.MaxQueues, "max-queues", cfg.MaxQueues, "queues per node")
-	fs.Int64Var(&cfg.MaxNodeBytes, "max-node-bytes", cfg.MaxNodeBytes, "memory budget of all queues' history and state, in bytes: past it the oldest history is evicted, then new queues and writes are refused (the heap may be about twice this)")
-	fs.IntVar(&cfg.MaxQueueCreates, "max-queue-creates", cfg.MaxQueueCreates, "queues one user may create per minute (the admin RPC is exempt)")
+	fs.Int64Var(&cfg.MaxNodeBytes, "max-node-bytes", cfg.MaxNodeBytes, "memory budget of all queues' history and state, in bytes, at least 1 MiB (0: the default): past it the oldest history is evicted, then new queues and writes are refused (the heap may be about twice this)")
+	fs.IntVar(&cfg.MaxQueueCreates, "max-queue-creates", cfg.MaxQueueCreates, "queues one user may create per minute (the admin RPC is exempt; 0: the default; negative: no limit)")
 	fs.DurationVar(&cfg.IdleTTL, "idle-ttl", cfg.IdleTTL, "drop a queue with no subscribers and no traffic after this long")
 	fs.IntVar(&cfg.LinkBuffer, "link-buffer", cfg.LinkBuffer, "bytes queued for one gateway before its link is closed")
 	if fs.Lookup("link-timeout") == nil { // imq dev shares the gateway's

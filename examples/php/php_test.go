@@ -781,6 +781,23 @@ func TestCallouts(t *testing.T) {
 		if u.Key != "bob" || string(u.Payload) != "\xff raw" {
 			t.Errorf("alice got state %q=%q, want only bob's allowed change", u.Key, u.Payload)
 		}
+		// An empty value is a set, not a delete: the node sends it as
+		// "value_base64": "", which the backend allows.
+		if _, err := bob.SetState(ctx, q, "scores", "bob/empty", nil); err != nil {
+			t.Fatalf("bob's empty value: %v", err)
+		}
+		u = nextUpdate(t, sub, "bob's empty state value", func(u client.Update) bool { return u.Kind == client.KindStateSet && u.Key == "bob/empty" })
+		if len(u.Payload) != 0 {
+			t.Errorf("alice got %q for bob's empty value", u.Payload)
+		}
+		// So is an empty payload, as "data_base64": "".
+		if _, err := bob.Publish(ctx, q, "chat", nil); err != nil {
+			t.Fatalf("bob's empty publish: %v", err)
+		}
+		u = nextUpdate(t, sub, "bob's empty message", func(u client.Update) bool { return u.Kind == client.KindEvent })
+		if len(u.Payload) != 0 || u.Sender != "bob" {
+			t.Errorf("alice got %q from %q, want bob's empty message", u.Payload, u.Sender)
+		}
 	})
 
 	t.Run("leave logged", func(t *testing.T) {
