@@ -469,6 +469,7 @@ func TestQueueCreateLimitOff(t *testing.T) {
 	if s.creates != nil {
 		t.Fatal("a limiter exists")
 	}
+	s.sweep() // the periodic sweep, with no limiter to sweep
 
 	cfg = DefaultConfig()
 	s = startNodeThen(t, cfg, func(s *Server) { s.creates = newCreateLimiter(cfg.MaxQueueCreates, 1) })

@@ -808,7 +808,9 @@ func (s *Server) sweep() {
 		}
 		sh.mu.Unlock()
 	}
-	s.creates.sweep(now)
+	if s.creates != nil {
+		s.creates.sweep(now)
+	}
 }
 
 func encodeLink(m *imqpb.LinkDown) []byte {
