@@ -1,0 +1,186 @@
+package gateway_test
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/gateway"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// Hostile clients, from an outside review: each test is an attack that once
+// worked.
+
+// TestUnfinishedRequestsStayPending: one host sends GET /healthz with a body
+// it never finishes. Serving a request does not take a connection out of
+// the pending pool, so the host holds its --max-pending-per-ip and no more;
+// a real client from another host gets in.
+func TestUnfinishedRequestsStayPending(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 8, 8, 2
+	})
+	addr := d.Gateway.Addr()
+	held := 0
+	for range 8 + 8 + 64 + 4 { // more than the listener admits
+		c, err := fromIP("127.0.0.2")(t.Context(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx")
+		c.SetReadDeadline(time.Now().Add(150 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); errors.Is(err, errTimeout(err)) {
+			held++ // no answer: held open
+		}
+	}
+	if held > 2 {
+		t.Fatalf("one host holds %d connections with unfinished requests; --max-pending-per-ip is 2", held)
+	}
+	c, resp, err := dialFrom(t, d, "127.0.0.3", "?user=legit")
+	if err != nil {
+		t.Fatalf("a real client from another host is refused (%v) while one host drips bodies: %v", resp, err)
+	}
+	expectCode(t, c.join("/room/drip", chat()), imqpb.Code_OK)
+}
+
+// errTimeout returns err if it is a timeout, else a sentinel it is not.
+func errTimeout(err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return err
+	}
+	return errNotTimeout
+}
+
+var errNotTimeout = errors.New("not a timeout")
+
+// TestClientPortTimeouts: on the client port a request must arrive within
+// the server's read timeout: a dripped body is cut off. A WebSocket,
+// hijacked, lives on past the read and write timeouts.
+func TestClientPortTimeouts(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	gateway.SetClientTimeouts(t, timeout, timeout)
+	d := startDev(t, nil)
+	addr := d.Gateway.Addr()
+	ws := mustDial(t, d, "lives", false)
+	start := time.Now()
+	expectCode(t, ws.join("/room/timeouts", chat()), imqpb.Code_OK)
+
+	// A body dripped a byte at a time: the connection is closed.
+	drip, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer drip.Close()
+	fmt.Fprintf(drip, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\nx")
+	closed := make(chan struct{})
+	go func() { // ends when the server closes the connection, or at the deadline
+		defer close(closed)
+		drip.SetReadDeadline(time.Now().Add(10 * time.Second))
+		io.Copy(io.Discard, drip)
+	}()
+	for i := 0; ; i++ {
+		select {
+		case <-closed:
+		case <-time.After(100 * time.Millisecond):
+			drip.Write([]byte("x"))
+			if i > 50 {
+				t.Fatal("a dripped body still held the connection after 5s")
+			}
+			continue
+		}
+		break
+	}
+
+	// The WebSocket outlives both timeouts.
+	time.Sleep(time.Until(start.Add(2 * timeout)))
+	expectCode(t, ws.publish("/room/timeouts", "chat", []byte("still here")), imqpb.Code_OK)
+}
+
+// TestMaxHeaderBytes: a handshake with 64 KiB of headers is refused 431,
+// not buffered (net/http's default allows 1 MB per pending connection).
+func TestMaxHeaderBytes(t *testing.T) {
+	d := startDev(t, nil)
+	c, err := net.Dial("tcp", d.Gateway.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	go fmt.Fprintf(c, "GET /ws?user=a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: imq.v1\r\nX-Big: %s\r\n\r\n", strings.Repeat("a", 64<<10))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("a 64 KiB handshake header is answered %d, want 431", resp.StatusCode)
+	}
+}
+
+// TestAuthBudgetAcrossConnections: connections upgraded together from one
+// address, each sending a bad token, get no more tokens checked than the
+// address's failed-auth budget.
+func TestAuthBudgetAcrossConnections(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.AuthFailuresPerIP, c.MaxPendingPerIP = 3, 10
+	})
+	var cs []*rawClient
+	for range 10 {
+		c, _, err := dialFrom(t, d, "127.0.0.4", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	bad := token(t, []byte("wrong-secret-wrong-secret-000000"), "mallory", time.Now().Add(time.Minute))
+	checked, limited := 0, 0
+	for _, c := range cs {
+		switch r := c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: bad}}}); r.GetCode() {
+		case imqpb.Code_UNAUTHORIZED:
+			checked++
+		case imqpb.Code_LIMIT_EXCEEDED:
+			limited++
+		}
+	}
+	if checked != 3 || limited != 7 {
+		t.Fatalf("%d bad tokens checked and %d refused unchecked from one address; the budget is 3 (want 3 and 7)", checked, limited)
+	}
+	// A good token from another address is unaffected.
+	c, _, err := dialFrom(t, d, "127.0.0.5", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "ok", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
+}
+
+// TestPendingFloodFromManyHosts: silent sockets from many addresses, each
+// within --max-pending-per-ip, fill --max-pending; a real client still
+// connects and authenticates, taking the place of the oldest.
+func TestPendingFloodFromManyHosts(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 100, 24, 8
+		c.AuthTimeout = time.Minute
+	})
+	for i := range 5 {
+		for _, code := range silentTCP(t, d.Gateway.Addr(), fmt.Sprintf("127.0.1.%d", i+1), 8) {
+			if code != 0 {
+				t.Fatalf("a silent socket within the per-address cap was answered %d", code)
+			}
+		}
+	}
+	c, _, err := dialFrom(t, d, "127.0.2.1", "")
+	if err != nil {
+		t.Fatalf("a real client was refused during the flood: %v", err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "real", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
+	if n := d.Gateway.Refused("pending_evicted"); n < 17 {
+		t.Fatalf("refused{pending_evicted} = %v; want at least 17 (40 silent sockets and the client, 24 places)", n)
+	}
+}
