@@ -207,8 +207,8 @@ func New(cfg Config) (*Server, error) {
 	// The client port shows nothing of the cluster's insides: internal
 	// addresses, the table and metrics are on the internal listener.
 	mux := http.NewServeMux()
-	mux.HandleFunc("/ws", s.serveWS) // any method: serveWS answers non-GETs 405 in JSON
-	mux.HandleFunc(RPCPath, s.serveRPC) // bearer API keys only
+	mux.HandleFunc("/ws", s.serveWS)                            // any method: serveWS answers non-GETs 405 in JSON
+	mux.HandleFunc(RPCPath, s.serveRPC)                         // bearer API keys only
 	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // load balancers check the client port
 	s.http = &http.Server{
 		Handler:           mux,
@@ -218,7 +218,7 @@ func New(cfg Config) (*Server, error) {
 		IdleTimeout:       clientIdleTimeout, // keep-alive admin RPC callers; WebSockets are hijacked
 		MaxHeaderBytes:    maxHeaderBytes,
 		ConnState:         s.ln.connState, // admission.go: idle connections are pending
-		ConnContext:       withConn,        // serveWS finds its *countedConn
+		ConnContext:       withConn,       // serveWS finds its *countedConn
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	imux := http.NewServeMux()
