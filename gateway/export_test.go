@@ -56,3 +56,6 @@ func SetClientTimeouts(t testing.TB, read, write time.Duration) {
 	clientReadTimeout, clientWriteTimeout = read, write
 	t.Cleanup(func() { clientReadTimeout, clientWriteTimeout = oldR, oldW })
 }
+
+// Pending returns the size of the pending pool.
+func (s *Server) Pending() int { return s.ln.pending.count() }

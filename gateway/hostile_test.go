@@ -99,6 +99,20 @@ func TestClientPortTimeouts(t *testing.T) {
 		break
 	}
 
+	// Pipelined requests whose answers are never read: once the socket
+	// buffers are full the server's write blocks, and is cut off at the
+	// write timeout, which closes the connection.
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	pipe, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pipe.Close()
+	pipe.(*net.TCPConn).SetReadBuffer(4096)
+	go pipe.Write([]byte(strings.Repeat("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 100000))) // ends when the connection does
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 1 })
+	waitFor(t, 15*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+
 	// The WebSocket outlives both timeouts.
 	time.Sleep(time.Until(start.Add(2 * timeout)))
 	expectCode(t, ws.publish("/room/timeouts", "chat", []byte("still here")), imqpb.Code_OK)
@@ -182,5 +196,32 @@ func TestPendingFloodFromManyHosts(t *testing.T) {
 	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "real", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
 	if n := d.Gateway.Refused("pending_evicted"); n < 17 {
 		t.Fatalf("refused{pending_evicted} = %v; want at least 17 (40 silent sockets and the client, 24 places)", n)
+	}
+}
+
+// TestRefusalIsRead: a connection refused at accept (past
+// --max-pending-per-ip) that has sent its request already still reads the
+// 429: the gateway half-closes and drains it rather than closing with the
+// request unread, which resets the connection and can discard the answer.
+func TestRefusalIsRead(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) { c.MaxPendingPerIP = 1 })
+	addr := d.Gateway.Addr()
+	silentTCP(t, addr, "127.0.0.7", 1) // takes the address's one place
+	req := "POST /rpc/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" + strings.Repeat("x", 60000)
+	for i := range 20 {
+		c, err := fromIP("127.0.0.7")(t.Context(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, req)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		c.Close()
+		if err != nil {
+			t.Fatalf("attempt %d: the refusal was lost: %v", i+1, err)
+		}
+		if resp.StatusCode != http.StatusTooManyRequests {
+			t.Fatalf("attempt %d: %d, want 429", i+1, resp.StatusCode)
+		}
 	}
 }

@@ -1,12 +1,15 @@
 package gateway_test
 
 import (
+	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -66,5 +69,29 @@ func TestSignedKick(t *testing.T) {
 	// The same kick signed again (another nonce) is taken.
 	if a := rpcDo(t, internal, http.MethodPost, "kick", "", body, signed(body, testAPIKey, now)); a.status != http.StatusOK {
 		t.Fatalf("the same kick signed anew: %v", a)
+	}
+}
+
+// TestSignedKickHoldsNoSlotWhileItsBodyArrives: a signed kick whose body
+// trickles in (from anyone who knows a key id, which is no secret) takes no
+// admin RPC slot before its signature is checked: a backend's call still
+// gets the only one.
+func TestSignedKickHoldsNoSlotWhileItsBodyArrives(t *testing.T) {
+	d := startRPC(t, func(c *launch.DevConfig) { c.Gateway.RPCMaxInflight = 1 })
+	body := `{"user":"nobody","local":true}`
+	slow, err := net.Dial("tcp", d.Gateway.InternalAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	fmt.Fprintf(slow, "POST %skick HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s",
+		gateway.RPCPath, gateway.SignKick(testAPIKey, []byte(body), time.Now()), len(body), body[:5])
+	// Calls over a while (the signed kick's handler starts meanwhile) all
+	// get the slot.
+	for i := range 10 {
+		if a := rpcDo(t, d.Gateway.Addr(), http.MethodPost, "kick", testAPIKey, body, nil); a.status != http.StatusOK {
+			t.Fatalf("call %d, while a signed kick's body trickles in: %v, want 200", i+1, a)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
