@@ -2,9 +2,11 @@ package gateway_test
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -228,5 +231,58 @@ func TestRefusalIsRead(t *testing.T) {
 		if resp.StatusCode != http.StatusTooManyRequests {
 			t.Fatalf("attempt %d: %d, want 429", i+1, resp.StatusCode)
 		}
+	}
+}
+
+// TestRefusalsAreLogged: a failed authentication and a refusal are logged
+// as warnings with the source address (never the token), at most one per
+// reason per 10 s however many there are.
+func TestRefusalsAreLogged(t *testing.T) {
+	var logs syncBuffer
+	cfg := launch.LocalDevConfig()
+	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.Gateway.JWTSecret = testSecret
+	cfg.Gateway.AuthFailuresPerIP, cfg.Gateway.MaxPendingPerIP = 3, 10
+	d, err := launch.StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d.Shutdown(ctx)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	const guess = "not-a-token-but-maybe-a-secret"
+	var cs []*rawClient
+	for range 5 {
+		c, _, err := dialFrom(t, d, "127.0.0.8", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	for _, c := range cs {
+		c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: guess}}})
+	}
+	if _, _, err := dialFrom(t, d, "127.0.0.8", ""); err == nil { // a third refusal, at the handshake
+		t.Fatal("a connection upgraded with the budget spent")
+	}
+	out := logs.String()
+	if n := strings.Count(out, `msg="connect refused"`); n != 1 {
+		t.Fatalf("%d warnings of 3 failed authentications, want 1:\n%s", n, out)
+	}
+	if n := strings.Count(out, `msg="connection refused"`); n != 1 {
+		t.Fatalf("%d warnings of 3 refusals for the spent budget, want 1:\n%s", n, out)
+	}
+	if !strings.Contains(out, "source=127.0.0.8/32") {
+		t.Fatalf("the warnings do not name the source:\n%s", out)
+	}
+	if strings.Contains(out, guess) {
+		t.Fatalf("a warning repeats the token:\n%s", out)
 	}
 }
