@@ -209,7 +209,7 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/ws", s.serveWS)                            // any method: serveWS answers non-GETs 405 in JSON
 	mux.HandleFunc(RPCPath, s.serveRPC)                         // bearer API keys only
-	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // load balancers check the client port
+	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // a pending connection like any other: load balancers better check the internal one
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
