@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"container/list"
 	"context"
 	"net"
 	"net/http"
@@ -13,25 +14,32 @@ import (
 )
 
 // Admission: who may hold a connection. A connection is pending from accept
-// until it authenticates (connect succeeds, or ?user= in development mode),
-// and again whenever it holds a slot doing nothing: an HTTP keep-alive
-// connection between requests. Pending connections are capped in total
-// (Config.MaxPending) and per source address (Config.MaxPendingPerIP),
-// apart from the authenticated ones (Config.MaxConnections), so sockets
-// that never authenticate cannot keep real clients out until the auth
-// timeout. Failed authentications are rate-limited per source address
-// (Config.AuthFailuresPerIP). A source address is an IPv4 address or an
-// IPv6 /64 (one subscriber's usual allocation).
+// until it authenticates: its WebSocket connect succeeds (or it upgrades
+// with ?user= in development mode), or an admin RPC call on it presents a
+// known API key. Serving an HTTP request does not take it out of the
+// pending pool: a request that never finishes (a body dripped a byte at a
+// time) holds a pending place, not a place of its own. A connection is
+// pending again whenever it idles between HTTP requests (keep-alive).
+// Pending connections are capped in total (Config.MaxPending) and per
+// source address (Config.MaxPendingPerIP), apart from the authenticated
+// ones (Config.MaxConnections). When the pending pool is full a newcomer
+// takes the place of the oldest pending connection, an idle keep-alive one
+// first: a flood of sockets that never authenticate can delay a real client
+// but not lock it out. Failed authentications are rate-limited per source
+// address (Config.AuthFailuresPerIP). A source address is an IPv4 address
+// or an IPv6 /64 (one subscriber's usual allocation).
 
 // Refusal reasons, the label values of imq_gateway_connections_refused_total.
 const (
-	refusedFull         = "full"          // the authenticated pool is full
-	refusedPending      = "pending"       // too many pending connections in total
-	refusedPendingIP    = "pending_ip"    // too many pending connections from one address
-	refusedAuthFailures = "auth_failures" // the address's failed-auth budget is spent
+	refusedFull         = "full"            // the authenticated pool is full
+	refusedListenerFull = "listener_full"   // the listener's connection cap (the descriptors) is reached
+	refusedPending      = "pending"         // too many pending connections in total, none of them evictable
+	refusedPendingIP    = "pending_ip"      // too many pending connections from one address
+	refusedEvicted      = "pending_evicted" // a pending connection closed to make room for a newer one
+	refusedAuthFailures = "auth_failures"   // the address's failed-auth budget is spent
 )
 
-var refusedReasons = []string{refusedFull, refusedPending, refusedPendingIP, refusedAuthFailures}
+var refusedReasons = []string{refusedFull, refusedListenerFull, refusedPending, refusedPendingIP, refusedEvicted, refusedAuthFailures}
 
 // sourceKey is the address a connection's limits are counted by.
 func sourceKey(addr net.Addr) netip.Prefix {
@@ -48,7 +56,9 @@ func sourceKey(addr net.Addr) netip.Prefix {
 	return p
 }
 
-// pendingPool counts pending connections, in total and by source.
+// pendingPool holds the pending connections, counted in total and by
+// source, and ordered by when they became pending: those idle between HTTP
+// requests apart, as they are the first to go.
 type pendingPool struct {
 	maxTotal int
 	maxPerIP int // < 0: no per-source cap
@@ -56,35 +66,83 @@ type pendingPool struct {
 	mu    sync.Mutex
 	total int                  // Guarded by mu.
 	bySrc map[netip.Prefix]int // Guarded by mu: sources with pending connections only, so bounded by maxTotal.
+	fresh list.List            // Guarded by mu: *countedConn not yet authenticated, oldest first.
+	idle  list.List            // Guarded by mu: *countedConn idle between HTTP requests, oldest first.
 }
 
 func newPendingPool(maxTotal, maxPerIP int) *pendingPool {
 	return &pendingPool{maxTotal: maxTotal, maxPerIP: maxPerIP, bySrc: map[netip.Prefix]int{}}
 }
 
-// acquire takes a slot for a connection from src, or returns why not.
-func (p *pendingPool) acquire(src netip.Prefix) string {
+// acquire makes c pending, unless it is already or closed. idle says c is
+// an HTTP keep-alive connection between requests. Past the per-source cap
+// it returns why not. Past the total it evicts the oldest pending
+// connection (an idle one first; a newly idle connection evicts only an
+// idle one) and returns it for the caller to close, or refuses when there
+// is none to evict.
+func (p *pendingPool) acquire(c *countedConn, idle bool) (reason string, victim *countedConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.maxPerIP >= 0 && p.bySrc[src] >= p.maxPerIP {
-		return refusedPendingIP
+	if c.closed {
+		return "", nil
+	}
+	if c.elem != nil { // pending already; now idle, it goes among the first to be evicted
+		if idle && !c.idle {
+			p.fresh.Remove(c.elem)
+			c.elem, c.idle = p.idle.PushBack(c), true
+		}
+		return "", nil
+	}
+	if p.maxPerIP >= 0 && p.bySrc[c.src] >= p.maxPerIP {
+		return refusedPendingIP, nil
 	}
 	if p.total >= p.maxTotal {
-		return refusedPending
+		front := p.idle.Front()
+		if front == nil && !idle {
+			front = p.fresh.Front()
+		}
+		if front == nil {
+			return refusedPending, nil
+		}
+		victim = front.Value.(*countedConn)
+		p.removeLocked(victim)
 	}
 	p.total++
-	p.bySrc[src]++
-	return ""
+	p.bySrc[c.src]++
+	if idle {
+		c.elem = p.idle.PushBack(c)
+	} else {
+		c.elem = p.fresh.PushBack(c)
+	}
+	c.idle = idle
+	return "", victim
 }
 
-func (p *pendingPool) release(src netip.Prefix) {
+// release takes c out of the pool if it is in it; closed marks it closed,
+// never to be pending again.
+func (p *pendingPool) release(c *countedConn, closed bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.total--
-	if n := p.bySrc[src] - 1; n > 0 {
-		p.bySrc[src] = n
+	if closed {
+		c.closed = true
+	}
+	if c.elem != nil {
+		p.removeLocked(c)
+	}
+}
+
+func (p *pendingPool) removeLocked(c *countedConn) {
+	if c.idle {
+		p.idle.Remove(c.elem)
 	} else {
-		delete(p.bySrc, src)
+		p.fresh.Remove(c.elem)
+	}
+	c.elem = nil
+	p.total--
+	if n := p.bySrc[c.src] - 1; n > 0 {
+		p.bySrc[c.src] = n
+	} else {
+		delete(p.bySrc, c.src)
 	}
 }
 
@@ -94,19 +152,32 @@ func (p *pendingPool) count() int {
 	return p.total
 }
 
-// maxAuthSources bounds the sources the failed-auth limiter remembers; past
-// it, a source refilled to its burst is forgotten, else an arbitrary one
-// (an attacker with more addresses than this gets fresh budgets, but
-// cannot grow the gateway's memory).
+// maxAuthSources bounds the sources one generation of the failed-auth
+// limiter remembers (two generations are kept): an attacker with more
+// addresses than this gets fresh budgets, but cannot grow the gateway's
+// memory.
 const maxAuthSources = 1 << 16
 
-// authLimiter is a token bucket per source: perMinute failed
-// authentications a minute, a burst of as many.
+// authForget is how long a generation of the failed-auth limiter lasts: a
+// source not seen for that long has refilled its budget (from the floor of
+// -perMinute), so forgetting it loses nothing.
+const authForget = 2 * time.Minute
+
+// authLimiter is a token bucket per source: perMinute authentication
+// attempts that fail a minute, in a burst of as many. An attempt takes a
+// token before the token is checked and gives it back if it succeeds, so
+// connections upgraded together cannot each get a guess when one token
+// refills. An attempt refused for want of a token costs one too, down to
+// -perMinute: a source that keeps trying waits longer, at most two minutes.
+// The buckets are kept in two generations, swapped every authForget or when
+// the newer one is full, so forgetting costs O(1).
 type authLimiter struct {
 	perMinute int // < 0: no limit
 
 	mu      sync.Mutex
-	buckets map[netip.Prefix]*authBucket // Guarded by mu.
+	cur     map[netip.Prefix]*authBucket // Guarded by mu.
+	prev    map[netip.Prefix]*authBucket // Guarded by mu: the older generation; a source seen again moves to cur.
+	rotated time.Time                    // Guarded by mu: when prev was cur's successor.
 }
 
 type authBucket struct {
@@ -115,68 +186,115 @@ type authBucket struct {
 }
 
 func newAuthLimiter(perMinute int) *authLimiter {
-	return &authLimiter{perMinute: perMinute, buckets: map[netip.Prefix]*authBucket{}}
+	return &authLimiter{perMinute: perMinute, cur: map[netip.Prefix]*authBucket{}, prev: map[netip.Prefix]*authBucket{}}
 }
 
 // refill brings b up to now and returns its tokens.
 func (a *authLimiter) refill(b *authBucket, now time.Time) float64 {
-	b.tokens = min(float64(a.perMinute), b.tokens+now.Sub(b.at).Minutes()*float64(a.perMinute))
+	b.tokens = min(float64(a.perMinute), b.tokens+max(0, now.Sub(b.at).Minutes())*float64(a.perMinute))
 	b.at = now
 	return b.tokens
 }
 
-// allowed reports whether src may try to authenticate: it has a failure to
-// spend. It returns how long until it has one otherwise.
+func (a *authLimiter) rotateLocked(now time.Time) {
+	a.prev, a.cur = a.cur, make(map[netip.Prefix]*authBucket)
+	a.rotated = now
+}
+
+// bucketLocked returns src's bucket, creating a full one if create.
+func (a *authLimiter) bucketLocked(src netip.Prefix, now time.Time, create bool) *authBucket {
+	if a.rotated.IsZero() {
+		a.rotated = now
+	}
+	if now.Sub(a.rotated) >= authForget {
+		a.rotateLocked(now)
+	}
+	if b := a.cur[src]; b != nil {
+		return b
+	}
+	b := a.prev[src]
+	if b != nil {
+		delete(a.prev, src)
+	} else if !create {
+		return nil
+	} else {
+		b = &authBucket{tokens: float64(a.perMinute), at: now}
+	}
+	if len(a.cur) >= maxAuthSources {
+		a.rotateLocked(now)
+	}
+	a.cur[src] = b
+	return b
+}
+
+// wait is how long until a bucket holding t tokens has one.
+func (a *authLimiter) wait(t float64) time.Duration {
+	return time.Duration((1 - t) / float64(a.perMinute) * float64(time.Minute))
+}
+
+// allowed reports whether src may try to authenticate: it has a token to
+// spend. It returns how long until it has one otherwise. It spends nothing:
+// it refuses early, at the handshake.
 func (a *authLimiter) allowed(src netip.Prefix, now time.Time) (bool, time.Duration) {
 	if a.perMinute < 0 {
 		return true, 0
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	b := a.buckets[src]
+	b := a.bucketLocked(src, now, false)
 	if b == nil {
 		return true, 0
 	}
-	t := a.refill(b, now)
-	if t >= 1 {
-		return true, 0
+	if t := a.refill(b, now); t < 1 {
+		return false, a.wait(t)
 	}
-	return false, time.Duration((1 - t) / float64(a.perMinute) * float64(time.Minute))
+	return true, 0
 }
 
-// failed spends one of src's failures.
-func (a *authLimiter) failed(src netip.Prefix, now time.Time) {
+// take spends one of src's tokens on an authentication attempt, or reports
+// false (and how long until a token is back) when it has none, which costs
+// one too, down to -perMinute.
+func (a *authLimiter) take(src netip.Prefix, now time.Time) (bool, time.Duration) {
+	if a.perMinute < 0 {
+		return true, 0
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	b := a.bucketLocked(src, now, true)
+	t := a.refill(b, now)
+	if t >= 1 {
+		b.tokens--
+		return true, 0
+	}
+	b.tokens = max(-float64(a.perMinute), t-1)
+	return false, a.wait(b.tokens)
+}
+
+// refund gives back the token of an attempt that did not fail (it
+// authenticated, or the auth backend could not answer). A bucket full again
+// is forgotten.
+func (a *authLimiter) refund(src netip.Prefix, now time.Time) {
 	if a.perMinute < 0 {
 		return
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	b := a.buckets[src]
+	b := a.bucketLocked(src, now, false)
 	if b == nil {
-		if len(a.buckets) >= maxAuthSources {
-			a.evictLocked(now)
-		}
-		b = &authBucket{tokens: float64(a.perMinute), at: now}
-		a.buckets[src] = b
+		return
 	}
-	a.refill(b, now)
-	b.tokens = max(0, b.tokens-1)
+	if a.refill(b, now)+1 >= float64(a.perMinute) {
+		delete(a.cur, src)
+		return
+	}
+	b.tokens++
 }
 
-// evictLocked forgets the sources whose bucket is full again, or one
-// arbitrary source when none is.
-func (a *authLimiter) evictLocked(now time.Time) {
-	for k, b := range a.buckets {
-		if a.refill(b, now) >= float64(a.perMinute) {
-			delete(a.buckets, k)
-		}
-	}
-	for k := range a.buckets {
-		if len(a.buckets) < maxAuthSources {
-			break
-		}
-		delete(a.buckets, k)
-	}
+// sources returns how many sources the limiter remembers.
+func (a *authLimiter) sources() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.cur) + len(a.prev)
 }
 
 // refusal answers a connection refused before it sent anything: written
@@ -208,10 +326,50 @@ func refusalStatus(reason string) (int, string) {
 }
 
 // refuse answers an upgrade refused for reason.
-func (s *Server) refuse(w http.ResponseWriter, reason string) {
-	s.m.refused.WithLabelValues(reason).Inc()
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, reason string) {
+	s.noteRefused(reason, connOf(r).source())
 	status, msg := refusalStatus(reason)
 	s.httpError(w, status, imqpb.Code_LIMIT_EXCEEDED, msg)
+}
+
+// noteRefused counts a refusal and logs it, at most once per reason per
+// refusalLogEvery.
+func (s *Server) noteRefused(reason string, src netip.Prefix) {
+	s.m.refused.WithLabelValues(reason).Inc()
+	s.warnLimited(reason, "connection refused", "reason", reason, "source", src.String())
+}
+
+// refusalLogEvery is the least time between two warnings of one reason
+// (a refusal's, a failed authentication's): an attack does not flood the
+// log. The next one says how many were left out.
+const refusalLogEvery = 10 * time.Second
+
+// logLimiter keeps the time of each reason's last warning.
+type logLimiter struct {
+	mu      sync.Mutex
+	last    map[string]time.Time // Guarded by mu: by reason, a fixed set.
+	skipped map[string]int       // Guarded by mu.
+}
+
+// warnLimited logs msg with attrs at Warn unless a warning of reason was
+// logged within refusalLogEvery. attrs never hold a token or a key.
+func (s *Server) warnLimited(reason, msg string, attrs ...any) {
+	l := &s.logLimit
+	now := time.Now()
+	l.mu.Lock()
+	if l.last == nil {
+		l.last, l.skipped = map[string]time.Time{}, map[string]int{}
+	}
+	if now.Sub(l.last[reason]) < refusalLogEvery {
+		l.skipped[reason]++
+		l.mu.Unlock()
+		return
+	}
+	l.last[reason] = now
+	skipped := l.skipped[reason]
+	l.skipped[reason] = 0
+	l.mu.Unlock()
+	s.log.Warn(msg, append(attrs, "left_out", skipped)...)
 }
 
 // connKey keys the request context's *countedConn (http.Server.ConnContext).
@@ -227,22 +385,17 @@ func connOf(r *http.Request) *countedConn {
 	return c
 }
 
-// connState follows the HTTP server's connections: one serving a request is
-// not pending (its request is bounded by timeouts), one idle between
-// requests is, and is closed when that exceeds a cap. A hijacked one (a
-// WebSocket) is the gateway's to track.
+// connState follows the HTTP server's connections: one idle between
+// requests is pending (again), the first to be evicted, and is closed when
+// it may not be. Serving a request changes nothing: the connection is
+// pending until it authenticates (serveWS's connect, runRPC's key).
 func (l *limitListener) connState(nc net.Conn, st http.ConnState) {
 	c, ok := nc.(*countedConn)
-	if !ok {
+	if !ok || st != http.StateIdle {
 		return
 	}
-	switch st {
-	case http.StateActive:
-		c.unpend()
-	case http.StateIdle:
-		if reason := c.pend(); reason != "" {
-			l.s.m.refused.WithLabelValues(reason).Inc()
-			c.Close()
-		}
+	if reason := c.pend(true); reason != "" {
+		l.s.noteRefused(reason, c.src)
+		c.Close()
 	}
 }

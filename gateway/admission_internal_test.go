@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"testing"
@@ -26,32 +27,71 @@ func TestSourceKey(t *testing.T) {
 
 func TestPendingPool(t *testing.T) {
 	a, b := netip.MustParsePrefix("10.0.0.1/32"), netip.MustParsePrefix("10.0.0.2/32")
+	conn := func(src netip.Prefix) *countedConn { return &countedConn{src: src} }
+	acquire := func(p *pendingPool, c *countedConn, idle bool) (string, *countedConn) {
+		t.Helper()
+		return p.acquire(c, idle)
+	}
 	p := newPendingPool(3, 2)
-	for i, want := range []string{"", "", refusedPendingIP} {
-		if got := p.acquire(a); got != want {
-			t.Fatalf("acquire %d from a: %q, want %q", i+1, got, want)
+	a1, a2, a3 := conn(a), conn(a), conn(a)
+	for i, c := range []*countedConn{a1, a2} {
+		if got, v := acquire(p, c, false); got != "" || v != nil {
+			t.Fatalf("acquire %d from a: %q, %v", i+1, got, v)
 		}
 	}
-	if got := p.acquire(b); got != "" {
-		t.Fatalf("b refused: %q", got)
+	if got, _ := acquire(p, a3, false); got != refusedPendingIP {
+		t.Fatalf("past the per-source cap: %q, want %q", got, refusedPendingIP)
 	}
-	if got := p.acquire(b); got != refusedPending {
-		t.Fatalf("past the total: %q, want %q", got, refusedPending)
+	if got, _ := acquire(p, a1, false); got != "" || p.count() != 2 {
+		t.Fatalf("acquiring a pending connection again: %q, count %d", got, p.count())
 	}
-	p.release(a)
-	if got := p.acquire(b); got != "" {
-		t.Fatalf("after a release: %q", got)
+	b1, b2, b3 := conn(b), conn(b), conn(b)
+	if got, v := acquire(p, b1, false); got != "" || v != nil {
+		t.Fatalf("b refused: %q, %v", got, v)
 	}
-	p.release(a)
-	p.release(b)
-	p.release(b)
-	if p.count() != 0 || len(p.bySrc) != 0 {
+	// Full: a newcomer evicts the oldest, a1...
+	if got, v := acquire(p, b2, false); got != "" || v != a1 {
+		t.Fatalf("past the total: %q, victim %v; want the oldest evicted", got, v)
+	}
+	// ...but an idle connection goes before any older fresh one.
+	p.release(b1, false)
+	if got, v := acquire(p, b1, true); got != "" || v != nil {
+		t.Fatalf("b1 idle: %q, %v", got, v)
+	}
+	if got, v := acquire(p, b3, false); got != refusedPendingIP || v != nil {
+		t.Fatalf("b3: %q, %v; want the per-source cap first", got, v)
+	}
+	c1 := conn(netip.MustParsePrefix("10.0.0.3/32"))
+	if got, v := acquire(p, c1, false); got != "" || v != b1 {
+		t.Fatalf("with an idle one pending: %q, victim %v; want the idle one", got, v)
+	}
+	// A newly idle connection evicts only an idle one.
+	p.release(c1, false)
+	p.acquire(c1, false) // pending: a2, b2, c1, all fresh
+	if got, v := acquire(p, conn(netip.MustParsePrefix("10.0.0.4/32")), true); got != refusedPending || v != nil {
+		t.Fatalf("idle newcomer with no idle one to evict: %q, %v", got, v)
+	}
+	// A pending connection going idle moves among the first to go.
+	p.acquire(b2, true)
+	if got, v := acquire(p, conn(netip.MustParsePrefix("10.0.0.5/32")), false); got != "" || v != b2 {
+		t.Fatalf("victim %v, want b2 (idle)", v)
+	}
+	// A closed connection is never pending again.
+	p.release(a2, true)
+	if got, v := acquire(p, a2, false); got != "" || v != nil || a2.elem != nil {
+		t.Fatalf("closed connection pended: %q %v", got, v)
+	}
+	p.release(c1, true)
+	for e := p.fresh.Front(); e != nil; e = p.fresh.Front() {
+		p.release(e.Value.(*countedConn), true)
+	}
+	if p.count() != 0 || len(p.bySrc) != 0 || p.idle.Len() != 0 {
 		t.Fatalf("count %d, %d sources after releasing all", p.count(), len(p.bySrc))
 	}
 	off := newPendingPool(2, -1)
-	for i, want := range []string{"", "", refusedPending} {
-		if got := off.acquire(a); got != want {
-			t.Fatalf("no per-source cap, acquire %d: %q, want %q", i+1, got, want)
+	for i := range 3 {
+		if got, _ := acquire(off, conn(a), false); got != "" {
+			t.Fatalf("no per-source cap, acquire %d: %q", i+1, got)
 		}
 	}
 }
@@ -64,7 +104,9 @@ func TestAuthLimiter(t *testing.T) {
 		if ok, _ := a.allowed(src, now); !ok {
 			t.Fatalf("refused after %d failures of 6", i)
 		}
-		a.failed(src, now)
+		if ok, _ := a.take(src, now); !ok {
+			t.Fatalf("take refused after %d failures of 6", i)
+		}
 	}
 	ok, wait := a.allowed(src, now)
 	if ok || wait != 10*time.Second {
@@ -76,19 +118,81 @@ func TestAuthLimiter(t *testing.T) {
 	if ok, _ := a.allowed(src, now.Add(10*time.Second)); !ok {
 		t.Fatal("still refused after the refill time")
 	}
-	if ok, _ := newAuthLimiter(-1).allowed(src, now); !ok {
+	now = now.Add(10 * time.Second)
+	if ok, _ := a.take(src, now); !ok {
+		t.Fatal("the refilled token cannot be taken")
+	}
+	// A refused attempt costs too: three more push the wait out to 40 s...
+	for range 3 {
+		if ok, _ := a.take(src, now); ok {
+			t.Fatal("take allowed with the budget spent")
+		}
+	}
+	if ok, wait := a.allowed(src, now); ok || wait != 40*time.Second {
+		t.Fatalf("after 3 refused attempts: allowed %v, wait %s; want 40s", ok, wait)
+	}
+	// ...but no further than two minutes.
+	for range 100 {
+		a.take(src, now)
+	}
+	if _, wait := a.allowed(src, now); wait != 70*time.Second {
+		t.Fatalf("wait %s at the floor, want 70s (1 - (-6) tokens at 6/min)", wait)
+	}
+	// An attempt that succeeds gives its token back, and a full bucket is
+	// forgotten.
+	other := netip.MustParsePrefix("10.0.0.3/32")
+	a.take(other, now)
+	a.refund(other, now)
+	if a.sources() != 1 {
+		t.Fatalf("%d sources remembered, want 1 (a refunded one is forgotten)", a.sources())
+	}
+	if ok, _ := newAuthLimiter(-1).take(src, now); !ok {
 		t.Fatal("a negative limit refused")
 	}
-
-	// The map stays bounded whatever the number of sources.
-	a = newAuthLimiter(1)
-	for i := range maxAuthSources + 100 {
-		var b [16]byte
-		b[0], b[1], b[2], b[3] = 0x20, 0x01, byte(i>>8), byte(i)
-		b[4] = byte(i >> 16)
-		a.failed(netip.PrefixFrom(netip.AddrFrom16(b), 64), now)
+	// A source not seen for authForget is forgotten (it would be full).
+	a.take(other, now.Add(authForget))
+	a.take(other, now.Add(2*authForget))
+	if a.sources() != 1 {
+		t.Fatalf("%d sources remembered after two generations, want 1", a.sources())
 	}
-	if n := len(a.buckets); n > maxAuthSources {
-		t.Fatalf("%d sources remembered, bound %d", n, maxAuthSources)
+}
+
+func authSource(i uint32) netip.Prefix {
+	var b [16]byte
+	b[0], b[1] = 0x20, 0x01
+	binary.BigEndian.PutUint32(b[4:], i)
+	p, _ := netip.AddrFrom16(b).Prefix(64)
+	return p
+}
+
+// TestAuthLimiterBoundedAndCheap: however many sources fail, the limiter
+// remembers at most two generations, and forgetting one costs no scan: a
+// failure from a new source with the limiter full takes about what one
+// with it empty does (a full scan of 65,536 entries took about 2.6 ms).
+func TestAuthLimiterBoundedAndCheap(t *testing.T) {
+	a := newAuthLimiter(60)
+	now := time.Now()
+	for i := range uint32(maxAuthSources) {
+		a.take(authSource(i), now)
+	}
+	const n = 2000
+	start := time.Now()
+	for i := range uint32(n) {
+		a.take(authSource(maxAuthSources+i), now.Add(time.Millisecond))
+	}
+	per := time.Since(start) / n
+	if per > 100*time.Microsecond {
+		t.Fatalf("a failure from a new source with the limiter full costs %s", per)
+	}
+	if got := a.sources(); got > 2*maxAuthSources {
+		t.Fatalf("%d sources remembered, bound %d", got, 2*maxAuthSources)
+	}
+	// A source from the older generation keeps its spent budget.
+	src := authSource(0)
+	for range 59 {
+		a.take(src, now.Add(time.Millisecond))
+	}
+	if ok, _ := a.allowed(src, now.Add(time.Millisecond)); ok {
+		t.Fatal("a source that spent its budget is allowed")
 	}
 }

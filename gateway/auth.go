@@ -145,6 +145,11 @@ func (v *verifier) verify(ctx context.Context, token string) (string, error) {
 // public keys pinned to t's algorithm, the one named by its kid when the
 // JWKS has it.
 func (v *verifier) keyFor(ctx context.Context, t *jwt.Token) (any, error) {
+	if _, ok := t.Header["crit"]; ok {
+		// RFC 7515 4.1.11: a token whose critical extensions are not
+		// understood must be refused; this gateway understands none.
+		return nil, errors.New("it has a \"crit\" header; this gateway understands no critical extensions")
+	}
 	alg := t.Method.Alg()
 	if alg == "HS256" {
 		return v.secret, nil // WithValidMethods admits HS256 only with a secret

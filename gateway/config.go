@@ -132,11 +132,13 @@ type Config struct {
 	// files and the MaxPending connections.
 	MaxConnections int
 	// MaxPending bounds the connections not yet authenticated (from accept
-	// to a successful connect; an idle HTTP keep-alive connection counts
+	// to a successful connect or an admin RPC call's API key; an HTTP
+	// request in progress and an idle HTTP keep-alive connection count
 	// too), apart from MaxConnections, so that sockets that never
-	// authenticate cannot take the authenticated clients' places. Past it
-	// new connections are answered 503 LIMIT_EXCEEDED. Default: a quarter
-	// of MaxConnections, at least 16.
+	// authenticate cannot take the authenticated clients' places. Past it a
+	// new connection takes the place of the oldest pending one (an idle
+	// keep-alive one first), which is closed. Default: a quarter of
+	// MaxConnections, at least 16.
 	MaxPending int
 	// MaxPendingPerIP bounds the pending connections from one source (an
 	// IPv4 address or an IPv6 /64); past it they are answered 429
@@ -146,8 +148,10 @@ type Config struct {
 	MaxPendingPerIP int
 	// AuthFailuresPerIP is how many failed authentications (connect
 	// answered UNAUTHORIZED) a source may have per minute, in a burst of as
-	// many; past it its new connections are answered 429 LIMIT_EXCEEDED
-	// until its budget refills. Negative: no limit. Default 60.
+	// many. Each token check takes one first (given back if it passes);
+	// past it connect is answered LIMIT_EXCEEDED and new connections 429
+	// LIMIT_EXCEEDED until its budget refills, each refused attempt
+	// pushing that out. Negative: no limit. Default 60.
 	AuthFailuresPerIP int
 	// SendQueueBytes bounds the bytes queued for one client; past it the
 	// client is a slow consumer and is disconnected.

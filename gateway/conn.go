@@ -285,18 +285,34 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		// With an auth call-out this waits for the backend, bounded by
 		// AuthCalloutTimeout: the connection has nothing else to do before
 		// it is authenticated.
+		//
+		// Each attempt takes one of the source's failed-auth budget before
+		// the token is checked, and gives it back unless the token is
+		// refused: however many connections it has upgraded, a source gets
+		// no more tokens checked than its budget.
+		src := c.cc.source()
+		if ok, wait := c.s.authLimit.take(src, time.Now()); !ok {
+			c.s.noteRefused(refusedAuthFailures, src)
+			e := imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "too many failed authentications from your address; try again in %s", wait.Round(time.Second))
+			c.replyErr(id, e)
+			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, e.Message, true)
+			return
+		}
 		user, err := c.s.authenticate(m.GetToken())
 		if err != nil {
 			if imqerr.From(err).Code == imqpb.Code_UNAUTHORIZED {
-				c.s.authLimit.failed(c.cc.source(), time.Now())
+				c.s.warnLimited("auth_failed", "connect refused", "source", src.String(), "error", imqerr.From(err).Message)
+			} else {
+				c.s.authLimit.refund(src, time.Now())
 			}
 			c.replyErr(id, err)
 			// reconnect when the backend failed rather than refused
 			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, imqerr.From(err).Retryable())
 			return
 		}
+		c.s.authLimit.refund(src, time.Now())
 		if !c.s.conns.tryAuth(c.s.maxConns) {
-			c.s.m.refused.WithLabelValues(refusedFull).Inc()
+			c.s.noteRefused(refusedFull, src)
 			c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "gateway is full; try again"))
 			c.goAway(imqpb.Reason_REASON_SERVER_FULL, "gateway is full", true)
 			return

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"testing"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -47,3 +48,14 @@ func (s *Server) Refused(reason string) float64 {
 	s.m.refused.WithLabelValues(reason).Write(&m)
 	return m.GetCounter().GetValue()
 }
+
+// SetClientTimeouts shortens the client listener's read and write timeouts
+// for the servers New makes until the test ends.
+func SetClientTimeouts(t testing.TB, read, write time.Duration) {
+	oldR, oldW := clientReadTimeout, clientWriteTimeout
+	clientReadTimeout, clientWriteTimeout = read, write
+	t.Cleanup(func() { clientReadTimeout, clientWriteTimeout = oldR, oldW })
+}
+
+// Pending returns the size of the pending pool.
+func (s *Server) Pending() int { return s.ln.pending.count() }

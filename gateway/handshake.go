@@ -22,6 +22,14 @@ func (s *Server) checkHandshake(w http.ResponseWriter, r *http.Request) bool {
 	case r.Method != http.MethodGet:
 		w.Header().Set("Allow", http.MethodGet)
 		s.httpError(w, http.StatusMethodNotAllowed, imqpb.Code_BAD_REQUEST, "the WebSocket handshake is a GET request")
+	case r.ProtoMajor != 1 || r.ProtoMinor < 1:
+		// RFC 6455 4.1: the handshake is HTTP/1.1 or later.
+		s.httpError(w, http.StatusHTTPVersionNotSupported, imqpb.Code_BAD_REQUEST, "the WebSocket handshake needs HTTP/1.1")
+	case r.ContentLength != 0 || len(r.TransferEncoding) > 0:
+		// A body would be read as WebSocket frames after the upgrade. A
+		// first frame sent right after the handshake is no HTTP body and
+		// passes (gorilla/websocket keeps what was read ahead).
+		s.httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "the WebSocket handshake carries no body (Content-Length or Transfer-Encoding)")
 	case !websocket.IsWebSocketUpgrade(r):
 		s.httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "this endpoint speaks WebSocket (subprotocol imq.v1 or imq.v1.json)")
 	case !headerHasToken(r.Header, "Sec-Websocket-Version", "13"):

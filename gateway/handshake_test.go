@@ -77,6 +77,9 @@ func TestMalformedHandshakes(t *testing.T) {
 		{"no connection upgrade", handshake("GET", "Connection", "keep-alive"), http.StatusBadRequest, ""},
 		{"POST", handshake("POST", "Content-Length", "0"), http.StatusMethodNotAllowed, "Allow: GET"},
 		{"plain GET", "GET /ws HTTP/1.1\r\nHost: " + addr + "\r\n\r\n", http.StatusBadRequest, ""},
+		{"HTTP/1.0", strings.Replace(handshake("GET"), "HTTP/1.1", "HTTP/1.0", 1), http.StatusHTTPVersionNotSupported, ""},
+		{"body", handshake("GET", "Content-Length", "5") + "hello", http.StatusBadRequest, ""},
+		{"chunked body", handshake("GET", "Transfer-Encoding", "chunked") + "0\r\n\r\n", http.StatusBadRequest, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, body := rawHTTP(t, addr, tc.req)
@@ -103,6 +106,11 @@ func TestMalformedHandshakes(t *testing.T) {
 	// A well-formed handshake on the same path still upgrades.
 	if code := rawHTTPStatus(t, addr, handshake("GET")); code != http.StatusSwitchingProtocols {
 		t.Fatalf("a valid handshake got %d, want 101", code)
+	}
+	// So does one with its first frame (an empty masked binary frame) sent
+	// right behind it, in the same write: that is no HTTP body.
+	if code := rawHTTPStatus(t, addr, handshake("GET")+"\x82\x80\x01\x02\x03\x04"); code != http.StatusSwitchingProtocols {
+		t.Fatalf("a handshake with its first frame behind it got %d, want 101", code)
 	}
 }
 

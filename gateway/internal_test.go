@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
@@ -69,8 +70,14 @@ func TestInternalEndpointsOffTheClientPort(t *testing.T) {
 	if resp.StatusCode != http.StatusNotFound {
 		t.Errorf("internal publish: %s, want 404", resp.Status)
 	}
-	if a := rpcDo(t, internal, http.MethodPost, "kick", testAPIKey, `{"user":"nobody","local":true}`, nil); a.status != http.StatusOK {
-		t.Errorf("internal kick: %s, want 200", a)
+	// Kicks signed by a gateway only: an API key is for the client port.
+	if a := rpcDo(t, internal, http.MethodPost, "kick", testAPIKey, `{"user":"nobody","local":true}`, nil); a.status != http.StatusUnauthorized {
+		t.Errorf("internal kick with an API key: %s, want 401", a)
+	}
+	body := `{"user":"nobody","local":true}`
+	sig := http.Header{"Authorization": {gateway.SignKick(testAPIKey, []byte(body), time.Now())}}
+	if a := rpcDo(t, internal, http.MethodPost, "kick", "", body, sig); a.status != http.StatusOK {
+		t.Errorf("internal signed kick: %s, want 200", a)
 	}
 }
 

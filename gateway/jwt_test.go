@@ -106,6 +106,7 @@ func TestJWTClaimRules(t *testing.T) {
 		{"any aud without an audience configured", hs(claims("ann", 0, time.Minute, "aud", "imq")), imqpb.Code_UNAUTHORIZED, "audience"},
 		{"iss without an issuer configured", hs(claims("ann", 0, time.Minute, "iss", "anyone")), imqpb.Code_OK, ""},
 		{"alg none", sign(t, jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, "", claims("ann", 0, time.Minute)), imqpb.Code_UNAUTHORIZED, "signing method"},
+		{"crit header", critToken(t), imqpb.Code_UNAUTHORIZED, "crit"},
 		{"RS256 without public keys", sign(t, jwt.SigningMethodRS256, rsaKey, "", claims("ann", 0, time.Minute)), imqpb.Code_UNAUTHORIZED, "signing method"},
 	} {
 		t.Run(tc.name, func(t *testing.T) { expectConnect(t, plain, tc.tok, tc.code, tc.msgHas) })
@@ -366,4 +367,18 @@ func TestJWKSFailures(t *testing.T) {
 			}
 		})
 	}
+}
+
+// critToken is a valid HS256 token but for a "crit" header naming an
+// extension (RFC 7515 4.1.11), which the gateway must refuse.
+func critToken(t *testing.T) string {
+	t.Helper()
+	tok := jwt.NewWithClaims(jwt.SigningMethodHS256, claims("ann", -time.Second, 30*time.Minute))
+	tok.Header["crit"] = []string{"imq-ext"}
+	tok.Header["imq-ext"] = true
+	s, err := tok.SignedString(testSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }

@@ -2,6 +2,9 @@ package gateway
 
 import (
 	"bufio"
+	"bytes"
+	"container/list"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -12,28 +15,39 @@ import (
 	"github.com/imq-dev/imq/internal/sysx"
 )
 
-// httpSlack is how many connections beyond the WebSocket capacity the
-// listener admits, so /metrics and /healthz answer while clients are refused.
+// httpSlack is how many connections beyond the authenticated and pending
+// pools the listener admits: the admin RPC calls of API key holders (out of
+// the pending pool once their key is checked, and in no other), and
+// connections between authenticating and their reader taking their place.
 const httpSlack = 64
 
 // limitListener caps the open connections so the process never runs out of
 // file descriptors. Past the cap it accepts and closes at once with a 503, so
 // clients get an answer rather than a hung connect; when accept itself fails
 // for lack of descriptors it backs off instead of spinning. Each accepted
-// connection starts pending (admission.go): past the pending caps it is
-// refused likewise, with a 429 when its own source holds too many.
+// connection starts pending (admission.go): past the per-source cap it is
+// refused likewise with a 429; past the total cap it takes the place of the
+// oldest pending connection.
 type limitListener struct {
 	net.Listener
 	s       *Server
 	max     int64
 	active  atomic.Int64
 	pending *pendingPool
+	drains  chan struct{} // one per refused connection being drained (refuseRaw)
 }
 
+// maxDrains bounds the refused connections drained at once; past it a
+// refused connection is closed without draining.
+const maxDrains = 32
+
 // newLimitListener admits maxConns authenticated and maxPending pending
-// connections, and httpSlack more for /metrics and /healthz.
+// connections, and httpSlack more.
 func newLimitListener(ln net.Listener, maxConns, maxPending, maxPendingPerIP int, s *Server) *limitListener {
-	return &limitListener{Listener: ln, s: s, max: int64(maxConns + maxPending + httpSlack), pending: newPendingPool(maxPending, maxPendingPerIP)}
+	return &limitListener{
+		Listener: ln, s: s, max: int64(maxConns + maxPending + httpSlack),
+		pending: newPendingPool(maxPending, maxPendingPerIP), drains: make(chan struct{}, maxDrains),
+	}
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -54,36 +68,61 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			backoff = min(2*backoff, time.Second)
 			continue
 		}
+		src := sourceKey(c.RemoteAddr())
 		if l.active.Add(1) > l.max {
 			l.active.Add(-1)
 			l.s.m.accepted.WithLabelValues("full").Inc()
-			l.s.m.refused.WithLabelValues(refusedFull).Inc()
-			refuseRaw(c, fullResponse)
-			c.Close()
+			l.s.noteRefused(refusedListenerFull, src)
+			l.refuseRaw(c, fullResponse)
 			continue
 		}
-		cc := &countedConn{Conn: c, l: l, src: sourceKey(c.RemoteAddr())}
-		if reason := cc.pend(); reason != "" {
+		cc := &countedConn{Conn: c, l: l, src: src}
+		if reason := cc.pend(false); reason != "" {
 			l.s.m.accepted.WithLabelValues("refused").Inc()
-			l.s.m.refused.WithLabelValues(reason).Inc()
+			l.s.noteRefused(reason, src)
 			resp := pendingResponse
 			if reason == refusedPendingIP {
 				resp = pendingIPResponse
 			}
-			refuseRaw(c, resp)
-			cc.Close()
+			l.refuseRaw(cc, resp)
 			continue
 		}
 		return cc, nil
 	}
 }
 
-// refuseRaw writes resp to a connection refused at accept. The answer is
-// small enough for the socket's buffer: the write does not wait for the
-// client, and the deadline covers a full buffer.
-func refuseRaw(c net.Conn, resp []byte) {
+// refuseDrain bounds the reading of a refused connection's request.
+const refuseDrain = 500 * time.Millisecond
+
+// refuseRaw writes resp to a connection refused at accept and closes it.
+// The answer is small enough for the socket's buffer: the write does not
+// wait for the client, and the deadline covers a full buffer. Closing with
+// the client's request unread would reset the connection, and the reset
+// can discard the answer before the client reads it: so the connection is
+// half-closed and what the client sends is read and dropped, for
+// refuseDrain at most, on a goroutine of its own (at most maxDrains at
+// once; past that it is closed at once).
+func (l *limitListener) refuseRaw(c net.Conn, resp []byte) {
 	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-	c.Write(resp)
+	if _, err := c.Write(resp); err != nil {
+		c.Close()
+		return
+	}
+	select {
+	case l.drains <- struct{}{}:
+	default:
+		c.Close()
+		return
+	}
+	go func() { // ends within refuseDrain
+		defer func() { <-l.drains }()
+		defer c.Close()
+		if cw, ok := c.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+		c.SetReadDeadline(time.Now().Add(refuseDrain))
+		io.Copy(io.Discard, io.LimitReader(c, 64<<10))
+	}()
 }
 
 // countedConn releases its slot in the listener once, on Close, and its
@@ -94,40 +133,32 @@ type countedConn struct {
 	src  netip.Prefix
 	once sync.Once
 
-	mu      sync.Mutex
-	pending bool // Guarded by mu: holds a slot of l.pending.
-	closed  bool // Guarded by mu.
+	// Guarded by l.pending.mu (pendingPool):
+	elem   *list.Element // c's place in the pending pool; nil: not pending
+	idle   bool          // elem is in the pool's idle list
+	closed bool
 }
 
 // pend makes c pending, unless it is already, or returns why it may not
-// be. A nil c (a connection not from the listener) is never refused.
-func (c *countedConn) pend() string {
+// be; idle says c idles between HTTP requests. When it evicts another
+// pending connection to make room, it closes that one. A nil c (a
+// connection not from the listener) is never refused.
+func (c *countedConn) pend(idle bool) string {
 	if c == nil {
 		return ""
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed || c.pending {
-		return ""
+	reason, victim := c.l.pending.acquire(c, idle)
+	if victim != nil {
+		c.l.s.noteRefused(refusedEvicted, victim.src)
+		victim.Conn.Close() // its server (net/http or the WebSocket reader) then closes it
 	}
-	if reason := c.l.pending.acquire(c.src); reason != "" {
-		return reason
-	}
-	c.pending = true
-	return ""
+	return reason
 }
 
-// unpend gives back c's pending slot: it authenticated, is serving an HTTP
-// request, or closed.
+// unpend gives back c's pending slot: it authenticated, or closed.
 func (c *countedConn) unpend() {
-	if c == nil {
-		return
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.pending {
-		c.pending = false
-		c.l.pending.release(c.src)
+	if c != nil {
+		c.l.pending.release(c, false)
 	}
 }
 
@@ -141,10 +172,7 @@ func (c *countedConn) source() netip.Prefix {
 
 func (c *countedConn) Close() error {
 	err := c.Conn.Close()
-	c.mu.Lock()
-	c.closed = true
-	c.mu.Unlock()
-	c.unpend()
+	c.l.pending.release(c, true)
 	c.once.Do(func() { c.l.active.Add(-1) })
 	return err
 }
@@ -166,7 +194,16 @@ func (h hijackWrapper) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return &bufConn{Conn: c}, brw, nil
+	bc := &bufConn{Conn: c}
+	if n := brw.Reader.Buffered(); n > 0 {
+		// A client that sent its first frame right behind the handshake:
+		// gorilla/websocket refuses read-ahead data (and, the connection
+		// hijacked, cannot answer), so the frame is kept for the reader.
+		pre, _ := brw.Reader.Peek(n)
+		bc.pre = bytes.Clone(pre)
+		brw.Reader.Reset(bc)
+	}
+	return bc, brw, nil
 }
 
 var writeBufPool = sync.Pool{New: func() any { b := make([]byte, 0, 8<<10); return &b }}
@@ -178,10 +215,20 @@ var writeBufPool = sync.Pool{New: func() any { b := make([]byte, 0, 8<<10); retu
 // after each flush, so an idle connection holds none.
 type bufConn struct {
 	net.Conn
+	pre      []byte // read ahead with the handshake; Read returns it first (the reader's only)
 	mu       sync.Mutex
 	buf      *[]byte   // Guarded by mu.
 	batching bool      // Guarded by mu.
 	deadline time.Time // Guarded by mu: the write deadline last set by flush.
+}
+
+func (b *bufConn) Read(p []byte) (int, error) {
+	if len(b.pre) > 0 {
+		n := copy(p, b.pre)
+		b.pre = b.pre[n:]
+		return n, nil
+	}
+	return b.Conn.Read(p)
 }
 
 func (b *bufConn) Write(p []byte) (int, error) {

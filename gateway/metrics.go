@@ -83,7 +83,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_gateway_jwks_fetches_total", Help: "JWKS fetches (--jwks-url), by result: ok, error (the keys fetched before stay in use).",
 		}, []string{"result"}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "imq_gateway_connections_refused_total", Help: "Connections refused for capacity or abuse, by reason: full (--max-connections authenticated), pending (--max-pending not yet authenticated), pending_ip (--max-pending-per-ip), auth_failures (--auth-failures-per-ip spent).",
+			Name: "imq_gateway_connections_refused_total", Help: "Connections refused or closed for capacity or abuse, by reason: full (--max-connections authenticated), listener_full (the open-file capacity), pending (--max-pending, nothing to evict), pending_ip (--max-pending-per-ip), pending_evicted (a pending connection closed for a newer one past --max-pending), auth_failures (--auth-failures-per-ip spent).",
 		}, []string{"reason"}),
 	}
 	reg.MustRegister(m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,

@@ -130,9 +130,18 @@ func rpcStatus(code imqpb.Code) int {
 	return http.StatusInternalServerError
 }
 
-// serveRPC answers POST /rpc/v1/<method>: it runs the call, then writes the
-// answer, counts it and logs one line.
-func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
+// serveRPC answers POST /rpc/v1/<method> on the client listener, called
+// with an API key.
+func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) { s.serveCall(w, r, false) }
+
+// serveSignedKick answers POST /rpc/v1/kick on the internal listener: a
+// kick another gateway passed on, signed (rpc_kick.go).
+func (s *Server) serveSignedKick(w http.ResponseWriter, r *http.Request) { s.serveCall(w, r, true) }
+
+// serveCall runs an admin RPC call, then writes the answer, counts it and
+// logs one line. signed: the call is a passed-on kick, which must be
+// signed; else it must carry an API key.
+func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, signed bool) {
 	start := time.Now()
 	id := requestID(r.Header.Get("X-Request-Id"))
 	w.Header().Set("X-Request-Id", id)
@@ -145,7 +154,7 @@ func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	release := func() {}
-	result, keyIndex, err := s.runRPC(w, r, method, id, &release)
+	result, keyIndex, err := s.runRPC(w, r, method, id, signed, &release)
 	defer release() // after the answer is written: the slot bounds the writes too
 
 	status, code := http.StatusOK, imqpb.Code_OK
@@ -157,7 +166,7 @@ func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
 			status = re.status
 		}
 		body = map[string]*errorBody{"error": errorBodyOf(e)}
-		if status == http.StatusUnauthorized {
+		if status == http.StatusUnauthorized && !signed {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="imq"`)
 		}
 		if status == http.StatusMethodNotAllowed {
@@ -194,7 +203,7 @@ func (s *Server) serveRPC(w http.ResponseWriter, r *http.Request) {
 
 // runRPC authenticates, reads and runs one call. It takes an in-flight slot
 // and sets *release to give it back.
-func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id string, release *func()) (result any, keyIndex int, err error) {
+func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id string, signed bool, release *func()) (result any, keyIndex int, err error) {
 	bodyRead := false
 	defer func() {
 		if !bodyRead {
@@ -209,13 +218,15 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 	if r.Method != http.MethodPost {
 		return nil, 0, &rpcError{http.StatusMethodNotAllowed, imqerr.New(imqpb.Code_BAD_REQUEST, "the admin RPC takes POST, not %s", r.Method)}
 	}
-	key, sig, err := s.rpcAuth(r)
+	if signed {
+		return s.runSignedKick(w, r, id, release, &bodyRead)
+	}
+	key, err := s.rpcAuth(r)
 	if err != nil {
+		s.warnLimited("rpc_unauthorized", "admin RPC call refused", "source", r.RemoteAddr, "error", imqerr.From(err).Message)
 		return nil, 0, err
 	}
-	if sig != nil && method != "kick" {
-		return nil, key.index, imqerr.New(imqpb.Code_FORBIDDEN, "a gateway's signature is good for kick only")
-	}
+	connOf(r).unpend() // a key holder's connection: authenticated
 	run := rpcMethods[method]
 	if run == nil {
 		return nil, key.index, imqerr.New(imqpb.Code_UNKNOWN_MESSAGE, "unknown method %q (methods: %s)", method, strings.Join(rpcMethodNames(), ", "))
@@ -233,7 +244,7 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 	deadline := time.Now().Add(s.cfg.RPCTimeout)
 	ctx, cancel := context.WithDeadline(r.Context(), deadline)
 	defer cancel()
-	body, err := s.readRPCBody(w, r, deadline)
+	body, err := s.readRPCBody(w, r, deadline, int64(s.cfg.RPCMaxBody))
 	bodyRead = true
 	if err != nil {
 		return nil, key.index, err
@@ -245,51 +256,83 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 		// data_base64).
 		return nil, key.index, imqerr.New(imqpb.Code_BAD_REQUEST, "the request body is not valid UTF-8, as JSON must be; send raw bytes as data_base64 or value_base64")
 	}
-	if sig != nil {
-		if err := sig.verify(key, body, time.Now()); err != nil {
-			return nil, key.index, err
-		}
-	}
-	rc := &rpcCall{key: key, id: id, signed: sig != nil}
+	rc := &rpcCall{key: key, id: id}
 	result, err = run(s, ctx, rc, body)
 	return result, key.index, err
 }
 
-// rpcAuth finds the caller's API key: a backend's bearer key, or the key a
-// gateway signed a passed-on kick with (sig, checked once the body is read).
-func (s *Server) rpcAuth(r *http.Request) (*apiKey, *kickSignature, error) {
+// runSignedKick checks and runs a kick another gateway passed on. The body
+// (a kick's is small: maxKickBody) is read before anything else, within
+// RPCTimeout, and the signature checked before the call takes an in-flight
+// slot: a caller without a key holds none while it trickles a body.
+func (s *Server) runSignedKick(w http.ResponseWriter, r *http.Request, id string, release *func(), bodyRead *bool) (any, int, error) {
 	if len(s.apiKeys) == 0 {
-		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the admin RPC is off: no API keys are configured on this gateway (--api-key or IMQ_API_KEYS)")
+		return nil, 0, imqerr.New(imqpb.Code_UNAUTHORIZED, "the admin RPC is off: no API keys are configured on this gateway")
+	}
+	h := r.Header.Get("Authorization")
+	scheme, rest, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, kickScheme) {
+		return nil, 0, imqerr.New(imqpb.Code_UNAUTHORIZED, "the internal listener takes only kicks another gateway signed (Authorization: %s); call the admin RPC on the client port", kickScheme)
+	}
+	sig, err := parseKickSignature(rest)
+	if err != nil {
+		return nil, 0, err
+	}
+	now := time.Now()
+	deadline := now.Add(s.cfg.RPCTimeout)
+	body, err := s.readRPCBody(w, r, deadline, maxKickBody)
+	*bodyRead = true
+	if err != nil {
+		return nil, 0, err
+	}
+	key := findKeyByID(s.apiKeys, sig.keyID)
+	if err := sig.verify(key, body, now); err != nil {
+		s.warnLimited("kick_unauthorized", "passed-on kick refused", "source", r.RemoteAddr, "error", imqerr.From(err).Message)
+		return nil, 0, err
+	}
+	if err := s.kickSigs.take(sig.sig, now); err != nil {
+		s.warnLimited("kick_replayed", "passed-on kick refused", "source", r.RemoteAddr, "error", imqerr.From(err).Message)
+		return nil, key.index, err
+	}
+	if !utf8.Valid(body) {
+		return nil, key.index, imqerr.New(imqpb.Code_BAD_REQUEST, "the request body is not valid UTF-8")
+	}
+	select {
+	case s.rpcSlots <- struct{}{}:
+		*release = func() { <-s.rpcSlots }
+	default:
+		return nil, key.index, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "the gateway has %d admin RPC calls in progress; retry later", s.cfg.RPCMaxInflight)
+	}
+	ctx, cancel := context.WithDeadline(r.Context(), deadline)
+	defer cancel()
+	result, err := s.rpcKick(ctx, &rpcCall{key: key, id: id, signed: true}, body)
+	return result, key.index, err
+}
+
+// rpcAuth finds the caller's API key, sent as Authorization: Bearer <key>.
+// A kick signed by a gateway is not taken here: those go to the internal
+// listener (serveSignedKick).
+func (s *Server) rpcAuth(r *http.Request) (*apiKey, error) {
+	if len(s.apiKeys) == 0 {
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the admin RPC is off: no API keys are configured on this gateway (--api-key or IMQ_API_KEYS)")
 	}
 	h := r.Header.Get("Authorization")
 	if h == "" {
-		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>")
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "missing API key: send Authorization: Bearer <key>")
 	}
 	scheme, rest, ok := strings.Cut(h, " ")
-	switch {
-	case ok && strings.EqualFold(scheme, kickScheme):
-		sig, err := parseKickSignature(rest)
-		if err != nil {
-			return nil, nil, err
-		}
-		key := findKeyByID(s.apiKeys, sig.keyID)
-		if key == nil {
-			return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "a kick signed with a key this gateway does not have")
-		}
-		return key, sig, nil
-	case !ok || !strings.EqualFold(scheme, "Bearer"):
-		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the Authorization header must be \"Bearer <key>\"")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "the Authorization header must be \"Bearer <key>\"")
 	}
 	key := findKey(s.apiKeys, strings.TrimSpace(rest))
 	if key == nil {
-		return nil, nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "unknown API key")
+		return nil, imqerr.New(imqpb.Code_UNAUTHORIZED, "unknown API key")
 	}
-	return key, nil, nil
+	return key, nil
 }
 
-// readRPCBody reads the body, at most RPCMaxBody bytes, by deadline.
-func (s *Server) readRPCBody(w http.ResponseWriter, r *http.Request, deadline time.Time) ([]byte, error) {
-	limit := int64(s.cfg.RPCMaxBody)
+// readRPCBody reads the body, at most limit bytes, by deadline.
+func (s *Server) readRPCBody(w http.ResponseWriter, r *http.Request, deadline time.Time, limit int64) ([]byte, error) {
 	tooLarge := imqerr.New(imqpb.Code_PAYLOAD_TOO_LARGE, "the request body is larger than %d bytes", limit)
 	rc := http.NewResponseController(w)
 	rc.SetReadDeadline(deadline) // net/http reads an unread body before it answers: this bounds that too

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -193,23 +194,33 @@ func newRPCClient() *http.Client {
 
 // A kick one gateway passes on to another is signed, not sent with the
 // caller's key: Authorization: IMQ-Kick id=<key id>, ts=<unix s>,
-// sig=<hex HMAC-SHA256 of "imq-kick-v1\n" ts "\n" body, keyed by the key>.
-// The receiving gateway, which has the same keys, checks it and that it is
-// fresh; a key never travels between gateways.
+// n=<random nonce>, sig=<hex HMAC-SHA256 of "imq-kick-v2\n" ts "\n" nonce
+// "\n" body, keyed by the key>. (A gateway of the previous release sends no
+// nonce and signs "imq-kick-v1\n" ts "\n" body.) The receiving gateway,
+// which has the same keys, checks it on its internal listener only, and
+// that it is fresh and not seen before (kickReplay); a key never travels
+// between gateways.
 const (
 	kickScheme    = "IMQ-Kick"
 	kickSigMaxAge = time.Minute
+	// maxKickBody bounds a passed-on kick's body: a user id and a reason.
+	maxKickBody = 4 << 10
 )
 
 type kickSignature struct {
 	keyID string
 	ts    int64
+	nonce string // empty from a gateway of the previous release
 	sig   []byte
 }
 
-func kickMAC(secret []byte, ts int64, body []byte) []byte {
+func kickMAC(secret []byte, ts int64, nonce string, body []byte) []byte {
 	m := hmac.New(sha256.New, secret)
-	fmt.Fprintf(m, "imq-kick-v1\n%d\n", ts)
+	if nonce == "" {
+		fmt.Fprintf(m, "imq-kick-v1\n%d\n", ts)
+	} else {
+		fmt.Fprintf(m, "imq-kick-v2\n%d\n%s\n", ts, nonce)
+	}
 	m.Write(body)
 	return m.Sum(nil)
 }
@@ -217,7 +228,10 @@ func kickMAC(secret []byte, ts int64, body []byte) []byte {
 // signKick returns the Authorization header of a kick passed on with key.
 func signKick(key *apiKey, body []byte, now time.Time) string {
 	ts := now.Unix()
-	return fmt.Sprintf("%s id=%s, ts=%d, sig=%s", kickScheme, key.id(), ts, hex.EncodeToString(kickMAC(key.secret, ts, body)))
+	var b [12]byte
+	rand.Read(b[:])
+	nonce := hex.EncodeToString(b[:])
+	return fmt.Sprintf("%s id=%s, ts=%d, n=%s, sig=%s", kickScheme, key.id(), ts, nonce, hex.EncodeToString(kickMAC(key.secret, ts, nonce, body)))
 }
 
 func parseKickSignature(v string) (*kickSignature, error) {
@@ -234,6 +248,11 @@ func parseKickSignature(v string) (*kickSignature, error) {
 			ks.keyID = val
 		case "ts":
 			ks.ts, err = strconv.ParseInt(val, 10, 64)
+		case "n":
+			if len(val) > 64 || !isHex(val) {
+				return nil, bad
+			}
+			ks.nonce = val
 		case "sig":
 			ks.sig, err = hex.DecodeString(val)
 		default:
@@ -249,13 +268,68 @@ func parseKickSignature(v string) (*kickSignature, error) {
 	return &ks, nil
 }
 
-// verify checks the signature over body with key and that it is fresh.
+func isHex(s string) bool {
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
+// noKey stands in for a key id this gateway does not have, so that an
+// unknown id costs the same MAC and gets the same answer as a bad
+// signature: the answer tells nothing of which key ids exist.
+var noKey = func() []byte { b := make([]byte, 32); rand.Read(b); return b }()
+
+// verify checks the signature over body with key (nil: an unknown key id)
+// and that it is fresh.
 func (ks *kickSignature) verify(key *apiKey, body []byte, now time.Time) error {
 	if d := now.Sub(time.Unix(ks.ts, 0)); d > kickSigMaxAge || d < -kickSigMaxAge {
 		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature %s from now; at most %s (are the clocks in step?)", kickScheme, d.Round(time.Second), kickSigMaxAge)
 	}
-	if !hmac.Equal(ks.sig, kickMAC(key.secret, ks.ts, body)) {
-		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature that does not match", kickScheme)
+	secret := noKey
+	if key != nil {
+		secret = key.secret
 	}
+	if !hmac.Equal(ks.sig, kickMAC(secret, ks.ts, ks.nonce, body)) || key == nil {
+		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature that does not verify", kickScheme)
+	}
+	return nil
+}
+
+// maxKickSigs bounds the signatures one generation of kickReplay holds.
+const maxKickSigs = 1 << 16
+
+// kickReplay remembers the signatures of the passed-on kicks taken while
+// they are fresh, so that one captured on the way cannot be played again.
+// Signatures are kept in two generations swapped every 2*kickSigMaxAge: a
+// signature is fresh for at most 2*kickSigMaxAge after it arrives (its
+// timestamp up to kickSigMaxAge ahead), and stays at least that long. Only
+// signatures that verified are added, so only a key holder can fill it;
+// when full it refuses kicks (retryable) rather than forget.
+type kickReplay struct {
+	mu      sync.Mutex
+	cur     map[[sha256.Size]byte]struct{} // Guarded by mu.
+	prev    map[[sha256.Size]byte]struct{} // Guarded by mu.
+	rotated time.Time                      // Guarded by mu.
+}
+
+// take records sig, or refuses it when seen before or when full.
+func (k *kickReplay) take(sig []byte, now time.Time) error {
+	var key [sha256.Size]byte
+	copy(key[:], sig)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.cur == nil || now.Sub(k.rotated) >= 2*kickSigMaxAge {
+		k.prev, k.cur = k.cur, make(map[[sha256.Size]byte]struct{})
+		k.rotated = now
+	}
+	if _, ok := k.cur[key]; ok {
+		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature already used", kickScheme)
+	}
+	if _, ok := k.prev[key]; ok {
+		return imqerr.New(imqpb.Code_UNAUTHORIZED, "a %s signature already used", kickScheme)
+	}
+	if len(k.cur) >= maxKickSigs {
+		return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "more than %d kicks passed on in %s; retry later", maxKickSigs, 2*kickSigMaxAge)
+	}
+	k.cur[key] = struct{}{}
 	return nil
 }

@@ -35,6 +35,25 @@ const (
 	SubprotocolJSON   = "imq.v1.json"
 )
 
+// The client listener's HTTP limits. Every request, headers and body, must
+// arrive within clientReadTimeout (the admin RPC gives its body
+// Config.RPCTimeout) and its answer be taken within clientWriteTimeout; a
+// WebSocket, once hijacked, sets deadlines of its own. Variables: tests
+// shorten them.
+var (
+	clientReadTimeout  = 10 * time.Second
+	clientWriteTimeout = 10 * time.Second
+	// clientIdleTimeout closes a keep-alive connection idle between
+	// requests; it holds a pending place meanwhile (admission.go).
+	clientIdleTimeout = 30 * time.Second
+)
+
+// maxHeaderBytes bounds a request's headers on both listeners (net/http
+// adds 4 KiB of slack). Tokens travel in the connect message, API keys and
+// kick signatures in one short Authorization header; 32 KiB leaves room for
+// a browser's cookies on the handshake.
+const maxHeaderBytes = 32 << 10
+
 // fdReserve is kept out of the connection capacity for links, listeners,
 // log files and the metrics scrape.
 const fdReserve = 128
@@ -51,6 +70,8 @@ type Server struct {
 	// maxPending bounds connections not yet authenticated (admission.go).
 	maxPending int
 	authLimit  *authLimiter
+	logLimit   logLimiter // warnLimited
+	kickSigs   kickReplay // signatures of passed-on kicks already taken (rpc_kick.go)
 
 	// The internal listener (Config.InternalAddr): /metrics, /healthz,
 	// /varz, /v1/table and kicks passed on by other gateways.
@@ -186,15 +207,18 @@ func New(cfg Config) (*Server, error) {
 	// The client port shows nothing of the cluster's insides: internal
 	// addresses, the table and metrics are on the internal listener.
 	mux := http.NewServeMux()
-	mux.HandleFunc("/ws", s.serveWS) // any method: serveWS answers non-GETs 405 in JSON
-	mux.HandleFunc(RPCPath, s.serveRPC)
-	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // load balancers check the client port
+	mux.HandleFunc("/ws", s.serveWS)                            // any method: serveWS answers non-GETs 405 in JSON
+	mux.HandleFunc(RPCPath, s.serveRPC)                         // bearer API keys only
+	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // a pending connection like any other: load balancers better check the internal one
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute, // keep-alive admin RPC callers; WebSockets are hijacked
-		ConnState:         s.ln.connState,  // admission.go: idle connections are pending
-		ConnContext:       withConn,        // serveWS finds its *countedConn
+		ReadTimeout:       clientReadTimeout,
+		WriteTimeout:      clientWriteTimeout,
+		IdleTimeout:       clientIdleTimeout, // keep-alive admin RPC callers; WebSockets are hijacked
+		MaxHeaderBytes:    maxHeaderBytes,
+		ConnState:         s.ln.connState, // admission.go: idle connections are pending
+		ConnContext:       withConn,       // serveWS finds its *countedConn
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	imux := http.NewServeMux()
@@ -203,10 +227,13 @@ func New(cfg Config) (*Server, error) {
 	// Other gateways pass kicks on here (rpc_kick.go), at the admin RPC's
 	// path: a gateway of the previous release, which posts to the address
 	// a peer advertises, finds it too.
-	imux.HandleFunc("POST "+RPCPath+"kick", s.serveRPC)
+	// Only signed kicks are taken here, and only here.
+	imux.HandleFunc("POST "+RPCPath+"kick", s.serveSignedKick)
 	s.internal = &http.Server{
 		Handler:           imux,
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       10 * time.Second, // a kick's body is read within RPCTimeout, the rest have none
+		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       2 * time.Minute, // keep-alive scrapers and peers
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
@@ -468,16 +495,16 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	// is pending until its connect.
 	cc := connOf(r)
 	if ok, _ := s.authLimit.allowed(cc.source(), time.Now()); !ok {
-		s.refuse(w, refusedAuthFailures)
+		s.refuse(w, r, refusedAuthFailures)
 		return
 	}
 	if devUser != "" && !s.conns.tryAuth(s.maxConns) || devUser == "" && s.conns.authCount() >= s.maxConns {
-		s.refuse(w, refusedFull)
+		s.refuse(w, r, refusedFull)
 		return
 	}
 	if devUser == "" {
-		if reason := cc.pend(); reason != "" {
-			s.refuse(w, reason)
+		if reason := cc.pend(false); reason != "" { // pending since accept, unless an API key took it out
+			s.refuse(w, r, reason)
 			return
 		}
 	}
@@ -491,6 +518,9 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.m.accepted.WithLabelValues("ok").Inc()
+	if devUser != "" {
+		cc.unpend() // authenticated
+	}
 	c := newConn(s, ws, proto == SubprotocolJSON, devUser)
 	c.cc = cc
 	s.conns.add(c)

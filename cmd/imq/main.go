@@ -204,7 +204,7 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 	fs.BoolVar(&cfg.JWTAllowNoExp, "jwt-allow-no-exp", false, "accept connect tokens without exp, which never expire (default: exp required)")
 	fs.Var(origins, "allowed-origins", "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: the request's own host)")
 	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "authenticated client connection limit (0: as many as the open-file limit allows)")
-	fs.IntVar(&cfg.MaxPending, "max-pending", 0, "connections not yet authenticated, apart from --max-connections; past it: 503 (0: a quarter of --max-connections, at least 16)")
+	fs.IntVar(&cfg.MaxPending, "max-pending", 0, "connections not yet authenticated, apart from --max-connections; past it the oldest is closed for the newcomer (0: a quarter of --max-connections, at least 16)")
 	fs.IntVar(&cfg.MaxPendingPerIP, "max-pending-per-ip", cfg.MaxPendingPerIP, "connections not yet authenticated from one IPv4 address or IPv6 /64; past it: 429 (behind a proxy raise it to --max-pending; negative: no limit)")
 	fs.IntVar(&cfg.AuthFailuresPerIP, "auth-failures-per-ip", cfg.AuthFailuresPerIP, "failed authentications one IPv4 address or IPv6 /64 may have per minute before its connections are answered 429 (negative: no limit)")
 	fs.IntVar(&cfg.SendQueueBytes, "send-queue-bytes", cfg.SendQueueBytes, "bytes queued for one client before it is cut off as a slow consumer")

@@ -1,0 +1,288 @@
+package gateway_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/launch"
+	imqpb "github.com/imq-dev/imq/proto"
+)
+
+// Hostile clients, from an outside review: each test is an attack that once
+// worked.
+
+// TestUnfinishedRequestsStayPending: one host sends GET /healthz with a body
+// it never finishes. Serving a request does not take a connection out of
+// the pending pool, so the host holds its --max-pending-per-ip and no more;
+// a real client from another host gets in.
+func TestUnfinishedRequestsStayPending(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 8, 8, 2
+	})
+	addr := d.Gateway.Addr()
+	held := 0
+	for range 8 + 8 + 64 + 4 { // more than the listener admits
+		c, err := fromIP("127.0.0.2")(t.Context(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx")
+		c.SetReadDeadline(time.Now().Add(150 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); errors.Is(err, errTimeout(err)) {
+			held++ // no answer: held open
+		}
+	}
+	if held > 2 {
+		t.Fatalf("one host holds %d connections with unfinished requests; --max-pending-per-ip is 2", held)
+	}
+	c, resp, err := dialFrom(t, d, "127.0.0.3", "?user=legit")
+	if err != nil {
+		t.Fatalf("a real client from another host is refused (%v) while one host drips bodies: %v", resp, err)
+	}
+	expectCode(t, c.join("/room/drip", chat()), imqpb.Code_OK)
+}
+
+// errTimeout returns err if it is a timeout, else a sentinel it is not.
+func errTimeout(err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return err
+	}
+	return errNotTimeout
+}
+
+var errNotTimeout = errors.New("not a timeout")
+
+// TestClientPortTimeouts: on the client port a request must arrive within
+// the server's read timeout: a dripped body is cut off. A WebSocket,
+// hijacked, lives on past the read and write timeouts.
+func TestClientPortTimeouts(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	gateway.SetClientTimeouts(t, timeout, timeout)
+	d := startDev(t, nil)
+	addr := d.Gateway.Addr()
+	ws := mustDial(t, d, "lives", false)
+	start := time.Now()
+	expectCode(t, ws.join("/room/timeouts", chat()), imqpb.Code_OK)
+
+	// A body dripped a byte at a time: the connection is closed.
+	drip, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer drip.Close()
+	fmt.Fprintf(drip, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\nx")
+	closed := make(chan struct{})
+	go func() { // ends when the server closes the connection, or at the deadline
+		defer close(closed)
+		drip.SetReadDeadline(time.Now().Add(10 * time.Second))
+		io.Copy(io.Discard, drip)
+	}()
+	for i := 0; ; i++ {
+		select {
+		case <-closed:
+		case <-time.After(100 * time.Millisecond):
+			drip.Write([]byte("x"))
+			if i > 50 {
+				t.Fatal("a dripped body still held the connection after 5s")
+			}
+			continue
+		}
+		break
+	}
+
+	// Pipelined requests whose answers are never read: once the socket
+	// buffers are full the server's write blocks, and is cut off at the
+	// write timeout, which closes the connection.
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	pipe, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pipe.Close()
+	pipe.(*net.TCPConn).SetReadBuffer(4096)
+	go pipe.Write([]byte(strings.Repeat("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 100000))) // ends when the connection does
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 1 })
+	waitFor(t, 15*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+
+	// The WebSocket outlives both timeouts.
+	time.Sleep(time.Until(start.Add(2 * timeout)))
+	expectCode(t, ws.publish("/room/timeouts", "chat", []byte("still here")), imqpb.Code_OK)
+}
+
+// TestMaxHeaderBytes: a handshake with 64 KiB of headers is refused 431,
+// not buffered (net/http's default allows 1 MB per pending connection).
+func TestMaxHeaderBytes(t *testing.T) {
+	d := startDev(t, nil)
+	c, err := net.Dial("tcp", d.Gateway.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	go fmt.Fprintf(c, "GET /ws?user=a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: imq.v1\r\nX-Big: %s\r\n\r\n", strings.Repeat("a", 64<<10))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("a 64 KiB handshake header is answered %d, want 431", resp.StatusCode)
+	}
+}
+
+// TestAuthBudgetAcrossConnections: connections upgraded together from one
+// address, each sending a bad token, get no more tokens checked than the
+// address's failed-auth budget.
+func TestAuthBudgetAcrossConnections(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.AuthFailuresPerIP, c.MaxPendingPerIP = 3, 10
+	})
+	var cs []*rawClient
+	for range 10 {
+		c, _, err := dialFrom(t, d, "127.0.0.4", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	bad := token(t, []byte("wrong-secret-wrong-secret-000000"), "mallory", time.Now().Add(time.Minute))
+	checked, limited := 0, 0
+	for _, c := range cs {
+		switch r := c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: bad}}}); r.GetCode() {
+		case imqpb.Code_UNAUTHORIZED:
+			checked++
+		case imqpb.Code_LIMIT_EXCEEDED:
+			limited++
+		}
+	}
+	if checked != 3 || limited != 7 {
+		t.Fatalf("%d bad tokens checked and %d refused unchecked from one address; the budget is 3 (want 3 and 7)", checked, limited)
+	}
+	// A good token from another address is unaffected.
+	c, _, err := dialFrom(t, d, "127.0.0.5", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "ok", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
+}
+
+// TestPendingFloodFromManyHosts: silent sockets from many addresses, each
+// within --max-pending-per-ip, fill --max-pending; a real client still
+// connects and authenticates, taking the place of the oldest.
+func TestPendingFloodFromManyHosts(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) {
+		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 100, 24, 8
+		c.AuthTimeout = time.Minute
+	})
+	for i := range 5 {
+		for _, code := range silentTCP(t, d.Gateway.Addr(), fmt.Sprintf("127.0.1.%d", i+1), 8) {
+			if code != 0 {
+				t.Fatalf("a silent socket within the per-address cap was answered %d", code)
+			}
+		}
+	}
+	c, _, err := dialFrom(t, d, "127.0.2.1", "")
+	if err != nil {
+		t.Fatalf("a real client was refused during the flood: %v", err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "real", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
+	if n := d.Gateway.Refused("pending_evicted"); n < 17 {
+		t.Fatalf("refused{pending_evicted} = %v; want at least 17 (40 silent sockets and the client, 24 places)", n)
+	}
+}
+
+// TestRefusalIsRead: a connection refused at accept (past
+// --max-pending-per-ip) that is still sending its request can finish and
+// read the 429: the gateway half-closes and drains it rather than closing
+// with the request unread, which resets the connection (the client's next
+// write fails, and the answer may be discarded).
+func TestRefusalIsRead(t *testing.T) {
+	d := startDev(t, func(c *gateway.Config) { c.MaxPendingPerIP = 1 })
+	addr := d.Gateway.Addr()
+	silentTCP(t, addr, "127.0.0.7", 1) // takes the address's one place
+	head := "POST /rpc/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
+	for i := range 5 {
+		c, err := fromIP("127.0.0.7")(t.Context(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, head+strings.Repeat("x", 10000))
+		time.Sleep(20 * time.Millisecond) // the client sends its body in two parts, the refusal arriving between them
+		if _, err := io.WriteString(c, strings.Repeat("x", 10000)); err != nil {
+			t.Fatalf("attempt %d: the rest of the request could not be sent: %v", i+1, err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		c.Close()
+		if err != nil {
+			t.Fatalf("attempt %d: the refusal was lost: %v", i+1, err)
+		}
+		if resp.StatusCode != http.StatusTooManyRequests {
+			t.Fatalf("attempt %d: %d, want 429", i+1, resp.StatusCode)
+		}
+	}
+}
+
+// TestRefusalsAreLogged: a failed authentication and a refusal are logged
+// as warnings with the source address (never the token), at most one per
+// reason per 10 s however many there are.
+func TestRefusalsAreLogged(t *testing.T) {
+	var logs syncBuffer
+	cfg := launch.LocalDevConfig()
+	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.Gateway.JWTSecret = testSecret
+	cfg.Gateway.AuthFailuresPerIP, cfg.Gateway.MaxPendingPerIP = 3, 10
+	d, err := launch.StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d.Shutdown(ctx)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	const guess = "not-a-token-but-maybe-a-secret"
+	var cs []*rawClient
+	for range 5 {
+		c, _, err := dialFrom(t, d, "127.0.0.8", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	for _, c := range cs {
+		c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: guess}}})
+	}
+	if _, _, err := dialFrom(t, d, "127.0.0.8", ""); err == nil { // a third refusal, at the handshake
+		t.Fatal("a connection upgraded with the budget spent")
+	}
+	out := logs.String()
+	if n := strings.Count(out, `msg="connect refused"`); n != 1 {
+		t.Fatalf("%d warnings of 3 failed authentications, want 1:\n%s", n, out)
+	}
+	if n := strings.Count(out, `msg="connection refused"`); n != 1 {
+		t.Fatalf("%d warnings of 3 refusals for the spent budget, want 1:\n%s", n, out)
+	}
+	if !strings.Contains(out, "source=127.0.0.8/32") {
+		t.Fatalf("the warnings do not name the source:\n%s", out)
+	}
+	if strings.Contains(out, guess) {
+		t.Fatalf("a warning repeats the token:\n%s", out)
+	}
+}
