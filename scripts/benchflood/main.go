@@ -86,7 +86,11 @@ func run(bin string, n, size int, settle time.Duration, extra []string) error {
 	if err != nil {
 		return err
 	}
-	args := append([]string{"dev", "--addr", addr, "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0", "--log-level", "warn"}, extra...)
+	internal, err := freePort() // where imq dev serves every service's /metrics
+	if err != nil {
+		return err
+	}
+	args := append([]string{"dev", "--addr", addr, "--internal-addr", internal, "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0", "--log-level", "warn"}, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -149,6 +153,6 @@ func run(bin string, n, size int, settle time.Duration, extra []string) error {
 	fmt.Printf("imq dev %s\n", strings.Join(extra, " "))
 	fmt.Printf("  %d publishes of %d bytes into fresh queues in %s: %v\n", n, size, took.Round(time.Millisecond), codes)
 	fmt.Printf("  RSS before %s, after %s\n", before, after)
-	fmt.Printf("  %s\n  %s\n", metric(addr, "imq_queuenode_bytes "), metric(addr, "imq_queuenode_queues "))
+	fmt.Printf("  %s\n  %s\n", metric(internal, "imq_queuenode_bytes "), metric(internal, "imq_queuenode_queues "))
 	return nil
 }
