@@ -22,9 +22,10 @@ install:
 run: build
 	@exec ./$(BIN) dev
 
-# vet, gofmt and staticcheck (a tool dependency in go.mod, so `go tool`
-# fetches the pinned version through the module proxy).
+# vet, gofmt, staticcheck (a tool dependency in go.mod, so `go tool`
+# fetches the pinned version through the module proxy) and a tidy go.mod.
 lint:
+	@$(GO) mod tidy -diff || { echo "go.mod or go.sum is not tidy: run go mod tidy"; exit 1; }
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
