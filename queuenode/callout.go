@@ -398,15 +398,28 @@ type calloutResult struct {
 
 // The hook bodies. Seq, TimeMs and Node are documented on Callout.
 
+// hookHeader is what every hook body starts with.
+type hookHeader struct {
+	Hook    string `json:"hook"`
+	Seq     uint64 `json:"seq"`
+	TimeMs  int64  `json:"time_ms"`
+	Node    string `json:"node"`
+	User    string `json:"user"`
+	Session string `json:"session"`
+	Queue   string `json:"queue"`
+}
+
+// header returns the header of a hook call about queue by req's session,
+// stamped with the next seq.
+func (c *callouts) header(hook string, req *imqpb.NodeRequest, queue string) hookHeader {
+	h := hookHeader{Hook: hook, Node: c.node, User: req.GetUser(), Session: req.GetSession(), Queue: queue}
+	h.Seq, h.TimeMs = c.stamp()
+	return h
+}
+
 type joinCall struct {
-	Hook    string   `json:"hook"`
-	Seq     uint64   `json:"seq"`
-	TimeMs  int64    `json:"time_ms"`
-	Node    string   `json:"node"`
-	User    string   `json:"user"`
-	Session string   `json:"session"`
-	Queue   string   `json:"queue"`
-	Mounts  []string `json:"mounts"`
+	hookHeader
+	Mounts []string `json:"mounts"`
 }
 
 type joinAnswer struct {
@@ -416,13 +429,7 @@ type joinAnswer struct {
 }
 
 type publishCall struct {
-	Hook       string          `json:"hook"`
-	Seq        uint64          `json:"seq"`
-	TimeMs     int64           `json:"time_ms"`
-	Node       string          `json:"node"`
-	User       string          `json:"user"`
-	Session    string          `json:"session"`
-	Queue      string          `json:"queue"`
+	hookHeader
 	Mount      string          `json:"mount"`
 	Data       json.RawMessage `json:"data,omitempty"`
 	DataBase64 *string         `json:"data_base64,omitempty"` // set, "" included, for every payload not sent as JSON
@@ -436,13 +443,7 @@ type publishAnswer struct {
 }
 
 type setStateCall struct {
-	Hook        string          `json:"hook"`
-	Seq         uint64          `json:"seq"`
-	TimeMs      int64           `json:"time_ms"`
-	Node        string          `json:"node"`
-	User        string          `json:"user"`
-	Session     string          `json:"session"`
-	Queue       string          `json:"queue"`
+	hookHeader
 	Mount       string          `json:"mount"`
 	Key         string          `json:"key"`
 	Value       json.RawMessage `json:"value,omitempty"`
@@ -455,21 +456,10 @@ type setStateAnswer struct {
 	Reason string `json:"reason"`
 }
 
-type leaveCall struct {
-	Hook    string `json:"hook"`
-	Seq     uint64 `json:"seq"`
-	TimeMs  int64  `json:"time_ms"`
-	Node    string `json:"node"`
-	User    string `json:"user"`
-	Session string `json:"session"`
-	Queue   string `json:"queue"`
-}
-
 // join asks rt's backend whether req may join j's queue. It returns the
 // state to seed, or DENIED.
 func (c *callouts) join(ctx context.Context, rt *route, req *imqpb.NodeRequest, j *imqpb.Join) (map[string]map[string]json.RawMessage, error) {
-	call := joinCall{Hook: "join", Node: c.node, User: req.GetUser(), Session: req.GetSession(), Queue: j.GetQueue(), Mounts: make([]string, len(j.GetMounts()))}
-	call.Seq, call.TimeMs = c.stamp()
+	call := joinCall{hookHeader: c.header("join", req, j.GetQueue()), Mounts: make([]string, len(j.GetMounts()))}
 	for i, m := range j.GetMounts() {
 		call.Mounts[i] = m.GetName()
 	}
@@ -493,8 +483,7 @@ func (c *callouts) join(ctx context.Context, rt *route, req *imqpb.NodeRequest, 
 // publish asks rt's backend whether req may publish p. It returns the
 // rewritten payload (rewritten false: publish p's as is), or DENIED.
 func (c *callouts) publish(ctx context.Context, rt *route, req *imqpb.NodeRequest, p *imqpb.Publish) (payload []byte, rewritten bool, err error) {
-	call := publishCall{Hook: "publish", Node: c.node, User: req.GetUser(), Session: req.GetSession(), Queue: p.GetQueue(), Mount: p.GetMount()}
-	call.Seq, call.TimeMs = c.stamp()
+	call := publishCall{hookHeader: c.header("publish", req, p.GetQueue()), Mount: p.GetMount()}
 	// JSON text is UTF-8 (RFC 8259): a payload that json.Valid accepts but
 	// that holds other bytes ("caf\xe9" in Latin-1) goes as base64, or the
 	// backend's decoder would refuse the whole call.
@@ -548,9 +537,7 @@ func (c *callouts) publish(ctx context.Context, rt *route, req *imqpb.NodeReques
 // and publishes: a refused state write is an authorization failure, as
 // the owner rule's is); a failure follows the failure policy.
 func (c *callouts) setState(ctx context.Context, rt *route, req *imqpb.NodeRequest, st *imqpb.SetState) error {
-	call := setStateCall{Hook: "set_state", Node: c.node, User: req.GetUser(), Session: req.GetSession(),
-		Queue: st.GetQueue(), Mount: st.GetMount(), Key: st.GetKey(), Delete: st.GetDelete()}
-	call.Seq, call.TimeMs = c.stamp()
+	call := setStateCall{hookHeader: c.header("set_state", req, st.GetQueue()), Mount: st.GetMount(), Key: st.GetKey(), Delete: st.GetDelete()}
 	if !st.GetDelete() {
 		// As for publish: only UTF-8 JSON travels as JSON. An empty value
 		// is not JSON: it goes as "value_base64": "", so that the backend
@@ -744,7 +731,7 @@ func (c *callouts) sendLeave(n leaveNote) {
 		c.m.callouts.WithLabelValues("leave", outcomeDropped).Inc()
 		return
 	}
-	call := leaveCall{Hook: "leave", Seq: n.seq, TimeMs: n.timeMs, Node: c.node, User: n.user, Session: n.session, Queue: n.queue}
+	call := hookHeader{Hook: "leave", Seq: n.seq, TimeMs: n.timeMs, Node: c.node, User: n.user, Session: n.session, Queue: n.queue}
 	if err := c.call(c.ctx, n.rt, "leave", call, nil); err != nil {
 		c.m.callouts.WithLabelValues("leave", outcomeFailedAllowed).Inc()
 		return
