@@ -121,7 +121,7 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 		}
 		if v, ok := os.LookupEnv(envName(f.Name)); ok {
 			if sv, ok := f.Value.(*secretValue); ok { // checked, and named by its source, in apply
-				sv.given = append(sv.given, secretInput{v, envName(f.Name)})
+				sv.given = append(sv.given, secretInput{v, envName(f.Name), false})
 				return
 			}
 			if e := fs.Set(f.Name, v); e != nil {
@@ -131,6 +131,15 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 	})
 	if err != nil {
 		return err
+	}
+	for _, sv := range secrets {
+		// The list variable adds to the flag's other sources, whichever.
+		if _, ok := sv.inner.(listValue); !ok {
+			continue
+		}
+		if v, ok := os.LookupEnv(listEnvName(sv.name)); ok {
+			sv.given = append(sv.given, secretInput{v, listEnvName(sv.name), true})
+		}
 	}
 	for _, sv := range secrets {
 		if err := sv.apply(); err != nil {
@@ -155,6 +164,19 @@ var secretNames = map[string]secretFileFormat{
 
 type secretFileFormat int
 
+// listValue is the value of a repeatable secret flag that also takes
+// several values in one string, its list variable IMQ_NAMES (IMQ_API_KEYS
+// for --api-key), which adds to whatever else gave the flag values. SetList
+// alone knows how the list is separated.
+type listValue interface {
+	flag.Value
+	SetList(list string) error
+}
+
+// listEnvName is the list variable of a secret flag whose value is a
+// listValue: IMQ_API_KEYS for --api-key.
+func listEnvName(flagName string) string { return envName(flagName) + "S" }
+
 const (
 	wholeFile    secretFileFormat = iota // the file is the value, less one trailing newline
 	linePerValue                         // each non-blank line is a value (a repeatable flag)
@@ -171,12 +193,17 @@ type secretValue struct {
 	given  []secretInput
 }
 
-type secretInput struct{ value, source string }
+// secretInput is one value given to a secret flag, named by its source;
+// list says it is a list variable's, for listValue.SetList.
+type secretInput struct {
+	value, source string
+	list          bool
+}
 
 func (s *secretValue) String() string { return "" }
 
 func (s *secretValue) Set(v string) error {
-	s.given = append(s.given, secretInput{v, "--" + s.name})
+	s.given = append(s.given, secretInput{v, "--" + s.name, false})
 	return nil
 }
 
@@ -189,7 +216,11 @@ func (s *secretValue) apply() error {
 		if strings.TrimSpace(in.value) == "" {
 			return fmt.Errorf("%s is empty", in.source)
 		}
-		if err := s.inner.Set(in.value); err != nil {
+		set := s.inner.Set
+		if in.list {
+			set = s.inner.(listValue).SetList
+		}
+		if err := set(in.value); err != nil {
 			return fmt.Errorf("%s: %v", in.source, err)
 		}
 	}
@@ -225,7 +256,7 @@ func (f *secretFile) Set(path string) error {
 	}
 	f.path = path
 	for _, v := range values {
-		f.secret.given = append(f.secret.given, secretInput{v, source})
+		f.secret.given = append(f.secret.given, secretInput{v, source, false})
 	}
 	return nil
 }
