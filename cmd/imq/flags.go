@@ -5,9 +5,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -150,16 +152,37 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 }
 
 // secretNames are the flags that carry secrets, wherever they are
-// registered, and whether a --NAME-file holds one value or one per line.
-// A secret given on the command line is visible to every user of the
-// machine (ps, /proc/PID/cmdline), so each also reads from IMQ_NAME,
-// --NAME-file and IMQ_NAME_FILE; and no error message repeats its value.
-var secretNames = map[string]secretFileFormat{
-	"jwt-secret": wholeFile,
-	"gossip-key": wholeFile,
-	"secret":     wholeFile, // imq loadtest's token-minting secret
-	"token":      wholeFile, // imq sub, pub and state's connect token
-	"api-key":    linePerValue,
+// registered: whether a --NAME-file holds one value or one per line, and
+// the commands that have the flag when not the serving ones (imq --help
+// lists them all from here). A secret given on the command line is visible
+// to every user of the machine (ps, /proc/PID/cmdline), so each also reads
+// from IMQ_NAME, --NAME-file and IMQ_NAME_FILE; and no error message
+// repeats its value.
+var secretNames = map[string]secretFlag{
+	"jwt-secret": {wholeFile, ""},
+	"gossip-key": {wholeFile, ""},
+	"secret":     {wholeFile, "imq loadtest"}, // its token-minting secret
+	"token":      {wholeFile, "imq sub, pub, state"},
+	"api-key":    {linePerValue, ""},
+}
+
+type secretFlag struct {
+	format secretFileFormat
+	where  string // the commands having it, if not every serving one
+}
+
+// secretFlagList lists the secret flags for imq --help, one a line:
+// "  --api-key\n ... --token (imq sub, pub, state)\n".
+func secretFlagList() string {
+	var b strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(secretNames)) {
+		fmt.Fprintf(&b, "  --%s", name)
+		if w := secretNames[name].where; w != "" {
+			fmt.Fprintf(&b, " (%s)", w)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
 }
 
 type secretFileFormat int
@@ -266,10 +289,11 @@ func (f *secretFile) Set(path string) error {
 func registerSecretFiles(fs *flag.FlagSet) []*secretValue {
 	var out []*secretValue
 	fs.VisitAll(func(f *flag.Flag) {
-		format, ok := secretNames[f.Name]
+		sn, ok := secretNames[f.Name]
 		if !ok || fs.Lookup(f.Name+"-file") != nil {
 			return
 		}
+		format := sn.format
 		sv := &secretValue{name: f.Name, inner: f.Value, format: format}
 		f.Value = sv
 		f.Usage += fmt.Sprintf(". Secret: prefer %s or --%s-file; a value on the command line is visible to other users in ps", envName(f.Name), f.Name)

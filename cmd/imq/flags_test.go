@@ -343,3 +343,18 @@ func TestClusterChecksAPIKeysFirst(t *testing.T) {
 		}
 	}
 }
+
+// TestUsageListsSecretFlags: imq --help lists every secret flag, those of
+// imq loadtest and the client commands included, from secretNames.
+func TestUsageListsSecretFlags(t *testing.T) {
+	for _, want := range []string{"  --api-key\n", "  --gossip-key\n", "  --jwt-secret\n", "  --secret (imq loadtest)\n", "  --token (imq sub, pub, state)\n"} {
+		if !strings.Contains(usage, want) {
+			t.Errorf("imq --help lacks %q:\n%s", want, usage)
+		}
+	}
+	for name := range secretNames {
+		if !strings.Contains(usage, "  --"+name) {
+			t.Errorf("imq --help does not list the secret flag --%s", name)
+		}
+	}
+}

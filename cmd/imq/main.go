@@ -28,7 +28,8 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-const usage = `imq is a real-time pub/sub queue server for online games.
+// usage is imq --help; its list of secret flags comes from secretNames.
+var usage = `imq is a real-time pub/sub queue server for online games.
 
 Usage: imq <command> [flags]
 
@@ -50,11 +51,10 @@ A cluster is one boss, queue nodes and gateways, each started with
 --join BOSS_GOSSIP_ADDR; 'imq cluster' shows how on one machine.
 
 Run 'imq <command> --help' for a command's flags. Every flag can also be set
-with an environment variable: --jwt-secret is IMQ_JWT_SECRET. Secrets
-(--jwt-secret, --api-key, --gossip-key) also come from a file:
---jwt-secret-file or IMQ_JWT_SECRET_FILE. Prefer those: a command line is
-visible to every user of the machine.
-`
+with an environment variable: --jwt-secret is IMQ_JWT_SECRET. Secrets also
+come from a file: --jwt-secret-file or IMQ_JWT_SECRET_FILE. Prefer those: a
+command line is visible to every user of the machine. The secret flags:
+` + secretFlagList()
 
 func main() {
 	if len(os.Args) < 2 {
