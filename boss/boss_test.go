@@ -730,3 +730,27 @@ func TestRepublishesOnDivergence(t *testing.T) {
 		t.Fatalf("version %d after an agreeing member joined", v)
 	}
 }
+
+// TestLongPollFitsWriteTimeout: the boss's API server is an internal
+// listener (obs.NewInternalServer) whose write timeout outlasts the longest
+// long poll with room to write the table, and whose header limit refuses a
+// 64 KiB header (431) where it took 1 MiB.
+func TestLongPollFitsWriteTimeout(t *testing.T) {
+	b, _ := startBoss(t, testConfig(t, t.TempDir()))
+	if wt := b.http.WriteTimeout; wt < MaxWait+10*time.Second {
+		t.Fatalf("write timeout %s: a long poll of up to %s would be cut off", wt, MaxWait)
+	}
+	req, err := http.NewRequest("GET", "http://"+b.Addr()+"/v1/nodes", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Big", strings.Repeat("a", 64<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("a 64 KiB header: %s, want 431", resp.Status)
+	}
+}

@@ -147,12 +147,7 @@ func New(cfg Config) (*Boss, error) {
 	mux.HandleFunc("GET "+tablewatch.Path, b.serveTable)
 	mux.HandleFunc("GET /v1/nodes", b.serveNodes)
 	obs.Handle(mux, cfg.Registry, b.health, b.varz)
-	b.http = &http.Server{
-		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(b.log.Handler(), slog.LevelDebug),
-	}
+	b.http = obs.NewInternalServer(mux, b.log) // its WriteTimeout outlasts a long poll (MaxWait)
 	return b, nil
 }
 

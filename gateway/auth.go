@@ -255,18 +255,11 @@ func keyOf(kid string, pub any) (jwtKey, error) {
 	return jwtKey{}, fmt.Errorf("unsupported key type %T; use RSA, ECDSA P-256/P-384 or Ed25519", pub)
 }
 
-// validUserID checks that id can name the user's queue /user/<id>.
+// validUserID checks that id can name the user's queue /user/<id>
+// (wire.ValidateUserID), refusing it as UNAUTHORIZED.
 func validUserID(id string) error {
-	if id == "" {
-		return imqerr.New(imqpb.Code_UNAUTHORIZED, "no user id (the token's sub claim)")
-	}
-	if err := wire.ValidateQueueName("/user/" + id); err != nil {
-		return imqerr.New(imqpb.Code_UNAUTHORIZED, "user id %q is not a valid queue segment (use A-Z a-z 0-9 _ . : @ + = ~ -, at most 249 bytes)", id)
-	}
-	for i := 0; i < len(id); i++ {
-		if id[i] == '/' {
-			return imqerr.New(imqpb.Code_UNAUTHORIZED, "user id %q contains '/'", id)
-		}
+	if err := wire.ValidateUserID(id); err != nil {
+		return imqerr.New(imqpb.Code_UNAUTHORIZED, "%s", err.Error())
 	}
 	return nil
 }

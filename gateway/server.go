@@ -229,14 +229,7 @@ func New(cfg Config) (*Server, error) {
 	// a peer advertises, finds it too.
 	// Only signed kicks are taken here, and only here.
 	imux.HandleFunc("POST "+RPCPath+"kick", s.serveSignedKick)
-	s.internal = &http.Server{
-		Handler:           imux,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       10 * time.Second, // a kick's body is read within RPCTimeout, the rest have none
-		MaxHeaderBytes:    maxHeaderBytes,
-		IdleTimeout:       2 * time.Minute, // keep-alive scrapers and peers
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-	}
+	s.internal = obs.NewInternalServer(imux, s.log)
 	if cfg.Member != nil {
 		if err := s.startCluster(); err != nil {
 			s.cancel()

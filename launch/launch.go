@@ -1,8 +1,3 @@
-// Package launch starts IMQ services: StartDev composes a boss, a queue node
-// and a gateway in one process (`imq dev`, and tests), StartCluster runs a
-// local cluster of separate processes (`imq cluster`, the end-to-end tests).
-// It sits above the services (it imports boss/, gateway/ and queuenode/;
-// nothing below imports it).
 package launch
 
 import (

@@ -39,6 +39,20 @@
 // The admin RPC's reads (get_state, history, queue_info; reads.go) run like
 // other operations but never create a queue or mount (NOT_FOUND).
 //
+// Under the queue-name prefixes of Config.OwnedState, state keys belong to
+// users: a client may set or delete only the key equal to its user id and
+// keys under "<user>/" (checkStateOwner, FORBIDDEN otherwise); the backend
+// (admin RPC, join call-out seeds) may write any key.
+//
+// With Config.InternalAddr the node has an internal HTTP listener for
+// operators and the cluster: /metrics, /healthz, /varz and GET /v1/table
+// (HandleHTTP), with the limits of every internal listener
+// (obs.NewInternalServer). New binds it, before joining the membership,
+// whose metadata carries its address (the boss reads the node's /varz
+// there); Run serves it in one goroutine, which Shutdown ends. The budget's
+// gauges are imq_queuenode_budget_used_bytes and imq_queuenode_budget_bytes,
+// /varz's bytes and max_bytes.
+//
 // A node runs standalone (Config.Member nil: it owns every queue) or in
 // cluster mode. In cluster mode it is a member of the cluster's membership
 // (internal/member), follows the boss's bucket table (internal/tablewatch)

@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"strings"
 	"testing"
 
+	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/tablewatch"
 )
 
@@ -57,5 +59,42 @@ func TestNoInternalListener(t *testing.T) {
 	s := startNode(t, cfg)
 	if s.InternalAddr() != "" || s.member.Load().Meta().HTTPAddr != "" {
 		t.Fatalf("internal address %q, advertised %q; want none", s.InternalAddr(), s.member.Load().Meta().HTTPAddr)
+	}
+}
+
+// TestInternalListenerLimits: the internal listener has the limits of every
+// internal listener (obs.NewInternalServer): a 64 KiB header is refused
+// with 431 (it had no header limit but the net/http default of 1 MiB), and
+// the metrics carry the memory budget under their names.
+func TestInternalListenerLimits(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NodeID, cfg.InternalAddr, cfg.MaxNodeBytes = "qn-limits", "127.0.0.1:0", 8<<20
+	s := startNode(t, cfg)
+	if s.internal.WriteTimeout != obs.InternalWriteTimeout || s.internal.ReadTimeout != obs.InternalReadTimeout {
+		t.Errorf("write timeout %s, read timeout %s; want obs's %s and %s", s.internal.WriteTimeout, s.internal.ReadTimeout, obs.InternalWriteTimeout, obs.InternalReadTimeout)
+	}
+	req, err := http.NewRequest("GET", "http://"+s.InternalAddr()+"/varz", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Big", strings.Repeat("a", 64<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("a 64 KiB header: %s, want 431", resp.Status)
+	}
+	resp, err = http.Get("http://" + s.InternalAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"\nimq_queuenode_budget_used_bytes 0\n", "\nimq_queuenode_budget_bytes 8.388608e+06\n"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q", strings.TrimSpace(want))
+		}
 	}
 }

@@ -111,10 +111,10 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.evictionsFutile, m.refused, m.seedsSkipped,
 		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "imq_queuenode_bytes", Help: "Bytes the node's queues hold as its memory budget counts them (history, state, overheads), writes in flight included.",
+			Name: "imq_queuenode_budget_used_bytes", Help: "Bytes the node's queues hold as its memory budget counts them (history, state, overheads), writes in flight included.",
 		}, func() float64 { return float64(s.nodeBytes.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "imq_queuenode_max_bytes", Help: "The node's memory budget (--max-node-bytes).",
+			Name: "imq_queuenode_budget_bytes", Help: "The node's memory budget (--max-node-bytes).",
 		}, func() float64 { return float64(s.cfg.MaxNodeBytes) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_table_version", Help: "Version of the bucket table the node holds (0: none, or standalone).",

@@ -119,12 +119,7 @@ func New(cfg Config) (*Server, error) {
 		}
 		mux := http.NewServeMux()
 		s.HandleHTTP(mux)
-		s.internal = &http.Server{
-			Handler:           mux,
-			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       2 * time.Minute, // keep-alive scrapers and the boss
-			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		}
+		s.internal = obs.NewInternalServer(mux, s.log)
 	}
 	if cfg.Member != nil {
 		if err := s.startCluster(); err != nil {

@@ -84,8 +84,8 @@ func (cf *connFlags) dial(ctx context.Context, opts ...client.Option) (*client.C
 		if user == "" {
 			user = randomUser()
 		}
-		if strings.Contains(user, "/") || wire.ValidateQueueName("/user/"+user) != nil { // as the gateway checks
-			return nil, "", fmt.Errorf("--user %q: use 1 to 249 of A-Z a-z 0-9 _ . : @ + = ~ -", user)
+		if err := wire.ValidateUserID(user); err != nil { // the gateway's rule
+			return nil, "", fmt.Errorf("--user: %w", err)
 		}
 		opts = append(opts, client.WithUser(user))
 	}

@@ -308,7 +308,8 @@ func TestClientCommandErrors(t *testing.T) {
 		{[]string{"pub", "/room/1", "x", "--url", "ftp://h"}, "want ws://HOST:PORT/ws"},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--token", "t", "--token-file", tokenFile}, "not both"},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "u", "--token-file", tokenFile}, "not both"},
-		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "a/b"}, `--user "a/b"`},
+		{[]string{"pub", "/room/1", "x", "--url", url, "--user", "a/b"}, `--user: user id "a/b": character '/' is not allowed`},
+		{[]string{"pub", "/room/1", "x", "--url", url, "--user", ".."}, `--user: user id ".." is not a valid queue segment`},
 		{[]string{"pub", "/room/1", "x", "--url", url, "--token", ""}, "--token is empty"},
 		// The server's refusals, with their code.
 		{[]string{"pub", "/room/err", "x", "--url", url, "--mount", "scores"}, "publish to /room/err scores refused: WRONG_MOUNT_TYPE"},

@@ -24,12 +24,12 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	var cfg launch.ClusterConfig
 	var verbose bool
 	var origins listFlag
-	var apiKeys repeatFlag
+	var apiKeys apiKeysFlag // checked here, before anything starts
 	fs.IntVar(&cfg.QueueNodes, "queuenodes", 2, "queue nodes to start")
 	fs.IntVar(&cfg.Gateways, "gateways", 2, "gateways to start")
 	fs.StringVar(&cfg.Dir, "dir", "", "directory for logs and the boss's data (default: a new temporary directory)")
 	fs.StringVar(&cfg.JWTSecret, "jwt-secret", "", "HS256 secret for the gateways (not given: development mode, ?user= accepted)")
-	fs.Var(&apiKeys, "api-key", `the gateways' admin RPC key: "SECRET[ methods=...][ prefixes=...]", repeatable (as imq gateway --api-key)`)
+	fs.Var(&apiKeys, "api-key", `the gateways' admin RPC key: "SECRET[ methods=...][ prefixes=...]", repeatable (as imq gateway --api-key); `+apiKeysListHelp)
 	fs.Var(&origins, "allowed-origins", "the gateways' --allowed-origins: Origin values allowed on /ws, comma-separated or repeated; * allows any")
 	fs.StringVar(&cfg.Host, "host", "127.0.0.1", "address every process listens on")
 	fs.BoolVar(&verbose, "verbose", false, "copy every process's log lines to stderr")
@@ -41,10 +41,11 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 		return err
 	}
 	cfg.Dev = cfg.JWTSecret == ""
-	if env := os.Getenv("IMQ_API_KEYS"); env != "" {
-		apiKeys = append(apiKeys, env) // as imq gateway: IMQ_API_KEYS adds to --api-key
+	specs, err := apiKeys.specs()
+	if err != nil {
+		return err
 	}
-	cfg.APIKeys, cfg.AllowedOrigins = apiKeys, origins
+	cfg.APIKeys, cfg.AllowedOrigins = specs, origins
 	// Consumed: the processes get them from cfg, not twice by inheritance.
 	for _, v := range []string{"IMQ_JWT_SECRET", "IMQ_JWT_SECRET_FILE", "IMQ_API_KEY", "IMQ_API_KEY_FILE", "IMQ_API_KEYS"} {
 		os.Unsetenv(v)

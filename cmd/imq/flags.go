@@ -5,9 +5,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -121,7 +123,7 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 		}
 		if v, ok := os.LookupEnv(envName(f.Name)); ok {
 			if sv, ok := f.Value.(*secretValue); ok { // checked, and named by its source, in apply
-				sv.given = append(sv.given, secretInput{v, envName(f.Name)})
+				sv.given = append(sv.given, secretInput{v, envName(f.Name), false})
 				return
 			}
 			if e := fs.Set(f.Name, v); e != nil {
@@ -133,6 +135,15 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 		return err
 	}
 	for _, sv := range secrets {
+		// The list variable adds to the flag's other sources, whichever.
+		if _, ok := sv.inner.(listValue); !ok {
+			continue
+		}
+		if v, ok := os.LookupEnv(listEnvName(sv.name)); ok {
+			sv.given = append(sv.given, secretInput{v, listEnvName(sv.name), true})
+		}
+	}
+	for _, sv := range secrets {
 		if err := sv.apply(); err != nil {
 			return err
 		}
@@ -141,19 +152,53 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 }
 
 // secretNames are the flags that carry secrets, wherever they are
-// registered, and whether a --NAME-file holds one value or one per line.
-// A secret given on the command line is visible to every user of the
-// machine (ps, /proc/PID/cmdline), so each also reads from IMQ_NAME,
-// --NAME-file and IMQ_NAME_FILE; and no error message repeats its value.
-var secretNames = map[string]secretFileFormat{
-	"jwt-secret": wholeFile,
-	"gossip-key": wholeFile,
-	"secret":     wholeFile, // imq loadtest's token-minting secret
-	"token":      wholeFile, // imq sub, pub and state's connect token
-	"api-key":    linePerValue,
+// registered: whether a --NAME-file holds one value or one per line, and
+// the commands that have the flag when not the serving ones (imq --help
+// lists them all from here). A secret given on the command line is visible
+// to every user of the machine (ps, /proc/PID/cmdline), so each also reads
+// from IMQ_NAME, --NAME-file and IMQ_NAME_FILE; and no error message
+// repeats its value.
+var secretNames = map[string]secretFlag{
+	"jwt-secret": {wholeFile, ""},
+	"gossip-key": {wholeFile, ""},
+	"secret":     {wholeFile, "imq loadtest"}, // its token-minting secret
+	"token":      {wholeFile, "imq sub, pub, state"},
+	"api-key":    {linePerValue, ""},
+}
+
+type secretFlag struct {
+	format secretFileFormat
+	where  string // the commands having it, if not every serving one
+}
+
+// secretFlagList lists the secret flags for imq --help, one a line:
+// "  --api-key\n ... --token (imq sub, pub, state)\n".
+func secretFlagList() string {
+	var b strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(secretNames)) {
+		fmt.Fprintf(&b, "  --%s", name)
+		if w := secretNames[name].where; w != "" {
+			fmt.Fprintf(&b, " (%s)", w)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
 }
 
 type secretFileFormat int
+
+// listValue is the value of a repeatable secret flag that also takes
+// several values in one string, its list variable IMQ_NAMES (IMQ_API_KEYS
+// for --api-key), which adds to whatever else gave the flag values. SetList
+// alone knows how the list is separated.
+type listValue interface {
+	flag.Value
+	SetList(list string) error
+}
+
+// listEnvName is the list variable of a secret flag whose value is a
+// listValue: IMQ_API_KEYS for --api-key.
+func listEnvName(flagName string) string { return envName(flagName) + "S" }
 
 const (
 	wholeFile    secretFileFormat = iota // the file is the value, less one trailing newline
@@ -171,12 +216,17 @@ type secretValue struct {
 	given  []secretInput
 }
 
-type secretInput struct{ value, source string }
+// secretInput is one value given to a secret flag, named by its source;
+// list says it is a list variable's, for listValue.SetList.
+type secretInput struct {
+	value, source string
+	list          bool
+}
 
 func (s *secretValue) String() string { return "" }
 
 func (s *secretValue) Set(v string) error {
-	s.given = append(s.given, secretInput{v, "--" + s.name})
+	s.given = append(s.given, secretInput{v, "--" + s.name, false})
 	return nil
 }
 
@@ -189,7 +239,11 @@ func (s *secretValue) apply() error {
 		if strings.TrimSpace(in.value) == "" {
 			return fmt.Errorf("%s is empty", in.source)
 		}
-		if err := s.inner.Set(in.value); err != nil {
+		set := s.inner.Set
+		if in.list {
+			set = s.inner.(listValue).SetList
+		}
+		if err := set(in.value); err != nil {
 			return fmt.Errorf("%s: %v", in.source, err)
 		}
 	}
@@ -225,7 +279,7 @@ func (f *secretFile) Set(path string) error {
 	}
 	f.path = path
 	for _, v := range values {
-		f.secret.given = append(f.secret.given, secretInput{v, source})
+		f.secret.given = append(f.secret.given, secretInput{v, source, false})
 	}
 	return nil
 }
@@ -235,10 +289,11 @@ func (f *secretFile) Set(path string) error {
 func registerSecretFiles(fs *flag.FlagSet) []*secretValue {
 	var out []*secretValue
 	fs.VisitAll(func(f *flag.Flag) {
-		format, ok := secretNames[f.Name]
+		sn, ok := secretNames[f.Name]
 		if !ok || fs.Lookup(f.Name+"-file") != nil {
 			return
 		}
+		format := sn.format
 		sv := &secretValue{name: f.Name, inner: f.Value, format: format}
 		f.Value = sv
 		f.Usage += fmt.Sprintf(". Secret: prefer %s or --%s-file; a value on the command line is visible to other users in ps", envName(f.Name), f.Name)

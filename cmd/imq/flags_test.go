@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"encoding/base64"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/member"
 )
 
@@ -206,6 +208,153 @@ func TestProbeIntervalFlagAlone(t *testing.T) {
 		err := cfg.Validate()
 		if (tc.want == "" && err != nil) || (tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want))) {
 			t.Errorf("%q: %v, want %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// TestAPIKeySources: --api-key is one secret flag with every source of
+// one: --api-key (repeatable), --api-key-file (one per line), IMQ_API_KEY,
+// IMQ_API_KEY_FILE, and its list variable IMQ_API_KEYS (newlines or ';'),
+// which adds to the others. Every key is checked while parsing, and a bad
+// one is named by its source, never by its text.
+func TestAPIKeySources(t *testing.T) {
+	const k1, k2, k3, k4 = "key-one-0123456789", "key-two-0123456789", "key-three-0123456789", "key-four-0123456789"
+	parseKeys := func(t *testing.T, args []string, env map[string]string) (gateway.Config, error) {
+		t.Helper()
+		for k, v := range env {
+			t.Setenv(k, v)
+		}
+		fs := newFlagSet("test", "test")
+		fs.SetOutput(new(bytes.Buffer))
+		var rf rpcFlags
+		var cfg gateway.Config
+		rf.register(fs, &cfg)
+		if err := parse(fs, args); err != nil {
+			return cfg, err
+		}
+		rf.apply(&cfg)
+		return cfg, nil
+	}
+	secrets := func(keys []gateway.APIKey) string {
+		var out []string
+		for _, k := range keys {
+			out = append(out, k.Secret)
+		}
+		return strings.Join(out, " ")
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		want string // the keys' secrets, in order
+	}{
+		{"flags", []string{"--api-key", k1, "--api-key", k2 + " methods=publish"}, nil, k1 + " " + k2},
+		{"file", []string{"--api-key-file", writeFile(t, k1+"\n\n"+k2+" prefixes=/room/\n")}, nil, k1 + " " + k2},
+		{"variable", nil, map[string]string{"IMQ_API_KEY": k1}, k1},
+		{"list variable", nil, map[string]string{"IMQ_API_KEYS": k1 + ";" + k2 + " methods=publish\n" + k3 + "\n"}, k1 + " " + k2 + " " + k3},
+		{"list variable adds to the flags", []string{"--api-key", k4}, map[string]string{"IMQ_API_KEYS": k1 + ";" + k2}, k4 + " " + k1 + " " + k2},
+		{"list variable adds to the variable", nil, map[string]string{"IMQ_API_KEY": k4, "IMQ_API_KEYS": k1}, k4 + " " + k1},
+		{"the command line wins over IMQ_API_KEY", []string{"--api-key", k1}, map[string]string{"IMQ_API_KEY": k4}, k1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := parseKeys(t, tc.args, tc.env)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := secrets(cfg.APIKeys); got != tc.want {
+				t.Errorf("keys %q, want %q", got, tc.want)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{"short key", []string{"--api-key", "s3cr3t"}, nil, "--api-key: the secret is 6 bytes"},
+		{"bad option", []string{"--api-key", k1 + "s3cr3t methods=nope"}, nil, `--api-key: unknown method "nope"`},
+		{"bad key in a file", []string{"--api-key-file", writeFile(t, k1+"\ns3cr3t\n")}, nil, "--api-key-file "},
+		{"bad key in the variable", nil, map[string]string{"IMQ_API_KEY": "s3cr3t"}, "IMQ_API_KEY: the secret is 6 bytes"},
+		{"bad key in the list", nil, map[string]string{"IMQ_API_KEYS": k1 + ";s3cr3t"}, "IMQ_API_KEYS: API key 2: the secret is 6 bytes"},
+		{"empty list", nil, map[string]string{"IMQ_API_KEYS": ""}, "IMQ_API_KEYS is empty"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseKeys(t, tc.args, tc.env)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "s3cr3t") {
+				t.Errorf("the error repeats the secret: %v", err)
+			}
+		})
+	}
+}
+
+// TestAPIKeySpecsRoundTrip: imq cluster passes its keys to the gateways as
+// specs in IMQ_API_KEYS; the gateways read back the same keys.
+func TestAPIKeySpecsRoundTrip(t *testing.T) {
+	var keys apiKeysFlag
+	for _, spec := range []string{"key-one-0123456789", "key-two-0123456789 methods=publish,get_state prefixes=/room/,/lobby/", "key-three-0123456789 prefixes=/user/"} {
+		if err := keys.Set(spec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	specs, err := keys.specs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := gateway.ParseAPIKeys(strings.Join(specs, "\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprintf("%#v", back) != fmt.Sprintf("%#v", []gateway.APIKey(keys)) {
+		t.Errorf("read back %#v, want %#v", back, keys)
+	}
+	if err := keys.Set("key;with-a-semicolon-0123456789"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keys.specs(); err == nil || strings.Contains(err.Error(), "semicolon") {
+		t.Errorf("a key with ';' (which IMQ_API_KEYS would split): %v, want an error without the key", err)
+	}
+}
+
+// TestClusterChecksAPIKeysFirst: imq cluster refuses a bad API key before
+// it starts anything (no boss data directory is made), naming its source.
+func TestClusterChecksAPIKeysFirst(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want string
+	}{
+		{[]string{"--api-key", "s3cr3t"}, "", "--api-key: the secret is 6 bytes"},
+		{nil, "key-one-0123456789;s3cr3t", "IMQ_API_KEYS: API key 2: the secret is 6 bytes"},
+	} {
+		dir := t.TempDir()
+		if tc.env != "" {
+			t.Setenv("IMQ_API_KEYS", tc.env)
+		}
+		err := runCluster(append([]string{"--dir", dir}, tc.args...))
+		if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "s3cr3t") {
+			t.Errorf("imq cluster %q (IMQ_API_KEYS %q): %v, want an error with %q", tc.args, tc.env, err, tc.want)
+		}
+		if entries, _ := os.ReadDir(dir); len(entries) > 0 {
+			t.Errorf("imq cluster %q started something before refusing the key: %s holds %v", tc.args, dir, entries)
+		}
+	}
+}
+
+// TestUsageListsSecretFlags: imq --help lists every secret flag, those of
+// imq loadtest and the client commands included, from secretNames.
+func TestUsageListsSecretFlags(t *testing.T) {
+	for _, want := range []string{"  --api-key\n", "  --gossip-key\n", "  --jwt-secret\n", "  --secret (imq loadtest)\n", "  --token (imq sub, pub, state)\n"} {
+		if !strings.Contains(usage, want) {
+			t.Errorf("imq --help lacks %q:\n%s", want, usage)
+		}
+	}
+	for name := range secretNames {
+		if !strings.Contains(usage, "  --"+name) {
+			t.Errorf("imq --help does not list the secret flag --%s", name)
 		}
 	}
 }

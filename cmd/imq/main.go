@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -27,7 +28,8 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-const usage = `imq is a real-time pub/sub queue server for online games.
+// usage is imq --help; its list of secret flags comes from secretNames.
+var usage = `imq is a real-time pub/sub queue server for online games.
 
 Usage: imq <command> [flags]
 
@@ -49,11 +51,10 @@ A cluster is one boss, queue nodes and gateways, each started with
 --join BOSS_GOSSIP_ADDR; 'imq cluster' shows how on one machine.
 
 Run 'imq <command> --help' for a command's flags. Every flag can also be set
-with an environment variable: --jwt-secret is IMQ_JWT_SECRET. Secrets
-(--jwt-secret, --api-key, --gossip-key) also come from a file:
---jwt-secret-file or IMQ_JWT_SECRET_FILE. Prefer those: a command line is
-visible to every user of the machine.
-`
+with an environment variable: --jwt-secret is IMQ_JWT_SECRET. Secrets also
+come from a file: --jwt-secret-file or IMQ_JWT_SECRET_FILE. Prefer those: a
+command line is visible to every user of the machine. The secret flags:
+` + secretFlagList()
 
 func main() {
 	if len(os.Args) < 2 {
@@ -126,11 +127,11 @@ const shutdownTimeout = 15 * time.Second
 // rpcFlags are the gateway's admin RPC and auth call-out flags, turned into
 // configuration by apply.
 type rpcFlags struct {
-	keys repeatFlag
+	keys apiKeysFlag
 }
 
 func (rf *rpcFlags) register(fs *flag.FlagSet, cfg *gateway.Config) {
-	fs.Var(&rf.keys, "api-key", `admin RPC key: "SECRET[ methods=publish,get_state][ prefixes=/room/,/lobby/]", repeatable; IMQ_API_KEYS holds more, separated by newlines or ';'`)
+	fs.Var(&rf.keys, "api-key", `admin RPC key: "SECRET[ methods=publish,get_state][ prefixes=/room/,/lobby/]", repeatable; `+apiKeysListHelp)
 	fs.IntVar(&cfg.RPCMaxBody, "rpc-max-body", cfg.RPCMaxBody, "largest admin RPC request body in bytes")
 	fs.DurationVar(&cfg.RPCTimeout, "rpc-timeout", cfg.RPCTimeout, "time limit of one admin RPC call")
 	fs.IntVar(&cfg.RPCMaxInflight, "rpc-max-inflight", cfg.RPCMaxInflight, "admin RPC calls in flight at most; more are answered 429")
@@ -139,22 +140,58 @@ func (rf *rpcFlags) register(fs *flag.FlagSet, cfg *gateway.Config) {
 	fs.IntVar(&cfg.AuthCalloutConcurrency, "auth-callout-concurrency", cfg.AuthCalloutConcurrency, "--auth-url calls in flight at most")
 }
 
-func (rf *rpcFlags) apply(cfg *gateway.Config) error {
-	for _, spec := range rf.keys {
-		k, err := gateway.ParseAPIKey(spec)
-		if err != nil {
-			return fmt.Errorf("--api-key: %w", err)
-		}
-		cfg.APIKeys = append(cfg.APIKeys, k)
+// apply adds the keys of --api-key, --api-key-file, IMQ_API_KEY(_FILE) and
+// IMQ_API_KEYS, parsed and checked by parse, to cfg.
+func (rf *rpcFlags) apply(cfg *gateway.Config) {
+	cfg.APIKeys = append(cfg.APIKeys, rf.keys...)
+}
+
+// apiKeysListHelp describes --api-key's list variable (flags.go listValue).
+const apiKeysListHelp = "IMQ_API_KEYS holds more, separated by newlines or ';'"
+
+// apiKeysFlag is --api-key, a secret flag (flags.go): each value is one key
+// spec, parsed at once by gateway.ParseAPIKey; its list variable,
+// IMQ_API_KEYS, holds several, split by gateway.ParseAPIKeys.
+type apiKeysFlag []gateway.APIKey
+
+func (a *apiKeysFlag) String() string { return "" } // secrets: --help shows no default
+
+func (a *apiKeysFlag) Set(spec string) error {
+	k, err := gateway.ParseAPIKey(spec)
+	if err != nil {
+		return err
 	}
-	if env := os.Getenv("IMQ_API_KEYS"); env != "" {
-		keys, err := gateway.ParseAPIKeys(env)
-		if err != nil {
-			return fmt.Errorf("IMQ_API_KEYS: %w", err)
-		}
-		cfg.APIKeys = append(cfg.APIKeys, keys...)
-	}
+	*a = append(*a, k)
 	return nil
+}
+
+func (a *apiKeysFlag) SetList(list string) error {
+	keys, err := gateway.ParseAPIKeys(list)
+	if err != nil {
+		return err
+	}
+	*a = append(*a, keys...)
+	return nil
+}
+
+// specs returns the keys as specs that gateway.ParseAPIKeys reads back:
+// imq cluster gives them to its gateways in IMQ_API_KEYS.
+func (a apiKeysFlag) specs() ([]string, error) {
+	var out []string
+	for i, k := range a {
+		if strings.ContainsAny(k.Secret, ";") {
+			return nil, fmt.Errorf("API key %d contains ';', which separates keys in IMQ_API_KEYS, how imq cluster passes them to its gateways", i+1)
+		}
+		spec := k.Secret
+		if len(k.Methods) > 0 {
+			spec += " methods=" + strings.Join(k.Methods, ",")
+		}
+		if len(k.Prefixes) > 0 {
+			spec += " prefixes=" + strings.Join(k.Prefixes, ",")
+		}
+		out = append(out, spec)
+	}
+	return out, nil
 }
 
 // calloutFlags are the queue node's call-out flags.
@@ -273,9 +310,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if err := rf.apply(&gc); err != nil {
-		return err
-	}
+	rf.apply(&gc)
 	if err := cf.apply(&nc); err != nil {
 		return err
 	}
@@ -357,9 +392,7 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	}
 	defer stopProfiling()
 	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
-	if err := rf.apply(&cfg); err != nil {
-		return err
-	}
+	rf.apply(&cfg)
 	switch {
 	case len(join) > 0 && cfg.QueueNode != "":
 		return errors.New("give --join (a cluster) or --queuenode (standalone), not both")

@@ -8,13 +8,53 @@ package obs
 
 import (
 	"encoding/json"
+	"log/slog"
 	"net/http"
 	"net/http/pprof"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
+
+// Limits of every internal listener (NewInternalServer). Its callers are
+// scrapers, the boss and peers, but it is still a network listener: a
+// stalled or hostile connection must not hold a goroutine or memory forever.
+const (
+	// InternalReadHeaderTimeout bounds reading a request's headers.
+	InternalReadHeaderTimeout = 10 * time.Second
+	// InternalReadTimeout bounds reading a whole request, body included
+	// (a kick passed on by a gateway is the largest, a few hundred bytes).
+	InternalReadTimeout = 10 * time.Second
+	// InternalWriteTimeout bounds a request from the end of its headers to
+	// the end of its answer. It exceeds the longest long poll, the boss's
+	// GET /v1/table?wait= (at most 60 s, boss.MaxWait, checked by a boss
+	// test), with room to write the table.
+	InternalWriteTimeout = 90 * time.Second
+	// InternalIdleTimeout closes keep-alive connections (scrapers, the
+	// boss, peers) idle this long.
+	InternalIdleTimeout = 2 * time.Minute
+	// InternalMaxHeaderBytes bounds a request's headers; larger is
+	// answered 431.
+	InternalMaxHeaderBytes = 32 << 10
+)
+
+// NewInternalServer returns the HTTP server of an internal listener (the
+// boss's API, a gateway's or a queue node's --internal-addr) serving
+// handler, with the limits above. Its own errors (a bad request, a TLS
+// probe) are logged at debug level: a scanner must not flood the log.
+func NewInternalServer(handler http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: InternalReadHeaderTimeout,
+		ReadTimeout:       InternalReadTimeout,
+		WriteTimeout:      InternalWriteTimeout,
+		IdleTimeout:       InternalIdleTimeout,
+		MaxHeaderBytes:    InternalMaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+}
 
 // Register adds the Go runtime and process collectors to reg, once per
 // registry; a registry that already has them is left as is.

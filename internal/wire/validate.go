@@ -1,6 +1,8 @@
 package wire
 
 import (
+	"errors"
+	"fmt"
 	"unicode"
 	"unicode/utf8"
 
@@ -17,7 +19,34 @@ const (
 	MaxMountName = 64
 	// MaxStateKey is the longest state key, in bytes.
 	MaxStateKey = 256
+	// MaxUserID is the longest user id, in bytes: the segment of the
+	// user's queue /user/<id> within MaxQueueName.
+	MaxUserID = MaxQueueName - len(userQueuePrefix)
 )
+
+const userQueuePrefix = "/user/"
+
+// ValidateUserID checks a user id (a token's sub, a development ?user=, an
+// auth backend's answer): it names the user's queue /user/<id>, so it is one
+// queue-name segment, 1 to MaxUserID bytes of [A-Za-z0-9_.:@+=~-], not "."
+// or "..". The error is a plain one: each caller says what the id was for
+// (the gateway refuses the connection UNAUTHORIZED, imq sub names --user).
+func ValidateUserID(id string) error {
+	switch {
+	case id == "":
+		return errors.New("the user id is empty")
+	case len(id) > MaxUserID:
+		return fmt.Errorf("the user id is %d bytes; at most %d", len(id), MaxUserID)
+	case id == "." || id == "..":
+		return fmt.Errorf("user id %q is not a valid queue segment", id)
+	}
+	for i := 0; i < len(id); i++ {
+		if !queueChar(id[i]) {
+			return fmt.Errorf("user id %q: character %q is not allowed (use A-Z a-z 0-9 _ . : @ + = ~ -)", id, rune(id[i]))
+		}
+	}
+	return nil
+}
 
 // ValidateQueueName checks a queue name: one or more segments, each "/"
 // followed by 1 or more of [A-Za-z0-9_.:@+=~-], not "." or "..", at most

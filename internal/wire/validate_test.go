@@ -1,6 +1,7 @@
 package wire_test
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -197,4 +198,45 @@ func TestValidateErrorsNameTheLimit(t *testing.T) {
 			t.Errorf("error %v does not mention the limit %s", c.err, c.want)
 		}
 	}
+}
+
+func TestValidateUserID(t *testing.T) {
+	maxID := strings.Repeat("a", wire.MaxUserID)
+	valid := []string{"alice", "u-1", "a.b", "bob@example.com", "x+y=z~", "A_Z:0", "...", maxID}
+	invalid := []string{"", ".", "..", "a/b", "/a", "a/", "al ice", "é", "a\x00", "a\n", maxID + "a"}
+	for _, id := range valid {
+		if err := wire.ValidateUserID(id); err != nil {
+			t.Errorf("%q: %v, want nil", id, err)
+		}
+	}
+	for _, id := range invalid {
+		err := wire.ValidateUserID(id)
+		if err == nil {
+			t.Errorf("%q: nil, want an error", id)
+			continue
+		}
+		if _, ok := errors.AsType[*imqerr.Error](err); ok {
+			t.Errorf("%q: %v carries a protocol code; want a plain error for the caller to wrap", id, err)
+		}
+	}
+	if err := wire.ValidateUserID(maxID + "a"); err == nil || !strings.Contains(err.Error(), fmt.Sprint(wire.MaxUserID)) {
+		t.Errorf("error %v does not mention the limit %d", err, wire.MaxUserID)
+	}
+	// The rule is "one segment of the user's queue /user/<id>": it agrees
+	// with the queue name rule on every id, for every byte.
+	for _, id := range append(append(valid, invalid...), allBytes()...) {
+		want := wire.ValidateQueueName("/user/"+id) == nil && !strings.Contains(id, "/")
+		if got := wire.ValidateUserID(id) == nil; got != want {
+			t.Errorf("%q: valid %v, but /user/%s as a queue name: valid %v", id, got, id, want)
+		}
+	}
+}
+
+// allBytes returns every one-byte string, and each byte between two letters.
+func allBytes() []string {
+	var out []string
+	for b := range 256 {
+		out = append(out, string([]byte{byte(b)}), "a"+string([]byte{byte(b)})+"b")
+	}
+	return out
 }

@@ -153,6 +153,6 @@ func run(bin string, n, size int, settle time.Duration, extra []string) error {
 	fmt.Printf("imq dev %s\n", strings.Join(extra, " "))
 	fmt.Printf("  %d publishes of %d bytes into fresh queues in %s: %v\n", n, size, took.Round(time.Millisecond), codes)
 	fmt.Printf("  RSS before %s, after %s\n", before, after)
-	fmt.Printf("  %s\n  %s\n", metric(internal, "imq_queuenode_bytes "), metric(internal, "imq_queuenode_queues "))
+	fmt.Printf("  %s\n  %s\n", metric(internal, "imq_queuenode_budget_used_bytes "), metric(internal, "imq_queuenode_queues "))
 	return nil
 }
