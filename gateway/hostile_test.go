@@ -286,3 +286,37 @@ func TestRefusalsAreLogged(t *testing.T) {
 		t.Fatalf("a warning repeats the token:\n%s", out)
 	}
 }
+
+// TestRPCKeyGuessesAreLimited: wrong API keys on the admin RPC spend the
+// address's failed-auth budget like bad connect tokens; past it every call
+// from that address is answered 429 before its key is looked at, and
+// another address is unaffected.
+func TestRPCKeyGuessesAreLimited(t *testing.T) {
+	d := startRPC(t, func(c *launch.DevConfig) { c.Gateway.AuthFailuresPerIP = 3 })
+	addr := d.Gateway.Addr()
+	body := `{"user":"nobody"}`
+	for i := range 3 {
+		a := rpcDo(t, addr, http.MethodPost, "kick", "guess-"+fmt.Sprint(i), body, nil)
+		expectRPCError(t, a, http.StatusUnauthorized, "UNAUTHORIZED")
+	}
+	expectRPCError(t, rpcDo(t, addr, http.MethodPost, "kick", "guess-4", body, nil), http.StatusTooManyRequests, "LIMIT_EXCEEDED")
+	// The right key is not even tried: a guess that happens to be right
+	// tells nothing.
+	expectRPCError(t, rpcDo(t, addr, http.MethodPost, "kick", testAPIKey, body, nil), http.StatusTooManyRequests, "LIMIT_EXCEEDED")
+	if n := d.Gateway.Refused("auth_failures"); n != 2 {
+		t.Fatalf("refused{auth_failures} = %v, want 2", n)
+	}
+	other := &http.Client{Transport: &http.Transport{DialContext: fromIP("127.0.0.2")}}
+	req, _ := http.NewRequest(http.MethodPost, "http://"+addr+gateway.RPCPath+"kick", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+testAPIKey)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := other.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	other.CloseIdleConnections()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("the right key from another address: %d, want 200", resp.StatusCode)
+	}
+}

@@ -71,20 +71,14 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		src := sourceKey(c.RemoteAddr())
 		if l.active.Add(1) > l.max {
 			l.active.Add(-1)
-			l.s.m.accepted.WithLabelValues("full").Inc()
 			l.s.noteRefused(refusedListenerFull, src)
-			l.refuseRaw(c, fullResponse)
+			l.refuseRaw(c, refusals[refusedListenerFull].raw)
 			continue
 		}
 		cc := &countedConn{Conn: c, l: l, src: src}
 		if reason := cc.pend(false); reason != "" {
-			l.s.m.accepted.WithLabelValues("refused").Inc()
 			l.s.noteRefused(reason, src)
-			resp := pendingResponse
-			if reason == refusedPendingIP {
-				resp = pendingIPResponse
-			}
-			l.refuseRaw(cc, resp)
+			l.refuseRaw(cc, refusals[reason].raw)
 			continue
 		}
 		return cc, nil

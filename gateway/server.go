@@ -448,8 +448,15 @@ func (s *Server) linksUp() int {
 
 // httpError answers a request that cannot become a WebSocket with the same
 // JSON error shape as the admin RPC.
+// It counts in imq_gateway_connections_total by code.
 func (s *Server) httpError(w http.ResponseWriter, status int, code imqpb.Code, msg string) {
 	s.m.accepted.WithLabelValues(strings.ToLower(code.String())).Inc()
+	writeHTTPError(w, status, code, msg)
+}
+
+// writeHTTPError writes the JSON error answer of httpError, counting
+// nothing.
+func writeHTTPError(w http.ResponseWriter, status int, code imqpb.Code, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-IMQ-Error", code.String())
 	w.WriteHeader(status)
@@ -494,17 +501,17 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	// once and takes its place in the authenticated pool now; any other
 	// is pending until its connect.
 	cc := connOf(r)
-	if ok, _ := s.authLimit.allowed(cc.source(), time.Now()); !ok {
-		s.refuse(w, r, refusedAuthFailures)
+	if ok, wait := s.authLimit.allowed(cc.source(), time.Now()); !ok {
+		s.refuse(w, r, refusedAuthFailures, wait)
 		return
 	}
 	if devUser != "" && !s.conns.tryAuth(s.maxConns) || devUser == "" && s.conns.authCount() >= s.maxConns {
-		s.refuse(w, r, refusedFull)
+		s.refuse(w, r, refusedFull, 0)
 		return
 	}
 	if devUser == "" {
 		if reason := cc.pend(false); reason != "" { // pending since accept, unless an API key took it out
-			s.refuse(w, r, reason)
+			s.refuse(w, r, reason, 0)
 			return
 		}
 	}
