@@ -191,6 +191,15 @@ type Config struct {
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
 	Registry *prometheus.Registry
+
+	// The client listener's HTTP limits, unexported (tests shorten them).
+	// Every request, headers and body, must arrive within clientRead (the
+	// admin RPC gives its body RPCTimeout) and its answer be taken within
+	// clientWrite; a WebSocket, once hijacked, sets deadlines of its own.
+	// clientIdle closes a keep-alive connection idle between requests; it
+	// holds a pending place meanwhile (admission.go). Defaults 10 s, 10 s
+	// and 30 s.
+	clientRead, clientWrite, clientIdle time.Duration
 }
 
 // DefaultConfig returns the documented defaults.
@@ -200,6 +209,9 @@ func DefaultConfig() Config {
 		InternalAddr:      "127.0.0.1:8081",
 		MaxPendingPerIP:   64,
 		AuthFailuresPerIP: 60,
+		clientRead:        10 * time.Second,
+		clientWrite:       10 * time.Second,
+		clientIdle:        30 * time.Second,
 		SendQueueBytes:    1 << 20,
 		SendQueueFrames:   4096,
 		MaxFrameBytes:     256 << 10,
@@ -267,6 +279,9 @@ func (c *Config) setDefaults() {
 	set(&c.AuthCalloutConcurrency, d.AuthCalloutConcurrency)
 	set(&c.RPCMaxBody, d.RPCMaxBody)
 	setD(&c.RPCTimeout, d.RPCTimeout)
+	setD(&c.clientRead, d.clientRead)
+	setD(&c.clientWrite, d.clientWrite)
+	setD(&c.clientIdle, d.clientIdle)
 	set(&c.RPCMaxInflight, d.RPCMaxInflight)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"testing"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -50,12 +49,13 @@ func (s *Server) Refused(reason string) float64 {
 }
 
 // SetClientTimeouts shortens the client listener's read and write timeouts
-// for the servers New makes until the test ends.
-func SetClientTimeouts(t testing.TB, read, write time.Duration) {
-	oldR, oldW := clientReadTimeout, clientWriteTimeout
-	clientReadTimeout, clientWriteTimeout = read, write
-	t.Cleanup(func() { clientReadTimeout, clientWriteTimeout = oldR, oldW })
+// of the gateway cfg configures.
+func SetClientTimeouts(cfg *Config, read, write time.Duration) {
+	cfg.clientRead, cfg.clientWrite = read, write
 }
 
 // Pending returns the size of the pending pool.
 func (s *Server) Pending() int { return s.ln.pending.count() }
+
+// Drains returns how many refused connections are being drained.
+func (s *Server) Drains() int { return len(s.ln.drains) }

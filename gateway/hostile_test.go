@@ -69,8 +69,7 @@ var errNotTimeout = errors.New("not a timeout")
 // hijacked, lives on past the read and write timeouts.
 func TestClientPortTimeouts(t *testing.T) {
 	const timeout = 300 * time.Millisecond
-	gateway.SetClientTimeouts(t, timeout, timeout)
-	d := startDev(t, nil)
+	d := startDev(t, func(c *gateway.Config) { gateway.SetClientTimeouts(c, timeout, timeout) })
 	addr := d.Gateway.Addr()
 	ws := mustDial(t, d, "lives", false)
 	start := time.Now()
@@ -318,5 +317,42 @@ func TestRPCKeyGuessesAreLimited(t *testing.T) {
 	other.CloseIdleConnections()
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("the right key from another address: %d, want 200", resp.StatusCode)
+	}
+}
+
+// TestShutdownWaitsForDrains: a connection refused at accept is drained on
+// a goroutine of its own (so the client reads the refusal); Shutdown waits
+// for those goroutines rather than leaving them behind.
+func TestShutdownWaitsForDrains(t *testing.T) {
+	cfg := launch.LocalDevConfig()
+	cfg.Gateway.MaxPendingPerIP = 1
+	d, err := launch.StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Shutdown(context.Background())
+	addr := d.Gateway.Addr()
+	held, err := net.Dial("tcp", addr) // takes the address's one pending place
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 1 })
+	refused, err := net.Dial("tcp", addr) // refused and drained: it sends nothing, so its drain lasts
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer refused.Close()
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Drains() == 1 })
+	// The held one goes, so that nothing else holds Shutdown up.
+	held.Close()
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := d.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := d.Gateway.Drains(); n != 0 {
+		t.Fatalf("%d refused connections still being drained after Shutdown", n)
 	}
 }
