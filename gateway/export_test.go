@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"net"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -59,3 +60,16 @@ func (s *Server) Pending() int { return s.ln.pending.count() }
 
 // Drains returns how many refused connections are being drained.
 func (s *Server) Drains() int { return len(s.ln.drains) }
+
+// PendingFrom returns how many pending connections come from ip's source
+// (its IPv4 address or IPv6 /64).
+func (s *Server) PendingFrom(ip string) int {
+	src := sourceKey(&net.TCPAddr{IP: net.ParseIP(ip)})
+	p := s.ln.pending
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bySrc[src]
+}
+
+// KickReads returns how many passed-on kicks are having their body read.
+func (s *Server) KickReads() int { return int(s.kickReads.Load()) }

@@ -29,22 +29,15 @@ func TestUnfinishedRequestsStayPending(t *testing.T) {
 	d := startDev(t, func(c *gateway.Config) {
 		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 8, 8, 2
 	})
-	addr := d.Gateway.Addr()
 	held := 0
-	for range 8 + 8 + 64 + 4 { // more than the listener admits
-		c, err := fromIP("127.0.0.2")(t.Context(), "tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx")
-		c.SetReadDeadline(time.Now().Add(150 * time.Millisecond))
-		if _, err := c.Read(make([]byte, 1)); errors.Is(err, errTimeout(err)) {
-			held++ // no answer: held open
+	for _, code := range openTCP(t, d.Gateway, "127.0.0.2", 8+8+64+4, // more than the listener admits
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx") {
+		if code == 0 {
+			held++
 		}
 	}
-	if held > 2 {
-		t.Fatalf("one host holds %d connections with unfinished requests; --max-pending-per-ip is 2", held)
+	if held > 2 || d.Gateway.PendingFrom("127.0.0.2") != held {
+		t.Fatalf("one host holds %d connections with unfinished requests (%d pending); --max-pending-per-ip is 2", held, d.Gateway.PendingFrom("127.0.0.2"))
 	}
 	c, resp, err := dialFrom(t, d, "127.0.0.3", "?user=legit")
 	if err != nil {
@@ -185,7 +178,7 @@ func TestPendingFloodFromManyHosts(t *testing.T) {
 		c.AuthTimeout = time.Minute
 	})
 	for i := range 5 {
-		for _, code := range silentTCP(t, d.Gateway.Addr(), fmt.Sprintf("127.0.1.%d", i+1), 8) {
+		for _, code := range openTCP(t, d.Gateway, fmt.Sprintf("127.0.1.%d", i+1), 8, "") {
 			if code != 0 {
 				t.Fatalf("a silent socket within the per-address cap was answered %d", code)
 			}
@@ -209,20 +202,27 @@ func TestPendingFloodFromManyHosts(t *testing.T) {
 func TestRefusalIsRead(t *testing.T) {
 	d := startDev(t, func(c *gateway.Config) { c.MaxPendingPerIP = 1 })
 	addr := d.Gateway.Addr()
-	silentTCP(t, addr, "127.0.0.7", 1) // takes the address's one place
+	if codes := openTCP(t, d.Gateway, "127.0.0.7", 1, ""); codes[0] != 0 { // takes the address's one place
+		t.Fatalf("the address's first connection was answered %d", codes[0])
+	}
 	head := "POST /rpc/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
 	for i := range 5 {
 		c, err := fromIP("127.0.0.7")(t.Context(), "tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
 		io.WriteString(c, head+strings.Repeat("x", 10000))
-		time.Sleep(20 * time.Millisecond) // the client sends its body in two parts, the refusal arriving between them
+		// The client sends its body in two parts, the refusal arriving
+		// between them: its first byte is waited for (not consumed).
+		br := bufio.NewReader(c)
+		if _, err := br.Peek(1); err != nil {
+			t.Fatalf("attempt %d: no refusal: %v", i+1, err)
+		}
 		if _, err := io.WriteString(c, strings.Repeat("x", 10000)); err != nil {
 			t.Fatalf("attempt %d: the rest of the request could not be sent: %v", i+1, err)
 		}
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		resp, err := http.ReadResponse(br, nil)
 		c.Close()
 		if err != nil {
 			t.Fatalf("attempt %d: the refusal was lost: %v", i+1, err)

@@ -289,7 +289,9 @@ func (s *Server) runSignedKick(w http.ResponseWriter, r *http.Request, id string
 	}
 	now := time.Now()
 	deadline := now.Add(s.cfg.RPCTimeout)
+	s.kickReads.Add(1)
 	body, err := s.readRPCBody(w, r, deadline, maxKickBody)
+	s.kickReads.Add(-1)
 	*bodyRead = true
 	if err != nil {
 		return nil, 0, err

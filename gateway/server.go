@@ -57,8 +57,9 @@ type Server struct {
 	// maxPending bounds connections not yet authenticated (admission.go).
 	maxPending int
 	authLimit  *authLimiter
-	logLimit   logLimiter // warnLimited
-	kickSigs   kickReplay // signatures of passed-on kicks already taken (rpc_kick.go)
+	logLimit   logLimiter   // warnLimited
+	kickSigs   kickReplay   // signatures of passed-on kicks already taken (rpc_kick.go)
+	kickReads  atomic.Int64 // passed-on kicks whose body is being read (rpc.go's runSignedKick)
 
 	// The internal listener (Config.InternalAddr): /metrics, /healthz,
 	// /varz, /v1/table and kicks passed on by other gateways.
