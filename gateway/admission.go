@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,9 +26,10 @@ import (
 // ones (Config.MaxConnections). When the pending pool is full a newcomer
 // takes the place of the oldest pending connection, an idle keep-alive one
 // first: a flood of sockets that never authenticate can delay a real client
-// but not lock it out. Failed authentications are rate-limited per source
-// address (Config.AuthFailuresPerIP). A source address is an IPv4 address
-// or an IPv6 /64 (one subscriber's usual allocation).
+// but not lock it out. Failed authentications (connect tokens, admin RPC
+// keys) are rate-limited per source address (Config.AuthFailuresPerIP). A
+// source address is an IPv4 address or an IPv6 /64 (one subscriber's usual
+// allocation).
 
 // Refusal reasons, the label values of imq_gateway_connections_refused_total.
 const (
@@ -350,8 +352,13 @@ type logLimiter struct {
 	skipped map[string]int       // Guarded by mu.
 }
 
+// maxLoggedAttr bounds each string attribute of a rate-limited warning: an
+// error message can carry a client's text (a token's aud, up to a frame).
+const maxLoggedAttr = 200
+
 // warnLimited logs msg with attrs at Warn unless a warning of reason was
-// logged within refusalLogEvery. attrs never hold a token or a key.
+// logged within refusalLogEvery. attrs never hold a token or a key; their
+// string values are cut to maxLoggedAttr bytes.
 func (s *Server) warnLimited(reason, msg string, attrs ...any) {
 	l := &s.logLimit
 	now := time.Now()
@@ -368,6 +375,11 @@ func (s *Server) warnLimited(reason, msg string, attrs ...any) {
 	skipped := l.skipped[reason]
 	l.skipped[reason] = 0
 	l.mu.Unlock()
+	for i, a := range attrs {
+		if v, ok := a.(string); ok && i%2 == 1 && len(v) > maxLoggedAttr {
+			attrs[i] = strings.ToValidUTF8(v[:maxLoggedAttr], "") + "..."
+		}
+	}
 	s.log.Warn(msg, append(attrs, "left_out", skipped)...)
 }
 

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -354,5 +356,47 @@ func TestShutdownWaitsForDrains(t *testing.T) {
 	}
 	if n := d.Gateway.Drains(); n != 0 {
 		t.Fatalf("%d refused connections still being drained after Shutdown", n)
+	}
+}
+
+// TestFailedAuthLogIsBounded: a token's error message can carry the
+// client's own text (an aud of kilobytes); the warning cuts it short.
+func TestFailedAuthLogIsBounded(t *testing.T) {
+	var logs syncBuffer
+	cfg := launch.LocalDevConfig()
+	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.Gateway.JWTSecret = testSecret
+	d, err := launch.StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d.Shutdown(ctx)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	aud := strings.Repeat("A", 8000)
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
+		Subject: "mallory", Audience: jwt.ClaimStrings{aud}, ExpiresAt: jwt.NewNumericDate(time.Now().Add(time.Hour)),
+	}).SignedString(testSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _, err := dialFrom(t, d, "127.0.0.10", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: tok}}}), imqpb.Code_UNAUTHORIZED)
+	out := logs.String()
+	if !strings.Contains(out, `msg="connect refused"`) {
+		t.Fatalf("no warning of the failed authentication:\n%s", out)
+	}
+	if strings.Contains(out, strings.Repeat("A", 300)) {
+		t.Fatalf("the warning repeats %d bytes of the client's text", strings.Count(out, "A"))
 	}
 }
