@@ -142,6 +142,13 @@ func TestSilentSocketFlood(t *testing.T) {
 	if n := d.Gateway.Refused("pending_ip"); n < 99 {
 		t.Fatalf("refused{pending_ip} = %v, want at least 99", n)
 	}
+	// Each refusal counts once, in refused_total{reason}: not again in
+	// connections_total.
+	for _, r := range []string{"full", "refused", "limit_exceeded"} {
+		if n := d.Gateway.Accepted(r); n != 0 {
+			t.Fatalf("connections_total{result=%q} = %v; refusals count in refused_total only", r, n)
+		}
+	}
 
 	// Hosts enough to fill the pending pool in total: the next connection,
 	// from any host, takes the place of the oldest pending one (the first

@@ -73,3 +73,10 @@ func (s *Server) PendingFrom(ip string) int {
 
 // KickReads returns how many passed-on kicks are having their body read.
 func (s *Server) KickReads() int { return int(s.kickReads.Load()) }
+
+// Accepted returns imq_gateway_connections_total{result}.
+func (s *Server) Accepted(result string) float64 {
+	var m dto.Metric
+	s.m.accepted.WithLabelValues(result).Write(&m)
+	return m.GetCounter().GetValue()
+}
