@@ -3,7 +3,6 @@ package gateway_test
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -47,17 +46,6 @@ func TestUnfinishedRequestsStayPending(t *testing.T) {
 	}
 	expectCode(t, c.join("/room/drip", chat()), imqpb.Code_OK)
 }
-
-// errTimeout returns err if it is a timeout, else a sentinel it is not.
-func errTimeout(err error) error {
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return err
-	}
-	return errNotTimeout
-}
-
-var errNotTimeout = errors.New("not a timeout")
 
 // TestClientPortTimeouts: on the client port a request must arrive within
 // the server's read timeout: a dripped body is cut off. A WebSocket,
