@@ -68,7 +68,9 @@ func TestNewFailsClean(t *testing.T) {
 	free.Close()
 	cfg := gateway.DefaultConfig()
 	cfg.Addr, cfg.InternalAddr, cfg.QueueNode = free.Addr().String(), taken.Addr().String(), "127.0.0.1:1"
-	if _, err := gateway.New(cfg); err == nil {
+	cfg.Dev = true
+	_, err = gateway.New(cfg)
+	if err == nil {
 		t.Fatal("New listened on an address already taken")
 	}
 	ln, err := net.Listen("tcp", cfg.Addr)
