@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,9 +26,10 @@ import (
 // ones (Config.MaxConnections). When the pending pool is full a newcomer
 // takes the place of the oldest pending connection, an idle keep-alive one
 // first: a flood of sockets that never authenticate can delay a real client
-// but not lock it out. Failed authentications are rate-limited per source
-// address (Config.AuthFailuresPerIP). A source address is an IPv4 address
-// or an IPv6 /64 (one subscriber's usual allocation).
+// but not lock it out. Failed authentications (connect tokens, admin RPC
+// keys) are rate-limited per source address (Config.AuthFailuresPerIP). A
+// source address is an IPv4 address or an IPv6 /64 (one subscriber's usual
+// allocation).
 
 // Refusal reasons, the label values of imq_gateway_connections_refused_total.
 const (
@@ -39,7 +41,34 @@ const (
 	refusedAuthFailures = "auth_failures"   // the address's failed-auth budget is spent
 )
 
-var refusedReasons = []string{refusedFull, refusedListenerFull, refusedPending, refusedPendingIP, refusedEvicted, refusedAuthFailures}
+// refusalAnswer is how a refusal is answered: the HTTP status and message
+// of a refused handshake or RPC call (code LIMIT_EXCEEDED), and raw, the
+// same answer pre-rendered for a connection refused at accept, before it
+// sent anything.
+type refusalAnswer struct {
+	status int
+	msg    string
+	raw    []byte
+}
+
+// refusals answers each refusal reason; the keys are the metric's label
+// values. refusedEvicted has no answer: the connection is closed.
+var refusals = map[string]refusalAnswer{
+	refusedFull:         newRefusal(http.StatusServiceUnavailable, "gateway is full"),
+	refusedListenerFull: newRefusal(http.StatusServiceUnavailable, "gateway is full"),
+	refusedPending:      newRefusal(http.StatusServiceUnavailable, "too many connections are authenticating; try again"),
+	refusedPendingIP:    newRefusal(http.StatusTooManyRequests, "too many unauthenticated connections from your address; authenticate or close them"),
+	refusedEvicted:      {},
+	refusedAuthFailures: newRefusal(http.StatusTooManyRequests, "too many failed authentications from your address"),
+}
+
+func newRefusal(status int, msg string) refusalAnswer {
+	body := `{"error":{"code":"LIMIT_EXCEEDED","message":` + strconv.Quote(msg) + `,"retryable":true}}` + "\n"
+	raw := []byte("HTTP/1.1 " + strconv.Itoa(status) + " " + http.StatusText(status) +
+		"\r\nContent-Type: application/json\r\nX-IMQ-Error: LIMIT_EXCEEDED\r\nConnection: close\r\nContent-Length: " +
+		strconv.Itoa(len(body)) + "\r\n\r\n" + body)
+	return refusalAnswer{status: status, msg: msg, raw: raw}
+}
 
 // sourceKey is the address a connection's limits are counted by.
 func sourceKey(addr net.Addr) netip.Prefix {
@@ -118,6 +147,18 @@ func (p *pendingPool) acquire(c *countedConn, idle bool) (reason string, victim 
 	return "", victim
 }
 
+// activate moves c, if it is pending and idle, back among the fresh: it
+// has started another request (an upgrade, an RPC call), pending until it
+// authenticates, and is no longer the first to go.
+func (p *pendingPool) activate(c *countedConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c.elem != nil && c.idle {
+		p.idle.Remove(c.elem)
+		c.elem, c.idle = p.fresh.PushBack(c), false
+	}
+}
+
 // release takes c out of the pool if it is in it; closed marks it closed,
 // never to be pending again.
 func (p *pendingPool) release(c *countedConn, closed bool) {
@@ -164,11 +205,16 @@ const maxAuthSources = 1 << 16
 const authForget = 2 * time.Minute
 
 // authLimiter is a token bucket per source: perMinute authentication
-// attempts that fail a minute, in a burst of as many. An attempt takes a
-// token before the token is checked and gives it back if it succeeds, so
-// connections upgraded together cannot each get a guess when one token
-// refills. An attempt refused for want of a token costs one too, down to
-// -perMinute: a source that keeps trying waits longer, at most two minutes.
+// attempts that fail a minute, in a burst of as many. An attempt may start
+// while the source has a token (allowed) and costs one only if it fails
+// (charge), so valid users behind one address are never refused for
+// checks that are merely slow. Checks that start together on a balance of
+// one token can each fail: the balance then goes below zero, down to
+// -perMinute, so a burst of failures pushes the next try out. The checks
+// in flight per source are bounded by its pending connections
+// (Config.MaxPendingPerIP), and so is that overshoot. From the floor, the
+// next token is back after a little over a minute ((1+perMinute)/perMinute
+// minutes), a full budget after two.
 // The buckets are kept in two generations, swapped every authForget or when
 // the newer one is full, so forgetting costs O(1).
 type authLimiter struct {
@@ -251,43 +297,16 @@ func (a *authLimiter) allowed(src netip.Prefix, now time.Time) (bool, time.Durat
 	return true, 0
 }
 
-// take spends one of src's tokens on an authentication attempt, or reports
-// false (and how long until a token is back) when it has none, which costs
-// one too, down to -perMinute.
-func (a *authLimiter) take(src netip.Prefix, now time.Time) (bool, time.Duration) {
+// charge spends one of src's tokens on a failed authentication, down to
+// -perMinute.
+func (a *authLimiter) charge(src netip.Prefix, now time.Time) {
 	if a.perMinute < 0 {
-		return true, 0
+		return
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	b := a.bucketLocked(src, now, true)
-	t := a.refill(b, now)
-	if t >= 1 {
-		b.tokens--
-		return true, 0
-	}
-	b.tokens = max(-float64(a.perMinute), t-1)
-	return false, a.wait(b.tokens)
-}
-
-// refund gives back the token of an attempt that did not fail (it
-// authenticated, or the auth backend could not answer). A bucket full again
-// is forgotten.
-func (a *authLimiter) refund(src netip.Prefix, now time.Time) {
-	if a.perMinute < 0 {
-		return
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	b := a.bucketLocked(src, now, false)
-	if b == nil {
-		return
-	}
-	if a.refill(b, now)+1 >= float64(a.perMinute) {
-		delete(a.cur, src)
-		return
-	}
-	b.tokens++
+	b.tokens = max(-float64(a.perMinute), a.refill(b, now)-1)
 }
 
 // sources returns how many sources the limiter remembers.
@@ -297,39 +316,21 @@ func (a *authLimiter) sources() int {
 	return len(a.cur) + len(a.prev)
 }
 
-// refusal answers a connection refused before it sent anything: written
-// straight to the socket, as the HTTP answer its request will get.
-func refusal(status int, msg string) []byte {
-	body := `{"error":{"code":"LIMIT_EXCEEDED","message":` + strconv.Quote(msg) + `,"retryable":true}}` + "\n"
-	return []byte("HTTP/1.1 " + strconv.Itoa(status) + " " + http.StatusText(status) +
-		"\r\nContent-Type: application/json\r\nX-IMQ-Error: LIMIT_EXCEEDED\r\nConnection: close\r\nContent-Length: " +
-		strconv.Itoa(len(body)) + "\r\n\r\n" + body)
-}
-
-var (
-	fullResponse      = refusal(http.StatusServiceUnavailable, "gateway is full")
-	pendingResponse   = refusal(http.StatusServiceUnavailable, "too many connections are authenticating; try again")
-	pendingIPResponse = refusal(http.StatusTooManyRequests, "too many unauthenticated connections from your address; authenticate or close them")
-)
-
-// refusalStatus is the HTTP status and message of a refusal at upgrade.
-func refusalStatus(reason string) (int, string) {
-	switch reason {
-	case refusedPending:
-		return http.StatusServiceUnavailable, "too many connections are authenticating; try again"
-	case refusedPendingIP:
-		return http.StatusTooManyRequests, "too many unauthenticated connections from your address; authenticate or close them"
-	case refusedAuthFailures:
-		return http.StatusTooManyRequests, "too many failed authentications from your address; try again later"
+// refusalMessage is reason's message, with when to try again if wait is
+// known (> 0).
+func refusalMessage(reason string, wait time.Duration) string {
+	msg := refusals[reason].msg
+	if wait > 0 {
+		msg += "; try again in " + max(wait.Round(time.Second), time.Second).String()
 	}
-	return http.StatusServiceUnavailable, "gateway is full"
+	return msg
 }
 
-// refuse answers an upgrade refused for reason.
-func (s *Server) refuse(w http.ResponseWriter, r *http.Request, reason string) {
+// refuse answers a handshake or an RPC call refused for reason; wait (if
+// > 0) says when to try again.
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, reason string, wait time.Duration) {
 	s.noteRefused(reason, connOf(r).source())
-	status, msg := refusalStatus(reason)
-	s.httpError(w, status, imqpb.Code_LIMIT_EXCEEDED, msg)
+	writeHTTPError(w, refusals[reason].status, imqpb.Code_LIMIT_EXCEEDED, refusalMessage(reason, wait))
 }
 
 // noteRefused counts a refusal and logs it, at most once per reason per
@@ -351,8 +352,13 @@ type logLimiter struct {
 	skipped map[string]int       // Guarded by mu.
 }
 
+// maxLoggedAttr bounds each string attribute of a rate-limited warning: an
+// error message can carry a client's text (a token's aud, up to a frame).
+const maxLoggedAttr = 200
+
 // warnLimited logs msg with attrs at Warn unless a warning of reason was
-// logged within refusalLogEvery. attrs never hold a token or a key.
+// logged within refusalLogEvery. attrs never hold a token or a key; their
+// string values are cut to maxLoggedAttr bytes.
 func (s *Server) warnLimited(reason, msg string, attrs ...any) {
 	l := &s.logLimit
 	now := time.Now()
@@ -369,6 +375,11 @@ func (s *Server) warnLimited(reason, msg string, attrs ...any) {
 	skipped := l.skipped[reason]
 	l.skipped[reason] = 0
 	l.mu.Unlock()
+	for i, a := range attrs {
+		if v, ok := a.(string); ok && i%2 == 1 && len(v) > maxLoggedAttr {
+			attrs[i] = strings.ToValidUTF8(v[:maxLoggedAttr], "") + "..."
+		}
+	}
 	s.log.Warn(msg, append(attrs, "left_out", skipped)...)
 }
 
@@ -387,15 +398,20 @@ func connOf(r *http.Request) *countedConn {
 
 // connState follows the HTTP server's connections: one idle between
 // requests is pending (again), the first to be evicted, and is closed when
-// it may not be. Serving a request changes nothing: the connection is
-// pending until it authenticates (serveWS's connect, runRPC's key).
+// it may not be; one that starts another request is pending still (until
+// serveWS's connect or runRPC's key authenticates it), but no longer idle.
 func (l *limitListener) connState(nc net.Conn, st http.ConnState) {
 	c, ok := nc.(*countedConn)
-	if !ok || st != http.StateIdle {
+	if !ok {
 		return
 	}
-	if reason := c.pend(true); reason != "" {
-		l.s.noteRefused(reason, c.src)
-		c.Close()
+	switch st {
+	case http.StateActive:
+		l.pending.activate(c)
+	case http.StateIdle:
+		if reason := c.pend(true); reason != "" {
+			l.s.noteRefused(reason, c.src)
+			c.Close()
+		}
 	}
 }

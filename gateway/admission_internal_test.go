@@ -76,6 +76,16 @@ func TestPendingPool(t *testing.T) {
 	if got, v := acquire(p, conn(netip.MustParsePrefix("10.0.0.5/32")), false); got != "" || v != b2 {
 		t.Fatalf("victim %v, want b2 (idle)", v)
 	}
+	// An idle one that starts another request (an upgrade, an RPC call on
+	// a reused connection) is fresh again, not the first to go.
+	p.acquire(c1, true) // pending: a2, c1 (idle), and the 10.0.0.5 newcomer
+	p.activate(c1)
+	if got, v := acquire(p, conn(netip.MustParsePrefix("10.0.0.6/32")), false); got != "" || v != a2 {
+		t.Fatalf("victim %v, want a2 (the oldest; c1 is active again)", v)
+	}
+	if c1.elem == nil || c1.idle {
+		t.Fatal("c1 is no longer pending, or still idle")
+	}
 	// A closed connection is never pending again.
 	p.release(a2, true)
 	if got, v := acquire(p, a2, false); got != "" || v != nil || a2.elem != nil {
@@ -104,9 +114,7 @@ func TestAuthLimiter(t *testing.T) {
 		if ok, _ := a.allowed(src, now); !ok {
 			t.Fatalf("refused after %d failures of 6", i)
 		}
-		if ok, _ := a.take(src, now); !ok {
-			t.Fatalf("take refused after %d failures of 6", i)
-		}
+		a.charge(src, now)
 	}
 	ok, wait := a.allowed(src, now)
 	if ok || wait != 10*time.Second {
@@ -119,39 +127,37 @@ func TestAuthLimiter(t *testing.T) {
 		t.Fatal("still refused after the refill time")
 	}
 	now = now.Add(10 * time.Second)
-	if ok, _ := a.take(src, now); !ok {
-		t.Fatal("the refilled token cannot be taken")
-	}
-	// A refused attempt costs too: three more push the wait out to 40 s...
+	a.charge(src, now)
+	// Checks that started together on the last token and failed push the
+	// wait out: three more, 40 s...
 	for range 3 {
-		if ok, _ := a.take(src, now); ok {
-			t.Fatal("take allowed with the budget spent")
-		}
+		a.charge(src, now)
 	}
 	if ok, wait := a.allowed(src, now); ok || wait != 40*time.Second {
-		t.Fatalf("after 3 refused attempts: allowed %v, wait %s; want 40s", ok, wait)
+		t.Fatalf("after 3 failures past the budget: allowed %v, wait %s; want 40s", ok, wait)
 	}
-	// ...but no further than two minutes.
+	// ...but no further than the floor, -perMinute.
 	for range 100 {
-		a.take(src, now)
+		a.charge(src, now)
 	}
 	if _, wait := a.allowed(src, now); wait != 70*time.Second {
 		t.Fatalf("wait %s at the floor, want 70s (1 - (-6) tokens at 6/min)", wait)
 	}
-	// An attempt that succeeds gives its token back, and a full bucket is
-	// forgotten.
+	// Only failures are remembered: a check that passes costs nothing.
 	other := netip.MustParsePrefix("10.0.0.3/32")
-	a.take(other, now)
-	a.refund(other, now)
-	if a.sources() != 1 {
-		t.Fatalf("%d sources remembered, want 1 (a refunded one is forgotten)", a.sources())
+	if ok, _ := a.allowed(other, now); !ok || a.sources() != 1 {
+		t.Fatalf("allowed %v, %d sources remembered; want 1 (allowed spends nothing)", ok, a.sources())
 	}
-	if ok, _ := newAuthLimiter(-1).take(src, now); !ok {
+	neg := newAuthLimiter(-1)
+	for range 10 {
+		neg.charge(src, now)
+	}
+	if ok, _ := neg.allowed(src, now); !ok {
 		t.Fatal("a negative limit refused")
 	}
 	// A source not seen for authForget is forgotten (it would be full).
-	a.take(other, now.Add(authForget))
-	a.take(other, now.Add(2*authForget))
+	a.charge(other, now.Add(authForget))
+	a.charge(other, now.Add(2*authForget))
 	if a.sources() != 1 {
 		t.Fatalf("%d sources remembered after two generations, want 1", a.sources())
 	}
@@ -173,12 +179,12 @@ func TestAuthLimiterBoundedAndCheap(t *testing.T) {
 	a := newAuthLimiter(60)
 	now := time.Now()
 	for i := range uint32(maxAuthSources) {
-		a.take(authSource(i), now)
+		a.charge(authSource(i), now)
 	}
 	const n = 2000
 	start := time.Now()
 	for i := range uint32(n) {
-		a.take(authSource(maxAuthSources+i), now.Add(time.Millisecond))
+		a.charge(authSource(maxAuthSources+i), now.Add(time.Millisecond))
 	}
 	per := time.Since(start) / n
 	if per > 100*time.Microsecond {
@@ -190,7 +196,7 @@ func TestAuthLimiterBoundedAndCheap(t *testing.T) {
 	// A source from the older generation keeps its spent budget.
 	src := authSource(0)
 	for range 59 {
-		a.take(src, now.Add(time.Millisecond))
+		a.charge(src, now.Add(time.Millisecond))
 	}
 	if ok, _ := a.allowed(src, now.Add(time.Millisecond)); ok {
 		t.Fatal("a source that spent its budget is allowed")

@@ -3,9 +3,11 @@ package gateway_test
 import (
 	"bufio"
 	"context"
+	"io"
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,31 +38,53 @@ func dialFrom(t testing.TB, d *launch.Dev, ip, query string) (*rawClient, *http.
 	return &rawClient{t: t, ws: ws}, resp, nil
 }
 
-// silentTCP opens n TCP connections from ip that never send a byte, then
-// returns the HTTP status the gateway answered each at once (0: none within
-// a moment, the connection is held open).
-func silentTCP(t testing.TB, addr, ip string, n int) []int {
+// openTCP opens n TCP connections from ip to gw, each sending send (which
+// may be empty), and sorts them by the gateway's answer: codes[i] is the
+// HTTP status connection i was answered, 0 if it is held open (pending,
+// as the gateway's own count says), -1 if it was closed unanswered. It
+// waits for every connection to be one or the other, however slow the
+// gateway: silence within a moment proves nothing on a busy machine.
+func openTCP(t testing.TB, gw *gateway.Server, ip string, n int, send string) []int {
 	t.Helper()
+	before := gw.PendingFrom(ip)
 	conns := make([]net.Conn, n)
 	for i := range conns {
-		c, err := fromIP(ip)(context.Background(), "tcp", addr)
+		c, err := fromIP(ip)(context.Background(), "tcp", gw.Addr())
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
+		c.SetReadDeadline(time.Now().Add(time.Minute)) // before the readers start: the deadline that stops them must come after
+		if send != "" {
+			io.WriteString(c, send) // a refused connection may be reset: no matter
+		}
 		conns[i] = c
 	}
-	deadline := time.Now().Add(300 * time.Millisecond)
 	codes := make([]int, n)
+	var answered atomic.Int64
+	var stopping atomic.Bool
 	var wg sync.WaitGroup
 	for i, c := range conns {
-		wg.Go(func() {
-			c.SetReadDeadline(deadline)
-			if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err == nil {
+		wg.Go(func() { // ends at an answer, a close, or the read deadline set below
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			switch {
+			case err == nil:
 				resp.Body.Close()
 				codes[i] = resp.StatusCode
+			case stopping.Load():
+				return // held: codes[i] stays 0
+			default:
+				codes[i] = -1
 			}
+			answered.Add(1)
 		})
+	}
+	waitFor(t, 30*time.Second, func() bool {
+		return int(answered.Load())+gw.PendingFrom(ip)-before == n
+	})
+	stopping.Store(true)
+	for _, c := range conns {
+		c.SetReadDeadline(time.Now()) // the held ones' readers return
 	}
 	wg.Wait()
 	return codes
@@ -75,7 +99,6 @@ func TestSilentSocketFlood(t *testing.T) {
 		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 20, 10, 4
 		c.AuthTimeout = time.Minute
 	})
-	addr := d.Gateway.Addr()
 	const attacker = "127.0.0.2"
 	// Two WebSockets that never authenticate take two of the attacker's
 	// four pending places...
@@ -88,7 +111,7 @@ func TestSilentSocketFlood(t *testing.T) {
 	// the gateway has: 20 + 10 + 64 for /metrics) the rest are answered 429
 	// at once rather than held.
 	held, refused := 0, 0
-	for _, code := range silentTCP(t, addr, attacker, 100) {
+	for _, code := range openTCP(t, d.Gateway, attacker, 100, "") {
 		switch code {
 		case 0:
 			held++
@@ -109,8 +132,8 @@ func TestSilentSocketFlood(t *testing.T) {
 	if el := time.Since(start); el > 5*time.Second {
 		t.Fatalf("the real client took %s to get in", el)
 	}
-	if held != 2 || refused != 98 {
-		t.Fatalf("of 100 silent sockets %d were held and %d answered 429; want 2 and 98", held, refused)
+	if held != 2 || refused != 98 || d.Gateway.PendingFrom(attacker) != 4 {
+		t.Fatalf("of 100 silent sockets %d were held and %d answered 429, %d pending from the attacker; want 2, 98 and 4", held, refused, d.Gateway.PendingFrom(attacker))
 	}
 	// A further WebSocket from the attacker is refused at the handshake.
 	if _, resp, err := dialFrom(t, d, attacker, ""); err == nil || resp == nil || resp.StatusCode != http.StatusTooManyRequests {
@@ -118,6 +141,13 @@ func TestSilentSocketFlood(t *testing.T) {
 	}
 	if n := d.Gateway.Refused("pending_ip"); n < 99 {
 		t.Fatalf("refused{pending_ip} = %v, want at least 99", n)
+	}
+	// Each refusal counts once, in refused_total{reason}: not again in
+	// connections_total.
+	for _, r := range []string{"full", "refused", "limit_exceeded"} {
+		if n := d.Gateway.Accepted(r); n != 0 {
+			t.Fatalf("connections_total{result=%q} = %v; refusals count in refused_total only", r, n)
+		}
 	}
 
 	// Hosts enough to fill the pending pool in total: the next connection,

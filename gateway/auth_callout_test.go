@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -234,4 +235,55 @@ func TestAuthWithoutCallout(t *testing.T) {
 	d := startDev(t, func(c *gateway.Config) {})
 	expectCode(t, connectToken(t, d, token(t, testSecret, "alice", time.Now().Add(time.Hour))), imqpb.Code_OK)
 	expectCode(t, connectToken(t, d, "good-alice"), imqpb.Code_UNAUTHORIZED)
+}
+
+// TestSlowChecksSpendNoBudget: many players behind one address (a NAT)
+// connect at once with valid tokens while the auth backend is slow. The
+// failed-auth budget counts failures, not checks in flight: all of them get
+// in, though there are more than the budget.
+func TestSlowChecksSpendNoBudget(t *testing.T) {
+	const n, budget = 10, 3
+	var arrived atomic.Int64
+	all := make(chan struct{})
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Token string `json:"token"`
+		}
+		json.NewDecoder(r.Body).Decode(&req)
+		if arrived.Add(1) == n {
+			close(all)
+		}
+		select { // slow: answers once every check is in flight (or gives up)
+		case <-all:
+		case <-time.After(2 * time.Second):
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"user":"`+req.Token+`"}`)
+	}))
+	t.Cleanup(backend.Close)
+	d := startRPC(t, func(c *launch.DevConfig) {
+		c.Gateway.AuthURL = backend.URL
+		c.Gateway.AuthCalloutTimeout = 5 * time.Second
+		c.Gateway.AuthFailuresPerIP, c.Gateway.MaxPendingPerIP = budget, n
+	})
+	cs := make([]*rawClient, n)
+	for i := range cs {
+		c, _, err := dialFrom(t, d, "127.0.0.9", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs[i] = c
+	}
+	ids := make([]uint64, n)
+	for i, c := range cs { // all sent before any answer is read: the checks run at once
+		ids[i] = c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: fmt.Sprintf("player%d", i)}}})
+	}
+	for i, c := range cs {
+		if code := c.reply(ids[i]).GetCode(); code != imqpb.Code_OK {
+			t.Fatalf("player %d of %d connecting at once from one address, budget %d: %v; want all OK", i+1, n, budget, code)
+		}
+	}
+	if got := arrived.Load(); got != n {
+		t.Fatalf("%d tokens checked, want %d", got, n)
+	}
 }

@@ -138,7 +138,9 @@ type Config struct {
 	// authenticate cannot take the authenticated clients' places. Past it a
 	// new connection takes the place of the oldest pending one (an idle
 	// keep-alive one first), which is closed. Default: a quarter of
-	// MaxConnections, at least 16.
+	// MaxConnections, at least 16. When the open-file capacity (the limit
+	// less a reserve) cannot hold both pools, New lowers MaxPending to a
+	// fifth of the capacity and MaxConnections to the rest, and logs both.
 	MaxPending int
 	// MaxPendingPerIP bounds the pending connections from one source (an
 	// IPv4 address or an IPv6 /64); past it they are answered 429
@@ -148,10 +150,15 @@ type Config struct {
 	MaxPendingPerIP int
 	// AuthFailuresPerIP is how many failed authentications (connect
 	// answered UNAUTHORIZED) a source may have per minute, in a burst of as
-	// many. Each token check takes one first (given back if it passes);
-	// past it connect is answered LIMIT_EXCEEDED and new connections 429
-	// LIMIT_EXCEEDED until its budget refills, each refused attempt
-	// pushing that out. Negative: no limit. Default 60.
+	// many; an admin RPC call with a missing or wrong API key counts too.
+	// A check starts while the source has budget left and costs one only
+	// if it fails, so slow checks of valid tokens are never refused; checks
+	// started together may overshoot, by at most MaxPendingPerIP, the
+	// balance going down to -AuthFailuresPerIP. Without budget, connect is
+	// answered LIMIT_EXCEEDED and new connections and RPC calls 429
+	// LIMIT_EXCEEDED until it refills: from the floor, a next try after
+	// (AuthFailuresPerIP+1)/AuthFailuresPerIP minutes, the full budget after
+	// two. Negative: no limit. Default 60.
 	AuthFailuresPerIP int
 	// SendQueueBytes bounds the bytes queued for one client; past it the
 	// client is a slow consumer and is disconnected.
@@ -191,6 +198,15 @@ type Config struct {
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
 	Registry *prometheus.Registry
+
+	// The client listener's HTTP limits, unexported (tests shorten them).
+	// Every request, headers and body, must arrive within clientRead (the
+	// admin RPC gives its body RPCTimeout) and its answer be taken within
+	// clientWrite; a WebSocket, once hijacked, sets deadlines of its own.
+	// clientIdle closes a keep-alive connection idle between requests; it
+	// holds a pending place meanwhile (admission.go). Defaults 10 s, 10 s
+	// and 30 s.
+	clientRead, clientWrite, clientIdle time.Duration
 }
 
 // DefaultConfig returns the documented defaults.
@@ -200,6 +216,9 @@ func DefaultConfig() Config {
 		InternalAddr:      "127.0.0.1:8081",
 		MaxPendingPerIP:   64,
 		AuthFailuresPerIP: 60,
+		clientRead:        10 * time.Second,
+		clientWrite:       10 * time.Second,
+		clientIdle:        30 * time.Second,
 		SendQueueBytes:    1 << 20,
 		SendQueueFrames:   4096,
 		MaxFrameBytes:     256 << 10,
@@ -267,6 +286,9 @@ func (c *Config) setDefaults() {
 	set(&c.AuthCalloutConcurrency, d.AuthCalloutConcurrency)
 	set(&c.RPCMaxBody, d.RPCMaxBody)
 	setD(&c.RPCTimeout, d.RPCTimeout)
+	setD(&c.clientRead, d.clientRead)
+	setD(&c.clientWrite, d.clientWrite)
+	setD(&c.clientIdle, d.clientIdle)
 	set(&c.RPCMaxInflight, d.RPCMaxInflight)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

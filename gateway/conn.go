@@ -286,14 +286,15 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		// AuthCalloutTimeout: the connection has nothing else to do before
 		// it is authenticated.
 		//
-		// Each attempt takes one of the source's failed-auth budget before
-		// the token is checked, and gives it back unless the token is
-		// refused: however many connections it has upgraded, a source gets
-		// no more tokens checked than its budget.
+		// A check starts while the source has some of its failed-auth
+		// budget left and costs one only if the token is refused: valid
+		// users behind one address are not refused for checks that are
+		// merely slow. Checks started together may overshoot the budget,
+		// by at most the source's pending connections (MaxPendingPerIP).
 		src := c.cc.source()
-		if ok, wait := c.s.authLimit.take(src, time.Now()); !ok {
+		if ok, wait := c.s.authLimit.allowed(src, time.Now()); !ok {
 			c.s.noteRefused(refusedAuthFailures, src)
-			e := imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "too many failed authentications from your address; try again in %s", wait.Round(time.Second))
+			e := imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "%s", refusalMessage(refusedAuthFailures, wait))
 			c.replyErr(id, e)
 			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, e.Message, true)
 			return
@@ -301,20 +302,19 @@ func (c *conn) connect(id uint64, m *imqpb.Connect) {
 		user, err := c.s.authenticate(m.GetToken())
 		if err != nil {
 			if imqerr.From(err).Code == imqpb.Code_UNAUTHORIZED {
+				c.s.authLimit.charge(src, time.Now())
 				c.s.warnLimited("auth_failed", "connect refused", "source", src.String(), "error", imqerr.From(err).Message)
-			} else {
-				c.s.authLimit.refund(src, time.Now())
 			}
 			c.replyErr(id, err)
 			// reconnect when the backend failed rather than refused
 			c.goAway(imqpb.Reason_REASON_AUTH_FAILED, imqerr.From(err).Message, imqerr.From(err).Retryable())
 			return
 		}
-		c.s.authLimit.refund(src, time.Now())
 		if !c.s.conns.tryAuth(c.s.maxConns) {
 			c.s.noteRefused(refusedFull, src)
-			c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "gateway is full; try again"))
-			c.goAway(imqpb.Reason_REASON_SERVER_FULL, "gateway is full", true)
+			msg := refusalMessage(refusedFull, 0)
+			c.replyErr(id, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "%s", msg))
+			c.goAway(imqpb.Reason_REASON_SERVER_FULL, msg, true)
 			return
 		}
 		c.cc.unpend()

@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"net"
 	"testing"
 	"time"
 
@@ -50,4 +51,31 @@ func TestRequestDeadlineSent(t *testing.T) {
 	if req := fake.request(t); req.GetLeave() == nil || req.GetId() != 0 || req.GetDeadlineMs() != 0 {
 		t.Fatalf("leave of a closed connection %v: want no id and no deadline_ms", req)
 	}
+}
+
+// TestNewFailsClean: a New that fails after binding its client listener
+// (here the internal address is taken) releases it.
+func TestNewFailsClean(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	free.Close()
+	cfg := gateway.DefaultConfig()
+	cfg.Addr, cfg.InternalAddr, cfg.QueueNode = free.Addr().String(), taken.Addr().String(), "127.0.0.1:1"
+	cfg.Dev = true
+	_, err = gateway.New(cfg)
+	if err == nil {
+		t.Fatal("New listened on an address already taken")
+	}
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		t.Fatalf("the client address is still bound after New failed: %v", err)
+	}
+	ln.Close()
 }

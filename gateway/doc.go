@@ -68,6 +68,9 @@
 // table watcher and memberlist's own (ending at Shutdown); and one short
 // goroutine per request answered MOVED, ending within the request timeout.
 // With a JWKS URL, one refresher, ending at Shutdown.
+// Per connection refused at accept, one drain (at most 32 at once) that
+// reads what the client still sends for at most 500 ms so the refusal is
+// not lost to a reset; Shutdown waits for them.
 // Per admin RPC call net/http's handler goroutine; a broadcast adds up to 64
 // publishers and a kick one goroutine per other gateway, all ending before
 // the call answers, within its timeout.

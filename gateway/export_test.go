@@ -1,7 +1,7 @@
 package gateway
 
 import (
-	"testing"
+	"net"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -50,12 +50,33 @@ func (s *Server) Refused(reason string) float64 {
 }
 
 // SetClientTimeouts shortens the client listener's read and write timeouts
-// for the servers New makes until the test ends.
-func SetClientTimeouts(t testing.TB, read, write time.Duration) {
-	oldR, oldW := clientReadTimeout, clientWriteTimeout
-	clientReadTimeout, clientWriteTimeout = read, write
-	t.Cleanup(func() { clientReadTimeout, clientWriteTimeout = oldR, oldW })
+// of the gateway cfg configures.
+func SetClientTimeouts(cfg *Config, read, write time.Duration) {
+	cfg.clientRead, cfg.clientWrite = read, write
 }
 
 // Pending returns the size of the pending pool.
 func (s *Server) Pending() int { return s.ln.pending.count() }
+
+// Drains returns how many refused connections are being drained.
+func (s *Server) Drains() int { return len(s.ln.drains) }
+
+// PendingFrom returns how many pending connections come from ip's source
+// (its IPv4 address or IPv6 /64).
+func (s *Server) PendingFrom(ip string) int {
+	src := sourceKey(&net.TCPAddr{IP: net.ParseIP(ip)})
+	p := s.ln.pending
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bySrc[src]
+}
+
+// KickReads returns how many passed-on kicks are having their body read.
+func (s *Server) KickReads() int { return int(s.kickReads.Load()) }
+
+// Accepted returns imq_gateway_connections_total{result}.
+func (s *Server) Accepted(result string) float64 {
+	var m dto.Metric
+	s.m.accepted.WithLabelValues(result).Write(&m)
+	return m.GetCounter().GetValue()
+}

@@ -3,7 +3,6 @@ package gateway_test
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
@@ -29,22 +30,15 @@ func TestUnfinishedRequestsStayPending(t *testing.T) {
 	d := startDev(t, func(c *gateway.Config) {
 		c.MaxConnections, c.MaxPending, c.MaxPendingPerIP = 8, 8, 2
 	})
-	addr := d.Gateway.Addr()
 	held := 0
-	for range 8 + 8 + 64 + 4 { // more than the listener admits
-		c, err := fromIP("127.0.0.2")(t.Context(), "tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx")
-		c.SetReadDeadline(time.Now().Add(150 * time.Millisecond))
-		if _, err := c.Read(make([]byte, 1)); errors.Is(err, errTimeout(err)) {
-			held++ // no answer: held open
+	for _, code := range openTCP(t, d.Gateway, "127.0.0.2", 8+8+64+4, // more than the listener admits
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nx") {
+		if code == 0 {
+			held++
 		}
 	}
-	if held > 2 {
-		t.Fatalf("one host holds %d connections with unfinished requests; --max-pending-per-ip is 2", held)
+	if held > 2 || d.Gateway.PendingFrom("127.0.0.2") != held {
+		t.Fatalf("one host holds %d connections with unfinished requests (%d pending); --max-pending-per-ip is 2", held, d.Gateway.PendingFrom("127.0.0.2"))
 	}
 	c, resp, err := dialFrom(t, d, "127.0.0.3", "?user=legit")
 	if err != nil {
@@ -53,24 +47,12 @@ func TestUnfinishedRequestsStayPending(t *testing.T) {
 	expectCode(t, c.join("/room/drip", chat()), imqpb.Code_OK)
 }
 
-// errTimeout returns err if it is a timeout, else a sentinel it is not.
-func errTimeout(err error) error {
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return err
-	}
-	return errNotTimeout
-}
-
-var errNotTimeout = errors.New("not a timeout")
-
 // TestClientPortTimeouts: on the client port a request must arrive within
 // the server's read timeout: a dripped body is cut off. A WebSocket,
 // hijacked, lives on past the read and write timeouts.
 func TestClientPortTimeouts(t *testing.T) {
 	const timeout = 300 * time.Millisecond
-	gateway.SetClientTimeouts(t, timeout, timeout)
-	d := startDev(t, nil)
+	d := startDev(t, func(c *gateway.Config) { gateway.SetClientTimeouts(c, timeout, timeout) })
 	addr := d.Gateway.Addr()
 	ws := mustDial(t, d, "lives", false)
 	start := time.Now()
@@ -186,7 +168,7 @@ func TestPendingFloodFromManyHosts(t *testing.T) {
 		c.AuthTimeout = time.Minute
 	})
 	for i := range 5 {
-		for _, code := range silentTCP(t, d.Gateway.Addr(), fmt.Sprintf("127.0.1.%d", i+1), 8) {
+		for _, code := range openTCP(t, d.Gateway, fmt.Sprintf("127.0.1.%d", i+1), 8, "") {
 			if code != 0 {
 				t.Fatalf("a silent socket within the per-address cap was answered %d", code)
 			}
@@ -210,20 +192,27 @@ func TestPendingFloodFromManyHosts(t *testing.T) {
 func TestRefusalIsRead(t *testing.T) {
 	d := startDev(t, func(c *gateway.Config) { c.MaxPendingPerIP = 1 })
 	addr := d.Gateway.Addr()
-	silentTCP(t, addr, "127.0.0.7", 1) // takes the address's one place
+	if codes := openTCP(t, d.Gateway, "127.0.0.7", 1, ""); codes[0] != 0 { // takes the address's one place
+		t.Fatalf("the address's first connection was answered %d", codes[0])
+	}
 	head := "POST /rpc/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
 	for i := range 5 {
 		c, err := fromIP("127.0.0.7")(t.Context(), "tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
 		io.WriteString(c, head+strings.Repeat("x", 10000))
-		time.Sleep(20 * time.Millisecond) // the client sends its body in two parts, the refusal arriving between them
+		// The client sends its body in two parts, the refusal arriving
+		// between them: its first byte is waited for (not consumed).
+		br := bufio.NewReader(c)
+		if _, err := br.Peek(1); err != nil {
+			t.Fatalf("attempt %d: no refusal: %v", i+1, err)
+		}
 		if _, err := io.WriteString(c, strings.Repeat("x", 10000)); err != nil {
 			t.Fatalf("attempt %d: the rest of the request could not be sent: %v", i+1, err)
 		}
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		resp, err := http.ReadResponse(br, nil)
 		c.Close()
 		if err != nil {
 			t.Fatalf("attempt %d: the refusal was lost: %v", i+1, err)
@@ -284,5 +273,118 @@ func TestRefusalsAreLogged(t *testing.T) {
 	}
 	if strings.Contains(out, guess) {
 		t.Fatalf("a warning repeats the token:\n%s", out)
+	}
+}
+
+// TestRPCKeyGuessesAreLimited: wrong API keys on the admin RPC spend the
+// address's failed-auth budget like bad connect tokens; past it every call
+// from that address is answered 429 before its key is looked at, and
+// another address is unaffected.
+func TestRPCKeyGuessesAreLimited(t *testing.T) {
+	d := startRPC(t, func(c *launch.DevConfig) { c.Gateway.AuthFailuresPerIP = 3 })
+	addr := d.Gateway.Addr()
+	body := `{"user":"nobody"}`
+	for i := range 3 {
+		a := rpcDo(t, addr, http.MethodPost, "kick", "guess-"+fmt.Sprint(i), body, nil)
+		expectRPCError(t, a, http.StatusUnauthorized, "UNAUTHORIZED")
+	}
+	expectRPCError(t, rpcDo(t, addr, http.MethodPost, "kick", "guess-4", body, nil), http.StatusTooManyRequests, "LIMIT_EXCEEDED")
+	// The right key is not even tried: a guess that happens to be right
+	// tells nothing.
+	expectRPCError(t, rpcDo(t, addr, http.MethodPost, "kick", testAPIKey, body, nil), http.StatusTooManyRequests, "LIMIT_EXCEEDED")
+	if n := d.Gateway.Refused("auth_failures"); n != 2 {
+		t.Fatalf("refused{auth_failures} = %v, want 2", n)
+	}
+	other := &http.Client{Transport: &http.Transport{DialContext: fromIP("127.0.0.2")}}
+	req, _ := http.NewRequest(http.MethodPost, "http://"+addr+gateway.RPCPath+"kick", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+testAPIKey)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := other.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	other.CloseIdleConnections()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("the right key from another address: %d, want 200", resp.StatusCode)
+	}
+}
+
+// TestShutdownWaitsForDrains: a connection refused at accept is drained on
+// a goroutine of its own (so the client reads the refusal); Shutdown waits
+// for those goroutines rather than leaving them behind.
+func TestShutdownWaitsForDrains(t *testing.T) {
+	cfg := launch.LocalDevConfig()
+	cfg.Gateway.MaxPendingPerIP = 1
+	d, err := launch.StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Shutdown(context.Background())
+	addr := d.Gateway.Addr()
+	held, err := net.Dial("tcp", addr) // takes the address's one pending place
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 1 })
+	refused, err := net.Dial("tcp", addr) // refused and drained: it sends nothing, so its drain lasts
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer refused.Close()
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Drains() == 1 })
+	// The held one goes, so that nothing else holds Shutdown up.
+	held.Close()
+	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := d.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := d.Gateway.Drains(); n != 0 {
+		t.Fatalf("%d refused connections still being drained after Shutdown", n)
+	}
+}
+
+// TestFailedAuthLogIsBounded: a token's error message can carry the
+// client's own text (an aud of kilobytes); the warning cuts it short.
+func TestFailedAuthLogIsBounded(t *testing.T) {
+	var logs syncBuffer
+	cfg := launch.LocalDevConfig()
+	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.Gateway.JWTSecret = testSecret
+	d, err := launch.StartDev(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d.Shutdown(ctx)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := d.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	aud := strings.Repeat("A", 8000)
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
+		Subject: "mallory", Audience: jwt.ClaimStrings{aud}, ExpiresAt: jwt.NewNumericDate(time.Now().Add(time.Hour)),
+	}).SignedString(testSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _, err := dialFrom(t, d, "127.0.0.10", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: tok}}}), imqpb.Code_UNAUTHORIZED)
+	out := logs.String()
+	if !strings.Contains(out, `msg="connect refused"`) {
+		t.Fatalf("no warning of the failed authentication:\n%s", out)
+	}
+	if strings.Contains(out, strings.Repeat("A", 300)) {
+		t.Fatalf("the warning repeats %d bytes of the client's text", strings.Count(out, "A"))
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"container/list"
+	"context"
 	"io"
 	"net"
 	"net/http"
@@ -35,6 +36,10 @@ type limitListener struct {
 	active  atomic.Int64
 	pending *pendingPool
 	drains  chan struct{} // one per refused connection being drained (refuseRaw)
+
+	drainMu     sync.Mutex
+	drainWG     sync.WaitGroup // the drain goroutines; waitDrains waits for them
+	drainClosed bool           // Guarded by drainMu: waitDrains was called; no drain starts
 }
 
 // maxDrains bounds the refused connections drained at once; past it a
@@ -71,20 +76,14 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		src := sourceKey(c.RemoteAddr())
 		if l.active.Add(1) > l.max {
 			l.active.Add(-1)
-			l.s.m.accepted.WithLabelValues("full").Inc()
 			l.s.noteRefused(refusedListenerFull, src)
-			l.refuseRaw(c, fullResponse)
+			l.refuseRaw(c, refusals[refusedListenerFull].raw)
 			continue
 		}
 		cc := &countedConn{Conn: c, l: l, src: src}
 		if reason := cc.pend(false); reason != "" {
-			l.s.m.accepted.WithLabelValues("refused").Inc()
 			l.s.noteRefused(reason, src)
-			resp := pendingResponse
-			if reason == refusedPendingIP {
-				resp = pendingIPResponse
-			}
-			l.refuseRaw(cc, resp)
+			l.refuseRaw(cc, refusals[reason].raw)
 			continue
 		}
 		return cc, nil
@@ -114,7 +113,17 @@ func (l *limitListener) refuseRaw(c net.Conn, resp []byte) {
 		c.Close()
 		return
 	}
-	go func() { // ends within refuseDrain
+	l.drainMu.Lock()
+	if l.drainClosed {
+		l.drainMu.Unlock()
+		<-l.drains
+		c.Close()
+		return
+	}
+	l.drainWG.Add(1)
+	l.drainMu.Unlock()
+	go func() { // ends within refuseDrain; Shutdown waits for it (waitDrains)
+		defer l.drainWG.Done()
 		defer func() { <-l.drains }()
 		defer c.Close()
 		if cw, ok := c.(interface{ CloseWrite() error }); ok {
@@ -123,6 +132,23 @@ func (l *limitListener) refuseRaw(c net.Conn, resp []byte) {
 		c.SetReadDeadline(time.Now().Add(refuseDrain))
 		io.Copy(io.Discard, io.LimitReader(c, 64<<10))
 	}()
+}
+
+// waitDrains waits for the refused connections being drained, within
+// refuseDrain, or until ctx is done; no drain starts after it.
+func (l *limitListener) waitDrains(ctx context.Context) {
+	l.drainMu.Lock()
+	l.drainClosed = true
+	l.drainMu.Unlock()
+	done := make(chan struct{})
+	go func() { // ends within refuseDrain
+		l.drainWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
 }
 
 // countedConn releases its slot in the listener once, on Close, and its

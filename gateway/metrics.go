@@ -30,7 +30,7 @@ type metrics struct {
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	m := &metrics{
 		accepted: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "imq_gateway_connections_total", Help: "WebSocket connection attempts, by result.",
+			Name: "imq_gateway_connections_total", Help: "WebSocket connection attempts, by result: ok, upgrade_failed, or the error code of a refused handshake (bad_request, unauthorized, forbidden, unavailable); fd_exhausted: an accept that failed for want of file descriptors. Refusals for capacity or abuse count in imq_gateway_connections_refused_total only.",
 		}, []string{"result"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imq_gateway_requests_total", Help: "Client requests received (messages in), by type.",
@@ -99,7 +99,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_gateway_connections_pending", Help: "Connections not yet authenticated (idle HTTP keep-alive ones included).",
 		}, func() float64 { return float64(s.ln.pending.count()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "imq_gateway_pending_capacity", Help: "Connections not yet authenticated this gateway admits at most (--max-pending).",
+			Name: "imq_gateway_connections_pending_capacity", Help: "Connections not yet authenticated this gateway admits at most (--max-pending).",
 		}, func() float64 { return float64(s.maxPending) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_connection_capacity", Help: "Authenticated client connections this gateway accepts at most (--max-connections).",
@@ -120,7 +120,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	for _, r := range []imqpb.Reason{imqpb.Reason_REASON_NODE_LOST, imqpb.Reason_REASON_MOVED, imqpb.Reason_REASON_TIMEOUT} {
 		m.unsubscribed.WithLabelValues(reasonLabel(r))
 	}
-	for _, r := range refusedReasons {
+	for r := range refusals {
 		m.refused.WithLabelValues(r)
 	}
 	for _, r := range []string{"ok", "error"} {

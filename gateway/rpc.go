@@ -221,8 +221,17 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 	if signed {
 		return s.runSignedKick(w, r, id, release, &bodyRead)
 	}
+	// A wrong key is a failed authentication like a bad connect token: it
+	// spends the source's budget (admission.go), and a source that spent
+	// it is refused before its key is looked at.
+	src := connOf(r).source()
+	if ok, wait := s.authLimit.allowed(src, time.Now()); !ok {
+		s.noteRefused(refusedAuthFailures, src)
+		return nil, 0, imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "%s", refusalMessage(refusedAuthFailures, wait))
+	}
 	key, err := s.rpcAuth(r)
 	if err != nil {
+		s.authLimit.charge(src, time.Now())
 		s.warnLimited("rpc_unauthorized", "admin RPC call refused", "source", r.RemoteAddr, "error", imqerr.From(err).Message)
 		return nil, 0, err
 	}
@@ -280,7 +289,9 @@ func (s *Server) runSignedKick(w http.ResponseWriter, r *http.Request, id string
 	}
 	now := time.Now()
 	deadline := now.Add(s.cfg.RPCTimeout)
+	s.kickReads.Add(1)
 	body, err := s.readRPCBody(w, r, deadline, maxKickBody)
+	s.kickReads.Add(-1)
 	*bodyRead = true
 	if err != nil {
 		return nil, 0, err

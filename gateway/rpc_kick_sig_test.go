@@ -86,12 +86,15 @@ func TestSignedKickHoldsNoSlotWhileItsBodyArrives(t *testing.T) {
 	defer slow.Close()
 	fmt.Fprintf(slow, "POST %skick HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s",
 		gateway.RPCPath, gateway.SignKick(testAPIKey, []byte(body), time.Now()), len(body), body[:5])
-	// Calls over a while (the signed kick's handler starts meanwhile) all
-	// get the slot.
+	// Its handler is reading the body (holding no slot)...
+	waitFor(t, 10*time.Second, func() bool { return d.Gateway.KickReads() == 1 })
+	// ...while calls get the only slot.
 	for i := range 10 {
 		if a := rpcDo(t, d.Gateway.Addr(), http.MethodPost, "kick", testAPIKey, body, nil); a.status != http.StatusOK {
 			t.Fatalf("call %d, while a signed kick's body trickles in: %v, want 200", i+1, a)
 		}
-		time.Sleep(20 * time.Millisecond)
+	}
+	if d.Gateway.KickReads() != 1 {
+		t.Fatal("the signed kick's body was not being read throughout")
 	}
 }

@@ -35,19 +35,6 @@ const (
 	SubprotocolJSON   = "imq.v1.json"
 )
 
-// The client listener's HTTP limits. Every request, headers and body, must
-// arrive within clientReadTimeout (the admin RPC gives its body
-// Config.RPCTimeout) and its answer be taken within clientWriteTimeout; a
-// WebSocket, once hijacked, sets deadlines of its own. Variables: tests
-// shorten them.
-var (
-	clientReadTimeout  = 10 * time.Second
-	clientWriteTimeout = 10 * time.Second
-	// clientIdleTimeout closes a keep-alive connection idle between
-	// requests; it holds a pending place meanwhile (admission.go).
-	clientIdleTimeout = 30 * time.Second
-)
-
 // maxHeaderBytes bounds a request's headers on both listeners (net/http
 // adds 4 KiB of slack). Tokens travel in the connect message, API keys and
 // kick signatures in one short Authorization header; 32 KiB leaves room for
@@ -70,8 +57,9 @@ type Server struct {
 	// maxPending bounds connections not yet authenticated (admission.go).
 	maxPending int
 	authLimit  *authLimiter
-	logLimit   logLimiter // warnLimited
-	kickSigs   kickReplay // signatures of passed-on kicks already taken (rpc_kick.go)
+	logLimit   logLimiter   // warnLimited
+	kickSigs   kickReplay   // signatures of passed-on kicks already taken (rpc_kick.go)
+	kickReads  atomic.Int64 // passed-on kicks whose body is being read (rpc.go's runSignedKick)
 
 	// The internal listener (Config.InternalAddr): /metrics, /healthz,
 	// /varz, /v1/table and kicks passed on by other gateways.
@@ -118,7 +106,7 @@ type Server struct {
 }
 
 // New validates cfg, raises the open-file limit and binds the listener.
-func New(cfg Config) (*Server, error) {
+func New(cfg Config) (_ *Server, err error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -136,6 +124,18 @@ func New(cfg Config) (*Server, error) {
 	rand.Read(nonce[:])
 	s.sessionPrefix = cfg.GatewayID + "." + hex.EncodeToString(nonce[:]) + "."
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	defer func() { // on error, undo what was started and opened
+		if err == nil {
+			return
+		}
+		s.cancel()
+		if s.ln != nil {
+			s.ln.Listener.Close()
+		}
+		if s.internalLn != nil {
+			s.internalLn.Close()
+		}
+	}()
 
 	files, err := sysx.RaiseFileLimit()
 	if err != nil {
@@ -167,7 +167,6 @@ func New(cfg Config) (*Server, error) {
 	s.ln = newLimitListener(ln, s.maxConns, s.maxPending, cfg.MaxPendingPerIP, s)
 	s.internalLn, err = net.Listen("tcp", cfg.InternalAddr)
 	if err != nil {
-		ln.Close()
 		return nil, fmt.Errorf("gateway: listen on the internal address: %w", err)
 	}
 	if cfg.Member == nil {
@@ -196,8 +195,6 @@ func New(cfg Config) (*Server, error) {
 	s.auth = newAuthCallout(&s.cfg)
 	jwks := newJWKSCache(s.ctx, &s.cfg, s.log, func(ok bool) { s.m.jwksFetches.WithLabelValues(okLabel(ok)).Inc() })
 	if s.jwt, err = newVerifier(&s.cfg, jwks); err != nil {
-		ln.Close()
-		s.internalLn.Close()
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	if len(cfg.APIKeys) == 0 {
@@ -213,9 +210,9 @@ func New(cfg Config) (*Server, error) {
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       clientReadTimeout,
-		WriteTimeout:      clientWriteTimeout,
-		IdleTimeout:       clientIdleTimeout, // keep-alive admin RPC callers; WebSockets are hijacked
+		ReadTimeout:       cfg.clientRead,
+		WriteTimeout:      cfg.clientWrite,
+		IdleTimeout:       cfg.clientIdle, // keep-alive admin RPC callers; WebSockets are hijacked
 		MaxHeaderBytes:    maxHeaderBytes,
 		ConnState:         s.ln.connState, // admission.go: idle connections are pending
 		ConnContext:       withConn,       // serveWS finds its *countedConn
@@ -232,9 +229,6 @@ func New(cfg Config) (*Server, error) {
 	s.internal = obs.NewInternalServer(imux, s.log)
 	if cfg.Member != nil {
 		if err := s.startCluster(); err != nil {
-			s.cancel()
-			ln.Close()
-			s.internalLn.Close()
 			return nil, fmt.Errorf("gateway: %w", err)
 		}
 	}
@@ -311,6 +305,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.closing.Store(true)
 		err := s.http.Shutdown(ctx) // stops accepting; hijacked connections are ours
 		s.ln.Close()                // Serve closes it, unless Run never got to Serve
+		s.ln.waitDrains(ctx)        // refused connections being drained (listener.go)
 		for _, c := range s.conns.snapshot() {
 			c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
 		}
@@ -441,8 +436,15 @@ func (s *Server) linksUp() int {
 
 // httpError answers a request that cannot become a WebSocket with the same
 // JSON error shape as the admin RPC.
+// It counts in imq_gateway_connections_total by code.
 func (s *Server) httpError(w http.ResponseWriter, status int, code imqpb.Code, msg string) {
 	s.m.accepted.WithLabelValues(strings.ToLower(code.String())).Inc()
+	writeHTTPError(w, status, code, msg)
+}
+
+// writeHTTPError writes the JSON error answer of httpError, counting
+// nothing.
+func writeHTTPError(w http.ResponseWriter, status int, code imqpb.Code, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-IMQ-Error", code.String())
 	w.WriteHeader(status)
@@ -487,17 +489,17 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	// once and takes its place in the authenticated pool now; any other
 	// is pending until its connect.
 	cc := connOf(r)
-	if ok, _ := s.authLimit.allowed(cc.source(), time.Now()); !ok {
-		s.refuse(w, r, refusedAuthFailures)
+	if ok, wait := s.authLimit.allowed(cc.source(), time.Now()); !ok {
+		s.refuse(w, r, refusedAuthFailures, wait)
 		return
 	}
 	if devUser != "" && !s.conns.tryAuth(s.maxConns) || devUser == "" && s.conns.authCount() >= s.maxConns {
-		s.refuse(w, r, refusedFull)
+		s.refuse(w, r, refusedFull, 0)
 		return
 	}
 	if devUser == "" {
 		if reason := cc.pend(false); reason != "" { // pending since accept, unless an API key took it out
-			s.refuse(w, r, reason)
+			s.refuse(w, r, reason, 0)
 			return
 		}
 	}

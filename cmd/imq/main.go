@@ -243,7 +243,7 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "authenticated client connection limit (0: as many as the open-file limit allows)")
 	fs.IntVar(&cfg.MaxPending, "max-pending", 0, "connections not yet authenticated, apart from --max-connections; past it the oldest is closed for the newcomer (0: a quarter of --max-connections, at least 16)")
 	fs.IntVar(&cfg.MaxPendingPerIP, "max-pending-per-ip", cfg.MaxPendingPerIP, "connections not yet authenticated from one IPv4 address or IPv6 /64; past it: 429 (behind a proxy raise it to --max-pending; negative: no limit)")
-	fs.IntVar(&cfg.AuthFailuresPerIP, "auth-failures-per-ip", cfg.AuthFailuresPerIP, "failed authentications one IPv4 address or IPv6 /64 may have per minute before its connections are answered 429 (negative: no limit)")
+	fs.IntVar(&cfg.AuthFailuresPerIP, "auth-failures-per-ip", cfg.AuthFailuresPerIP, "failed authentications (bad connect tokens, wrong admin RPC keys) one IPv4 address or IPv6 /64 may have per minute before its connections are answered 429 (negative: no limit)")
 	fs.IntVar(&cfg.SendQueueBytes, "send-queue-bytes", cfg.SendQueueBytes, "bytes queued for one client before it is cut off as a slow consumer")
 	fs.IntVar(&cfg.SendQueueFrames, "send-queue-frames", cfg.SendQueueFrames, "frames queued for one client before it is cut off as a slow consumer")
 	fs.IntVar(&cfg.MaxFrameBytes, "max-frame-bytes", cfg.MaxFrameBytes, "largest frame a client may send; larger closes the connection")
