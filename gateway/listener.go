@@ -50,7 +50,7 @@ const maxDrains = 32
 // connections, and httpSlack more.
 func newLimitListener(ln net.Listener, maxConns, maxPending, maxPendingPerIP int, s *Server) *limitListener {
 	return &limitListener{
-		Listener: ln, s: s, max: int64(maxConns + maxPending + httpSlack),
+		Listener: ln, s: s, max: int64(maxConns) + int64(maxPending) + httpSlack,
 		pending: newPendingPool(maxPending, maxPendingPerIP), drains: make(chan struct{}, maxDrains),
 	}
 }

@@ -153,7 +153,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if s.maxPending == 0 {
 		s.maxPending = max(16, s.maxConns/4)
 	}
-	if s.maxConns+s.maxPending > capacity { // the descriptors bound both pools
+	if s.maxPending > capacity-s.maxConns { // the descriptors bound both pools (maxConns <= capacity: no overflow)
 		s.maxPending = max(1, min(s.maxPending, capacity/5))
 		s.maxConns = max(1, capacity-s.maxPending)
 	}
