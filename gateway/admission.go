@@ -122,7 +122,7 @@ func (p *pendingPool) acquire(c *countedConn, idle bool) (reason string, victim 
 		}
 		return "", nil
 	}
-	if p.maxPerIP >= 0 && p.bySrc[c.src] >= p.maxPerIP {
+	if !c.keyed && p.maxPerIP >= 0 && p.bySrc[c.src] >= p.maxPerIP {
 		return refusedPendingIP, nil
 	}
 	if p.total >= p.maxTotal {
@@ -137,7 +137,9 @@ func (p *pendingPool) acquire(c *countedConn, idle bool) (reason string, victim 
 		p.removeLocked(victim)
 	}
 	p.total++
-	p.bySrc[c.src]++
+	if !c.keyed {
+		p.bySrc[c.src]++
+	}
 	if idle {
 		c.elem = p.idle.PushBack(c)
 	} else {
@@ -172,6 +174,20 @@ func (p *pendingPool) release(c *countedConn, closed bool) {
 	}
 }
 
+// keyed takes c out of the pool, as release does, and marks it as an API
+// key holder's: when it idles between calls it is pending again in the
+// total (among the first evicted) but no longer counted against its
+// source, so a host's idle keep-alive RPC connections do not lock the
+// host out.
+func (p *pendingPool) keyed(c *countedConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c.elem != nil {
+		p.removeLocked(c)
+	}
+	c.keyed = true
+}
+
 func (p *pendingPool) removeLocked(c *countedConn) {
 	if c.idle {
 		p.idle.Remove(c.elem)
@@ -180,6 +196,9 @@ func (p *pendingPool) removeLocked(c *countedConn) {
 	}
 	c.elem = nil
 	p.total--
+	if c.keyed {
+		return
+	}
 	if n := p.bySrc[c.src] - 1; n > 0 {
 		p.bySrc[c.src] = n
 	} else {
@@ -400,6 +419,8 @@ func connOf(r *http.Request) *countedConn {
 // requests is pending (again), the first to be evicted, and is closed when
 // it may not be; one that starts another request is pending still (until
 // serveWS's connect or runRPC's key authenticates it), but no longer idle.
+// A connection an API key was accepted on counts in the total only, not
+// against its source (pendingPool.keyed).
 func (l *limitListener) connState(nc net.Conn, st http.ConnState) {
 	c, ok := nc.(*countedConn)
 	if !ok {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -199,4 +200,48 @@ func TestAuthFailureRateLimit(t *testing.T) {
 		t.Fatalf("another host was refused: %v", err)
 	}
 	expectCode(t, c.call(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "ok", time.Now().Add(time.Hour))}}}), imqpb.Code_OK)
+}
+
+// TestIdleKeyHoldersKeepTheirHostIn: an admin backend's keep-alive RPC
+// connections, each past its key and idle between calls, do not count
+// against the host's pending cap: more of them than the cap stay open, and
+// a WebSocket client from the same host still gets in.
+func TestIdleKeyHoldersKeepTheirHostIn(t *testing.T) {
+	const perIP, n, host = 8, 12, "127.0.0.11"
+	d := startRPC(t, func(c *launch.DevConfig) {
+		c.Gateway.MaxPendingPerIP, c.Gateway.MaxPending = perIP, 100
+	})
+	for i := range n { // a transport each: n distinct keep-alive connections
+		tr := &http.Transport{DialContext: fromIP(host)}
+		t.Cleanup(tr.CloseIdleConnections)
+		req, err := http.NewRequest(http.MethodPost, "http://"+d.Gateway.Addr()+gateway.RPCPath+"publish",
+			strings.NewReader(`{"queue":"/room/x","mount":"chat","data":1}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+testAPIKey)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("call %d of %d: %v", i+1, n, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("call %d of %d from one host on its own keep-alive connection (cap %d pending per host): %d; want 200", i+1, n, perIP, resp.StatusCode)
+		}
+	}
+	// Idle, they are pending in the total (the first evicted), not per host.
+	// (The total may hold another: the readiness probe's.)
+	waitFor(t, 10*time.Second, func() bool { return d.Gateway.Pending() >= n })
+	if got := d.Gateway.PendingFrom(host); got != 0 {
+		t.Fatalf("%d pending from the host with %d idle key holders' connections; want 0", got, n)
+	}
+	c, resp, err := dialFrom(t, d, host, "")
+	if err != nil {
+		t.Fatalf("WebSocket from a host with %d idle key holders' connections: %v (%v)", n, err, resp)
+	}
+	if code := c.reply(c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: token(t, testSecret, "alice", time.Now().Add(time.Hour))}}})).GetCode(); code != imqpb.Code_OK {
+		t.Fatalf("connect: %v; want OK", code)
+	}
 }

@@ -192,7 +192,8 @@ func (v *verifier) keyFor(ctx context.Context, t *jwt.Token) (any, error) {
 // PKCS #1 "RSA PUBLIC KEY") or certificates into the keys that verify
 // connect tokens: RSA of at least 2048 bits (RS256), ECDSA P-256 (ES256)
 // or P-384 (ES384), Ed25519 (EdDSA). A private key is an error, so that one
-// is never deployed to a gateway by mistake.
+// is never deployed to a gateway by mistake, and so is data without a key
+// (nil data: none configured).
 func parseJWTPublicKeys(data []byte) ([]jwtKey, error) {
 	var keys []jwtKey
 	for rest := data; ; {
@@ -227,8 +228,8 @@ func parseJWTPublicKeys(data []byte) ([]jwtKey, error) {
 		}
 		keys = append(keys, k)
 	}
-	if len(data) > 0 && len(keys) == 0 {
-		return nil, errors.New("JWT public keys: no PEM block found")
+	if data != nil && len(keys) == 0 { // given, even empty (an empty file): a gateway that would verify no token
+		return nil, errors.New("JWT public keys: no PEM block found (want PUBLIC KEY, RSA PUBLIC KEY or CERTIFICATE blocks)")
 	}
 	return keys, nil
 }

@@ -286,4 +286,16 @@ func TestSlowChecksSpendNoBudget(t *testing.T) {
 	if got := arrived.Load(); got != n {
 		t.Fatalf("%d tokens checked, want %d", got, n)
 	}
+	// No check was refused for want of budget, and none spent any: the
+	// address is not locked out afterwards.
+	if got := d.Gateway.Refused("auth_failures"); got != 0 {
+		t.Fatalf("refused_total{reason=auth_failures} = %v after %d valid connects; want 0", got, n)
+	}
+	c, _, err := dialFrom(t, d, "127.0.0.9", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := c.reply(c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Connect{Connect: &imqpb.Connect{Token: "late"}}})).GetCode(); code != imqpb.Code_OK {
+		t.Fatalf("a connect after %d valid ones from the address: %v; want OK", n, code)
+	}
 }

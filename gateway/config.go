@@ -61,7 +61,8 @@ type Config struct {
 	// JWTPublicKeys holds PEM public keys or certificates that verify
 	// connect tokens signed by a login service: RSA of at least 2048 bits
 	// verifies RS256 only, ECDSA P-256 ES256 only, P-384 ES384 only,
-	// Ed25519 EdDSA only. Empty: none.
+	// Ed25519 EdDSA only. Nil: none; given without a key (empty, or no
+	// such PEM block) it is an error.
 	JWTPublicKeys []byte
 	// JWKSURL is a login service's JSON Web Key Set (RFC 7517), whose keys
 	// verify connect tokens as JWTPublicKeys do, chosen by the token's kid.
@@ -298,6 +299,19 @@ func (c *Config) setDefaults() {
 	}
 }
 
+// Upper bounds of the limits validate accepts: far above any real use,
+// low enough that nothing computed from them overflows.
+const (
+	maxPoolLimit  = 1 << 24        // connections: MaxConnections, MaxPending, per-IP limits
+	maxCountLimit = 1 << 20        // per-connection and concurrency counts: MaxInflight, MaxSubscriptions...
+	maxBytesLimit = 1 << 30        // sizes in bytes: MaxPayload, MaxFrameBytes, SendQueueBytes, RPCMaxBody
+	maxAnnounced  = 24 * time.Hour // ping interval and client timeout, sent to clients in uint32 milliseconds
+)
+
+// minInterval is the shortest interval validate accepts for what runs
+// periodically (pings, JWKS fetches).
+const minInterval = 10 * time.Millisecond
+
 func (c *Config) validate() error {
 	var errs []error
 	switch {
@@ -367,6 +381,32 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("%s must not be negative, got %d", name, v))
 		}
 	}
+	// Upper bounds keep the sums and conversions the gateway makes from
+	// these (pool sizes, int32 counters, frame and queue sizes) from
+	// overflowing, which would refuse every client.
+	for name, v := range map[string]int{
+		"max connections": c.MaxConnections, "max pending": c.MaxPending, "max pending per IP": c.MaxPendingPerIP,
+		"auth failures per IP": c.AuthFailuresPerIP,
+	} {
+		if v > maxPoolLimit {
+			errs = append(errs, fmt.Errorf("%s must be at most %d, got %d", name, maxPoolLimit, v))
+		}
+	}
+	for name, v := range map[string]int{
+		"max subscriptions": c.MaxSubscriptions, "max inflight": c.MaxInflight, "send queue frames": c.SendQueueFrames,
+		"auth call-out concurrency": c.AuthCalloutConcurrency, "RPC max inflight": c.RPCMaxInflight,
+	} {
+		if v > maxCountLimit {
+			errs = append(errs, fmt.Errorf("%s must be at most %d, got %d", name, maxCountLimit, v))
+		}
+	}
+	for name, v := range map[string]int{
+		"send queue bytes": c.SendQueueBytes, "max frame bytes": c.MaxFrameBytes, "max payload": c.MaxPayload, "RPC max body": c.RPCMaxBody,
+	} {
+		if v > maxBytesLimit {
+			errs = append(errs, fmt.Errorf("%s must be at most %d bytes (1 GiB), got %d", name, maxBytesLimit, v))
+		}
+	}
 	if c.MaxFrameBytes < c.MaxPayload+1024 {
 		errs = append(errs, fmt.Errorf("max frame bytes (%d) must exceed max payload (%d) by at least 1024", c.MaxFrameBytes, c.MaxPayload))
 	}
@@ -385,8 +425,21 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
 		}
 	}
+	for name, d := range map[string]time.Duration{
+		"ping interval": c.PingInterval, "link ping interval": c.LinkPingInterval,
+		"JWKS refresh": c.JWKSRefresh, "JWKS minimum refetch interval": c.JWKSMinRefetch,
+	} {
+		if d > 0 && d < minInterval { // they drive tickers and refetch loops: a nanosecond would spin or panic
+			errs = append(errs, fmt.Errorf("%s must be at least %s, got %s", name, minInterval, d))
+		}
+	}
 	if c.LinkTimeout <= 2*c.LinkPingInterval {
 		errs = append(errs, fmt.Errorf("link timeout (%s) must exceed twice the link ping interval (%s)", c.LinkTimeout, c.LinkPingInterval))
+	}
+	for name, d := range map[string]time.Duration{"ping interval": c.PingInterval, "client timeout": c.ClientTimeout} {
+		if d > maxAnnounced {
+			errs = append(errs, fmt.Errorf("%s must be at most %s, got %s", name, maxAnnounced, d))
+		}
 	}
 	if c.ClientTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("client timeout (%s) must exceed the ping interval (%s)", c.ClientTimeout, c.PingInterval))

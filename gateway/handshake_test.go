@@ -131,3 +131,45 @@ func rawHTTPStatus(t *testing.T, addr, req string) int {
 	}
 	return resp.StatusCode
 }
+
+// TestClientPortAnswersJSON: a request for a path the client port does not
+// serve (a stray trailing slash, the root, a typo) or /healthz by POST gets
+// a JSON error like every other answer of the port, not net/http's text.
+func TestClientPortAnswersJSON(t *testing.T) {
+	d := startDev(t, nil)
+	for _, c := range []struct {
+		method, path string
+		status       int
+		code         string
+	}{
+		{"GET", "/", http.StatusNotFound, "NOT_FOUND"},
+		{"GET", "/ws/", http.StatusNotFound, "NOT_FOUND"},
+		{"GET", "/metrics", http.StatusNotFound, "NOT_FOUND"},
+		{"POST", "/nope", http.StatusNotFound, "NOT_FOUND"},
+		{"POST", "/healthz", http.StatusMethodNotAllowed, "BAD_REQUEST"},
+	} {
+		req, err := http.NewRequest(c.method, "http://"+d.Gateway.Addr()+c.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var e struct {
+			Error struct {
+				Code string `json:"code"`
+			} `json:"error"`
+		}
+		if resp.StatusCode != c.status || resp.Header.Get("Content-Type") != "application/json" || json.Unmarshal(b, &e) != nil || e.Error.Code != c.code {
+			t.Errorf("%s %s: %d %q %s; want %d, JSON, code %s", c.method, c.path, resp.StatusCode, resp.Header.Get("Content-Type"), b, c.status, c.code)
+		}
+	}
+	if resp, err := http.Get("http://" + d.Gateway.Addr() + "/healthz"); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /healthz: %v %v; want 200", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+}

@@ -50,7 +50,7 @@ const maxDrains = 32
 // connections, and httpSlack more.
 func newLimitListener(ln net.Listener, maxConns, maxPending, maxPendingPerIP int, s *Server) *limitListener {
 	return &limitListener{
-		Listener: ln, s: s, max: int64(maxConns + maxPending + httpSlack),
+		Listener: ln, s: s, max: int64(maxConns) + int64(maxPending) + httpSlack,
 		pending: newPendingPool(maxPending, maxPendingPerIP), drains: make(chan struct{}, maxDrains),
 	}
 }
@@ -163,6 +163,7 @@ type countedConn struct {
 	elem   *list.Element // c's place in the pending pool; nil: not pending
 	idle   bool          // elem is in the pool's idle list
 	closed bool
+	keyed  bool // an API key was accepted on c: not counted against its source (pendingPool.keyed)
 }
 
 // pend makes c pending, unless it is already, or returns why it may not
@@ -185,6 +186,14 @@ func (c *countedConn) pend(idle bool) string {
 func (c *countedConn) unpend() {
 	if c != nil {
 		c.l.pending.release(c, false)
+	}
+}
+
+// unpendKeyed gives back c's pending slot after an API key was accepted on
+// it; idle between calls, it no longer counts against its source.
+func (c *countedConn) unpendKeyed() {
+	if c != nil {
+		c.l.pending.keyed(c)
 	}
 }
 

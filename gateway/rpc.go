@@ -235,7 +235,7 @@ func (s *Server) runRPC(w http.ResponseWriter, r *http.Request, method, id strin
 		s.warnLimited("rpc_unauthorized", "admin RPC call refused", "source", r.RemoteAddr, "error", imqerr.From(err).Message)
 		return nil, 0, err
 	}
-	connOf(r).unpend() // a key holder's connection: authenticated
+	connOf(r).unpendKeyed() // a key holder's connection: authenticated, and off its source's pending count from now on
 	run := rpcMethods[method]
 	if run == nil {
 		return nil, key.index, imqerr.New(imqpb.Code_UNKNOWN_MESSAGE, "unknown method %q (methods: %s)", method, strings.Join(rpcMethodNames(), ", "))

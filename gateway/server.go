@@ -153,7 +153,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if s.maxPending == 0 {
 		s.maxPending = max(16, s.maxConns/4)
 	}
-	if s.maxConns+s.maxPending > capacity { // the descriptors bound both pools
+	if s.maxPending > capacity-s.maxConns { // the descriptors bound both pools (maxConns <= capacity: no overflow)
 		s.maxPending = max(1, min(s.maxPending, capacity/5))
 		s.maxConns = max(1, capacity-s.maxPending)
 	}
@@ -207,6 +207,7 @@ func New(cfg Config) (_ *Server, err error) {
 	mux.HandleFunc("/ws", s.serveWS)                            // any method: serveWS answers non-GETs 405 in JSON
 	mux.HandleFunc(RPCPath, s.serveRPC)                         // bearer API keys only
 	mux.HandleFunc("GET /healthz", obs.HealthHandler(s.health)) // a pending connection like any other: load balancers better check the internal one
+	mux.HandleFunc("/", serveNotFound)                          // every answer of the client port is JSON
 	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -440,6 +441,18 @@ func (s *Server) linksUp() int {
 func (s *Server) httpError(w http.ResponseWriter, status int, code imqpb.Code, msg string) {
 	s.m.accepted.WithLabelValues(strings.ToLower(code.String())).Inc()
 	writeHTTPError(w, status, code, msg)
+}
+
+// serveNotFound answers the client port's requests no other handler
+// takes, in JSON like every answer of the port: 405 for /healthz by another
+// method than GET or HEAD, 404 NOT_FOUND otherwise.
+func serveNotFound(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/healthz" {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeHTTPError(w, http.StatusMethodNotAllowed, imqpb.Code_BAD_REQUEST, "/healthz takes GET, not "+r.Method)
+		return
+	}
+	writeHTTPError(w, http.StatusNotFound, imqpb.Code_NOT_FOUND, "no such path; the client port serves /ws, "+RPCPath+" and /healthz")
 }
 
 // writeHTTPError writes the JSON error answer of httpError, counting

@@ -348,7 +348,7 @@ func newCallouts(cfg *Config, m *metrics, log *slog.Logger) *callouts {
 		key := u.Scheme + "://" + u.Host
 		h := hosts[key]
 		if h == nil {
-			h = &hostLimit{slots: make(chan struct{}, cfg.CalloutConcurrency), maxWaiting: int64(calloutWaitFactor * cfg.CalloutConcurrency)}
+			h = &hostLimit{slots: make(chan struct{}, cfg.CalloutConcurrency), maxWaiting: calloutWaitFactor * int64(cfg.CalloutConcurrency)}
 			hosts[key] = h
 		}
 		c.routes = append(c.routes, &route{Callout: co, hooks: co.hooks(), base: strings.TrimSuffix(co.URL, "/"), host: h})

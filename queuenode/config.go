@@ -184,6 +184,13 @@ func (c *Config) setDefaults() {
 	}
 }
 
+// Upper bounds validate puts on limits that are multiplied: far above any
+// real use, low enough not to overflow.
+const (
+	maxCalloutConcurrency = 1 << 16
+	maxPayloadLimit       = 1 << 30
+)
+
 func (c *Config) validate() error {
 	l := c.Limits
 	var errs []error
@@ -229,6 +236,12 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("callout timeout must be positive, got %s", c.CalloutTimeout))
 	}
 	positive("callout concurrency", c.CalloutConcurrency)
+	if c.CalloutConcurrency > maxCalloutConcurrency { // callout.go multiplies it (calloutWaitFactor)
+		errs = append(errs, fmt.Errorf("callout concurrency must be at most %d, got %d", maxCalloutConcurrency, c.CalloutConcurrency))
+	}
+	if l.MaxPayload > maxPayloadLimit { // multiplied below: keep it from overflowing
+		errs = append(errs, fmt.Errorf("max payload must be at most %d bytes (1 GiB), got %d", maxPayloadLimit, l.MaxPayload))
+	}
 	prefixes := make(map[string]bool, len(c.Callouts))
 	for _, co := range c.Callouts {
 		if err := co.validate(); err != nil {

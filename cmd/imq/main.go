@@ -230,6 +230,9 @@ func gatewayFlags(fs *flag.FlagSet, cfg *gateway.Config, secret *string, origins
 		if err != nil {
 			return err
 		}
+		if len(b) == 0 {
+			return fmt.Errorf("%s is empty: want PEM public keys or certificates", path)
+		}
 		cfg.JWTPublicKeys = b
 		return nil
 	})
