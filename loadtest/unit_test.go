@@ -384,3 +384,37 @@ func TestStatePairs(t *testing.T) {
 		t.Errorf("counts %+v", s)
 	}
 }
+
+// TestSourceAddrsFor: the automatic --source-addrs keeps each address
+// within 200 bots/s of ramp, 50 bots of a burst and 20,000 bots, so that
+// a gateway's default --max-pending-per-ip 64 does not refuse the ramp.
+func TestSourceAddrsFor(t *testing.T) {
+	for _, tt := range []struct {
+		bots int
+		ramp float64
+		want int
+	}{
+		{100, 200, 1},       // the default scenario
+		{2000, 1000, 5},     // 200 bots/s each
+		{2000, 0, 40},       // a burst: 50 bots each
+		{100, 10_000, 2},    // a ramp faster than the bots: no more than a burst needs
+		{40, 0, 1},          // a small burst
+		{100_000, 100, 6},   // ports: 20,000 bots each
+		{1_000_000, 0, 254}, // capped at 127.0.0.254
+		{10_000, 201, 2},
+	} {
+		got := sourceAddrsFor(tt.bots, tt.ramp)
+		if got != tt.want {
+			t.Errorf("sourceAddrsFor(%d bots, %g/s) = %d, want %d", tt.bots, tt.ramp, got, tt.want)
+		}
+		if tt.want < maxAddrs && (float64(tt.bots)/float64(got) > addrBots ||
+			(tt.ramp == 0 && tt.bots > got*addrBurst) || (tt.ramp > 0 && tt.ramp/float64(got) > addrRampRate && tt.bots > got*addrBurst)) {
+			t.Errorf("sourceAddrsFor(%d bots, %g/s) = %d: an address carries too much", tt.bots, tt.ramp, got)
+		}
+	}
+	c := DefaultConfig()
+	c.Scenario.Rooms, c.Scenario.BotsPerRoom, c.Scenario.RampRate = 20, 100, 1000
+	if err := c.validate(); err != nil || c.SourceAddrs != 5 {
+		t.Errorf("2,000 bots at 1000/s: source addrs %d (%v), want 5", c.SourceAddrs, err)
+	}
+}

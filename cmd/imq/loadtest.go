@@ -73,7 +73,7 @@ func runLoadtest(args []string) error {
 	fs.DurationVar(&cfg.Drain, "drain", cfg.Drain, "after the load, how long bots keep receiving (no more publishing) for their last update, and then for state to converge; each step ends early when all arrived")
 	fs.BoolVar(&cfg.AllowRemote, "allow-remote", false, "allow a target that is not loopback")
 	fs.IntVar(&cfg.Workers, "workers", cfg.Workers, "worker processes (rooms are split among them)")
-	fs.IntVar(&cfg.SourceAddrs, "source-addrs", 0, "spread bots over source addresses 127.0.0.1..N for loopback targets (0: one per 20,000 bots)")
+	fs.IntVar(&cfg.SourceAddrs, "source-addrs", 0, "spread bots over source addresses 127.0.0.1..N for loopback targets, to stay under a gateway's --max-pending-per-ip and the ephemeral ports (0: enough that each carries at most 200 bots/s of ramp, 50 bots of a burst and 20,000 bots, up to 254)")
 	fs.DurationVar(&cfg.AbortP99, "abort-p99", 0, "abort when publish→deliver p99 over the last 3 s exceeds this (0: never)")
 	fs.Var(&abortErrors, "abort-errors", "abort when failed/requests over the last 3 s exceeds this, e.g. 1% (0: never); also the share of bots that may fail to connect (0: none)")
 	fs.DurationVar(&cfg.AbortGrace, "abort-grace", cfg.AbortGrace, "time after the start before abort thresholds apply")
