@@ -191,7 +191,8 @@ type Config struct {
 	AbortP99 time.Duration
 	// AbortErrors stops the run when failed requests / requests over the
 	// last few seconds exceeds it, as a fraction (0.01 = 1%); 0 disables
-	// that check. It is also the fraction of bots that may fail to connect
+	// that check. The run also fails (Report.Err) when that share over the
+	// whole run exceeds it or, with 0, exceeds one half. It is also the fraction of bots that may fail to connect
 	// before the run counts as failed (Report.Err): with 0, any bot that
 	// could not connect fails the run. Connect failures are judged once
 	// the first 20 bots (all, if fewer) have tried: a run in which no bot

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -579,5 +580,59 @@ func TestRunBurstOverSourceAddrs(t *testing.T) {
 			t.Errorf("%d source addresses: %d refused for pending_ip, %d of 100 bots connected (%v); want none refused, all connected",
 				addrs, refused, r.Counters.Connects, r.Err())
 		}
+	}
+}
+
+// Bots still trying to connect when a run ends (here: a gateway full at
+// one connection, a run shorter than the connect timeout) never connected:
+// they count as failed connects and fail the run, rather than "0 failed to
+// connect" and "completed".
+func TestRunEndsWithBotsStillConnecting(t *testing.T) {
+	d := startDevWith(t, func(c *launch.DevConfig) { c.Gateway.MaxConnections = 1 })
+	cfg := smallConfig(d.URL())
+	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom = 2, 3
+	cfg.Scenario.ChatRate, cfg.Scenario.StateRate, cfg.Scenario.ChurnRate = 1, 0, 0
+	cfg.Scenario.Duration = Duration(1500 * time.Millisecond)
+	cfg.ConnectTimeout = 5 * time.Second
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := summaryText(t, r)
+	if r.Counters.Connects != 1 || r.Counters.ConnectFailed != 5 {
+		t.Errorf("%d connected, %d failed to connect; want 1 and 5\n%s", r.Counters.Connects, r.Counters.ConnectFailed, s)
+	}
+	if err := r.Err(); !errors.Is(err, ErrConnect) || !strings.Contains(err.Error(), "still not connected when the run ended") {
+		t.Errorf("Err() = %v; want ErrConnect saying the bots were still connecting", err)
+	}
+	if strings.Contains(s, "completed") {
+		t.Errorf("summary says completed:\n%s", s)
+	}
+}
+
+// A gateway that refuses the bots with 429 (its per-address limits) gets a
+// run whose failure says so, the gateway's reason included, and which
+// knobs let more bots in.
+func TestRunRefused429Hint(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusTooManyRequests)
+		_, _ = io.WriteString(w, `{"error":{"code":"LIMIT_EXCEEDED","message":"too many unauthenticated connections from your address; authenticate or close them","retryable":true}}`)
+	}))
+	t.Cleanup(srv.Close)
+	cfg := smallConfig("ws" + strings.TrimPrefix(srv.URL, "http") + "/ws")
+	cfg.ConnectTimeout = 300 * time.Millisecond
+	r, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = r.Err()
+	for _, want := range []string{"no bot could connect", "LIMIT_EXCEEDED: too many unauthenticated connections", "refused with 429", "--source-addrs", "--max-pending-per-ip"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Err() = %v; want it to say %q", err, want)
+		}
+	}
+	if r.Counters.ConnectRefused == 0 || r.Counters.ConnectRefused != r.Counters.ConnectFailed {
+		t.Errorf("%d of %d failed connects counted as refused with 429", r.Counters.ConnectRefused, r.Counters.ConnectFailed)
 	}
 }

@@ -418,3 +418,36 @@ func TestSourceAddrsFor(t *testing.T) {
 		t.Errorf("2,000 bots at 1000/s: source addrs %d (%v), want 5", c.SourceAddrs, err)
 	}
 }
+
+// TestRequestShareFailsRun: a run whose requests failed beyond
+// --abort-errors over the whole run fails, and with --abort-errors off
+// (0) one in which most failed does too; the retryable failures of a
+// failover, a small share, do not. Connect failures are judged apart.
+func TestRequestShareFailsRun(t *testing.T) {
+	for _, tt := range []struct {
+		abortErrors             float64
+		requests, failed, conns int64
+		fails                   bool
+	}{
+		{0, 100, 100, 0, true},   // every request failed: not "completed"
+		{0, 100, 51, 0, true},    // most
+		{0, 100, 10, 0, false},   // a failover's UNAVAILABLEs
+		{0.05, 100, 10, 0, true}, // beyond --abort-errors
+		{0.2, 100, 10, 0, false},
+		{0.5, 110, 60, 10, false}, // 50 of 100 requests; the 10 connect failures (9%) are within 50% too
+	} {
+		r := &Report{AbortErrors: tt.abortErrors, Errors: map[string]int64{"UNAVAILABLE": tt.failed - tt.conns},
+			Counters: Counters{Requests: tt.requests, Failed: tt.failed, Connects: 100, ConnectFailed: tt.conns}}
+		err := r.Err()
+		if got := errors.Is(err, ErrRequests); got != tt.fails {
+			t.Errorf("--abort-errors %g, %d of %d requests failed: Err() = %v; want failure %v", tt.abortErrors, tt.failed, tt.requests, err, tt.fails)
+		}
+		var b strings.Builder
+		if err := r.WriteSummary(&b); err != nil {
+			t.Fatal(err)
+		}
+		if tt.fails == strings.Contains(b.String(), "completed") {
+			t.Errorf("--abort-errors %g, %d of %d requests failed: summary\n%s", tt.abortErrors, tt.failed, tt.requests, b.String())
+		}
+	}
+}

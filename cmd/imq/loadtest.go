@@ -75,7 +75,7 @@ func runLoadtest(args []string) error {
 	fs.IntVar(&cfg.Workers, "workers", cfg.Workers, "worker processes (rooms are split among them)")
 	fs.IntVar(&cfg.SourceAddrs, "source-addrs", 0, "spread bots over source addresses 127.0.0.1..N for loopback targets, to stay under a gateway's --max-pending-per-ip and the ephemeral ports (0: enough that each carries at most 200 bots/s of ramp, 50 bots of a burst and 20,000 bots, up to 254)")
 	fs.DurationVar(&cfg.AbortP99, "abort-p99", 0, "abort when publish→deliver p99 over the last 3 s exceeds this (0: never)")
-	fs.Var(&abortErrors, "abort-errors", "abort when failed/requests over the last 3 s exceeds this, e.g. 1% (0: never); also the share of bots that may fail to connect (0: none)")
+	fs.Var(&abortErrors, "abort-errors", "abort when failed/requests over the last 3 s exceeds this, e.g. 1% (0: never), and fail the run when the whole run does (0: when more than half failed); also the share of bots that may fail to connect (0: none)")
 	fs.DurationVar(&cfg.AbortGrace, "abort-grace", cfg.AbortGrace, "time after the start before abort thresholds apply")
 	fs.IntVar(&cfg.TrackLimit, "track-limit", cfg.TrackLimit, "offsets each bot records for the exactly-once check, 8 bytes each (0: 32 Mi shared by all bots, 1,000 to 100,000 each)")
 	fs.StringVar(&jsonFile, "json", "", "write the full report as JSON to this file")
