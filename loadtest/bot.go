@@ -282,7 +282,7 @@ func (b *bot) setState() (uint64, error) {
 	b.e.st.request(err)
 	if err != nil {
 		if !isRefusal(err) {
-			b.stateUnknown = true // sent, and it may have been applied
+			b.stateUnknown = true // sent, and it may have been applied: converge skips its pairs
 		}
 		return 0, err
 	}
@@ -291,11 +291,22 @@ func (b *bot) setState() (uint64, error) {
 	return v, nil
 }
 
-// isRefusal reports whether err is the server's answer, so the request
-// certainly did not take effect.
+// isRefusal reports whether err is the server's refusal, so the request
+// certainly did not take effect. A TIMEOUT answer (the gateway stopped
+// waiting for the queue node), an UNAVAILABLE one (which is also what a
+// link lost with the request on it gets) and an INTERNAL one leave the
+// outcome unknown, as do the client's own errors (timeout, connection
+// lost).
 func isRefusal(err error) bool {
-	_, ok := errors.AsType[*client.Error](err)
-	return ok
+	e, ok := errors.AsType[*client.Error](err)
+	if !ok {
+		return false
+	}
+	switch e.Code {
+	case imqpb.Code_TIMEOUT, imqpb.Code_UNAVAILABLE, imqpb.Code_INTERNAL:
+		return false
+	}
+	return true
 }
 
 // join joins the room and opens a membership interval at the version of an
@@ -389,7 +400,11 @@ func (b *bot) converge() {
 	e := b.e
 	var peers []*bot
 	for _, o := range e.rooms[b.room] {
-		if o != b && o.lastValue != nil && !o.stateUnknown {
+		switch {
+		case o == b:
+		case o.stateUnknown:
+			b.state.Unknown++ // its last value is not known: nothing to compare
+		case o.lastValue != nil:
 			peers = append(peers, o)
 		}
 	}

@@ -263,6 +263,9 @@ func (r *Report) WriteSummary(w io.Writer) error {
 	}
 	fmt.Fprintf(tw, "state converged\t%d of %d pairs; %d behind (update in flight at the end of the drain, not a violation), %d diverged\n",
 		r.State.Converged, r.State.Checked, r.State.Behind, r.State.Diverged)
+	if r.State.Unknown > 0 {
+		fmt.Fprintf(tw, "state unknown\t%d pairs not checked: the other bot's update had an unknown outcome (TIMEOUT, UNAVAILABLE, no answer), so its last value is not known\n", r.State.Unknown)
+	}
 	fmt.Fprintf(tw, "violations\t%d%s\n", r.TotalViolations(), mapText(r.Violations))
 	fmt.Fprintln(tw)
 	fmt.Fprint(tw, "latency (ms)\tcount\tmin\tmean")

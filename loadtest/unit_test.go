@@ -2,6 +2,7 @@ package loadtest
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -10,6 +11,9 @@ import (
 	"time"
 
 	"github.com/HdrHistogram/hdrhistogram-go"
+
+	"github.com/imq-dev/imq/client"
+	imqpb "github.com/imq-dev/imq/proto"
 )
 
 func TestLoadScenario(t *testing.T) {
@@ -448,6 +452,31 @@ func TestRequestShareFailsRun(t *testing.T) {
 		}
 		if tt.fails == strings.Contains(b.String(), "completed") {
 			t.Errorf("--abort-errors %g, %d of %d requests failed: summary\n%s", tt.abortErrors, tt.failed, tt.requests, b.String())
+		}
+	}
+}
+
+// TestIsRefusal: only a server's refusal proves a state update was not
+// applied; TIMEOUT (the gateway stopped waiting for the node),
+// UNAVAILABLE (also a link lost with the request on it), INTERNAL and the
+// client's own errors leave it unknown, so converge skips that bot's pairs
+// rather than count a divergence.
+func TestIsRefusal(t *testing.T) {
+	for _, tt := range []struct {
+		err     error
+		refusal bool
+	}{
+		{&client.Error{Code: imqpb.Code_LIMIT_EXCEEDED}, true},
+		{&client.Error{Code: imqpb.Code_FORBIDDEN}, true},
+		{fmt.Errorf("set: %w", &client.Error{Code: imqpb.Code_NOT_JOINED}), true},
+		{&client.Error{Code: imqpb.Code_TIMEOUT, Message: "queue node qn-1 did not answer in time; the outcome is unknown"}, false},
+		{&client.Error{Code: imqpb.Code_UNAVAILABLE, Message: "link to queue node qn-1 lost; the outcome is unknown"}, false},
+		{&client.Error{Code: imqpb.Code_INTERNAL}, false},
+		{client.ErrTimeout, false},
+		{client.ErrConnectionLost, false},
+	} {
+		if got := isRefusal(tt.err); got != tt.refusal {
+			t.Errorf("isRefusal(%v) = %v, want %v", tt.err, got, tt.refusal)
 		}
 	}
 }
