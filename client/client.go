@@ -2,17 +2,21 @@ package client
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"github.com/gorilla/websocket"
 
@@ -464,18 +468,62 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 }
 
 // handshakeError turns a refused upgrade into an *Error where the status
-// says the credentials or the origin were refused, which is final.
+// says the credentials or the origin were refused, which is final. The
+// gateway explains a refusal in a JSON body, {"error": {"code", "message"}}
+// (such as a 429 for too many unauthenticated connections from one
+// address); its code and message, when present, go into the error text.
 func handshakeError(err error, resp *http.Response) error {
 	if resp == nil {
 		return fmt.Errorf("imq: dial: %w", err)
 	}
+	why := resp.Status
+	if code, msg := refusalBody(resp); code != "" || msg != "" {
+		why = fmt.Sprintf("%s: %s: %s", resp.Status, code, msg)
+	}
 	switch resp.StatusCode {
 	case http.StatusUnauthorized:
-		return &Error{Code: imqpb.Code_UNAUTHORIZED, Message: "websocket handshake: " + resp.Status}
+		return &Error{Code: imqpb.Code_UNAUTHORIZED, Message: "websocket handshake: " + why}
 	case http.StatusForbidden:
-		return &Error{Code: imqpb.Code_FORBIDDEN, Message: "websocket handshake: " + resp.Status}
+		return &Error{Code: imqpb.Code_FORBIDDEN, Message: "websocket handshake: " + why}
 	}
-	return fmt.Errorf("imq: websocket handshake: %s: %w", resp.Status, err)
+	return fmt.Errorf("imq: websocket handshake: %s: %w", why, err)
+}
+
+// maxRefusalBody bounds how much of a refused upgrade's body is read.
+const maxRefusalBody = 1 << 10
+
+// refusalBody returns the code and message of a refused upgrade's JSON
+// body, {"error": {"code", "message"}}, reading at most maxRefusalBody
+// bytes; both are empty when the body is absent or not that shape.
+func refusalBody(resp *http.Response) (code, message string) {
+	if resp.Body == nil {
+		return "", ""
+	}
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, maxRefusalBody))
+	var body struct {
+		Error struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	if json.Unmarshal(b, &body) != nil {
+		return "", ""
+	}
+	return printable(body.Error.Code, 64), printable(body.Error.Message, 256)
+}
+
+// printable returns s cut to n bytes with control characters dropped,
+// so that a server's text cannot forge lines in a log.
+func printable(s string, n int) string {
+	if len(s) > n {
+		s = s[:n]
+	}
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return -1
+		}
+		return r
+	}, strings.ToValidUTF8(s, ""))
 }
 
 // shutdown closes the client for good because of cause: every subscription

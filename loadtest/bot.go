@@ -24,6 +24,10 @@ const (
 	stateMount = "scores"
 )
 
+// lateConnect is how long a bot must have been trying to connect when the
+// run ends to count as a failed connect rather than one cut short.
+const lateConnect = time.Second
+
 // requestTimeout bounds each request a bot makes.
 const requestTimeout = 5 * time.Second
 
@@ -125,10 +129,23 @@ func (b *bot) connect(load context.Context) bool {
 	t0 := time.Now()
 	c, err := client.Dial(ctx, e.urls[b.id%len(e.urls)], opts...)
 	if err != nil {
-		if load.Err() == nil {
-			e.st.connectFailure(connectError(e.urls[b.id%len(e.urls)], e.cfg.ConnectTimeout, err))
-			e.log.Debug("bot could not connect", "user", b.user, "err", err)
+		// A bot still connecting when the run ended (or was stopped) after
+		// trying for lateConnect never connected: it failed too, or a run
+		// shorter than the connect timeout would pass with bots that never
+		// got in. One that started just before the end was cut short.
+		url := e.urls[b.id%len(e.urls)]
+		tried := time.Since(t0)
+		switch {
+		case load.Err() == nil:
+			err = connectError(url, e.cfg.ConnectTimeout, err)
+		case tried < min(lateConnect, e.cfg.ConnectTimeout):
+			return false
+		default:
+			err = fmt.Errorf("%s: still not connected when the run ended, after %v; last attempt: %w",
+				url, tried.Round(time.Millisecond), lastCause(err))
 		}
+		e.st.connectFailure(err)
+		e.log.Debug("bot could not connect", "user", b.user, "err", err)
 		return false
 	}
 	e.st.recordConnect(time.Since(t0))
@@ -144,14 +161,23 @@ func connectError(url string, timeout time.Duration, err error) error {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%s: %w", url, err)
 	}
+	if cause := lastCause(err); cause != err {
+		return fmt.Errorf("%s: not connected within %v; last attempt: %w", url, timeout, cause)
+	}
+	return fmt.Errorf("%s: not connected within %v", url, timeout)
+}
+
+// lastCause returns what the last attempt of a Dial that ran out of time
+// met (the client joins it to the context's error), or err itself.
+func lastCause(err error) error {
 	if m, ok := err.(interface{ Unwrap() []error }); ok {
 		for _, cause := range m.Unwrap() {
-			if !errors.Is(cause, context.DeadlineExceeded) {
-				return fmt.Errorf("%s: not connected within %v; last attempt: %w", url, timeout, cause)
+			if !errors.Is(cause, context.DeadlineExceeded) && !errors.Is(cause, context.Canceled) {
+				return cause
 			}
 		}
 	}
-	return fmt.Errorf("%s: not connected within %v", url, timeout)
+	return err
 }
 
 // mintToken returns an HS256 JWT whose sub is user, expiring after ttl,
@@ -256,7 +282,7 @@ func (b *bot) setState() (uint64, error) {
 	b.e.st.request(err)
 	if err != nil {
 		if !isRefusal(err) {
-			b.stateUnknown = true // sent, and it may have been applied
+			b.stateUnknown = true // sent, and it may have been applied: converge skips its pairs
 		}
 		return 0, err
 	}
@@ -265,11 +291,22 @@ func (b *bot) setState() (uint64, error) {
 	return v, nil
 }
 
-// isRefusal reports whether err is the server's answer, so the request
-// certainly did not take effect.
+// isRefusal reports whether err is the server's refusal, so the request
+// certainly did not take effect. A TIMEOUT answer (the gateway stopped
+// waiting for the queue node), an UNAVAILABLE one (which is also what a
+// link lost with the request on it gets) and an INTERNAL one leave the
+// outcome unknown, as do the client's own errors (timeout, connection
+// lost).
 func isRefusal(err error) bool {
-	_, ok := errors.AsType[*client.Error](err)
-	return ok
+	e, ok := errors.AsType[*client.Error](err)
+	if !ok {
+		return false
+	}
+	switch e.Code {
+	case imqpb.Code_TIMEOUT, imqpb.Code_UNAVAILABLE, imqpb.Code_INTERNAL:
+		return false
+	}
+	return true
 }
 
 // join joins the room and opens a membership interval at the version of an
@@ -363,7 +400,11 @@ func (b *bot) converge() {
 	e := b.e
 	var peers []*bot
 	for _, o := range e.rooms[b.room] {
-		if o != b && o.lastValue != nil && !o.stateUnknown {
+		switch {
+		case o == b:
+		case o.stateUnknown:
+			b.state.Unknown++ // its last value is not known: nothing to compare
+		case o.lastValue != nil:
 			peers = append(peers, o)
 		}
 	}

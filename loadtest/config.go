@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -177,16 +178,21 @@ type Config struct {
 	// --worker`; empty means this process's own (os.Executable).
 	Executable string
 	// SourceAddrs spreads bots over local source addresses 127.0.0.1 ..
-	// 127.0.0.N (loopback IPv4 targets only), for more than ~28k
-	// connections to one port. 0 picks one address per 20,000 bots; 1
-	// leaves the choice to the kernel.
+	// 127.0.0.N (loopback IPv4 targets only): for more than ~28k
+	// connections to one port, and because a gateway admits at most
+	// --max-pending-per-ip (default 64) not-yet-authenticated connections
+	// per source address, refusing more with 429. 0 sizes it from the
+	// scenario (sourceAddrsFor): enough addresses that each carries at most
+	// 200 bots/s of the ramp, at most 50 bots of a burst (RampRate 0), and
+	// at most 20,000 bots, up to 254. 1 leaves the choice to the kernel.
 	SourceAddrs int
 	// AbortP99 stops the run when the publish→deliver p99 over the last
 	// few seconds exceeds it; 0 disables.
 	AbortP99 time.Duration
 	// AbortErrors stops the run when failed requests / requests over the
 	// last few seconds exceeds it, as a fraction (0.01 = 1%); 0 disables
-	// that check. It is also the fraction of bots that may fail to connect
+	// that check. The run also fails (Report.Err) when that share over the
+	// whole run exceeds it or, with 0, exceeds one half. It is also the fraction of bots that may fail to connect
 	// before the run counts as failed (Report.Err): with 0, any bot that
 	// could not connect fails the run. Connect failures are judged once
 	// the first 20 bots (all, if fewer) have tried: a run in which no bot
@@ -289,7 +295,7 @@ func (c *Config) validate() error {
 		c.Workers = 1
 	}
 	if c.SourceAddrs == 0 {
-		c.SourceAddrs = min(254, 1+c.Scenario.Bots()/20_000)
+		c.SourceAddrs = sourceAddrsFor(c.Scenario.Bots(), c.Scenario.RampRate)
 	}
 	if c.RunID == "" {
 		c.RunID = fmt.Sprintf("%x", time.Now().UnixNano()&0xffffffffff)
@@ -302,6 +308,32 @@ func (c *Config) validate() error {
 		c.Executable = exe
 	}
 	return nil
+}
+
+// Per source address, when SourceAddrs is automatic: the bots it connects
+// per second of ramp, the bots of a burst (RampRate 0), and the bots in
+// all. The first two keep an address's not-yet-authenticated connections
+// under a gateway's default --max-pending-per-ip, 64, even when each
+// connect takes a few hundred milliseconds (64 pending at 200/s: 320 ms);
+// the last keeps it within the ~28k local ports to one gateway port.
+const (
+	addrRampRate = 200
+	addrBurst    = 50
+	addrBots     = 20_000
+	maxAddrs     = 254 // 127.0.0.1 .. 127.0.0.254
+)
+
+// sourceAddrsFor returns how many source addresses bots bots connecting
+// at ramp bots per second (0: all at once) spread over: the fewest that
+// keep each address within addrRampRate (or addrBurst, for a burst, and
+// never more than a burst would need) and addrBots, at most maxAddrs.
+func sourceAddrsFor(bots int, ramp float64) int {
+	burst := (bots + addrBurst - 1) / addrBurst // never more than a burst needs
+	n := burst
+	if ramp > 0 {
+		n = min(burst, int(math.Ceil(ramp/addrRampRate)))
+	}
+	return min(maxAddrs, max(1, n, 1+bots/addrBots))
 }
 
 // URLs returns the gateway URLs in URL.

@@ -11,6 +11,9 @@ var (
 	ErrAborted = errors.New("load test aborted")
 	// ErrConnect: no bot, or more than --abort-errors of them, could connect.
 	ErrConnect = errors.New("load test: bots could not connect")
+	// ErrRequests: more of the run's requests failed than --abort-errors
+	// allows (with it off, more than half).
+	ErrRequests = errors.New("load test: requests failed")
 	// ErrViolations: the bots saw protocol violations.
 	ErrViolations = errors.New("load test saw protocol violations")
 )

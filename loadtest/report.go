@@ -119,14 +119,47 @@ func (r *Report) TotalViolations() int64 {
 
 // noConnectText says that no bot could connect, and why the first failed.
 func (r *Report) noConnectText() string {
-	return fmt.Sprintf("no bot could connect (%d tried); the first: %s", r.Counters.ConnectFailed, r.ConnectError)
+	return fmt.Sprintf("no bot could connect (%d tried); the first: %s%s", r.Counters.ConnectFailed, r.ConnectError, r.refusedHint())
+}
+
+// refusedHint says, when the gateway refused bots with 429, which knobs
+// let more connect at once; otherwise it is empty.
+func (r *Report) refusedHint() string {
+	n := r.Counters.ConnectRefused
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (%d refused with 429: a gateway admits --max-pending-per-ip, default 64, unauthenticated connections per source address; "+
+		"spread the bots over more --source-addrs (loopback targets), lower --ramp-rate, or raise the gateway's --max-pending-per-ip)", n)
+}
+
+// requestLimit is the share of requests that may fail over a whole run
+// when --abort-errors is 0 (off): a run in which most requests failed
+// measured no service, whatever the thresholds.
+const requestLimit = 0.5
+
+// tooManyRequestsFailed says whether more of the run's requests (connects
+// aside: tooManyConnectsFailed judges those) failed than --abort-errors
+// allows, or, with --abort-errors 0, more than half; and how many of how
+// many did.
+func (r *Report) tooManyRequestsFailed() (failed, requests int64, limit float64, over bool) {
+	c := r.Counters
+	failed, requests = c.Failed-c.ConnectFailed, c.Requests-c.ConnectFailed
+	limit = r.AbortErrors
+	if limit == 0 {
+		limit = requestLimit
+	}
+	return failed, requests, limit, failed > 0 && float64(failed) > limit*float64(requests)
 }
 
 // Err says why the run failed, or returns nil if it passed: it aborted
 // (a threshold, or too many bots could not connect), more bots failed to
-// connect than AbortErrors allows (with AbortErrors 0, any), or it saw a
-// protocol violation. Messages in flight at the end are reported, not
-// failures. `imq loadtest` exits non-zero exactly when Err is not nil.
+// connect than AbortErrors allows (with AbortErrors 0, any; a bot still
+// connecting when the run ended failed), it saw a protocol violation, or
+// more of its requests failed over the whole run than AbortErrors allows
+// (with AbortErrors 0, half: retryable failures during a failover are
+// expected and reported, a run in which most requests failed is not a
+// measurement). Messages in flight at the end are reported, not failures. `imq loadtest` exits non-zero exactly when Err is not nil.
 func (r *Report) Err() error {
 	if why, kind := r.failure(); kind != nil {
 		return fmt.Errorf("%w: %s", kind, why)
@@ -148,7 +181,19 @@ func (r *Report) failure() (string, error) {
 	case r.TotalViolations() > 0:
 		return fmt.Sprintf("%d%s", r.TotalViolations(), mapText(r.Violations)), ErrViolations
 	}
+	if failed, requests, limit, over := r.tooManyRequestsFailed(); over {
+		return fmt.Sprintf("%d of %d requests failed over the run (%.2f%%, more than %g%%%s)%s",
+			failed, requests, 100*float64(failed)/float64(requests), 100*limit, limitSource(r.AbortErrors), mapText(r.Errors)), ErrRequests
+	}
 	return "", nil
+}
+
+// limitSource names where the request limit came from.
+func limitSource(abortErrors float64) string {
+	if abortErrors == 0 {
+		return ": --abort-errors is off, and most requests failing fails a run"
+	}
+	return ": --abort-errors"
 }
 
 // tooManyConnectsFailed says whether more bots failed to connect than
@@ -163,8 +208,8 @@ func (r *Report) tooManyConnectsFailed() bool {
 func (r *Report) connectFailedText() string {
 	c := r.Counters
 	tried := c.Connects + c.ConnectFailed
-	return fmt.Sprintf("%d of %d bots could not connect (%.2f%%, more than --abort-errors %g%%); the first: %s",
-		c.ConnectFailed, tried, 100*float64(c.ConnectFailed)/float64(tried), 100*r.AbortErrors, r.ConnectError)
+	return fmt.Sprintf("%d of %d bots could not connect (%.2f%%, more than --abort-errors %g%%); the first: %s%s",
+		c.ConnectFailed, tried, 100*float64(c.ConnectFailed)/float64(tried), 100*r.AbortErrors, r.ConnectError, r.refusedHint())
 }
 
 // WriteJSON writes the report as indented JSON.
@@ -218,6 +263,9 @@ func (r *Report) WriteSummary(w io.Writer) error {
 	}
 	fmt.Fprintf(tw, "state converged\t%d of %d pairs; %d behind (update in flight at the end of the drain, not a violation), %d diverged\n",
 		r.State.Converged, r.State.Checked, r.State.Behind, r.State.Diverged)
+	if r.State.Unknown > 0 {
+		fmt.Fprintf(tw, "state unknown\t%d pairs not checked: the other bot's update had an unknown outcome (TIMEOUT, UNAVAILABLE, no answer), so its last value is not known\n", r.State.Unknown)
+	}
 	fmt.Fprintf(tw, "violations\t%d%s\n", r.TotalViolations(), mapText(r.Violations))
 	fmt.Fprintln(tw)
 	fmt.Fprint(tw, "latency (ms)\tcount\tmin\tmean")

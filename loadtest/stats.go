@@ -3,6 +3,7 @@ package loadtest
 import (
 	"errors"
 	"maps"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,6 +63,10 @@ type Counters struct {
 	Leaves        int64 `json:"leaves"`         // churn leaves
 	Connects      int64 `json:"connects"`       // bots that connected
 	ConnectFailed int64 `json:"connect_failed"` // bots that could not connect
+	// ConnectRefused counts the bots among ConnectFailed whose last attempt
+	// the gateway refused with 429 Too Many Requests (its per-address
+	// limits, such as --max-pending-per-ip).
+	ConnectRefused int64 `json:"connect_refused_429,omitempty"`
 }
 
 func (c *Counters) add(o Counters) {
@@ -75,6 +80,7 @@ func (c *Counters) add(o Counters) {
 	c.Leaves += o.Leaves
 	c.Connects += o.Connects
 	c.ConnectFailed += o.ConnectFailed
+	c.ConnectRefused += o.ConnectRefused
 }
 
 // Tick is one second of one engine's measurements: counter deltas, the
@@ -110,7 +116,7 @@ type stats struct {
 	connected                               atomic.Int64
 	requests, failed, publishes, deliveries atomic.Int64
 	stateSets, stateUpdates, joins, leaves  atomic.Int64
-	connects, connectFailed                 atomic.Int64
+	connects, connectFailed, connectRefused atomic.Int64
 	connectErr                              atomic.Pointer[string] // the first connect failure
 	connectErrSent                          bool                   // owned by tick's caller
 	deliver                                 [histShards]shard
@@ -166,11 +172,20 @@ func (s *stats) disconnect(reason string) {
 // too, and keeps the first error.
 func (s *stats) connectFailure(err error) {
 	s.connectFailed.Add(1)
+	if refused429(err) {
+		s.connectRefused.Add(1)
+	}
 	s.requests.Add(1)
 	s.failed.Add(1)
 	s.bump(func(s *stats) map[string]int64 { return s.errors }, "CONNECT_FAILED")
 	msg := err.Error()
 	s.connectErr.CompareAndSwap(nil, &msg)
+}
+
+// refused429 says whether err is a WebSocket upgrade the gateway refused
+// with 429 Too Many Requests (the client puts the status in the text).
+func refused429(err error) bool {
+	return strings.Contains(err.Error(), "websocket handshake: 429 ")
 }
 
 // request counts one request and, if it failed, its error code.
@@ -204,6 +219,7 @@ func (s *stats) tick() Tick {
 		Requests: s.requests.Swap(0), Failed: s.failed.Swap(0), Publishes: s.publishes.Swap(0),
 		Deliveries: s.deliveries.Swap(0), StateSets: s.stateSets.Swap(0), StateUpdates: s.stateUpdates.Swap(0),
 		Joins: s.joins.Swap(0), Leaves: s.leaves.Swap(0), Connects: s.connects.Swap(0), ConnectFailed: s.connectFailed.Swap(0),
+		ConnectRefused: s.connectRefused.Swap(0),
 	}}
 	if p := s.connectErr.Load(); p != nil && !s.connectErrSent {
 		t.ConnectError, s.connectErrSent = *p, true

@@ -2,6 +2,7 @@ package loadtest
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -10,6 +11,9 @@ import (
 	"time"
 
 	"github.com/HdrHistogram/hdrhistogram-go"
+
+	"github.com/imq-dev/imq/client"
+	imqpb "github.com/imq-dev/imq/proto"
 )
 
 func TestLoadScenario(t *testing.T) {
@@ -382,5 +386,97 @@ func TestStatePairs(t *testing.T) {
 	}
 	if s != (StateResult{Checked: 6, Converged: 2, Behind: 2, Diverged: 2}) {
 		t.Errorf("counts %+v", s)
+	}
+}
+
+// TestSourceAddrsFor: the automatic --source-addrs keeps each address
+// within 200 bots/s of ramp, 50 bots of a burst and 20,000 bots, so that
+// a gateway's default --max-pending-per-ip 64 does not refuse the ramp.
+func TestSourceAddrsFor(t *testing.T) {
+	for _, tt := range []struct {
+		bots int
+		ramp float64
+		want int
+	}{
+		{100, 200, 1},       // the default scenario
+		{2000, 1000, 5},     // 200 bots/s each
+		{2000, 0, 40},       // a burst: 50 bots each
+		{100, 10_000, 2},    // a ramp faster than the bots: no more than a burst needs
+		{40, 0, 1},          // a small burst
+		{100_000, 100, 6},   // ports: 20,000 bots each
+		{1_000_000, 0, 254}, // capped at 127.0.0.254
+		{10_000, 201, 2},
+	} {
+		got := sourceAddrsFor(tt.bots, tt.ramp)
+		if got != tt.want {
+			t.Errorf("sourceAddrsFor(%d bots, %g/s) = %d, want %d", tt.bots, tt.ramp, got, tt.want)
+		}
+		if tt.want < maxAddrs && (float64(tt.bots)/float64(got) > addrBots ||
+			(tt.ramp == 0 && tt.bots > got*addrBurst) || (tt.ramp > 0 && tt.ramp/float64(got) > addrRampRate && tt.bots > got*addrBurst)) {
+			t.Errorf("sourceAddrsFor(%d bots, %g/s) = %d: an address carries too much", tt.bots, tt.ramp, got)
+		}
+	}
+	c := DefaultConfig()
+	c.Scenario.Rooms, c.Scenario.BotsPerRoom, c.Scenario.RampRate = 20, 100, 1000
+	if err := c.validate(); err != nil || c.SourceAddrs != 5 {
+		t.Errorf("2,000 bots at 1000/s: source addrs %d (%v), want 5", c.SourceAddrs, err)
+	}
+}
+
+// TestRequestShareFailsRun: a run whose requests failed beyond
+// --abort-errors over the whole run fails, and with --abort-errors off
+// (0) one in which most failed does too; the retryable failures of a
+// failover, a small share, do not. Connect failures are judged apart.
+func TestRequestShareFailsRun(t *testing.T) {
+	for _, tt := range []struct {
+		abortErrors             float64
+		requests, failed, conns int64
+		fails                   bool
+	}{
+		{0, 100, 100, 0, true},   // every request failed: not "completed"
+		{0, 100, 51, 0, true},    // most
+		{0, 100, 10, 0, false},   // a failover's UNAVAILABLEs
+		{0.05, 100, 10, 0, true}, // beyond --abort-errors
+		{0.2, 100, 10, 0, false},
+		{0.5, 110, 60, 10, false}, // 50 of 100 requests; the 10 connect failures (9%) are within 50% too
+	} {
+		r := &Report{AbortErrors: tt.abortErrors, Errors: map[string]int64{"UNAVAILABLE": tt.failed - tt.conns},
+			Counters: Counters{Requests: tt.requests, Failed: tt.failed, Connects: 100, ConnectFailed: tt.conns}}
+		err := r.Err()
+		if got := errors.Is(err, ErrRequests); got != tt.fails {
+			t.Errorf("--abort-errors %g, %d of %d requests failed: Err() = %v; want failure %v", tt.abortErrors, tt.failed, tt.requests, err, tt.fails)
+		}
+		var b strings.Builder
+		if err := r.WriteSummary(&b); err != nil {
+			t.Fatal(err)
+		}
+		if tt.fails == strings.Contains(b.String(), "completed") {
+			t.Errorf("--abort-errors %g, %d of %d requests failed: summary\n%s", tt.abortErrors, tt.failed, tt.requests, b.String())
+		}
+	}
+}
+
+// TestIsRefusal: only a server's refusal proves a state update was not
+// applied; TIMEOUT (the gateway stopped waiting for the node),
+// UNAVAILABLE (also a link lost with the request on it), INTERNAL and the
+// client's own errors leave it unknown, so converge skips that bot's pairs
+// rather than count a divergence.
+func TestIsRefusal(t *testing.T) {
+	for _, tt := range []struct {
+		err     error
+		refusal bool
+	}{
+		{&client.Error{Code: imqpb.Code_LIMIT_EXCEEDED}, true},
+		{&client.Error{Code: imqpb.Code_FORBIDDEN}, true},
+		{fmt.Errorf("set: %w", &client.Error{Code: imqpb.Code_NOT_JOINED}), true},
+		{&client.Error{Code: imqpb.Code_TIMEOUT, Message: "queue node qn-1 did not answer in time; the outcome is unknown"}, false},
+		{&client.Error{Code: imqpb.Code_UNAVAILABLE, Message: "link to queue node qn-1 lost; the outcome is unknown"}, false},
+		{&client.Error{Code: imqpb.Code_INTERNAL}, false},
+		{client.ErrTimeout, false},
+		{client.ErrConnectionLost, false},
+	} {
+		if got := isRefusal(tt.err); got != tt.refusal {
+			t.Errorf("isRefusal(%v) = %v, want %v", tt.err, got, tt.refusal)
+		}
 	}
 }

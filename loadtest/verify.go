@@ -139,6 +139,11 @@ type StateResult struct {
 	// or past the other bot's last version when the drain ended: the
 	// update was in flight (late or lost). Not a violation.
 	Behind int64 `json:"behind"`
+	// Unknown counts pairs not compared because a state update of the
+	// other bot had an unknown outcome (answered TIMEOUT, UNAVAILABLE or
+	// INTERNAL, or no answer): it may or may not have been applied, so its
+	// last value is not known. Not in Checked.
+	Unknown int64 `json:"unknown,omitempty"`
 }
 
 // pairOutcome is how one bot's mirror compares with another bot's last
@@ -175,4 +180,5 @@ func (s *StateResult) add(o StateResult) {
 	s.Converged += o.Converged
 	s.Diverged += o.Diverged
 	s.Behind += o.Behind
+	s.Unknown += o.Unknown
 }

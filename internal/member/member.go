@@ -100,6 +100,10 @@ type Config struct {
 	OnChange func()
 }
 
+// minProbeInterval is the shortest probe interval worth suggesting: below
+// it memberlist would probe faster than a loopback round trip.
+const minProbeInterval = time.Millisecond
+
 // maxDefaultProbeTimeout caps the default ProbeTimeout: memberlist's LAN
 // setting.
 const maxDefaultProbeTimeout = 500 * time.Millisecond
@@ -145,6 +149,7 @@ func (c *Config) setDefaults() {
 
 // Validate reports settings memberlist cannot work with.
 func (c Config) Validate() error {
+	derivedTimeout := c.ProbeTimeout == 0
 	c.setDefaults()
 	var errs []error
 	if _, _, err := splitHostPort(c.BindAddr); err != nil {
@@ -155,11 +160,19 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("join address %q: %v", j, err))
 		}
 	}
-	if c.ProbeInterval <= 0 || c.ProbeTimeout <= 0 || c.RejoinInterval <= 0 {
-		errs = append(errs, errors.New("probe interval, probe timeout and rejoin interval must be positive"))
-	}
-	if c.ProbeTimeout >= c.ProbeInterval {
+	switch {
+	case c.ProbeInterval < 0:
+		errs = append(errs, fmt.Errorf("probe interval %s: must be positive", c.ProbeInterval))
+	case c.ProbeTimeout < 0:
+		errs = append(errs, fmt.Errorf("probe timeout %s: must be positive", c.ProbeTimeout))
+	case derivedTimeout && c.ProbeTimeout == 0:
+		errs = append(errs, fmt.Errorf("probe interval %s is too short: the probe timeout, half of it, rounds to zero; "+
+			"give at least %s (the tests use 200ms)", c.ProbeInterval, minProbeInterval))
+	case c.ProbeTimeout >= c.ProbeInterval:
 		errs = append(errs, fmt.Errorf("probe timeout (%s) must be shorter than the probe interval (%s)", c.ProbeTimeout, c.ProbeInterval))
+	}
+	if c.RejoinInterval < 0 {
+		errs = append(errs, fmt.Errorf("rejoin interval %s: must be positive", c.RejoinInterval))
 	}
 	if c.SuspicionMult < 1 {
 		errs = append(errs, fmt.Errorf("suspicion multiplier must be at least 1, got %d", c.SuspicionMult))

@@ -170,6 +170,9 @@ func TestConfigErrors(t *testing.T) {
 		{Config{Join: []string{"x:y"}}, "join address"},
 		{Config{ProbeInterval: time.Second, ProbeTimeout: 2 * time.Second}, "probe timeout"},
 		{Config{SuspicionMult: -1}, "suspicion"},
+		// --probe-interval 1ns: the derived timeout rounds to zero.
+		{Config{ProbeInterval: time.Nanosecond}, "probe interval 1ns is too short: the probe timeout, half of it, rounds to zero; give at least 1ms"},
+		{Config{ProbeInterval: -time.Second}, "probe interval -1s: must be positive"},
 	} {
 		err := c.cfg.Validate()
 		if err == nil || !strings.Contains(err.Error(), c.want) {
