@@ -637,29 +637,3 @@ func TestRunRefused429Hint(t *testing.T) {
 	}
 }
 
-// A state update answered TIMEOUT (the gateway stopped waiting for the
-// queue node; the update may have been applied) leaves that bot's last
-// value unknown: its pairs are not compared, rather than reported as
-// diverged. A gateway waiting 1ns for its node answers most requests so.
-func TestRunStateTimeoutIsUnknown(t *testing.T) {
-	d := startDevWith(t, func(c *launch.DevConfig) {
-		// Requests expire on the link's tick (half the ping interval): a
-		// short one times out those the node has not answered yet.
-		c.Gateway.RequestTimeout, c.Gateway.LinkPingInterval = time.Nanosecond, 2*time.Millisecond
-	})
-	cfg := smallConfig(d.URL())
-	cfg.Scenario.ChatRate, cfg.Scenario.StateRate, cfg.Scenario.ChurnRate = 0, 20, 0
-	cfg.Scenario.Duration = Duration(2 * time.Second)
-	cfg.Drain = time.Second
-	r, err := Run(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("summary:\n%s", summaryText(t, r))
-	if r.Errors["TIMEOUT"] == 0 {
-		t.Skipf("no request answered TIMEOUT (errors %v): nothing checked", r.Errors)
-	}
-	if r.State.Diverged != 0 || r.Violations["state_diverged"] != 0 {
-		t.Errorf("state %+v, violations %v; want no divergence from updates answered TIMEOUT", r.State, r.Violations)
-	}
-}
