@@ -636,4 +636,3 @@ func TestRunRefused429Hint(t *testing.T) {
 		t.Errorf("%d of %d failed connects counted as refused with 429", r.Counters.ConnectRefused, r.Counters.ConnectFailed)
 	}
 }
-
