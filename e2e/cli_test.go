@@ -1,40 +1,22 @@
 package e2e
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"os/exec"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imq-dev/imq/launch/launchtest"
 )
-
-// lockedBuffer collects a process's output while the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // cliProc is one run of a client command (imq sub, pub, state).
 type cliProc struct {
 	cmd      *exec.Cmd
-	out, err lockedBuffer
+	out, err launchtest.SyncBuffer
 	done     chan struct{}
 }
 
@@ -100,7 +82,7 @@ func TestCLISubAcrossGatewayKill(t *testing.T) {
 
 	const room = "/room/cli"
 	sub := startCLI(t, "", "sub", room, "--url", cl.url())
-	waitFor(t, 15*time.Second, "imq sub to join", func() bool { return strings.Contains(sub.err.String(), "joined "+room) })
+	launchtest.WaitFor(t, 15*time.Second, "imq sub to join", func() bool { return strings.Contains(sub.err.String(), "joined "+room) })
 	next := 0
 	publish := func(n int) {
 		var lines strings.Builder
@@ -116,15 +98,15 @@ func TestCLISubAcrossGatewayKill(t *testing.T) {
 	lines := func() []string { return strings.FieldsFunc(sub.out.String(), func(r rune) bool { return r == '\n' }) }
 
 	publish(10)
-	waitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
+	launchtest.WaitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
 	addr := cl.gwAddr
 	cl.gw.kill(syscall.SIGKILL)
-	waitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
+	launchtest.WaitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
 	publish(10) // while sub's gateway is dead
 	cl.startGateway(addr)
 	publish(10)
-	waitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
-	waitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })
+	launchtest.WaitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
+	launchtest.WaitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })
 
 	sub.cmd.Process.Signal(syscall.SIGINT)
 	if code := sub.wait(t); code != 0 {

@@ -1,7 +1,6 @@
 package gateway_test
 
 import (
-	"context"
 	"encoding/json"
 	"net/http"
 	"strings"
@@ -15,6 +14,7 @@ import (
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/wire"
 	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -24,27 +24,13 @@ var testSecret = []byte("0123456789abcdef0123456789abcdef")
 // the gateway's config first.
 func startDev(t testing.TB, mod func(*gateway.Config)) *launch.Dev {
 	t.Helper()
-	cfg := launch.LocalDevConfig()
-	cfg.Gateway.JWTSecret = testSecret
-	cfg.Gateway.AllowedOrigins = []string{"https://game.example.com"}
-	if mod != nil {
-		mod(&cfg.Gateway)
-	}
-	d, err := launch.StartDev(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		d.Shutdown(ctx)
+	return launchtest.StartDev(t, func(c *launch.DevConfig) {
+		c.Gateway.JWTSecret = testSecret
+		c.Gateway.AllowedOrigins = []string{"https://game.example.com"}
+		if mod != nil {
+			mod(&c.Gateway)
+		}
 	})
-	if err := d.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return d
 }
 
 func waitFor(t testing.TB, d time.Duration, cond func() bool) {

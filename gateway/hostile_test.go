@@ -16,6 +16,7 @@ import (
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -227,25 +228,12 @@ func TestRefusalIsRead(t *testing.T) {
 // as warnings with the source address (never the token), at most one per
 // reason per 10 s however many there are.
 func TestRefusalsAreLogged(t *testing.T) {
-	var logs syncBuffer
-	cfg := launch.LocalDevConfig()
-	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	cfg.Gateway.JWTSecret = testSecret
-	cfg.Gateway.AuthFailuresPerIP, cfg.Gateway.MaxPendingPerIP = 3, 10
-	d, err := launch.StartDev(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		d.Shutdown(ctx)
+	var logs launchtest.SyncBuffer
+	d := launchtest.StartDev(t, func(c *launch.DevConfig) {
+		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		c.Gateway.JWTSecret = testSecret
+		c.Gateway.AuthFailuresPerIP, c.Gateway.MaxPendingPerIP = 3, 10
 	})
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if err := d.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
 	const guess = "not-a-token-but-maybe-a-secret"
 	var cs []*rawClient
 	for range 5 {
@@ -350,24 +338,11 @@ func TestShutdownWaitsForDrains(t *testing.T) {
 // TestFailedAuthLogIsBounded: a token's error message can carry the
 // client's own text (an aud of kilobytes); the warning cuts it short.
 func TestFailedAuthLogIsBounded(t *testing.T) {
-	var logs syncBuffer
-	cfg := launch.LocalDevConfig()
-	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	cfg.Gateway.JWTSecret = testSecret
-	d, err := launch.StartDev(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		d.Shutdown(ctx)
+	var logs launchtest.SyncBuffer
+	d := launchtest.StartDev(t, func(c *launch.DevConfig) {
+		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		c.Gateway.JWTSecret = testSecret
 	})
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if err := d.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
 	aud := strings.Repeat("A", 8000)
 	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
 		Subject: "mallory", Audience: jwt.ClaimStrings{aud}, ExpiresAt: jwt.NewNumericDate(time.Now().Add(time.Hour)),

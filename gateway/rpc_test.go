@@ -19,6 +19,7 @@ import (
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -44,28 +45,15 @@ func testAPIKeys(t testing.TB) []gateway.APIKey {
 // change the whole configuration first.
 func startRPC(t testing.TB, mod func(*launch.DevConfig)) *launch.Dev {
 	t.Helper()
-	cfg := launch.LocalDevConfig()
-	cfg.Gateway.JWTSecret = testSecret
-	cfg.Gateway.APIKeys = testAPIKeys(t)
-	cfg.QueueNode.NodeID = "rpc-node"
-	if mod != nil {
-		mod(&cfg)
-	}
-	d, err := launch.StartDev(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		d.Shutdown(ctx)
+	keys := testAPIKeys(t)
+	return launchtest.StartDev(t, func(c *launch.DevConfig) {
+		c.Gateway.JWTSecret = testSecret
+		c.Gateway.APIKeys = keys
+		c.QueueNode.NodeID = "rpc-node"
+		if mod != nil {
+			mod(c)
+		}
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := d.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return d
 }
 
 // rpcAnswer is one HTTP answer of the RPC.
@@ -796,7 +784,7 @@ func TestRPCRequestID(t *testing.T) {
 // TestRPCLog: one log line per call with its method, status, code, duration
 // and request id, and never the key.
 func TestRPCLog(t *testing.T) {
-	var logs syncBuffer
+	var logs launchtest.SyncBuffer
 	d := startRPC(t, func(c *launch.DevConfig) {
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 	})
@@ -997,24 +985,6 @@ func TestRPCNodeDown(t *testing.T) {
 	fake.mu.Unlock()
 	waitFor(t, 5*time.Second, func() bool { return !gw.Links()["queuenode"] })
 	expectRPCError(t, rpcDo(t, gw.Addr(), http.MethodPost, "publish", testAPIKey, `{"queue":"/room/n","mount":"chat","data":1}`, nil), http.StatusServiceUnavailable, "UNAVAILABLE")
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent writes and reads.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // TestRPCBroadcastStopsAtDeadline: once a broadcast's time is up, the

@@ -17,7 +17,8 @@
 //
 // launch sits above the services: it imports boss/, gateway/, queuenode/
 // and internal/ (member, obs), and only cmd/imq and the tests import it.
-// No service imports it.
+// No service imports it. Tests start a Dev through launch/launchtest, which
+// also holds the rest of the support code the tests share.
 //
 // # Concurrency
 //

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -24,45 +23,24 @@ import (
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
 )
 
 func startDev(t testing.TB) *launch.Dev {
 	t.Helper()
-	return startDevWith(t, func(*launch.DevConfig) {})
+	return startDevWith(t, nil)
 }
 
-// startDevWith starts a development server configured by mod.
+// startDevWith starts a development server configured by mod (which may be
+// nil), with the tests' JWT secret.
 func startDevWith(t testing.TB, mod func(*launch.DevConfig)) *launch.Dev {
 	t.Helper()
-	cfg := launch.LocalDevConfig()
-	mod(&cfg)
-	cfg.Gateway.JWTSecret = []byte("loadtest-secret-0123456789")
-	d, err := launch.StartDev(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		d.Shutdown(ctx)
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := d.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return d
-}
-
-func waitFor(t testing.TB, timeout time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met in time")
+	return launchtest.StartDev(t, func(c *launch.DevConfig) {
+		if mod != nil {
+			mod(c)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		c.Gateway.JWTSecret = []byte("loadtest-secret-0123456789")
+	})
 }
 
 func smallConfig(url string) Config {
@@ -176,7 +154,7 @@ func TestRunInvariants(t *testing.T) {
 		t.Errorf("deliveries %d: want between %d and %d", c.Deliveries, v.Delivered, c.Publishes*int64(cfg.Scenario.BotsPerRoom))
 	}
 	// The observer, joined throughout, saw every publish exactly once.
-	waitFor(t, 5*time.Second, func() bool { n, _ := obs.counts(); return n >= c.Publishes })
+	launchtest.WaitFor(t, 5*time.Second, "the observer to see every publish", func() bool { n, _ := obs.counts(); return n >= c.Publishes })
 	if n, dups := obs.counts(); n != c.Publishes || dups != 0 {
 		t.Errorf("observer saw %d distinct events (%d duplicated); bots published %d", n, dups, c.Publishes)
 	}
@@ -311,23 +289,11 @@ func TestRunWorkers(t *testing.T) {
 	}
 }
 
-// closedURL returns a WebSocket URL on 127.0.0.1 where nothing listens.
-func closedURL(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "ws://" + addr + "/ws"
-}
-
 // A run where nothing listens stops soon after the first connect timeouts,
 // rather than ramping its bots (10 s here) and running its whole duration,
 // and fails saying why.
 func TestRunNobodyListening(t *testing.T) {
-	cfg := smallConfig(closedURL(t))
+	cfg := smallConfig(launchtest.ClosedURL(t))
 	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.RampRate = 20, 10, 20
 	cfg.Scenario.Duration = Duration(30 * time.Second)
 	cfg.ConnectTimeout = 500 * time.Millisecond
@@ -377,7 +343,7 @@ func TestRunGatewayRefusesEveryone(t *testing.T) {
 // allows that share.
 func TestRunSomeConnectsFail(t *testing.T) {
 	d := startDev(t)
-	cfg := smallConfig(d.URL() + "," + closedURL(t)) // bot i uses URL i mod 2
+	cfg := smallConfig(d.URL() + "," + launchtest.ClosedURL(t)) // bot i uses URL i mod 2
 	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.ChurnRate = 2, 2, 0
 	cfg.Scenario.Duration = Duration(30 * time.Second)
 	cfg.ConnectTimeout = 300 * time.Millisecond

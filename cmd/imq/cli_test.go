@@ -14,46 +14,17 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
-	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
 	"github.com/imq-dev/imq/queuenode"
 )
 
-// syncBuffer is an io.Writer that the command and the test may use at once.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func (b *syncBuffer) lines() []string {
+// lines splits what b holds into its non-empty lines.
+func lines(b *launchtest.SyncBuffer) []string {
 	return strings.FieldsFunc(b.String(), func(r rune) bool { return r == '\n' })
-}
-
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
@@ -67,25 +38,13 @@ func ctxT(t *testing.T, d time.Duration) context.Context {
 // its URL.
 func startDev(t *testing.T) string {
 	t.Helper()
-	d, err := launch.StartDev(launch.LocalDevConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		d.Shutdown(ctx)
-	})
-	if err := d.WaitReady(ctxT(t, 10*time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	return d.URL()
+	return launchtest.StartDev(t, nil).URL()
 }
 
 // run runs a client command to its end and returns its stdout.
 func run(t *testing.T, stdin string, args ...string) (string, error) {
 	t.Helper()
-	var out, errOut syncBuffer
+	var out, errOut launchtest.SyncBuffer
 	std := stdio{in: strings.NewReader(stdin), out: &out, err: &errOut}
 	ctx := ctxT(t, 20*time.Second)
 	var err error
@@ -113,7 +72,7 @@ func mustRun(t *testing.T, stdin string, args ...string) string {
 
 // bgSub is an imq sub running until the test stops it (Ctrl-C).
 type bgSub struct {
-	out, err syncBuffer
+	out, err launchtest.SyncBuffer
 	stop     context.CancelFunc
 	done     chan error
 }
@@ -127,7 +86,7 @@ func startSub(t *testing.T, args ...string) *bgSub {
 		cancel()
 		<-s.done
 	})
-	waitFor(t, 10*time.Second, "imq sub to join", func() bool {
+	launchtest.WaitFor(t, 10*time.Second, "imq sub to join", func() bool {
 		select {
 		case err := <-s.done:
 			s.done <- err // for the cleanup
@@ -155,9 +114,9 @@ func (s *bgSub) interrupt(t *testing.T) error {
 
 func (s *bgSub) waitLines(t *testing.T, n int) []map[string]any {
 	t.Helper()
-	waitFor(t, 15*time.Second, fmt.Sprintf("%d lines from imq sub", n), func() bool { return len(s.out.lines()) >= n })
+	launchtest.WaitFor(t, 15*time.Second, fmt.Sprintf("%d lines from imq sub", n), func() bool { return len(lines(&s.out)) >= n })
 	var got []map[string]any
-	for _, l := range s.out.lines() {
+	for _, l := range lines(&s.out) {
 		var m map[string]any
 		if err := json.Unmarshal([]byte(l), &m); err != nil {
 			t.Fatalf("imq sub printed a line that is not JSON: %q: %v", l, err)
@@ -357,7 +316,7 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 		}
 		go gw.Run(context.Background())
 		t.Cleanup(func() { gw.Shutdown(ctxT(t, 10*time.Second)) })
-		waitFor(t, 10*time.Second, "the gateway's link to the node", func() bool {
+		launchtest.WaitFor(t, 10*time.Second, "the gateway's link to the node", func() bool {
 			resp, err := http.Get("http://" + gw.Addr() + "/healthz")
 			if err != nil {
 				return false
@@ -382,14 +341,14 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 	if err := gw.Shutdown(ctxT(t, 10*time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "imq sub to see the connection lost", func() bool {
+	launchtest.WaitFor(t, 10*time.Second, "imq sub to see the connection lost", func() bool {
 		return strings.Contains(sub.err.String(), "connection lost")
 	})
 	publish(5) // while sub's gateway is down
 	startGateway(addr)
 	publish(5)
 	sub.waitLines(t, 15)
-	waitFor(t, 10*time.Second, "imq sub to say it reconnected", func() bool {
+	launchtest.WaitFor(t, 10*time.Second, "imq sub to say it reconnected", func() bool {
 		return strings.Contains(sub.err.String(), "reconnected")
 	})
 	if err := sub.interrupt(t); err != nil {
@@ -451,7 +410,7 @@ func TestPubStdinCtrlC(t *testing.T) {
 	url := startDev(t)
 	stdin, typing := io.Pipe()
 	t.Cleanup(func() { typing.Close() })
-	var out, errOut syncBuffer
+	var out, errOut launchtest.SyncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
@@ -462,7 +421,7 @@ func TestPubStdinCtrlC(t *testing.T) {
 		if _, err := io.WriteString(typing, "line\n"); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 10*time.Second, "the line's offset", func() bool { return out.String() == offsets(i) })
+		launchtest.WaitFor(t, 10*time.Second, "the line's offset", func() bool { return out.String() == offsets(i) })
 	}
 	cancel()
 	select {
@@ -503,14 +462,14 @@ func TestSubRetriesUnavailableJoin(t *testing.T) {
 	go gw.Run(context.Background())
 	t.Cleanup(func() { gw.Shutdown(ctxT(t, 10*time.Second)) })
 
-	var out, errOut syncBuffer
+	var out, errOut launchtest.SyncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
 		done <- runSub(ctx, []string{"/room/early", "--url", gw.Addr(), "--connect-timeout", "30s"}, stdio{out: &out, err: &errOut})
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	waitFor(t, 10*time.Second, "imq sub to retry the join", func() bool { return strings.Contains(errOut.String(), "UNAVAILABLE") })
+	launchtest.WaitFor(t, 10*time.Second, "imq sub to retry the join", func() bool { return strings.Contains(errOut.String(), "UNAVAILABLE") })
 
 	nc := queuenode.DefaultConfig()
 	nc.LinkAddr = linkAddr
@@ -520,7 +479,7 @@ func TestSubRetriesUnavailableJoin(t *testing.T) {
 	}
 	go node.Run(context.Background())
 	t.Cleanup(func() { node.Shutdown(ctxT(t, 10*time.Second)) })
-	waitFor(t, 30*time.Second, "imq sub to join", func() bool { return strings.Contains(errOut.String(), "joined /room/early") })
+	launchtest.WaitFor(t, 30*time.Second, "imq sub to join", func() bool { return strings.Contains(errOut.String(), "joined /room/early") })
 	mustRun(t, "", "pub", "/room/early", "hi", "--url", gw.Addr())
-	waitFor(t, 10*time.Second, "the event", func() bool { return strings.Contains(out.String(), `"data_text":"hi"`) })
+	launchtest.WaitFor(t, 10*time.Second, "the event", func() bool { return strings.Contains(out.String(), `"data_text":"hi"`) })
 }

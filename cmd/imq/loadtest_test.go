@@ -1,30 +1,19 @@
 package main
 
 import (
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-)
 
-// closedURL returns a WebSocket URL on 127.0.0.1 where nothing listens.
-func closedURL(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "ws://" + addr + "/ws"
-}
+	"github.com/imq-dev/imq/launch/launchtest"
+)
 
 // `imq loadtest` against a URL where nothing listens fails quickly, saying
 // so; the URL may come from the scenario file.
 func TestLoadtestNothingListening(t *testing.T) {
-	fromFlag, fromFile := closedURL(t), closedURL(t)
+	fromFlag, fromFile := launchtest.ClosedURL(t), launchtest.ClosedURL(t)
 	scenario := filepath.Join(t.TempDir(), "s.json")
 	if err := os.WriteFile(scenario, []byte(`{"url": "`+fromFile+`", "rooms": 2, "bots_per_room": 2, "duration": "30s"}`), 0o600); err != nil {
 		t.Fatal(err)
@@ -56,7 +45,7 @@ func TestLoadtestNothingListening(t *testing.T) {
 // refused before the run, rather than silently running in development
 // mode (?user=).
 func TestLoadtestEmptySecret(t *testing.T) {
-	url := closedURL(t)
+	url := launchtest.ClosedURL(t)
 	err := runLoadtest([]string{"--url", url, "--secret", "", "--log-level", "error"})
 	if err == nil || !strings.Contains(err.Error(), "--secret is empty") {
 		t.Errorf("--secret '': %v; want --secret is empty", err)

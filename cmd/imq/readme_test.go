@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imq-dev/imq/launch/launchtest"
 )
 
 // nodeWithWebSocket returns the node command line that has a global
@@ -73,7 +75,7 @@ func TestReadmeBrowserSnippet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stderr syncBuffer
+	var stderr launchtest.SyncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -136,10 +138,10 @@ func TestReadmeBrowserSnippet(t *testing.T) {
 		{"its own chat event", "event", `{"queue":"/room/1","mount":"chat","sender":"alice","payload":{"text":"hello from the console"}}`},
 		{"its own state change", "state", `{"queue":"/room/1","mount":"scores","key":"alice","value":3220,"sender":"alice"}`},
 	} {
-		waitFor(t, 15*time.Second, "the snippet to log "+c.what, has(c.kind, c.want))
+		launchtest.WaitFor(t, 15*time.Second, "the snippet to log "+c.what, has(c.kind, c.want))
 	}
 	mustRun(t, "", "pub", "/room/1", `{"text":"hi alice"}`, "--url", url, "--user", "bob")
-	waitFor(t, 10*time.Second, "the snippet to log imq pub's event", has("event", `{"sender":"bob","payload":{"text":"hi alice"}}`))
+	launchtest.WaitFor(t, 10*time.Second, "the snippet to log imq pub's event", has("event", `{"sender":"bob","payload":{"text":"hi alice"}}`))
 	mu.Lock()
 	defer mu.Unlock()
 	for _, m := range logged {

@@ -16,7 +16,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,6 +23,7 @@ import (
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
 	"github.com/imq-dev/imq/queuenode"
 )
@@ -58,32 +58,20 @@ func phpBinary(t *testing.T) string {
 // edit has changed its config, and shuts it down after the test.
 func startDev(t *testing.T, edit func(*launch.DevConfig)) *launch.Dev {
 	t.Helper()
-	cfg := launch.LocalDevConfig()
+	var keys []gateway.APIKey
 	for _, spec := range []string{fullKey, lobbyKey + " methods=publish prefixes=/lobby/"} {
 		k, err := gateway.ParseAPIKey(spec)
 		if err != nil {
 			t.Fatalf("ParseAPIKey: %v", err)
 		}
-		cfg.Gateway.APIKeys = append(cfg.Gateway.APIKeys, k)
+		keys = append(keys, k)
 	}
-	if edit != nil {
-		edit(&cfg)
-	}
-	d, err := launch.StartDev(cfg)
-	if err != nil {
-		t.Fatalf("StartDev: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), wait)
-		defer cancel()
-		d.Shutdown(ctx)
+	return launchtest.StartDev(t, func(c *launch.DevConfig) {
+		c.Gateway.APIKeys = append(c.Gateway.APIKeys, keys...)
+		if edit != nil {
+			edit(c)
+		}
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
-	if err := d.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return d
 }
 
 // dial connects a Go client and closes it after the test.
@@ -180,42 +168,12 @@ func wantBackendFailure(t *testing.T, what string, err error) {
 	}
 }
 
-// freeAddr returns a loopback address with a port that was free a moment ago.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
-// syncBuffer collects a process's output for the failure report.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // backend is backend.php running under `php -S`.
 type backend struct {
 	url      string // http://127.0.0.1:port
 	leaveLog string
 	cmd      *exec.Cmd
-	out      *syncBuffer
+	out      *launchtest.SyncBuffer
 	done     chan struct{}
 }
 
@@ -225,8 +183,8 @@ type backend struct {
 func startBackend(t *testing.T) *backend {
 	t.Helper()
 	php := phpBinary(t)
-	addr := freeAddr(t)
-	b := &backend{url: "http://" + addr, leaveLog: filepath.Join(t.TempDir(), "leave.log"), out: &syncBuffer{}, done: make(chan struct{})}
+	addr := launchtest.ClosedAddr(t)
+	b := &backend{url: "http://" + addr, leaveLog: filepath.Join(t.TempDir(), "leave.log"), out: &launchtest.SyncBuffer{}, done: make(chan struct{})}
 	b.cmd = exec.Command(php, "-S", addr, "backend.php")
 	// TMPDIR: the server's /slow setting lives in the temp directory.
 	b.cmd.Env = append(os.Environ(), "IMQ_PHP_LEAVE_LOG="+b.leaveLog, "PHP_CLI_SERVER_WORKERS=4", "TMPDIR="+t.TempDir())
@@ -409,7 +367,7 @@ func testRPC(t *testing.T, d *launch.Dev, transport string) {
 		"IMQ_PHP_TRANSPORT="+transport,
 		"IMQ_QUEUE="+q,
 		"IMQ_VICTIM="+victimID,
-		"IMQ_DEAD_URL=http://"+freeAddr(t),
+		"IMQ_DEAD_URL=http://"+launchtest.ClosedAddr(t),
 	)
 	get := func(name string) step {
 		t.Helper()
