@@ -243,6 +243,15 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 // /varz, /v1/table).
 func (s *Server) InternalAddr() string { return s.internalLn.Addr().String() }
 
+// GossipAddr returns the address this process gossips on in cluster mode,
+// or "" standalone.
+func (s *Server) GossipAddr() string {
+	if m := s.member.Load(); m != nil {
+		return m.Addr()
+	}
+	return ""
+}
+
 // ID returns the gateway id.
 func (s *Server) ID() string { return s.cfg.GatewayID }
 

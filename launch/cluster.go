@@ -162,20 +162,13 @@ func (c *Cluster) AddGateway(ctx context.Context, extra ...string) (*Process, er
 func (c *Cluster) process(name, role string, args []string) *Process {
 	p := &Process{
 		Name: name, Role: role, binary: c.cfg.Binary,
-		args:    append(args, c.cfg.ClusterArgs...),
-		logPath: filepath.Join(c.cfg.Dir, name+".log"),
-		env:     []string{"IMQ_GOSSIP_KEY=" + base64.StdEncoding.EncodeToString(c.cfg.GossipKey)},
-		out:     c.cfg.Output, outMu: &c.outMu, addrs: map[string]string{},
+		args:      append(args, c.cfg.ClusterArgs...),
+		logPath:   filepath.Join(c.cfg.Dir, name+".log"),
+		readyPath: filepath.Join(c.cfg.Dir, name+".ready"),
+		env:       []string{"IMQ_GOSSIP_KEY=" + base64.StdEncoding.EncodeToString(c.cfg.GossipKey)},
+		out:       c.cfg.Output, outMu: &c.outMu,
 	}
-	p.cond = sync.NewCond(&p.mu)
 	return p
-}
-
-// serving names, per role, the log lines carrying each address.
-var serving = map[string][]struct{ msg, attr, kind string }{
-	"boss":      {{"boss serving", "addr", "http"}, {"boss serving", "gossip", "gossip"}},
-	"queuenode": {{"queue node serving links", "addr", "link"}, {"queue node internal HTTP", "addr", "internal"}, {"cluster member", "gossip", "gossip"}},
-	"gateway":   {{"gateway serving", "addr", "http"}, {"gateway serving", "internal", "internal"}, {"cluster member", "gossip", "gossip"}},
 }
 
 // startProcess starts p and records its addresses. The first start asks for
@@ -187,21 +180,23 @@ func (c *Cluster) startProcess(ctx context.Context, p *Process) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
+	r, err := p.waitReady(ctx)
+	if err != nil {
+		return fmt.Errorf("%w (log: %s)", err, p.logPath)
+	}
+	if pid := p.PID(); r.PID != pid || r.Role != p.Role {
+		return fmt.Errorf("%s: ready file %s is from %s pid %d, not %s pid %d", p.Name, p.readyPath, r.Role, r.PID, p.Role, pid)
+	}
 	flagOf := map[string]string{"link": "--link-addr", "gossip": "--gossip-addr", "http": "--addr", "internal": "--internal-addr"}
-	for _, s := range serving[p.Role] {
-		l, err := p.WaitLog(ctx, s.msg)
-		if err != nil {
-			return fmt.Errorf("%w (log: %s)", err, p.logPath)
+	for kind, flag := range flagOf {
+		if r.Addrs[kind] == "" {
+			continue
 		}
-		addr, _ := l[s.attr].(string)
-		if addr == "" {
-			return fmt.Errorf("%s logged %q without %q", p.Name, s.msg, s.attr)
-		}
-		p.setAddr(s.kind, addr)
-		if i := slices.Index(p.args, flagOf[s.kind]); i >= 0 && i+1 < len(p.args) {
-			p.args[i+1] = addr
+		if i := slices.Index(p.args, flag); i >= 0 && i+1 < len(p.args) {
+			p.args[i+1] = r.Addrs[kind]
 		}
 	}
+	p.setAddrs(r.Addrs)
 	return nil
 }
 

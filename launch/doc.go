@@ -6,8 +6,9 @@
 // dev`, and tests), with one metrics registry. StartCluster runs a local
 // cluster of separate imq processes on free ports (`imq cluster`, the
 // end-to-end tests): it starts the boss, then the queue nodes and gateways
-// joined to it, learns each process's addresses from the JSON lines it logs,
-// and passes secrets (the gossip key, the gateways' JWT secret and API keys)
+// joined to it, learns each process's addresses from the ready file it
+// writes once it serves (--ready-file: <dir>/<name>.ready, see Ready), and
+// passes secrets (the gossip key, the gateways' JWT secret and API keys)
 // in the processes' environment, never on their command lines. Supervise
 // restarts a process that exits, on the addresses it had, with a backoff
 // that doubles while it keeps failing (SuperviseConfig); Stop stops the
@@ -25,8 +26,8 @@
 // StartDev runs each service's Run in a goroutine of its own, ending at
 // Dev.Shutdown; their errors arrive on Dev.Err (buffered, one per
 // service). Each Process started by a Cluster has one goroutine that copies
-// its stderr to its log file (and ClusterConfig.Output) and keeps its last
-// lines for WaitLog, ending when the process exits; Process is safe for
+// its stderr to its log file (and ClusterConfig.Output), ending when the
+// process exits; Process is safe for
 // concurrent use. Supervise runs one goroutine per process, all ending when
 // its ctx ends and no restart is under way: call Stop after Supervise
 // returns, never during it. Cluster's other methods (AddQueueNode,

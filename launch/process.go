@@ -2,10 +2,10 @@ package launch
 
 import (
 	"bufio"
-	"context"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"slices"
@@ -15,13 +15,9 @@ import (
 	"time"
 )
 
-// maxLogLines bounds the log lines a Process keeps for WaitLog; older ones
-// are dropped (the log file keeps everything).
-const maxLogLines = 20_000
-
 // Process is one imq process started by a Cluster. Its stderr is JSON logs:
-// each line goes to its log file and to the cluster's output, and is kept
-// for WaitLog.
+// each line goes to its log file and to the cluster's output. Its addresses
+// come from its ready file (--ready-file, see Ready).
 type Process struct {
 	Name string // "boss", "qn-1", "gw-2"
 	Role string // "boss", "queuenode" or "gateway"
@@ -30,16 +26,15 @@ type Process struct {
 	env     []string // added to this process's environment
 	binary  string
 	logPath string
-	out     io.Writer // may be nil
-	outMu   *sync.Mutex
+	// readyPath is the --ready-file the process writes once it serves.
+	readyPath string
+	out       io.Writer // may be nil
+	outMu     *sync.Mutex
 
 	mu    sync.Mutex
 	cmd   *exec.Cmd
-	logs  []map[string]any // guarded by mu
-	base  int              // index of logs[0] since start; guarded by mu
-	cond  *sync.Cond
 	done  chan struct{}
-	addrs map[string]string // from the serving log lines; guarded by mu
+	addrs map[string]string // from the ready file; guarded by mu
 	// startedAt is when the running incarnation started; guarded by mu.
 	startedAt time.Time
 }
@@ -67,15 +62,14 @@ func (p *Process) start() error {
 	if err != nil {
 		return err
 	}
-	args := slices.Clone(p.args)
-	for i := range args {
-		// The launcher learns addresses from info lines: a quieter level
-		// would hide them.
-		if args[i] == "--log-level" && i+1 < len(args) && (args[i+1] == "warn" || args[i+1] == "error") {
-			args[i+1] = "info"
-		}
+	// A ready file left by an incarnation that was killed would pass for
+	// this one's.
+	if err := os.Remove(p.readyPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		f.Close()
+		return err
 	}
-	cmd := exec.Command(p.binary, append(args, "--log-format", "json")...)
+	args := append(slices.Clone(p.args), "--log-format", "json", "--ready-file", p.readyPath)
+	cmd := exec.Command(p.binary, args...)
 	cmd.Env = childEnv(cmd.Environ(), p.env)
 	cmd.Stdout = f
 	stderr, err := cmd.StderrPipe()
@@ -92,7 +86,6 @@ func (p *Process) start() error {
 	}
 	p.mu.Lock()
 	p.cmd, p.startedAt = cmd, time.Now()
-	p.logs, p.base = nil, 0
 	p.done = make(chan struct{})
 	done := p.done
 	p.mu.Unlock()
@@ -108,66 +101,14 @@ func (p *Process) start() error {
 				fmt.Fprintf(p.out, "%-6s %s\n", p.Name, line)
 				p.outMu.Unlock()
 			}
-			var m map[string]any
-			if json.Unmarshal(line, &m) != nil {
-				m = map[string]any{"msg": string(line)}
-			}
-			p.mu.Lock()
-			if len(p.logs) == maxLogLines {
-				p.logs = p.logs[1:]
-				p.base++
-			}
-			p.logs = append(p.logs, m)
-			p.cond.Broadcast()
-			p.mu.Unlock()
 		}
 		cmd.Wait()
-		p.mu.Lock()
 		close(done)
-		p.cond.Broadcast()
-		p.mu.Unlock()
 	}()
 	return nil
 }
 
-// WaitLog returns the first line logged since the process (re)started whose
-// message is msg, waiting until ctx ends or the process exits.
-func (p *Process) WaitLog(ctx context.Context, msg string) (map[string]any, error) {
-	return p.WaitLogFunc(ctx, msg, func(map[string]any) bool { return true })
-}
-
-// WaitLogFunc is WaitLog for the first line with message msg that match
-// accepts.
-func (p *Process) WaitLogFunc(ctx context.Context, msg string, match func(map[string]any) bool) (map[string]any, error) {
-	stop := context.AfterFunc(ctx, func() { p.mu.Lock(); p.cond.Broadcast(); p.mu.Unlock() })
-	defer stop()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	seen := 0
-	for {
-		for ; seen-p.base < len(p.logs); seen++ {
-			if i := seen - p.base; i >= 0 {
-				if l := p.logs[i]; l["msg"] == msg && match(l) {
-					return l, nil
-				}
-			}
-		}
-		if seen < p.base {
-			seen = p.base
-		}
-		select {
-		case <-p.done:
-			return nil, fmt.Errorf("%s exited before logging %q", p.Name, msg)
-		default:
-		}
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%s did not log %q: %w", p.Name, msg, ctx.Err())
-		}
-		p.cond.Wait()
-	}
-}
-
-// Addr returns an address the process logged when it started serving:
+// Addr returns an address the process wrote to its ready file:
 // "http" (the boss's API, a gateway's client port), "internal" (a gateway's
 // or queue node's internal listener: /metrics, /varz, /v1/table), "link"
 // (queue node) or "gossip".
@@ -177,10 +118,10 @@ func (p *Process) Addr(kind string) string {
 	return p.addrs[kind]
 }
 
-func (p *Process) setAddr(kind, addr string) {
+func (p *Process) setAddrs(addrs map[string]string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.addrs[kind] = addr
+	p.addrs = addrs
 }
 
 func (p *Process) started() bool {

@@ -145,6 +145,15 @@ func (s *Server) InternalAddr() string {
 // LinkAddr returns the address gateways connect to.
 func (s *Server) LinkAddr() string { return s.ln.Addr().String() }
 
+// GossipAddr returns the address this process gossips on in cluster mode,
+// or "" standalone.
+func (s *Server) GossipAddr() string {
+	if m := s.member.Load(); m != nil {
+		return m.Addr()
+	}
+	return ""
+}
+
 // NodeID returns the node's id.
 func (s *Server) NodeID() string { return s.cfg.NodeID }
 

@@ -5,6 +5,7 @@ import (
 
 	"github.com/imq-dev/imq/boss"
 	"github.com/imq-dev/imq/internal/obs"
+	"github.com/imq-dev/imq/launch"
 )
 
 func runBoss(args []string) error {
@@ -23,6 +24,7 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "how long /v1/nodes waits for each member's /varz")
 	memberFlags(fs, &cfg.Member, "127.0.0.1:7946", &join)
 	lf.register(fs)
+	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -40,5 +42,6 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	return serve(ctx, log, b.Run, b.Shutdown) // Run logs "boss serving" with addr and gossip
+	ready := launch.Ready{Role: "boss", ID: cfg.ID, Addrs: map[string]string{"http": b.Addr(), "gossip": b.GossipAddr()}}
+	return serve(ctx, log, &lf, ready, b.Run, b.Shutdown)
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
+	"github.com/imq-dev/imq/launch"
 )
 
 // newFlagSet returns a flag set for subcommand name whose usage lists every
@@ -380,12 +381,32 @@ type commonFlags struct {
 	level     string
 	format    string
 	pprofAddr string
+	readyFile string
 }
 
 func (lf *commonFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&lf.level, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&lf.format, "log-format", "text", "log format: text or json")
 	fs.StringVar(&lf.pprofAddr, "pprof-addr", "", "listen address for Go runtime profiles at /debug/pprof/ (operators only; empty: off)")
+}
+
+// registerReady adds --ready-file, for the commands that serve (not imq
+// loadtest, which shares the other common flags).
+func (lf *commonFlags) registerReady(fs *flag.FlagSet) {
+	fs.StringVar(&lf.readyFile, "ready-file", "", `once serving, write this JSON file: {"role","id","pid","addrs":{kind: host:port}}, the addresses bound (ports given as 0 included); removed at exit (empty: none)`)
+}
+
+// writeReady writes --ready-file, if given, for the service r describes
+// (PID filled in), and returns what removes it at exit.
+func (lf *commonFlags) writeReady(r launch.Ready) (remove func(), err error) {
+	if lf.readyFile == "" {
+		return func() {}, nil
+	}
+	r.PID = os.Getpid()
+	if err := launch.WriteReady(lf.readyFile, r); err != nil {
+		return nil, fmt.Errorf("--ready-file: %w", err)
+	}
+	return func() { os.Remove(lf.readyFile) }, nil
 }
 
 // setup makes the logger and, if asked, serves the runtime profiles on

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -310,6 +311,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	nodeFlags(fs, &nc)
 	cf.register(fs, &nc)
 	lf.register(fs)
+	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -353,6 +355,13 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 		fmt.Printf("  Call-outs:  %s → %s\n", c.Prefix, c.URL)
 	}
 	fmt.Printf("  Queue node: %s (link)   state: http://%s/varz\n", d.Node.LinkAddr(), d.Node.InternalAddr())
+	remove, err := lf.writeReady(launch.Ready{Role: "dev", ID: "dev", Addrs: map[string]string{
+		"http": d.Gateway.Addr(), "internal": d.Gateway.InternalAddr(), "link": d.Node.LinkAddr(), "boss": d.Boss.Addr()}})
+	if err != nil {
+		d.Shutdown(context.Background())
+		return err
+	}
+	defer remove()
 	fmt.Println("Press Ctrl-C to stop.")
 	ctx, stop := signalContext()
 	defer stop()
@@ -361,6 +370,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	case err := <-d.Err():
 		log.Error("service stopped", "err", err)
 	}
+	remove() // no longer serving
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
@@ -386,6 +396,7 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
 	gatewayFlags(fs, &cfg, &secret, &origins)
 	lf.register(fs)
+	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -413,7 +424,9 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	return gw.Run(ctx)
+	ready := launch.Ready{Role: "gateway", ID: gw.ID(), Addrs: map[string]string{
+		"http": gw.Addr(), "internal": gw.InternalAddr(), "gossip": gw.GossipAddr()}}
+	return serve(ctx, log, &lf, ready, gw.Run, gw.Shutdown)
 }
 
 func runQueueNode(args []string) error {
@@ -434,6 +447,7 @@ is standalone and serves every queue.`)
 	cf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
 	lf.register(fs)
+	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -469,19 +483,35 @@ is standalone and serves every queue.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	return serve(ctx, log, node.Run, node.Shutdown)
+	ready := launch.Ready{Role: "queuenode", ID: node.NodeID(), Addrs: map[string]string{
+		"link": node.LinkAddr(), "internal": node.InternalAddr(), "gossip": node.GossipAddr()}}
+	return serve(ctx, log, &lf, ready, node.Run, node.Shutdown)
 }
 
 // serve runs a service until it stops on its own or ctx ends (a signal),
 // then shuts it down within shutdownTimeout and returns what Run returned.
-func serve(ctx context.Context, log *slog.Logger, run, shutdown func(context.Context) error) error {
+// Once Run is under way it writes --ready-file with ready's addresses
+// (empty ones left out), removed once it stops serving: every listener is
+// bound by New, so a connection made once the file exists is served.
+func serve(ctx context.Context, log *slog.Logger, lf *commonFlags, ready launch.Ready, run, shutdown func(context.Context) error) error {
 	errc := make(chan error, 1)
 	go func() { errc <- run(ctx) }()
+	maps.DeleteFunc(ready.Addrs, func(_, addr string) bool { return addr == "" })
+	remove, err := lf.writeReady(ready)
+	if err != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		defer cancel()
+		shutdown(sctx)
+		<-errc
+		return err
+	}
+	defer remove()
 	select {
 	case err := <-errc:
 		return err
 	case <-ctx.Done():
 	}
+	remove() // no longer serving
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
