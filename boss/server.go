@@ -70,6 +70,9 @@ type Boss struct {
 	wg       sync.WaitGroup
 	runOnce  sync.Once
 	shutOnce sync.Once
+	// startMu orders Run's start of the loops (wg.Add) before Shutdown's
+	// close of closing, so that shutdown's wg.Wait never runs beside an Add.
+	startMu sync.Mutex
 	shutDone chan struct{} // closed when Shutdown has finished
 	shutErr  error         // set before shutDone closes
 }
@@ -186,8 +189,10 @@ func (b *Boss) Ready() bool { return b.ready.Load() }
 // Run reconciles and serves HTTP until ctx is done or Shutdown is called; it
 // returns nil then. Call it once.
 func (b *Boss) Run(ctx context.Context) error {
+	b.startMu.Lock()
 	select {
 	case <-b.closing:
+		b.startMu.Unlock()
 		<-b.shutDone
 		return nil
 	default:
@@ -209,6 +214,7 @@ func (b *Boss) Run(ctx context.Context) error {
 			b.rejoinLoop(b.ctx)
 		}()
 	})
+	b.startMu.Unlock()
 	t := b.Table()
 	b.log.Info("boss serving", "addr", b.Addr(), "gossip", b.GossipAddr(), "table_version", t.Version(),
 		"nodes", len(t.Nodes()), "ready", b.Ready())
@@ -229,7 +235,9 @@ func (b *Boss) Run(ctx context.Context) error {
 // table.
 func (b *Boss) Shutdown(ctx context.Context) error {
 	b.shutOnce.Do(func() {
+		b.startMu.Lock()
 		close(b.closing)
+		b.startMu.Unlock()
 		go func() { // ends when the shutdown is done
 			defer close(b.shutDone)
 			b.shutErr = b.shutdown(ctx)
