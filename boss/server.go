@@ -72,7 +72,7 @@ type Boss struct {
 	shutOnce sync.Once
 	// startMu orders Run's start of the loops (wg.Add) before Shutdown's
 	// close of closing, so that shutdown's wg.Wait never runs beside an Add.
-	startMu sync.Mutex
+	startMu  sync.Mutex
 	shutDone chan struct{} // closed when Shutdown has finished
 	shutErr  error         // set before shutDone closes
 }
