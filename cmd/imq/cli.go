@@ -53,6 +53,16 @@ type stdio struct {
 
 func osStdio() stdio { return stdio{in: os.Stdin, out: os.Stdout, err: os.Stderr} }
 
+// clientFlagSet is newFlagSet for a client command: usage and errors go to
+// std.err, and the connection flags are registered.
+func clientFlagSet(std stdio, name, summary string) (*flag.FlagSet, *connFlags) {
+	fs := newFlagSet(name, summary)
+	fs.SetOutput(std.err)
+	cf := new(connFlags)
+	cf.register(fs)
+	return fs, cf
+}
+
 // connFlags are how a client command reaches a gateway and who it is.
 type connFlags struct {
 	url, user, token string
@@ -293,7 +303,7 @@ func newEncoder(w io.Writer) *json.Encoder {
 }
 
 func runSub(ctx context.Context, args []string, std stdio) error {
-	fs := newFlagSet("sub QUEUE", `Joins QUEUE and prints each update as one JSON line on stdout, in the queue's
+	fs, cf := clientFlagSet(std, "sub QUEUE", `Joins QUEUE and prints each update as one JSON line on stdout, in the queue's
 order: events ("kind":"event", with offset, sender, time_ms and data),
 state changes ("kind":"state", with key, value, version, deleted), "gap" when
 events were lost for good, and "closed" when the server ended the
@@ -305,10 +315,7 @@ twice. Status goes to stderr. Ctrl-C exits 0.
   imq sub /room/1                           # the chat mount
   imq sub /room/1 --state scores --recent 20 # chat with 20 recent events, and scores
   imq sub /room/1 --count 1 --timeout 5s    # exit 1 if nothing comes in 5 s`)
-	fs.SetOutput(std.err)
-	var cf connFlags
 	var mounts, states listFlag
-	cf.register(fs)
 	fs.Var(&mounts, "mount", "message mount to print, comma-separated or repeated; --mount '' for none (default chat)")
 	fs.Var(&states, "state", "state mount to print: its snapshot, then each change; comma-separated or repeated")
 	recent := fs.Uint("recent", 0, "first print up to this many recent events of each message mount (bounded by the server's history)")
@@ -418,16 +425,13 @@ twice. Status goes to stderr. Ctrl-C exits 0.
 }
 
 func runPub(ctx context.Context, args []string, std stdio) error {
-	fs := newFlagSet("pub QUEUE DATA", `Publishes DATA, as it is, to a message mount of QUEUE and prints the event's
+	fs, cf := clientFlagSet(std, "pub QUEUE DATA", `Publishes DATA, as it is, to a message mount of QUEUE and prints the event's
 offset. DATA - reads stdin instead: each non-empty line is one publish, and
 each offset is printed on its own line.
 
   imq pub /room/1 '{"text":"gg"}'
   imq pub /room/1 hello --mount lobby
   tail -f game.log | imq pub /room/1 -`)
-	fs.SetOutput(std.err)
-	var cf connFlags
-	cf.register(fs)
 	mount := fs.String("mount", "chat", "message mount to publish to")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
@@ -551,10 +555,7 @@ version (its offset in the queue). Everyone joined to the mount sees it.
 	if del {
 		name, summary, want = "state del QUEUE KEY", `Deletes KEY of a state mount of QUEUE and prints the change's version.`, want[:2]
 	}
-	fs := newFlagSet(name, summary)
-	fs.SetOutput(std.err)
-	var cf connFlags
-	cf.register(fs)
+	fs, cf := clientFlagSet(std, name, summary)
 	mount := stateMountFlag(fs)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
@@ -595,14 +596,11 @@ type stateEntry struct {
 }
 
 func runStateGet(ctx context.Context, args []string, std stdio) error {
-	fs := newFlagSet("state get QUEUE [KEY]", `Joins a state mount of QUEUE, prints its state as one JSON object, and
+	fs, cf := clientFlagSet(std, "state get QUEUE [KEY]", `Joins a state mount of QUEUE, prints its state as one JSON object, and
 leaves: {"queue":...,"mount":...,"state":{"alice":{"value":3220,"version":4}}}.
 With KEY, prints that key's {"value":...,"version":...}, or fails if it is not
 set. A value that is JSON is printed as JSON (value), other text as a string
 (value_text), other bytes as base64 (value_base64).`)
-	fs.SetOutput(std.err)
-	var cf connFlags
-	cf.register(fs)
 	mount := stateMountFlag(fs)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
