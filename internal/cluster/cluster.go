@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -71,7 +70,7 @@ type Cluster struct {
 // leaves. The cluster holds bucket.Empty() until the first table arrives.
 func Start(cfg Config) (*Cluster, error) {
 	if cfg.Install == nil {
-		return nil, errors.New("cluster: no install hook")
+		return nil, errNoInstall
 	}
 	if cfg.PollWait <= 0 {
 		cfg.PollWait = DefaultPollWait

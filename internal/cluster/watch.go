@@ -16,9 +16,6 @@ import (
 // DefaultPollWait is how long one long poll waits for a newer version.
 const DefaultPollWait = 25 * time.Second
 
-// errNotBoss: an answer to a long poll that the boss would not give.
-var errNotBoss = errors.New("the boss URL does not long-poll like the boss")
-
 // Table returns the table installed last (bucket.Empty() before the first).
 // It does not allocate.
 func (c *Cluster) Table() *bucket.Table { return c.table.Load() }
