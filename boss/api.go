@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -33,7 +33,7 @@ const (
 // serveTable answers GET /v1/table[?after=V[&wait=D]]: without after, the
 // current table; with it, a table newer than V as soon as there is one
 // (200), or 304 Not Modified when none came within the wait (default
-// tablewatch.DefaultWait, at most MaxWait; "25s" or whole seconds).
+// cluster.DefaultPollWait, at most MaxWait; "25s" or whole seconds).
 func (b *Boss) serveTable(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	if !q.Has("after") {
@@ -41,7 +41,7 @@ func (b *Boss) serveTable(w http.ResponseWriter, r *http.Request) {
 			httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, "wait needs after=VERSION")
 			return
 		}
-		tablewatch.ServeTable(w, b.Table())
+		cluster.ServeTable(w, b.Table())
 		return
 	}
 	after, err := strconv.ParseUint(q.Get("after"), 10, 64)
@@ -49,7 +49,7 @@ func (b *Boss) serveTable(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, fmt.Sprintf("after=%q is not a table version (an unsigned integer)", q.Get("after")))
 		return
 	}
-	wait := tablewatch.DefaultWait
+	wait := cluster.DefaultPollWait
 	if q.Has("wait") {
 		if wait, err = parseWait(q.Get("wait")); err != nil {
 			httpError(w, http.StatusBadRequest, imqpb.Code_BAD_REQUEST, err.Error())
@@ -57,7 +57,7 @@ func (b *Boss) serveTable(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if t := b.Table(); t.Version() > after {
-		tablewatch.ServeTable(w, t)
+		cluster.ServeTable(w, t)
 		return
 	}
 	if n := b.waiters.Add(1); n > maxWaiters {
@@ -71,7 +71,7 @@ func (b *Boss) serveTable(w http.ResponseWriter, r *http.Request) {
 	for {
 		ch := b.published()
 		if t := b.Table(); t.Version() > after {
-			tablewatch.ServeTable(w, t)
+			cluster.ServeTable(w, t)
 			return
 		}
 		select {

@@ -18,8 +18,8 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 )
 
 // waitFor polls cond every 10 ms until it holds, failing after timeout.
@@ -162,7 +162,7 @@ func httpTable(t *testing.T, b *Boss) *bucket.Table {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET /v1/table: %s %s", resp.Status, body)
 	}
-	tb, err := tablewatch.Decode(strings.NewReader(string(body)))
+	tb, err := cluster.DecodeTable(strings.NewReader(string(body)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +236,7 @@ func TestLongPoll(t *testing.T) {
 		if resp.StatusCode != http.StatusOK || time.Since(start) > 2*time.Second {
 			t.Fatalf("%s after %s: %s", resp.Status, time.Since(start), body)
 		}
-		if tb, err := tablewatch.Decode(strings.NewReader(string(body))); err != nil || tb.Version() != v {
+		if tb, err := cluster.DecodeTable(strings.NewReader(string(body))); err != nil || tb.Version() != v {
 			t.Fatalf("table %v, %v; want version %d", tb, err, v)
 		}
 	})
@@ -267,7 +267,7 @@ func TestLongPoll(t *testing.T) {
 				return
 			}
 			defer resp.Body.Close()
-			tb, err := tablewatch.Decode(resp.Body)
+			tb, err := cluster.DecodeTable(resp.Body)
 			done <- result{resp.StatusCode, tb, err}
 		}()
 		waitFor(t, 5*time.Second, "the poll to wait", func() bool { return b.waiters.Load() == 1 })
@@ -487,11 +487,11 @@ func TestAdoptsNewerTable(t *testing.T) {
 	// qn-1 and qn-9, which is gone.
 	newer := tableAt(t, build(t, []bucket.Node{{ID: "qn-1", LinkAddr: "127.0.0.1:11"}, {ID: "qn-9", LinkAddr: "127.0.0.1:19"}}), 50)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != tablewatch.Path {
+		if r.URL.Path != cluster.TablePath {
 			http.NotFound(w, r)
 			return
 		}
-		tablewatch.ServeTable(w, newer)
+		cluster.ServeTable(w, newer)
 	}))
 	t.Cleanup(srv.Close)
 	startMember(t, b.GossipAddr(), member.Meta{

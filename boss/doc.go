@@ -2,7 +2,7 @@
 // It watches the cluster through membership (internal/member), turns the live
 // queue nodes into table versions (internal/bucket Join, Leave and
 // Readdress), persists each version, and serves it to gateways and queue
-// nodes, which long-poll GET /v1/table?after=V (internal/tablewatch). It also
+// nodes, which long-poll GET /v1/table?after=V (internal/cluster). It also
 // serves the operators' JSON views: /v1/nodes (every member with its role,
 // addresses, status, buckets and its own /varz) and /v1/table, beside
 // /metrics, /healthz and /varz.
@@ -70,7 +70,7 @@
 //
 // # Imports and concurrency
 //
-// boss imports internal/bucket, internal/member, internal/tablewatch,
+// boss imports internal/bucket, internal/member, internal/cluster,
 // internal/obs and proto/ (error codes), never another service. A Boss is
 // safe for concurrent use: the table lives behind an atomic pointer and is
 // replaced whole; only the reconcile goroutine changes it.

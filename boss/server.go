@@ -16,9 +16,9 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
-	"github.com/imq-dev/imq/internal/tablewatch"
 )
 
 const (
@@ -147,7 +147,7 @@ func New(cfg Config) (*Boss, error) {
 	b.gossip = b.member.Addr()
 
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET "+tablewatch.Path, b.serveTable)
+	mux.HandleFunc("GET "+cluster.TablePath, b.serveTable)
 	mux.HandleFunc("GET /v1/nodes", b.serveNodes)
 	obs.Handle(mux, cfg.Registry, b.health, b.varz)
 	b.http = obs.NewInternalServer(mux, b.log) // its WriteTimeout outlasts a long poll (MaxWait)
@@ -393,8 +393,8 @@ func (b *Boss) catchUp(ctx context.Context, peers []member.Peer) (cur *bucket.Ta
 // fetchTable gets p's current table from its /v1/table.
 func (b *Boss) fetchTable(ctx context.Context, p member.Peer) (*bucket.Table, error) {
 	var t *bucket.Table
-	err := b.peerGet(ctx, p, tablewatch.Path, b.cfg.TableFetchTimeout, func(r io.Reader) (err error) {
-		t, err = tablewatch.Decode(r)
+	err := b.peerGet(ctx, p, cluster.TablePath, b.cfg.TableFetchTimeout, func(r io.Reader) (err error) {
+		t, err = cluster.DecodeTable(r)
 		return err
 	})
 	return t, err

@@ -19,8 +19,8 @@ import (
 
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/internal/bucket"
+	imqcluster "github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -78,12 +78,12 @@ func startLocalClusterArgs(t *testing.T, nodes, gateways int, gatewayArgs []stri
 // bossTable fetches and decodes the boss's table.
 func bossTable(t *testing.T, c *launch.Cluster) *bucket.Table {
 	t.Helper()
-	resp, err := http.Get("http://" + c.Boss.Addr("http") + tablewatch.Path)
+	resp, err := http.Get("http://" + c.Boss.Addr("http") + imqcluster.TablePath)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	tb, err := tablewatch.Decode(resp.Body)
+	tb, err := imqcluster.DecodeTable(resp.Body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,9 +267,9 @@ func TestClusterQueueNodeKilled(t *testing.T) {
 	detected := make(chan time.Duration, 1)
 	go func() { // the boss's table drops the node: memberlist declared it dead
 		for t.Context().Err() == nil && time.Since(killed) < time.Minute {
-			resp, err := http.Get("http://" + c.Boss.Addr("http") + tablewatch.Path)
+			resp, err := http.Get("http://" + c.Boss.Addr("http") + imqcluster.TablePath)
 			if err == nil {
-				tb, err := tablewatch.Decode(resp.Body)
+				tb, err := imqcluster.DecodeTable(resp.Body)
 				resp.Body.Close()
 				if err == nil && tb.Counts()[victim.Name] == 0 {
 					detected <- time.Since(killed)

@@ -3,20 +3,17 @@ package gateway
 import (
 	"context"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 )
 
 const (
 	// linkWarmup bounds how long a new table waits for the links to its new
 	// nodes before the gateway routes by it.
 	linkWarmup = time.Second
-	// leaveTimeout bounds the graceful leave of the membership at Shutdown.
-	leaveTimeout = time.Second
 )
 
 // routes is what the gateway routes by: a bucket table and a link to each of
@@ -46,81 +43,36 @@ func (s *Server) linkFor(queue string) (*nodeLink, uint64, error) {
 // table returns the bucket table the gateway routes by.
 func (s *Server) table() *bucket.Table { return s.routes.Load().table }
 
-// startCluster creates the table watcher (which Run starts) and joins the
-// membership. It runs at the end of New, once the listener is bound.
+// startCluster joins the membership and makes the cluster runtime install
+// the boss's tables with setTable (Run starts following them). It runs at
+// the end of New, once the listeners are bound.
 func (s *Server) startCluster() error {
-	s.watcher = tablewatch.New(tablewatch.Config{
-		BossURL:  s.bossURL,
-		OnChange: func(_, next *bucket.Table) { s.setTable(next) },
-		Logger:   s.log,
-	}, nil)
-	mc := *s.cfg.Member
-	if mc.Logger == nil {
-		mc.Logger = s.log
-	}
-	userOnChange := mc.OnChange
-	mc.OnChange = func() {
-		if userOnChange != nil {
-			userOnChange()
-		}
-		s.membersChanged()
-	}
-	m, err := member.Start(mc, member.Meta{
-		Role: member.RoleGateway, ID: s.cfg.GatewayID, HTTPAddr: s.InternalAddr(), ClientAddr: s.Addr(),
+	c, err := cluster.Start(cluster.Config{
+		Member:  *s.cfg.Member,
+		Meta:    member.Meta{Role: member.RoleGateway, ID: s.cfg.GatewayID, HTTPAddr: s.InternalAddr(), ClientAddr: s.Addr()},
+		BossURL: s.cfg.BossURL,
+		Install: s.setTable,
+		Logger:  s.log,
 	})
 	if err != nil {
 		return err
 	}
-	s.member.Store(m)
-	s.membersChanged() // changes reported before the store were ignored
+	s.cluster = c
 	return nil
 }
 
-// bossURL is the watcher's view of where the boss is: the newest live boss
-// in the membership that advertises an HTTP address.
-func (s *Server) bossURL() (string, bool) {
-	if s.cfg.BossURL != "" {
-		return strings.TrimRight(s.cfg.BossURL, "/"), true
-	}
-	m := s.member.Load()
-	if m == nil {
-		return "", false
-	}
-	return m.BossURL()
-}
-
-// membersChanged runs after membership changes: a boss or queue node that
-// gossips a newer table version than ours means the boss has one for us, so
-// the watcher asks now rather than at the end of its poll.
-func (s *Server) membersChanged() {
-	m := s.member.Load()
-	if m == nil {
-		return
-	}
-	cur := s.table().Version()
-	for _, p := range m.Peers() {
-		if (p.Meta.Role == member.RoleBoss || p.Meta.Role == member.RoleQueueNode) && p.Meta.TableVersion > cur {
-			s.kickTable()
-			return
-		}
-	}
-}
-
-// kickTable asks the watcher to fetch the table now; standalone, it does
-// nothing.
+// kickTable asks the boss for the table now; standalone, it does nothing.
 func (s *Server) kickTable() {
-	if s.watcher != nil {
-		s.watcher.Kick()
+	if s.cluster != nil {
+		s.cluster.Kick()
 	}
 }
 
-// leaveCluster leaves the membership gracefully, so that the others see
-// "left" at once. It is idempotent (member.Close is).
+// leaveCluster leaves the membership gracefully (idempotent); standalone,
+// it does nothing.
 func (s *Server) leaveCluster() {
-	if m := s.member.Load(); m != nil {
-		if err := m.Close(leaveTimeout); err != nil {
-			s.log.Warn("leaving the cluster", "err", err)
-		}
+	if s.cluster != nil {
+		s.cluster.Leave()
 	}
 }
 
@@ -131,15 +83,11 @@ func (s *Server) leaveCluster() {
 // do not find its link still dialling, switches routing over, and then stops
 // the links of nodes that left the table or changed address. Stopping a link
 // fails its pending requests (UNAVAILABLE) and ends the subscriptions made
-// through it (NODE_LOST). It runs on the watcher's goroutine (tests call it
-// directly); calls are serialized.
-func (s *Server) setTable(next *bucket.Table) {
-	s.installMu.Lock()
-	defer s.installMu.Unlock()
+// through it (NODE_LOST). It is the cluster runtime's install hook: it runs
+// for each newer table, one at a time, and the waiters of that version
+// (waitTable) are released once it returns.
+func (s *Server) setTable(_, next *bucket.Table) {
 	cur := s.routes.Load()
-	if next.Version() <= cur.table.Version() {
-		return
-	}
 	nodes := next.Nodes()
 	links := make(map[string]*nodeLink, len(nodes))
 	var fresh, gone []*nodeLink
@@ -178,14 +126,6 @@ func (s *Server) setTable(next *bucket.Table) {
 	}
 	s.routeMu.Unlock()
 
-	s.changedMu.Lock()
-	close(s.changed)
-	s.changed = make(chan struct{})
-	s.changedMu.Unlock()
-
-	if m := s.member.Load(); m != nil {
-		m.SetTable(next.Version(), next.Sum())
-	}
 	s.m.tableChanges.Inc()
 	s.log.Info("routing by bucket table", "version", next.Version(), "from", cur.table.Version(),
 		"nodes", len(nodes), "buckets", next.Buckets(), "links_started", len(fresh), "links_stopped", len(gone))
@@ -251,26 +191,21 @@ func (s *Server) closeLinks() {
 }
 
 // waitTable waits until the gateway routes by a table of version v or
-// newer, or ctx ends, asking the watcher to fetch it now. It reports whether
-// the table arrived.
+// newer, or ctx ends, asking the boss for it now. It reports whether the
+// table arrived. Standalone, no other table ever comes: it waits out ctx.
 func (s *Server) waitTable(ctx context.Context, v uint64) bool {
-	for {
-		s.changedMu.Lock()
-		ch := s.changed
-		s.changedMu.Unlock()
+	if s.cluster == nil {
 		if s.table().Version() >= v {
 			return true
 		}
-		s.kickTable()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return false
-		}
+		<-ctx.Done()
+		return false
 	}
+	_, err := s.cluster.WaitVersion(ctx, v)
+	return err == nil
 }
 
 // serveTable answers GET /v1/table with the table the gateway routes by.
 func (s *Server) serveTable(w http.ResponseWriter, _ *http.Request) {
-	tablewatch.ServeTable(w, s.table())
+	cluster.ServeTable(w, s.table())
 }

@@ -65,8 +65,9 @@
 // queue is empty: an idle connection holds no writer and no write buffer);
 // per queue node one link (a dialer/reader goroutine and a writer goroutine,
 // ending when the node leaves the table or at Shutdown); in cluster mode the
-// table watcher and memberlist's own (ending at Shutdown); and one short
-// goroutine per request answered MOVED, ending within the request timeout.
+// cluster runtime's table watcher (internal/cluster) and memberlist's own
+// (ending at Shutdown); and one short goroutine per request answered MOVED,
+// ending within the request timeout.
 // With a JWKS URL, one refresher, ending at Shutdown.
 // Per connection refused at accept, one drain (at most 32 at once) that
 // reads what the client still sends for at most 500 ms so the refusal is

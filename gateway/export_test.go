@@ -13,9 +13,9 @@ import (
 // Fanout exposes the fan-out to benchmarks in package gateway_test.
 func (s *Server) Fanout(d *imqpb.Deliver) { s.fanout(nil, d) }
 
-// InstallTable routes by t as if the table watcher had just fetched it from
-// the boss (cluster mode, without a boss).
-func (s *Server) InstallTable(t *bucket.Table) { s.setTable(t) }
+// InstallTable routes by t as if the cluster runtime had just fetched it
+// from the boss (cluster mode, without a boss).
+func (s *Server) InstallTable(t *bucket.Table) { s.cluster.Install(t) }
 
 // SetMovedWait bounds each wait for a newer table after MOVED; call it
 // before Run.

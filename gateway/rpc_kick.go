@@ -131,10 +131,10 @@ func (s *Server) kickLocal(user, msg string) int {
 // otherGateways returns the live gateways of the membership but this one
 // (none standalone).
 func (s *Server) otherGateways() []member.Peer {
-	m := s.member.Load()
-	if m == nil {
+	if s.cluster == nil {
 		return nil
 	}
+	m := s.cluster.Member()
 	var out []member.Peer
 	for _, p := range m.Peers() {
 		if p.Meta.Role == member.RoleGateway && p.Name != m.Name() {

@@ -21,11 +21,10 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/imqerr"
-	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -68,20 +67,17 @@ type Server struct {
 
 	// Routing (cluster.go). routes is replaced whole by setTable; lookups
 	// load it without a lock.
-	routes    atomic.Pointer[routes]
-	installMu sync.Mutex // serializes setTable
-	routeMu   sync.Mutex
+	routes  atomic.Pointer[routes]
+	routeMu sync.Mutex
 	// Guarded by routeMu: Run has started the links; Shutdown has stopped
 	// them (no link starts after).
 	linksRunning, linksClosed bool
-	changedMu                 sync.Mutex
-	changed                   chan struct{} // Guarded by changedMu: closed and replaced at each new table.
 	movedWait                 time.Duration // bounds one wait for a newer table after MOVED; tests shorten it
 
-	// Cluster mode only (nil standalone). watcher is set in New before
-	// any goroutine starts; member once membership has started.
-	watcher *tablewatch.Watcher
-	member  atomic.Pointer[member.Member]
+	// Cluster mode only (nil standalone): the membership and the table
+	// watcher, whose install hook is setTable. Set in New before any
+	// goroutine starts.
+	cluster *cluster.Cluster
 
 	index index
 	conns connSet
@@ -118,7 +114,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 	s := &Server{
 		cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID), shutDone: make(chan struct{}),
-		changed: make(chan struct{}), movedWait: movedTableWait,
+		movedWait: movedTableWait,
 	}
 	var nonce [4]byte
 	rand.Read(nonce[:])
@@ -221,7 +217,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 	imux := http.NewServeMux()
 	obs.Handle(imux, cfg.Registry, s.health, s.varz)
-	imux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
+	imux.HandleFunc("GET "+cluster.TablePath, s.serveTable)
 	// Other gateways pass kicks on here (rpc_kick.go), at the admin RPC's
 	// path: a gateway of the previous release, which posts to the address
 	// a peer advertises, finds it too.
@@ -246,8 +242,8 @@ func (s *Server) InternalAddr() string { return s.internalLn.Addr().String() }
 // GossipAddr returns the address this process gossips on in cluster mode,
 // or "" standalone.
 func (s *Server) GossipAddr() string {
-	if m := s.member.Load(); m != nil {
-		return m.Addr()
+	if s.cluster != nil {
+		return s.cluster.Member().Addr()
 	}
 	return ""
 }
@@ -265,11 +261,11 @@ func (s *Server) Run(ctx context.Context) error {
 	})
 	defer stop()
 	s.startLinks()
-	if s.watcher != nil {
+	if s.cluster != nil {
 		s.wg.Add(1)
 		go func() { // ends at Shutdown
 			defer s.wg.Done()
-			s.watcher.Run(s.ctx)
+			s.cluster.Run(s.ctx)
 		}()
 	}
 	s.wg.Add(1)
@@ -415,9 +411,9 @@ func (s *Server) varz() any {
 		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), InternalAddr: s.InternalAddr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
 		Queues: s.index.count(), Table: r.table.String(), TableVersion: r.table.Version(), Links: []LinkVarz{},
 	}
-	if s.cfg.Member != nil {
+	if s.cluster != nil {
 		v.Mode = "cluster"
-		if u, ok := s.bossURL(); ok {
+		if u, ok := s.cluster.BossURL(); ok {
 			v.Boss = strings.TrimPrefix(u, "http://")
 		}
 	}

@@ -4,77 +4,42 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/imqerr"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
-
-// leaveTimeout bounds the graceful leave at shutdown.
-const leaveTimeout = time.Second
 
 // movedMessage is what gateways pass on to clients whose queue was closed
 // because its bucket moved.
 const movedMessage = "the queue's bucket moved to another node; rejoin"
 
-// startCluster joins the membership and creates the table watcher (which Run
-// starts). It runs in New, once the link listener is bound.
+// startCluster joins the membership and makes the cluster runtime install
+// the boss's tables with applyTable (Run starts following them). It runs in
+// New, once the listeners are bound.
 func (s *Server) startCluster() error {
-	mc := *s.cfg.Member
-	if mc.Logger == nil {
-		mc.Logger = s.log
-	}
-	userOnChange := mc.OnChange
-	mc.OnChange = func() {
-		if userOnChange != nil {
-			userOnChange()
-		}
-		s.onMembersChange()
-	}
-	m, err := member.Start(mc, member.Meta{
-		Role:     member.RoleQueueNode,
-		ID:       s.cfg.NodeID,
-		LinkAddr: s.LinkAddr(),
-		HTTPAddr: s.InternalAddr(),
+	c, err := cluster.Start(cluster.Config{
+		Member:  *s.cfg.Member,
+		Meta:    member.Meta{Role: member.RoleQueueNode, ID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), HTTPAddr: s.InternalAddr()},
+		Install: s.applyTable,
+		OnPeers: s.onMembersChange,
+		Logger:  s.log,
 	})
 	if err != nil {
 		return fmt.Errorf("queuenode: %w", err)
 	}
-	s.watcher = tablewatch.New(tablewatch.Config{
-		BossURL:  s.bossURL,
-		OnChange: s.applyTable,
-		Logger:   s.log,
-	}, nil)
-	s.member.Store(m)
-	// Changes reported before the store above were ignored by
-	// onMembersChange; take them into account now.
-	s.onMembersChange()
+	s.cluster = c
 	return nil
-}
-
-// bossURL is the watcher's view of where the boss is: the newest live boss
-// in the membership that advertises an HTTP address.
-func (s *Server) bossURL() (string, bool) {
-	m := s.member.Load()
-	if m == nil {
-		return "", false
-	}
-	return m.BossURL()
 }
 
 // leaveCluster leaves the membership gracefully, so that the boss sees
 // "left" at once instead of waiting for the failure detector. It is
-// idempotent (member.Close is).
+// idempotent; standalone, it does nothing.
 func (s *Server) leaveCluster() {
-	m := s.member.Load()
-	if m == nil {
-		return
-	}
-	if err := m.Close(leaveTimeout); err != nil {
-		s.log.Warn("leaving the cluster", "err", err)
+	if s.cluster != nil {
+		s.cluster.Leave()
 	}
 }
 
@@ -135,24 +100,18 @@ func (s *Server) checkOwnerLocked(queue string) error {
 // kickIfBehind asks the boss for the table now when a gateway routed by a
 // newer one than this node holds.
 func (s *Server) kickIfBehind(version uint64) {
-	if s.watcher != nil && version > s.table.Load().Version() {
-		s.watcher.Kick()
+	if s.cluster != nil {
+		s.cluster.KickIfBehind(version)
 	}
 }
 
-// applyTable installs next, the table watcher's newer table, and closes
-// every queue whose bucket this node does not own in it: until live
-// migration exists, the queue's subscribers rejoin on the new owner. Each
-// gateway with subscribers to a closed queue is sent one QueueClosed for it.
-// It runs on the watcher's goroutine (tests call it directly); the old
-// table it is passed is the one it installed last.
-func (s *Server) applyTable(_, next *bucket.Table) {
-	s.tableMu.Lock()
-	defer s.tableMu.Unlock()
-	cur := s.table.Load()
-	if next.Version() <= cur.Version() {
-		return
-	}
+// applyTable installs next, a newer table from the boss, and closes every
+// queue whose bucket this node does not own in it: until live migration
+// exists, the queue's subscribers rejoin on the new owner. Each gateway with
+// subscribers to a closed queue is sent one QueueClosed for it. It is the
+// cluster runtime's install hook: it runs for each newer table, one at a
+// time; cur is the table it installed last.
+func (s *Server) applyTable(cur, next *bucket.Table) {
 	// Store first, sweep second: see checkOwnerLocked.
 	s.table.Store(next)
 	closed := 0
@@ -167,9 +126,6 @@ func (s *Server) applyTable(_, next *bucket.Table) {
 			closed++
 		}
 		sh.mu.Unlock()
-	}
-	if m := s.member.Load(); m != nil {
-		m.SetTable(next.Version(), next.Sum())
 	}
 	s.log.Info("bucket table applied", "version", next.Version(), "from", cur.Version(),
 		"buckets_owned", next.Counts()[s.cfg.NodeID], "buckets", next.Buckets(), "queues_closed", closed)
@@ -199,20 +155,16 @@ func (s *Server) closeQueueLocked(sh *shard, q *Queue) {
 	s.m.queuesMoved.Inc()
 }
 
-// onMembersChange runs after the membership changes, on the membership's
-// goroutine (and once from startCluster). It closes the links of gateways
-// that were live members and no longer are (dead or left): a closed link's
-// subscribers are removed by serveLink. A gateway's TCP connections usually
-// close first; this covers a gateway that is partitioned away or hung while
-// its connections stay open.
-func (s *Server) onMembersChange() {
-	m := s.member.Load()
-	if m == nil {
-		return // still in startCluster, which calls again
-	}
+// onMembersChange runs with the live members after the membership changes
+// (the cluster runtime's OnPeers). It closes the links of gateways that were
+// live members and no longer are (dead or left): a closed link's subscribers
+// are removed by serveLink. A gateway's TCP connections usually close first;
+// this covers a gateway that is partitioned away or hung while its
+// connections stay open.
+func (s *Server) onMembersChange(peers []member.Peer) {
 	s.gwMu.Lock()
 	live := make(map[string]bool)
-	for _, p := range m.Peers() {
+	for _, p := range peers {
 		if p.Meta.Role == member.RoleGateway {
 			live[p.Meta.ID] = true
 		}
@@ -249,5 +201,5 @@ func (s *Server) closeGatewayLinks(id string) {
 
 // serveTable answers GET /v1/table with the node's current table.
 func (s *Server) serveTable(w http.ResponseWriter, _ *http.Request) {
-	tablewatch.ServeTable(w, s.currentTable())
+	cluster.ServeTable(w, s.currentTable())
 }

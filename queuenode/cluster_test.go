@@ -17,8 +17,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -102,13 +102,13 @@ func startClusterNode(t *testing.T, id string) *testNode {
 		// Read before the node runs: Member.Addr reads memberlist's own
 		// node, which memberlist rewrites when the node gossips a new
 		// table version (hashicorp/memberlist issue 306).
-		gossip = s.member.Load().Addr()
+		gossip = s.cluster.Member().Addr()
 	})
 	return &testNode{Server: s, gossip: gossip}
 }
 
-// setTable installs table as the watcher would on fetching it.
-func (s *Server) setTable(table *bucket.Table) { s.applyTable(s.currentTable(), table) }
+// setTable installs table as the cluster runtime would on fetching it.
+func (s *Server) setTable(table *bucket.Table) { s.cluster.Install(table) }
 
 // eventually fails the test unless cond holds within waitFor.
 func eventually(t *testing.T, what string, cond func() bool) {
@@ -433,7 +433,7 @@ func TestClusterTableChangeClosesMovedQueues(t *testing.T) {
 		}
 	}
 
-	if v := s.member.Load().Meta().TableVersion; v != 3 {
+	if v := s.cluster.Member().Meta().TableVersion; v != 3 {
 		t.Fatalf("membership advertises table version %d, want 3", v)
 	}
 	vz := s.varz().(Varz)
@@ -454,15 +454,15 @@ func TestTableEndpoint(t *testing.T) {
 		s.HandleHTTP(mux)
 		srv := httptest.NewServer(mux)
 		t.Cleanup(srv.Close)
-		resp, err := http.Get(srv.URL + tablewatch.Path)
+		resp, err := http.Get(srv.URL + cluster.TablePath)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("GET %s: %s", tablewatch.Path, resp.Status)
+			t.Fatalf("GET %s: %s", cluster.TablePath, resp.Status)
 		}
-		table, err := tablewatch.Decode(resp.Body)
+		table, err := cluster.DecodeTable(resp.Body)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -545,7 +545,7 @@ func (b *fakeBoss) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		table = b.table
 		b.mu.Unlock()
 	}
-	tablewatch.ServeTable(w, table)
+	cluster.ServeTable(w, table)
 }
 
 func (b *fakeBoss) set(table *bucket.Table) {
@@ -666,7 +666,7 @@ func TestClusterRunContextShutsDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &testNode{Server: s, gossip: s.member.Load().Addr()}
+	n := &testNode{Server: s, gossip: s.cluster.Member().Addr()}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()

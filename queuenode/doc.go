@@ -55,7 +55,7 @@
 //
 // A node runs standalone (Config.Member nil: it owns every queue) or in
 // cluster mode. In cluster mode it is a member of the cluster's membership
-// (internal/member), follows the boss's bucket table (internal/tablewatch)
+// (internal/member), follows the boss's bucket table (internal/cluster)
 // and serves only the queues whose bucket the table gives it: other requests
 // are answered MOVED with the table's version (also before it has a table:
 // version 0). A gateway that routed by a newer table makes the node fetch

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/obs"
-	"github.com/imq-dev/imq/internal/tablewatch"
 )
 
 // TestInternalListener: with InternalAddr the node serves /metrics,
@@ -22,10 +22,10 @@ func TestInternalListener(t *testing.T) {
 	if addr == "" {
 		t.Fatal("no internal address")
 	}
-	if got := s.member.Load().Meta().HTTPAddr; got != addr {
+	if got := s.cluster.Member().Meta().HTTPAddr; got != addr {
 		t.Fatalf("membership advertises HTTP address %q, want the internal %s", got, addr)
 	}
-	for _, path := range []string{"/metrics", "/healthz", "/varz", tablewatch.Path} {
+	for _, path := range []string{"/metrics", "/healthz", "/varz", cluster.TablePath} {
 		resp, err := http.Get("http://" + addr + path)
 		if err != nil {
 			t.Fatal(err)
@@ -57,8 +57,8 @@ func TestNoInternalListener(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.NodeID, cfg.Member = "qn-none", testMemberConfig()
 	s := startNode(t, cfg)
-	if s.InternalAddr() != "" || s.member.Load().Meta().HTTPAddr != "" {
-		t.Fatalf("internal address %q, advertised %q; want none", s.InternalAddr(), s.member.Load().Meta().HTTPAddr)
+	if s.InternalAddr() != "" || s.cluster.Member().Meta().HTTPAddr != "" {
+		t.Fatalf("internal address %q, advertised %q; want none", s.InternalAddr(), s.cluster.Member().Meta().HTTPAddr)
 	}
 }
 

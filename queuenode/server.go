@@ -20,11 +20,10 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/imqerr"
-	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -65,12 +64,12 @@ type Server struct {
 	epochMu   sync.Mutex
 	lastEpoch uint64 // Guarded by epochMu.
 
-	// Cluster mode (Config.Member set); member and watcher stay nil in
-	// standalone mode, where table holds bucket.Empty() for good.
+	// Cluster mode (Config.Member set): cluster is the membership and the
+	// table watcher, whose install hook is applyTable; set in New, before
+	// any goroutine starts. Standalone, it stays nil and table holds
+	// bucket.Empty() for good.
 	table   atomic.Pointer[bucket.Table] // what requests are checked against
-	tableMu sync.Mutex                   // serializes applyTable
-	member  atomic.Pointer[member.Member]
-	watcher *tablewatch.Watcher // set in New, before any goroutine starts
+	cluster *cluster.Cluster
 
 	gwMu         sync.Mutex
 	liveGateways map[string]bool // Guarded by gwMu: gateway ids alive in the membership.
@@ -148,8 +147,8 @@ func (s *Server) LinkAddr() string { return s.ln.Addr().String() }
 // GossipAddr returns the address this process gossips on in cluster mode,
 // or "" standalone.
 func (s *Server) GossipAddr() string {
-	if m := s.member.Load(); m != nil {
-		return m.Addr()
+	if s.cluster != nil {
+		return s.cluster.Member().Addr()
 	}
 	return ""
 }
@@ -176,11 +175,11 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.co != nil {
 		s.co.start() // Shutdown stops its workers
 	}
-	if s.watcher != nil {
+	if s.cluster != nil {
 		s.wg.Add(1)
 		go func() { // ends with the server
 			defer s.wg.Done()
-			s.watcher.Run(s.ctx)
+			s.cluster.Run(s.ctx)
 		}()
 	}
 	if s.internal != nil {
@@ -266,7 +265,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // current bucket table; an empty one in standalone mode) to mux.
 func (s *Server) HandleHTTP(mux *http.ServeMux) {
 	obs.Handle(mux, s.cfg.Registry, s.health, s.varz)
-	mux.HandleFunc("GET "+tablewatch.Path, s.serveTable)
+	mux.HandleFunc("GET "+cluster.TablePath, s.serveTable)
 }
 
 func (s *Server) health() error {

@@ -384,16 +384,6 @@ func NewestBoss(peers []Peer) (Peer, bool) {
 	return boss, found
 }
 
-// BossURL returns the base URL of the boss's API ("http://host:port"), from
-// the newest live boss's metadata, and false while no boss is known.
-func (m *Member) BossURL() (string, bool) {
-	boss, ok := m.Boss()
-	if !ok || boss.Meta.HTTPAddr == "" {
-		return "", false
-	}
-	return "http://" + boss.Meta.HTTPAddr, true
-}
-
 // Join joins the cluster through addrs (gossip addresses) now.
 func (m *Member) Join(addrs []string) (int, error) { return m.ml.Join(addrs) }
 
