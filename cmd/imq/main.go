@@ -391,6 +391,8 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	var rf rpcFlags
 	rf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7948", &join)
+	var kf clusterKeyFlags
+	kf.register(fs)
 	fs.StringVar(&cfg.BossURL, "boss-url", "", "cluster: fetch the bucket table from this URL (e.g. a load balancer in front of the boss) rather than the boss member's address")
 	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
@@ -400,11 +402,17 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	clusterKeys, err := kf.clusterKeys()
+	if err != nil {
+		return err
+	}
+	mc.Keys, cfg.Insecure = clusterKeys, kf.insecure
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
 	defer stopProfiling()
+	kf.warn(log)
 	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
 	rf.apply(&cfg)
 	switch {
@@ -446,6 +454,8 @@ is standalone and serves every queue.`)
 	nodeFlags(fs, &cfg)
 	cf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
+	var kf clusterKeyFlags
+	kf.register(fs)
 	lf.register(fs)
 	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
@@ -462,11 +472,17 @@ is standalone and serves every queue.`)
 		}
 		cfg.InternalAddr = legacyHTTPAddr
 	}
+	clusterKeys, err := kf.clusterKeys()
+	if err != nil {
+		return err
+	}
+	mc.Keys, cfg.Insecure = clusterKeys, kf.insecure
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
 	defer stopProfiling()
+	kf.warn(log)
 	if set["http-addr"] {
 		log.Warn("--http-addr (IMQ_HTTP_ADDR) is deprecated; use --internal-addr (IMQ_INTERNAL_ADDR)")
 	}
