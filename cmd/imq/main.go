@@ -292,8 +292,9 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 func runDev(args []string) error {
 	fs := newFlagSet("dev", `Runs a boss, a queue node and a gateway in one process, in development mode:
 clients may connect with ws://ADDR/ws?user=ID instead of a token. The three
-form a cluster as separate processes would (gossip on free loopback ports; the
-boss gives the node every bucket). Clients use --addr (/ws, /rpc/v1/,
+form a cluster as separate processes would (gossip on free loopback ports,
+keyed with a cluster key made for the run; the boss gives the node every
+bucket). Clients use --addr (/ws, /rpc/v1/,
 /healthz). Metrics of all three are at /metrics on the gateway's internal
 listener, --internal-addr, beside its /varz; the queue node's /varz is on a
 free loopback port (printed at start); the boss's API is at --boss-addr.`)
