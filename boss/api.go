@@ -335,6 +335,7 @@ type Varz struct {
 	Persisted    bool      `json:"persisted"` // the last write of the state succeeded (false without a DataDir)
 	Waiters      int64     `json:"table_waiters"`
 	Started      time.Time `json:"started"`
+	Insecure     bool      `json:"insecure"` // Config.Insecure: no cluster key
 }
 
 func (b *Boss) varz() any {
@@ -343,6 +344,6 @@ func (b *Boss) varz() any {
 		ID: b.cfg.ID, Addr: b.Addr(), GossipAddr: b.GossipAddr(), TableVersion: t.Version(),
 		Nodes: len(t.Nodes()), Buckets: t.Buckets(), Members: len(b.member.Peers()), Ready: b.Ready(),
 		DataDir: b.cfg.DataDir, Persisted: b.cfg.DataDir != "" && !b.persistFailed.Load(),
-		Waiters: b.waiters.Load(), Started: b.started.UTC(),
+		Waiters: b.waiters.Load(), Started: b.started.UTC(), Insecure: b.cfg.Insecure,
 	}
 }

@@ -36,6 +36,9 @@ type Config struct {
 	// and stops with it, so there is nothing to recover after a restart.
 	// The boss then does not warn that DataDir is empty. Default false.
 	Ephemeral bool
+	// Insecure records that the operator chose to run without a cluster key
+	// (imq --insecure): /varz shows it, for whoever checks the cluster.
+	Insecure bool
 	// ReconcileGrace is how long a boss restarted with a persisted table
 	// waits to hear from the cluster before removing the nodes it does not
 	// see (it stops waiting as soon as a join through its persisted peers or

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"os"
@@ -64,11 +65,23 @@ type proc struct {
 	done chan struct{}
 }
 
-// start runs `imq args...` with JSON logs and cleans it up after the test.
+// e2eClusterKey is the cluster key of the processes start runs, given in
+// their environment as an operator would (never on a command line).
+var e2eClusterKey = base64.StdEncoding.EncodeToString([]byte("e2e-cluster-key-0123456789abcdef"))
+
+// start runs `imq args...` with JSON logs and the cluster key, and cleans
+// it up after the test.
 func start(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	return startEnv(t, name, append(os.Environ(), "IMQ_CLUSTER_KEY="+e2eClusterKey), args...)
+}
+
+// startEnv is start with the environment env.
+func startEnv(t *testing.T, name string, env []string, args ...string) *proc {
 	t.Helper()
 	args = append(args, "--log-format", "json", "--log-level", "debug")
 	cmd := exec.Command(imqBinary(t), args...)
+	cmd.Env = env
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

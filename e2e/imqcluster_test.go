@@ -348,18 +348,35 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 }
 
 // TestImqClusterKeepsSecretsOffCommandLines: the JWT secret (from
-// IMQ_JWT_SECRET), the API key (from --api-key-file) and the gossip key reach
+// IMQ_JWT_SECRET), the API key (from --api-key-file) and the cluster key reach
 // the processes through their environment: no process's command line
 // (/proc/PID/cmdline, what ps shows every user) holds one, and the gateway
-// uses them. --allowed-origins, no secret, goes on the gateway's.
+// uses them. --allowed-origins, no secret, goes on the gateway's. The
+// cluster key is the run's own: an old-named key or IMQ_INSECURE in the
+// environment of imq cluster does not reach the processes.
 func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 	keyFile := filepath.Join(t.TempDir(), "api-key")
 	if err := os.WriteFile(keyFile, []byte(apiKey+" methods=queue_info\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret}, "--queuenodes", "1", "--gateways", "1", "--api-key-file", keyFile,
-		"--allowed-origins", "https://game.example.com")
+	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret, "IMQ_GOSSIP_KEY=" + e2eClusterKey, "IMQ_INSECURE=true"},
+		"--queuenodes", "1", "--gateways", "1", "--api-key-file", keyFile, "--allowed-origins", "https://game.example.com")
 	pids := c.childPIDs()
+	for name, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		env := strings.Split(string(b), "\x00")
+		if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "IMQ_CLUSTER_KEY=") }) {
+			t.Errorf("%s has no IMQ_CLUSTER_KEY", name)
+		}
+		for _, kv := range env {
+			if strings.HasPrefix(kv, "IMQ_GOSSIP_KEY") || strings.HasPrefix(kv, "IMQ_INSECURE") {
+				t.Errorf("%s inherited %s", name, kv)
+			}
+		}
+	}
 	pids["imq cluster"] = c.cmd.Process.Pid
 	for name, pid := range pids {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
@@ -367,7 +384,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 			t.Fatal(err)
 		}
 		cmdline := strings.ReplaceAll(string(b), "\x00", " ")
-		for _, secret := range []string{e2eSecret, apiKey, "--jwt-secret ", "--api-key ", "--gossip-key "} {
+		for _, secret := range []string{e2eSecret, apiKey, "--jwt-secret ", "--api-key ", "--cluster-key ", "--gossip-key "} {
 			if strings.Contains(cmdline, secret) {
 				t.Errorf("%s's command line holds %q: %s", name, secret, cmdline)
 			}

@@ -73,6 +73,7 @@ func TestReadmeCheckRefusesSecrets(t *testing.T) {
 		{`imq loadtest --secret "$SECRET"`, "puts --secret on the command line"},
 		{`imq loadtest --url ws://127.0.0.1:8080/ws --secret="$SECRET"`, "puts --secret on the command line"},
 		{`imq gateway --jwt-secret "$JWT_SECRET" --join 127.0.0.1:7946`, "puts --jwt-secret on the command line"},
+		{`imq gateway --cluster-key "$KEY"`, "puts --cluster-key on the command line"},
 		{`imq gateway --gossip-key "$KEY"`, "puts --gossip-key on the command line"},
 		{`imq cluster --api-key "$KEY methods=publish"`, "puts --api-key on the command line"},
 		{`imq sub /room/1 --token "$TOKEN"`, "puts --token on the command line"},

@@ -123,6 +123,9 @@ type Config struct {
 	// Dev also accepts a plain user id in the URL (?user=alice). Never in
 	// production: anyone can be anyone.
 	Dev bool
+	// Insecure records that the operator chose to run without a cluster key
+	// (imq --insecure): /varz shows it, for whoever checks the cluster.
+	Insecure bool
 	// AllowedOrigins lists the Origin header values accepted on /ws, such as
 	// "https://game.example.com"; "*" accepts any. Requests without an Origin
 	// header (native clients, bots) are always accepted. Empty: only origins

@@ -396,6 +396,8 @@ type Varz struct {
 	// mode; empty while none is known).
 	Boss  string     `json:"boss,omitempty"`
 	Links []LinkVarz `json:"links"`
+	// Insecure is Config.Insecure: no cluster key.
+	Insecure bool `json:"insecure"`
 }
 
 // LinkVarz is one queue node link in Varz.
@@ -410,6 +412,7 @@ func (s *Server) varz() any {
 	v := Varz{
 		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), InternalAddr: s.InternalAddr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
 		Queues: s.index.count(), Table: r.table.String(), TableVersion: r.table.Version(), Links: []LinkVarz{},
+		Insecure: s.cfg.Insecure,
 	}
 	if s.cluster != nil {
 		v.Mode = "cluster"

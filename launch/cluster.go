@@ -45,9 +45,10 @@ type ClusterConfig struct {
 	ClusterArgs, BossArgs, NodeArgs, GatewayArgs []string
 	// Output, if set, receives every log line, prefixed by process name.
 	Output io.Writer
-	// GossipKey encrypts the cluster's gossip (--gossip-key, passed in the
-	// environment). Default: a new random 32-byte key per cluster.
-	GossipKey []byte
+	// ClusterKeys are the processes' cluster keys, primary first
+	// (--cluster-key, given in their environment, IMQ_CLUSTER_KEY).
+	// Default: a new random key per cluster (NewClusterKey).
+	ClusterKeys [][]byte
 }
 
 // Cluster is a running local cluster.
@@ -86,9 +87,8 @@ func StartCluster(ctx context.Context, cfg ClusterConfig) (*Cluster, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "boss"), 0o755); err != nil {
 		return nil, err
 	}
-	if cfg.GossipKey == nil {
-		cfg.GossipKey = make([]byte, 32)
-		rand.Read(cfg.GossipKey)
+	if len(cfg.ClusterKeys) == 0 {
+		cfg.ClusterKeys = [][]byte{NewClusterKey()}
 	}
 	c := &Cluster{cfg: cfg}
 	err := c.start(ctx)
@@ -159,14 +159,34 @@ func (c *Cluster) AddGateway(ctx context.Context, extra ...string) (*Process, er
 	return p, nil
 }
 
+// NewClusterKey returns a new random 32-byte cluster key, for a cluster
+// that lives as long as one run (imq dev, imq cluster).
+func NewClusterKey() []byte {
+	k := make([]byte, 32)
+	rand.Read(k) // never fails (crypto/rand)
+	return k
+}
+
+// encodeKeys is keys as --cluster-key reads them: base64, comma-separated.
+func encodeKeys(keys [][]byte) string {
+	enc := make([]string, len(keys))
+	for i, k := range keys {
+		enc[i] = base64.StdEncoding.EncodeToString(k)
+	}
+	return strings.Join(enc, ",")
+}
+
 func (c *Cluster) process(name, role string, args []string) *Process {
 	p := &Process{
 		Name: name, Role: role, binary: c.cfg.Binary,
 		args:      append(args, c.cfg.ClusterArgs...),
 		logPath:   filepath.Join(c.cfg.Dir, name+".log"),
 		readyPath: filepath.Join(c.cfg.Dir, name+".ready"),
-		env:       []string{"IMQ_GOSSIP_KEY=" + base64.StdEncoding.EncodeToString(c.cfg.GossipKey)},
-		out:       c.cfg.Output, outMu: &c.outMu,
+		env:       []string{"IMQ_CLUSTER_KEY=" + encodeKeys(c.cfg.ClusterKeys)},
+		// The cluster's key is the one: an inherited key under the old name,
+		// or --insecure, would contradict it and the process refuse to start.
+		unset: []string{"IMQ_GOSSIP_KEY", "IMQ_INSECURE"},
+		out:   c.cfg.Output, outMu: &c.outMu,
 	}
 	return p
 }

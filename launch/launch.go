@@ -26,8 +26,12 @@ type DevConfig struct {
 	// Boss, if not nil, runs a boss in the process; the node and the gateway
 	// join it (gossip on free loopback ports) and route by its table.
 	// nil: the gateway is wired straight to the node (standalone mode).
-	Boss   *boss.Config
-	Logger *slog.Logger
+	Boss *boss.Config
+	// ClusterKeys are the services' cluster keys, primary first: they key
+	// the gossip between them (Boss.Member.Keys is replaced). Default: a
+	// new random key per StartDev, which nothing outside the process needs.
+	ClusterKeys [][]byte
+	Logger      *slog.Logger
 }
 
 // Dev is a running one-process cluster.
@@ -49,11 +53,14 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if len(cfg.ClusterKeys) == 0 {
+		cfg.ClusterKeys = [][]byte{NewClusterKey()}
+	}
 	d := &Dev{errc: make(chan error, 3)}
 	var join *member.Config
 	if cfg.Boss != nil {
 		bc := *cfg.Boss
-		bc.Registry, bc.Logger = reg, cfg.Logger
+		bc.Registry, bc.Logger, bc.Member.Keys = reg, cfg.Logger, cfg.ClusterKeys
 		bc.Ephemeral = true // it lives and dies with this process's node and gateway
 		if bc.Member.BindAddr == "" {
 			bc.Member.BindAddr = "127.0.0.1:0"
@@ -63,7 +70,7 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 			return nil, err
 		}
 		d.Boss = b
-		join = &member.Config{BindAddr: "127.0.0.1:0", Join: []string{b.GossipAddr()}, Cluster: bc.Member.Cluster}
+		join = &member.Config{BindAddr: "127.0.0.1:0", Join: []string{b.GossipAddr()}, Cluster: bc.Member.Cluster, Keys: cfg.ClusterKeys}
 	}
 	nc := cfg.QueueNode
 	nc.Registry, nc.Logger = reg, cfg.Logger

@@ -12,10 +12,13 @@ import (
 
 	"github.com/imq-dev/imq/boss"
 	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/internal/member"
 )
 
 // TestDevWithBoss: imq dev's composition. The boss gives the one node every
-// bucket, the gateway routes by that table, and a client's room works.
+// bucket, the gateway routes by that table, and a client's room works. The
+// gossip is keyed with a key of the run's own: a member without it cannot
+// join.
 func TestDevWithBoss(t *testing.T) {
 	cfg := LocalDevConfig()
 	bc := boss.DefaultConfig()
@@ -42,6 +45,14 @@ func TestDevWithBoss(t *testing.T) {
 	tb := d.Boss.Table()
 	if n := tb.Nodes(); len(n) != 1 || n[0].ID != "dev-node" || n[0].LinkAddr != d.Node.LinkAddr() {
 		t.Fatalf("boss table nodes %v", n)
+	}
+	outsider, err := member.Start(member.Config{BindAddr: "127.0.0.1:0", Cluster: bc.Member.Cluster}, member.Meta{Role: member.RoleQueueNode, ID: "outsider"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer outsider.Shutdown()
+	if _, err := outsider.Join([]string{d.Boss.GossipAddr()}); err == nil {
+		t.Error("a member without the cluster key joined imq dev's gossip")
 	}
 	c, err := client.Dial(ctx, d.URL(), client.WithUser("dev-user"))
 	if err != nil {

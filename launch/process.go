@@ -24,6 +24,7 @@ type Process struct {
 
 	args    []string
 	env     []string // added to this process's environment
+	unset   []string // variables (and their _FILE twins) it must not inherit
 	binary  string
 	logPath string
 	// readyPath is the --ready-file the process writes once it serves.
@@ -39,13 +40,17 @@ type Process struct {
 	startedAt time.Time
 }
 
-// childEnv is the environment inherited, less what set overrides, plus
-// set. An inherited IMQ_X_FILE goes too when set has IMQ_X: the child
-// would refuse a secret given both ways.
-func childEnv(inherited, set []string) []string {
+// childEnv is the environment inherited, less what set overrides and the
+// variables unset names, plus set. An inherited IMQ_X_FILE goes too when
+// set has IMQ_X or unset names it: the child would refuse a secret given
+// both ways.
+func childEnv(inherited, set, unset []string) []string {
 	drop := map[string]bool{}
 	for _, kv := range set {
 		k, _, _ := strings.Cut(kv, "=")
+		drop[k], drop[k+"_FILE"] = true, true
+	}
+	for _, k := range unset {
 		drop[k], drop[k+"_FILE"] = true, true
 	}
 	out := make([]string, 0, len(inherited)+len(set))
@@ -70,7 +75,7 @@ func (p *Process) start() error {
 	}
 	args := append(slices.Clone(p.args), "--log-format", "json", "--ready-file", p.readyPath)
 	cmd := exec.Command(p.binary, args...)
-	cmd.Env = childEnv(cmd.Environ(), p.env)
+	cmd.Env = childEnv(cmd.Environ(), p.env, p.unset)
 	cmd.Stdout = f
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

@@ -116,6 +116,9 @@ type Config struct {
 	// with UNAVAILABLE (retryable: the backend refused nothing), "the
 	// backend did not answer: ...". DENIED is only the backend's own no.
 	CalloutFailOpen bool
+	// Insecure records that the operator chose to run without a cluster key
+	// (imq --insecure): /varz shows it, for whoever checks the cluster.
+	Insecure bool
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the node's metrics. Default: a private registry.

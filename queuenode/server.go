@@ -291,6 +291,8 @@ type Varz struct {
 	// budget (--max-node-bytes).
 	Bytes    int64 `json:"bytes"`
 	MaxBytes int64 `json:"max_bytes"`
+	// Insecure is Config.Insecure: no cluster key.
+	Insecure bool `json:"insecure"`
 }
 
 func (s *Server) varz() any {
@@ -298,7 +300,7 @@ func (s *Server) varz() any {
 	return Varz{
 		NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount(),
 		TableVersion: t.Version(), BucketsOwned: t.Counts()[s.cfg.NodeID],
-		Bytes: s.nodeBytes.Load(), MaxBytes: s.cfg.MaxNodeBytes,
+		Bytes: s.nodeBytes.Load(), MaxBytes: s.cfg.MaxNodeBytes, Insecure: s.cfg.Insecure,
 	}
 }
 

@@ -17,22 +17,30 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	cfg := boss.DefaultConfig()
 	var join listFlag
 	var lf commonFlags
+	var kf clusterKeyFlags
 	fs.StringVar(&cfg.HTTPAddr, "addr", cfg.HTTPAddr, "HTTP listen address of the API: /v1/table, /v1/nodes, /metrics, /healthz and /varz (internal: for operators, gateways and queue nodes; keep it off the public network)")
 	fs.StringVar(&cfg.ID, "id", cfg.ID, "boss id in the cluster membership")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory where the bucket table is persisted, such as /var/lib/imq/boss (empty: the table does not survive a restart of the boss and is recovered from the members)")
 	fs.DurationVar(&cfg.ReconcileGrace, "reconcile-grace", cfg.ReconcileGrace, "after a restart, how long to wait to hear from the cluster before removing queue nodes the boss does not see")
 	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "how long /v1/nodes waits for each member's /varz")
 	memberFlags(fs, &cfg.Member, "127.0.0.1:7946", &join)
+	kf.register(fs)
 	lf.register(fs)
 	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	clusterKeys, err := kf.clusterKeys()
+	if err != nil {
+		return err
+	}
+	cfg.Member.Keys, cfg.Insecure = clusterKeys, kf.insecure
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
 	defer stopProfiling()
+	kf.warn(log)
 	cfg.Member.Join, cfg.Member.Logger, cfg.Logger = join, log, log
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)

@@ -18,7 +18,8 @@ and log files, and supervises them: a process that exits (kill one to watch
 failover) is restarted on the same addresses, after 0.5 s doubling up to 30 s
 while it keeps failing, and the others keep running. Ctrl-C stops them all,
 gateways first. Gateways run in development mode unless --jwt-secret is given.
-Secrets reach the processes in their environment, never on their command line.
+The processes share a cluster key made for the run. Secrets reach them in
+their environment, never on their command line.
 
 Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	var cfg launch.ClusterConfig

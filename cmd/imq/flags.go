@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"encoding/base64"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -160,11 +162,12 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 // from IMQ_NAME, --NAME-file and IMQ_NAME_FILE; and no error message
 // repeats its value.
 var secretNames = map[string]secretFlag{
-	"jwt-secret": {wholeFile, ""},
-	"gossip-key": {wholeFile, ""},
-	"secret":     {wholeFile, "imq loadtest"}, // its token-minting secret
-	"token":      {wholeFile, "imq sub, pub, state"},
-	"api-key":    {linePerValue, ""},
+	"jwt-secret":  {wholeFile, ""},
+	"cluster-key": {wholeFile, "imq boss, queuenode, gateway"}, // one key a line
+	"gossip-key":  {wholeFile, "deprecated: --cluster-key"},
+	"secret":      {wholeFile, "imq loadtest"}, // its token-minting secret
+	"token":       {wholeFile, "imq sub, pub, state"},
+	"api-key":     {linePerValue, ""},
 }
 
 type secretFlag struct {
@@ -354,26 +357,88 @@ func (f *failureFlag) Set(v string) error {
 	return nil
 }
 
-// gossipKey is --gossip-key: base64 of the memberlist key.
-type gossipKey []byte
+// keyList is a list of cluster keys, each base64 of 16, 24 or 32 bytes,
+// separated by commas or newlines (in a file, one a line). The order is
+// kept: the first is the primary key.
+type keyList [][]byte
 
-func (k *gossipKey) String() string {
-	if len(*k) == 0 {
-		return ""
+func (k *keyList) String() string { return "" } // secrets: --help shows no default
+
+func (k *keyList) Set(v string) error {
+	n := 0
+	for _, s := range strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == '\n' || r == '\r' }) {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		n++
+		b, err := base64.StdEncoding.DecodeString(s)
+		if err != nil {
+			return fmt.Errorf("key %d: not base64: %v", n, err)
+		}
+		if l := len(b); l != 16 && l != 24 && l != 32 {
+			return fmt.Errorf("key %d is %d bytes; want 16, 24 or 32", n, l)
+		}
+		*k = append(*k, b)
 	}
-	return "[set]"
+	if n == 0 {
+		return errors.New("holds no key")
+	}
+	return nil
 }
 
-func (k *gossipKey) Set(v string) error {
-	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(v))
-	if err != nil {
-		return fmt.Errorf("not base64: %v", err)
+// makeKeyHelp says how to make a cluster key.
+const makeKeyHelp = "head -c 32 /dev/urandom | base64"
+
+// clusterKeyFlags are how a boss, queue node or gateway proves it belongs
+// to the cluster: --cluster-key, its deprecated name --gossip-key, and
+// --insecure, the explicit choice to run without a key.
+type clusterKeyFlags struct {
+	keys, legacy keyList
+	insecure     bool
+}
+
+func (kf *clusterKeyFlags) register(fs *flag.FlagSet) {
+	fs.Var(&kf.keys, "cluster-key", "the cluster key, the same on every boss, queue node and gateway: base64 of 16, 24 or 32 random bytes (make one: "+makeKeyHelp+"). "+
+		"It encrypts and authenticates gossip and authenticates links, so that only processes holding it join the cluster. "+
+		"Several keys, separated by commas or newlines (in the file, one a line), rotate it: the first is used, every one is accepted. Required unless --insecure")
+	fs.Var(&kf.legacy, "gossip-key", "deprecated: the old name of --cluster-key")
+	fs.BoolVar(&kf.insecure, "insecure", false, "run without a cluster key: gossip in the clear and links unauthenticated, so anyone who reaches this process's ports can join the cluster, take its queues and read and publish any of them. For a trusted network only")
+}
+
+// clusterKeys returns the parsed key list, primary first, which gossip and
+// links share: nil with --insecure. Without a key and without --insecure
+// it refuses, saying how to make a key.
+func (kf *clusterKeyFlags) clusterKeys() ([][]byte, error) {
+	keys := kf.keys
+	if len(kf.legacy) > 0 {
+		if len(keys) > 0 && !slices.EqualFunc(keys, kf.legacy, bytes.Equal) {
+			return nil, errors.New("give --cluster-key or its deprecated name --gossip-key, not both")
+		}
+		keys = kf.legacy
 	}
-	if n := len(b); n != 16 && n != 24 && n != 32 {
-		return fmt.Errorf("the key is %d bytes; want 16, 24 or 32", n)
+	switch {
+	case kf.insecure && len(keys) > 0:
+		return nil, errors.New("give a cluster key or --insecure, not both")
+	case kf.insecure:
+		return nil, nil
+	case len(keys) == 0:
+		return nil, fmt.Errorf("no cluster key: set IMQ_CLUSTER_KEY or give --cluster-key-file FILE with the same key on every boss, queue node and gateway "+
+			"(make one: %s), or give --insecure to run without one on a trusted network", makeKeyHelp)
 	}
-	*k = b
-	return nil
+	return keys, nil
+}
+
+// warn logs what the operator must not miss: running without a key (once,
+// at start, at WARN with every consequence) and a deprecated flag name.
+func (kf *clusterKeyFlags) warn(log *slog.Logger) {
+	if kf.insecure {
+		log.Warn("INSECURE: running without a cluster key (--insecure): gossip is in the clear and links are unauthenticated; "+
+			"anyone who can reach this process's gossip or link port can join the cluster, take queues and read and publish any of them. "+
+			"Use only on a trusted network; set IMQ_CLUSTER_KEY ("+makeKeyHelp+") everywhere else", "insecure", true)
+	}
+	if len(kf.legacy) > 0 {
+		log.Warn("--gossip-key (IMQ_GOSSIP_KEY) is deprecated; use --cluster-key (IMQ_CLUSTER_KEY)")
+	}
 }
 
 // commonFlags are the flags of every serving command.
@@ -456,6 +521,5 @@ func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, joi
 	fs.StringVar(&cfg.Cluster, "cluster-name", cfg.Cluster, "cluster name: members of differently named clusters ignore each other")
 	fs.DurationVar(&cfg.ProbeInterval, "probe-interval", cfg.ProbeInterval, "how often each member probes another (failure detection)")
 	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe; shorter than --probe-interval (0: half of --probe-interval, at most 500ms)")
-	fs.Var((*gossipKey)(&cfg.SecretKey), "gossip-key", "base64 of a 16, 24 or 32-byte key that encrypts and authenticates gossip; the same on every process (e.g. head -c 32 /dev/urandom | base64). Not given: gossip in the clear, for trusted networks only")
 	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,11 +18,11 @@ import (
 
 // secretFlagSet registers the three kinds of secret flag: a string, a
 // validating flag.Value and a repeatable one.
-func secretFlagSet(jwt *string, key *gossipKey, apiKeys *repeatFlag) *flag.FlagSet {
+func secretFlagSet(jwt *string, key *keyList, apiKeys *repeatFlag) *flag.FlagSet {
 	fs := newFlagSet("test", "test")
 	fs.SetOutput(new(bytes.Buffer))
 	fs.StringVar(jwt, "jwt-secret", "", "HS256 secret")
-	fs.Var(key, "gossip-key", "gossip key")
+	fs.Var(key, "cluster-key", "cluster key")
 	fs.Var(apiKeys, "api-key", "admin RPC key")
 	return fs
 }
@@ -47,17 +48,17 @@ func TestSecretFileForms(t *testing.T) {
 
 	t.Run("flags", func(t *testing.T) {
 		var jwt string
-		var gk gossipKey
+		var gk keyList
 		var api repeatFlag
 		fs := secretFlagSet(&jwt, &gk, &api)
-		if err := parse(fs, []string{"--jwt-secret-file", jwtFile, "--gossip-key-file", keyFile, "--api-key-file", apiFile}); err != nil {
+		if err := parse(fs, []string{"--jwt-secret-file", jwtFile, "--cluster-key-file", keyFile, "--api-key-file", apiFile}); err != nil {
 			t.Fatal(err)
 		}
 		if jwt != "jwt-secret-0123456789" {
 			t.Errorf("jwt secret %q", jwt)
 		}
-		if !bytes.Equal(gk, key) {
-			t.Errorf("gossip key %x, want %x", []byte(gk), key)
+		if len(gk) != 1 || !bytes.Equal(gk[0], key) {
+			t.Errorf("cluster key %x, want %x", gk, key)
 		}
 		if want := []string{"key-one-0123456789 methods=publish", "key-two-0123456789"}; strings.Join(api, "|") != strings.Join(want, "|") {
 			t.Errorf("api keys %q, want %q", api, want)
@@ -65,22 +66,22 @@ func TestSecretFileForms(t *testing.T) {
 	})
 	t.Run("environment", func(t *testing.T) {
 		t.Setenv("IMQ_JWT_SECRET_FILE", jwtFile)
-		t.Setenv("IMQ_GOSSIP_KEY_FILE", keyFile)
+		t.Setenv("IMQ_CLUSTER_KEY_FILE", keyFile)
 		t.Setenv("IMQ_API_KEY_FILE", apiFile)
 		var jwt string
-		var gk gossipKey
+		var gk keyList
 		var api repeatFlag
 		if err := parse(secretFlagSet(&jwt, &gk, &api), nil); err != nil {
 			t.Fatal(err)
 		}
-		if jwt != "jwt-secret-0123456789" || !bytes.Equal(gk, key) || len(api) != 2 {
-			t.Errorf("got jwt %q, gossip key %x, api keys %q", jwt, []byte(gk), api)
+		if jwt != "jwt-secret-0123456789" || len(gk) != 1 || !bytes.Equal(gk[0], key) || len(api) != 2 {
+			t.Errorf("got jwt %q, cluster key %x, api keys %q", jwt, gk, api)
 		}
 	})
 	t.Run("the command line wins over the environment", func(t *testing.T) {
 		t.Setenv("IMQ_JWT_SECRET", "from-the-environment")
 		var jwt string
-		if err := parse(secretFlagSet(&jwt, new(gossipKey), new(repeatFlag)), []string{"--jwt-secret-file", jwtFile}); err != nil {
+		if err := parse(secretFlagSet(&jwt, new(keyList), new(repeatFlag)), []string{"--jwt-secret-file", jwtFile}); err != nil {
 			t.Fatal(err)
 		}
 		if jwt != "jwt-secret-0123456789" {
@@ -105,15 +106,15 @@ func TestSecretFileErrors(t *testing.T) {
 		{"empty key file", []string{"--api-key-file", empty}, nil, "flag -api-key-file: " + empty + " is empty"},
 		{"both flags", []string{"--jwt-secret", "x-0123456789abcdef", "--jwt-secret-file", good}, nil, "give --jwt-secret or --jwt-secret-file, not both"},
 		{"both variables", nil, map[string]string{"IMQ_JWT_SECRET": "x-0123456789abcdef", "IMQ_JWT_SECRET_FILE": good}, "set IMQ_JWT_SECRET or IMQ_JWT_SECRET_FILE, not both"},
-		{"bad key in a variable", nil, map[string]string{"IMQ_GOSSIP_KEY": "s3cr3t-not-base64"}, "IMQ_GOSSIP_KEY: not base64"},
-		{"bad key on the command line", []string{"--gossip-key", "s3cr3t-not-base64"}, nil, "--gossip-key: not base64"},
-		{"bad key in a file", []string{"--gossip-key-file", writeFile(t, "s3cr3t-not-base64\n")}, nil, "--gossip-key-file "},
+		{"bad key in a variable", nil, map[string]string{"IMQ_CLUSTER_KEY": "s3cr3t-not-base64"}, "IMQ_CLUSTER_KEY: key 1: not base64"},
+		{"bad key on the command line", []string{"--cluster-key", "s3cr3t-not-base64"}, nil, "--cluster-key: key 1: not base64"},
+		{"bad key in a file", []string{"--cluster-key-file", writeFile(t, "s3cr3t-not-base64\n")}, nil, "--cluster-key-file "},
 		{"empty flag", []string{"--jwt-secret", ""}, nil, "--jwt-secret is empty"},
 		{"blank flag", []string{"--jwt-secret", " \n"}, nil, "--jwt-secret is empty"},
-		{"empty key flag", []string{"--gossip-key", ""}, nil, "--gossip-key is empty"},
+		{"empty key flag", []string{"--cluster-key", ""}, nil, "--cluster-key is empty"},
 		{"empty repeatable flag", []string{"--api-key", "key-one-0123456789", "--api-key", ""}, nil, "--api-key is empty"},
 		{"empty variable", nil, map[string]string{"IMQ_JWT_SECRET": ""}, "IMQ_JWT_SECRET is empty"},
-		{"empty key variable", nil, map[string]string{"IMQ_GOSSIP_KEY": ""}, "IMQ_GOSSIP_KEY is empty"},
+		{"empty key variable", nil, map[string]string{"IMQ_CLUSTER_KEY": ""}, "IMQ_CLUSTER_KEY is empty"},
 		{"empty api key variable", nil, map[string]string{"IMQ_API_KEY": ""}, "IMQ_API_KEY is empty"},
 		{"empty file variable", nil, map[string]string{"IMQ_JWT_SECRET_FILE": empty}, empty + " is empty"},
 	} {
@@ -122,7 +123,7 @@ func TestSecretFileErrors(t *testing.T) {
 				t.Setenv(k, v)
 			}
 			var jwt string
-			fs := secretFlagSet(&jwt, new(gossipKey), new(repeatFlag))
+			fs := secretFlagSet(&jwt, new(keyList), new(repeatFlag))
 			var out bytes.Buffer
 			fs.SetOutput(&out)
 			err := parse(fs, tc.args)
@@ -142,7 +143,7 @@ func TestSecretFileErrors(t *testing.T) {
 // TestSecretFlagHelp: --help lists every *-file form and says why to
 // prefer it.
 func TestSecretFlagHelp(t *testing.T) {
-	fs := secretFlagSet(new(string), new(gossipKey), new(repeatFlag))
+	fs := secretFlagSet(new(string), new(keyList), new(repeatFlag))
 	var out bytes.Buffer
 	fs.SetOutput(&out)
 	if err := parse(fs, []string{"--help"}); err != flag.ErrHelp {
@@ -150,7 +151,7 @@ func TestSecretFlagHelp(t *testing.T) {
 	}
 	for _, want := range []string{
 		"--jwt-secret-file  [IMQ_JWT_SECRET_FILE]",
-		"--gossip-key-file  [IMQ_GOSSIP_KEY_FILE]",
+		"--cluster-key-file  [IMQ_CLUSTER_KEY_FILE]",
 		"--api-key-file  [IMQ_API_KEY_FILE]",
 		"Secret: prefer IMQ_JWT_SECRET or --jwt-secret-file; a value on the command line is visible to other users in ps",
 	} {
@@ -347,7 +348,7 @@ func TestClusterChecksAPIKeysFirst(t *testing.T) {
 // TestUsageListsSecretFlags: imq --help lists every secret flag, those of
 // imq loadtest and the client commands included, from secretNames.
 func TestUsageListsSecretFlags(t *testing.T) {
-	for _, want := range []string{"  --api-key\n", "  --gossip-key\n", "  --jwt-secret\n", "  --secret (imq loadtest)\n", "  --token (imq sub, pub, state)\n"} {
+	for _, want := range []string{"  --api-key\n", "  --cluster-key (imq boss, queuenode, gateway)\n", "  --jwt-secret\n", "  --secret (imq loadtest)\n", "  --token (imq sub, pub, state)\n"} {
 		if !strings.Contains(usage, want) {
 			t.Errorf("imq --help lacks %q:\n%s", want, usage)
 		}
@@ -355,6 +356,110 @@ func TestUsageListsSecretFlags(t *testing.T) {
 	for name := range secretNames {
 		if !strings.Contains(usage, "  --"+name) {
 			t.Errorf("imq --help does not list the secret flag --%s", name)
+		}
+	}
+}
+
+// TestClusterKeyFlags: --cluster-key takes one key or a list (commas,
+// newlines, a file one a line), primary first, from every secret source;
+// --gossip-key is its deprecated name; without a key a member refuses to
+// start unless --insecure says so.
+func TestClusterKeyFlags(t *testing.T) {
+	k := func(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
+	b64 := func(b byte) string { return base64.StdEncoding.EncodeToString(k(b)) }
+	k16 := base64.StdEncoding.EncodeToString(make([]byte, 16))
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		want [][]byte // nil with an error or --insecure
+		err  []string // the error contains each
+	}{
+		{"one key", []string{"--cluster-key", b64(1)}, nil, [][]byte{k(1)}, nil},
+		{"a list, primary first", []string{"--cluster-key", b64(2) + ", " + b64(1)}, nil, [][]byte{k(2), k(1)}, nil},
+		{"keys of 16 and 32 bytes", []string{"--cluster-key", k16 + "," + b64(1)}, nil, [][]byte{make([]byte, 16), k(1)}, nil},
+		{"the variable, one a line", nil, map[string]string{"IMQ_CLUSTER_KEY": b64(2) + "\n" + b64(1) + "\n"}, [][]byte{k(2), k(1)}, nil},
+		{"a file, one a line", []string{"--cluster-key-file", writeFile(t, b64(3)+"\r\n\n"+b64(2)+"\n"+b64(1)+"\n")}, nil, [][]byte{k(3), k(2), k(1)}, nil},
+		{"the file variable", nil, map[string]string{"IMQ_CLUSTER_KEY_FILE": writeFile(t, b64(1)+"\n")}, [][]byte{k(1)}, nil},
+		{"the deprecated name", []string{"--gossip-key", b64(1)}, nil, [][]byte{k(1)}, nil},
+		{"the deprecated variable", nil, map[string]string{"IMQ_GOSSIP_KEY": b64(1)}, [][]byte{k(1)}, nil},
+		{"both names, the same keys", []string{"--cluster-key", b64(1)}, map[string]string{"IMQ_GOSSIP_KEY": b64(1)}, [][]byte{k(1)}, nil},
+		{"both names, different keys", []string{"--cluster-key", b64(1)}, map[string]string{"IMQ_GOSSIP_KEY": b64(2)}, nil,
+			[]string{"give --cluster-key or its deprecated name --gossip-key, not both"}},
+		{"no key", nil, nil, nil, []string{"no cluster key", "IMQ_CLUSTER_KEY", "--cluster-key-file", "head -c 32 /dev/urandom | base64", "--insecure"}},
+		{"--insecure", []string{"--insecure"}, nil, nil, nil},
+		{"IMQ_INSECURE", nil, map[string]string{"IMQ_INSECURE": "true"}, nil, nil},
+		{"--insecure and a key", []string{"--insecure"}, map[string]string{"IMQ_CLUSTER_KEY": b64(1)}, nil, []string{"give a cluster key or --insecure, not both"}},
+		{"a short key in the list", []string{"--cluster-key", b64(1) + ",c2hvcnQ="}, nil, nil, []string{"--cluster-key: key 2 is 5 bytes; want 16, 24 or 32"}},
+		{"a bad key in the list", nil, map[string]string{"IMQ_CLUSTER_KEY": b64(1) + ",s3cr3t!"}, nil, []string{"IMQ_CLUSTER_KEY: key 2: not base64"}},
+		{"only separators", []string{"--cluster-key", " , \n"}, nil, nil, []string{"--cluster-key: holds no key"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, v := range []string{"IMQ_CLUSTER_KEY", "IMQ_CLUSTER_KEY_FILE", "IMQ_GOSSIP_KEY", "IMQ_GOSSIP_KEY_FILE", "IMQ_INSECURE"} {
+				t.Setenv(v, "") // restored after the test
+				os.Unsetenv(v)
+			}
+			for name, v := range tc.env {
+				t.Setenv(name, v)
+			}
+			fs := newFlagSet("test", "test")
+			fs.SetOutput(new(bytes.Buffer))
+			var kf clusterKeyFlags
+			kf.register(fs)
+			var keys [][]byte
+			err := parse(fs, tc.args)
+			if err == nil {
+				keys, err = kf.clusterKeys()
+			}
+			if len(tc.err) > 0 {
+				if err == nil {
+					t.Fatalf("accepted: %d keys", len(keys))
+				}
+				for _, want := range tc.err {
+					if !strings.Contains(err.Error(), want) {
+						t.Errorf("error %q, want it to contain %q", err, want)
+					}
+				}
+				if strings.Contains(err.Error(), "s3cr3t") {
+					t.Errorf("the error repeats the key: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.EqualFunc(keys, tc.want, bytes.Equal) {
+				t.Errorf("keys %x, want %x", keys, tc.want)
+			}
+		})
+	}
+}
+
+// TestMembersRefuseToStartWithoutKey: imq boss, queuenode and gateway
+// without a cluster key and without --insecure return the error that
+// names the flags (main prints it and exits 1), before binding anything.
+func TestMembersRefuseToStartWithoutKey(t *testing.T) {
+	for _, v := range []string{"IMQ_CLUSTER_KEY", "IMQ_CLUSTER_KEY_FILE", "IMQ_GOSSIP_KEY", "IMQ_GOSSIP_KEY_FILE", "IMQ_INSECURE"} {
+		t.Setenv(v, "")
+		os.Unsetenv(v)
+	}
+	any0 := "127.0.0.1:0"
+	for name, run := range map[string]func() error{
+		"boss": func() error { return runBoss([]string{"--addr", any0, "--gossip-addr", any0}) },
+		"queuenode": func() error {
+			return runQueueNode([]string{"--link-addr", any0, "--internal-addr", any0, "--gossip-addr", any0, "--join", "127.0.0.1:1"})
+		},
+		"standalone queuenode": func() error { return runQueueNode([]string{"--link-addr", any0, "--internal-addr", any0}) },
+		"gateway": func() error {
+			return runGateway([]string{"--addr", any0, "--internal-addr", any0, "--gossip-addr", any0, "--join", "127.0.0.1:1"})
+		},
+		"standalone gateway": func() error {
+			return runGateway([]string{"--addr", any0, "--internal-addr", any0, "--queuenode", "127.0.0.1:1"})
+		},
+	} {
+		err := run()
+		if err == nil || !strings.Contains(err.Error(), "no cluster key") || !strings.Contains(err.Error(), "--insecure") {
+			t.Errorf("imq %s without a key: %v, want the no cluster key error", name, err)
 		}
 	}
 }

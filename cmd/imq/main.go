@@ -292,8 +292,9 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 func runDev(args []string) error {
 	fs := newFlagSet("dev", `Runs a boss, a queue node and a gateway in one process, in development mode:
 clients may connect with ws://ADDR/ws?user=ID instead of a token. The three
-form a cluster as separate processes would (gossip on free loopback ports; the
-boss gives the node every bucket). Clients use --addr (/ws, /rpc/v1/,
+form a cluster as separate processes would (gossip on free loopback ports,
+keyed with a cluster key made for the run; the boss gives the node every
+bucket). Clients use --addr (/ws, /rpc/v1/,
 /healthz). Metrics of all three are at /metrics on the gateway's internal
 listener, --internal-addr, beside its /varz; the queue node's /varz is on a
 free loopback port (printed at start); the boss's API is at --boss-addr.`)
@@ -391,6 +392,8 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	var rf rpcFlags
 	rf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7948", &join)
+	var kf clusterKeyFlags
+	kf.register(fs)
 	fs.StringVar(&cfg.BossURL, "boss-url", "", "cluster: fetch the bucket table from this URL (e.g. a load balancer in front of the boss) rather than the boss member's address")
 	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
@@ -400,11 +403,17 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	clusterKeys, err := kf.clusterKeys()
+	if err != nil {
+		return err
+	}
+	mc.Keys, cfg.Insecure = clusterKeys, kf.insecure
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
 	defer stopProfiling()
+	kf.warn(log)
 	cfg.JWTSecret, cfg.AllowedOrigins, cfg.Logger = []byte(secret), origins, log
 	rf.apply(&cfg)
 	switch {
@@ -446,6 +455,8 @@ is standalone and serves every queue.`)
 	nodeFlags(fs, &cfg)
 	cf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
+	var kf clusterKeyFlags
+	kf.register(fs)
 	lf.register(fs)
 	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
@@ -462,11 +473,17 @@ is standalone and serves every queue.`)
 		}
 		cfg.InternalAddr = legacyHTTPAddr
 	}
+	clusterKeys, err := kf.clusterKeys()
+	if err != nil {
+		return err
+	}
+	mc.Keys, cfg.Insecure = clusterKeys, kf.insecure
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
 	}
 	defer stopProfiling()
+	kf.warn(log)
 	if set["http-addr"] {
 		log.Warn("--http-addr (IMQ_HTTP_ADDR) is deprecated; use --internal-addr (IMQ_INTERNAL_ADDR)")
 	}

@@ -74,10 +74,13 @@ type Config struct {
 	// Cluster names the cluster: members of differently named clusters
 	// ignore each other. Default "imq".
 	Cluster string
-	// SecretKey, if set (16, 24 or 32 bytes: AES-128, -192 or -256),
-	// encrypts and authenticates all gossip: only members holding it can
-	// join, read membership or claim a role. Every member needs the same key.
-	SecretKey []byte
+	// Keys, if set, encrypt and authenticate all gossip (each 16, 24 or 32
+	// bytes: AES-128, -192 or -256): only members holding one can join,
+	// read membership or claim a role. The first encrypts what this member
+	// sends; any of them decrypts what it receives, so that the key can be
+	// rotated without stopping the cluster (see README, "Key rotation").
+	// Empty: gossip in the clear, for trusted networks only.
+	Keys [][]byte
 	// ProbeInterval is how often each member probes a random other one.
 	ProbeInterval time.Duration
 	// ProbeTimeout is how long a probe waits for its ack before asking
@@ -177,8 +180,10 @@ func (c Config) Validate() error {
 	if c.SuspicionMult < 1 {
 		errs = append(errs, fmt.Errorf("suspicion multiplier must be at least 1, got %d", c.SuspicionMult))
 	}
-	if n := len(c.SecretKey); n != 0 && n != 16 && n != 24 && n != 32 {
-		errs = append(errs, fmt.Errorf("gossip key is %d bytes; want 16, 24 or 32", n))
+	for i, k := range c.Keys {
+		if n := len(k); n != 16 && n != 24 && n != 32 {
+			errs = append(errs, fmt.Errorf("cluster key %d is %d bytes; want 16, 24 or 32", i+1, n))
+		}
 	}
 	if len(c.Cluster) > memberlist.LabelMaxSize {
 		errs = append(errs, fmt.Errorf("cluster name is %d bytes; at most %d", len(c.Cluster), memberlist.LabelMaxSize))
@@ -262,8 +267,13 @@ func Start(cfg Config, meta Meta) (*Member, error) {
 		mc.AdvertiseAddr = host
 	}
 	mc.Label = cfg.Cluster
-	if len(cfg.SecretKey) > 0 {
-		mc.SecretKey = cfg.SecretKey // GossipVerifyIncoming stays on: unencrypted gossip is refused
+	if len(cfg.Keys) > 0 {
+		// GossipVerifyIncoming stays on: unencrypted gossip is refused.
+		kr, err := memberlist.NewKeyring(cfg.Keys, cfg.Keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("membership: %w", err)
+		}
+		mc.Keyring = kr
 	}
 	mc.ProbeInterval, mc.ProbeTimeout, mc.SuspicionMult = cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SuspicionMult
 	mc.TCPTimeout = max(2*cfg.ProbeInterval, time.Second)

@@ -1,6 +1,7 @@
 package member
 
 import (
+	"bytes"
 	"context"
 	"log"
 	"log/slog"
@@ -209,35 +210,100 @@ func TestUnspecifiedAddressesAreAdvertisedReachable(t *testing.T) {
 	})
 }
 
-func TestGossipKeyKeepsOutsidersOut(t *testing.T) {
-	key := []byte("0123456789abcdef")
+// TestClusterKeyKeepsOutsidersOut: in a keyed cluster a member without
+// the key, or with another key, cannot join: its join fails and nobody
+// lists it, while a member holding the key (as its second, accepted one)
+// joins.
+func TestClusterKeyKeepsOutsidersOut(t *testing.T) {
+	key, other := testKey(1), testKey(2)
 	keyed := fastConfig()
-	keyed.SecretKey = key
+	keyed.Keys = [][]byte{key}
 	boss := startMember(t, keyed, Meta{Role: RoleBoss, ID: "boss"})
+
+	for _, tc := range []struct {
+		id   string
+		keys [][]byte
+	}{
+		{"gw-no-key", nil},
+		{"gw-wrong-key", [][]byte{other}},
+	} {
+		cfg := fastConfig(boss.Addr()) // it keeps trying, as a member given --join does
+		cfg.Keys = tc.keys
+		out := startMember(t, cfg, Meta{Role: RoleGateway, ID: tc.id})
+		if _, err := out.Join([]string{boss.Addr()}); err == nil {
+			t.Errorf("%s joined a keyed cluster", tc.id)
+		}
+	}
 	in := fastConfig(boss.Addr())
-	in.SecretKey = key
+	in.Keys = [][]byte{key, other}
 	startMember(t, in, Meta{Role: RoleGateway, ID: "gw-in"})
 	waitUntil(t, 5*time.Second, "the keyed gateway to join", func() bool { _, ok := find(boss.Peers(), "gw-in"); return ok })
-
-	out := fastConfig(boss.Addr())
-	out.SecretKey = []byte("another-key-0123")
-	if m, err := Start(out, Meta{Role: RoleGateway, ID: "gw-wrong-key"}); err == nil {
-		t.Cleanup(func() { m.Shutdown() })
-	}
-	plain, err := Start(fastConfig(boss.Addr()), Meta{Role: RoleGateway, ID: "gw-no-key"})
-	if err == nil {
-		t.Cleanup(func() { plain.Shutdown() })
-	}
-	time.Sleep(time.Second) // several gossip rounds
-	for _, id := range []string{"gw-wrong-key", "gw-no-key"} {
+	time.Sleep(5 * fastConfig().RejoinInterval) // the outsiders' rejoins
+	for _, id := range []string{"gw-no-key", "gw-wrong-key"} {
 		if _, ok := find(boss.Peers(), id); ok {
 			t.Errorf("%s joined a keyed cluster", id)
 		}
 	}
-	if err := (Config{SecretKey: []byte("short")}).Validate(); err == nil {
-		t.Error("a 5-byte gossip key was accepted")
+	for _, keys := range [][][]byte{{[]byte("short")}, {key, make([]byte, 20)}} {
+		if err := (Config{Keys: keys}).Validate(); err == nil {
+			t.Errorf("keys of %d and %d bytes accepted", len(keys[0]), len(keys[len(keys)-1]))
+		}
 	}
 }
+
+// TestClusterKeyRotation: the key is rotated in three rolling restarts,
+// old → [old, new] → [new, old] → new, and members of neighbouring steps
+// talk to each other: the first key encrypts, every key decrypts. Skipping
+// the first step fails: a member holding only the old key cannot read what
+// the new primary encrypts.
+func TestClusterKeyRotation(t *testing.T) {
+	old, new := testKey(1), testKey(2)
+	for _, tc := range []struct {
+		name       string
+		boss, join [][]byte
+		talk       bool
+	}{
+		{"step 1: old and [old, new]", [][]byte{old}, [][]byte{old, new}, true},
+		{"step 2: [old, new] and [new, old]", [][]byte{old, new}, [][]byte{new, old}, true},
+		{"step 3: [new, old] and new", [][]byte{new, old}, [][]byte{new}, true},
+		{"step 1 skipped: old and [new, old]", [][]byte{old}, [][]byte{new, old}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bc := fastConfig()
+			bc.Keys = tc.boss
+			boss := startMember(t, bc, Meta{Role: RoleBoss, ID: "boss"})
+			jc := fastConfig()
+			jc.Keys = tc.join
+			m := startMember(t, jc, Meta{Role: RoleQueueNode, ID: "qn-1"})
+			_, err := m.Join([]string{boss.Addr()})
+			if !tc.talk {
+				if err == nil {
+					t.Fatal("joined")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitUntil(t, 5*time.Second, "each to see the other", func() bool {
+				_, a := find(boss.Peers(), "qn-1")
+				_, b := find(m.Peers(), "boss")
+				return a && b
+			})
+			// Probes both ways over a few intervals: neither is declared dead.
+			time.Sleep(bc.DetectionTime(2))
+			if _, ok := find(boss.Peers(), "qn-1"); !ok {
+				t.Error("the boss lost the node")
+			}
+			if _, ok := find(m.Peers(), "boss"); !ok {
+				t.Error("the node lost the boss")
+			}
+		})
+	}
+}
+
+// testKey returns a 32-byte key whose bytes are all b.
+func testKey(b byte) []byte { return bytes.Repeat([]byte{b}, 32) }
 
 // recordHandler keeps the level and message of every record.
 type recordHandler struct {

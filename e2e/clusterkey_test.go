@@ -1,0 +1,98 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/launch"
+	"github.com/imq-dev/imq/launch/launchtest"
+)
+
+// keylessEnv is this process's environment without any cluster key or
+// --insecure.
+func keylessEnv() []string {
+	return slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		k, _, _ := strings.Cut(kv, "=")
+		return slices.Contains([]string{"IMQ_CLUSTER_KEY", "IMQ_CLUSTER_KEY_FILE", "IMQ_GOSSIP_KEY", "IMQ_GOSSIP_KEY_FILE", "IMQ_INSECURE"}, k)
+	})
+}
+
+// TestQueueNodeRefusesToStartWithoutKey: imq queuenode without a cluster
+// key exits 1 with an error naming the ways to give one and how to make
+// it, and never serves (no ready file).
+func TestQueueNodeRefusesToStartWithoutKey(t *testing.T) {
+	ready := filepath.Join(t.TempDir(), "qn.ready")
+	cmd := exec.Command(imqBinary(t), "queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0",
+		"--gossip-addr", "127.0.0.1:0", "--join", "127.0.0.1:1", "--ready-file", ready)
+	cmd.Env = keylessEnv()
+	var out launchtest.SyncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("imq queuenode without a key kept running: %s", out.String())
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 1 {
+		t.Errorf("exit code %d, want 1", code)
+	}
+	for _, want := range []string{"imq: no cluster key", "IMQ_CLUSTER_KEY", "--cluster-key-file", "head -c 32 /dev/urandom | base64", "--insecure"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q: %s", want, out.String())
+		}
+	}
+	if _, err := launch.ReadReady(ready); err == nil {
+		t.Error("it wrote its ready file: it served")
+	}
+}
+
+// TestInsecureIsLoud: imq queuenode --insecure starts, logs a WARN that
+// says so at start, and its /varz shows "insecure": true; with the key its
+// /varz shows false.
+func TestInsecureIsLoud(t *testing.T) {
+	for _, insecure := range []bool{true, false} {
+		ready := filepath.Join(t.TempDir(), "qn.ready")
+		args := []string{"queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--ready-file", ready}
+		var p *proc
+		if insecure {
+			p = startEnv(t, "queuenode", keylessEnv(), append(args, "--insecure")...)
+		} else {
+			p = start(t, "queuenode", args...)
+		}
+		var r launch.Ready
+		launchtest.WaitFor(t, 15*time.Second, "the queue node's ready file", func() bool {
+			var err error
+			r, err = launch.ReadReady(ready)
+			return err == nil
+		})
+		var v struct {
+			Insecure *bool `json:"insecure"`
+		}
+		getJSON(t, "http://"+r.Addrs["internal"]+"/varz", &v)
+		if v.Insecure == nil || *v.Insecure != insecure {
+			t.Errorf("--insecure %v: /varz insecure is %v", insecure, v.Insecure)
+		}
+		p.waitLog("queue node serving links") // logged after the warning, which is then read
+		p.mu.Lock()
+		var warned bool
+		for _, l := range p.logs {
+			msg, _ := l["msg"].(string)
+			warned = warned || (l["level"] == "WARN" && strings.HasPrefix(msg, "INSECURE: running without a cluster key"))
+		}
+		p.mu.Unlock()
+		if warned != insecure {
+			t.Errorf("--insecure %v: the INSECURE warning logged: %v", insecure, warned)
+		}
+	}
+}
