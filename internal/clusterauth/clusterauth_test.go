@@ -3,8 +3,8 @@ package clusterauth
 import (
 	"errors"
 	"net/http"
-	"strconv"
 	"net/http/httptest"
+	"strconv"
 	"testing"
 	"time"
 )
