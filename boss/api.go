@@ -127,6 +127,8 @@ const (
 	StatusNoLink       = "not routable: announces no link address"
 	StatusSuperseded   = "superseded: a newer incarnation of this id is live"
 	StatusLost         = "lost: in the table but not a live member"
+	StatusDraining     = "draining: its buckets are moving to other nodes"
+	StatusDrained      = "drained: holds no buckets and receives none; it can be stopped"
 	StatusGateway      = "gateway is available and accepting connections"
 	StatusBoss         = "boss: owns the bucket table"
 	// StatusBossSuperseded is an older boss, such as a killed one not yet
@@ -148,8 +150,26 @@ type NodesView struct {
 	Buckets      int    `json:"buckets"`
 	// Ready is false while a restarted boss waits to hear from the cluster
 	// before removing nodes.
-	Ready   bool         `json:"ready"`
-	Members []MemberView `json:"members"`
+	Ready bool `json:"ready"`
+	// Handoff says buckets move by hand-off (Config.Handoff); MaxMoves
+	// bounds how many move at once.
+	Handoff  bool `json:"handoff"`
+	MaxMoves int  `json:"max_moves"`
+	// Moving lists the cluster's moves in progress, by bucket.
+	Moving []MoveView `json:"moving"`
+	// Draining lists the nodes an operator drained, sorted.
+	Draining []string     `json:"draining"`
+	Members  []MemberView `json:"members"`
+}
+
+// MoveView is one bucket marked moving in /v1/nodes.
+type MoveView struct {
+	Bucket int    `json:"bucket"`
+	From   string `json:"from"`
+	To     string `json:"to"`
+	// Since is when the boss first published the mark (a restarted boss:
+	// when it started); the move is given up at Since + Config.MoveTimeout.
+	Since time.Time `json:"since,omitzero"`
 }
 
 // MemberView is one live member in /v1/nodes, or a table node that is not
@@ -167,6 +187,12 @@ type MemberView struct {
 	// Buckets is how many buckets a queue node owns (absent for other
 	// roles).
 	Buckets *int `json:"buckets,omitempty"`
+	// Draining, MovingOut and MovingIn are a queue node's: whether an
+	// operator drained it, and how many of its buckets are moving away and
+	// how many are moving to it.
+	Draining  bool `json:"draining,omitempty"`
+	MovingOut int  `json:"moving_out,omitempty"`
+	MovingIn  int  `json:"moving_in,omitempty"`
 	// TableVersion is the table version the member holds.
 	TableVersion uint64    `json:"table_version"`
 	Started      time.Time `json:"started,omitzero"`
@@ -196,7 +222,18 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 	_, winners := liveNodes(peers)
 	newestBoss, _ := member.NewestBoss(peers) // the boss members follow
 	self := b.member.Name()
-	view := NodesView{TableVersion: t.Version(), Buckets: t.Buckets(), Ready: b.Ready(), Members: make([]MemberView, 0, len(peers))}
+	draining := b.Draining()
+	view := NodesView{
+		TableVersion: t.Version(), Buckets: t.Buckets(), Ready: b.Ready(), Handoff: b.cfg.Handoff, MaxMoves: b.cfg.MaxMoves,
+		Moving: []MoveView{}, Draining: draining, Members: make([]MemberView, 0, len(peers)),
+	}
+	since := *b.movesView.Load()
+	movingOut, movingIn := make(map[string]int), make(map[string]int)
+	for _, m := range t.Moving() {
+		view.Moving = append(view.Moving, MoveView{Bucket: m.Bucket, From: m.From, To: m.To, Since: since[m].UTC()})
+		movingOut[m.From]++
+		movingIn[m.To]++
+	}
 	live := make(map[string]bool)
 	for _, p := range peers {
 		m := MemberView{
@@ -217,13 +254,18 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 		case member.RoleQueueNode:
 			n := 0
 			node, ok := inTable[p.Meta.ID]
+			m.Draining = slices.Contains(draining, p.Meta.ID)
 			switch {
 			case winners[p.Meta.ID].Name != p.Name:
 				m.Status = StatusSuperseded
 			case p.Meta.LinkAddr == "":
 				m.Status = StatusNoLink
+			case !ok && m.Draining:
+				m.Status = StatusDrained
 			case !ok:
 				m.Status = StatusJoining
+			case m.Draining && node.LinkAddr == p.Meta.LinkAddr:
+				m.Status = StatusDraining
 			case node.LinkAddr != p.Meta.LinkAddr:
 				m.Status = StatusReaddressing
 			default:
@@ -231,6 +273,7 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 			}
 			if ok && m.Status != StatusSuperseded {
 				n = counts[p.Meta.ID]
+				m.MovingOut, m.MovingIn = movingOut[p.Meta.ID], movingIn[p.Meta.ID]
 				live[p.Meta.ID] = true
 			}
 			m.Buckets = &n
@@ -244,6 +287,7 @@ func (b *Boss) nodes(ctx context.Context) NodesView {
 			c := counts[n.ID]
 			view.Members = append(view.Members, MemberView{
 				Role: member.RoleQueueNode, ID: n.ID, LinkAddr: n.LinkAddr, State: StateLost, Status: StatusLost, Buckets: &c,
+				Draining: slices.Contains(draining, n.ID), MovingOut: movingOut[n.ID], MovingIn: movingIn[n.ID],
 			})
 		}
 	}
@@ -323,27 +367,32 @@ func (b *Boss) fetchVarz(ctx context.Context, p member.Peer) (json.RawMessage, e
 
 // Varz is the boss's JSON state at /varz.
 type Varz struct {
-	ID           string    `json:"id"`
-	Addr         string    `json:"addr"`
-	GossipAddr   string    `json:"gossip_addr"`
-	TableVersion uint64    `json:"table_version"`
-	Nodes        int       `json:"nodes"`
-	Buckets      int       `json:"buckets"`
-	Members      int       `json:"members"`
-	Ready        bool      `json:"ready"`
-	DataDir      string    `json:"data_dir"`
-	Persisted    bool      `json:"persisted"` // the last write of the state succeeded (false without a DataDir)
-	Waiters      int64     `json:"table_waiters"`
-	Started      time.Time `json:"started"`
-	Insecure     bool      `json:"insecure"` // Config.Insecure: no cluster key
+	ID           string   `json:"id"`
+	Addr         string   `json:"addr"`
+	GossipAddr   string   `json:"gossip_addr"`
+	TableVersion uint64   `json:"table_version"`
+	Nodes        int      `json:"nodes"`
+	Buckets      int      `json:"buckets"`
+	Moving       int      `json:"buckets_moving"`
+	Draining     []string `json:"draining"`
+	Handoff      bool     `json:"handoff"`
+	// Insecure: no cluster key, hand-off reports are accepted unsigned.
+	Insecure  bool      `json:"insecure"`
+	Members   int       `json:"members"`
+	Ready     bool      `json:"ready"`
+	DataDir   string    `json:"data_dir"`
+	Persisted bool      `json:"persisted"` // the last write of the state succeeded (false without a DataDir)
+	Waiters   int64     `json:"table_waiters"`
+	Started   time.Time `json:"started"`
 }
 
 func (b *Boss) varz() any {
 	t := b.Table()
 	return Varz{
 		ID: b.cfg.ID, Addr: b.Addr(), GossipAddr: b.GossipAddr(), TableVersion: t.Version(),
-		Nodes: len(t.Nodes()), Buckets: t.Buckets(), Members: len(b.member.Peers()), Ready: b.Ready(),
+		Nodes: len(t.Nodes()), Buckets: t.Buckets(), Moving: t.MovingCount(), Draining: b.Draining(),
+		Handoff: b.cfg.Handoff, Insecure: b.reportAuth == nil, Members: len(b.member.Peers()), Ready: b.Ready(),
 		DataDir: b.cfg.DataDir, Persisted: b.cfg.DataDir != "" && !b.persistFailed.Load(),
-		Waiters: b.waiters.Load(), Started: b.started.UTC(), Insecure: b.cfg.Insecure,
+		Waiters: b.waiters.Load(), Started: b.started.UTC(),
 	}
 }

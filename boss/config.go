@@ -36,9 +36,6 @@ type Config struct {
 	// and stops with it, so there is nothing to recover after a restart.
 	// The boss then does not warn that DataDir is empty. Default false.
 	Ephemeral bool
-	// Insecure records that the operator chose to run without a cluster key
-	// (imq --insecure): /varz shows it, for whoever checks the cluster.
-	Insecure bool
 	// ReconcileGrace is how long a boss restarted with a persisted table
 	// waits to hear from the cluster before removing the nodes it does not
 	// see (it stops waiting as soon as a join through its persisted peers or
@@ -51,6 +48,27 @@ type Config struct {
 	// TableFetchTimeout bounds fetching a member's table when it holds a
 	// newer version than the boss. Default 5 s.
 	TableFetchTimeout time.Duration
+	// Handoff turns on two-phase moves (docs/handoff.md): a bucket whose
+	// owner is alive is marked moving in the published table, and changes
+	// owner only when the owner reports the hand-off (POST /v1/handoff).
+	// Default false: buckets move at once, their queues starting afresh on
+	// the new owner, because queue nodes do not report hand-offs yet and
+	// marked moves would never complete.
+	Handoff bool
+	// MaxMoves bounds how many buckets are marked moving at once,
+	// cluster-wide, so hand-off traffic is bounded (with Handoff). Default 8.
+	MaxMoves int
+	// MoveTimeout is how long a marked move may take before the boss gives
+	// it up (removes the mark; it is tried again later). Default 60 s.
+	MoveTimeout time.Duration
+	// ClusterKeys verify the signature of hand-off reports
+	// (internal/clusterauth): any of them is accepted, so a key can be
+	// rotated. Empty: the boss runs insecure and accepts unsigned reports.
+	ClusterKeys [][]byte
+	// OperatorKeys are the bearer tokens of the operators' actions (POST
+	// /v1/nodes/{id}/drain and undrain), compared in constant time. Empty:
+	// those actions answer 403; every GET stays open and read-only.
+	OperatorKeys [][]byte
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the boss's metrics. Default: a private registry.
@@ -66,6 +84,8 @@ func DefaultConfig() Config {
 		ReconcileGrace:    10 * time.Second,
 		PeerTimeout:       500 * time.Millisecond,
 		TableFetchTimeout: 5 * time.Second,
+		MaxMoves:          8,
+		MoveTimeout:       60 * time.Second,
 	}
 }
 
@@ -85,6 +105,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.TableFetchTimeout == 0 {
 		c.TableFetchTimeout = d.TableFetchTimeout
+	}
+	if c.MaxMoves == 0 {
+		c.MaxMoves = d.MaxMoves
+	}
+	if c.MoveTimeout == 0 {
+		c.MoveTimeout = d.MoveTimeout
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -107,9 +133,23 @@ func (c *Config) validate() error {
 	}
 	for name, d := range map[string]time.Duration{
 		"reconcile grace": c.ReconcileGrace, "peer timeout": c.PeerTimeout, "table fetch timeout": c.TableFetchTimeout,
+		"move timeout": c.MoveTimeout,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
+		}
+	}
+	if c.MaxMoves < 1 {
+		errs = append(errs, fmt.Errorf("max moves must be at least 1, got %d", c.MaxMoves))
+	}
+	for i, k := range c.ClusterKeys {
+		if len(k) == 0 {
+			errs = append(errs, fmt.Errorf("cluster key %d is empty", i+1))
+		}
+	}
+	for i, k := range c.OperatorKeys {
+		if len(k) == 0 {
+			errs = append(errs, fmt.Errorf("operator key %d is empty", i+1))
 		}
 	}
 	if err := c.Member.Validate(); err != nil {

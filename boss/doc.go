@@ -37,6 +37,27 @@
 //  5. If the table changed: persists it, then publishes it (long-pollers
 //     wake), and logs "bucket table published" with what changed.
 //
+// # Moves, drain and hand-off reports
+//
+// Step 4 is the instant form, used while Config.Handoff is off (today's
+// queue nodes do not hand off): the live nodes that are not draining become
+// the table at once, pending moves included. With Config.Handoff the boss
+// keeps a target layout (planTable of the live, non-draining nodes, never
+// with moves; persisted) and publishes the current table moved one step
+// toward it (bucket.Table.Advance, docs/handoff.md rules 1-4): a dead
+// owner's buckets are reassigned at once, a live owner's are marked moving,
+// at most Config.MaxMoves at a time, and a mark not completed within
+// Config.MoveTimeout is given up and retried at a later reconcile. A drain
+// that would leave no node in the layout keeps every live node in it.
+//
+// Actions reach the reconcile goroutine as ops through one bounded channel:
+// POST /v1/handoff (signed with the cluster key, internal/clusterauth; a
+// boss without ClusterKeys is insecure and takes unsigned reports) and the
+// operators' POST /v1/nodes/{id}/drain and undrain (Config.OperatorKeys).
+// Ops arriving within a few milliseconds of each other are applied in one
+// reconcile, so close reports share one published table; each is answered
+// after the table and draining set are persisted and published.
+//
 // # Persistence
 //
 // With Config.DataDir set, the boss keeps DataDir/boss-state.json:
@@ -46,6 +67,8 @@
 //	  "table": {"version": 7, "bits": 5, "nodes": [{"id": "qn-1", "link_addr": "10.0.0.5:7100"}, ...],
 //	            "owners": [0, 0, 1, ...]},
 //	  "peers": ["10.0.0.5:7946", "10.0.0.6:7946"],
+//	  "draining": ["qn-3"],
+//	  "layout": {...the target layout, a table, with Config.Handoff...},
 //	  "saved": "2025-01-02T15:04:05Z"
 //	}
 //
@@ -71,7 +94,8 @@
 // # Imports and concurrency
 //
 // boss imports internal/bucket, internal/member, internal/cluster,
-// internal/obs and proto/ (error codes), never another service. A Boss is
+// internal/clusterauth, internal/obs and proto/ (error codes), never another
+// service. A Boss is
 // safe for concurrent use: the table lives behind an atomic pointer and is
 // replaced whole; only the reconcile goroutine changes it.
 package boss

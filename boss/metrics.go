@@ -14,6 +14,10 @@ type metrics struct {
 	fetchErrors   prometheus.Counter
 	members       *prometheus.GaugeVec
 	reconcile     prometheus.Histogram
+
+	movesCompleted prometheus.Counter
+	movesGivenUp   prometheus.Counter
+	reportsRefused prometheus.Counter
 }
 
 func newMetrics(reg *prometheus.Registry, b *Boss) *metrics {
@@ -40,7 +44,24 @@ func newMetrics(reg *prometheus.Registry, b *Boss) *metrics {
 			Name: "imq_boss_reconcile_seconds", Help: "Time one reconcile of the table with membership took.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 		}),
+		movesCompleted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_boss_moves_completed_total", Help: "Bucket moves completed by a reported hand-off.",
+		}),
+		movesGivenUp: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_boss_moves_given_up_total", Help: "Bucket moves given up: not reported within the move timeout.",
+		}),
+		reportsRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_boss_handoff_reports_refused_total", Help: "Hand-off reports refused for a missing, bad, stale or replayed signature.",
+		}),
 	}
+	reg.MustRegister(m.movesCompleted, m.movesGivenUp, m.reportsRefused,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_boss_buckets_moving", Help: "Buckets marked moving in the table the boss serves.",
+		}, func() float64 { return float64(b.Table().MovingCount()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_boss_draining_nodes", Help: "Queue nodes an operator drained.",
+		}, func() float64 { return float64(len(*b.drainingView.Load())) }),
+	)
 	reg.MustRegister(m.publishes, m.moved, m.adoptions, m.persistErrors, m.fetchErrors, m.members, m.reconcile,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_boss_table_version", Help: "Version of the bucket table the boss serves.",

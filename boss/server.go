@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -17,8 +18,10 @@ import (
 
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
+	"github.com/imq-dev/imq/internal/clusterauth"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
+	imqpb "github.com/imq-dev/imq/proto"
 )
 
 const (
@@ -56,13 +59,23 @@ type Boss struct {
 	persistFailed atomic.Bool // the last write of the state failed
 	waiters       atomic.Int64
 	kick          chan struct{} // cap 1: reconcile now
+	ops           chan op       // cap maxOps: actions for the reconcile goroutine
+
+	reportAuth   *clusterauth.Verifier // nil: insecure, reports unsigned
+	drainingView atomic.Pointer[[]string]
+	// movesView is when each pending move of the published table was
+	// first seen marked (for /v1/nodes); replaced whole.
+	movesView atomic.Pointer[map[bucket.Move]time.Time]
 
 	rejoin []string // persisted peers to rejoin at start; fixed after New
 
 	// Owned by the reconcile goroutine.
-	savedPeers []string  // peers in the state file
-	dirty      bool      // the last write failed: write again
-	warned     time.Time // last rate-limited warning
+	savedPeers []string      // peers in the state file
+	dirty      bool          // the last write failed: write again
+	warned     time.Time     // last rate-limited warning
+	layout     *bucket.Table // Config.Handoff: the target layout, never with moves
+	draining   map[string]bool
+	moveSince  map[bucket.Move]time.Time // when each pending move was first seen
 
 	closing  chan struct{} // closed when Shutdown starts: long polls end
 	ctx      context.Context
@@ -86,7 +99,8 @@ func New(cfg Config) (*Boss, error) {
 	}
 	b := &Boss{
 		cfg: cfg, log: cfg.Logger.With("boss", cfg.ID), started: time.Now(),
-		pub: make(chan struct{}), kick: make(chan struct{}, 1),
+		pub: make(chan struct{}), kick: make(chan struct{}, 1), ops: make(chan op, maxOps),
+		draining: make(map[string]bool), moveSince: make(map[bucket.Move]time.Time),
 		closing: make(chan struct{}), shutDone: make(chan struct{}),
 		client: &http.Client{Transport: &http.Transport{
 			MaxIdleConnsPerHost: 2, IdleConnTimeout: time.Minute,
@@ -117,6 +131,27 @@ func New(cfg Config) (*Boss, error) {
 	}
 	b.table.Store(st.Table)
 	b.rejoin, b.savedPeers = st.Peers, st.Peers
+	for _, id := range st.Draining {
+		b.draining[id] = true
+	}
+	b.publishDraining()
+	b.movesView.Store(&map[bucket.Move]time.Time{})
+	if cfg.Handoff {
+		// Without a persisted layout, the table with its moves done is the
+		// best guess of the layout; the first reconcile corrects it.
+		b.layout = st.Layout
+		if b.layout == nil || b.layout.MovingCount() > 0 {
+			b.layout = st.Table.Settled()
+		}
+	}
+	if len(cfg.ClusterKeys) > 0 {
+		var err error
+		if b.reportAuth, err = clusterauth.NewVerifier(cfg.ClusterKeys, clusterauth.DefaultWindow); err != nil {
+			return nil, fmt.Errorf("boss: %w", err)
+		}
+	} else {
+		b.log.Warn("no cluster key: hand-off reports (POST " + HandoffPath + ") are accepted unsigned; this boss is insecure")
+	}
 	// A table without nodes has nothing to lose to an incomplete view.
 	b.ready.Store(len(st.Table.Nodes()) == 0)
 
@@ -149,6 +184,9 @@ func New(cfg Config) (*Boss, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+cluster.TablePath, b.serveTable)
 	mux.HandleFunc("GET /v1/nodes", b.serveNodes)
+	mux.HandleFunc("POST "+HandoffPath, b.serveHandoff)
+	mux.HandleFunc("POST /v1/nodes/{id}/drain", b.serveDrain(opDrain))
+	mux.HandleFunc("POST /v1/nodes/{id}/undrain", b.serveDrain(opUndrain))
 	obs.Handle(mux, cfg.Registry, b.health, b.varz)
 	b.http = obs.NewInternalServer(mux, b.log) // its WriteTimeout outlasts a long poll (MaxWait)
 	return b, nil
@@ -275,30 +313,37 @@ func (b *Boss) kickReconcile() {
 	}
 }
 
-// reconcileLoop reconciles at start, at each membership change and every
-// reconcileInterval, until ctx ends.
+// reconcileLoop reconciles at start, at each membership change, at each
+// batch of actions and every reconcileInterval, until ctx ends.
 func (b *Boss) reconcileLoop(ctx context.Context) {
 	tick := time.NewTicker(reconcileInterval)
 	defer tick.Stop()
+	var ops []op
 	for ctx.Err() == nil {
-		b.reconcile(ctx)
+		b.reconcile(ctx, ops)
+		ops = nil
 		select {
 		case <-ctx.Done():
 		case <-b.kick:
 		case <-tick.C:
+		case o := <-b.ops:
+			ops = b.gatherOps(o)
 		}
 	}
 }
 
-// reconcile brings the table in line with membership: see the package
-// documentation for the steps.
-func (b *Boss) reconcile(ctx context.Context) {
+// reconcile brings the table in line with membership and applies ops (each
+// is answered): see the package documentation for the steps.
+func (b *Boss) reconcile(ctx context.Context, ops []op) {
 	start := time.Now()
 	defer func() { b.m.reconcile.Observe(time.Since(start).Seconds()) }()
 	peers := b.member.Peers()
 	b.countMembers(peers)
 	cur, ok := b.catchUp(ctx, peers)
 	if !ok {
+		for _, o := range ops {
+			o.reply <- opError(http.StatusServiceUnavailable, imqpb.Code_UNAVAILABLE, "the boss is catching up with a newer table a member holds; retry")
+		}
 		return
 	}
 	ready := b.isReady()
@@ -306,24 +351,120 @@ func (b *Boss) reconcile(ctx context.Context) {
 	if ready {
 		peerAddrs = b.otherAddrs(peers)
 		cur = b.undiverge(cur, peers, peerAddrs)
-		alive, _ := liveNodes(peers)
-		p := planTable(cur, alive)
-		if len(p.failed) > 0 && b.warnDue() {
-			b.log.Error("queue nodes cannot join the bucket table", "err", errors.Join(p.failed...))
-		}
-		if p.changed() {
-			b.commit(p.next, peerAddrs)
-			b.m.moved.Add(float64(len(p.moves)))
-			b.log.Info("bucket table published", "version", p.next.Version(), "from", cur.Version(),
-				"joined", p.joined, "left", p.left, "readdressed", p.readdressed,
-				"buckets_moved", len(p.moves), "nodes", len(p.next.Nodes()), "buckets", p.next.Buckets(),
-				"elapsed", time.Since(start))
-			return
+	}
+	alive, _ := liveNodes(peers)
+	known := func(id string) bool {
+		return slices.ContainsFunc(alive, func(n bucket.Node) bool { return n.ID == id }) || cur.Counts()[id] > 0 ||
+			slices.ContainsFunc(cur.Moving(), func(m bucket.Move) bool { return m.To == id })
+	}
+	stateChanged, drains := b.applyDrains(ops, known)
+	moves, accepted := reportMoves(ops, cur)
+	next, _ := cur.CompleteMoves(moves)
+	c := change{completed: moves}
+	if ready {
+		layoutNodes := b.layoutNodes(alive)
+		if b.cfg.Handoff {
+			p := planTable(b.layout, layoutNodes)
+			if len(p.failed) > 0 && b.warnDue() {
+				b.log.Error("queue nodes cannot join the bucket table", "err", errors.Join(p.failed...))
+			}
+			if p.changed() {
+				b.layout, stateChanged = p.next, true
+				c.joined, c.left = p.joined, p.left
+			}
+			c.gaveUp = b.dueMoves(next, start)
+			next, c.step = next.Advance(b.layout, alive, b.cfg.MaxMoves, c.gaveUp)
+		} else {
+			// Moves left by a boss that ran with hand-off (or adopted from
+			// a member) are done at once, like every other move here.
+			next = next.Settled()
+			p := planTable(next, layoutNodes)
+			if len(p.failed) > 0 && b.warnDue() {
+				b.log.Error("queue nodes cannot join the bucket table", "err", errors.Join(p.failed...))
+			}
+			next, c.joined, c.left, c.readdressed = p.next, p.joined, p.left, p.readdressed
+			c.step.Assigned = p.moves
 		}
 	}
-	if b.dirty || !slices.Equal(peerAddrs, b.savedPeers) {
+	if next != cur {
+		b.commit(next, peerAddrs)
+		b.logChange(cur, next, c, start)
+	} else if stateChanged || b.dirty || !slices.Equal(peerAddrs, b.savedPeers) {
 		b.persist(cur, peerAddrs)
 	}
+	b.trackMoves(b.Table(), start)
+	answerReports(ops, accepted, b.Table().Version())
+	live := len(b.layoutNodes(alive))
+	if live == len(alive) && slices.ContainsFunc(alive, func(n bucket.Node) bool { return b.draining[n.ID] }) {
+		live = 0 // every live node drains: nowhere to move to
+	}
+	b.answerDrains(ops, drains, b.Table(), live)
+}
+
+// change is what one reconcile did, for the log and the metrics.
+type change struct {
+	joined, left, readdressed []string
+	completed                 []bucket.Move // hand-offs reported
+	gaveUp                    []int         // moves given up (buckets of the table before)
+	step                      bucket.Step
+}
+
+func (b *Boss) logChange(cur, next *bucket.Table, c change, start time.Time) {
+	b.m.moved.Add(float64(len(c.step.Assigned) + len(c.completed)))
+	b.m.movesCompleted.Add(float64(len(c.completed)))
+	b.m.movesGivenUp.Add(float64(len(c.gaveUp)))
+	b.log.Info("bucket table published", "version", next.Version(), "from", cur.Version(),
+		"joined", c.joined, "left", c.left, "readdressed", c.readdressed,
+		"buckets_moved", len(c.step.Assigned), "handoffs_completed", len(c.completed),
+		"moves_marked", len(c.step.Marked), "moves_unmarked", len(c.step.Unmarked), "moves_given_up", len(c.gaveUp),
+		"moving", next.MovingCount(), "nodes", len(next.Nodes()), "buckets", next.Buckets(),
+		"elapsed", time.Since(start))
+	if len(c.gaveUp) > 0 {
+		b.log.Warn("bucket moves given up: not reported within the move timeout; they are tried again",
+			"buckets", c.gaveUp, "timeout", b.cfg.MoveTimeout)
+	}
+}
+
+// layoutNodes returns the live nodes that are not draining; all of them
+// when every one drains, since a drain cannot empty the cluster.
+func (b *Boss) layoutNodes(alive []bucket.Node) []bucket.Node {
+	out := slices.DeleteFunc(slices.Clone(alive), func(n bucket.Node) bool { return b.draining[n.ID] })
+	if len(out) == 0 {
+		return alive
+	}
+	return out
+}
+
+// dueMoves returns the buckets of t whose move has been marked for longer
+// than the move timeout.
+func (b *Boss) dueMoves(t *bucket.Table, now time.Time) []int {
+	var due []int
+	for _, m := range t.Moving() {
+		if since, ok := b.moveSince[m]; ok && now.Sub(since) > b.cfg.MoveTimeout {
+			due = append(due, m.Bucket)
+		}
+	}
+	return due
+}
+
+// trackMoves notes when each pending move of t was first seen (a restarted
+// boss gives every pending move a fresh timeout) and forgets the others.
+func (b *Boss) trackMoves(t *bucket.Table, now time.Time) {
+	ms := t.Moving()
+	if len(ms) == 0 && len(b.moveSince) == 0 {
+		return
+	}
+	since := make(map[bucket.Move]time.Time, len(ms))
+	for _, m := range ms {
+		s, ok := b.moveSince[m]
+		if !ok {
+			s = now
+		}
+		since[m] = s
+	}
+	b.moveSince = since
+	view := maps.Clone(since)
+	b.movesView.Store(&view)
 }
 
 // undiverge republishes cur under the next version when a live member holds
@@ -544,7 +685,9 @@ func (b *Boss) persist(t *bucket.Table, peers []string) {
 	if peers == nil {
 		peers = []string{}
 	}
-	err := saveState(b.cfg.DataDir, state{Format: stateFormat, Table: t, Peers: peers, Saved: time.Now().UTC()})
+	err := saveState(b.cfg.DataDir, state{
+		Format: stateFormat, Table: t, Peers: peers, Draining: *b.drainingView.Load(), Layout: b.layout, Saved: time.Now().UTC(),
+	})
 	if err != nil {
 		b.m.persistErrors.Inc()
 		if !b.dirty || b.warnDue() {

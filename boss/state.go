@@ -24,8 +24,16 @@ type state struct {
 	Table  *bucket.Table `json:"table"`
 	// Peers are the gossip addresses of the other live members when the
 	// state was saved.
-	Peers []string  `json:"peers"`
-	Saved time.Time `json:"saved"`
+	Peers []string `json:"peers"`
+	// Draining lists the nodes an operator drained (sorted): they stay out
+	// of the layout until undrained.
+	Draining []string `json:"draining,omitempty"`
+	// Layout is the target layout (Config.Handoff): the table the boss
+	// would publish if every move were instant. Absent without hand-off,
+	// and in state written before it existed; it is then rebuilt from the
+	// table.
+	Layout *bucket.Table `json:"layout,omitempty"`
+	Saved  time.Time     `json:"saved"`
 }
 
 // loadState reads dir's state; a missing file is an empty table and no

@@ -11,7 +11,7 @@
 //
 // Routing. Standalone (Config.QueueNode), one node owns every queue. In
 // cluster mode (Config.Member) the gateway is a member of the cluster, learns
-// the bucket table from the boss (internal/tablewatch; it also serves its
+// the bucket table from the boss (internal/cluster; it also serves its
 // current table at /v1/table, internally) and keeps one link per node of the table,
 // started and stopped as nodes join, leave or change address. Each request
 // carries the table version it was routed by. A node that does not own the

@@ -60,7 +60,7 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 	var join *member.Config
 	if cfg.Boss != nil {
 		bc := *cfg.Boss
-		bc.Registry, bc.Logger, bc.Member.Keys = reg, cfg.Logger, cfg.ClusterKeys
+		bc.Registry, bc.Logger, bc.Member.Keys, bc.ClusterKeys = reg, cfg.Logger, cfg.ClusterKeys, cfg.ClusterKeys
 		bc.Ephemeral = true // it lives and dies with this process's node and gateway
 		if bc.Member.BindAddr == "" {
 			bc.Member.BindAddr = "127.0.0.1:0"

@@ -23,6 +23,11 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory where the bucket table is persisted, such as /var/lib/imq/boss (empty: the table does not survive a restart of the boss and is recovered from the members)")
 	fs.DurationVar(&cfg.ReconcileGrace, "reconcile-grace", cfg.ReconcileGrace, "after a restart, how long to wait to hear from the cluster before removing queue nodes the boss does not see")
 	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "how long /v1/nodes waits for each member's /varz")
+	var operatorKey string
+	fs.StringVar(&operatorKey, "operator-key", "", "bearer token of the operators' actions (POST /v1/nodes/ID/drain and undrain; imq drain); empty: those answer 403, GETs stay open")
+	fs.BoolVar(&cfg.Handoff, "handoff", false, "move buckets by live hand-off: mark them moving and flip each when its owner reports it (needs queue nodes that hand off); off: buckets move at once")
+	fs.IntVar(&cfg.MaxMoves, "max-moves", cfg.MaxMoves, "with --handoff: most buckets moving at once, cluster-wide")
+	fs.DurationVar(&cfg.MoveTimeout, "move-timeout", cfg.MoveTimeout, "with --handoff: a move not reported done within this is given up and tried again later")
 	memberFlags(fs, &cfg.Member, "127.0.0.1:7946", &join)
 	kf.register(fs)
 	lf.register(fs)
@@ -34,7 +39,7 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	if err != nil {
 		return err
 	}
-	cfg.Member.Keys, cfg.Insecure = clusterKeys, kf.insecure
+	cfg.Member.Keys, cfg.ClusterKeys = clusterKeys, clusterKeys
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
@@ -42,6 +47,9 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	defer stopProfiling()
 	kf.warn(log)
 	cfg.Member.Join, cfg.Member.Logger, cfg.Logger = join, log, log
+	if operatorKey != "" {
+		cfg.OperatorKeys = [][]byte{[]byte(operatorKey)}
+	}
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
 	b, err := boss.New(cfg)

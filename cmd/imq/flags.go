@@ -162,12 +162,13 @@ func applyEnv(fs *flag.FlagSet, secrets []*secretValue) error {
 // from IMQ_NAME, --NAME-file and IMQ_NAME_FILE; and no error message
 // repeats its value.
 var secretNames = map[string]secretFlag{
-	"jwt-secret":  {wholeFile, ""},
-	"cluster-key": {wholeFile, "imq boss, queuenode, gateway"}, // one key a line
-	"gossip-key":  {wholeFile, "deprecated: --cluster-key"},
-	"secret":      {wholeFile, "imq loadtest"}, // its token-minting secret
-	"token":       {wholeFile, "imq sub, pub, state"},
-	"api-key":     {linePerValue, ""},
+	"jwt-secret":   {wholeFile, ""},
+	"cluster-key":  {wholeFile, "imq boss, queuenode, gateway"}, // one key a line
+	"gossip-key":   {wholeFile, "deprecated: --cluster-key"},
+	"secret":       {wholeFile, "imq loadtest"}, // its token-minting secret
+	"token":        {wholeFile, "imq sub, pub, state"},
+	"api-key":      {linePerValue, ""},
+	"operator-key": {wholeFile, "imq boss, drain, undrain"},
 }
 
 type secretFlag struct {

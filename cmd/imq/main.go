@@ -41,6 +41,7 @@ Commands:
   gateway    run a gateway: client WebSockets, routed to queue nodes by the table
   queuenode  run a queue node: queues in RAM, served to gateways
   loadtest   run bots against a cluster and check what they receive
+  drain      imq drain NODE: move every bucket off a queue node (undrain: back)
   version    print the version
 
 Try it without writing code (against 'imq dev' by default; see --url, --user, --token):
@@ -78,6 +79,8 @@ func main() {
 		err = runLoadtest(args)
 	case "sub", "pub", "state":
 		err = runClientCommand(cmd, args)
+	case "drain", "undrain":
+		err = runDrain(cmd, args)
 	case "version", "--version", "-v":
 		err = runVersion(args)
 	case "help", "--help", "-h":

@@ -8,9 +8,24 @@
 // they are pure and deterministic, so the same history of joins and leaves
 // always yields the same table. Only the boss calls them.
 //
-// The invariants, for a table with nodes: every bucket has a live owner, each
-// node owns at least MinBuckets, and the counts differ by at most one, so the
-// load differential max:min is 9:8 or better. A join steals the new node's
+// A table may also carry pending moves (bucket → target node): the owner
+// stays the owner, and Lookup routes to it, until the hand-off completes
+// (docs/handoff.md). Advance, CompleteMoves and Settled (move.go) are the
+// pure functions the boss publishes them with.
+//
+// Invariants of every table (check enforces them on decode): the bucket
+// count is 2^Bits, every bucket has an owner among the nodes, nodes are
+// sorted by id and unique, a move names a bucket and a target among the
+// nodes that is not the bucket's owner, and every node owns a bucket or is
+// the target of a move (a node that holds nothing and receives nothing is
+// not listed).
+//
+// Balance invariants hold for a table built only by Join and Leave (the
+// boss's target layout; it never has moves): each node owns at least
+// MinBuckets, and the counts differ by at most one, so the load differential
+// max:min is 9:8 or better. A published table with moves pending (or with a
+// draining node still holding buckets) need not be balanced; it converges to
+// its layout as moves complete. A join steals the new node's
 // share one bucket at a time from the nodes holding the most; when that share
 // would be under MinBuckets it first splits every bucket in two (bucket b
 // becomes 2b and 2b+1 with the same owner: nothing moves). A leave hands the
@@ -28,6 +43,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 
 	"github.com/cespare/xxhash/v2"
 )
@@ -56,6 +72,9 @@ type Table struct {
 	bits    uint8
 	owners  []int  // bucket → index into nodes
 	nodes   []Node // sorted by ID
+	// moving maps a bucket to the index into nodes of its move's target;
+	// nil when no move is pending. Never mutated once the table is built.
+	moving map[int]int
 }
 
 // Errors of Join and Leave.
@@ -63,6 +82,11 @@ var (
 	ErrNodeExists  = errors.New("bucket: node already in the table")
 	ErrUnknownNode = errors.New("bucket: node not in the table")
 	ErrTableFull   = errors.New("bucket: table at its maximum size")
+	// ErrMovesPending: Join and Leave are the instant form of a change and
+	// refuse a table with pending moves (Settled applies them first).
+	ErrMovesPending = errors.New("bucket: table has pending moves")
+	// ErrNotMoving: a completed move that the table does not mark.
+	ErrNotMoving = errors.New("bucket: bucket not marked moving")
 )
 
 // Empty returns version 0 of a table with no nodes.
@@ -151,7 +175,11 @@ func (t *Table) index(id string) (int, bool) {
 
 // Join returns the next version with node added, and the buckets that moved
 // to it. Splitting moves nothing, so the moves are exactly the stolen buckets.
+// It refuses a table with pending moves.
 func (t *Table) Join(node Node) (*Table, []Move, error) {
+	if len(t.moving) > 0 {
+		return nil, nil, ErrMovesPending
+	}
 	if _, ok := t.index(node.ID); ok {
 		return nil, nil, fmt.Errorf("%w: %s", ErrNodeExists, node.ID)
 	}
@@ -197,8 +225,11 @@ func (t *Table) Join(node Node) (*Table, []Move, error) {
 }
 
 // Leave returns the next version without node, and the buckets that moved:
-// exactly the leaver's.
+// exactly the leaver's. It refuses a table with pending moves.
 func (t *Table) Leave(id string) (*Table, []Move, error) {
+	if len(t.moving) > 0 {
+		return nil, nil, ErrMovesPending
+	}
 	pos, ok := t.index(id)
 	if !ok {
 		return nil, nil, fmt.Errorf("%w: %s", ErrUnknownNode, id)
@@ -272,19 +303,20 @@ func lastIndex(s []int, v int) int {
 }
 
 // Readdress returns the next version in which node, already in the table,
-// has a new link address (a restarted node); no bucket moves.
+// has a new link address (a restarted node); no bucket moves, and pending
+// moves stay pending.
 func (t *Table) Readdress(node Node) (*Table, error) {
 	pos, ok := t.index(node.ID)
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownNode, node.ID)
 	}
-	next := &Table{version: t.version + 1, bits: t.bits, owners: t.owners, nodes: slices.Clone(t.nodes)}
-	next.nodes[pos] = node // owners is shared: tables are immutable
+	next := &Table{version: t.version + 1, bits: t.bits, owners: t.owners, nodes: slices.Clone(t.nodes), moving: t.moving}
+	next.nodes[pos] = node // owners and moving are shared: tables are immutable
 	return next, nil
 }
 
-// Sum identifies the table's contents (bits, nodes and owners; not the
-// version) in 16 hex digits: two tables with one version and different sums
+// Sum identifies the table's contents (bits, nodes, owners and pending moves;
+// not the version) in 16 hex digits: two tables with one version and different sums
 // diverged (a boss that lost its state published a version the cluster
 // already had).
 func (t *Table) Sum() string {
@@ -299,6 +331,11 @@ func (t *Table) Sum() string {
 		binary.BigEndian.PutUint64(b[:], uint64(o))
 		h.Write(b[:])
 	}
+	// Only a table with moves hashes them, so a table without keeps the sum
+	// older boss versions computed for it.
+	for _, m := range t.Moving() {
+		fmt.Fprintf(h, "move %d %q\n", m.Bucket, m.To)
+	}
 	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
@@ -307,7 +344,7 @@ func (t *Table) Renumber(v uint64) (*Table, error) {
 	if v <= t.version {
 		return nil, fmt.Errorf("bucket: renumber version %d to %d: not newer", t.version, v)
 	}
-	next := *t // owners and nodes are shared: tables are immutable
+	next := *t // owners, nodes and moving are shared: tables are immutable
 	next.version = v
 	return &next, nil
 }
@@ -319,6 +356,9 @@ type tableJSON struct {
 	Nodes   []nodeJSON `json:"nodes"`
 	// Owners[b] indexes Nodes: the owner of bucket b.
 	Owners []int `json:"owners"`
+	// Moving maps a bucket (decimal) to its move's target node id. Absent
+	// when no move is pending, and in tables written before moves existed.
+	Moving map[string]string `json:"moving,omitempty"`
 }
 
 type nodeJSON struct {
@@ -327,11 +367,18 @@ type nodeJSON struct {
 }
 
 // MarshalJSON encodes the table as {"version", "bits", "nodes": [{"id",
-// "link_addr"}], "owners": [node index per bucket]}.
+// "link_addr"}], "owners": [node index per bucket], "moving": {"<bucket>":
+// "<target node id>"}}, "moving" only when a move is pending.
 func (t *Table) MarshalJSON() ([]byte, error) {
 	j := tableJSON{Version: t.version, Bits: t.bits, Nodes: make([]nodeJSON, len(t.nodes)), Owners: t.owners}
 	for i, n := range t.nodes {
 		j.Nodes[i] = nodeJSON(n)
+	}
+	if len(t.moving) > 0 {
+		j.Moving = make(map[string]string, len(t.moving))
+		for b, to := range t.moving {
+			j.Moving[strconv.Itoa(b)] = t.nodes[to].ID
+		}
 	}
 	if j.Owners == nil {
 		j.Owners = []int{}
@@ -353,6 +400,20 @@ func (t *Table) UnmarshalJSON(b []byte) error {
 	for _, n := range j.Nodes {
 		next.nodes = append(next.nodes, Node(n))
 	}
+	for bs, id := range j.Moving {
+		b, err := strconv.Atoi(bs)
+		if err != nil || strconv.Itoa(b) != bs {
+			return fmt.Errorf("bucket: decode table: moving bucket %q is not a bucket number", bs)
+		}
+		to, ok := next.index(id)
+		if !ok {
+			return fmt.Errorf("bucket: decode table: bucket %d moving to %q, not a node of the table", b, id)
+		}
+		if next.moving == nil {
+			next.moving = make(map[int]int, len(j.Moving))
+		}
+		next.moving[b] = to
+	}
 	if err := next.check(); err != nil {
 		return fmt.Errorf("bucket: decode table: %w", err)
 	}
@@ -360,8 +421,10 @@ func (t *Table) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// check verifies what Lookup relies on: the bucket count matches the bits,
-// every owner is a node, and nodes are sorted and unique.
+// check verifies the invariants every table keeps (see the package
+// documentation): what Lookup relies on, that moves are well formed, and
+// that no node is listed idle. Balance is not checked: a published table
+// with pending moves need not be balanced.
 func (t *Table) check() error {
 	if len(t.nodes) == 0 {
 		if len(t.owners) != 0 || t.bits != 0 {
@@ -383,9 +446,27 @@ func (t *Table) check() error {
 			return fmt.Errorf("nodes not sorted and unique at %q", n.ID)
 		}
 	}
+	used := make([]bool, len(t.nodes))
 	for b, o := range t.owners {
 		if o < 0 || o >= len(t.nodes) {
 			return fmt.Errorf("bucket %d owned by node index %d of %d", b, o, len(t.nodes))
+		}
+		used[o] = true
+	}
+	for b, to := range t.moving {
+		switch {
+		case b < 0 || b >= len(t.owners):
+			return fmt.Errorf("move of bucket %d, out of %d buckets", b, len(t.owners))
+		case to < 0 || to >= len(t.nodes):
+			return fmt.Errorf("bucket %d moving to node index %d of %d", b, to, len(t.nodes))
+		case to == t.owners[b]:
+			return fmt.Errorf("bucket %d moving to its owner %q", b, t.nodes[to].ID)
+		}
+		used[to] = true
+	}
+	for i, u := range used {
+		if !u {
+			return fmt.Errorf("node %q owns no bucket and receives none", t.nodes[i].ID)
 		}
 	}
 	return nil

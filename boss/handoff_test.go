@@ -1,0 +1,313 @@
+package boss
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/clusterauth"
+)
+
+var testClusterKey = []byte("cluster-key-for-tests")
+
+const testOperatorKey = "operator-key-for-tests"
+
+func handoffConfig(t *testing.T, dir string) Config {
+	cfg := testConfig(t, dir)
+	cfg.Handoff, cfg.MaxMoves = true, 3
+	cfg.ClusterKeys = [][]byte{testClusterKey}
+	cfg.OperatorKeys = [][]byte{[]byte(testOperatorKey)}
+	return cfg
+}
+
+// reportReq builds a hand-off report of m, signed with key at `at` (key nil:
+// unsigned).
+func reportReq(t *testing.T, b *Boss, m bucket.Move, v uint64, key []byte, at time.Time) *http.Request {
+	t.Helper()
+	body, _ := json.Marshal(HandoffReport{Version: v, Bucket: m.Bucket, From: m.From, To: m.To})
+	req, err := http.NewRequest(http.MethodPost, "http://"+b.Addr()+HandoffPath, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key != nil {
+		if err := clusterauth.Sign(req, body, key, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return req
+}
+
+func do(t *testing.T, req *http.Request) (int, string) {
+	t.Helper()
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var buf bytes.Buffer
+	buf.ReadFrom(resp.Body)
+	return resp.StatusCode, buf.String()
+}
+
+func report(t *testing.T, b *Boss, m bucket.Move) (int, string) {
+	t.Helper()
+	return do(t, reportReq(t, b, m, b.Table().Version(), testClusterKey, time.Now()))
+}
+
+func action(t *testing.T, b *Boss, verb, node, bearer string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, "http://"+b.Addr()+"/v1/nodes/"+node+"/"+verb, nil)
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	return do(t, req)
+}
+
+// settle reports every pending move as the old owners would, until the
+// table has no moves and done holds.
+func settle(t *testing.T, b *Boss, what string, done func(*bucket.Table) bool) *bucket.Table {
+	t.Helper()
+	waitFor(t, 20*time.Second, what, func() bool {
+		tb := b.Table()
+		if tb.MovingCount() == 0 && done(tb) {
+			return true
+		}
+		for _, m := range tb.Moving() {
+			report(t, b, m) // a 409 is fine: the table may have moved on
+		}
+		return false
+	})
+	return b.Table()
+}
+
+func counts(tb *bucket.Table) map[string]int { return tb.Counts() }
+
+func TestHandoffMarksAndCompletes(t *testing.T) {
+	b, _ := startBoss(t, handoffConfig(t, t.TempDir()))
+	startNode(t, b, "qn-1")
+	first := waitNodes(t, b, "qn-1") // an empty table is filled at once
+	if first.MovingCount() != 0 {
+		t.Fatalf("first node's buckets marked moving: %v", first.Moving())
+	}
+	startNode(t, b, "qn-2")
+	waitFor(t, 10*time.Second, "moves to qn-2 marked", func() bool { return b.Table().MovingCount() > 0 })
+	marked := b.Table()
+	if got := counts(marked); got["qn-1"] != marked.Buckets() || got["qn-2"] != 0 {
+		t.Fatalf("a bucket changed owner before its hand-off: %v", got)
+	}
+	if marked.MovingCount() != 3 || !slices.Contains(ids(marked), "qn-2") {
+		t.Fatalf("want 3 (max moves) marked and the target listed: %v, nodes %v", marked.Moving(), ids(marked))
+	}
+	if ht := httpTable(t, b); ht.MovingCount() != 3 {
+		t.Fatalf("/v1/table carries %d moves", ht.MovingCount())
+	}
+
+	m := marked.Moving()[0]
+	refused := counter(t, b, "imq_boss_handoff_reports_refused_total")
+	for name, req := range map[string]*http.Request{
+		"unsigned":  reportReq(t, b, m, marked.Version(), nil, time.Now()),
+		"other key": reportReq(t, b, m, marked.Version(), []byte("not the cluster key"), time.Now()),
+		"stale":     reportReq(t, b, m, marked.Version(), testClusterKey, time.Now().Add(-time.Hour)),
+	} {
+		if code, body := do(t, req); code != http.StatusUnauthorized {
+			t.Errorf("%s report: %d %s", name, code, body)
+		}
+	}
+	if got := counter(t, b, "imq_boss_handoff_reports_refused_total"); got != refused+3 {
+		t.Errorf("refused reports counted %v, want %v", got, refused+3)
+	}
+	if code, body := report(t, b, bucket.Move{Bucket: m.Bucket, From: m.From, To: "qn-9"}); code != http.StatusConflict || !strings.Contains(body, "not accepted") {
+		t.Fatalf("report of a move not marked: %d %s", code, body)
+	}
+	if b.Table() != marked {
+		t.Fatal("refused reports changed the table")
+	}
+
+	req := reportReq(t, b, m, marked.Version(), testClusterKey, time.Now())
+	replay := req.Clone(req.Context())
+	replay.Body, _ = req.GetBody()
+	code, body := do(t, req)
+	if code != http.StatusOK {
+		t.Fatalf("report: %d %s", code, body)
+	}
+	var acc HandoffAccepted
+	if err := json.Unmarshal([]byte(body), &acc); err != nil {
+		t.Fatal(err)
+	}
+	after := b.Table()
+	if acc.TableVersion <= marked.Version() || after.Version() < acc.TableVersion || after.Owner(m.Bucket).ID != "qn-2" {
+		t.Fatalf("accepted %+v after v%d; now v%d owner %s", acc, marked.Version(), after.Version(), after.Owner(m.Bucket).ID)
+	}
+	if code, body := do(t, replay); code != http.StatusUnauthorized || !strings.Contains(body, "replayed") {
+		t.Fatalf("replayed report: %d %s", code, body)
+	}
+	if code, body := report(t, b, m); code != http.StatusConflict {
+		t.Fatalf("second report of a completed move: %d %s", code, body)
+	}
+
+	// Every move goes the same way, at most 3 at a time, to the layout.
+	most := 0
+	done := settle(t, b, "the table balanced between qn-1 and qn-2", func(tb *bucket.Table) bool {
+		most = max(most, tb.MovingCount())
+		c := counts(tb)
+		return c["qn-1"] == c["qn-2"]
+	})
+	if most > 3 {
+		t.Fatalf("%d moves at once, max 3", most)
+	}
+	if got := counter(t, b, "imq_boss_moves_completed_total"); got != float64(done.Buckets()/2) {
+		t.Fatalf("moves completed %v, want %d", got, done.Buckets()/2)
+	}
+}
+
+func TestHandoffDeadOwnerAssignedAtOnce(t *testing.T) {
+	b, _ := startBoss(t, handoffConfig(t, t.TempDir()))
+	qn1 := startNode(t, b, "qn-1")
+	waitNodes(t, b, "qn-1")
+	startNode(t, b, "qn-2")
+	waitFor(t, 10*time.Second, "moves marked", func() bool { return b.Table().MovingCount() > 0 })
+	qn1.Shutdown()
+	tb := waitNodes(t, b, "qn-2")
+	if tb.MovingCount() != 0 || counts(tb)["qn-2"] != tb.Buckets() {
+		t.Fatalf("after qn-1 died: counts %v moving %v", counts(tb), tb.Moving())
+	}
+}
+
+func TestHandoffMoveTimeout(t *testing.T) {
+	cfg := handoffConfig(t, t.TempDir())
+	cfg.MoveTimeout = 300 * time.Millisecond
+	b, _ := startBoss(t, cfg)
+	startNode(t, b, "qn-1")
+	waitNodes(t, b, "qn-1")
+	startNode(t, b, "qn-2")
+	waitFor(t, 10*time.Second, "moves marked", func() bool { return b.Table().MovingCount() > 0 })
+	first := b.Table()
+	waitFor(t, 10*time.Second, "a move given up", func() bool { return counter(t, b, "imq_boss_moves_given_up_total") > 0 })
+	waitFor(t, 10*time.Second, "moves marked again", func() bool {
+		tb := b.Table()
+		return tb.Version() > first.Version()+1 && tb.MovingCount() > 0
+	})
+	if c := counts(b.Table()); c["qn-2"] != 0 {
+		t.Fatalf("a given-up move changed the owner: %v", c)
+	}
+}
+
+func TestOperatorKeyRequired(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	b, _ := startBoss(t, cfg)
+	startNode(t, b, "qn-1")
+	waitNodes(t, b, "qn-1")
+	code, body := action(t, b, "drain", "qn-1", "anything")
+	if code != http.StatusForbidden || !strings.Contains(body, "IMQ_OPERATOR_KEY") {
+		t.Fatalf("drain without an operator key configured: %d %s", code, body)
+	}
+	for _, path := range []string{"/v1/nodes", "/v1/table", "/varz", "/healthz"} {
+		if resp, body := get(t, "http://"+b.Addr()+path); resp.StatusCode != http.StatusOK {
+			t.Errorf("GET %s: %s %s", path, resp.Status, body)
+		}
+	}
+	// No cluster key: the boss is insecure and takes unsigned reports (here
+	// of a move that does not exist: 409, not 401).
+	if code, body := do(t, reportReq(t, b, bucket.Move{Bucket: 0, From: "qn-1", To: "qn-2"}, 1, nil, time.Now())); code != http.StatusConflict {
+		t.Fatalf("unsigned report to an insecure boss: %d %s", code, body)
+	}
+}
+
+func TestDrainHandoff(t *testing.T) {
+	dir := t.TempDir()
+	b1, stop1 := startBoss(t, handoffConfig(t, dir))
+	startNode(t, b1, "qn-1")
+	waitNodes(t, b1, "qn-1")
+	startNode(t, b1, "qn-2")
+	settle(t, b1, "balanced", func(tb *bucket.Table) bool { return counts(tb)["qn-1"] == counts(tb)["qn-2"] })
+
+	for _, c := range []struct {
+		bearer string
+		want   int
+	}{{"", http.StatusUnauthorized}, {"wrong", http.StatusUnauthorized}} {
+		if code, body := action(t, b1, "drain", "qn-1", c.bearer); code != c.want {
+			t.Fatalf("drain with %q: %d %s", c.bearer, code, body)
+		}
+	}
+	if code, body := action(t, b1, "drain", "qn-9", testOperatorKey); code != http.StatusNotFound {
+		t.Fatalf("drain of an unknown node: %d %s", code, body)
+	}
+	before := b1.Table()
+	code, body := action(t, b1, "drain", "qn-1", testOperatorKey)
+	var dv DrainView
+	if err := json.Unmarshal([]byte(body), &dv); code != http.StatusOK || err != nil {
+		t.Fatalf("drain: %d %s", code, body)
+	}
+	if !dv.Draining || !dv.Changed || dv.Buckets != counts(before)["qn-1"] || dv.MovingOut != 3 || !strings.Contains(dv.Message, "draining") {
+		t.Fatalf("drain answered %+v", dv)
+	}
+	var nv NodesView
+	_, raw := get(t, "http://"+b1.Addr()+"/v1/nodes")
+	json.Unmarshal(raw, &nv)
+	if !slices.Equal(nv.Draining, []string{"qn-1"}) || len(nv.Moving) != 3 || !nv.Handoff {
+		t.Fatalf("/v1/nodes draining %v moving %v handoff %v", nv.Draining, nv.Moving, nv.Handoff)
+	}
+	for _, m := range nv.Members {
+		if m.ID == "qn-1" && (!m.Draining || m.MovingOut != 3 || m.Status != StatusDraining) {
+			t.Fatalf("qn-1 in /v1/nodes: %+v", m)
+		}
+		if m.ID == "qn-2" && m.MovingIn != 3 {
+			t.Fatalf("qn-2 in /v1/nodes: %+v", m)
+		}
+	}
+	drained := settle(t, b1, "qn-1 drained", func(tb *bucket.Table) bool { return slices.Equal(ids(tb), []string{"qn-2"}) })
+	_, raw = get(t, "http://"+b1.Addr()+"/v1/nodes")
+	json.Unmarshal(raw, &nv)
+	for _, m := range nv.Members {
+		if m.ID == "qn-1" && m.Status != StatusDrained {
+			t.Fatalf("drained qn-1 in /v1/nodes: %+v", m)
+		}
+	}
+
+	// A restarted boss keeps draining qn-1.
+	stop1()
+	b2, _ := startBoss(t, handoffConfig(t, dir))
+	if !slices.Equal(b2.Draining(), []string{"qn-1"}) || jsonOf(t, b2.Table()) != jsonOf(t, drained) {
+		t.Fatalf("restarted boss: draining %v, table %s", b2.Draining(), jsonOf(t, b2.Table()))
+	}
+	waitFor(t, 10*time.Second, "the restarted boss to reconcile", func() bool { return b2.Ready() })
+	waitReconcile(t, b2)
+	if !slices.Equal(ids(b2.Table()), []string{"qn-2"}) {
+		t.Fatalf("restarted boss gave qn-1 buckets back: %v", counts(b2.Table()))
+	}
+
+	code, body = action(t, b2, "undrain", "qn-1", testOperatorKey)
+	if code != http.StatusOK || !strings.Contains(body, `"changed":true`) {
+		t.Fatalf("undrain: %d %s", code, body)
+	}
+	settle(t, b2, "qn-1 back", func(tb *bucket.Table) bool {
+		c := counts(tb)
+		return c["qn-1"] > 0 && c["qn-1"] == c["qn-2"]
+	})
+	if len(b2.Draining()) != 0 {
+		t.Fatalf("still draining %v", b2.Draining())
+	}
+}
+
+// TestDrainWithoutHandoff: with hand-off off (today's nodes), a drain moves
+// the node's buckets at once.
+func TestDrainWithoutHandoff(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	cfg.OperatorKeys = [][]byte{[]byte(testOperatorKey)}
+	b, _ := startBoss(t, cfg)
+	startNode(t, b, "qn-1")
+	startNode(t, b, "qn-2")
+	waitNodes(t, b, "qn-1", "qn-2")
+	if code, body := action(t, b, "drain", "qn-2", testOperatorKey); code != http.StatusOK {
+		t.Fatalf("drain: %d %s", code, body)
+	}
+	tb := b.Table()
+	if !slices.Equal(ids(tb), []string{"qn-1"}) || tb.MovingCount() != 0 {
+		t.Fatalf("after the drain's answer: nodes %v moving %v", ids(tb), tb.Moving())
+	}
+}
