@@ -21,6 +21,7 @@ import (
 
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/imqerr"
+	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
@@ -28,9 +29,6 @@ import (
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
-
-// LinkProtocol is the link protocol version this node speaks.
-const LinkProtocol = 1
 
 const numShards = 256
 
@@ -79,6 +77,10 @@ type Server struct {
 	links      map[string]*link // by link key; guarded by mu
 	linkSerial uint64           // guarded by mu
 	closed     bool             // guarded by mu
+
+	// handshakeLog rate-limits the warnings of failed link handshakes: a
+	// port scan or a peer with the wrong key does not flood the log.
+	handshakeLog imqlink.LogLimiter
 }
 
 type shard struct {
@@ -818,7 +820,7 @@ func (s *Server) sweep() {
 }
 
 func encodeLink(m *imqpb.LinkDown) []byte {
-	b, err := wire.MarshalFrame(m)
+	b, err := imqlink.MarshalFrame(m)
 	if err != nil {
 		panic(fmt.Sprintf("queuenode: encode link frame: %v", err)) // a bug: every field is valid by construction
 	}
