@@ -196,7 +196,9 @@ func TestHandshakeFrameBound(t *testing.T) {
 	}
 }
 
-func binaryHeader(n uint32) []byte { return []byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)} }
+func binaryHeader(n uint32) []byte {
+	return []byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}
+}
 
 // TestFrameReaderAllocatesAsBytesArrive: a header announcing MaxFrame with
 // a few bytes behind it costs about what arrived, not what was announced.
