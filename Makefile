@@ -45,8 +45,10 @@ bench:
 # Runs each fuzz target briefly (make fuzz FUZZTIME=5m for longer).
 FUZZTIME ?= 30s
 fuzz:
-	@for t in $$($(GO) test -list '^Fuzz' ./internal/wire/ | grep '^Fuzz'); do \
-		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./internal/wire/ || exit 1; \
+	@for pkg in ./internal/wire/ ./internal/link/; do \
+		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
 	done
 
 # Regenerates the committed protobuf code, installing protoc and

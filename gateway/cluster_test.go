@@ -16,8 +16,8 @@ import (
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 	"github.com/imq-dev/imq/queuenode"
 )
@@ -210,7 +210,8 @@ type fakeNode struct {
 	handle func(*imqpb.NodeRequest) *imqpb.NodeReply
 	reqs   chan *imqpb.NodeRequest
 	mu     sync.Mutex
-	conns  []net.Conn // Guarded by mu, which also serializes writes.
+	conns  []net.Conn   // Guarded by mu.
+	links  []*link.Conn // Guarded by mu: the conns after their handshake.
 }
 
 func startFakeNode(t *testing.T, handle func(*imqpb.NodeRequest) *imqpb.NodeReply) *fakeNode {
@@ -244,9 +245,17 @@ func (f *fakeNode) addr() string { return f.ln.Addr().String() }
 
 func (f *fakeNode) serve(c net.Conn) {
 	defer c.Close()
-	fr := wire.NewFrameReader(c, wire.DefaultMaxLinkFrame)
+	conn, err := link.Server(c, link.Config{Role: link.RoleNode, ID: "fake", PeerRoles: []imqpb.LinkRole{link.RoleGateway}})
+	if err != nil {
+		return
+	}
+	go conn.WriteLoop() // ends when c closes
+	f.mu.Lock()
+	f.conns = append(f.conns, c)
+	f.links = append(f.links, conn)
+	f.mu.Unlock()
 	for {
-		b, err := fr.Next()
+		b, err := conn.Next()
 		if err != nil {
 			return
 		}
@@ -255,13 +264,8 @@ func (f *fakeNode) serve(c net.Conn) {
 			return
 		}
 		switch {
-		case up.GetHello() != nil:
-			f.mu.Lock()
-			f.conns = append(f.conns, c)
-			f.mu.Unlock()
-			f.write(c, &imqpb.LinkDown{Msg: &imqpb.LinkDown_HelloAck{HelloAck: &imqpb.HelloAck{NodeId: "fake", Protocol: gateway.LinkProtocol}}})
 		case up.GetPing() != nil:
-			f.write(c, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{}}})
+			f.write(conn, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{}}})
 		case up.GetRequest() != nil:
 			req := up.GetRequest()
 			select {
@@ -270,26 +274,24 @@ func (f *fakeNode) serve(c net.Conn) {
 			}
 			if r := f.handle(req); r != nil && req.GetId() != 0 {
 				r.Id = req.GetId()
-				f.write(c, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
+				f.write(conn, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
 			}
 		}
 	}
 }
 
-func (f *fakeNode) write(c net.Conn, m *imqpb.LinkDown) {
-	b, _ := wire.MarshalFrame(m)
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	c.Write(b)
+func (f *fakeNode) write(conn *link.Conn, m *imqpb.LinkDown) {
+	b, _ := link.MarshalFrame(m)
+	conn.SendAlways(b)
 }
 
 // push sends m on every link.
 func (f *fakeNode) push(m *imqpb.LinkDown) {
 	f.mu.Lock()
-	conns := append([]net.Conn(nil), f.conns...)
+	links := append([]*link.Conn(nil), f.links...)
 	f.mu.Unlock()
-	for _, c := range conns {
-		f.write(c, m)
+	for _, l := range links {
+		f.write(l, m)
 	}
 }
 

@@ -11,8 +11,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/wire"
 )
 
 // Config configures a gateway. A zero field takes its default from
@@ -123,9 +123,6 @@ type Config struct {
 	// Dev also accepts a plain user id in the URL (?user=alice). Never in
 	// production: anyone can be anyone.
 	Dev bool
-	// Insecure records that the operator chose to run without a cluster key
-	// (imq --insecure): /varz shows it, for whoever checks the cluster.
-	Insecure bool
 	// AllowedOrigins lists the Origin header values accepted on /ws, such as
 	// "https://game.example.com"; "*" accepts any. Requests without an Origin
 	// header (native clients, bots) are always accepted. Empty: only origins
@@ -198,6 +195,17 @@ type Config struct {
 	// LinkPingInterval, and the queue nodes' LinkTimeout must exceed
 	// LinkPingInterval too.
 	LinkTimeout time.Duration
+	// ClusterKeys are the secrets that authenticate the gateway's links to
+	// queue nodes, each at least 16 bytes: the gateway proves it holds the
+	// first (an HMAC over a fresh challenge; the key never travels) and
+	// requires each node to prove it holds that same key, so a process
+	// without it can neither take the gateway's requests nor pose as a
+	// gateway. Every queue node must hold the first key in its own list.
+	// Rotation: add the new key to every node's list, then put it first on
+	// the gateways, then drop the old one. Empty: insecure mode, links
+	// without authentication, which queue nodes holding keys refuse (and
+	// which never talk to nodes holding keys).
+	ClusterKeys [][]byte
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
@@ -234,8 +242,8 @@ func DefaultConfig() Config {
 		AuthTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
 		RequestTimeout:    5 * time.Second,
-		LinkPingInterval:  wire.DefaultLinkPingInterval,
-		LinkTimeout:       wire.DefaultLinkTimeout,
+		LinkPingInterval:  link.DefaultPingInterval,
+		LinkTimeout:       link.DefaultTimeout,
 
 		JWKSRefresh:            10 * time.Minute,
 		JWKSMinRefetch:         30 * time.Second,
@@ -435,6 +443,9 @@ func (c *Config) validate() error {
 		if d > 0 && d < minInterval { // they drive tickers and refetch loops: a nanosecond would spin or panic
 			errs = append(errs, fmt.Errorf("%s must be at least %s, got %s", name, minInterval, d))
 		}
+	}
+	if err := link.ValidateKeys(c.ClusterKeys); err != nil {
+		errs = append(errs, err)
 	}
 	if c.LinkTimeout <= 2*c.LinkPingInterval {
 		errs = append(errs, fmt.Errorf("link timeout (%s) must exceed twice the link ping interval (%s)", c.LinkTimeout, c.LinkPingInterval))

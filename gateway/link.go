@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,18 +13,18 @@ import (
 
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/imqerr"
-	"github.com/imq-dev/imq/internal/wire"
+	"github.com/imq-dev/imq/internal/link"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
-// LinkProtocol is the link protocol version this gateway speaks.
-const LinkProtocol = 1
-
 const (
-	linkDialTimeout = 5 * time.Second
-	linkWriteTime   = 30 * time.Second
+	// linkHandshakeTimeout bounds dialling a node and the link handshake.
+	linkHandshakeTimeout = 5 * time.Second
+	// linkWriteTime bounds one batched write to a node.
+	linkWriteTime = 30 * time.Second
 	// linkBuffer bounds the bytes of requests queued for one node; past it
-	// requests fail UNAVAILABLE rather than grow the gateway.
+	// requests fail UNAVAILABLE rather than grow the gateway
+	// (link.OverflowRefuse).
 	linkBuffer = 64 << 20
 	// maxPending bounds requests awaiting one node's reply.
 	maxPending = 1 << 20
@@ -44,7 +43,6 @@ type nodeLink struct {
 	s      *Server
 	node   bucket.Node
 	nextID atomic.Uint64
-	wake   chan struct{}
 	everUp chan struct{} // closed the first time the link comes up
 	upOnce sync.Once
 
@@ -53,21 +51,28 @@ type nodeLink struct {
 	started, stopped bool
 	cancel           context.CancelFunc
 
-	mu       sync.Mutex
-	conn     net.Conn               // Guarded by mu; nil while down.
-	out      [][]byte               // Guarded by mu: frames for the writer.
-	outBytes int                    // Guarded by mu.
-	pending  map[uint64]*pendingReq // Guarded by mu.
+	mu      sync.Mutex
+	conn    *link.Conn             // Guarded by mu; nil while down.
+	pending map[uint64]*pendingReq // Guarded by mu.
 }
 
 func newNodeLink(s *Server, node bucket.Node) *nodeLink {
-	return &nodeLink{s: s, node: node, wake: make(chan struct{}, 1), everUp: make(chan struct{}), pending: make(map[uint64]*pendingReq)}
+	return &nodeLink{s: s, node: node, everUp: make(chan struct{}), pending: make(map[uint64]*pendingReq)}
 }
 
 func (l *nodeLink) isUp() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.conn != nil
+}
+
+// linkConfig is the gateway's end of every link it dials.
+func (s *Server) linkConfig() link.Config {
+	return link.Config{
+		Role: link.RoleGateway, ID: s.cfg.GatewayID, PeerRoles: []imqpb.LinkRole{link.RoleNode},
+		Keys: s.cfg.ClusterKeys, HandshakeTimeout: linkHandshakeTimeout, Timeout: s.cfg.LinkTimeout,
+		SendBuffer: linkBuffer, Overflow: link.OverflowRefuse, WriteTimeout: linkWriteTime,
+	}
 }
 
 // run dials the node and serves the link, redialling with capped exponential
@@ -79,9 +84,14 @@ func (l *nodeLink) run(ctx context.Context) {
 	for ctx.Err() == nil {
 		conn, err := l.dial(ctx)
 		if err != nil {
+			if r := link.ReasonOf(err); r != "" && ctx.Err() == nil {
+				l.s.m.linkHandshakeFailures.WithLabelValues(string(r)).Inc()
+			}
 			failures++
+			// Logged on the first failure and every 20th: a node down for
+			// long, or one refusing this gateway's key, does not flood.
 			if failures == 1 || failures%20 == 0 {
-				log.Warn("queue node link down; retrying", "err", err, "attempts", failures)
+				log.Warn("queue node link down; retrying", "err", err, "reason", link.ReasonOf(err), "attempts", failures)
 			}
 			select {
 			case <-ctx.Done():
@@ -91,7 +101,7 @@ func (l *nodeLink) run(ctx context.Context) {
 			continue
 		}
 		failures, backoff = 0, 50*time.Millisecond
-		log.Info("queue node link up")
+		log.Info("queue node link up", "peer", conn.Peer().ID, "protocol", conn.Protocol())
 		err = l.serve(ctx, conn)
 		if ctx.Err() != nil { // stopped (the node left the table) or Shutdown: no loss
 			log.Info("queue node link closed")
@@ -102,71 +112,39 @@ func (l *nodeLink) run(ctx context.Context) {
 	}
 }
 
-func (l *nodeLink) dial(ctx context.Context) (net.Conn, error) {
-	d := net.Dialer{Timeout: linkDialTimeout, KeepAlive: 15 * time.Second}
-	conn, err := d.DialContext(ctx, "tcp", l.node.LinkAddr)
+// dial connects and runs the handshake; a node that knows a newer table
+// than the gateway's makes it fetch that one.
+func (l *nodeLink) dial(ctx context.Context) (*link.Conn, error) {
+	conn, err := link.Dial(ctx, l.node.LinkAddr, l.s.linkConfig())
 	if err != nil {
 		return nil, err
 	}
-	hello, _ := wire.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Hello{Hello: &imqpb.Hello{GatewayId: l.s.cfg.GatewayID, Protocol: LinkProtocol}}})
-	conn.SetDeadline(time.Now().Add(linkDialTimeout))
-	if _, err := conn.Write(hello); err != nil {
-		conn.Close()
-		return nil, err
+	if conn.TableVersion() > l.s.table().Version() {
+		l.s.kickTable()
 	}
-	fr := wire.NewFrameReader(conn, wire.DefaultMaxLinkFrame)
-	b, err := fr.Next()
-	var down imqpb.LinkDown
-	if err == nil {
-		err = proto.Unmarshal(b, &down)
-	}
-	if err == nil && down.GetHelloAck() == nil {
-		err = errors.New("node did not answer the hello")
-	}
-	if err == nil && down.GetHelloAck().GetProtocol() != LinkProtocol {
-		err = fmt.Errorf("node speaks link protocol %d, this gateway %d", down.GetHelloAck().GetProtocol(), LinkProtocol)
-	}
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	if v := down.GetHelloAck().GetTableVersion(); v > l.s.table().Version() {
-		l.s.kickTable() // the node knows a newer table: fetch it
-	}
-	conn.SetDeadline(time.Time{})
-	// The hello exchange is one frame each way, so fr has buffered nothing
-	// more; serve makes its own reader.
 	return conn, nil
 }
 
-// serve runs the link's reader on this goroutine and a writer beside it,
-// until the connection fails or ctx is done.
-func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
+// serve runs the link's reader on this goroutine, and beside it the writer
+// and a ticker that pings the node and expires requests, until the
+// connection fails or ctx is done.
+func (l *nodeLink) serve(ctx context.Context, conn *link.Conn) error {
 	l.mu.Lock()
 	l.conn = conn
 	l.mu.Unlock()
 	l.upOnce.Do(func() { close(l.everUp) })
-	done := make(chan struct{})
-	writerDone := make(chan struct{})
-	go func() { // ends when done closes
-		defer close(writerDone)
-		l.writeLoop(conn, done)
-	}()
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	var wg sync.WaitGroup
+	wg.Go(func() { conn.WriteLoop() }) // ends when conn closes
+	wg.Go(func() { l.tick(conn) })     // ends when conn closes
+	stop := context.AfterFunc(ctx, func() { conn.Close(nil) })
 	defer stop()
 
-	fr := wire.NewFrameReader(conn, wire.DefaultMaxLinkFrame)
 	var err error
-	var deadline time.Time
 	for {
 		// The node answers pings: a link silent for LinkTimeout is dead,
-		// even when TCP has not noticed.
-		if d := wire.ReadDeadline(deadline, time.Now(), l.s.cfg.LinkTimeout); d != deadline {
-			deadline = d
-			conn.SetReadDeadline(deadline)
-		}
+		// even when TCP has not noticed (Next's deadline).
 		var b []byte
-		if b, err = fr.Next(); err != nil {
+		if b, err = conn.Next(); err != nil {
 			break
 		}
 		var m imqpb.LinkDown
@@ -189,10 +167,30 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 			}
 		}
 	}
-	conn.Close()
-	close(done)
-	<-writerDone
+	conn.Close(err)
+	wg.Wait()
 	return err
+}
+
+// tick pings the node every LinkPingInterval and expires requests past
+// their deadline, until conn closes.
+func (l *nodeLink) tick(conn *link.Conn) {
+	t := time.NewTicker(min(250*time.Millisecond, l.s.cfg.LinkPingInterval/2))
+	defer t.Stop()
+	ping, _ := link.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Ping{Ping: &imqpb.Ping{}}})
+	lastPing := time.Now()
+	for {
+		select {
+		case <-conn.Done():
+			return
+		case now := <-t.C:
+			l.expire()
+			if now.Sub(lastPing) >= l.s.cfg.LinkPingInterval {
+				lastPing = now
+				conn.SendAlways(ping)
+			}
+		}
+	}
 }
 
 // down marks the link down, fails every pending request and tells the local
@@ -201,7 +199,6 @@ func (l *nodeLink) serve(ctx context.Context, conn net.Conn) error {
 func (l *nodeLink) down() {
 	l.mu.Lock()
 	l.conn = nil
-	l.out, l.outBytes = nil, 0
 	pending := l.pending
 	l.pending = make(map[uint64]*pendingReq)
 	l.mu.Unlock()
@@ -230,73 +227,38 @@ func (l *nodeLink) request(req *imqpb.NodeRequest, deadline time.Time, onReply f
 		req.Id = l.nextID.Add(1)
 		req.DeadlineMs = deadline.UnixMilli()
 	}
-	frame, err := wire.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: req}})
+	frame, err := link.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: req}})
 	if err != nil {
 		return imqerr.New(imqpb.Code_BAD_REQUEST, "encode request: %v", err)
 	}
 	l.mu.Lock()
-	switch {
-	case l.conn == nil:
-		l.mu.Unlock()
-		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is unreachable", l.node.ID)
-	case onReply != nil && (l.outBytes+len(frame) > linkBuffer || len(l.pending) >= maxPending):
+	defer l.mu.Unlock()
+	unreachable := imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is unreachable", l.node.ID)
+	if l.conn == nil {
+		return unreachable
+	}
+	if onReply == nil {
 		// Requests without a reply (leaves of closed connections) always go:
 		// they are small, bounded by the connections, and dropping one would
 		// leave a subscriber on the node.
-		l.mu.Unlock()
+		if l.conn.SendAlways(frame) != nil {
+			return unreachable
+		}
+		return nil
+	}
+	if len(l.pending) >= maxPending {
 		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is not keeping up", l.node.ID)
 	}
-	if onReply != nil {
-		l.pending[req.Id] = &pendingReq{onReply: onReply, deadline: deadline}
+	switch err := l.conn.Send(frame); {
+	case errors.Is(err, link.ErrOverflow):
+		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s is not keeping up", l.node.ID)
+	case err != nil:
+		return unreachable
 	}
-	l.out = append(l.out, frame)
-	l.outBytes += len(frame)
-	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+	// Registered under l.mu, before the reader can take the reply: it
+	// takes l.mu too.
+	l.pending[req.Id] = &pendingReq{onReply: onReply, deadline: deadline}
 	return nil
-}
-
-// writeLoop writes queued frames in batches (one writev each) and expires
-// requests past their deadline, until done closes.
-func (l *nodeLink) writeLoop(conn net.Conn, done <-chan struct{}) {
-	tick := time.NewTicker(min(250*time.Millisecond, l.s.cfg.LinkPingInterval/2))
-	defer tick.Stop()
-	ping, _ := wire.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Ping{Ping: &imqpb.Ping{}}})
-	lastPing := time.Now()
-	for {
-		select {
-		case <-done:
-			return
-		case now := <-tick.C:
-			l.expire()
-			if now.Sub(lastPing) < l.s.cfg.LinkPingInterval {
-				continue
-			}
-			lastPing = now
-			l.mu.Lock()
-			l.out = append(l.out, ping)
-			l.outBytes += len(ping)
-			l.mu.Unlock()
-		case <-l.wake:
-		}
-		l.mu.Lock()
-		frames := l.out
-		l.out, l.outBytes = nil, 0
-		l.mu.Unlock()
-		if len(frames) == 0 {
-			continue
-		}
-		bufs := net.Buffers(frames)
-		conn.SetWriteDeadline(time.Now().Add(linkWriteTime))
-		if _, err := bufs.WriteTo(conn); err != nil {
-			conn.Close() // the reader sees it and takes the link down
-			<-done
-			return
-		}
-	}
 }
 
 func (l *nodeLink) expire() {

@@ -3,6 +3,7 @@ package gateway
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/internal/link"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -25,6 +26,8 @@ type metrics struct {
 	authSeconds   prometheus.Histogram
 	jwksFetches   *prometheus.CounterVec
 	refused       *prometheus.CounterVec
+
+	linkHandshakeFailures *prometheus.CounterVec
 }
 
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
@@ -85,8 +88,14 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imq_gateway_connections_refused_total", Help: "Connections refused or closed for capacity or abuse, by reason: full (--max-connections authenticated), listener_full (the open-file capacity), pending (--max-pending, nothing to evict), pending_ip (--max-pending-per-ip), pending_evicted (a pending connection closed for a newer one past --max-pending), auth_failures (--auth-failures-per-ip spent).",
 		}, []string{"reason"}),
+		linkHandshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_link_handshake_failures_total", Help: "Queue node links whose handshake failed, by reason: timeout, closed, malformed, version (no common protocol), mode (one end without a cluster key), auth (the node's MAC did not verify), peer (role or id), refused (the node refused this gateway's hello: see its log).",
+		}, []string{"reason"}),
 	}
-	reg.MustRegister(m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,
+	for _, r := range link.Reasons {
+		m.linkHandshakeFailures.WithLabelValues(string(r))
+	}
+	reg.MustRegister(m.linkHandshakeFailures, m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,
 		m.slowConsumers, m.sendDrops, m.unsubscribed, m.movedRetries, m.movedFailures, m.tableChanges,
 		m.rpcRequests, m.rpcSeconds, m.authCallouts, m.authSeconds, m.jwksFetches, m.refused,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{

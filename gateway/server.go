@@ -396,7 +396,7 @@ type Varz struct {
 	// mode; empty while none is known).
 	Boss  string     `json:"boss,omitempty"`
 	Links []LinkVarz `json:"links"`
-	// Insecure is Config.Insecure: no cluster key.
+	// Insecure: no cluster key, so links are not authenticated.
 	Insecure bool `json:"insecure"`
 }
 
@@ -412,7 +412,7 @@ func (s *Server) varz() any {
 	v := Varz{
 		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), InternalAddr: s.InternalAddr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
 		Queues: s.index.count(), Table: r.table.String(), TableVersion: r.table.Version(), Links: []LinkVarz{},
-		Insecure: s.cfg.Insecure,
+		Insecure: len(s.cfg.ClusterKeys) == 0,
 	}
 	if s.cluster != nil {
 		v.Mode = "cluster"

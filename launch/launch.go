@@ -73,6 +73,7 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 		join = &member.Config{BindAddr: "127.0.0.1:0", Join: []string{b.GossipAddr()}, Cluster: bc.Member.Cluster, Keys: cfg.ClusterKeys}
 	}
 	nc := cfg.QueueNode
+	nc.ClusterKeys = cfg.ClusterKeys
 	nc.Registry, nc.Logger = reg, cfg.Logger
 	if nc.InternalAddr == "" {
 		nc.InternalAddr = "127.0.0.1:0"
@@ -88,6 +89,7 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 	}
 	d.Node = node
 	gc := cfg.Gateway
+	gc.ClusterKeys = cfg.ClusterKeys
 	gc.Registry, gc.Logger = reg, cfg.Logger
 	if join != nil {
 		mc := *join

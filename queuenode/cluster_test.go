@@ -18,8 +18,8 @@ import (
 
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
+	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -135,36 +135,46 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 type testLink struct {
 	t      testing.TB
 	c      net.Conn
-	fr     *wire.FrameReader
-	ack    *imqpb.HelloAck
+	fr     *imqlink.Conn // the link after its handshake: frames in and out
 	nextID uint64
 	seen   []*imqpb.LinkDown // frames read while waiting for something else
 }
 
-// dialLink opens a link to the node at addr as gateway and reads its hello
-// ack.
+// dialLink opens a link to the node at addr as gateway, without a cluster
+// key.
 func dialLink(t testing.TB, addr, gateway string) *testLink {
+	t.Helper()
+	return dialLinkWith(t, addr, imqlink.Config{ID: gateway})
+}
+
+// dialLinkWith opens a link to the node at addr as cfg says, as a gateway
+// unless cfg has a role.
+func dialLinkWith(t testing.TB, addr string, cfg imqlink.Config) *testLink {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	l := &testLink{t: t, c: c, fr: wire.NewFrameReader(c, wire.DefaultMaxLinkFrame)}
-	l.write(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Hello{Hello: &imqpb.Hello{GatewayId: gateway, Protocol: LinkProtocol}}})
-	if l.ack = l.read().GetHelloAck(); l.ack == nil {
-		t.Fatal("the first frame is not a hello ack")
+	if cfg.Role == 0 {
+		cfg.Role = imqlink.RoleGateway
 	}
-	return l
+	cfg.PeerRoles, cfg.Timeout = []imqpb.LinkRole{imqlink.RoleNode}, waitFor
+	conn, err := imqlink.Client(c, cfg)
+	if err != nil {
+		t.Fatalf("link handshake: %v", err)
+	}
+	go conn.WriteLoop() // ends when c closes
+	return &testLink{t: t, c: c, fr: conn}
 }
 
 func (l *testLink) write(m *imqpb.LinkUp) {
 	l.t.Helper()
-	b, err := wire.MarshalFrame(m)
+	b, err := imqlink.MarshalFrame(m)
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	if _, err := l.c.Write(b); err != nil {
+	if err := l.fr.SendAlways(b); err != nil {
 		l.t.Fatal(err)
 	}
 }
@@ -314,7 +324,7 @@ func (s *Server) hasQueue(name string) bool {
 func TestClusterNodeWaitsForTable(t *testing.T) {
 	s := startClusterNode(t, "a")
 	l := dialLink(t, s.LinkAddr(), "gw-1")
-	if v := l.ack.GetTableVersion(); v != 0 {
+	if v := l.fr.TableVersion(); v != 0 {
 		t.Fatalf("hello ack table version %d before any table, want 0", v)
 	}
 	for _, req := range []*imqpb.NodeRequest{joinReq("/room/1", "s1", "chat"), publishReq("/room/1", "chat"), setStateReq("/room/1", "score", "k")} {
@@ -333,7 +343,7 @@ func TestClusterOwnership(t *testing.T) {
 	_, v2, _ := twoNodeTables(t)
 	s.setTable(v2)
 	l := dialLink(t, s.LinkAddr(), "gw-1")
-	if v := l.ack.GetTableVersion(); v != 2 {
+	if v := l.fr.TableVersion(); v != 2 {
 		t.Fatalf("hello ack table version %d, want 2", v)
 	}
 	mine := queuesWhere(t, 1, func(q string) bool { return owner(v2, q) == "a" })[0]
@@ -493,7 +503,7 @@ func TestTableEndpoint(t *testing.T) {
 func TestStandaloneIgnoresTables(t *testing.T) {
 	s := startNode(t, DefaultConfig())
 	l := dialLink(t, s.LinkAddr(), "gw-1")
-	if v := l.ack.GetTableVersion(); v != 0 {
+	if v := l.fr.TableVersion(); v != 0 {
 		t.Fatalf("standalone hello ack table version %d, want 0", v)
 	}
 	req := joinReq("/room/1", "s1", "chat")
@@ -595,8 +605,8 @@ func TestClusterFollowsBoss(t *testing.T) {
 	boss.set(v2)
 	eventually(t, "the node to fetch table v2", func() bool { return s.currentTable().Version() == 2 })
 	eventually(t, "the boss to hear the node holds table v2", nodeAdvertises(2))
-	if l2 := dialLink(t, s.LinkAddr(), "gw-2"); l2.ack.GetTableVersion() != 2 {
-		t.Fatalf("hello ack table version %d, want 2", l2.ack.GetTableVersion())
+	if l2 := dialLink(t, s.LinkAddr(), "gw-2"); l2.fr.TableVersion() != 2 {
+		t.Fatalf("hello ack table version %d, want 2", l2.fr.TableVersion())
 	}
 }
 

@@ -8,8 +8,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/wire"
 )
 
 // Config configures a queue node. The zero value of a field means its default
@@ -63,6 +63,22 @@ type Config struct {
 	// long (gateways ping every few seconds); the gateway's subscribers are
 	// removed.
 	LinkTimeout time.Duration
+	// LinkHandshakeTimeout closes a link whose peer has not completed the
+	// handshake (hello, and its proof of the cluster key) within this
+	// long after it connected. Until then no frame over 4 KiB is read.
+	// Default: 10s.
+	LinkHandshakeTimeout time.Duration
+	// ClusterKeys are the secrets that authenticate links, each at least
+	// 16 bytes: a gateway (or node) dialling this node must prove it holds
+	// one of them (an HMAC over a fresh challenge; the key never travels),
+	// and the node proves back, under the key that verified, before either
+	// reads a request. Several keys rotate one: the node accepts any, so
+	// add the new key here first, then make it the first key of every
+	// dialer, then drop the old one. Empty: insecure mode, links without
+	// authentication: anyone who reaches LinkAddr can join any queue and
+	// publish as any user. A node with keys refuses dialers without, and
+	// one without keys refuses dialers with them.
+	ClusterKeys [][]byte
 	// Member, if set, runs the node in cluster mode: it joins the cluster's
 	// membership as a queue node, learns the bucket table from the boss and
 	// serves only the queues whose bucket it owns (others are answered
@@ -116,9 +132,6 @@ type Config struct {
 	// with UNAVAILABLE (retryable: the backend refused nothing), "the
 	// backend did not answer: ...". DENIED is only the backend's own no.
 	CalloutFailOpen bool
-	// Insecure records that the operator chose to run without a cluster key
-	// (imq --insecure): /varz shows it, for whoever checks the cluster.
-	Insecure bool
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the node's metrics. Default: a private registry.
@@ -137,7 +150,9 @@ func DefaultConfig() Config {
 		MaxQueueCreates: 600,
 		IdleTTL:         60 * time.Second,
 		LinkBuffer:      64 << 20,
-		LinkTimeout:     wire.DefaultLinkTimeout,
+		LinkTimeout:     imqlink.DefaultTimeout,
+
+		LinkHandshakeTimeout: imqlink.DefaultHandshakeTimeout,
 
 		CalloutTimeout:     2 * time.Second,
 		CalloutConcurrency: 64,
@@ -169,6 +184,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.LinkTimeout == 0 {
 		c.LinkTimeout = d.LinkTimeout
+	}
+	if c.LinkHandshakeTimeout == 0 {
+		c.LinkHandshakeTimeout = d.LinkHandshakeTimeout
 	}
 	if c.CalloutTimeout == 0 {
 		c.CalloutTimeout = d.CalloutTimeout
@@ -212,8 +230,8 @@ func (c *Config) validate() error {
 	positive("max subscribers", l.MaxSubscribers)
 	positive("max replay bytes", l.MaxReplayBytes)
 	positive("max join bytes", l.MaxJoinBytes)
-	if l.MaxJoinBytes > wire.DefaultMaxLinkFrame/2 {
-		errs = append(errs, fmt.Errorf("max join bytes (%d) must be at most half the link frame limit (%d)", l.MaxJoinBytes, wire.DefaultMaxLinkFrame))
+	if l.MaxJoinBytes > imqlink.MaxFrame/2 {
+		errs = append(errs, fmt.Errorf("max join bytes (%d) must be at most half the link frame limit (%d)", l.MaxJoinBytes, imqlink.MaxFrame))
 	}
 	if l.MaxReplayBytes > l.MaxJoinBytes {
 		errs = append(errs, fmt.Errorf("max replay bytes (%d) must not exceed max join bytes (%d)", l.MaxReplayBytes, l.MaxJoinBytes))
@@ -228,6 +246,12 @@ func (c *Config) validate() error {
 	}
 	if c.LinkTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("link timeout must be positive, got %s", c.LinkTimeout))
+	}
+	if c.LinkHandshakeTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("link handshake timeout must be positive, got %s", c.LinkHandshakeTimeout))
+	}
+	if err := imqlink.ValidateKeys(c.ClusterKeys); err != nil {
+		errs = append(errs, err)
 	}
 	if c.IdleTTL < time.Second {
 		errs = append(errs, fmt.Errorf("idle TTL must be at least 1s, got %s", c.IdleTTL))

@@ -12,25 +12,22 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/imq-dev/imq/internal/wire"
+	imqlink "github.com/imq-dev/imq/internal/link"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
-const (
-	helloTimeout = 10 * time.Second
-	writeTimeout = 30 * time.Second
-)
+// writeTimeout bounds one batched write to a gateway.
+const writeTimeout = 30 * time.Second
 
 // link is one gateway's connection. Its reader goroutine executes requests;
-// its writer goroutine owns every write to the socket.
+// its writer goroutine (imqlink.Conn.WriteLoop) owns every write to the
+// socket.
 type link struct {
 	s       *Server
-	conn    net.Conn
+	conn    *imqlink.Conn
 	gateway string // the gateway's id
 	key     string // gateway id and link serial: subscriber lists use it, so a
 	// reconnected link never shares subscribers with the one it replaces
-	wake chan struct{}
-	done chan struct{}
 	// ctx is cancelled when the link closes: call-outs made for its
 	// requests stop, and its chains run nothing more.
 	ctx    context.Context
@@ -41,47 +38,39 @@ type link struct {
 	chained      int                 // Guarded by chainMu: requests in chains.
 	chainedBytes int                 // Guarded by chainMu: their bytes.
 	async        sync.WaitGroup      // the chains' goroutines
+}
 
-	mu       sync.Mutex
-	out      [][]byte // Guarded by mu: frames waiting for the writer.
-	outBytes int      // Guarded by mu.
-	closed   bool     // Guarded by mu.
+// linkConfig is the node's end of every link it accepts. A gateway that
+// lets LinkBuffer bytes pile up has its link closed (imqlink.OverflowClose).
+func (s *Server) linkConfig() imqlink.Config {
+	return imqlink.Config{
+		Role: imqlink.RoleNode, ID: s.cfg.NodeID, PeerRoles: []imqpb.LinkRole{imqlink.RoleGateway},
+		Keys: s.cfg.ClusterKeys, HandshakeTimeout: s.cfg.LinkHandshakeTimeout, Timeout: s.cfg.LinkTimeout,
+		SendBuffer: s.cfg.LinkBuffer, Overflow: imqlink.OverflowClose, WriteTimeout: writeTimeout,
+		TableVersion: func() uint64 { return s.currentTable().Version() },
+	}
 }
 
 // serveLink runs one link until it closes.
-func (s *Server) serveLink(conn net.Conn) {
-	log := s.log.With("remote", conn.RemoteAddr().String())
-	fr := wire.NewFrameReader(conn, wire.DefaultMaxLinkFrame)
-	conn.SetReadDeadline(time.Now().Add(helloTimeout))
-	var up imqpb.LinkUp
-	b, err := fr.Next()
-	if err == nil {
-		err = proto.Unmarshal(b, &up)
-	}
-	hello := up.GetHello()
-	if err == nil && hello == nil {
-		err = errors.New("first frame is not a hello")
-	}
-	if err == nil && hello.GetProtocol() != LinkProtocol {
-		err = fmt.Errorf("gateway speaks link protocol %d, this node %d", hello.GetProtocol(), LinkProtocol)
-	}
-	if err == nil && hello.GetGatewayId() == "" {
-		err = errors.New("hello without a gateway id")
-	}
+func (s *Server) serveLink(nc net.Conn) {
+	log := s.log.With("remote", nc.RemoteAddr().String())
+	conn, err := imqlink.Server(nc, s.linkConfig())
 	if err != nil {
-		log.Warn("link handshake failed", "err", err)
-		conn.Close()
+		reason := imqlink.ReasonOf(err)
+		s.m.linkHandshakeFailures.WithLabelValues(string(reason)).Inc()
+		if ok, skipped := s.handshakeLog.Allow(reason, time.Now()); ok {
+			log.Warn("link handshake failed", "reason", reason, "err", err, "skipped", skipped)
+		}
 		return
 	}
-	conn.SetReadDeadline(time.Time{})
 
-	l := &link{s: s, conn: conn, gateway: hello.GetGatewayId(), wake: make(chan struct{}, 1), done: make(chan struct{})}
+	l := &link{s: s, conn: conn, gateway: conn.Peer().ID}
 	l.ctx, l.cancel = context.WithCancel(s.ctx)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		l.cancel()
-		conn.Close()
+		conn.Close(nil)
 		return
 	}
 	s.linkSerial++
@@ -89,18 +78,15 @@ func (s *Server) serveLink(conn net.Conn) {
 	s.links[l.key] = l
 	s.mu.Unlock()
 	log = log.With("link", l.key)
-	log.Info("gateway link up")
+	log.Info("gateway link up", "protocol", conn.Protocol())
 
-	l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_HelloAck{HelloAck: &imqpb.HelloAck{
-		NodeId: s.cfg.NodeID, Protocol: LinkProtocol, TableVersion: s.currentTable().Version(),
-	}}})
 	writerDone := make(chan struct{})
 	go func() { // ends when the link closes
 		defer close(writerDone)
-		l.writeLoop()
+		conn.WriteLoop()
 	}()
 
-	err = l.readLoop(fr)
+	err = l.readLoop()
 	l.close(err)
 	<-writerDone
 	l.async.Wait() // the chains end at once: l.ctx is done
@@ -108,7 +94,11 @@ func (s *Server) serveLink(conn net.Conn) {
 	delete(s.links, l.key)
 	s.mu.Unlock()
 	s.removeGateway(l.key)
-	// readLoop always ends with an error: EOF or a closed socket is a clean close.
+	// readLoop always ends with an error: EOF or a closed socket is a clean
+	// close, unless the link was closed for a reason (an overflow).
+	if cause := conn.Err(); cause != nil {
+		err = cause
+	}
 	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		log.Warn("gateway link closed", "err", err)
 	} else {
@@ -127,15 +117,11 @@ func gatewayOfKey(key string) string {
 	return key
 }
 
-func (l *link) readLoop(fr *wire.FrameReader) error {
-	var deadline time.Time
+func (l *link) readLoop() error {
 	for {
-		// Gateways ping every few seconds: a silent one is gone.
-		if d := wire.ReadDeadline(deadline, time.Now(), l.s.cfg.LinkTimeout); d != deadline {
-			deadline = d
-			l.conn.SetReadDeadline(deadline)
-		}
-		b, err := fr.Next()
+		// Gateways ping every few seconds: a silent one is gone (Next's
+		// deadline).
+		b, err := l.conn.Next()
 		if err != nil {
 			return err
 		}
@@ -147,7 +133,7 @@ func (l *link) readLoop(fr *wire.FrameReader) error {
 		case *imqpb.LinkUp_Request:
 			l.s.handle(l, x.Request)
 		case *imqpb.LinkUp_Ping:
-			l.sendMsg(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{TimeMs: time.Now().UnixMilli()}}})
+			l.conn.SendAlways(encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{TimeMs: time.Now().UnixMilli()}}}))
 		default:
 			return errors.New("link frame is neither a request nor a ping")
 		}
@@ -155,45 +141,17 @@ func (l *link) readLoop(fr *wire.FrameReader) error {
 }
 
 // send queues one encoded frame. It never blocks: a gateway that lets
-// LinkBuffer bytes pile up has its link closed, and reports false.
+// LinkBuffer bytes pile up has its link closed (imqlink.OverflowClose), and
+// reports false.
 func (l *link) send(frame []byte) bool {
-	switch l.push(frame, true) {
-	case pushed:
+	switch err := l.conn.Send(frame); {
+	case err == nil:
 		return true
-	case overflowed:
+	case errors.Is(err, imqlink.ErrOverflow):
 		l.s.m.linkOverflows.Inc()
-		l.close(fmt.Errorf("link send buffer exceeded %d bytes", l.s.cfg.LinkBuffer))
+		l.close(err)
 	}
 	return false
-}
-
-type pushResult int
-
-const (
-	pushed pushResult = iota
-	overflowed
-	linkClosed
-)
-
-// push appends frame for the writer, within LinkBuffer if bounded.
-func (l *link) push(frame []byte, bounded bool) pushResult {
-	l.mu.Lock()
-	switch {
-	case l.closed:
-		l.mu.Unlock()
-		return linkClosed
-	case bounded && l.outBytes+len(frame) > l.s.cfg.LinkBuffer:
-		l.mu.Unlock()
-		return overflowed
-	}
-	l.out = append(l.out, frame)
-	l.outBytes += len(frame)
-	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
-	return pushed
 }
 
 func (l *link) sendMsg(m *imqpb.LinkDown) { l.send(encodeLink(m)) }
@@ -211,57 +169,21 @@ func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
 		set(r)
 	}
 	frame := encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
-	if l.push(frame, true) != overflowed {
+	if !errors.Is(l.conn.TrySend(frame), imqlink.ErrOverflow) {
 		return
 	}
 	frame = encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{
 		Id: id, Code: imqpb.Code_TIMEOUT, Message: "the queue node's link to this gateway is backlogged; outcome unknown",
 	}}})
 	l.s.m.errors.WithLabelValues(imqpb.Code_TIMEOUT.String()).Inc()
-	l.push(frame, false) // small, and one per request in flight
+	l.conn.SendAlways(frame) // small, and one per request in flight
 }
 
-// close closes the link once; cause is logged by serveLink.
+// close closes the link once and cancels its work; cause is logged by
+// serveLink.
 func (l *link) close(cause error) {
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return
-	}
-	l.closed = true
-	l.out = nil
-	l.outBytes = 0
-	l.mu.Unlock()
-	close(l.done)
-	l.cancel()
-	if cause != nil {
+	if l.conn.Close(cause) && cause != nil {
 		l.s.log.Debug("closing link", "link", l.key, "cause", cause)
 	}
-	l.conn.Close()
-}
-
-// writeLoop writes queued frames, all that are waiting in one writev, until
-// the link closes.
-func (l *link) writeLoop() {
-	for {
-		select {
-		case <-l.wake:
-		case <-l.done:
-			return
-		}
-		l.mu.Lock()
-		frames := l.out
-		l.out = nil
-		l.outBytes = 0
-		l.mu.Unlock()
-		if len(frames) == 0 {
-			continue
-		}
-		batch := net.Buffers(frames)
-		l.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		if _, err := batch.WriteTo(l.conn); err != nil {
-			l.close(fmt.Errorf("write: %w", err))
-			return
-		}
-	}
+	l.cancel()
 }

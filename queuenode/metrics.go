@@ -3,6 +3,7 @@ package queuenode
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	imqlink "github.com/imq-dev/imq/internal/link"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -13,8 +14,11 @@ type metrics struct {
 	stateChanges  prometheus.Counter
 	deliveries    prometheus.Counter
 	linkOverflows prometheus.Counter
-	queuesCreated prometheus.Counter
-	queuesExpired prometheus.Counter
+	// linkHandshakeFailures counts links whose handshake failed, by
+	// imqlink.Reason.
+	linkHandshakeFailures *prometheus.CounterVec
+	queuesCreated         prometheus.Counter
+	queuesExpired         prometheus.Counter
 
 	callouts       *prometheus.CounterVec
 	calloutSeconds *prometheus.HistogramVec
@@ -105,11 +109,17 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		deadGatewayLinks: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_queuenode_dead_gateway_links_closed_total", Help: "Links closed because their gateway died or left the cluster membership.",
 		}),
+		linkHandshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_link_handshake_failures_total", Help: "Incoming links closed because their handshake failed, by reason: timeout (no hello within the link handshake timeout), closed, malformed (not a hello, or a frame over 4 KiB), version (no common protocol), mode (one end without a cluster key), auth (the hello's MAC did not verify: a wrong key or a replay), peer (role or id refused).",
+		}, []string{"reason"}),
+	}
+	for _, r := range imqlink.Reasons {
+		m.linkHandshakeFailures.WithLabelValues(string(r))
 	}
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
 		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds, m.chainedRefused,
 		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.evictionsFutile, m.refused, m.seedsSkipped,
-		m.movedReplies, m.queuesMoved, m.deadGatewayLinks,
+		m.movedReplies, m.queuesMoved, m.deadGatewayLinks, m.linkHandshakeFailures,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_budget_used_bytes", Help: "Bytes the node's queues hold as its memory budget counts them (history, state, overheads), writes in flight included.",
 		}, func() float64 { return float64(s.nodeBytes.Load()) }),

@@ -22,14 +22,12 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/imqerr"
+	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/obs"
 	"github.com/imq-dev/imq/internal/sysx"
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
-
-// LinkProtocol is the link protocol version this node speaks.
-const LinkProtocol = 1
 
 const numShards = 256
 
@@ -78,6 +76,10 @@ type Server struct {
 	links      map[string]*link // by link key; guarded by mu
 	linkSerial uint64           // guarded by mu
 	closed     bool             // guarded by mu
+
+	// handshakeLog rate-limits the warnings of failed link handshakes: a
+	// port scan or a peer with the wrong key does not flood the log.
+	handshakeLog imqlink.LogLimiter
 }
 
 type shard struct {
@@ -291,7 +293,7 @@ type Varz struct {
 	// budget (--max-node-bytes).
 	Bytes    int64 `json:"bytes"`
 	MaxBytes int64 `json:"max_bytes"`
-	// Insecure is Config.Insecure: no cluster key.
+	// Insecure: no cluster key, so links are not authenticated.
 	Insecure bool `json:"insecure"`
 }
 
@@ -300,7 +302,7 @@ func (s *Server) varz() any {
 	return Varz{
 		NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount(),
 		TableVersion: t.Version(), BucketsOwned: t.Counts()[s.cfg.NodeID],
-		Bytes: s.nodeBytes.Load(), MaxBytes: s.cfg.MaxNodeBytes, Insecure: s.cfg.Insecure,
+		Bytes: s.nodeBytes.Load(), MaxBytes: s.cfg.MaxNodeBytes, Insecure: len(s.cfg.ClusterKeys) == 0,
 	}
 }
 
@@ -819,7 +821,7 @@ func (s *Server) sweep() {
 }
 
 func encodeLink(m *imqpb.LinkDown) []byte {
-	b, err := wire.MarshalFrame(m)
+	b, err := imqlink.MarshalFrame(m)
 	if err != nil {
 		panic(fmt.Sprintf("queuenode: encode link frame: %v", err)) // a bug: every field is valid by construction
 	}

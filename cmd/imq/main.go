@@ -410,7 +410,7 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	if err != nil {
 		return err
 	}
-	mc.Keys, cfg.Insecure = clusterKeys, kf.insecure
+	mc.Keys, cfg.ClusterKeys = clusterKeys, clusterKeys
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err
@@ -480,7 +480,7 @@ is standalone and serves every queue.`)
 	if err != nil {
 		return err
 	}
-	mc.Keys, cfg.Insecure = clusterKeys, kf.insecure
+	mc.Keys, cfg.ClusterKeys = clusterKeys, clusterKeys
 	log, stopProfiling, err := lf.setup()
 	if err != nil {
 		return err

@@ -63,14 +63,3 @@ func BenchmarkDecodePublishJSON(b *testing.B) {
 		}
 	}
 }
-
-func BenchmarkMarshalLinkDeliver(b *testing.B) {
-	frame, _ := proto.Marshal(benchEvent())
-	m := &imqpb.LinkDown{Msg: &imqpb.LinkDown_Deliver{Deliver: &imqpb.Deliver{Queue: "/room/12345", Mount: "chat", Frame: frame}}}
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := wire.MarshalFrame(m); err != nil {
-			b.Fatal(err)
-		}
-	}
-}

@@ -1,4 +1,4 @@
-package wire_test
+package link_test
 
 import (
 	"bytes"
@@ -10,7 +10,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/imq-dev/imq/internal/wire"
+	"github.com/imq-dev/imq/internal/link"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -18,7 +18,7 @@ import (
 func linkFrames() []proto.Message {
 	event, _ := proto.Marshal(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Event{Event: &imqpb.Event{Queue: "/room/1", Mount: "chat", Offset: 1, Payload: []byte(`{"a":1}`)}}})
 	return []proto.Message{
-		&imqpb.LinkUp{Msg: &imqpb.LinkUp_Hello{Hello: &imqpb.Hello{GatewayId: "gw-1", Protocol: 1}}},
+		&imqpb.LinkUp{Msg: &imqpb.LinkUp_Hello{Hello: &imqpb.Hello{Id: "gw-1", Protocol: 1}}},
 		&imqpb.LinkDown{Msg: &imqpb.LinkDown_HelloAck{HelloAck: &imqpb.HelloAck{NodeId: "node-1", Protocol: 1}}},
 		&imqpb.LinkUp{},
 		&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: &imqpb.NodeRequest{Id: 5, User: "alice", Session: "s1", Op: &imqpb.NodeRequest_Publish{Publish: &imqpb.Publish{
@@ -33,7 +33,7 @@ func TestFrameRoundTrip(t *testing.T) {
 	msgs := linkFrames()
 	var stream bytes.Buffer
 	for _, m := range msgs {
-		b, err := wire.MarshalFrame(m)
+		b, err := link.MarshalFrame(m)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -41,8 +41,8 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 	// A raw frame and an empty one through AppendFrame.
 	raw := []byte("not a protobuf, just bytes")
-	stream.Write(wire.AppendFrame(nil, raw))
-	stream.Write(wire.AppendFrame(nil, nil))
+	stream.Write(link.AppendFrame(nil, raw))
+	stream.Write(link.AppendFrame(nil, nil))
 
 	readers := map[string]func(io.Reader) io.Reader{
 		"whole":    func(r io.Reader) io.Reader { return r },
@@ -52,7 +52,7 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 	for name, wrap := range readers {
 		t.Run(name, func(t *testing.T) {
-			fr := wire.NewFrameReader(wrap(bytes.NewReader(stream.Bytes())), wire.DefaultMaxLinkFrame)
+			fr := link.NewFrameReader(wrap(bytes.NewReader(stream.Bytes())), link.MaxFrame)
 			for i, want := range msgs {
 				frame, err := fr.Next()
 				if err != nil {
@@ -80,12 +80,12 @@ func TestFrameRoundTrip(t *testing.T) {
 }
 
 func TestAppendFrameLayout(t *testing.T) {
-	got := wire.AppendFrame([]byte("pre"), []byte("abc"))
+	got := link.AppendFrame([]byte("pre"), []byte("abc"))
 	if want := []byte("pre\x00\x00\x00\x03abc"); !bytes.Equal(got, want) {
 		t.Fatalf("AppendFrame = %q, want %q", got, want)
 	}
 	big := bytes.Repeat([]byte("x"), 0x010203)
-	got = wire.AppendFrame(nil, big)
+	got = link.AppendFrame(nil, big)
 	if !bytes.Equal(got[:4], []byte{0, 1, 2, 3}) || !bytes.Equal(got[4:], big) {
 		t.Fatalf("AppendFrame header = % x", got[:4])
 	}
@@ -97,11 +97,11 @@ func TestMarshalFrameMatchesAppendFrame(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		frame, err := wire.MarshalFrame(m)
+		frame, err := link.MarshalFrame(m)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := wire.AppendFrame(nil, body); !bytes.Equal(frame, want) {
+		if want := link.AppendFrame(nil, body); !bytes.Equal(frame, want) {
 			t.Fatalf("MarshalFrame(%T) = % x..., want % x...", m, frame[:min(len(frame), 16)], want[:min(len(want), 16)])
 		}
 	}
@@ -112,9 +112,9 @@ func header(n uint32) []byte { return binary.BigEndian.AppendUint32(nil, n) }
 func TestFrameReaderLimit(t *testing.T) {
 	const limit = 8
 	var stream []byte
-	stream = wire.AppendFrame(stream, []byte("12345678")) // exactly the limit
-	stream = wire.AppendFrame(stream, []byte("123456789"))
-	fr := wire.NewFrameReader(bytes.NewReader(stream), limit)
+	stream = link.AppendFrame(stream, []byte("12345678")) // exactly the limit
+	stream = link.AppendFrame(stream, []byte("123456789"))
+	fr := link.NewFrameReader(bytes.NewReader(stream), limit)
 	if frame, err := fr.Next(); err != nil || string(frame) != "12345678" {
 		t.Fatalf("frame at the limit = %q, %v", frame, err)
 	}
@@ -125,8 +125,8 @@ func TestFrameReaderLimit(t *testing.T) {
 
 	// The size is judged from the header alone: the reader does not wait for
 	// a body it will refuse.
-	for _, n := range []uint32{wire.DefaultMaxLinkFrame + 1, 1<<32 - 1} {
-		fr := wire.NewFrameReader(bytes.NewReader(header(n)), wire.DefaultMaxLinkFrame)
+	for _, n := range []uint32{link.MaxFrame + 1, 1<<32 - 1} {
+		fr := link.NewFrameReader(bytes.NewReader(header(n)), link.MaxFrame)
 		frame, err := fr.Next()
 		if err == nil || errors.Is(err, io.ErrUnexpectedEOF) {
 			t.Fatalf("header %d without body = %q, %v; want a size error", n, frame, err)
@@ -135,7 +135,7 @@ func TestFrameReaderLimit(t *testing.T) {
 }
 
 func TestFrameReaderTruncated(t *testing.T) {
-	full := wire.AppendFrame(nil, []byte("hello"))
+	full := link.AppendFrame(nil, []byte("hello"))
 	for _, c := range []struct {
 		name   string
 		stream []byte
@@ -153,7 +153,7 @@ func TestFrameReaderTruncated(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			for _, wrap := range []func(io.Reader) io.Reader{func(r io.Reader) io.Reader { return r }, iotest.OneByteReader, iotest.DataErrReader} {
-				fr := wire.NewFrameReader(wrap(bytes.NewReader(c.stream)), 64)
+				fr := link.NewFrameReader(wrap(bytes.NewReader(c.stream)), 64)
 				for i := range c.frames {
 					if frame, err := fr.Next(); err != nil || string(frame) != "hello" {
 						t.Fatalf("frame %d = %q, %v", i, frame, err)
@@ -170,7 +170,7 @@ func TestFrameReaderTruncated(t *testing.T) {
 func TestFrameReaderReadError(t *testing.T) {
 	errBoom := errors.New("connection reset")
 	for _, prefix := range [][]byte{nil, {0, 0}, header(10), append(header(10), "abc"...)} {
-		fr := wire.NewFrameReader(io.MultiReader(bytes.NewReader(prefix), iotest.ErrReader(errBoom)), 64)
+		fr := link.NewFrameReader(io.MultiReader(bytes.NewReader(prefix), iotest.ErrReader(errBoom)), 64)
 		if frame, err := fr.Next(); !errors.Is(err, errBoom) {
 			t.Errorf("after %q: Next = %q, %v; want %v", prefix, frame, err, errBoom)
 		}
