@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"fmt"
 	"io"
 	"strconv"
 	"sync"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"google.golang.org/protobuf/proto"
 
 	imqpb "github.com/imq-dev/imq/proto"
@@ -68,4 +70,73 @@ func BenchmarkFanout1000(b *testing.B) {
 		c.ws.Close()
 	}
 	wg.Wait()
+}
+
+// BenchmarkClientPublish measures a client's publishes through the gateway
+// to a node and back, over a real WebSocket: one at a time (serial: each
+// waits for its reply) and pipelined (up to 64 in flight, as a game client
+// sending moves does). allocs/op counts the client's side too.
+func BenchmarkClientPublish(b *testing.B) {
+	d := startDev(b, nil)
+	const queue = "/room/bench-publish"
+	frame := func(id uint64) []byte {
+		f, _ := proto.Marshal(&imqpb.ClientMessage{Id: id, Msg: &imqpb.ClientMessage_Publish{Publish: &imqpb.Publish{
+			Queue: queue, Mount: "chat", Payload: make([]byte, 64),
+		}}})
+		return f
+	}
+	b.Run("serial", func(b *testing.B) {
+		c := mustDial(b, d, "serial", false)
+		b.ReportAllocs()
+		for b.Loop() {
+			c.id++
+			c.sendRaw(websocket.BinaryMessage, frame(c.id))
+			if r := c.reply(c.id); r.GetCode() != imqpb.Code_OK {
+				b.Fatalf("reply %v", r)
+			}
+		}
+	})
+	b.Run("pipelined", func(b *testing.B) {
+		const window = 64
+		c := mustDial(b, d, "pipelined", false)
+		var answered atomic.Int64
+		done := make(chan error, 1)
+		go func() {
+			c.ws.SetReadDeadline(time.Time{})
+			for {
+				_, data, err := c.ws.ReadMessage()
+				if err != nil {
+					done <- err
+					return
+				}
+				var m imqpb.ServerMessage
+				if err := proto.Unmarshal(data, &m); err != nil || m.GetReply().GetCode() != imqpb.Code_OK {
+					done <- fmt.Errorf("reply %v (%v)", &m, err)
+					return
+				}
+				answered.Add(1)
+			}
+		}()
+		b.ReportAllocs()
+		var sent int64
+		for b.Loop() {
+			for sent-answered.Load() >= window {
+				time.Sleep(5 * time.Microsecond)
+			}
+			sent++
+			c.sendRaw(websocket.BinaryMessage, frame(uint64(sent)))
+		}
+		for answered.Load() < sent {
+			select {
+			case err := <-done:
+				b.Fatal(err)
+			default:
+				time.Sleep(5 * time.Microsecond)
+			}
+		}
+		b.StopTimer()
+		b.ReportMetric(float64(sent)/b.Elapsed().Seconds(), "msgs/s")
+		c.ws.Close()
+		<-done
+	})
 }

@@ -57,6 +57,10 @@ type conn struct {
 	subs  map[string]*queueOps // Guarded by subMu: queues joined or with a join or leave in flight.
 	opSeq uint64               // Guarded by subMu: numbers joins and leaves.
 	dead  bool                 // Guarded by subMu: the reader ended.
+	// Guarded by subMu: the lanes (lane.go) of queues with operations in
+	// flight or held, and one idle lane kept for reuse.
+	lanes     map[string]*lane
+	spareLane *lane
 
 	bye atomic.Bool // a goodbye is queued: read nothing more
 
@@ -382,7 +386,8 @@ func (c *conn) reserve(id uint64) bool {
 func (c *conn) unreserve() { c.inflight.Add(-1) }
 
 // forward sends req for queue to the node owning it, and again to the new
-// owner when the node answers MOVED (see routed); op and seq name a join or
+// owner when the node answers MOVED (see routed), in the order of the
+// connection's operations on the queue (lane.go); op and seq name a join or
 // leave in the connection's per-queue sequence (nil for other requests).
 // via, if not nil, is the link to send to instead of the table's (a leave
 // goes to the node its subscription was made through). The caller has
@@ -401,9 +406,7 @@ func (c *conn) forward(queue string, req *imqpb.NodeRequest, op *queueOps, seq u
 			onReply(r, l)
 		},
 	}
-	if err := rt.send(); err != nil {
-		rt.finish(err)
-	}
+	c.sendInLane(rt)
 }
 
 // leaveNode tells a node that this session left queue, without a reply:

@@ -19,8 +19,11 @@
 // until its table has caught up with the node's (or, when the node is the
 // one behind, briefly) and sends the request again, up to 5 times, so the
 // client notices nothing; past that the client is answered UNAVAILABLE,
-// retryable. A join or leave is sent again only while it is the
-// connection's latest operation on the queue. A leave goes to the node the
+// retryable. A connection's operations on one queue keep their order
+// across a move (lane.go): pipelined while the route stays put; when it
+// changes, later ones wait for the earlier ones' answers, and MOVED ones are
+// sent again first, in order. A join or leave is sent again only while it is
+// the connection's latest operation on the queue. A leave goes to the node the
 // subscription was made through, and a join that replaces a subscription
 // made through another node leaves that node, so no node keeps a subscriber
 // the gateway no longer has. A request the in-flight limit refuses changes

@@ -22,10 +22,13 @@ const (
 
 // routed is one client (or admin RPC) request on its way to the node that
 // owns its queue. A MOVED reply does not reach the client: the request is
-// sent again, on a goroutine of its own so the link reader never waits, once
-// the gateway's table has caught up with the node's. done runs exactly once,
-// with the final reply and the link it came on (nil when the gateway
-// answered itself).
+// sent again once the gateway's table has caught up with the node's. A
+// client's request goes through its queue's lane (lane.go), which sends it
+// again in its original order, after the connection's earlier operations on
+// the queue and before its later ones; an admin RPC request retries on a
+// goroutine of its own (retry), so the link reader never waits. done runs
+// exactly once, with the final reply and the link it came on (nil when the
+// gateway answered itself).
 type routed struct {
 	s *Server
 	// c is the client connection the request came from; nil for the admin
@@ -46,22 +49,39 @@ type routed struct {
 	done     func(r *imqpb.NodeReply, l *nodeLink)
 
 	// Written before each send, read after its reply (the link's mutex
-	// orders the two).
-	attempts int
-	version  uint64 // of the table the last send was routed by
-	moved    string // the last MOVED reply's message, for the client if retries end
+	// orders the two); for a client's request, also guarded by c.subMu.
+	attempts    int
+	version     uint64 // of the table the last send was routed by
+	moved       string // the last MOVED reply's message, for the client if retries end
+	nodeVersion uint64 // the table version of the node that last answered MOVED
+
+	// A client's request in its lane; guarded by c.subMu.
+	lane    *lane
+	laneSeq uint64 // its place among the lane's operations
+	resend  bool   // answered MOVED and held to be sent again
 }
 
-// send routes the request by the current table (or to via) and sends it.
-// The error says it was not sent (no table, or the link is down or full).
-func (rt *routed) send() error {
-	l, v := rt.via, rt.s.table().Version()
-	if l == nil {
-		var err error
-		if l, v, err = rt.s.linkFor(rt.queue); err != nil {
-			return err
-		}
+// route returns the link the request goes to next, via or by the current
+// table, and the version of the table.
+func (rt *routed) route() (*nodeLink, uint64, error) {
+	if rt.via != nil {
+		return rt.via, rt.s.table().Version(), nil
 	}
+	return rt.s.linkFor(rt.queue)
+}
+
+// send routes the request and sends it. The error says it was not sent (no
+// table, or the link is down or full).
+func (rt *routed) send() error {
+	l, v, err := rt.route()
+	if err != nil {
+		return err
+	}
+	return rt.sendTo(l, v)
+}
+
+// sendTo sends the request to l, routed by table version v.
+func (rt *routed) sendTo(l *nodeLink, v uint64) error {
 	rt.attempts++
 	rt.version = v
 	rt.req.TableVersion = v
@@ -74,6 +94,10 @@ func (rt *routed) send() error {
 // replied takes a reply from l: MOVED is retried, anything else is final.
 // It runs on l's reader (or on its writer, for a timeout; or in down).
 func (rt *routed) replied(l *nodeLink, r *imqpb.NodeReply) {
+	if rt.c != nil {
+		rt.c.laneReplied(rt, l, r)
+		return
+	}
 	if r.GetCode() != imqpb.Code_MOVED {
 		rt.done(r, l)
 		return
@@ -83,14 +107,15 @@ func (rt *routed) replied(l *nodeLink, r *imqpb.NodeReply) {
 	rt.s.goTracked(func() { rt.retry(nodeVersion) }) // ends within the request's time
 }
 
-// retry sends the request again, by the table, after a MOVED answered by a
-// node holding table nodeVersion. When the node is ahead of the table the
-// request was routed by, it waits (bounded) until the gateway holds the
-// node's table, which gives the queue to its new owner; when both routed by
-// the same version (they disagree on a table they share: a bug), until the
-// gateway holds a newer one. When the node is the one behind, it sends again
-// after a short pause: the request's table_version has told the node to
-// fetch the newer table.
+// retry sends an admin RPC request again, by the table, after a MOVED
+// answered by a node holding table nodeVersion. When the node is ahead of
+// the table the request was routed by, it waits (bounded) until the gateway
+// holds the node's table, which gives the queue to its new owner; when both
+// routed by the same version (they disagree on a table they share: a bug),
+// until the gateway holds a newer one. When the node is the one behind, it
+// sends again after a short pause: the request's table_version has told the
+// node to fetch the newer table. A client's lane does the same for all its
+// held requests at once (resendLane).
 func (rt *routed) retry(nodeVersion uint64) {
 	s := rt.s
 	if rt.attempts >= maxMovedAttempts {
@@ -99,7 +124,6 @@ func (rt *routed) retry(nodeVersion uint64) {
 	}
 	ctx, cancel := context.WithDeadline(s.ctx, rt.deadline)
 	defer cancel()
-	rt.via = nil // the node it was sent to does not own the queue
 	if nodeVersion >= rt.version {
 		want := nodeVersion
 		if nodeVersion == rt.version {
@@ -125,30 +149,7 @@ func (rt *routed) retry(nodeVersion uint64) {
 		return
 	}
 	s.m.movedRetries.Inc()
-	rt.resend()
-}
-
-// resend sends the request again. A join or leave goes only while it is the
-// latest operation on its queue, checked and sent under subMu so that a
-// later one cannot overtake it on the way; otherwise it ends superseded (it
-// had no effect: the node answered MOVED).
-func (rt *routed) resend() {
-	if rt.op == nil {
-		if err := rt.send(); err != nil {
-			rt.finish(err)
-		}
-		return
-	}
-	c := rt.c
-	c.subMu.Lock()
-	if c.dead || rt.op.seq != rt.seq {
-		c.subMu.Unlock()
-		rt.fail("superseded", errSuperseded)
-		return
-	}
-	err := rt.send()
-	c.subMu.Unlock()
-	if err != nil {
+	if err := rt.send(); err != nil {
 		rt.finish(err)
 	}
 }
