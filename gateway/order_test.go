@@ -13,8 +13,8 @@ import (
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
-	"github.com/imq-dev/imq/internal/tablewatch"
 	imqpb "github.com/imq-dev/imq/proto"
 	"github.com/imq-dev/imq/queuenode"
 )
@@ -46,7 +46,7 @@ func (b *tableBoss) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		table = b.table
 		b.mu.Unlock()
 	}
-	tablewatch.ServeTable(w, table)
+	cluster.ServeTable(w, table)
 }
 
 func (b *tableBoss) set(t *bucket.Table) {
