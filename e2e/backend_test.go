@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/client"
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -70,7 +70,7 @@ func startPHPBackend(t *testing.T) string {
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		cmd.Wait()
 	})
-	launchtest.WaitFor(t, 10*time.Second, "php -S to answer", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "php -S to answer", func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
 			return false
@@ -90,7 +90,7 @@ func TestDevWithBackend(t *testing.T) {
 		"--callout", "/room/="+backend+"/imq/room", "--auth-url", backend+"/imq/auth")
 	addr := dev.waitLog("gateway serving")["addr"].(string)
 	url := "ws://" + addr + "/ws"
-	launchtest.WaitFor(t, 15*time.Second, "imq dev healthy", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "imq dev healthy", func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
 			return false
@@ -125,7 +125,7 @@ func TestDevWithBackend(t *testing.T) {
 	if st := rpc(t, addr, "queue_info", map[string]any{"queue": "/room/e2e"}, &info); st != 200 || len(info.Subscribers) != 1 || info.Subscribers[0].User != "alice" {
 		t.Fatalf("queue_info: %d %+v", st, info)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the rewritten message", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the rewritten message", func() bool {
 		ev := col.events()
 		return len(ev) == 1 && string(ev[0].Payload) == `{"text":"d**n it"}`
 	})
@@ -156,7 +156,7 @@ func TestKickAcrossGateways(t *testing.T) {
 	}
 	// Gossip brings gw-1 news of gw-2 shortly after start: kicking nobody
 	// shows when it has.
-	launchtest.WaitFor(t, 10*time.Second, "gw-1 to know both gateways", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "gw-1 to know both gateways", func() bool {
 		rpc(t, c.Gateways[0].Addr("http"), "kick", map[string]any{"user": "nobody"}, &out)
 		return out.Gateways == 2
 	})
@@ -166,7 +166,7 @@ func TestKickAcrossGateways(t *testing.T) {
 	if out.Sessions != 1 || out.Gateways != 2 || len(out.Failed) != 0 {
 		t.Fatalf("kick answered %+v, want 1 session on 2 gateways", out)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the kicked client to be closed", func() bool { return victim.Err() != nil })
+	testutil.WaitFor(t, 5*time.Second, "the kicked client to be closed", func() bool { return victim.Err() != nil })
 	if msg := fmt.Sprint(victim.Err()); !strings.Contains(msg, "KICKED") || !strings.Contains(msg, "aimbot") {
 		t.Fatalf("kicked client ended with %q, want the KICKED goodbye with the reason", msg)
 	}

@@ -10,13 +10,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // cliProc is one run of a client command (imq sub, pub, state).
 type cliProc struct {
 	cmd      *exec.Cmd
-	out, err launchtest.SyncBuffer
+	out, err testutil.SyncBuffer
 	done     chan struct{}
 }
 
@@ -82,7 +82,7 @@ func TestCLISubAcrossGatewayKill(t *testing.T) {
 
 	const room = "/room/cli"
 	sub := startCLI(t, "", "sub", room, "--url", cl.url())
-	launchtest.WaitFor(t, 15*time.Second, "imq sub to join", func() bool { return strings.Contains(sub.err.String(), "joined "+room) })
+	testutil.WaitFor(t, 15*time.Second, "imq sub to join", func() bool { return strings.Contains(sub.err.String(), "joined "+room) })
 	next := 0
 	publish := func(n int) {
 		var lines strings.Builder
@@ -98,15 +98,15 @@ func TestCLISubAcrossGatewayKill(t *testing.T) {
 	lines := func() []string { return strings.FieldsFunc(sub.out.String(), func(r rune) bool { return r == '\n' }) }
 
 	publish(10)
-	launchtest.WaitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
+	testutil.WaitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
 	addr := cl.gwAddr
 	cl.gw.kill(syscall.SIGKILL)
-	launchtest.WaitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
+	testutil.WaitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
 	publish(10) // while sub's gateway is dead
 	cl.startGateway(addr)
 	publish(10)
-	launchtest.WaitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
-	launchtest.WaitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })
+	testutil.WaitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
+	testutil.WaitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })
 
 	sub.cmd.Process.Signal(syscall.SIGINT)
 	if code := sub.wait(t); code != 0 {

@@ -21,8 +21,8 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/tablewatch"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
-	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -177,7 +177,7 @@ func checkExactlyOnce(t *testing.T, r *room) {
 	want := slices.Clone(r.offsets)
 	r.mu.Unlock()
 	for i, col := range r.cols {
-		launchtest.WaitFor(t, 10*time.Second, r.name+" subscribers to catch up", func() bool { return len(col.events()) >= len(want) })
+		testutil.WaitFor(t, 10*time.Second, r.name+" subscribers to catch up", func() bool { return len(col.events()) >= len(want) })
 		var got []uint64
 		for _, u := range col.snapshot() {
 			switch u.Kind {
@@ -287,7 +287,7 @@ func TestClusterQueueNodeKilled(t *testing.T) {
 	for _, r := range hit {
 		for i, col := range r.cols {
 			var back time.Duration
-			launchtest.WaitFor(t, bound+5*time.Second, fmt.Sprintf("%s subscriber %d back in the room", r.name, i), func() bool {
+			testutil.WaitFor(t, bound+5*time.Second, fmt.Sprintf("%s subscriber %d back in the room", r.name, i), func() bool {
 				told := false
 				for _, u := range col.snapshot() {
 					if u.Kind == client.KindGap && u.Reason == imqpb.Reason_REASON_NODE_LOST {
@@ -392,7 +392,7 @@ func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
 	var worst time.Duration
 	for _, r := range movedRooms {
 		for i, col := range r.cols {
-			launchtest.WaitFor(t, 10*time.Second, fmt.Sprintf("%s subscriber %d moved", r.name, i), func() bool {
+			testutil.WaitFor(t, 10*time.Second, fmt.Sprintf("%s subscriber %d moved", r.name, i), func() bool {
 				told := false
 				for _, u := range col.snapshot() {
 					if u.Kind == client.KindGap && u.Reason == imqpb.Reason_REASON_MOVED {
@@ -570,12 +570,12 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	var after *bucket.Table
-	launchtest.WaitFor(t, 20*time.Second, "the boss to give the new node buckets", func() bool {
+	testutil.WaitFor(t, 20*time.Second, "the boss to give the new node buckets", func() bool {
 		after = bossTable(t, c)
 		return len(after.Nodes()) == 3
 	})
 	for _, n := range c.Nodes { // the nodes know the new table
-		launchtest.WaitFor(t, 10*time.Second, n.Name+" to hold the new table", func() bool {
+		testutil.WaitFor(t, 10*time.Second, n.Name+" to hold the new table", func() bool {
 			var v struct {
 				TableVersion uint64 `json:"table_version"`
 			}
@@ -611,14 +611,14 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 		_, err := pub.Publish(ctxT(t, 10*time.Second), queue, "chat", []byte("through a stale table"))
 		done <- err
 	}()
-	launchtest.WaitFor(t, 5*time.Second, "the stale gateway to be answered MOVED", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the stale gateway to be answered MOVED", func() bool {
 		return metric(t, stale.Addr("internal"), "imq_gateway_moved_retries_total") >= 1
 	})
 	proxy.release()
 	if err := <-done; err != nil {
 		t.Fatalf("the publish through the stale gateway failed: %v", err)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the subscriber on the new owner to receive it", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the subscriber on the new owner to receive it", func() bool {
 		for _, u := range col.events() {
 			if string(u.Payload) == "through a stale table" {
 				return true

@@ -16,7 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/client"
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -107,7 +107,7 @@ func TestRoomAcrossProcesses(t *testing.T) {
 	wg.Wait()
 	want := len(users) * perClient
 	// Each client published want/len(users) events and as many state changes.
-	launchtest.WaitFor(t, 10*time.Second, "every client to see every update", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "every client to see every update", func() bool {
 		for _, col := range cols {
 			if len(col.snapshot()) < 2*want {
 				return false
@@ -177,7 +177,7 @@ func TestGatewayKilledClientResumes(t *testing.T) {
 	cl.startGateway(addr)
 	publish(50)
 
-	launchtest.WaitFor(t, 15*time.Second, "the receiver to catch up", func() bool { return len(col.events()) >= len(offsets) })
+	testutil.WaitFor(t, 15*time.Second, "the receiver to catch up", func() bool { return len(col.events()) >= len(offsets) })
 	time.Sleep(100 * time.Millisecond) // anything extra would show up now
 	var got []uint64
 	for _, u := range col.snapshot() {
@@ -250,7 +250,7 @@ func TestTokenRefusedOnReconnect(t *testing.T) {
 	if _, err := c.Publish(ctxT(t, 5*time.Second), "/room/a", "chat", []byte("unread")); err != nil {
 		t.Fatal(err)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the first channel to fill", func() bool { return len(subs[0].Updates()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the first channel to fill", func() bool { return len(subs[0].Updates()) == 1 })
 
 	addr := cl.gwAddr
 	cl.gw.kill(syscall.SIGKILL)

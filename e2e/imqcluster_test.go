@@ -20,7 +20,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/client"
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // imqCluster is a running `imq cluster` command: the processes of its table
@@ -86,7 +86,7 @@ func startImqCluster(t *testing.T, env []string, args ...string) *imqCluster {
 			t.Logf("imq cluster printed:\n%s", strings.Join(c.output(), "\n"))
 		}
 	})
-	launchtest.WaitFor(t, 60*time.Second, "imq cluster's table of processes", func() bool {
+	testutil.WaitFor(t, 60*time.Second, "imq cluster's table of processes", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		for _, l := range c.lines {
@@ -140,7 +140,7 @@ func (c *imqCluster) waitOutput(from int, prefix string, d time.Duration) (strin
 	c.t.Helper()
 	var line string
 	var at int
-	launchtest.WaitFor(c.t, d, fmt.Sprintf("imq cluster to print %q", prefix), func() bool {
+	testutil.WaitFor(c.t, d, fmt.Sprintf("imq cluster to print %q", prefix), func() bool {
 		out := c.output()
 		for i := from; i < len(out); i++ {
 			if strings.HasPrefix(out[i], prefix) {
@@ -218,7 +218,7 @@ func TestImqClusterCommand(t *testing.T) {
 	if _, err := cl.Publish(ctxT(t, 5*time.Second), "/room/cmd", "chat", []byte(`"hi"`)); err != nil {
 		t.Fatal(err)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the message", func() bool { return len(col.events()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the message", func() bool { return len(col.events()) == 1 })
 	cl.Close()
 
 	c.interrupt()
@@ -271,7 +271,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	// The node is back in the boss's table on its link address, owning
 	// buckets...
 	boss := strings.TrimSuffix(c.addrs["boss"], "/v1/nodes")
-	launchtest.WaitFor(t, 30*time.Second, "qn-2 back in the boss's table with buckets", func() bool {
+	testutil.WaitFor(t, 30*time.Second, "qn-2 back in the boss's table with buckets", func() bool {
 		resp, err := http.Get(boss + "/v1/table")
 		if err != nil {
 			return false
@@ -296,7 +296,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	})
 	// ...and the restarted gateway serves at the URL it had.
 	health := "http" + strings.TrimSuffix(strings.TrimPrefix(c.url, "ws"), "/ws") + "/healthz"
-	launchtest.WaitFor(t, 30*time.Second, "gw-1 healthy again", func() bool {
+	testutil.WaitFor(t, 30*time.Second, "gw-1 healthy again", func() bool {
 		resp, err := http.Get(health)
 		if err != nil {
 			return false
@@ -306,7 +306,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	})
 	// Healthy means one link up: wait for the links to both nodes, as a
 	// client retrying UNAVAILABLE would.
-	launchtest.WaitFor(t, 30*time.Second, "gw-1's links to both queue nodes", func() bool {
+	testutil.WaitFor(t, 30*time.Second, "gw-1's links to both queue nodes", func() bool {
 		resp, err := http.Get(c.addrs["gw-1/internal"])
 		if err != nil {
 			return false
@@ -330,7 +330,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 		if _, err := cl.Publish(ctxT(t, 5*time.Second), room, "chat", []byte(`"back"`)); err != nil {
 			t.Fatalf("publish to %s after the restarts: %v", room, err)
 		}
-		launchtest.WaitFor(t, 5*time.Second, "the message in "+room, func() bool { return len(col.events()) == 1 })
+		testutil.WaitFor(t, 5*time.Second, "the message in "+room, func() bool { return len(col.events()) == 1 })
 		var info struct{ Node string }
 		if st := rpc(t, gw, "queue_info", map[string]any{"queue": room}, &info); st != http.StatusOK {
 			t.Fatalf("queue_info %s: %d (the API key from IMQ_API_KEYS)", room, st)
@@ -411,7 +411,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 func TestImqDevCtrlCIsQuiet(t *testing.T) {
 	for run := range 3 {
 		cmd := exec.Command(imqBinary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
-		var out launchtest.SyncBuffer
+		var out testutil.SyncBuffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -419,7 +419,7 @@ func TestImqDevCtrlCIsQuiet(t *testing.T) {
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
 		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
-		launchtest.WaitFor(t, 30*time.Second, "imq dev to be ready", func() bool { return strings.Contains(out.String(), "Press Ctrl-C to stop.") })
+		testutil.WaitFor(t, 30*time.Second, "imq dev to be ready", func() bool { return strings.Contains(out.String(), "Press Ctrl-C to stop.") })
 		cmd.Process.Signal(syscall.SIGINT)
 		select {
 		case err := <-exited:

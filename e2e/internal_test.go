@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // nodesView is the part of the boss's /v1/nodes these tests read.
@@ -112,7 +112,7 @@ func TestInternalListenerCluster(t *testing.T) {
 			t.Logf("/v1/nodes: %s", last)
 		}
 	}()
-	launchtest.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
 		last = nodesProblem(c.Boss.Addr("http"), want)
 		return last == ""
 	})
@@ -130,7 +130,7 @@ func TestDevNodesShowQueueNodeVarz(t *testing.T) {
 		"boss":     {internal: bossAddr},
 		"dev-node": {internal: nodeInternal, varzID: varzField("node_id")},
 	}
-	launchtest.WaitFor(t, 15*time.Second, "the gateway to join", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "the gateway to join", func() bool {
 		var v nodesView
 		getJSON(t, "http://"+bossAddr+"/v1/nodes", &v)
 		for _, m := range v.Members {
@@ -147,7 +147,7 @@ func TestDevNodesShowQueueNodeVarz(t *testing.T) {
 			t.Logf("/v1/nodes: %s", last)
 		}
 	}()
-	launchtest.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
 		last = nodesProblem(bossAddr, want)
 		return last == ""
 	})

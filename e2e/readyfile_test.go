@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
-	"github.com/imq-dev/imq/launch/launchtest"
 )
 
 // readyKinds are the address kinds each role's ready file holds.
@@ -98,7 +98,7 @@ func TestDevReadyFile(t *testing.T) {
 	dev := start(t, "dev", "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0",
 		"--link-addr", "127.0.0.1:0", "--ready-file", path)
 	var r launch.Ready
-	launchtest.WaitFor(t, 15*time.Second, "imq dev's ready file", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "imq dev's ready file", func() bool {
 		var err error
 		r, err = launch.ReadReady(path)
 		return err == nil

@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 func fastConfig(join ...string) Config {
@@ -29,17 +31,6 @@ func startMember(t *testing.T, cfg Config, meta Meta) *Member {
 	return m
 }
 
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func find(peers []Peer, id string) (Peer, bool) {
 	for _, p := range peers {
 		if p.Meta.ID == id {
@@ -56,7 +47,7 @@ func TestMembersSeeEachOtherAndTheirMetadata(t *testing.T) {
 	boss := startMember(t, bossCfg, Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "127.0.0.1:7900"})
 	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1", LinkAddr: "127.0.0.1:7100"})
 
-	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool { _, ok := find(boss.Peers(), "qn-1"); return ok })
+	testutil.WaitFor(t, 5*time.Second, "the boss to see the node", func() bool { _, ok := find(boss.Peers(), "qn-1"); return ok })
 	p, _ := find(boss.Peers(), "qn-1")
 	if p.Meta.Role != RoleQueueNode || p.Meta.LinkAddr != "127.0.0.1:7100" || p.Meta.Started == 0 || p.Addr != node.Addr() {
 		t.Fatalf("the boss sees %+v", p)
@@ -64,10 +55,10 @@ func TestMembersSeeEachOtherAndTheirMetadata(t *testing.T) {
 	if b, ok := node.Boss(); !ok || b.Meta.HTTPAddr != "127.0.0.1:7900" {
 		t.Fatalf("the node's boss is %+v, %v", b, ok)
 	}
-	waitUntil(t, 5*time.Second, "OnChange to run", func() bool { return changes.Load() > 0 })
+	testutil.WaitFor(t, 5*time.Second, "OnChange to run", func() bool { return changes.Load() > 0 })
 
 	node.SetTable(7, "abc")
-	waitUntil(t, 5*time.Second, "the table version to reach the boss", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the table version to reach the boss", func() bool {
 		p, _ := find(boss.Peers(), "qn-1")
 		return p.Meta.TableVersion == 7
 	})
@@ -77,13 +68,13 @@ func TestCrashedMemberIsDeclaredDead(t *testing.T) {
 	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
 	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1"})
 	startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleGateway, ID: "gw-1"})
-	waitUntil(t, 5*time.Second, "three members", func() bool { return len(boss.Peers()) == 3 })
+	testutil.WaitFor(t, 5*time.Second, "three members", func() bool { return len(boss.Peers()) == 3 })
 	start := time.Now()
 	node.Shutdown() // no leave message: as a SIGKILL
 	bound := fastConfig().DetectionTime(3)
 	// memberlist lets an unconfirmed suspicion last up to 6 times the
 	// minimum; the bound for the test leaves room for that.
-	waitUntil(t, 6*bound+2*time.Second, "the crashed node to be declared dead", func() bool {
+	testutil.WaitFor(t, 6*bound+2*time.Second, "the crashed node to be declared dead", func() bool {
 		_, ok := find(boss.Peers(), "qn-1")
 		return !ok
 	})
@@ -96,12 +87,12 @@ func TestGracefulLeaveIsSeenAtOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 5*time.Second, "two members", func() bool { return len(boss.Peers()) == 2 })
+	testutil.WaitFor(t, 5*time.Second, "two members", func() bool { return len(boss.Peers()) == 2 })
 	if err := node.Close(time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// Well under the detection time: a leave is not a failure.
-	waitUntil(t, fastConfig().DetectionTime(2)/2, "the leave to be seen", func() bool { return len(boss.Peers()) == 1 })
+	testutil.WaitFor(t, fastConfig().DetectionTime(2)/2, "the leave to be seen", func() bool { return len(boss.Peers()) == 1 })
 }
 
 func TestNewestBossWins(t *testing.T) {
@@ -109,7 +100,7 @@ func TestNewestBossWins(t *testing.T) {
 	time.Sleep(5 * time.Millisecond) // Started is in ms
 	newer := startMember(t, fastConfig(old.Addr()), Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "new"})
 	gw := startMember(t, fastConfig(old.Addr()), Meta{Role: RoleGateway, ID: "gw-1"})
-	waitUntil(t, 5*time.Second, "three members", func() bool { return len(gw.Peers()) == 3 })
+	testutil.WaitFor(t, 5*time.Second, "three members", func() bool { return len(gw.Peers()) == 3 })
 	if b, _ := gw.Boss(); b.Meta.HTTPAddr != "new" || b.Name != newer.Name() {
 		t.Fatalf("boss is %+v", b)
 	}
@@ -119,14 +110,14 @@ func TestMemberRejoinsARestartedBoss(t *testing.T) {
 	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
 	addr := boss.Addr()
 	gw := startMember(t, fastConfig(addr), Meta{Role: RoleGateway, ID: "gw-1"})
-	waitUntil(t, 5*time.Second, "two members", func() bool { return len(gw.Peers()) == 2 })
+	testutil.WaitFor(t, 5*time.Second, "two members", func() bool { return len(gw.Peers()) == 2 })
 	boss.Shutdown()
-	waitUntil(t, 10*time.Second, "the boss to be declared dead", func() bool { _, ok := gw.Boss(); return !ok })
+	testutil.WaitFor(t, 10*time.Second, "the boss to be declared dead", func() bool { _, ok := gw.Boss(); return !ok })
 	cfg := fastConfig()
 	cfg.BindAddr = addr // the same address, as `imq boss` restarted
 	again := startMember(t, cfg, Meta{Role: RoleBoss, ID: "boss"})
 	// Nobody told the new boss about the gateway: the gateway finds it.
-	waitUntil(t, 5*time.Second, "the gateway to rejoin", func() bool { _, ok := find(again.Peers(), "gw-1"); return ok })
+	testutil.WaitFor(t, 5*time.Second, "the gateway to rejoin", func() bool { _, ok := find(again.Peers(), "gw-1"); return ok })
 }
 
 // TestProbeTimeoutDefault: without a ProbeTimeout, any ProbeInterval is
@@ -203,7 +194,7 @@ func TestUnspecifiedAddressesAreAdvertisedReachable(t *testing.T) {
 	if m := gw.Meta(); m.HTTPAddr != "127.0.0.1:8081" || m.ClientAddr != "127.0.0.1:8080" {
 		t.Fatalf("gateway advertised internal %q, client %q", m.HTTPAddr, m.ClientAddr)
 	}
-	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the boss to see the node", func() bool {
 		p, ok := find(boss.Peers(), "qn-1")
 		return ok && p.Meta.LinkAddr == "127.0.0.1:7100"
 	})
@@ -217,7 +208,7 @@ func TestGossipKeyKeepsOutsidersOut(t *testing.T) {
 	in := fastConfig(boss.Addr())
 	in.SecretKey = key
 	startMember(t, in, Meta{Role: RoleGateway, ID: "gw-in"})
-	waitUntil(t, 5*time.Second, "the keyed gateway to join", func() bool { _, ok := find(boss.Peers(), "gw-in"); return ok })
+	testutil.WaitFor(t, 5*time.Second, "the keyed gateway to join", func() bool { _, ok := find(boss.Peers(), "gw-in"); return ok })
 
 	out := fastConfig(boss.Addr())
 	out.SecretKey = []byte("another-key-0123")

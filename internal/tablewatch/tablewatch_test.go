@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // fakeBoss serves tables the way the boss does: 200 when it has a newer
@@ -104,14 +105,11 @@ func TestWatcherFollowsTheBossInOrder(t *testing.T) {
 		t.Fatalf("second table: %v %v", got, err)
 	}
 	// OnChange runs once Table returns the new table: wait for it.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+	testutil.WaitFor(t, 5*time.Second, "OnChange to see the second table", func() bool {
 		mu.Lock()
-		n := len(seen)
-		mu.Unlock()
-		if n >= 2 || time.Now().After(deadline) {
-			break
-		}
-	}
+		defer mu.Unlock()
+		return len(seen) >= 2
+	})
 	mu.Lock()
 	defer mu.Unlock()
 	if len(seen) != 2 || seen[0] != 1 || seen[1] != 2 {
