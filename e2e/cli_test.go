@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/internal/testutil"
+	"github.com/imq-dev/imq/launch/launchtest"
 )
 
 // cliProc is one run of a client command (imq sub, pub, state).
@@ -24,7 +25,7 @@ type cliProc struct {
 // killed at the end of the test if still running.
 func startCLI(t *testing.T, stdin string, args ...string) *cliProc {
 	t.Helper()
-	p := &cliProc{cmd: exec.Command(imqBinary(t), args...), done: make(chan struct{})}
+	p := &cliProc{cmd: exec.Command(launchtest.Binary(t), args...), done: make(chan struct{})}
 	p.cmd.Stdin = strings.NewReader(stdin)
 	p.cmd.Stdout, p.cmd.Stderr = &p.out, &p.err
 	if err := p.cmd.Start(); err != nil {
@@ -76,9 +77,7 @@ func runCLI(t *testing.T, stdin string, args ...string) string {
 // no gap, and exits 0 on SIGINT (Ctrl-C).
 func TestCLISubAcrossGatewayKill(t *testing.T) {
 	cl := startCluster(t)
-	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
-	pubURL := "ws://" + pubGW.waitLog("gateway serving")["addr"].(string) + "/ws"
-	pubGW.waitLog("queue node link up")
+	pubURL := wsURL(cl.startGateway("gateway-2", nil))
 
 	const room = "/room/cli"
 	sub := startCLI(t, "", "sub", room, "--url", cl.url())
@@ -99,11 +98,10 @@ func TestCLISubAcrossGatewayKill(t *testing.T) {
 
 	publish(10)
 	testutil.WaitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
-	addr := cl.gwAddr
-	cl.gw.kill(syscall.SIGKILL)
+	cl.killGateway()
 	testutil.WaitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
 	publish(10) // while sub's gateway is dead
-	cl.startGateway(addr)
+	cl.restartGateway()
 	publish(10)
 	testutil.WaitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
 	testutil.WaitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })

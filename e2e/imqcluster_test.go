@@ -21,6 +21,7 @@ import (
 
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/internal/testutil"
+	"github.com/imq-dev/imq/launch/launchtest"
 )
 
 // imqCluster is a running `imq cluster` command: the processes of its table
@@ -44,7 +45,7 @@ func startImqCluster(t *testing.T, env []string, args ...string) *imqCluster {
 	t.Helper()
 	c := &imqCluster{t: t, dir: t.TempDir(), pids: map[string]int{}, addrs: map[string]string{}, done: make(chan struct{})}
 	args = append(append([]string{"cluster", "--dir", c.dir}, args...), append([]string{"--"}, gossipArgs...)...)
-	c.cmd = exec.Command(imqBinary(t), args...)
+	c.cmd = exec.Command(launchtest.Binary(t), args...)
 	c.cmd.Env = append(c.cmd.Environ(), env...)
 	stdout, err := c.cmd.StdoutPipe()
 	if err != nil {
@@ -210,12 +211,12 @@ func TestImqClusterCommand(t *testing.T) {
 		t.Fatalf("no 'imq cluster:' header or connect hint:\n%s", out)
 	}
 	cl := dialClient(t, c.url, "cmd-user")
-	sub, err := cl.Join(ctxT(t, 10*time.Second), "/room/cmd", client.Messages("chat"))
+	sub, err := cl.Join(testutil.Context(t, 10*time.Second), "/room/cmd", client.Messages("chat"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	col := collect(sub)
-	if _, err := cl.Publish(ctxT(t, 5*time.Second), "/room/cmd", "chat", []byte(`"hi"`)); err != nil {
+	if _, err := cl.Publish(testutil.Context(t, 5*time.Second), "/room/cmd", "chat", []byte(`"hi"`)); err != nil {
 		t.Fatal(err)
 	}
 	testutil.WaitFor(t, 5*time.Second, "the message", func() bool { return len(col.events()) == 1 })
@@ -322,12 +323,12 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	served := map[string]int{}
 	for i := range 16 { // rooms spread over both nodes
 		room := fmt.Sprintf("/room/restart-%d", i)
-		sub, err := cl.Join(ctxT(t, 10*time.Second), room, client.Messages("chat"))
+		sub, err := cl.Join(testutil.Context(t, 10*time.Second), room, client.Messages("chat"))
 		if err != nil {
 			t.Fatalf("join %s after the restarts: %v", room, err)
 		}
 		col := collect(sub)
-		if _, err := cl.Publish(ctxT(t, 5*time.Second), room, "chat", []byte(`"back"`)); err != nil {
+		if _, err := cl.Publish(testutil.Context(t, 5*time.Second), room, "chat", []byte(`"back"`)); err != nil {
 			t.Fatalf("publish to %s after the restarts: %v", room, err)
 		}
 		testutil.WaitFor(t, 5*time.Second, "the message in "+room, func() bool { return len(col.events()) == 1 })
@@ -383,15 +384,15 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl, err := client.Dial(ctxT(t, 10*time.Second), c.url, client.WithToken(tok))
+	cl, err := client.Dial(testutil.Context(t, 10*time.Second), c.url, client.WithToken(tok))
 	if err != nil {
 		t.Fatalf("connect with a token signed with the secret: %v", err)
 	}
 	defer cl.Close()
-	if _, err := cl.Join(ctxT(t, 10*time.Second), "/room/secret", client.Messages("chat")); err != nil {
+	if _, err := cl.Join(testutil.Context(t, 10*time.Second), "/room/secret", client.Messages("chat")); err != nil {
 		t.Fatal(err)
 	}
-	if cl, err := client.Dial(ctxT(t, 10*time.Second), c.url, client.WithUser("mallory")); err == nil {
+	if cl, err := client.Dial(testutil.Context(t, 10*time.Second), c.url, client.WithUser("mallory")); err == nil {
 		cl.Close()
 		t.Fatal("?user= connected: the gateway is in development mode")
 	}
@@ -410,7 +411,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 // two) or a "link lost" warning. A few runs, to catch the race.
 func TestImqDevCtrlCIsQuiet(t *testing.T) {
 	for run := range 3 {
-		cmd := exec.Command(imqBinary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
+		cmd := exec.Command(launchtest.Binary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
 		var out testutil.SyncBuffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {

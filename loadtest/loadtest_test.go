@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -264,10 +263,7 @@ func TestRunWorkers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	bin := filepath.Join(t.TempDir(), "imq")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/imq-dev/imq/cmd/imq").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := launchtest.Binary(t)
 	d := startDev(t)
 	cfg := smallConfig(d.URL())
 	cfg.Workers, cfg.Executable = 2, bin
