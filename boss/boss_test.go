@@ -1,7 +1,6 @@
 package boss
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -20,19 +19,8 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 )
-
-// waitFor polls cond every 10 ms until it holds, failing after timeout.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 // fastMembership detects a crash in about a second on localhost.
 func fastMembership() member.Config {
@@ -98,13 +86,13 @@ func TestNodesViewOldBossSuperseded(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { old.Shutdown() })
-	waitFor(t, time.Second, "a new millisecond", func() bool { return time.Now().UnixMilli() > old.Meta().Started })
+	testutil.WaitFor(t, time.Second, "a new millisecond", func() bool { return time.Now().UnixMilli() > old.Meta().Started })
 	b, _ := startBoss(t, testConfig(t, t.TempDir()))
 	if _, err := old.Join([]string{b.GossipAddr()}); err != nil {
 		t.Fatal(err)
 	}
 	var nv NodesView
-	waitFor(t, 10*time.Second, "both bosses in /v1/nodes", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "both bosses in /v1/nodes", func() bool {
 		_, body := get(t, "http://"+b.Addr()+"/v1/nodes")
 		nv = NodesView{}
 		if err := json.Unmarshal(body, &nv); err != nil {
@@ -182,7 +170,7 @@ func ids(tb *bucket.Table) []string {
 
 func waitNodes(t *testing.T, b *Boss, want ...string) *bucket.Table {
 	t.Helper()
-	waitFor(t, 10*time.Second, fmt.Sprintf("table nodes %v", want), func() bool { return slices.Equal(ids(b.Table()), want) })
+	testutil.WaitFor(t, 10*time.Second, fmt.Sprintf("table nodes %v", want), func() bool { return slices.Equal(ids(b.Table()), want) })
 	return b.Table()
 }
 
@@ -270,7 +258,7 @@ func TestLongPoll(t *testing.T) {
 			tb, err := cluster.DecodeTable(resp.Body)
 			done <- result{resp.StatusCode, tb, err}
 		}()
-		waitFor(t, 5*time.Second, "the poll to wait", func() bool { return b.waiters.Load() == 1 })
+		testutil.WaitFor(t, 5*time.Second, "the poll to wait", func() bool { return b.waiters.Load() == 1 })
 		startNode(t, b, "qn-2")
 		select {
 		case r := <-done:
@@ -306,7 +294,7 @@ func TestShutdownEndsLongPolls(t *testing.T) {
 		resp.Body.Close()
 		done <- resp.StatusCode
 	}()
-	waitFor(t, 5*time.Second, "the poll to wait", func() bool { return b.waiters.Load() == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the poll to wait", func() bool { return b.waiters.Load() == 1 })
 	start := time.Now()
 	stop()
 	select {
@@ -380,14 +368,14 @@ func TestRestartKeepsTable(t *testing.T) {
 	dir := t.TempDir()
 	b1, stop1, ms := threeNodes(t, dir)
 	persisted := b1.Table()
-	waitFor(t, 5*time.Second, "the peers to be persisted", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the peers to be persisted", func() bool {
 		s, err := loadState(dir)
 		return err == nil && len(s.Peers) == 3 && s.Table.Version() == persisted.Version()
 	})
 	stop1()
 	// qn-3 dies while the boss is down; the others see it go.
 	ms[2].Shutdown()
-	waitFor(t, 10*time.Second, "qn-1 to see qn-3 dead", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "qn-1 to see qn-3 dead", func() bool {
 		return !slices.ContainsFunc(ms[0].Peers(), func(p member.Peer) bool { return p.Meta.ID == "qn-3" })
 	})
 
@@ -498,7 +486,7 @@ func TestAdoptsNewerTable(t *testing.T) {
 		Role: member.RoleGateway, ID: "gw-1", HTTPAddr: strings.TrimPrefix(srv.URL, "http://"), TableVersion: 50,
 	})
 	waitNodes(t, b, "qn-1")
-	waitFor(t, 10*time.Second, "version 51", func() bool { return b.Table().Version() == 51 })
+	testutil.WaitFor(t, 10*time.Second, "version 51", func() bool { return b.Table().Version() == 51 })
 	want, _, _ := newer.Leave("qn-9")
 	if after := b.Table(); jsonOf(t, after) != jsonOf(t, want) {
 		t.Fatalf("after adopting\n%s\nwant\n%s", jsonOf(t, after), jsonOf(t, want))
@@ -525,7 +513,7 @@ func TestNodesView(t *testing.T) {
 	startMember(t, b.GossipAddr(), member.Meta{Role: member.RoleGateway, ID: "gw-1", HTTPAddr: "127.0.0.1:1"})
 	waitNodes(t, b, "qn-1", "qn-2")
 	var nv NodesView
-	waitFor(t, 10*time.Second, "four members", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "four members", func() bool {
 		resp, body := get(t, "http://"+b.Addr()+"/v1/nodes")
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("/v1/nodes: %s %s", resp.Status, body)
@@ -578,10 +566,10 @@ func TestIncarnations(t *testing.T) {
 	old := startMember(t, b.GossipAddr(), member.Meta{Role: member.RoleQueueNode, ID: "qn-1", LinkAddr: "127.0.0.1:1"})
 	startNode(t, b, "qn-2")
 	before := waitNodes(t, b, "qn-1", "qn-2")
-	waitFor(t, time.Second, "a new millisecond", func() bool { return time.Now().UnixMilli() > old.Meta().Started })
+	testutil.WaitFor(t, time.Second, "a new millisecond", func() bool { return time.Now().UnixMilli() > old.Meta().Started })
 	// qn-1 restarts on a new link address before its old self is gone.
 	startMember(t, b.GossipAddr(), member.Meta{Role: member.RoleQueueNode, ID: "qn-1", LinkAddr: "127.0.0.1:2"})
-	waitFor(t, 10*time.Second, "qn-1 readdressed", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "qn-1 readdressed", func() bool {
 		return b.Table().Nodes()[0].LinkAddr == "127.0.0.1:2"
 	})
 	after := b.Table()
@@ -591,7 +579,7 @@ func TestIncarnations(t *testing.T) {
 	}
 	// The old incarnation's death changes nothing.
 	old.Shutdown()
-	waitFor(t, 10*time.Second, "the old incarnation to die", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "the old incarnation to die", func() bool {
 		return len(slices.DeleteFunc(b.member.Peers(), func(p member.Peer) bool { return p.Meta.ID != "qn-1" })) == 1
 	})
 	waitReconcile(t, b)
@@ -619,7 +607,7 @@ func TestPersistFailure(t *testing.T) {
 		resp, _ := get(t, "http://"+b.Addr()+"/healthz")
 		return resp.StatusCode
 	}
-	waitFor(t, 5*time.Second, "unhealthy", func() bool { return health() == http.StatusServiceUnavailable })
+	testutil.WaitFor(t, 5*time.Second, "unhealthy", func() bool { return health() == http.StatusServiceUnavailable })
 	if n := counter(t, b, "imq_boss_persist_errors_total"); n < 1 {
 		t.Fatalf("persist errors %v", n)
 	}
@@ -628,7 +616,7 @@ func TestPersistFailure(t *testing.T) {
 	if err := os.Mkdir(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "healthy", func() bool { return health() == http.StatusOK })
+	testutil.WaitFor(t, 5*time.Second, "healthy", func() bool { return health() == http.StatusOK })
 	if s, err := loadState(data); err != nil || !slices.Equal(ids(s.Table), []string{"qn-1", "qn-2"}) {
 		t.Fatalf("persisted %v, %v", s.Table, err)
 	}
@@ -639,7 +627,7 @@ func waitReconcile(t *testing.T, b *Boss) {
 	t.Helper()
 	n := reconciles(t, b)
 	b.kickReconcile()
-	waitFor(t, 5*time.Second, "a reconcile", func() bool { return reconciles(t, b) >= n+2 })
+	testutil.WaitFor(t, 5*time.Second, "a reconcile", func() bool { return reconciles(t, b) >= n+2 })
 }
 
 func reconciles(t *testing.T, b *Boss) uint64 {
@@ -691,10 +679,10 @@ func TestNoDataDir(t *testing.T) {
 // where the user has nothing to set.
 func TestNoDataDirWarning(t *testing.T) {
 	for _, ephemeral := range []bool{false, true} {
-		var logs bytes.Buffer
+		logger, logs := testutil.CaptureLogs(slog.LevelInfo)
 		cfg := testConfig(t, "")
 		cfg.Ephemeral = ephemeral
-		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		cfg.Logger = logger
 		_, stop := startBoss(t, cfg)
 		stop()
 		warned := strings.Contains(logs.String(), "level=WARN msg=\"no data directory")
@@ -717,7 +705,7 @@ func TestRepublishesOnDivergence(t *testing.T) {
 	startMember(t, b.GossipAddr(), member.Meta{
 		Role: member.RoleGateway, ID: "gw-1", TableVersion: other.Version(), TableSum: other.Sum(),
 	})
-	waitFor(t, 10*time.Second, "a republish", func() bool { return b.Table().Version() == cur.Version()+1 })
+	testutil.WaitFor(t, 10*time.Second, "a republish", func() bool { return b.Table().Version() == cur.Version()+1 })
 	if got := b.Table(); got.Sum() != cur.Sum() {
 		t.Fatalf("the republished table's contents changed: %s", jsonOf(t, got))
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/clusterauth"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 var testClusterKey = []byte("cluster-key-for-tests")
@@ -72,7 +73,7 @@ func action(t *testing.T, b *Boss, verb, node, bearer string) (int, string) {
 // table has no moves and done holds.
 func settle(t *testing.T, b *Boss, what string, done func(*bucket.Table) bool) *bucket.Table {
 	t.Helper()
-	waitFor(t, 20*time.Second, what, func() bool {
+	testutil.WaitFor(t, 20*time.Second, what, func() bool {
 		tb := b.Table()
 		if tb.MovingCount() == 0 && done(tb) {
 			return true
@@ -95,7 +96,7 @@ func TestHandoffMarksAndCompletes(t *testing.T) {
 		t.Fatalf("first node's buckets marked moving: %v", first.Moving())
 	}
 	startNode(t, b, "qn-2")
-	waitFor(t, 10*time.Second, "moves to qn-2 marked", func() bool { return b.Table().MovingCount() > 0 })
+	testutil.WaitFor(t, 10*time.Second, "moves to qn-2 marked", func() bool { return b.Table().MovingCount() > 0 })
 	marked := b.Table()
 	if got := counts(marked); got["qn-1"] != marked.Buckets() || got["qn-2"] != 0 {
 		t.Fatalf("a bucket changed owner before its hand-off: %v", got)
@@ -170,7 +171,7 @@ func TestHandoffDeadOwnerAssignedAtOnce(t *testing.T) {
 	qn1 := startNode(t, b, "qn-1")
 	waitNodes(t, b, "qn-1")
 	startNode(t, b, "qn-2")
-	waitFor(t, 10*time.Second, "moves marked", func() bool { return b.Table().MovingCount() > 0 })
+	testutil.WaitFor(t, 10*time.Second, "moves marked", func() bool { return b.Table().MovingCount() > 0 })
 	qn1.Shutdown()
 	tb := waitNodes(t, b, "qn-2")
 	if tb.MovingCount() != 0 || counts(tb)["qn-2"] != tb.Buckets() {
@@ -185,10 +186,10 @@ func TestHandoffMoveTimeout(t *testing.T) {
 	startNode(t, b, "qn-1")
 	waitNodes(t, b, "qn-1")
 	startNode(t, b, "qn-2")
-	waitFor(t, 10*time.Second, "moves marked", func() bool { return b.Table().MovingCount() > 0 })
+	testutil.WaitFor(t, 10*time.Second, "moves marked", func() bool { return b.Table().MovingCount() > 0 })
 	first := b.Table()
-	waitFor(t, 10*time.Second, "a move given up", func() bool { return counter(t, b, "imq_boss_moves_given_up_total") > 0 })
-	waitFor(t, 10*time.Second, "moves marked again", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "a move given up", func() bool { return counter(t, b, "imq_boss_moves_given_up_total") > 0 })
+	testutil.WaitFor(t, 10*time.Second, "moves marked again", func() bool {
 		tb := b.Table()
 		return tb.Version() > first.Version()+1 && tb.MovingCount() > 0
 	})
@@ -275,7 +276,7 @@ func TestDrainHandoff(t *testing.T) {
 	if !slices.Equal(b2.Draining(), []string{"qn-1"}) || jsonOf(t, b2.Table()) != jsonOf(t, drained) {
 		t.Fatalf("restarted boss: draining %v, table %s", b2.Draining(), jsonOf(t, b2.Table()))
 	}
-	waitFor(t, 10*time.Second, "the restarted boss to reconcile", func() bool { return b2.Ready() })
+	testutil.WaitFor(t, 10*time.Second, "the restarted boss to reconcile", func() bool { return b2.Ready() })
 	waitReconcile(t, b2)
 	if !slices.Equal(ids(b2.Table()), []string{"qn-2"}) {
 		t.Fatalf("restarted boss gave qn-1 buckets back: %v", counts(b2.Table()))

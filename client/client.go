@@ -20,6 +20,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/imq-dev/imq/internal/reasons"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -362,8 +363,11 @@ func (c *Client) run(cn *conn) {
 		}
 		c.log.Warn("imq client: connection lost", "err", cause)
 		c.setState(Reconnecting)
-		if time.Since(up) >= c.opts.backoffMax {
-			attempt = 0 // that connection was stable: start over
+		if time.Since(up) >= c.opts.backoffMax || atOnce(cause) {
+			// That connection was stable, or its gateway is going away
+			// (its goodbyes spread over time): start over, waiting only
+			// the minimum backoff's jitter.
+			attempt = 0
 		}
 		next, err := c.connectLoop(c.ctx, &attempt, true)
 		switch {
@@ -666,7 +670,7 @@ func (c *Client) onUnsubscribed(cn *conn, u *imqpb.Unsubscribed) {
 		return
 	}
 	c.log.Info("imq client: unsubscribed by server", "queue", u.GetQueue(), "reason", u.GetReason(), "rejoin", u.GetRejoin())
-	if u.GetRejoin() {
+	if reasons.Of(u.GetReason()).Again(u.GetRejoin()) {
 		c.rejoin(cn, s, u.GetReason())
 		return
 	}

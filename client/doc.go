@@ -63,7 +63,8 @@
 //
 // A Client and its Subscriptions are safe for concurrent use. A Client runs
 // one supervising goroutine from Dial until Close (or until it closes for
-// good: refused credentials, or a server goodbye without reconnect), and per
+// good: refused credentials, or a server goodbye whose reason says not to
+// reconnect; see GoodbyeError), and per
 // connection one reader, which decodes frames and delivers updates, and one
 // writer, which owns every write and sends pings; both end with their
 // connection, and the supervisor waits for them before reconnecting. A

@@ -3,6 +3,7 @@ package client
 import (
 	"errors"
 
+	"github.com/imq-dev/imq/internal/reasons"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -56,8 +57,12 @@ func (e *Error) Error() string {
 }
 
 // GoodbyeError is the server's reason for closing the connection, as its
-// last message said. When Reconnect is false the client closes for good and
-// Client.Err returns an error wrapping this one.
+// last message said. Reconnect is the server's flag; whether the client
+// reconnects is the reason's: never for a terminal one (KICKED,
+// AUTH_TIMEOUT, PROTOCOL_ERROR), always for a retryable one, and the flag
+// for AUTH_FAILED (a refused token, or an auth backend that failed) and
+// for a reason this client does not know. When it does not, the client
+// closes for good and Client.Err returns an error wrapping this one.
 type GoodbyeError struct {
 	Reason    imqpb.Reason
 	Message   string
@@ -91,16 +96,26 @@ func replyError(r *imqpb.Reply) error {
 }
 
 // fatal reports whether connecting again cannot help: the credentials or the
-// origin were refused, the server told the client not to come back, or it
-// speaks another protocol.
+// origin were refused, the server's goodbye gave a reason not to come back
+// (the reasons table, internal/reasons: a terminal reason whatever the
+// flag, the flag for a reason left to the server), or it speaks another
+// protocol.
 func fatal(err error) bool {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e.Code == imqpb.Code_UNAUTHORIZED || e.Code == imqpb.Code_FORBIDDEN
 	}
 	if g, ok := errors.AsType[*GoodbyeError](err); ok {
-		return !g.Reconnect
+		return !reasons.Of(g.Reason).Again(g.Reconnect)
 	}
 	return errors.Is(err, errSubprotocol)
+}
+
+// atOnce reports whether err is a goodbye whose reason asks the client to
+// reconnect at once (the gateway is going away), rather than after the
+// backoff grown by earlier failures.
+func atOnce(err error) bool {
+	g, ok := errors.AsType[*GoodbyeError](err)
+	return ok && reasons.Of(g.Reason).AtOnce()
 }
 
 // reasonOf returns the server's reason carried by err, if any.

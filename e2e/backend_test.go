@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -70,7 +71,7 @@ func startPHPBackend(t *testing.T) string {
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		cmd.Wait()
 	})
-	launchtest.WaitFor(t, 10*time.Second, "php -S to answer", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "php -S to answer", func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
 			return false
@@ -85,38 +86,30 @@ func startPHPBackend(t *testing.T) string {
 // PHP call-out backend under php -S, and the PHP demo driving the RPC.
 func TestDevWithBackend(t *testing.T) {
 	backend := startPHPBackend(t)
-	dev := start(t, "dev", "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0",
+	dev := launchtest.StartProcess(t, "dev", nil, "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0",
 		"--api-key", apiKey+" methods=publish,set_state,delete_state,get_state,history,queue_info,kick,broadcast,batch prefixes=/room/,/lobby/,/user/",
 		"--callout", "/room/="+backend+"/imq/room", "--auth-url", backend+"/imq/auth")
-	addr := dev.waitLog("gateway serving")["addr"].(string)
-	url := "ws://" + addr + "/ws"
-	launchtest.WaitFor(t, 15*time.Second, "imq dev healthy", func() bool {
-		resp, err := http.Get("http://" + addr + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	waitHealthy(t, dev)
+	addr, url := dev.Addr("http"), wsURL(dev)
 
 	// The call-outs, through the real flags.
 	banned := dialClient(t, url, "banned-bob")
-	_, err := banned.Join(ctxT(t, 10*time.Second), "/room/e2e", client.Messages("chat"))
+	_, err := banned.Join(testutil.Context(t, 10*time.Second), "/room/e2e", client.Messages("chat"))
 	var ce *client.Error
 	if !errors.As(err, &ce) || ce.Code != imqpb.Code_DENIED {
 		t.Fatalf("a banned user's join: %v, want DENIED", err)
 	}
-	alice, err := client.Dial(ctxT(t, 10*time.Second), url, client.WithToken("letmein-alice"))
+	alice, err := client.Dial(testutil.Context(t, 10*time.Second), url, client.WithToken("letmein-alice"))
 	if err != nil {
 		t.Fatalf("connect through the auth call-out: %v", err)
 	}
 	t.Cleanup(func() { alice.Close() })
-	sub, err := alice.Join(ctxT(t, 10*time.Second), "/room/e2e", client.Messages("chat"))
+	sub, err := alice.Join(testutil.Context(t, 10*time.Second), "/room/e2e", client.Messages("chat"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	col := collect(sub)
-	if _, err := alice.Publish(ctxT(t, 5*time.Second), "/room/e2e", "chat", []byte(`{"text":"darn it"}`)); err != nil {
+	if _, err := alice.Publish(testutil.Context(t, 5*time.Second), "/room/e2e", "chat", []byte(`{"text":"darn it"}`)); err != nil {
 		t.Fatal(err)
 	}
 	var info struct {
@@ -125,7 +118,7 @@ func TestDevWithBackend(t *testing.T) {
 	if st := rpc(t, addr, "queue_info", map[string]any{"queue": "/room/e2e"}, &info); st != 200 || len(info.Subscribers) != 1 || info.Subscribers[0].User != "alice" {
 		t.Fatalf("queue_info: %d %+v", st, info)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the rewritten message", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the rewritten message", func() bool {
 		ev := col.events()
 		return len(ev) == 1 && string(ev[0].Payload) == `{"text":"d**n it"}`
 	})
@@ -146,7 +139,7 @@ func TestKickAcrossGateways(t *testing.T) {
 	cfg := []string{"--api-key", apiKey}
 	c := startLocalClusterArgs(t, 1, 2, cfg)
 	victim := dialClient(t, c.URLs()[1], "cheater", client.WithBackoff(time.Hour, time.Hour))
-	if _, err := victim.Ping(ctxT(t, 5*time.Second)); err != nil {
+	if _, err := victim.Ping(testutil.Context(t, 5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	var out struct {
@@ -156,7 +149,7 @@ func TestKickAcrossGateways(t *testing.T) {
 	}
 	// Gossip brings gw-1 news of gw-2 shortly after start: kicking nobody
 	// shows when it has.
-	launchtest.WaitFor(t, 10*time.Second, "gw-1 to know both gateways", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "gw-1 to know both gateways", func() bool {
 		rpc(t, c.Gateways[0].Addr("http"), "kick", map[string]any{"user": "nobody"}, &out)
 		return out.Gateways == 2
 	})
@@ -166,7 +159,7 @@ func TestKickAcrossGateways(t *testing.T) {
 	if out.Sessions != 1 || out.Gateways != 2 || len(out.Failed) != 0 {
 		t.Fatalf("kick answered %+v, want 1 session on 2 gateways", out)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the kicked client to be closed", func() bool { return victim.Err() != nil })
+	testutil.WaitFor(t, 5*time.Second, "the kicked client to be closed", func() bool { return victim.Err() != nil })
 	if msg := fmt.Sprint(victim.Err()); !strings.Contains(msg, "KICKED") || !strings.Contains(msg, "aimbot") {
 		t.Fatalf("kicked client ended with %q, want the KICKED goodbye with the reason", msg)
 	}

@@ -10,13 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch/launchtest"
 )
 
 // cliProc is one run of a client command (imq sub, pub, state).
 type cliProc struct {
 	cmd      *exec.Cmd
-	out, err launchtest.SyncBuffer
+	out, err testutil.SyncBuffer
 	done     chan struct{}
 }
 
@@ -24,7 +25,7 @@ type cliProc struct {
 // killed at the end of the test if still running.
 func startCLI(t *testing.T, stdin string, args ...string) *cliProc {
 	t.Helper()
-	p := &cliProc{cmd: exec.Command(imqBinary(t), args...), done: make(chan struct{})}
+	p := &cliProc{cmd: exec.Command(launchtest.Binary(t), args...), done: make(chan struct{})}
 	p.cmd.Stdin = strings.NewReader(stdin)
 	p.cmd.Stdout, p.cmd.Stderr = &p.out, &p.err
 	if err := p.cmd.Start(); err != nil {
@@ -76,13 +77,11 @@ func runCLI(t *testing.T, stdin string, args ...string) string {
 // no gap, and exits 0 on SIGINT (Ctrl-C).
 func TestCLISubAcrossGatewayKill(t *testing.T) {
 	cl := startCluster(t)
-	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
-	pubURL := "ws://" + pubGW.waitLog("gateway serving")["addr"].(string) + "/ws"
-	pubGW.waitLog("queue node link up")
+	pubURL := wsURL(cl.startGateway("gateway-2", nil))
 
 	const room = "/room/cli"
 	sub := startCLI(t, "", "sub", room, "--url", cl.url())
-	launchtest.WaitFor(t, 15*time.Second, "imq sub to join", func() bool { return strings.Contains(sub.err.String(), "joined "+room) })
+	testutil.WaitFor(t, 15*time.Second, "imq sub to join", func() bool { return strings.Contains(sub.err.String(), "joined "+room) })
 	next := 0
 	publish := func(n int) {
 		var lines strings.Builder
@@ -98,15 +97,14 @@ func TestCLISubAcrossGatewayKill(t *testing.T) {
 	lines := func() []string { return strings.FieldsFunc(sub.out.String(), func(r rune) bool { return r == '\n' }) }
 
 	publish(10)
-	launchtest.WaitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
-	addr := cl.gwAddr
-	cl.gw.kill(syscall.SIGKILL)
-	launchtest.WaitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
+	testutil.WaitFor(t, 15*time.Second, "the first events", func() bool { return len(lines()) >= 10 })
+	cl.killGateway()
+	testutil.WaitFor(t, 15*time.Second, "imq sub to lose its connection", func() bool { return strings.Contains(sub.err.String(), "connection lost") })
 	publish(10) // while sub's gateway is dead
-	cl.startGateway(addr)
+	cl.restartGateway()
 	publish(10)
-	launchtest.WaitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
-	launchtest.WaitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })
+	testutil.WaitFor(t, 30*time.Second, "imq sub to catch up", func() bool { return len(lines()) >= next })
+	testutil.WaitFor(t, 10*time.Second, "imq sub to report the reconnect", func() bool { return strings.Contains(sub.err.String(), "reconnected") })
 
 	sub.cmd.Process.Signal(syscall.SIGINT)
 	if code := sub.wait(t); code != 0 {

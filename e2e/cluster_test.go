@@ -21,6 +21,7 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	imqcluster "github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -48,31 +49,11 @@ func startLocalCluster(t *testing.T, nodes, gateways int) *launch.Cluster {
 
 func startLocalClusterArgs(t *testing.T, nodes, gateways int, gatewayArgs []string) *launch.Cluster {
 	t.Helper()
-	cfg := launch.ClusterConfig{
-		Binary: imqBinary(t), QueueNodes: nodes, Gateways: gateways, Dir: t.TempDir(), Dev: true,
+	return launchtest.StartCluster(t, launch.ClusterConfig{
+		QueueNodes: nodes, Gateways: gateways, Dev: true,
 		JWTSecret: e2eSecret, ClusterArgs: append([]string{"--log-level", "debug"}, gossipArgs...),
 		GatewayArgs: gatewayArgs,
-	}
-	c, err := launch.StartCluster(ctxT(t, 60*time.Second), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c.Stop(10 * time.Second)
-		for _, p := range append(append([]*launch.Process{c.Boss}, c.Nodes...), c.Gateways...) {
-			if b, _ := os.ReadFile(p.LogPath()); strings.Contains(string(b), "WARNING: DATA RACE") {
-				t.Errorf("%s: the race detector reported a data race (log follows)", p.Name)
-			}
-		}
-		if t.Failed() {
-			for _, p := range append(append([]*launch.Process{c.Boss}, c.Nodes...), c.Gateways...) {
-				if b, err := os.ReadFile(p.LogPath()); err == nil {
-					t.Logf("---- %s ----\n%s", p.Name, b)
-				}
-			}
-		}
 	})
-	return c
 }
 
 // bossTable fetches and decodes the boss's table.
@@ -116,7 +97,7 @@ func openRooms(t *testing.T, c *launch.Cluster, prefix string, n int) []*room {
 		r := &room{name: fmt.Sprintf("/room/%s-%d", prefix, i)}
 		for g, url := range urls {
 			cl := dialClient(t, url, fmt.Sprintf("%s-%d-sub%d", prefix, i, g))
-			sub, err := cl.Join(ctxT(t, 10*time.Second), r.name, client.Messages("chat"))
+			sub, err := cl.Join(testutil.Context(t, 10*time.Second), r.name, client.Messages("chat"))
 			if err != nil {
 				t.Fatalf("join %s through %s: %v", r.name, url, err)
 			}
@@ -177,7 +158,7 @@ func checkExactlyOnce(t *testing.T, r *room) {
 	want := slices.Clone(r.offsets)
 	r.mu.Unlock()
 	for i, col := range r.cols {
-		launchtest.WaitFor(t, 10*time.Second, r.name+" subscribers to catch up", func() bool { return len(col.events()) >= len(want) })
+		testutil.WaitFor(t, 10*time.Second, r.name+" subscribers to catch up", func() bool { return len(col.events()) >= len(want) })
 		var got []uint64
 		for _, u := range col.snapshot() {
 			switch u.Kind {
@@ -287,7 +268,7 @@ func TestClusterQueueNodeKilled(t *testing.T) {
 	for _, r := range hit {
 		for i, col := range r.cols {
 			var back time.Duration
-			launchtest.WaitFor(t, bound+5*time.Second, fmt.Sprintf("%s subscriber %d back in the room", r.name, i), func() bool {
+			testutil.WaitFor(t, bound+5*time.Second, fmt.Sprintf("%s subscriber %d back in the room", r.name, i), func() bool {
 				told := false
 				for _, u := range col.snapshot() {
 					if u.Kind == client.KindGap && u.Reason == imqpb.Reason_REASON_NODE_LOST {
@@ -326,10 +307,10 @@ func TestClusterQueueNodeKilled(t *testing.T) {
 	}); ok {
 		t.Fatalf("the dead node is still in table v%d", after.Version())
 	}
-	if err := c.Restart(ctxT(t, 20*time.Second), victim); err != nil {
+	if err := c.Restart(testutil.Context(t, 20*time.Second), victim); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+	if err := c.WaitRouting(testutil.Context(t, 30*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	if n := bossTable(t, c).Counts()[victim.Name]; n < bucket.MinBuckets {
@@ -348,12 +329,12 @@ func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
 	wg := chat(rooms, 20*time.Millisecond, stop)
 	time.Sleep(300 * time.Millisecond)
 
-	added, err := c.AddQueueNode(ctxT(t, 20*time.Second))
+	added, err := c.AddQueueNode(testutil.Context(t, 20*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+	if err := c.WaitRouting(testutil.Context(t, 30*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("rebalanced and routing in %s", time.Since(start).Round(time.Millisecond))
@@ -392,7 +373,7 @@ func TestClusterNodeJoinMovesOnlyStolenBuckets(t *testing.T) {
 	var worst time.Duration
 	for _, r := range movedRooms {
 		for i, col := range r.cols {
-			launchtest.WaitFor(t, 10*time.Second, fmt.Sprintf("%s subscriber %d moved", r.name, i), func() bool {
+			testutil.WaitFor(t, 10*time.Second, fmt.Sprintf("%s subscriber %d moved", r.name, i), func() bool {
 				told := false
 				for _, u := range col.snapshot() {
 					if u.Kind == client.KindGap && u.Reason == imqpb.Reason_REASON_MOVED {
@@ -430,10 +411,10 @@ func TestClusterBossRestart(t *testing.T) {
 	c.Boss.Signal(syscall.SIGKILL)
 	<-c.Boss.Done()
 	time.Sleep(fastGossip.DetectionTime(5) + 500*time.Millisecond) // the members declare the boss dead
-	if err := c.Restart(ctxT(t, 20*time.Second), c.Boss); err != nil {
+	if err := c.Restart(testutil.Context(t, 20*time.Second), c.Boss); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+	if err := c.WaitRouting(testutil.Context(t, 30*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	after := bossTable(t, c)
@@ -556,26 +537,26 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 		srv.CloseClientConnections() // the gateway's long-poll would hold Close
 		srv.Close()
 	})
-	stale, err := c.AddGateway(ctxT(t, 20*time.Second), "--boss-url", srv.URL)
+	stale, err := c.AddGateway(testutil.Context(t, 20*time.Second), "--boss-url", srv.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+	if err := c.WaitRouting(testutil.Context(t, 30*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	before := bossTable(t, c)
 
 	proxy.hold()
-	if _, err := c.AddQueueNode(ctxT(t, 20*time.Second)); err != nil {
+	if _, err := c.AddQueueNode(testutil.Context(t, 20*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	var after *bucket.Table
-	launchtest.WaitFor(t, 20*time.Second, "the boss to give the new node buckets", func() bool {
+	testutil.WaitFor(t, 20*time.Second, "the boss to give the new node buckets", func() bool {
 		after = bossTable(t, c)
 		return len(after.Nodes()) == 3
 	})
 	for _, n := range c.Nodes { // the nodes know the new table
-		launchtest.WaitFor(t, 10*time.Second, n.Name+" to hold the new table", func() bool {
+		testutil.WaitFor(t, 10*time.Second, n.Name+" to hold the new table", func() bool {
 			var v struct {
 				TableVersion uint64 `json:"table_version"`
 			}
@@ -600,7 +581,7 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 		}
 	}
 	subClient := dialClient(t, c.URLs()[0], "fresh-sub")
-	sub, err := subClient.Join(ctxT(t, 10*time.Second), queue, client.Messages("chat"))
+	sub, err := subClient.Join(testutil.Context(t, 10*time.Second), queue, client.Messages("chat"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -608,17 +589,17 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 	pub := dialClient(t, "ws://"+stale.Addr("http")+"/ws", "stale-pub")
 	done := make(chan error, 1)
 	go func() {
-		_, err := pub.Publish(ctxT(t, 10*time.Second), queue, "chat", []byte("through a stale table"))
+		_, err := pub.Publish(testutil.Context(t, 10*time.Second), queue, "chat", []byte("through a stale table"))
 		done <- err
 	}()
-	launchtest.WaitFor(t, 5*time.Second, "the stale gateway to be answered MOVED", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the stale gateway to be answered MOVED", func() bool {
 		return metric(t, stale.Addr("internal"), "imq_gateway_moved_retries_total") >= 1
 	})
 	proxy.release()
 	if err := <-done; err != nil {
 		t.Fatalf("the publish through the stale gateway failed: %v", err)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the subscriber on the new owner to receive it", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the subscriber on the new owner to receive it", func() bool {
 		for _, u := range col.events() {
 			if string(u.Payload) == "through a stale table" {
 				return true
@@ -638,7 +619,7 @@ func TestClusterStaleGatewayTable(t *testing.T) {
 func TestLoadtestThroughNodeLoss(t *testing.T) {
 	c := startLocalCluster(t, 3, 2)
 	report := t.TempDir() + "/report.json"
-	cmd := exec.Command(imqBinary(t), "loadtest", "--url", strings.Join(c.URLs(), ","), "--secret", e2eSecret,
+	cmd := exec.Command(launchtest.Binary(t), "loadtest", "--url", strings.Join(c.URLs(), ","), "--secret", e2eSecret,
 		"--rooms", "12", "--bots-per-room", "4", "--chat-rate", "2", "--state-rate", "0.5", "--churn-rate", "0",
 		"--duration", "6s", "--json", report)
 	var out strings.Builder

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 )
@@ -27,10 +29,10 @@ func keylessEnv() []string {
 // it, and never serves (no ready file).
 func TestQueueNodeRefusesToStartWithoutKey(t *testing.T) {
 	ready := filepath.Join(t.TempDir(), "qn.ready")
-	cmd := exec.Command(imqBinary(t), "queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0",
+	cmd := exec.Command(launchtest.Binary(t), "queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0",
 		"--gossip-addr", "127.0.0.1:0", "--join", "127.0.0.1:1", "--ready-file", ready)
 	cmd.Env = keylessEnv()
-	var out launchtest.SyncBuffer
+	var out testutil.SyncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -62,35 +64,33 @@ func TestQueueNodeRefusesToStartWithoutKey(t *testing.T) {
 // /varz shows false.
 func TestInsecureIsLoud(t *testing.T) {
 	for _, insecure := range []bool{true, false} {
-		ready := filepath.Join(t.TempDir(), "qn.ready")
-		args := []string{"queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--ready-file", ready}
-		var p *proc
+		args := []string{"queuenode", "--link-addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--log-format", "json"}
+		var env []string
 		if insecure {
-			p = startEnv(t, "queuenode", keylessEnv(), append(args, "--insecure")...)
-		} else {
-			p = start(t, "queuenode", args...)
+			args, env = append(args, "--insecure"), []string{"IMQ_INSECURE="} // no key: StartProcess gives none
 		}
-		var r launch.Ready
-		launchtest.WaitFor(t, 15*time.Second, "the queue node's ready file", func() bool {
-			var err error
-			r, err = launch.ReadReady(ready)
-			return err == nil
-		})
+		p := launchtest.StartProcess(t, "queuenode", env, args...)
 		var v struct {
 			Insecure *bool `json:"insecure"`
 		}
-		getJSON(t, "http://"+r.Addrs["internal"]+"/varz", &v)
+		getJSON(t, "http://"+p.Addr("internal")+"/varz", &v)
 		if v.Insecure == nil || *v.Insecure != insecure {
 			t.Errorf("--insecure %v: /varz insecure is %v", insecure, v.Insecure)
 		}
-		p.waitLog("queue node serving links") // logged after the warning, which is then read
-		p.mu.Lock()
+		// The warning is logged before the ready file is written.
+		b, err := os.ReadFile(p.LogPath())
+		if err != nil {
+			t.Fatal(err)
+		}
 		var warned bool
-		for _, l := range p.logs {
+		for _, line := range strings.Split(string(b), "\n") {
+			var l map[string]any
+			if json.Unmarshal([]byte(line), &l) != nil {
+				continue
+			}
 			msg, _ := l["msg"].(string)
 			warned = warned || (l["level"] == "WARN" && strings.HasPrefix(msg, "INSECURE: running without a cluster key"))
 		}
-		p.mu.Unlock()
 		if warned != insecure {
 			t.Errorf("--insecure %v: the INSECURE warning logged: %v", insecure, warned)
 		}

@@ -16,14 +16,14 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/client"
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
 func dialClient(t *testing.T, url, user string, opts ...client.Option) *client.Client {
 	t.Helper()
 	opts = append([]client.Option{client.WithUser(user), client.WithBackoff(20*time.Millisecond, 200*time.Millisecond)}, opts...)
-	c, err := client.Dial(ctxT(t, 10*time.Second), url, opts...)
+	c, err := client.Dial(testutil.Context(t, 10*time.Second), url, opts...)
 	if err != nil {
 		t.Fatalf("dial as %s: %v", user, err)
 	}
@@ -80,7 +80,7 @@ func TestRoomAcrossProcesses(t *testing.T) {
 			opts = append(opts, client.WithJSON())
 		}
 		clients[i] = dialClient(t, cl.url(), u, opts...)
-		sub, err := clients[i].Join(ctxT(t, 5*time.Second), room, client.Messages("chat"), client.State("scores"))
+		sub, err := clients[i].Join(testutil.Context(t, 5*time.Second), room, client.Messages("chat"), client.State("scores"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -107,7 +107,7 @@ func TestRoomAcrossProcesses(t *testing.T) {
 	wg.Wait()
 	want := len(users) * perClient
 	// Each client published want/len(users) events and as many state changes.
-	launchtest.WaitFor(t, 10*time.Second, "every client to see every update", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "every client to see every update", func() bool {
 		for _, col := range cols {
 			if len(col.snapshot()) < 2*want {
 				return false
@@ -146,13 +146,11 @@ func TestRoomAcrossProcesses(t *testing.T) {
 func TestGatewayKilledClientResumes(t *testing.T) {
 	cl := startCluster(t)
 	// The publisher uses a second gateway, which stays up.
-	pubGW := start(t, "gateway-2", "gateway", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--queuenode", cl.linkAddr, "--dev")
-	pubURL := "ws://" + pubGW.waitLog("gateway serving")["addr"].(string) + "/ws"
-	pubGW.waitLog("queue node link up")
+	pubURL := wsURL(cl.startGateway("gateway-2", nil))
 
 	const room = "/room/resume"
 	recv := dialClient(t, cl.url(), "receiver")
-	sub, err := recv.Join(ctxT(t, 5*time.Second), room, client.Messages("chat"))
+	sub, err := recv.Join(testutil.Context(t, 5*time.Second), room, client.Messages("chat"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +160,7 @@ func TestGatewayKilledClientResumes(t *testing.T) {
 	var offsets []uint64
 	publish := func(n int) {
 		for i := 0; i < n; i++ {
-			off, err := pub.Publish(ctxT(t, 5*time.Second), room, "chat", []byte(fmt.Sprint(len(offsets))))
+			off, err := pub.Publish(testutil.Context(t, 5*time.Second), room, "chat", []byte(fmt.Sprint(len(offsets))))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -171,13 +169,12 @@ func TestGatewayKilledClientResumes(t *testing.T) {
 		}
 	}
 	publish(50)
-	addr := cl.gwAddr
-	cl.gw.kill(syscall.SIGKILL)
+	cl.killGateway()
 	publish(100) // while the receiver's gateway is dead
-	cl.startGateway(addr)
+	cl.restartGateway()
 	publish(50)
 
-	launchtest.WaitFor(t, 15*time.Second, "the receiver to catch up", func() bool { return len(col.events()) >= len(offsets) })
+	testutil.WaitFor(t, 15*time.Second, "the receiver to catch up", func() bool { return len(col.events()) >= len(offsets) })
 	time.Sleep(100 * time.Millisecond) // anything extra would show up now
 	var got []uint64
 	for _, u := range col.snapshot() {
@@ -202,7 +199,7 @@ func TestGatewaySIGTERM(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ws.Close()
-	cl.gw.kill(syscall.SIGTERM)
+	cl.gw.Stop(syscall.SIGTERM, 15*time.Second)
 	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var goodbye *imqpb.Goodbye
 	for goodbye == nil {
@@ -219,7 +216,7 @@ func TestGatewaySIGTERM(t *testing.T) {
 	if goodbye.GetReason() != imqpb.Reason_REASON_SHUTDOWN || !goodbye.GetReconnect() {
 		t.Fatalf("goodbye %v", goodbye)
 	}
-	if code := cl.gw.exitCode(); code != 0 {
+	if code := cl.gw.ExitCode(); code != 0 {
 		t.Fatalf("gateway exited with %d after SIGTERM", code)
 	}
 }
@@ -232,7 +229,7 @@ func TestTokenRefusedOnReconnect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := client.Dial(ctxT(t, 10*time.Second), cl.url(), client.WithToken(tok),
+	c, err := client.Dial(testutil.Context(t, 10*time.Second), cl.url(), client.WithToken(tok),
 		client.WithBackoff(20*time.Millisecond, 200*time.Millisecond), client.WithBufferSize(1))
 	if err != nil {
 		t.Fatal(err)
@@ -240,22 +237,21 @@ func TestTokenRefusedOnReconnect(t *testing.T) {
 	t.Cleanup(func() { c.Close() })
 	var subs []*client.Subscription
 	for _, q := range []string{"/room/a", "/room/b"} {
-		sub, err := c.Join(ctxT(t, 5*time.Second), q, client.Messages("chat"))
+		sub, err := c.Join(testutil.Context(t, 5*time.Second), q, client.Messages("chat"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		subs = append(subs, sub)
 	}
 	// Fill the first subscription's one-slot channel and never read it.
-	if _, err := c.Publish(ctxT(t, 5*time.Second), "/room/a", "chat", []byte("unread")); err != nil {
+	if _, err := c.Publish(testutil.Context(t, 5*time.Second), "/room/a", "chat", []byte("unread")); err != nil {
 		t.Fatal(err)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the first channel to fill", func() bool { return len(subs[0].Updates()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the first channel to fill", func() bool { return len(subs[0].Updates()) == 1 })
 
-	addr := cl.gwAddr
-	cl.gw.kill(syscall.SIGKILL)
-	cl.gwArgs = []string{"--jwt-secret", "a-different-secret-0123456789"}
-	cl.startGateway(addr)
+	addr := cl.gw.Addr("http")
+	cl.killGateway()
+	cl.gw = cl.startGateway("gateway-new-secret", []string{"IMQ_JWT_SECRET=a-different-secret-0123456789"}, "--addr", addr)
 
 	// Read only the second subscription: the first one's unread channel
 	// must not hold up the second's last update.

@@ -20,6 +20,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch/launchtest"
 )
 
@@ -44,7 +45,7 @@ func startImqCluster(t *testing.T, env []string, args ...string) *imqCluster {
 	t.Helper()
 	c := &imqCluster{t: t, dir: t.TempDir(), pids: map[string]int{}, addrs: map[string]string{}, done: make(chan struct{})}
 	args = append(append([]string{"cluster", "--dir", c.dir}, args...), append([]string{"--"}, gossipArgs...)...)
-	c.cmd = exec.Command(imqBinary(t), args...)
+	c.cmd = exec.Command(launchtest.Binary(t), args...)
 	c.cmd.Env = append(c.cmd.Environ(), env...)
 	stdout, err := c.cmd.StdoutPipe()
 	if err != nil {
@@ -86,7 +87,7 @@ func startImqCluster(t *testing.T, env []string, args ...string) *imqCluster {
 			t.Logf("imq cluster printed:\n%s", strings.Join(c.output(), "\n"))
 		}
 	})
-	launchtest.WaitFor(t, 60*time.Second, "imq cluster's table of processes", func() bool {
+	testutil.WaitFor(t, 60*time.Second, "imq cluster's table of processes", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		for _, l := range c.lines {
@@ -140,7 +141,7 @@ func (c *imqCluster) waitOutput(from int, prefix string, d time.Duration) (strin
 	c.t.Helper()
 	var line string
 	var at int
-	launchtest.WaitFor(c.t, d, fmt.Sprintf("imq cluster to print %q", prefix), func() bool {
+	testutil.WaitFor(c.t, d, fmt.Sprintf("imq cluster to print %q", prefix), func() bool {
 		out := c.output()
 		for i := from; i < len(out); i++ {
 			if strings.HasPrefix(out[i], prefix) {
@@ -210,15 +211,15 @@ func TestImqClusterCommand(t *testing.T) {
 		t.Fatalf("no 'imq cluster:' header or connect hint:\n%s", out)
 	}
 	cl := dialClient(t, c.url, "cmd-user")
-	sub, err := cl.Join(ctxT(t, 10*time.Second), "/room/cmd", client.Messages("chat"))
+	sub, err := cl.Join(testutil.Context(t, 10*time.Second), "/room/cmd", client.Messages("chat"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	col := collect(sub)
-	if _, err := cl.Publish(ctxT(t, 5*time.Second), "/room/cmd", "chat", []byte(`"hi"`)); err != nil {
+	if _, err := cl.Publish(testutil.Context(t, 5*time.Second), "/room/cmd", "chat", []byte(`"hi"`)); err != nil {
 		t.Fatal(err)
 	}
-	launchtest.WaitFor(t, 5*time.Second, "the message", func() bool { return len(col.events()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the message", func() bool { return len(col.events()) == 1 })
 	cl.Close()
 
 	c.interrupt()
@@ -271,7 +272,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	// The node is back in the boss's table on its link address, owning
 	// buckets...
 	boss := strings.TrimSuffix(c.addrs["boss"], "/v1/nodes")
-	launchtest.WaitFor(t, 30*time.Second, "qn-2 back in the boss's table with buckets", func() bool {
+	testutil.WaitFor(t, 30*time.Second, "qn-2 back in the boss's table with buckets", func() bool {
 		resp, err := http.Get(boss + "/v1/table")
 		if err != nil {
 			return false
@@ -296,7 +297,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	})
 	// ...and the restarted gateway serves at the URL it had.
 	health := "http" + strings.TrimSuffix(strings.TrimPrefix(c.url, "ws"), "/ws") + "/healthz"
-	launchtest.WaitFor(t, 30*time.Second, "gw-1 healthy again", func() bool {
+	testutil.WaitFor(t, 30*time.Second, "gw-1 healthy again", func() bool {
 		resp, err := http.Get(health)
 		if err != nil {
 			return false
@@ -306,7 +307,7 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	})
 	// Healthy means one link up: wait for the links to both nodes, as a
 	// client retrying UNAVAILABLE would.
-	launchtest.WaitFor(t, 30*time.Second, "gw-1's links to both queue nodes", func() bool {
+	testutil.WaitFor(t, 30*time.Second, "gw-1's links to both queue nodes", func() bool {
 		resp, err := http.Get(c.addrs["gw-1/internal"])
 		if err != nil {
 			return false
@@ -322,15 +323,15 @@ func TestImqClusterRestartsKilledProcesses(t *testing.T) {
 	served := map[string]int{}
 	for i := range 16 { // rooms spread over both nodes
 		room := fmt.Sprintf("/room/restart-%d", i)
-		sub, err := cl.Join(ctxT(t, 10*time.Second), room, client.Messages("chat"))
+		sub, err := cl.Join(testutil.Context(t, 10*time.Second), room, client.Messages("chat"))
 		if err != nil {
 			t.Fatalf("join %s after the restarts: %v", room, err)
 		}
 		col := collect(sub)
-		if _, err := cl.Publish(ctxT(t, 5*time.Second), room, "chat", []byte(`"back"`)); err != nil {
+		if _, err := cl.Publish(testutil.Context(t, 5*time.Second), room, "chat", []byte(`"back"`)); err != nil {
 			t.Fatalf("publish to %s after the restarts: %v", room, err)
 		}
-		launchtest.WaitFor(t, 5*time.Second, "the message in "+room, func() bool { return len(col.events()) == 1 })
+		testutil.WaitFor(t, 5*time.Second, "the message in "+room, func() bool { return len(col.events()) == 1 })
 		var info struct{ Node string }
 		if st := rpc(t, gw, "queue_info", map[string]any{"queue": room}, &info); st != http.StatusOK {
 			t.Fatalf("queue_info %s: %d (the API key from IMQ_API_KEYS)", room, st)
@@ -359,7 +360,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 	if err := os.WriteFile(keyFile, []byte(apiKey+" methods=queue_info\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret, "IMQ_GOSSIP_KEY=" + e2eClusterKey, "IMQ_INSECURE=true"},
+	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret, "IMQ_GOSSIP_KEY=" + strings.TrimPrefix(launchtest.ClusterKeyEnv, "IMQ_CLUSTER_KEY="), "IMQ_INSECURE=true"},
 		"--queuenodes", "1", "--gateways", "1", "--api-key-file", keyFile, "--allowed-origins", "https://game.example.com")
 	pids := c.childPIDs()
 	for name, pid := range pids {
@@ -400,15 +401,15 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl, err := client.Dial(ctxT(t, 10*time.Second), c.url, client.WithToken(tok))
+	cl, err := client.Dial(testutil.Context(t, 10*time.Second), c.url, client.WithToken(tok))
 	if err != nil {
 		t.Fatalf("connect with a token signed with the secret: %v", err)
 	}
 	defer cl.Close()
-	if _, err := cl.Join(ctxT(t, 10*time.Second), "/room/secret", client.Messages("chat")); err != nil {
+	if _, err := cl.Join(testutil.Context(t, 10*time.Second), "/room/secret", client.Messages("chat")); err != nil {
 		t.Fatal(err)
 	}
-	if cl, err := client.Dial(ctxT(t, 10*time.Second), c.url, client.WithUser("mallory")); err == nil {
+	if cl, err := client.Dial(testutil.Context(t, 10*time.Second), c.url, client.WithUser("mallory")); err == nil {
 		cl.Close()
 		t.Fatal("?user= connected: the gateway is in development mode")
 	}
@@ -427,8 +428,8 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 // two) or a "link lost" warning. A few runs, to catch the race.
 func TestImqDevCtrlCIsQuiet(t *testing.T) {
 	for run := range 3 {
-		cmd := exec.Command(imqBinary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
-		var out launchtest.SyncBuffer
+		cmd := exec.Command(launchtest.Binary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
+		var out testutil.SyncBuffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -436,7 +437,7 @@ func TestImqDevCtrlCIsQuiet(t *testing.T) {
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
 		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
-		launchtest.WaitFor(t, 30*time.Second, "imq dev to be ready", func() bool { return strings.Contains(out.String(), "Press Ctrl-C to stop.") })
+		testutil.WaitFor(t, 30*time.Second, "imq dev to be ready", func() bool { return strings.Contains(out.String(), "Press Ctrl-C to stop.") })
 		cmd.Process.Signal(syscall.SIGINT)
 		select {
 		case err := <-exited:

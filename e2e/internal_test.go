@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch/launchtest"
 )
 
@@ -112,7 +113,7 @@ func TestInternalListenerCluster(t *testing.T) {
 			t.Logf("/v1/nodes: %s", last)
 		}
 	}()
-	launchtest.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
 		last = nodesProblem(c.Boss.Addr("http"), want)
 		return last == ""
 	})
@@ -121,21 +122,19 @@ func TestInternalListenerCluster(t *testing.T) {
 // TestDevNodesShowQueueNodeVarz: the imq dev binary's boss lists the queue
 // node with its /varz (no varz_error), as it does the gateway and itself.
 func TestDevNodesShowQueueNodeVarz(t *testing.T) {
-	dev := start(t, "dev", "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0",
+	dev := launchtest.StartProcess(t, "dev", nil, "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0",
 		"--link-addr", "127.0.0.1:0")
-	gw := dev.waitLog("gateway serving")
-	bossAddr := dev.waitLog("boss serving")["addr"].(string)
-	nodeInternal := dev.waitLog("queue node internal HTTP")["addr"].(string)
+	bossAddr, nodeInternal := dev.Addr("boss"), dev.Addr("node_internal")
 	want := map[string]wantMember{
 		"boss":     {internal: bossAddr},
 		"dev-node": {internal: nodeInternal, varzID: varzField("node_id")},
 	}
-	launchtest.WaitFor(t, 15*time.Second, "the gateway to join", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "the gateway to join", func() bool {
 		var v nodesView
 		getJSON(t, "http://"+bossAddr+"/v1/nodes", &v)
 		for _, m := range v.Members {
 			if m.Role == "gateway" {
-				want[m.ID] = wantMember{internal: gw["internal"].(string), client: gw["addr"].(string), varzID: varzField("gateway_id")}
+				want[m.ID] = wantMember{internal: dev.Addr("internal"), client: dev.Addr("http"), varzID: varzField("gateway_id")}
 				return true
 			}
 		}
@@ -147,7 +146,7 @@ func TestDevNodesShowQueueNodeVarz(t *testing.T) {
 			t.Logf("/v1/nodes: %s", last)
 		}
 	}()
-	launchtest.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
+	testutil.WaitFor(t, 15*time.Second, "/v1/nodes to show every member's varz", func() bool {
 		last = nodesProblem(bossAddr, want)
 		return last == ""
 	})

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"fmt"
+	"github.com/imq-dev/imq/launch/launchtest"
 	"os"
 	"os/exec"
 	"regexp"
@@ -118,7 +119,7 @@ func subcommand(line string) string {
 // subcommandFlags runs imq SUB --help and returns its flags.
 func subcommandFlags(t *testing.T, sub string) (helpFlags, error) {
 	t.Helper()
-	out, err := exec.Command(imqBinary(t), append(strings.Fields(sub), "--help")...).CombinedOutput()
+	out, err := exec.Command(launchtest.Binary(t), append(strings.Fields(sub), "--help")...).CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("imq %s --help: %v\n%s", sub, err, out)
 	}

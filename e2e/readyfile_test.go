@@ -4,12 +4,12 @@ import (
 	"maps"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 )
@@ -19,7 +19,7 @@ var readyKinds = map[string][]string{
 	"boss":      {"gossip", "http"},
 	"queuenode": {"gossip", "internal", "link"},
 	"gateway":   {"gossip", "http", "internal"},
-	"dev":       {"boss", "http", "internal", "link"},
+	"dev":       {"boss", "http", "internal", "link", "node_internal"},
 }
 
 // checkReady checks that r describes a process of role with id and pid
@@ -45,7 +45,7 @@ func checkReady(t *testing.T, r launch.Ready, role, id string, pid int) {
 // stopped process removes its own.
 func TestClusterReadyFiles(t *testing.T) {
 	c := startLocalCluster(t, 1, 1)
-	path := func(p *launch.Process) string { return filepath.Join(c.Dir(), p.Name+".ready") }
+	path := (*launch.Process).ReadyPath
 	for _, p := range []*launch.Process{c.Boss, c.Nodes[0], c.Gateways[0]} {
 		r, err := launch.ReadReady(path(p))
 		if err != nil {
@@ -66,7 +66,7 @@ func TestClusterReadyFiles(t *testing.T) {
 	if _, err := os.Stat(path(node)); err != nil {
 		t.Fatalf("a killed process cannot remove its ready file, yet: %v", err)
 	}
-	if err := c.Restart(ctxT(t, 20*time.Second), node); err != nil {
+	if err := c.Restart(testutil.Context(t, 20*time.Second), node); err != nil {
 		t.Fatal(err)
 	}
 	after, err := launch.ReadReady(path(node))
@@ -80,7 +80,7 @@ func TestClusterReadyFiles(t *testing.T) {
 	if !maps.Equal(after.Addrs, before.Addrs) {
 		t.Errorf("restarted on addresses %v, want the old ones %v", after.Addrs, before.Addrs)
 	}
-	if err := c.WaitRouting(ctxT(t, 30*time.Second)); err != nil {
+	if err := c.WaitRouting(testutil.Context(t, 30*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -91,21 +91,18 @@ func TestClusterReadyFiles(t *testing.T) {
 	}
 }
 
-// TestDevReadyFile: imq dev writes its addresses to --ready-file and
-// removes it when it stops.
+// TestDevReadyFile: imq dev writes its addresses to --ready-file (launch
+// gives it one and waits for it) and removes it when it stops.
 func TestDevReadyFile(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "dev.ready")
-	dev := start(t, "dev", "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0",
-		"--link-addr", "127.0.0.1:0", "--ready-file", path)
-	var r launch.Ready
-	launchtest.WaitFor(t, 15*time.Second, "imq dev's ready file", func() bool {
-		var err error
-		r, err = launch.ReadReady(path)
-		return err == nil
-	})
-	checkReady(t, r, "dev", "dev", dev.cmd.Process.Pid)
-	dev.kill(syscall.SIGTERM)
-	if _, err := os.Stat(path); !os.IsNotExist(err) {
+	dev := launchtest.StartProcess(t, "dev", nil, "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0",
+		"--link-addr", "127.0.0.1:0")
+	r, err := launch.ReadReady(dev.ReadyPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkReady(t, r, "dev", "dev", dev.PID())
+	dev.Stop(syscall.SIGTERM, 15*time.Second)
+	if _, err := os.Stat(dev.ReadyPath()); !os.IsNotExist(err) {
 		t.Errorf("imq dev stopped and left its ready file: %v", err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -80,7 +81,7 @@ func openTCP(t testing.TB, gw *gateway.Server, ip string, n int, send string) []
 			answered.Add(1)
 		})
 	}
-	waitFor(t, 30*time.Second, func() bool {
+	testutil.WaitFor(t, 30*time.Second, "every connection answered or pending", func() bool {
 		return int(answered.Load())+gw.PendingFrom(ip)-before == n
 	})
 	stopping.Store(true)
@@ -233,7 +234,7 @@ func TestIdleKeyHoldersKeepTheirHostIn(t *testing.T) {
 	}
 	// Idle, they are pending in the total (the first evicted), not per host.
 	// (The total may hold another: the readiness probe's.)
-	waitFor(t, 10*time.Second, func() bool { return d.Gateway.Pending() >= n })
+	testutil.WaitFor(t, 10*time.Second, "n pending connections", func() bool { return d.Gateway.Pending() >= n })
 	if got := d.Gateway.PendingFrom(host); got != 0 {
 		t.Fatalf("%d pending from the host with %d idle key holders' connections; want 0", got, n)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 	"github.com/imq-dev/imq/queuenode"
 )
@@ -96,7 +97,7 @@ func queueOn(t *testing.T, tb *bucket.Table, node, prefix string) string {
 func install(t *testing.T, gw *gateway.Server, tb *bucket.Table) {
 	t.Helper()
 	gw.InstallTable(tb)
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "links to every node of the table", func() bool {
 		links := gw.Links()
 		for _, n := range tb.Nodes() {
 			if !links[n.ID] {
@@ -652,7 +653,7 @@ func TestClusterRefusedRequestChangesNothing(t *testing.T) {
 	expectCode(t, c.join("/room/a", chat()), imqpb.Code_OK)
 
 	joinID := c.send(&imqpb.ClientMessage{Msg: &imqpb.ClientMessage_Join{Join: &imqpb.Join{Queue: "/room/held", Mounts: []*imqpb.MountSpec{chat()}}}})
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the held join to reach the node", func() bool {
 		for {
 			select {
 			case r := <-fake.reqs:

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/reasons"
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -519,7 +520,9 @@ func (c *conn) startWriterLocked() {
 }
 
 // goAway queues a goodbye and a close frame after what is already queued;
-// the connection accepts nothing more.
+// the connection accepts nothing more. Whether the client should reconnect
+// is the reason's (internal/reasons); reconnect decides only for a reason
+// whose row leaves it to the sender (AUTH_FAILED).
 func (c *conn) goAway(reason imqpb.Reason, msg string, reconnect bool) {
 	c.mu.Lock()
 	c.goAwayLocked(reason, msg, reconnect)
@@ -543,16 +546,17 @@ func (c *conn) goAwayLocked(reason imqpb.Reason, msg string, reconnect bool) boo
 	}
 	c.closing = true
 	c.bye.Store(true)
+	info := reasons.Of(reason)
 	if c.reason == "" {
-		c.reason = reasonLabel(reason)
+		c.reason = info.Label
 	}
 	b, kind, err := c.encode(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Goodbye{Goodbye: &imqpb.Goodbye{
-		Reason: reason, Message: msg, Reconnect: reconnect,
+		Reason: reason, Message: msg, Reconnect: info.Again(reconnect),
 	}}})
 	if err == nil {
 		c.queue = append(c.queue, outFrame{data: b, kind: kind})
 	}
-	c.queue = append(c.queue, outFrame{data: websocket.FormatCloseMessage(closeCode(reason), closeText(msg)), kind: websocket.CloseMessage})
+	c.queue = append(c.queue, outFrame{data: websocket.FormatCloseMessage(info.CloseCode, closeText(msg)), kind: websocket.CloseMessage})
 	c.startWriterLocked()
 	return true
 }
@@ -653,46 +657,4 @@ func (c *conn) writeBatch(batch []outFrame) (final bool, err error) {
 		c.flushOnce.Do(func() { close(c.flushed) })
 	}
 	return final, err
-}
-
-func reasonLabel(r imqpb.Reason) string {
-	switch r {
-	case imqpb.Reason_REASON_SHUTDOWN:
-		return "shutdown"
-	case imqpb.Reason_REASON_SLOW_CONSUMER:
-		return "slow_consumer"
-	case imqpb.Reason_REASON_PING_TIMEOUT:
-		return "ping_timeout"
-	case imqpb.Reason_REASON_AUTH_FAILED:
-		return "auth_failed"
-	case imqpb.Reason_REASON_AUTH_TIMEOUT:
-		return "auth_timeout"
-	case imqpb.Reason_REASON_PROTOCOL_ERROR:
-		return "protocol_error"
-	case imqpb.Reason_REASON_NODE_LOST:
-		return "node_lost"
-	case imqpb.Reason_REASON_MOVED:
-		return "moved"
-	case imqpb.Reason_REASON_TIMEOUT:
-		return "timeout"
-	case imqpb.Reason_REASON_QUEUE_CLOSED:
-		return "queue_closed"
-	case imqpb.Reason_REASON_KICKED:
-		return "kicked"
-	}
-	return "other"
-}
-
-func closeCode(r imqpb.Reason) int {
-	switch r {
-	case imqpb.Reason_REASON_SHUTDOWN, imqpb.Reason_REASON_PING_TIMEOUT:
-		return websocket.CloseGoingAway
-	case imqpb.Reason_REASON_SLOW_CONSUMER, imqpb.Reason_REASON_SERVER_FULL:
-		return websocket.CloseTryAgainLater
-	case imqpb.Reason_REASON_AUTH_FAILED, imqpb.Reason_REASON_AUTH_TIMEOUT:
-		return websocket.ClosePolicyViolation
-	case imqpb.Reason_REASON_PROTOCOL_ERROR:
-		return websocket.CloseMessageTooBig
-	}
-	return websocket.CloseNormalClosure
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/internal/wire"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
@@ -31,17 +32,6 @@ func startDev(t testing.TB, mod func(*gateway.Config)) *launch.Dev {
 			mod(&c.Gateway)
 		}
 	})
-}
-
-func waitFor(t testing.TB, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s", d)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // rawClient speaks the protocol frame by frame, with no SDK in between.
@@ -503,7 +493,7 @@ func TestConnectionLimit(t *testing.T) {
 	}
 	// Capacity comes back when a connection closes.
 	a.ws.Close()
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "capacity back after a close", func() bool {
 		c, _, err := dialRaw(t, d, "?user=c", false, nil)
 		if err != nil {
 			return false

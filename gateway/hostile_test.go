@@ -15,6 +15,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -88,7 +89,7 @@ func TestClientPortTimeouts(t *testing.T) {
 	// Pipelined requests whose answers are never read: once the socket
 	// buffers are full the server's write blocks, and is cut off at the
 	// write timeout, which closes the connection.
-	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	testutil.WaitFor(t, 5*time.Second, "no pending connections", func() bool { return d.Gateway.Pending() == 0 })
 	pipe, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -96,8 +97,8 @@ func TestClientPortTimeouts(t *testing.T) {
 	defer pipe.Close()
 	pipe.(*net.TCPConn).SetReadBuffer(4096)
 	go pipe.Write([]byte(strings.Repeat("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 100000))) // ends when the connection does
-	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 1 })
-	waitFor(t, 15*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	testutil.WaitFor(t, 5*time.Second, "one pending connection", func() bool { return d.Gateway.Pending() == 1 })
+	testutil.WaitFor(t, 15*time.Second, "no pending connections", func() bool { return d.Gateway.Pending() == 0 })
 
 	// The WebSocket outlives both timeouts.
 	time.Sleep(time.Until(start.Add(2 * timeout)))
@@ -228,9 +229,9 @@ func TestRefusalIsRead(t *testing.T) {
 // as warnings with the source address (never the token), at most one per
 // reason per 10 s however many there are.
 func TestRefusalsAreLogged(t *testing.T) {
-	var logs launchtest.SyncBuffer
+	logger, logs := testutil.CaptureLogs(slog.LevelWarn)
 	d := launchtest.StartDev(t, func(c *launch.DevConfig) {
-		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		c.Logger = logger
 		c.Gateway.JWTSecret = testSecret
 		c.Gateway.AuthFailuresPerIP, c.Gateway.MaxPendingPerIP = 3, 10
 	})
@@ -315,16 +316,16 @@ func TestShutdownWaitsForDrains(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer held.Close()
-	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 1 })
+	testutil.WaitFor(t, 5*time.Second, "one pending connection", func() bool { return d.Gateway.Pending() == 1 })
 	refused, err := net.Dial("tcp", addr) // refused and drained: it sends nothing, so its drain lasts
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer refused.Close()
-	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Drains() == 1 })
+	testutil.WaitFor(t, 5*time.Second, "one drain", func() bool { return d.Gateway.Drains() == 1 })
 	// The held one goes, so that nothing else holds Shutdown up.
 	held.Close()
-	waitFor(t, 5*time.Second, func() bool { return d.Gateway.Pending() == 0 })
+	testutil.WaitFor(t, 5*time.Second, "no pending connections", func() bool { return d.Gateway.Pending() == 0 })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := d.Shutdown(ctx); err != nil {
@@ -338,9 +339,9 @@ func TestShutdownWaitsForDrains(t *testing.T) {
 // TestFailedAuthLogIsBounded: a token's error message can carry the
 // client's own text (an aud of kilobytes); the warning cuts it short.
 func TestFailedAuthLogIsBounded(t *testing.T) {
-	var logs launchtest.SyncBuffer
+	logger, logs := testutil.CaptureLogs(slog.LevelWarn)
 	d := launchtest.StartDev(t, func(c *launch.DevConfig) {
-		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		c.Logger = logger
 		c.Gateway.JWTSecret = testSecret
 	})
 	aud := strings.Repeat("A", 8000)

@@ -23,6 +23,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -291,7 +292,7 @@ func TestJWKS(t *testing.T) {
 		srv.add(ecJWK("new", &newKey.PublicKey))
 		tok := sign(t, jwt.SigningMethodES256, newKey, "new", c)
 		start := time.Now()
-		waitFor(t, 5*time.Second, func() bool { return connectWith(t, d, tok).GetCode() == imqpb.Code_OK })
+		testutil.WaitFor(t, 5*time.Second, "the token accepted", func() bool { return connectWith(t, d, tok).GetCode() == imqpb.Code_OK })
 		// At most one fetch per 50 ms since the start, and the first.
 		if n, most := srv.fetches.Load(), int64(time.Since(start)/(50*time.Millisecond))+2; n > most {
 			t.Fatalf("%d JWKS fetches, want at most %d", n, most)
@@ -322,7 +323,7 @@ func TestJWKSKeepsKeys(t *testing.T) {
 	failing.Store(true)
 	before := fetches.Load()
 	// An unknown kid makes the gateway fetch again, in vain.
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "an unknown kid refused after a fetch", func() bool {
 		r := connectWith(t, d, sign(t, jwt.SigningMethodEdDSA, edKey, "k2", claims("gus", 0, time.Minute)))
 		return r.GetCode() == imqpb.Code_UNAUTHORIZED && fetches.Load() > before
 	})

@@ -13,6 +13,7 @@ import (
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/link"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -122,7 +123,7 @@ func TestLinkClusterKeys(t *testing.T) {
 			})
 			if !c.up {
 				addr := d.Gateway.InternalAddr() // the node's metrics too: one registry
-				waitFor(t, 5*time.Second, func() bool {
+				testutil.WaitFor(t, 5*time.Second, "both sides to count the handshake failure", func() bool {
 					return handshakeFailures(t, addr, "imq_gateway_link_handshake_failures_total", c.gatewayReason) > 0 &&
 						handshakeFailures(t, addr, "imq_queuenode_link_handshake_failures_total", c.nodeReason) > 0
 				})
@@ -202,7 +203,7 @@ func TestGatewayRefusesFakeNode(t *testing.T) {
 	if b, err := fr.Next(); err == nil {
 		t.Fatalf("the gateway sent a frame of %d bytes to a node that did not prove the key", len(b))
 	}
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the gateway to count the auth failure", func() bool {
 		return handshakeFailures(t, gw.InternalAddr(), "imq_gateway_link_handshake_failures_total", link.ReasonAuth) > 0
 	})
 }

@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imq-dev/imq/internal/link"
+	"github.com/imq-dev/imq/internal/reasons"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -127,7 +128,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		m.movedFailures.WithLabelValues(r)
 	}
 	for _, r := range []imqpb.Reason{imqpb.Reason_REASON_NODE_LOST, imqpb.Reason_REASON_MOVED, imqpb.Reason_REASON_TIMEOUT} {
-		m.unsubscribed.WithLabelValues(reasonLabel(r))
+		m.unsubscribed.WithLabelValues(reasons.Of(r).Label)
 	}
 	for r := range refusals {
 		m.refused.WithLabelValues(r)

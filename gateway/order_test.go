@@ -15,6 +15,7 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 	"github.com/imq-dev/imq/queuenode"
 )
@@ -133,7 +134,7 @@ func (mc *movingCluster) settle(t *testing.T, tb *bucket.Table) {
 		b.set(tb)
 	}
 	install(t, mc.gw, tb)
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "every node to hold the table", func() bool {
 		for _, n := range mc.nodes {
 			var got bucket.Table
 			if getJSON(t, "http://"+n.InternalAddr()+"/v1/table", &got); got.Version() != tb.Version() {

@@ -14,6 +14,7 @@ import (
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -51,7 +52,7 @@ func TestRPCKickCluster(t *testing.T) {
 	gw2 := startClusterGateway(t, func(c *gateway.Config) {
 		c.GatewayID, c.Member, c.APIKeys = "gw-2", join(), testAPIKeys(t)
 	})
-	waitFor(t, 15*time.Second, func() bool {
+	testutil.WaitFor(t, 15*time.Second, "gw-2 healthy", func() bool {
 		resp, err := http.Get("http://" + gw2.Addr() + "/healthz")
 		if err != nil {
 			return false
@@ -74,7 +75,7 @@ func TestRPCKickCluster(t *testing.T) {
 		return r
 	}
 	// Gossip tells gw-1 of gw-2 soon.
-	waitFor(t, 15*time.Second, func() bool { return kick(`{"user":"nobody"}`).Gateways == 2 })
+	testutil.WaitFor(t, 15*time.Second, "a kick to reach both gateways", func() bool { return kick(`{"user":"nobody"}`).Gateways == 2 })
 
 	r := kick(`{"user":"bob","reason":"see you"}`)
 	if r.Sessions != 3 || r.Gateways != 2 || len(r.Failed) != 0 {
@@ -118,7 +119,7 @@ func TestRPCKickCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { hung.Close(time.Second) })
-	waitFor(t, 15*time.Second, func() bool { return peers(t, d, 4) })
+	testutil.WaitFor(t, 15*time.Second, "four peers", func() bool { return peers(t, d, 4) })
 	carol2 := dialGateway(t, gw2, "carol")
 	carol2.connected()
 	start := time.Now()

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 const secret16 = "0123456789abcdef"
@@ -79,7 +79,7 @@ func TestAPIKeyRedacted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs launchtest.SyncBuffer
+	var logs testutil.SyncBuffer
 	slog.New(slog.NewJSONHandler(&logs, nil)).Info("key", "key", k, "keys", []gateway.APIKey{k})
 	for _, s := range []string{fmt.Sprint(k), fmt.Sprintf("%v %+v %#v", k, []gateway.APIKey{k}, k), logs.String()} {
 		if strings.Contains(s, secret16) || !strings.Contains(s, "redacted") {

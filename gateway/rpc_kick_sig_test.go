@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -87,7 +88,7 @@ func TestSignedKickHoldsNoSlotWhileItsBodyArrives(t *testing.T) {
 	fmt.Fprintf(slow, "POST %skick HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s",
 		gateway.RPCPath, gateway.SignKick(testAPIKey, []byte(body), time.Now()), len(body), body[:5])
 	// Its handler is reading the body (holding no slot)...
-	waitFor(t, 10*time.Second, func() bool { return d.Gateway.KickReads() == 1 })
+	testutil.WaitFor(t, 10*time.Second, "one kick read", func() bool { return d.Gateway.KickReads() == 1 })
 	// ...while calls get the only slot.
 	for i := range 10 {
 		if a := rpcDo(t, d.Gateway.Addr(), http.MethodPost, "kick", testAPIKey, body, nil); a.status != http.StatusOK {

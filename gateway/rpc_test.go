@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -510,7 +511,7 @@ func TestRPCKick(t *testing.T) {
 		t.Fatalf("second kick closed %d sessions", r.Sessions)
 	}
 	// The node forgot bob's subscription.
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the node to forget bob's subscription", func() bool {
 		var qi queueInfoRes
 		rpcOK(t, d, "queue_info", `{"queue":"/room/kick"}`, &qi)
 		return len(qi.Subscribers) == 1 && qi.Subscribers[0].User == "carol"
@@ -784,7 +785,7 @@ func TestRPCRequestID(t *testing.T) {
 // TestRPCLog: one log line per call with its method, status, code, duration
 // and request id, and never the key.
 func TestRPCLog(t *testing.T) {
-	var logs launchtest.SyncBuffer
+	var logs testutil.SyncBuffer
 	d := startRPC(t, func(c *launch.DevConfig) {
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 	})
@@ -803,7 +804,7 @@ func TestRPCLog(t *testing.T) {
 		"log-1": {200, "OK", 1, "publish"}, "log-2": {403, "FORBIDDEN", 2, "publish"}, "log-3": {401, "UNAUTHORIZED", 0, "publish"},
 		"log-4": {401, "UNAUTHORIZED", 0, long[:64] + "..."},
 	}
-	waitFor(t, 5*time.Second, func() bool { return strings.Count(logs.String(), `"msg":"rpc call"`) >= 4 })
+	testutil.WaitFor(t, 5*time.Second, "four rpc call log lines", func() bool { return strings.Count(logs.String(), `"msg":"rpc call"`) >= 4 })
 	for line := range strings.Lines(logs.String()) {
 		if strings.Contains(line, testAPIKey) || strings.Contains(line, roomKey) || strings.Contains(line, "bad-key-0123456789abc") {
 			t.Fatalf("a key was logged: %s", line)
@@ -871,7 +872,7 @@ func TestRPCInflightLimit(t *testing.T) {
 		done <- rpcAnswer{status: resp.StatusCode, body: b}
 	}()
 	pw.Write([]byte(`{"queue":"/room/slow",`))
-	waitFor(t, 5*time.Second, func() bool {
+	testutil.WaitFor(t, 5*time.Second, "a publish to be refused LIMIT_EXCEEDED", func() bool {
 		return rpc(t, d, "publish", `{"queue":"/room/limited","mount":"chat","data":1}`).errCode() == "LIMIT_EXCEEDED"
 	})
 	rpcFail(t, d, "publish", `{"queue":"/room/limited","mount":"chat","data":1}`, http.StatusTooManyRequests, "LIMIT_EXCEEDED")
@@ -929,7 +930,7 @@ func startRPCGateway(t *testing.T, nodeAddr string, mod func(*gateway.Config)) *
 		defer cancel()
 		gw.Shutdown(ctx)
 	})
-	waitFor(t, 5*time.Second, func() bool { return gw.Links()["queuenode"] })
+	testutil.WaitFor(t, 5*time.Second, "the link to the queue node up", func() bool { return gw.Links()["queuenode"] })
 	return gw
 }
 
@@ -983,7 +984,7 @@ func TestRPCNodeDown(t *testing.T) {
 		c.Close()
 	}
 	fake.mu.Unlock()
-	waitFor(t, 5*time.Second, func() bool { return !gw.Links()["queuenode"] })
+	testutil.WaitFor(t, 5*time.Second, "the link to the queue node down", func() bool { return !gw.Links()["queuenode"] })
 	expectRPCError(t, rpcDo(t, gw.Addr(), http.MethodPost, "publish", testAPIKey, `{"queue":"/room/n","mount":"chat","data":1}`, nil), http.StatusServiceUnavailable, "UNAVAILABLE")
 }
 

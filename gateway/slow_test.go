@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -76,10 +77,10 @@ func TestSlowConsumerIsCutOff(t *testing.T) {
 		t.Errorf("fast clients' p99 latency %s while a slow consumer lagged", p99)
 	}
 
-	waitFor(t, 10*time.Second, func() bool {
+	testutil.WaitFor(t, 10*time.Second, "the slow consumer counted", func() bool {
 		return metricValue(t, d.Gateway.InternalAddr(), "imq_gateway_slow_consumers_total") == "1"
 	})
-	waitFor(t, 10*time.Second, func() bool { return metricValue(t, d.Gateway.InternalAddr(), "imq_gateway_connections") == "3" })
+	testutil.WaitFor(t, 10*time.Second, "three connections counted", func() bool { return metricValue(t, d.Gateway.InternalAddr(), "imq_gateway_connections") == "3" })
 
 	runtime.GC()
 	var after runtime.MemStats

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"github.com/imq-dev/imq/internal/imqerr"
+	"github.com/imq-dev/imq/internal/reasons"
 	"github.com/imq-dev/imq/internal/wire"
 	imqpb "github.com/imq-dev/imq/proto"
 )
@@ -126,9 +127,10 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		c.doneLocked(queue, e)
 		c.subMu.Unlock()
 		if lost {
-			c.s.m.unsubscribed.WithLabelValues(reasonLabel(imqpb.Reason_REASON_TIMEOUT)).Inc()
+			timedOut := reasons.Of(imqpb.Reason_REASON_TIMEOUT)
+			c.s.m.unsubscribed.WithLabelValues(timedOut.Label).Inc()
 			c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
-				Queue: queue, Reason: imqpb.Reason_REASON_TIMEOUT, Rejoin: true,
+				Queue: queue, Reason: imqpb.Reason_REASON_TIMEOUT, Rejoin: timedOut.Again(true),
 				Message: "a join timed out and ended the subscription; rejoin",
 			}}})
 		}
@@ -226,7 +228,8 @@ func (c *conn) leaveAll() {
 }
 
 // endSub ends the subscription to queue if it was made through link l, and
-// tells the client why (rejoin: true). The check, the removal from the
+// tells the client why, and whether to rejoin as the reason's row says
+// (rejoin for the reasons of a lost link or a moved queue). The check, the removal from the
 // fan-out index and the message all happen under subMu, so the message
 // cannot pass the reply to a later join of the queue. It reports whether
 // there was such a subscription.
@@ -242,10 +245,11 @@ func (c *conn) endSub(queue string, l *nodeLink, reason imqpb.Reason, msg string
 	if e.inflight == 0 {
 		delete(c.subs, queue)
 	}
-	c.s.m.unsubscribed.WithLabelValues(reasonLabel(reason)).Inc()
+	info := reasons.Of(reason)
+	c.s.m.unsubscribed.WithLabelValues(info.Label).Inc()
 	c.s.log.Debug("subscription ended", "session", c.session, "queue", queue, "node", node, "reason", reason.String())
 	c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
-		Queue: queue, Reason: reason, Rejoin: true, Message: msg,
+		Queue: queue, Reason: reason, Rejoin: info.Again(true), Message: msg,
 	}}})
 	return true
 }

@@ -191,45 +191,12 @@ func (c *Cluster) process(name, role string, args []string) *Process {
 	return p
 }
 
-// startProcess starts p and records its addresses. The first start asks for
-// any free ports; after it, p's flags name the ports it got, so a restart
-// comes back on the same addresses.
-func (c *Cluster) startProcess(ctx context.Context, p *Process) error {
-	if err := p.start(); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	r, err := p.waitReady(ctx)
-	if err != nil {
-		return fmt.Errorf("%w (log: %s)", err, p.logPath)
-	}
-	if pid := p.PID(); r.PID != pid || r.Role != p.Role {
-		return fmt.Errorf("%s: ready file %s is from %s pid %d, not %s pid %d", p.Name, p.readyPath, r.Role, r.PID, p.Role, pid)
-	}
-	flagOf := map[string]string{"link": "--link-addr", "gossip": "--gossip-addr", "http": "--addr", "internal": "--internal-addr"}
-	for kind, flag := range flagOf {
-		if r.Addrs[kind] == "" {
-			continue
-		}
-		if i := slices.Index(p.args, flag); i >= 0 && i+1 < len(p.args) {
-			p.args[i+1] = r.Addrs[kind]
-		}
-	}
-	p.setAddrs(r.Addrs)
-	return nil
-}
+// startProcess starts p (see Process.run).
+func (c *Cluster) startProcess(ctx context.Context, p *Process) error { return p.run(ctx) }
 
 // Restart starts p again with the same flags and addresses (after it was
 // stopped or killed).
-func (c *Cluster) Restart(ctx context.Context, p *Process) error {
-	select {
-	case <-p.Done():
-	default:
-		return fmt.Errorf("launch: %s is still running", p.Name)
-	}
-	return c.startProcess(ctx, p)
-}
+func (c *Cluster) Restart(ctx context.Context, p *Process) error { return p.Restart(ctx) }
 
 // BossTable fetches the boss's current table as its JSON fields.
 func (c *Cluster) BossTable(ctx context.Context) (TableInfo, error) {
@@ -353,6 +320,12 @@ func (c *Cluster) Stop(timeout time.Duration) {
 	}
 }
 
+// get fetches url and returns nil if it answers 200.
+func get(ctx context.Context, url string) error {
+	return getJSON(ctx, url, nil)
+}
+
+// getJSON fetches url and, unless v is nil, decodes its JSON into v.
 func getJSON(ctx context.Context, url string, v any) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -368,6 +341,9 @@ func getJSON(ctx context.Context, url string, v any) error {
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, b)
+	}
+	if v == nil {
+		return nil
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(v); err != nil {
 		return fmt.Errorf("GET %s: %w", url, err)

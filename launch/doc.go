@@ -12,7 +12,9 @@
 // in the processes' environment, never on their command lines. Supervise
 // restarts a process that exits, on the addresses it had, with a backoff
 // that doubles while it keeps failing (SuperviseConfig); Stop stops the
-// gateways first, then the queue nodes, then the boss.
+// gateways first, then the queue nodes, then the boss. StartProcess runs
+// one imq process on its own (a standalone queue node, a gateway wired to
+// it, imq dev) and learns its addresses the same way.
 //
 // # Imports
 //

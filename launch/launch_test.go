@@ -1,18 +1,17 @@
 package launch
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/imq-dev/imq/boss"
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // TestDevWithBoss: imq dev's composition. The boss gives the one node every
@@ -156,33 +155,15 @@ func devNodesProblem(ctx context.Context, d *Dev, want map[string]struct{ http, 
 	return ""
 }
 
-// lockedBuffer is a log sink safe for the goroutines of a running Dev.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestDevBossQuietAboutDataDir: imq dev's boss has no data directory and
 // imq dev no flag to give it one, so it does not warn that none is set.
 func TestDevBossQuietAboutDataDir(t *testing.T) {
-	var logs lockedBuffer
+	logger, logs := testutil.CaptureLogs(slog.LevelInfo)
 	cfg := LocalDevConfig()
 	bc := boss.DefaultConfig()
 	bc.HTTPAddr = "127.0.0.1:0"
 	cfg.Boss = &bc
-	cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	cfg.Logger = logger
 	d, err := StartDev(cfg)
 	if err != nil {
 		t.Fatal(err)

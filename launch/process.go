@@ -2,12 +2,14 @@ package launch
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -207,5 +209,146 @@ func (p *Process) StartedAt() time.Time {
 	return p.startedAt
 }
 
+// ReadyPath is the ready file the process writes once it serves (see
+// Ready).
+func (p *Process) ReadyPath() string { return p.readyPath }
+
 // LogPath is the file holding every line the process logged.
 func (p *Process) LogPath() string { return p.logPath }
+
+// ProcessConfig describes one imq process started on its own by
+// StartProcess, outside a Cluster: a standalone queue node and the gateways
+// wired to it, or imq dev.
+type ProcessConfig struct {
+	// Binary is the imq executable. Default: this process's executable.
+	Binary string
+	// Args are the subcommand and its flags ("queuenode", "--link-addr",
+	// "127.0.0.1:0"). The subcommand is the role the ready file must name.
+	// StartProcess adds --log-format json and --ready-file.
+	Args []string
+	// Name names the process in errors and output, and its files in Dir
+	// (<Name>.log, <Name>.ready). Default: the subcommand.
+	Name string
+	// Dir holds the log and the ready file. Default: a new temporary
+	// directory.
+	Dir string
+	// Env is added to the process's environment (KEY=VALUE): secrets go
+	// there, never on the command line, which every user can see.
+	Env []string
+	// Output, if set, receives every log line, prefixed by Name.
+	Output io.Writer
+}
+
+// StartProcess starts one imq process and returns once it serves, with the
+// addresses it wrote to its ready file (Process.Addr). The caller stops it
+// (Process.Stop); on error nothing is left running.
+func StartProcess(ctx context.Context, cfg ProcessConfig) (*Process, error) {
+	if len(cfg.Args) == 0 {
+		return nil, errors.New("launch: a process needs a subcommand")
+	}
+	if cfg.Binary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("launch: find the imq binary: %w", err)
+		}
+		cfg.Binary = exe
+	}
+	if cfg.Name == "" {
+		cfg.Name = cfg.Args[0]
+	}
+	if cfg.Dir == "" {
+		dir, err := os.MkdirTemp("", "imq-"+cfg.Name+"-")
+		if err != nil {
+			return nil, err
+		}
+		cfg.Dir = dir
+	}
+	p := &Process{
+		Name: cfg.Name, Role: cfg.Args[0], binary: cfg.Binary,
+		args:      slices.Clone(cfg.Args),
+		env:       slices.Clone(cfg.Env),
+		logPath:   filepath.Join(cfg.Dir, cfg.Name+".log"),
+		readyPath: filepath.Join(cfg.Dir, cfg.Name+".ready"),
+		out:       cfg.Output, outMu: new(sync.Mutex),
+	}
+	if err := p.run(ctx); err != nil {
+		if p.started() {
+			p.Stop(syscall.SIGKILL, 5*time.Second)
+		}
+		return nil, err
+	}
+	return p, nil
+}
+
+// readyTimeout bounds the wait for a started process's ready file.
+const readyTimeout = 20 * time.Second
+
+// addrFlags maps each address kind of a ready file to the flag that asks
+// for it.
+var addrFlags = map[string]string{
+	"link": "--link-addr", "gossip": "--gossip-addr", "http": "--addr",
+	"internal": "--internal-addr", "boss": "--boss-addr",
+}
+
+// run starts p and records its addresses, from its ready file. The first
+// run asks for any free ports; after it, p's flags name the ports it got,
+// so a restart comes back on the same addresses.
+func (p *Process) run(ctx context.Context) error {
+	if err := p.start(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	r, err := p.waitReady(ctx)
+	if err != nil {
+		return fmt.Errorf("%w (log: %s)", err, p.logPath)
+	}
+	if pid := p.PID(); r.PID != pid || r.Role != p.Role {
+		return fmt.Errorf("%s: ready file %s is from %s pid %d, not %s pid %d", p.Name, p.readyPath, r.Role, r.PID, p.Role, pid)
+	}
+	for kind, flag := range addrFlags {
+		if r.Addrs[kind] == "" {
+			continue
+		}
+		if i := slices.Index(p.args, flag); i >= 0 && i+1 < len(p.args) {
+			p.args[i+1] = r.Addrs[kind]
+		}
+	}
+	p.setAddrs(r.Addrs)
+	return nil
+}
+
+// Restart starts p again with the same flags and addresses, after it was
+// stopped or killed, and returns once it serves.
+func (p *Process) Restart(ctx context.Context) error {
+	select {
+	case <-p.Done():
+	default:
+		return fmt.Errorf("launch: %s is still running", p.Name)
+	}
+	return p.run(ctx)
+}
+
+// WaitHealthy waits until the process's /healthz answers 200 (a gateway:
+// it routes by a table with a queue node link up), or ctx ends. It asks the
+// internal listener, or a boss's API.
+func (p *Process) WaitHealthy(ctx context.Context) error {
+	addr := p.Addr("internal")
+	if addr == "" {
+		addr = p.Addr("http")
+	}
+	url := "http://" + addr + "/healthz"
+	var last error
+	for {
+		if last = get(ctx, url); last == nil {
+			return nil
+		}
+		select {
+		case <-p.Done():
+			return fmt.Errorf("%s exited (%s) before it was healthy: %w", p.Name, p.ExitStatus(), last)
+		case <-ctx.Done():
+			return fmt.Errorf("%s not healthy: %w", p.Name, last)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}

@@ -16,7 +16,8 @@ import (
 // without reading its logs. Addrs maps each kind to a host:port: "http"
 // (the boss's API, a gateway's client port), "internal" (a gateway's or
 // queue node's internal listener), "link" (a queue node's link listener),
-// "gossip"; imq dev adds "boss" (the boss's API).
+// "gossip"; imq dev adds "boss" (the boss's API) and "node_internal" (its
+// queue node's internal listener, "internal" being its gateway's).
 type Ready struct {
 	Role  string            `json:"role"` // "boss", "queuenode", "gateway" or "dev"
 	ID    string            `json:"id"`

@@ -15,6 +15,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/imq-dev/imq/client"
+	"github.com/imq-dev/imq/internal/reasons"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -514,10 +515,10 @@ func (r *receiver) run() {
 			}
 			r.mu.Unlock()
 		case client.KindGap:
-			if u.Reason == imqpb.Reason_REASON_NODE_LOST || u.Reason == imqpb.Reason_REASON_MOVED {
+			if info := reasons.Of(u.Reason); info.QueueLost {
 				// The queue was lost and recreated, as the server said: a
 				// new epoch, whose offsets start again.
-				st.disconnect("queue_lost_" + u.Reason.String())
+				st.disconnect("queue_lost_" + info.Label)
 				b.e.lost[b.room].Store(true)
 				r.mu.Lock()
 				r.last = 0
@@ -526,7 +527,7 @@ func (r *receiver) run() {
 			}
 			st.violation("gap")
 		case client.KindClosed:
-			st.disconnect("unsubscribed_" + u.Reason.String())
+			st.disconnect("unsubscribed_" + reasons.Of(u.Reason).Label)
 			r.mu.Lock()
 			r.closed = true
 			r.mu.Unlock()

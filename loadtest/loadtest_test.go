@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 )
@@ -154,7 +154,7 @@ func TestRunInvariants(t *testing.T) {
 		t.Errorf("deliveries %d: want between %d and %d", c.Deliveries, v.Delivered, c.Publishes*int64(cfg.Scenario.BotsPerRoom))
 	}
 	// The observer, joined throughout, saw every publish exactly once.
-	launchtest.WaitFor(t, 5*time.Second, "the observer to see every publish", func() bool { n, _ := obs.counts(); return n >= c.Publishes })
+	testutil.WaitFor(t, 5*time.Second, "the observer to see every publish", func() bool { n, _ := obs.counts(); return n >= c.Publishes })
 	if n, dups := obs.counts(); n != c.Publishes || dups != 0 {
 		t.Errorf("observer saw %d distinct events (%d duplicated); bots published %d", n, dups, c.Publishes)
 	}
@@ -263,10 +263,7 @@ func TestRunWorkers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	bin := filepath.Join(t.TempDir(), "imq")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/imq-dev/imq/cmd/imq").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := launchtest.Binary(t)
 	d := startDev(t)
 	cfg := smallConfig(d.URL())
 	cfg.Workers, cfg.Executable = 2, bin
@@ -293,7 +290,7 @@ func TestRunWorkers(t *testing.T) {
 // rather than ramping its bots (10 s here) and running its whole duration,
 // and fails saying why.
 func TestRunNobodyListening(t *testing.T) {
-	cfg := smallConfig(launchtest.ClosedURL(t))
+	cfg := smallConfig(testutil.ClosedURL(t))
 	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.RampRate = 20, 10, 20
 	cfg.Scenario.Duration = Duration(30 * time.Second)
 	cfg.ConnectTimeout = 500 * time.Millisecond
@@ -343,7 +340,7 @@ func TestRunGatewayRefusesEveryone(t *testing.T) {
 // allows that share.
 func TestRunSomeConnectsFail(t *testing.T) {
 	d := startDev(t)
-	cfg := smallConfig(d.URL() + "," + launchtest.ClosedURL(t)) // bot i uses URL i mod 2
+	cfg := smallConfig(d.URL() + "," + testutil.ClosedURL(t)) // bot i uses URL i mod 2
 	cfg.Scenario.Rooms, cfg.Scenario.BotsPerRoom, cfg.Scenario.ChurnRate = 2, 2, 0
 	cfg.Scenario.Duration = Duration(30 * time.Second)
 	cfg.ConnectTimeout = 300 * time.Millisecond

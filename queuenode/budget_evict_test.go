@@ -1,17 +1,16 @@
 package queuenode
 
 import (
-	"bytes"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -387,10 +386,10 @@ func TestJoinSeedSkipped(t *testing.T) {
 	b := newBackend(t, func(_ *http.Request, c backendCall) (int, string) {
 		return 200, `{"allow": true, "state": {"seeded": {"big": "` + big + `"}}}`
 	})
-	var logs syncBuffer
+	logger, logs := testutil.CaptureLogs(slog.LevelWarn)
 	s := startCalloutNode(t, b.srv.URL, func(c *Config) {
 		c.MaxNodeBytes, c.IdleTTL = 1<<20, time.Hour
-		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		c.Logger = logger
 	})
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 	fillWithState(t, l, func(i int) string { return fmt.Sprint("/s/", i) })
@@ -408,24 +407,6 @@ func TestJoinSeedSkipped(t *testing.T) {
 		t.Fatalf("seeds skipped counted %v, warned %d times; want at least 1, warned once:\n%s", got, warned, logs.String())
 	}
 	checkAccounting(t, s, "after the joins")
-}
-
-// syncBuffer is a bytes.Buffer that goroutines may write and read at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // TestQueueCreateLimiterBounded: the per-user creation limiter holds at

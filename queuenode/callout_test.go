@@ -20,6 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -439,7 +440,7 @@ func TestCalloutLeaveNotified(t *testing.T) {
 	l.ok(joinReq("/room/quiet/1", "s1", "chat"))
 	l.ok(leaveReq("/room/1", "s1"))
 	l.ok(leaveReq("/room/quiet/1", "s1"))
-	eventually(t, "the leave call-out", func() bool { return len(b.callsTo("leave")) == 1 })
+	testutil.WaitFor(t, waitFor, "the leave call-out", func() bool { return len(b.callsTo("leave")) == 1 })
 	leave, _, _ := stamped(t, s, b.callsTo("leave")[0])
 	if got, want := mustJSON(t, leave), mustJSON(t, map[string]any{"hook": "leave", "user": "u-s1", "session": "s1", "queue": "/room/1"}); got != want {
 		t.Fatalf("leave call-out %s, want %s", got, want)
@@ -451,7 +452,7 @@ func TestCalloutLeaveNotified(t *testing.T) {
 	l2.ok(joinReq("/room/3", "s3", "chat"))
 	l2.ok(joinReq("/lobby/1", "s2", "chat"))
 	l2.c.Close()
-	eventually(t, "leave call-outs for the closed link", func() bool { return len(b.callsTo("leave")) == 3 })
+	testutil.WaitFor(t, waitFor, "leave call-outs for the closed link", func() bool { return len(b.callsTo("leave")) == 3 })
 	var queues []string
 	for _, c := range b.callsTo("leave")[1:] {
 		queues = append(queues, c["queue"].(string))
@@ -460,7 +461,7 @@ func TestCalloutLeaveNotified(t *testing.T) {
 	if !slices.Equal(queues, []string{"/room/2", "/room/3"}) {
 		t.Fatalf("leave call-outs for %v", queues)
 	}
-	eventually(t, "the leave outcomes counted", func() bool { return calloutCount(t, s, "leave", outcomeAllowed) == 3 })
+	testutil.WaitFor(t, waitFor, "the leave outcomes counted", func() bool { return calloutCount(t, s, "leave", outcomeAllowed) == 3 })
 }
 
 // TestCalloutLeaveQueue: leave notifications wait in a bounded queue
@@ -530,7 +531,7 @@ func TestCalloutSlowUserBlocksNoOne(t *testing.T) {
 	l.ok(joinReq("/room/1", "s1", "chat"))
 	slowPub := l.send(userPublish("slow", "/room/1", "chat", `"slow"`))
 	slowJoin := l.send(joinReq("/room/2", "slow", "chat"))
-	eventually(t, "the slow call-outs to start", func() bool { return b.cur.Load() == 2 })
+	testutil.WaitFor(t, waitFor, "the slow call-outs to start", func() bool { return b.cur.Load() == 2 })
 
 	// Same queue, another user; another queue with call-outs; a queue
 	// without; a backend request: all answered while the slow ones wait.
@@ -623,7 +624,7 @@ func TestCalloutKeepsSessionOrder(t *testing.T) {
 	if len(info.GetSubscribers()) != 1 {
 		t.Fatalf("subscribers %v, want s1 alone", info.GetSubscribers())
 	}
-	eventually(t, "chains forgotten", func() bool {
+	testutil.WaitFor(t, waitFor, "chains forgotten", func() bool {
 		for _, l := range s.linksForTest() {
 			l.chainMu.Lock()
 			n, c := len(l.chains), l.chained
@@ -739,7 +740,7 @@ func TestCalloutShutdownCancels(t *testing.T) {
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 	l.send(joinReq("/room/1", "s1", "chat"))
 	l.send(userPublish("bob", "/room/1", "chat", `1`))
-	eventually(t, "the call-outs to start", func() bool { return b.cur.Load() == 2 })
+	testutil.WaitFor(t, waitFor, "the call-outs to start", func() bool { return b.cur.Load() == 2 })
 
 	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
 	defer cancel()
@@ -798,7 +799,7 @@ func TestCalloutLinkBoundKeepsLeaves(t *testing.T) {
 			t.Fatalf("publish: %v %q", r.GetCode(), r.GetMessage())
 		}
 	}
-	eventually(t, "the leave to run after the join", func() bool {
+	testutil.WaitFor(t, waitFor, "the leave to run after the join", func() bool {
 		return len(l.ok(queueInfoReq("/room/1")).GetQueueInfo().GetSubscribers()) == 0
 	})
 }
@@ -855,10 +856,10 @@ func TestCalloutBodiesOrdered(t *testing.T) {
 	l.ok(joinReq("/room/1", "s1", "chat"))
 	l.ok(userPublish("u-s1", "/room/1", "chat", `1`))
 	l.ok(leaveReq("/room/1", "s1"))
-	eventually(t, "the leave call-out to start", func() bool { return b.cur.Load() == 1 })
+	testutil.WaitFor(t, waitFor, "the leave call-out to start", func() bool { return b.cur.Load() == 1 })
 	l.ok(joinReq("/room/1", "s1", "chat"))
 	releaseOnce.Do(func() { close(release) })
-	eventually(t, "the leave call-out", func() bool { mu.Lock(); defer mu.Unlock(); return len(answered) == 4 })
+	testutil.WaitFor(t, waitFor, "the leave call-out", func() bool { mu.Lock(); defer mu.Unlock(); return len(answered) == 4 })
 
 	mu.Lock()
 	calls := slices.Clone(answered)
@@ -887,7 +888,7 @@ func TestCalloutBodiesOrdered(t *testing.T) {
 	// A link that closes: its subscribers' leaves are stamped as the node
 	// removes them, after everything before.
 	l.c.Close()
-	eventually(t, "the closed link's leave call-out", func() bool { mu.Lock(); defer mu.Unlock(); return len(answered) == 5 })
+	testutil.WaitFor(t, waitFor, "the closed link's leave call-out", func() bool { mu.Lock(); defer mu.Unlock(); return len(answered) == 5 })
 	mu.Lock()
 	last := answered[4]
 	mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -61,7 +62,7 @@ func TestChainDeadline(t *testing.T) {
 	// it wait, and their turn comes after it.
 	deadline := clock.Load() + 1000
 	join := l.send(withDeadline(sessionReq(joinReq("/room/1", "", "chat")), deadline))
-	eventually(t, "the join call-out", func() bool { return b.cur.Load() == 1 })
+	testutil.WaitFor(t, waitFor, "the join call-out", func() bool { return b.cur.Load() == 1 })
 	pub := l.send(withDeadline(userPublish("bob", "/room/1", "chat", `"late"`), deadline))
 	st := sessionReq(setStateReq("/room/1", "state", "k"))
 	set := l.send(withDeadline(st, deadline))
@@ -115,7 +116,7 @@ func TestChainBound(t *testing.T) {
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 
 	ids := []uint64{l.send(sessionReq(joinReq("/room/1", "", "chat")))}
-	eventually(t, "the join call-out", func() bool { return b.cur.Load() == 1 })
+	testutil.WaitFor(t, waitFor, "the join call-out", func() bool { return b.cur.Load() == 1 })
 	for i := range maxChainedPerChain - 1 {
 		ids = append(ids, l.send(userPublish("bob", "/room/1", "chat", `"`+string(rune('a'+i%26))+`"`)))
 	}
@@ -144,7 +145,7 @@ func TestChainBound(t *testing.T) {
 	if got := counterValue(t, s.m.chainedRefused.WithLabelValues(refusedChain)); got != 2 {
 		t.Fatalf("requests refused by the chain's bound counted %v, want 2", got)
 	}
-	eventually(t, "chains forgotten", func() bool {
+	testutil.WaitFor(t, waitFor, "chains forgotten", func() bool {
 		for _, l := range s.linksForTest() {
 			l.chainMu.Lock()
 			n, c := len(l.chains), l.chained

@@ -20,6 +20,7 @@ import (
 	"github.com/imq-dev/imq/internal/cluster"
 	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -109,18 +110,6 @@ func startClusterNode(t *testing.T, id string) *testNode {
 
 // setTable installs table as the cluster runtime would on fetching it.
 func (s *Server) setTable(table *bucket.Table) { s.cluster.Install(table) }
-
-// eventually fails the test unless cond holds within waitFor.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitFor)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 func counterValue(t *testing.T, c prometheus.Counter) float64 {
 	t.Helper()
@@ -592,19 +581,19 @@ func TestClusterFollowsBoss(t *testing.T) {
 		}
 	}
 
-	eventually(t, "the node to fetch table v1", func() bool { return s.currentTable().Version() == 1 })
-	eventually(t, "the boss to hear the node holds table v1", nodeAdvertises(1))
-	eventually(t, "the node to long-poll for a table after v1", func() bool { return boss.pollsAfter(1) == 1 })
+	testutil.WaitFor(t, waitFor, "the node to fetch table v1", func() bool { return s.currentTable().Version() == 1 })
+	testutil.WaitFor(t, waitFor, "the boss to hear the node holds table v1", nodeAdvertises(1))
+	testutil.WaitFor(t, waitFor, "the node to long-poll for a table after v1", func() bool { return boss.pollsAfter(1) == 1 })
 
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 	req := publishReq("/room/1", "chat")
 	req.TableVersion = 2 // the gateway knows a newer table than the node
 	l.ok(req)
-	eventually(t, "the kicked node to poll again", func() bool { return boss.pollsAfter(1) >= 2 })
+	testutil.WaitFor(t, waitFor, "the kicked node to poll again", func() bool { return boss.pollsAfter(1) >= 2 })
 
 	boss.set(v2)
-	eventually(t, "the node to fetch table v2", func() bool { return s.currentTable().Version() == 2 })
-	eventually(t, "the boss to hear the node holds table v2", nodeAdvertises(2))
+	testutil.WaitFor(t, waitFor, "the node to fetch table v2", func() bool { return s.currentTable().Version() == 2 })
+	testutil.WaitFor(t, waitFor, "the boss to hear the node holds table v2", nodeAdvertises(2))
 	if l2 := dialLink(t, s.LinkAddr(), "gw-2"); l2.fr.TableVersion() != 2 {
 		t.Fatalf("hello ack table version %d, want 2", l2.fr.TableVersion())
 	}
@@ -621,7 +610,7 @@ func TestClusterClosesLinksOfDeadGateway(t *testing.T) {
 	gone, stays := dialLink(t, s.LinkAddr(), "gw-gone"), dialLink(t, s.LinkAddr(), "gw-stays")
 	gone.ok(joinReq("/room/1", "g1", "chat"))
 	stays.ok(joinReq("/room/1", "s1", "chat"))
-	eventually(t, "the node to see the gateway member", func() bool {
+	testutil.WaitFor(t, waitFor, "the node to see the gateway member", func() bool {
 		s.gwMu.Lock()
 		defer s.gwMu.Unlock()
 		return s.liveGateways["gw-gone"]
@@ -639,7 +628,7 @@ func TestClusterClosesLinksOfDeadGateway(t *testing.T) {
 			break
 		}
 	}
-	eventually(t, "the departed gateway's subscribers to be removed", func() bool {
+	testutil.WaitFor(t, waitFor, "the departed gateway's subscribers to be removed", func() bool {
 		sh := s.shardFor("/room/1")
 		sh.mu.Lock()
 		defer sh.mu.Unlock()
@@ -695,7 +684,7 @@ func TestClusterRunContextShutsDown(t *testing.T) {
 		}
 		return false
 	}
-	eventually(t, "the observer to see the node", sees)
+	testutil.WaitFor(t, waitFor, "the observer to see the node", sees)
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 
 	cancel()
@@ -708,7 +697,7 @@ func TestClusterRunContextShutsDown(t *testing.T) {
 			break
 		}
 	}
-	eventually(t, "the node to leave the membership", func() bool { return !sees() })
+	testutil.WaitFor(t, waitFor, "the node to leave the membership", func() bool { return !sees() })
 	select {
 	case err := <-done:
 		if err != nil {

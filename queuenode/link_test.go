@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	imqlink "github.com/imq-dev/imq/internal/link"
+	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -157,7 +158,7 @@ func TestLinkRefusesPeersWithoutTheKey(t *testing.T) {
 			if n := s.queueCount.Load(); n != 0 {
 				t.Fatalf("the node holds %d queues: it ran a request of an unauthenticated peer", n)
 			}
-			eventually(t, "the failure counted", func() bool {
+			testutil.WaitFor(t, waitFor, "the failure counted", func() bool {
 				return counterValue(t, s.m.linkHandshakeFailures.WithLabelValues(string(c.reason))) == before+1
 			})
 		})
@@ -269,7 +270,7 @@ func TestHugeLengthPrefixesCostNoMemory(t *testing.T) {
 	failures := func(r imqlink.Reason) float64 {
 		return counterValue(t, s.m.linkHandshakeFailures.WithLabelValues(string(r)))
 	}
-	eventually(t, "12 malformed and 12 timed-out handshakes counted", func() bool {
+	testutil.WaitFor(t, waitFor, "12 malformed and 12 timed-out handshakes counted", func() bool {
 		return failures(imqlink.ReasonMalformed) == 12 && failures(imqlink.ReasonTimeout) == 12
 	})
 }

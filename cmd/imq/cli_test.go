@@ -18,20 +18,14 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch/launchtest"
 	"github.com/imq-dev/imq/queuenode"
 )
 
 // lines splits what b holds into its non-empty lines.
-func lines(b *launchtest.SyncBuffer) []string {
+func lines(b *testutil.SyncBuffer) []string {
 	return strings.FieldsFunc(b.String(), func(r rune) bool { return r == '\n' })
-}
-
-func ctxT(t *testing.T, d time.Duration) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
 }
 
 // startDev runs a one-process cluster (standalone: no boss) and returns
@@ -44,9 +38,9 @@ func startDev(t *testing.T) string {
 // run runs a client command to its end and returns its stdout.
 func run(t *testing.T, stdin string, args ...string) (string, error) {
 	t.Helper()
-	var out, errOut launchtest.SyncBuffer
+	var out, errOut testutil.SyncBuffer
 	std := stdio{in: strings.NewReader(stdin), out: &out, err: &errOut}
-	ctx := ctxT(t, 20*time.Second)
+	ctx := testutil.Context(t, 20*time.Second)
 	var err error
 	switch args[0] {
 	case "sub":
@@ -72,7 +66,7 @@ func mustRun(t *testing.T, stdin string, args ...string) string {
 
 // bgSub is an imq sub running until the test stops it (Ctrl-C).
 type bgSub struct {
-	out, err launchtest.SyncBuffer
+	out, err testutil.SyncBuffer
 	stop     context.CancelFunc
 	done     chan error
 }
@@ -86,7 +80,7 @@ func startSub(t *testing.T, args ...string) *bgSub {
 		cancel()
 		<-s.done
 	})
-	launchtest.WaitFor(t, 10*time.Second, "imq sub to join", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "imq sub to join", func() bool {
 		select {
 		case err := <-s.done:
 			s.done <- err // for the cleanup
@@ -114,7 +108,7 @@ func (s *bgSub) interrupt(t *testing.T) error {
 
 func (s *bgSub) waitLines(t *testing.T, n int) []map[string]any {
 	t.Helper()
-	launchtest.WaitFor(t, 15*time.Second, fmt.Sprintf("%d lines from imq sub", n), func() bool { return len(lines(&s.out)) >= n })
+	testutil.WaitFor(t, 15*time.Second, fmt.Sprintf("%d lines from imq sub", n), func() bool { return len(lines(&s.out)) >= n })
 	var got []map[string]any
 	for _, l := range lines(&s.out) {
 		var m map[string]any
@@ -305,7 +299,7 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	go node.Run(context.Background())
-	t.Cleanup(func() { node.Shutdown(ctxT(t, 10*time.Second)) })
+	t.Cleanup(func() { node.Shutdown(testutil.Context(t, 10*time.Second)) })
 	startGateway := func(addr string) *gateway.Server {
 		t.Helper()
 		gc := gateway.DefaultConfig()
@@ -315,8 +309,8 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 		go gw.Run(context.Background())
-		t.Cleanup(func() { gw.Shutdown(ctxT(t, 10*time.Second)) })
-		launchtest.WaitFor(t, 10*time.Second, "the gateway's link to the node", func() bool {
+		t.Cleanup(func() { gw.Shutdown(testutil.Context(t, 10*time.Second)) })
+		testutil.WaitFor(t, 10*time.Second, "the gateway's link to the node", func() bool {
 			resp, err := http.Get("http://" + gw.Addr() + "/healthz")
 			if err != nil {
 				return false
@@ -338,17 +332,17 @@ func TestSubResumesAcrossGatewayRestart(t *testing.T) {
 	}
 	publish(5)
 	sub.waitLines(t, 5)
-	if err := gw.Shutdown(ctxT(t, 10*time.Second)); err != nil {
+	if err := gw.Shutdown(testutil.Context(t, 10*time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	launchtest.WaitFor(t, 10*time.Second, "imq sub to see the connection lost", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "imq sub to see the connection lost", func() bool {
 		return strings.Contains(sub.err.String(), "connection lost")
 	})
 	publish(5) // while sub's gateway is down
 	startGateway(addr)
 	publish(5)
 	sub.waitLines(t, 15)
-	launchtest.WaitFor(t, 10*time.Second, "imq sub to say it reconnected", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "imq sub to say it reconnected", func() bool {
 		return strings.Contains(sub.err.String(), "reconnected")
 	})
 	if err := sub.interrupt(t); err != nil {
@@ -410,7 +404,7 @@ func TestPubStdinCtrlC(t *testing.T) {
 	url := startDev(t)
 	stdin, typing := io.Pipe()
 	t.Cleanup(func() { typing.Close() })
-	var out, errOut launchtest.SyncBuffer
+	var out, errOut testutil.SyncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
@@ -421,7 +415,7 @@ func TestPubStdinCtrlC(t *testing.T) {
 		if _, err := io.WriteString(typing, "line\n"); err != nil {
 			t.Fatal(err)
 		}
-		launchtest.WaitFor(t, 10*time.Second, "the line's offset", func() bool { return out.String() == offsets(i) })
+		testutil.WaitFor(t, 10*time.Second, "the line's offset", func() bool { return out.String() == offsets(i) })
 	}
 	cancel()
 	select {
@@ -460,16 +454,16 @@ func TestSubRetriesUnavailableJoin(t *testing.T) {
 		t.Fatal(err)
 	}
 	go gw.Run(context.Background())
-	t.Cleanup(func() { gw.Shutdown(ctxT(t, 10*time.Second)) })
+	t.Cleanup(func() { gw.Shutdown(testutil.Context(t, 10*time.Second)) })
 
-	var out, errOut launchtest.SyncBuffer
+	var out, errOut testutil.SyncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
 		done <- runSub(ctx, []string{"/room/early", "--url", gw.Addr(), "--connect-timeout", "30s"}, stdio{out: &out, err: &errOut})
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	launchtest.WaitFor(t, 10*time.Second, "imq sub to retry the join", func() bool { return strings.Contains(errOut.String(), "UNAVAILABLE") })
+	testutil.WaitFor(t, 10*time.Second, "imq sub to retry the join", func() bool { return strings.Contains(errOut.String(), "UNAVAILABLE") })
 
 	nc := queuenode.DefaultConfig()
 	nc.LinkAddr = linkAddr
@@ -478,8 +472,8 @@ func TestSubRetriesUnavailableJoin(t *testing.T) {
 		t.Fatal(err)
 	}
 	go node.Run(context.Background())
-	t.Cleanup(func() { node.Shutdown(ctxT(t, 10*time.Second)) })
-	launchtest.WaitFor(t, 30*time.Second, "imq sub to join", func() bool { return strings.Contains(errOut.String(), "joined /room/early") })
+	t.Cleanup(func() { node.Shutdown(testutil.Context(t, 10*time.Second)) })
+	testutil.WaitFor(t, 30*time.Second, "imq sub to join", func() bool { return strings.Contains(errOut.String(), "joined /room/early") })
 	mustRun(t, "", "pub", "/room/early", "hi", "--url", gw.Addr())
-	launchtest.WaitFor(t, 10*time.Second, "the event", func() bool { return strings.Contains(out.String(), `"data_text":"hi"`) })
+	testutil.WaitFor(t, 10*time.Second, "the event", func() bool { return strings.Contains(out.String(), `"data_text":"hi"`) })
 }

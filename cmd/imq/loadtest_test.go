@@ -7,13 +7,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // `imq loadtest` against a URL where nothing listens fails quickly, saying
 // so; the URL may come from the scenario file.
 func TestLoadtestNothingListening(t *testing.T) {
-	fromFlag, fromFile := launchtest.ClosedURL(t), launchtest.ClosedURL(t)
+	fromFlag, fromFile := testutil.ClosedURL(t), testutil.ClosedURL(t)
 	scenario := filepath.Join(t.TempDir(), "s.json")
 	if err := os.WriteFile(scenario, []byte(`{"url": "`+fromFile+`", "rooms": 2, "bots_per_room": 2, "duration": "30s"}`), 0o600); err != nil {
 		t.Fatal(err)
@@ -45,7 +45,7 @@ func TestLoadtestNothingListening(t *testing.T) {
 // refused before the run, rather than silently running in development
 // mode (?user=).
 func TestLoadtestEmptySecret(t *testing.T) {
-	url := launchtest.ClosedURL(t)
+	url := testutil.ClosedURL(t)
 	err := runLoadtest([]string{"--url", url, "--secret", "", "--log-level", "error"})
 	if err == nil || !strings.Contains(err.Error(), "--secret is empty") {
 		t.Errorf("--secret '': %v; want --secret is empty", err)

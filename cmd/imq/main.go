@@ -360,7 +360,8 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	}
 	fmt.Printf("  Queue node: %s (link)   state: http://%s/varz\n", d.Node.LinkAddr(), d.Node.InternalAddr())
 	remove, err := lf.writeReady(launch.Ready{Role: "dev", ID: "dev", Addrs: map[string]string{
-		"http": d.Gateway.Addr(), "internal": d.Gateway.InternalAddr(), "link": d.Node.LinkAddr(), "boss": d.Boss.Addr()}})
+		"http": d.Gateway.Addr(), "internal": d.Gateway.InternalAddr(), "link": d.Node.LinkAddr(), "boss": d.Boss.Addr(),
+		"node_internal": d.Node.InternalAddr()}})
 	if err != nil {
 		d.Shutdown(context.Background())
 		return err

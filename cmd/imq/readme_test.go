@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imq-dev/imq/launch/launchtest"
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 // nodeWithWebSocket returns the node command line that has a global
@@ -75,7 +75,7 @@ func TestReadmeBrowserSnippet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stderr launchtest.SyncBuffer
+	var stderr testutil.SyncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -138,10 +138,10 @@ func TestReadmeBrowserSnippet(t *testing.T) {
 		{"its own chat event", "event", `{"queue":"/room/1","mount":"chat","sender":"alice","payload":{"text":"hello from the console"}}`},
 		{"its own state change", "state", `{"queue":"/room/1","mount":"scores","key":"alice","value":3220,"sender":"alice"}`},
 	} {
-		launchtest.WaitFor(t, 15*time.Second, "the snippet to log "+c.what, has(c.kind, c.want))
+		testutil.WaitFor(t, 15*time.Second, "the snippet to log "+c.what, has(c.kind, c.want))
 	}
 	mustRun(t, "", "pub", "/room/1", `{"text":"hi alice"}`, "--url", url, "--user", "bob")
-	launchtest.WaitFor(t, 10*time.Second, "the snippet to log imq pub's event", has("event", `{"sender":"bob","payload":{"text":"hi alice"}}`))
+	testutil.WaitFor(t, 10*time.Second, "the snippet to log imq pub's event", has("event", `{"sender":"bob","payload":{"text":"hi alice"}}`))
 	mu.Lock()
 	defer mu.Unlock()
 	for _, m := range logged {

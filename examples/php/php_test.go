@@ -22,6 +22,7 @@ import (
 
 	"github.com/imq-dev/imq/client"
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	"github.com/imq-dev/imq/launch/launchtest"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -87,15 +88,6 @@ func dial(t *testing.T, d *launch.Dev, opts ...client.Option) *client.Client {
 	return c
 }
 
-// ctxT returns a context for a whole test (its requests each have the
-// client's own timeout too), cancelled after it.
-func ctxT(t *testing.T) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 6*wait)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 // nextUpdate returns the first update on sub that ok accepts, skipping the
 // others, within wait.
 func nextUpdate(t *testing.T, sub *client.Subscription, what string, ok func(client.Update) bool) client.Update {
@@ -114,23 +106,6 @@ func nextUpdate(t *testing.T, sub *client.Subscription, what string, ok func(cli
 		case <-timer.C:
 			t.Fatalf("%s: not received within %s", what, wait)
 		}
-	}
-}
-
-// checkFor polls cond until it returns nil, failing with its last error
-// after wait.
-func checkFor(t *testing.T, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(wait)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %v", what, err)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -173,7 +148,7 @@ type backend struct {
 	url      string // http://127.0.0.1:port
 	leaveLog string
 	cmd      *exec.Cmd
-	out      *launchtest.SyncBuffer
+	out      *testutil.SyncBuffer
 	done     chan struct{}
 }
 
@@ -183,8 +158,8 @@ type backend struct {
 func startBackend(t *testing.T) *backend {
 	t.Helper()
 	php := phpBinary(t)
-	addr := launchtest.ClosedAddr(t)
-	b := &backend{url: "http://" + addr, leaveLog: filepath.Join(t.TempDir(), "leave.log"), out: &launchtest.SyncBuffer{}, done: make(chan struct{})}
+	addr := testutil.ClosedAddr(t)
+	b := &backend{url: "http://" + addr, leaveLog: filepath.Join(t.TempDir(), "leave.log"), out: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	b.cmd = exec.Command(php, "-S", addr, "backend.php")
 	// TMPDIR: the server's /slow setting lives in the temp directory.
 	b.cmd.Env = append(os.Environ(), "IMQ_PHP_LEAVE_LOG="+b.leaveLog, "PHP_CLI_SERVER_WORKERS=4", "TMPDIR="+t.TempDir())
@@ -200,7 +175,7 @@ func startBackend(t *testing.T) *backend {
 			t.Logf("php -S output:\n%s", b.out.String())
 		}
 	})
-	checkFor(t, "php -S answering /healthz", func() error {
+	testutil.WaitForNoError(t, wait, "php -S answering /healthz", func() error {
 		select {
 		case <-b.done:
 			t.Fatalf("php -S exited: %s", b.out.String())
@@ -233,7 +208,7 @@ func (b *backend) stop(t *testing.T) {
 	case <-time.After(wait):
 		t.Errorf("php -S (pid %d) did not exit after SIGKILL", b.cmd.Process.Pid)
 	}
-	checkFor(t, "php -S port closed", func() error {
+	testutil.WaitForNoError(t, wait, "php -S port closed", func() error {
 		c, err := net.DialTimeout("tcp", strings.TrimPrefix(b.url, "http://"), time.Second)
 		if err != nil {
 			return nil
@@ -351,7 +326,7 @@ func TestRPC(t *testing.T) {
 }
 
 func testRPC(t *testing.T, d *launch.Dev, transport string) {
-	ctx := ctxT(t)
+	ctx := testutil.Context(t, 6*wait)
 	q := "/room/php-" + transport
 	watcher := dial(t, d, client.WithUser("watcher-"+transport))
 	sub, err := watcher.Join(ctx, q, client.Messages("chat"), client.State("scores"))
@@ -367,7 +342,7 @@ func testRPC(t *testing.T, d *launch.Dev, transport string) {
 		"IMQ_PHP_TRANSPORT="+transport,
 		"IMQ_QUEUE="+q,
 		"IMQ_VICTIM="+victimID,
-		"IMQ_DEAD_URL=http://"+launchtest.ClosedAddr(t),
+		"IMQ_DEAD_URL=http://"+testutil.ClosedAddr(t),
 	)
 	get := func(name string) step {
 		t.Helper()
@@ -540,7 +515,7 @@ func testRPC(t *testing.T, d *launch.Dev, transport string) {
 	if kick.Sessions != 1 || kick.Gateways != 1 {
 		t.Errorf("kick = %+v, want 1 session on 1 gateway", kick)
 	}
-	checkFor(t, "the victim closed", func() error {
+	testutil.WaitForNoError(t, wait, "the victim closed", func() error {
 		if victim.Err() == nil {
 			return errors.New("still open")
 		}
@@ -653,7 +628,7 @@ func TestCallouts(t *testing.T) {
 		c.QueueNode.Callouts = []queuenode.Callout{callout(t, "/room/="+b.url+"/imq/room")}
 		c.QueueNode.CalloutTimeout = time.Second
 	})
-	ctx := ctxT(t)
+	ctx := testutil.Context(t, 6*wait)
 	const q = "/room/callouts"
 
 	// The backend answers the hooks directly too.
@@ -762,7 +737,7 @@ func TestCallouts(t *testing.T) {
 		if err := sub.Leave(ctx); err != nil {
 			t.Fatal(err)
 		}
-		checkFor(t, "the leave in the backend's log", func() error {
+		testutil.WaitForNoError(t, wait, "the leave in the backend's log", func() error {
 			data, err := os.ReadFile(b.leaveLog)
 			if err != nil {
 				return err
@@ -797,7 +772,7 @@ func TestCallouts(t *testing.T) {
 		// worker may accept a connection and leave it queued behind the
 		// sleeping call-out, so each poll gives up quickly and tries again.
 		poll := &http.Client{Timeout: 200 * time.Millisecond}
-		checkFor(t, "carol's call-out waiting in the backend", func() error {
+		testutil.WaitForNoError(t, wait, "carol's call-out waiting in the backend", func() error {
 			resp, err := poll.Get(b.url + "/slow")
 			if err != nil {
 				return err
@@ -854,7 +829,7 @@ func TestCalloutFailOpen(t *testing.T) {
 		c.QueueNode.CalloutTimeout = time.Second
 		c.QueueNode.CalloutFailOpen = true
 	})
-	ctx := ctxT(t)
+	ctx := testutil.Context(t, 6*wait)
 	const q = "/room/fail-open"
 	// While it is up, its policy holds.
 	banned := dial(t, d, client.WithUser("banned-eve"))
@@ -886,7 +861,7 @@ func TestAuthCallout(t *testing.T) {
 	if c.User() != "alice" {
 		t.Errorf("connected as %q, want alice", c.User())
 	}
-	ctx := ctxT(t)
+	ctx := testutil.Context(t, 6*wait)
 	_, err := client.Dial(ctx, d.URL(), client.WithToken("let-me-in-please"))
 	if e := codeOf(t, err); e.Code != imqpb.Code_UNAUTHORIZED || !strings.Contains(e.Message, "unknown token") {
 		t.Errorf("bad token: %v, want UNAUTHORIZED with the backend's reason", err)

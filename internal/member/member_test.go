@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/imq-dev/imq/internal/testutil"
 )
 
 func fastConfig(join ...string) Config {
@@ -30,17 +32,6 @@ func startMember(t *testing.T, cfg Config, meta Meta) *Member {
 	return m
 }
 
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func find(peers []Peer, id string) (Peer, bool) {
 	for _, p := range peers {
 		if p.Meta.ID == id {
@@ -57,7 +48,7 @@ func TestMembersSeeEachOtherAndTheirMetadata(t *testing.T) {
 	boss := startMember(t, bossCfg, Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "127.0.0.1:7900"})
 	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1", LinkAddr: "127.0.0.1:7100"})
 
-	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool { _, ok := find(boss.Peers(), "qn-1"); return ok })
+	testutil.WaitFor(t, 5*time.Second, "the boss to see the node", func() bool { _, ok := find(boss.Peers(), "qn-1"); return ok })
 	p, _ := find(boss.Peers(), "qn-1")
 	if p.Meta.Role != RoleQueueNode || p.Meta.LinkAddr != "127.0.0.1:7100" || p.Meta.Started == 0 || p.Addr != node.Addr() {
 		t.Fatalf("the boss sees %+v", p)
@@ -65,10 +56,10 @@ func TestMembersSeeEachOtherAndTheirMetadata(t *testing.T) {
 	if b, ok := node.Boss(); !ok || b.Meta.HTTPAddr != "127.0.0.1:7900" {
 		t.Fatalf("the node's boss is %+v, %v", b, ok)
 	}
-	waitUntil(t, 5*time.Second, "OnChange to run", func() bool { return changes.Load() > 0 })
+	testutil.WaitFor(t, 5*time.Second, "OnChange to run", func() bool { return changes.Load() > 0 })
 
 	node.SetTable(7, "abc")
-	waitUntil(t, 5*time.Second, "the table version to reach the boss", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the table version to reach the boss", func() bool {
 		p, _ := find(boss.Peers(), "qn-1")
 		return p.Meta.TableVersion == 7
 	})
@@ -78,13 +69,13 @@ func TestCrashedMemberIsDeclaredDead(t *testing.T) {
 	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
 	node := startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleQueueNode, ID: "qn-1"})
 	startMember(t, fastConfig(boss.Addr()), Meta{Role: RoleGateway, ID: "gw-1"})
-	waitUntil(t, 5*time.Second, "three members", func() bool { return len(boss.Peers()) == 3 })
+	testutil.WaitFor(t, 5*time.Second, "three members", func() bool { return len(boss.Peers()) == 3 })
 	start := time.Now()
 	node.Shutdown() // no leave message: as a SIGKILL
 	bound := fastConfig().DetectionTime(3)
 	// memberlist lets an unconfirmed suspicion last up to 6 times the
 	// minimum; the bound for the test leaves room for that.
-	waitUntil(t, 6*bound+2*time.Second, "the crashed node to be declared dead", func() bool {
+	testutil.WaitFor(t, 6*bound+2*time.Second, "the crashed node to be declared dead", func() bool {
 		_, ok := find(boss.Peers(), "qn-1")
 		return !ok
 	})
@@ -97,12 +88,12 @@ func TestGracefulLeaveIsSeenAtOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 5*time.Second, "two members", func() bool { return len(boss.Peers()) == 2 })
+	testutil.WaitFor(t, 5*time.Second, "two members", func() bool { return len(boss.Peers()) == 2 })
 	if err := node.Close(time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// Well under the detection time: a leave is not a failure.
-	waitUntil(t, fastConfig().DetectionTime(2)/2, "the leave to be seen", func() bool { return len(boss.Peers()) == 1 })
+	testutil.WaitFor(t, fastConfig().DetectionTime(2)/2, "the leave to be seen", func() bool { return len(boss.Peers()) == 1 })
 }
 
 func TestNewestBossWins(t *testing.T) {
@@ -110,7 +101,7 @@ func TestNewestBossWins(t *testing.T) {
 	time.Sleep(5 * time.Millisecond) // Started is in ms
 	newer := startMember(t, fastConfig(old.Addr()), Meta{Role: RoleBoss, ID: "boss", HTTPAddr: "new"})
 	gw := startMember(t, fastConfig(old.Addr()), Meta{Role: RoleGateway, ID: "gw-1"})
-	waitUntil(t, 5*time.Second, "three members", func() bool { return len(gw.Peers()) == 3 })
+	testutil.WaitFor(t, 5*time.Second, "three members", func() bool { return len(gw.Peers()) == 3 })
 	if b, _ := gw.Boss(); b.Meta.HTTPAddr != "new" || b.Name != newer.Name() {
 		t.Fatalf("boss is %+v", b)
 	}
@@ -120,14 +111,14 @@ func TestMemberRejoinsARestartedBoss(t *testing.T) {
 	boss := startMember(t, fastConfig(), Meta{Role: RoleBoss, ID: "boss"})
 	addr := boss.Addr()
 	gw := startMember(t, fastConfig(addr), Meta{Role: RoleGateway, ID: "gw-1"})
-	waitUntil(t, 5*time.Second, "two members", func() bool { return len(gw.Peers()) == 2 })
+	testutil.WaitFor(t, 5*time.Second, "two members", func() bool { return len(gw.Peers()) == 2 })
 	boss.Shutdown()
-	waitUntil(t, 10*time.Second, "the boss to be declared dead", func() bool { _, ok := gw.Boss(); return !ok })
+	testutil.WaitFor(t, 10*time.Second, "the boss to be declared dead", func() bool { _, ok := gw.Boss(); return !ok })
 	cfg := fastConfig()
 	cfg.BindAddr = addr // the same address, as `imq boss` restarted
 	again := startMember(t, cfg, Meta{Role: RoleBoss, ID: "boss"})
 	// Nobody told the new boss about the gateway: the gateway finds it.
-	waitUntil(t, 5*time.Second, "the gateway to rejoin", func() bool { _, ok := find(again.Peers(), "gw-1"); return ok })
+	testutil.WaitFor(t, 5*time.Second, "the gateway to rejoin", func() bool { _, ok := find(again.Peers(), "gw-1"); return ok })
 }
 
 // TestProbeTimeoutDefault: without a ProbeTimeout, any ProbeInterval is
@@ -204,7 +195,7 @@ func TestUnspecifiedAddressesAreAdvertisedReachable(t *testing.T) {
 	if m := gw.Meta(); m.HTTPAddr != "127.0.0.1:8081" || m.ClientAddr != "127.0.0.1:8080" {
 		t.Fatalf("gateway advertised internal %q, client %q", m.HTTPAddr, m.ClientAddr)
 	}
-	waitUntil(t, 5*time.Second, "the boss to see the node", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the boss to see the node", func() bool {
 		p, ok := find(boss.Peers(), "qn-1")
 		return ok && p.Meta.LinkAddr == "127.0.0.1:7100"
 	})
@@ -237,7 +228,7 @@ func TestClusterKeyKeepsOutsidersOut(t *testing.T) {
 	in := fastConfig(boss.Addr())
 	in.Keys = [][]byte{key, other}
 	startMember(t, in, Meta{Role: RoleGateway, ID: "gw-in"})
-	waitUntil(t, 5*time.Second, "the keyed gateway to join", func() bool { _, ok := find(boss.Peers(), "gw-in"); return ok })
+	testutil.WaitFor(t, 5*time.Second, "the keyed gateway to join", func() bool { _, ok := find(boss.Peers(), "gw-in"); return ok })
 	time.Sleep(5 * fastConfig().RejoinInterval) // the outsiders' rejoins
 	for _, id := range []string{"gw-no-key", "gw-wrong-key"} {
 		if _, ok := find(boss.Peers(), id); ok {
@@ -285,7 +276,7 @@ func TestClusterKeyRotation(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitUntil(t, 5*time.Second, "each to see the other", func() bool {
+			testutil.WaitFor(t, 5*time.Second, "each to see the other", func() bool {
 				_, a := find(boss.Peers(), "qn-1")
 				_, b := find(m.Peers(), "boss")
 				return a && b

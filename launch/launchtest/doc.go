@@ -1,8 +1,11 @@
-// Package launchtest is the support code that IMQ's tests share: starting
-// an in-process cluster, waiting for a condition, an output buffer a test
-// may read while a server writes it, and an address where nothing listens.
-// One copy of each, so that the tests of every package start a cluster and
-// wait the same way (like net/http/httptest for net/http).
+// Package launchtest is the support code that composes IMQ's services for
+// tests: starting an in-process cluster (StartDev), building the imq binary
+// (Binary), and running imq processes alone (StartProcess) or as a local
+// cluster (StartCluster), each learning its addresses from its ready file,
+// and stopped and checked for data races when the test ends. One copy of
+// each, so that the tests of every package start a cluster the same way
+// (like net/http/httptest for net/http). The generic helpers (WaitFor,
+// SyncBuffer, ...) are in internal/testutil.
 //
 // # Imports
 //
