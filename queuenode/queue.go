@@ -823,8 +823,8 @@ const maxSnapshotID = 1024
 //
 // s comes from another node: RestoreQueue checks it whole and returns an
 // error (BAD_REQUEST for a malformed snapshot, LIMIT_EXCEEDED for one over
-// limits) rather than restore anything odd. The queue keeps s's events and
-// entries: the caller must not change s afterwards.
+// limits) rather than restore anything odd. The queue shares s's events
+// and entries, which must not change afterwards.
 func RestoreQueue(s *imqpb.QueueSnapshot, limits *Limits, now time.Time, gateway func(id string) (key string, ok bool)) (q *Queue, unbound []Subscriber, err error) {
 	if err := validateSnapshot(s, limits); err != nil {
 		return nil, nil, err
@@ -847,7 +847,7 @@ func RestoreQueue(s *imqpb.QueueSnapshot, limits *Limits, now time.Time, gateway
 			q.bytes += int64(m.stateBytes + entryOverhead*len(m.state))
 		} else {
 			if len(ms.GetHistory()) > 0 {
-				m.hist = ms.GetHistory()
+				m.hist = slices.Clone(ms.GetHistory()) // drop clears the slots of m.hist
 			}
 			m.evicted = ms.GetEvicted()
 			for _, ev := range m.hist {

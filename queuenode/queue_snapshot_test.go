@@ -326,3 +326,273 @@ func TestSnapshotRoundTripProperty(t *testing.T) {
 		}
 	}
 }
+
+// sampleQueue is a queue with a bit of everything: a message mount that
+// has evicted events by count, a state mount, and subscribers through two
+// gateways (link keys g1/1 and g2/1).
+func sampleQueue(t *testing.T, limits *Limits) *Queue {
+	t.Helper()
+	q := NewQueue(testQueue, testEpoch, limits, t0)
+	for i := range 8 { // offsets 1-8; HistoryLen 6 evicts 1 and 2
+		mustPublish(t, q, "m1", []byte{byte(i)}, at(time.Duration(i)*time.Millisecond))
+	}
+	mustSetState(t, q, "s1", "k1", []byte("v1"), false, at(time.Second))  // 9
+	mustSetState(t, q, "s1", "k2", []byte("v2"), false, at(time.Second))  // 10
+	mustSetState(t, q, "s1", "k1", []byte("v1b"), false, at(time.Second)) // 11
+	mustJoin(t, q, sub("p1", "g1/1"), at(time.Second), msgSpec("m1"), stateSpec("s1"))
+	mustJoin(t, q, sub("p2", "g2/1"), at(time.Second), stateSpec("s1"))
+	return q
+}
+
+// TestRestoreQueueContinues: a restored queue picks up where the original
+// stopped: the next publish gets head+1, state versions go on, a resume
+// from an evicted offset is missed and one from a retained offset replays
+// the same events, and its subscribers get its events through their
+// gateways' links on this node.
+func TestRestoreQueueContinues(t *testing.T) {
+	limits := snapshotLimits()
+	q := sampleQueue(t, limits)
+	now := at(2 * time.Second)
+	r, unbound := roundTrip(t, q, limits, now, 7)
+	if len(unbound) != 0 {
+		t.Fatalf("unbound %v", unbound)
+	}
+	if r.Epoch() != testEpoch || r.Head() != 11 || r.Bytes() != q.Bytes() || r.HistoryBytes() != q.HistoryBytes() {
+		t.Fatalf("restored epoch %d head %d bytes %d/%d; want %d 11 %d/%d", r.Epoch(), r.Head(), r.Bytes(), r.HistoryBytes(), testEpoch, q.Bytes(), q.HistoryBytes())
+	}
+	if got := gatewaysOf(t, r, "s1"); !slices.Equal(got, []string{"g1/7", "g2/7"}) {
+		t.Fatalf("gateways of s1: %v", got)
+	}
+	if got := gatewaysOf(t, r, "m1"); !slices.Equal(got, []string{"g1/7"}) {
+		t.Fatalf("gateways of m1: %v", got)
+	}
+	j := mustJoin(t, r, sub("p3", "g1/7"), now, resumeSpec("m1", testEpoch, 1))
+	if ms := j.GetMounts()[0]; !ms.GetMissed() || len(ms.GetHistory()) == 0 {
+		t.Fatalf("resume from evicted offset 1: missed %v, events %v", ms.GetMissed(), offsetsOf(ms.GetHistory()))
+	}
+	j = mustJoin(t, r, sub("p3", "g1/7"), now, resumeSpec("m1", testEpoch, 6))
+	if ms := j.GetMounts()[0]; ms.GetMissed() || !slices.Equal(offsetsOf(ms.GetHistory()), offsetRange(7, 8)) {
+		t.Fatalf("resume from retained offset 6: missed %v, events %v", ms.GetMissed(), offsetsOf(ms.GetHistory()))
+	}
+	if ev := mustPublish(t, r, "m1", []byte("next"), now); ev.GetOffset() != 12 {
+		t.Fatalf("next publish got offset %d, want 12", ev.GetOffset())
+	}
+	if ch := mustSetState(t, r, "s1", "k2", []byte("v2b"), false, now); ch.GetVersion() != 13 {
+		t.Fatalf("next state change got version %d, want 13", ch.GetVersion())
+	}
+	st, err := r.GetState("s1", []string{"k1"})
+	if err != nil || len(st.GetEntries()) != 1 || st.GetEntries()[0].GetVersion() != 11 || string(st.GetEntries()[0].GetValue()) != "v1b" {
+		t.Fatalf("GetState k1: %v, %v", st, err)
+	}
+}
+
+// TestRestoreQueueSubscribers: subscribers of a gateway this node has no
+// link with are returned, not joined, and their leaving is activity; a
+// last activity ahead of this node's clock is taken as now.
+func TestRestoreQueueSubscribers(t *testing.T) {
+	limits := snapshotLimits()
+	q := sampleQueue(t, limits)
+	s := q.Snapshot(gatewayOfKey)
+	if got := []string{s.Subscribers[0].GetGateway(), s.Subscribers[1].GetGateway()}; !slices.Equal(got, []string{"g1", "g2"}) {
+		t.Fatalf("snapshot gateways %v: want gateway ids, not link keys", got)
+	}
+	now := at(time.Hour)
+	r, unbound, err := RestoreQueue(s, limits, now, func(id string) (string, bool) { return id + "/3", id == "g1" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []Subscriber{{User: "u-p2", Session: "p2", Gateway: "g2"}}; !slices.Equal(unbound, want) {
+		t.Fatalf("unbound %v, want %v", unbound, want)
+	}
+	if got := r.SubscriberList(); len(got) != 1 || got[0].Gateway != "g1/3" {
+		t.Fatalf("subscribers %v", got)
+	}
+	if got := gatewaysOf(t, r, "s1"); !slices.Equal(got, []string{"g1/3"}) {
+		t.Fatalf("gateways of s1: %v", got)
+	}
+	r.Leave("p1", at(time.Hour+time.Second))
+	if r.Expire(at(time.Hour+time.Second), time.Minute) {
+		t.Fatal("idle at once after its last subscriber left")
+	}
+
+	// A snapshotting node whose clock runs a day ahead.
+	s.LastActiveUnixNano = at(24 * time.Hour).UnixNano()
+	s.Subscribers = nil
+	r, _, err = RestoreQueue(s, limits, now, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Expire(now.Add(time.Minute), time.Minute) {
+		t.Fatal("a last activity ahead of this node's clock kept the queue from expiring")
+	}
+}
+
+// TestRestoreQueueEmpty: a queue with nothing in it, and one whose
+// message mount evicted everything, survive the round trip.
+func TestRestoreQueueEmpty(t *testing.T) {
+	limits := snapshotLimits()
+	q := NewQueue(testQueue, testEpoch, limits, t0)
+	r, _ := roundTrip(t, q, limits, t0, 2)
+	if r.Head() != 0 || r.Bytes() != QueueBytes(testQueue) || !r.Disposable() {
+		t.Fatalf("empty queue restored with head %d bytes %d", r.Head(), r.Bytes())
+	}
+	mustPublish(t, q, "m1", []byte("x"), t0)
+	q.EvictOldest(func(int64, int) bool { return true })
+	r, _ = roundTrip(t, q, limits, t0, 2)
+	p, err := r.History("m1", 0, 0, t0)
+	if err != nil || !p.GetMissed() || len(p.GetEvents()) != 0 || p.GetHead() != 1 {
+		t.Fatalf("history of an evicted mount: %v, %v", p, err)
+	}
+	if ev := mustPublish(t, r, "m1", []byte("y"), t0); ev.GetOffset() != 2 {
+		t.Fatalf("next publish got %d", ev.GetOffset())
+	}
+}
+
+// TestRestoreQueueRefusesBadSnapshots: a snapshot from another node is
+// checked whole; each flaw is refused with a clear error (BAD_REQUEST, or
+// LIMIT_EXCEEDED past this node's limits), never restored or a panic.
+func TestRestoreQueueRefusesBadSnapshots(t *testing.T) {
+	limits := snapshotLimits()
+	valid := func() *imqpb.QueueSnapshot { return sampleQueue(t, limits).Snapshot(gatewayOfKey) }
+	// In valid(): mounts m1 (events 3-8, evicted 2) and s1 (k1@11, k2@10),
+	// subscribers p1 (m1, s1) and p2 (s1); head 11.
+	m1 := func(s *imqpb.QueueSnapshot) *imqpb.MountSnapshot { return s.Mounts[0] }
+	s1 := func(s *imqpb.QueueSnapshot) *imqpb.MountSnapshot { return s.Mounts[1] }
+	big := strings.Repeat("x", 2000)
+	cases := []struct {
+		name   string
+		mutate func(s *imqpb.QueueSnapshot)
+		code   imqpb.Code
+		want   string
+	}{
+		{"bad queue name", func(s *imqpb.QueueSnapshot) { s.Name = "room" }, imqpb.Code_BAD_REQUEST, "must start with '/'"},
+		{"epoch 0", func(s *imqpb.QueueSnapshot) { s.Epoch = 0 }, imqpb.Code_BAD_REQUEST, "epoch 0"},
+		{"bad mount name", func(s *imqpb.QueueSnapshot) { m1(s).Name = "a b" }, imqpb.Code_BAD_REQUEST, "not allowed"},
+		{"bad mount kind", func(s *imqpb.QueueSnapshot) { m1(s).Kind = 9 }, imqpb.Code_BAD_REQUEST, "kind must be"},
+		{"mount twice", func(s *imqpb.QueueSnapshot) { s1(s).Name = "m1" }, imqpb.Code_BAD_REQUEST, `mount "m1" twice`},
+		{"nil mount", func(s *imqpb.QueueSnapshot) { s.Mounts[0] = nil }, imqpb.Code_BAD_REQUEST, "mount name"},
+		{"too many mounts", func(s *imqpb.QueueSnapshot) {
+			for i := range 3 {
+				s.Mounts = append(s.Mounts, &imqpb.MountSnapshot{Name: fmt.Sprint("x", i), Kind: imqpb.MountKind_MESSAGE})
+			}
+		}, imqpb.Code_LIMIT_EXCEEDED, "5 mounts"},
+		{"events out of order", func(s *imqpb.QueueSnapshot) {
+			h := m1(s).History
+			h[1], h[2] = h[2], h[1]
+		}, imqpb.Code_BAD_REQUEST, "event offset 4 after 5"},
+		{"event beyond head", func(s *imqpb.QueueSnapshot) { s.Head = 7 }, imqpb.Code_BAD_REQUEST, "head 7"},
+		{"event not after evicted", func(s *imqpb.QueueSnapshot) { m1(s).Evicted = 3 }, imqpb.Code_BAD_REQUEST, "evicted 3"},
+		{"evicted beyond head", func(s *imqpb.QueueSnapshot) { m1(s).History, m1(s).Evicted = nil, 12 }, imqpb.Code_BAD_REQUEST, "beyond head"},
+		{"event of another mount", func(s *imqpb.QueueSnapshot) { m1(s).History[0].Mount = "m2" }, imqpb.Code_BAD_REQUEST, "another queue or mount"},
+		{"nil event", func(s *imqpb.QueueSnapshot) { m1(s).History[0] = nil }, imqpb.Code_BAD_REQUEST, "empty event"},
+		{"offset used twice", func(s *imqpb.QueueSnapshot) { s1(s).State[1].Version = 8 }, imqpb.Code_BAD_REQUEST, "each offset once"},
+		{"state version 0", func(s *imqpb.QueueSnapshot) { s1(s).State[0].Version = 0 }, imqpb.Code_BAD_REQUEST, "version 0"},
+		{"state version beyond head", func(s *imqpb.QueueSnapshot) { s1(s).State[0].Version = 12 }, imqpb.Code_BAD_REQUEST, "version 12"},
+		{"state keys out of order", func(s *imqpb.QueueSnapshot) {
+			st := s1(s).State
+			st[0], st[1] = st[1], st[0]
+		}, imqpb.Code_BAD_REQUEST, "out of order or twice"},
+		{"bad state key", func(s *imqpb.QueueSnapshot) { s1(s).State[0].Key = "a\x00" }, imqpb.Code_BAD_REQUEST, "control character"},
+		{"nil state entry", func(s *imqpb.QueueSnapshot) { s1(s).State[0] = nil }, imqpb.Code_BAD_REQUEST, "state key must be"},
+		{"history on a state mount", func(s *imqpb.QueueSnapshot) { s1(s).Evicted = 1 }, imqpb.Code_BAD_REQUEST, "has history"},
+		{"state on a message mount", func(s *imqpb.QueueSnapshot) { m1(s).State = s1(s).State }, imqpb.Code_BAD_REQUEST, "has state"},
+		{"history too long", func(s *imqpb.QueueSnapshot) {
+			m1(s).Evicted = 1
+			m1(s).History = append([]*imqpb.Event{{Queue: testQueue, Mount: "m1", Offset: 2}}, m1(s).History...)
+		}, imqpb.Code_LIMIT_EXCEEDED, "retains 7 events"},
+		{"history too large", func(s *imqpb.QueueSnapshot) { m1(s).History[0].Sender = strings.Repeat("a", 200) }, imqpb.Code_LIMIT_EXCEEDED, "retains"},
+		{"payload too large", func(s *imqpb.QueueSnapshot) { m1(s).History[5].Payload = make([]byte, 41) }, imqpb.Code_LIMIT_EXCEEDED, "event 8 is 41 bytes"},
+		{"sender too long", func(s *imqpb.QueueSnapshot) { m1(s).History[5].Sender = big }, imqpb.Code_BAD_REQUEST, "sender is 2000 bytes"},
+		{"state value too large", func(s *imqpb.QueueSnapshot) { s1(s).State[0].Value = make([]byte, 31) }, imqpb.Code_LIMIT_EXCEEDED, "holds 31 bytes"},
+		{"too many state keys", func(s *imqpb.QueueSnapshot) {
+			for i := range 3 {
+				s1(s).State = append(s1(s).State, &imqpb.StateEntry{Key: fmt.Sprint("z", i), Version: uint64(1 + i)})
+			}
+		}, imqpb.Code_LIMIT_EXCEEDED, "5 keys"},
+		{"state too large", func(s *imqpb.QueueSnapshot) {
+			s1(s).State[0].Value = make([]byte, 30)
+			s1(s).State[1].Value = make([]byte, 30)
+			s1(s).State = append(s1(s).State, &imqpb.StateEntry{Key: "k3", Value: make([]byte, 30), Version: 1})
+		}, imqpb.Code_LIMIT_EXCEEDED, "the limit is 80"},
+		{"too many subscribers", func(s *imqpb.QueueSnapshot) {
+			for i := range 7 {
+				s.Subscribers = append(s.Subscribers, &imqpb.SubscriberSnapshot{Gateway: "g", User: "u", Session: fmt.Sprint("x", i), Mounts: []string{"m1"}})
+			}
+		}, imqpb.Code_LIMIT_EXCEEDED, "9 subscribers"},
+		{"empty session", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].Session = "" }, imqpb.Code_BAD_REQUEST, "session is 0 bytes"},
+		{"huge session", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].Session = big }, imqpb.Code_BAD_REQUEST, "session is 2000 bytes"},
+		{"session twice", func(s *imqpb.QueueSnapshot) { s.Subscribers[1].Session = "p1" }, imqpb.Code_BAD_REQUEST, `"p1" twice`},
+		{"no gateway", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].Gateway = "" }, imqpb.Code_BAD_REQUEST, "gateway id of 0 bytes"},
+		{"no user", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].User = "" }, imqpb.Code_BAD_REQUEST, "user id of 0 bytes"},
+		{"no mounts", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].Mounts = nil }, imqpb.Code_BAD_REQUEST, "no mounts"},
+		{"unknown mount", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].Mounts[0] = "zz" }, imqpb.Code_BAD_REQUEST, `no mount "zz"`},
+		{"mount joined twice", func(s *imqpb.QueueSnapshot) { s.Subscribers[0].Mounts[1] = "m1" }, imqpb.Code_BAD_REQUEST, `mount "m1" twice`},
+		{"nil subscriber", func(s *imqpb.QueueSnapshot) { s.Subscribers[0] = nil }, imqpb.Code_BAD_REQUEST, "session is 0 bytes"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := valid()
+			tc.mutate(s)
+			q, unbound, err := RestoreQueue(s, limits, t0, func(id string) (string, bool) { return id, true })
+			if err == nil {
+				t.Fatalf("restored %v (unbound %v)", q, unbound)
+			}
+			if imqerr.CodeOf(err) != tc.code || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "queue snapshot") {
+				t.Fatalf("error %v (%v), want %v containing %q", err, imqerr.CodeOf(err), tc.code, tc.want)
+			}
+			if q != nil || unbound != nil {
+				t.Fatal("a refused snapshot returned a queue or subscribers")
+			}
+		})
+	}
+	if _, _, err := RestoreQueue(nil, limits, t0, nil); imqerr.CodeOf(err) != imqpb.Code_BAD_REQUEST {
+		t.Fatalf("nil snapshot: %v", err)
+	}
+	// The newest event is kept even past HistoryBytes, as Publish keeps it.
+	s := valid()
+	m1(s).History = m1(s).History[5:]
+	m1(s).History[0].Sender = strings.Repeat("a", 240)
+	m1(s).Evicted = 7
+	if _, _, err := RestoreQueue(s, limits, t0, func(id string) (string, bool) { return id, true }); err != nil {
+		t.Fatalf("one event larger than HistoryBytes: %v", err)
+	}
+}
+
+// FuzzRestoreQueue: whatever bytes arrive as a snapshot, RestoreQueue
+// either refuses them or makes a queue that snapshots and restores to the
+// same bytes count, and keeps working (the next publish gets head+1).
+func FuzzRestoreQueue(f *testing.F) {
+	limits := snapshotLimits()
+	q := NewQueue(testQueue, testEpoch, limits, t0)
+	for i := range 8 {
+		q.Publish("m1", "alice", []byte{byte(i)}, t0)
+	}
+	q.SetState("s1", "bob", "k", []byte("v"), false, t0)
+	q.Join(Subscriber{User: "u", Session: "p", Gateway: "g/1"}, []*imqpb.MountSpec{msgSpec("m1"), stateSpec("s1")}, t0)
+	b, err := proto.Marshal(q.Snapshot(gatewayOfKey))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var s imqpb.QueueSnapshot
+		if proto.Unmarshal(b, &s) != nil {
+			return
+		}
+		r, _, err := RestoreQueue(&s, limits, t0, func(id string) (string, bool) { return id + "/1", len(id)%2 == 0 })
+		if err != nil {
+			return
+		}
+		r2, _, err := RestoreQueue(r.Snapshot(gatewayOfKey), limits, t0, func(id string) (string, bool) { return id + "/1", true })
+		if err != nil {
+			t.Fatalf("the snapshot of a restored queue is refused: %v", err)
+		}
+		if r2.Bytes() != r.Bytes() || r2.HistoryBytes() != r.HistoryBytes() {
+			t.Fatalf("bytes %d/%d, again %d/%d", r.Bytes(), r.HistoryBytes(), r2.Bytes(), r2.HistoryBytes())
+		}
+		if ev, err := r.Publish("zz", "", nil, t0); err == nil && ev.GetOffset() != s.GetHead()+1 {
+			t.Fatalf("next publish got %d after head %d", ev.GetOffset(), s.GetHead())
+		}
+	})
+}
