@@ -1722,6 +1722,268 @@ func (x *QueueClosed) GetMessage() string {
 	return ""
 }
 
+// QueueSnapshot is one queue whole, as its owner hands it to the node that
+// adopts its bucket (docs/handoff.md, steps 3 and 4): everything the
+// restored queue needs to behave exactly as the original. Its epoch and
+// offsets are kept, so the next publish gets head + 1, a resume from any
+// retained offset replays the same events, and `missed` is reported the
+// same. The byte counts of the node's memory budget are not carried: the
+// adopting node recomputes them from the contents, by its own rules.
+// Call-outs are configured per node by queue-name prefix, not per queue, so
+// a snapshot carries none.
+type QueueSnapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Epoch uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// The last offset assigned.
+	Head uint64 `protobuf:"varint,3,opt,name=head,proto3" json:"head,omitempty"`
+	// When the queue was created, Unix nanoseconds by the owner's clock.
+	CreatedUnixNano int64 `protobuf:"varint,4,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	// The queue's last activity (an operation that changed it), Unix
+	// nanoseconds by the owner's clock: its idle expiry continues from it.
+	LastActiveUnixNano int64 `protobuf:"varint,5,opt,name=last_active_unix_nano,json=lastActiveUnixNano,proto3" json:"last_active_unix_nano,omitempty"`
+	// By name.
+	Mounts []*MountSnapshot `protobuf:"bytes,6,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	// By session.
+	Subscribers   []*SubscriberSnapshot `protobuf:"bytes,7,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueSnapshot) Reset() {
+	*x = QueueSnapshot{}
+	mi := &file_link_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueSnapshot) ProtoMessage() {}
+
+func (x *QueueSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueSnapshot.ProtoReflect.Descriptor instead.
+func (*QueueSnapshot) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *QueueSnapshot) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *QueueSnapshot) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *QueueSnapshot) GetHead() uint64 {
+	if x != nil {
+		return x.Head
+	}
+	return 0
+}
+
+func (x *QueueSnapshot) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+func (x *QueueSnapshot) GetLastActiveUnixNano() int64 {
+	if x != nil {
+		return x.LastActiveUnixNano
+	}
+	return 0
+}
+
+func (x *QueueSnapshot) GetMounts() []*MountSnapshot {
+	if x != nil {
+		return x.Mounts
+	}
+	return nil
+}
+
+func (x *QueueSnapshot) GetSubscribers() []*SubscriberSnapshot {
+	if x != nil {
+		return x.Subscribers
+	}
+	return nil
+}
+
+// MountSnapshot is one mount of a QueueSnapshot.
+type MountSnapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Kind  MountKind              `protobuf:"varint,2,opt,name=kind,proto3,enum=imq.v1.MountKind" json:"kind,omitempty"`
+	// Message mounts: the retained events, oldest first (strictly increasing
+	// offsets), each with the queue and mount names it was published with.
+	History []*Event `protobuf:"bytes,3,rep,name=history,proto3" json:"history,omitempty"`
+	// Message mounts: the offset of the newest event evicted from the
+	// history (0: none), which decides `missed` for a resume or a read.
+	Evicted uint64 `protobuf:"varint,4,opt,name=evicted,proto3" json:"evicted,omitempty"`
+	// State mounts: every entry, by key, with its version.
+	State         []*StateEntry `protobuf:"bytes,5,rep,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MountSnapshot) Reset() {
+	*x = MountSnapshot{}
+	mi := &file_link_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MountSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MountSnapshot) ProtoMessage() {}
+
+func (x *MountSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MountSnapshot.ProtoReflect.Descriptor instead.
+func (*MountSnapshot) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *MountSnapshot) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MountSnapshot) GetKind() MountKind {
+	if x != nil {
+		return x.Kind
+	}
+	return MountKind_MOUNT_KIND_UNSPECIFIED
+}
+
+func (x *MountSnapshot) GetHistory() []*Event {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+func (x *MountSnapshot) GetEvicted() uint64 {
+	if x != nil {
+		return x.Evicted
+	}
+	return 0
+}
+
+func (x *MountSnapshot) GetState() []*StateEntry {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+// SubscriberSnapshot is one session joined to a snapshotted queue.
+type SubscriberSnapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The id of the gateway the session joined through (its Hello's
+	// gateway_id): the adopting node binds the subscriber to its own link
+	// with that gateway.
+	Gateway string `protobuf:"bytes,1,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	User    string `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Session string `protobuf:"bytes,3,opt,name=session,proto3" json:"session,omitempty"`
+	// The mounts the session joined, in the order of its join.
+	Mounts        []string `protobuf:"bytes,4,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubscriberSnapshot) Reset() {
+	*x = SubscriberSnapshot{}
+	mi := &file_link_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubscriberSnapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubscriberSnapshot) ProtoMessage() {}
+
+func (x *SubscriberSnapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubscriberSnapshot.ProtoReflect.Descriptor instead.
+func (*SubscriberSnapshot) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *SubscriberSnapshot) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *SubscriberSnapshot) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *SubscriberSnapshot) GetSession() string {
+	if x != nil {
+		return x.Session
+	}
+	return ""
+}
+
+func (x *SubscriberSnapshot) GetMounts() []string {
+	if x != nil {
+		return x.Mounts
+	}
+	return nil
+}
+
 var File_link_proto protoreflect.FileDescriptor
 
 const file_link_proto_rawDesc = "" +
@@ -1844,7 +2106,26 @@ const file_link_proto_rawDesc = "" +
 	"\vQueueClosed\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12&\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x0e.imq.v1.ReasonR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage*P\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\x99\x02\n" +
+	"\rQueueSnapshot\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x12\n" +
+	"\x04head\x18\x03 \x01(\x04R\x04head\x12*\n" +
+	"\x11created_unix_nano\x18\x04 \x01(\x03R\x0fcreatedUnixNano\x121\n" +
+	"\x15last_active_unix_nano\x18\x05 \x01(\x03R\x12lastActiveUnixNano\x12-\n" +
+	"\x06mounts\x18\x06 \x03(\v2\x15.imq.v1.MountSnapshotR\x06mounts\x12<\n" +
+	"\vsubscribers\x18\a \x03(\v2\x1a.imq.v1.SubscriberSnapshotR\vsubscribers\"\xb7\x01\n" +
+	"\rMountSnapshot\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x11.imq.v1.MountKindR\x04kind\x12'\n" +
+	"\ahistory\x18\x03 \x03(\v2\r.imq.v1.EventR\ahistory\x12\x18\n" +
+	"\aevicted\x18\x04 \x01(\x04R\aevicted\x12(\n" +
+	"\x05state\x18\x05 \x03(\v2\x12.imq.v1.StateEntryR\x05state\"t\n" +
+	"\x12SubscriberSnapshot\x12\x18\n" +
+	"\agateway\x18\x01 \x01(\tR\agateway\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12\x18\n" +
+	"\asession\x18\x03 \x01(\tR\asession\x12\x16\n" +
+	"\x06mounts\x18\x04 \x03(\tR\x06mounts*P\n" +
 	"\bLinkRole\x12\x19\n" +
 	"\x15LINK_ROLE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11LINK_ROLE_GATEWAY\x10\x01\x12\x12\n" +
@@ -1863,78 +2144,86 @@ func file_link_proto_rawDescGZIP() []byte {
 }
 
 var file_link_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_link_proto_goTypes = []any{
-	(LinkRole)(0),           // 0: imq.v1.LinkRole
-	(*LinkUp)(nil),          // 1: imq.v1.LinkUp
-	(*LinkDown)(nil),        // 2: imq.v1.LinkDown
-	(*Challenge)(nil),       // 3: imq.v1.Challenge
-	(*Hello)(nil),           // 4: imq.v1.Hello
-	(*HelloAck)(nil),        // 5: imq.v1.HelloAck
-	(*NodeRequest)(nil),     // 6: imq.v1.NodeRequest
-	(*NodeReply)(nil),       // 7: imq.v1.NodeReply
-	(*GetState)(nil),        // 8: imq.v1.GetState
-	(*StateSnapshot)(nil),   // 9: imq.v1.StateSnapshot
-	(*History)(nil),         // 10: imq.v1.History
-	(*HistoryPage)(nil),     // 11: imq.v1.HistoryPage
-	(*QueueInfo)(nil),       // 12: imq.v1.QueueInfo
-	(*QueueInfoResult)(nil), // 13: imq.v1.QueueInfoResult
-	(*MountInfo)(nil),       // 14: imq.v1.MountInfo
-	(*SubscriberInfo)(nil),  // 15: imq.v1.SubscriberInfo
-	(*Deliver)(nil),         // 16: imq.v1.Deliver
-	(*QueueClosed)(nil),     // 17: imq.v1.QueueClosed
-	(*Ping)(nil),            // 18: imq.v1.Ping
-	(*Pong)(nil),            // 19: imq.v1.Pong
-	(*Join)(nil),            // 20: imq.v1.Join
-	(*Leave)(nil),           // 21: imq.v1.Leave
-	(*Publish)(nil),         // 22: imq.v1.Publish
-	(*SetState)(nil),        // 23: imq.v1.SetState
-	(Code)(0),               // 24: imq.v1.Code
-	(*Joined)(nil),          // 25: imq.v1.Joined
-	(*Published)(nil),       // 26: imq.v1.Published
-	(*StateSet)(nil),        // 27: imq.v1.StateSet
-	(*StateEntry)(nil),      // 28: imq.v1.StateEntry
-	(*Event)(nil),           // 29: imq.v1.Event
-	(MountKind)(0),          // 30: imq.v1.MountKind
-	(Reason)(0),             // 31: imq.v1.Reason
+	(LinkRole)(0),              // 0: imq.v1.LinkRole
+	(*LinkUp)(nil),             // 1: imq.v1.LinkUp
+	(*LinkDown)(nil),           // 2: imq.v1.LinkDown
+	(*Challenge)(nil),          // 3: imq.v1.Challenge
+	(*Hello)(nil),              // 4: imq.v1.Hello
+	(*HelloAck)(nil),           // 5: imq.v1.HelloAck
+	(*NodeRequest)(nil),        // 6: imq.v1.NodeRequest
+	(*NodeReply)(nil),          // 7: imq.v1.NodeReply
+	(*GetState)(nil),           // 8: imq.v1.GetState
+	(*StateSnapshot)(nil),      // 9: imq.v1.StateSnapshot
+	(*History)(nil),            // 10: imq.v1.History
+	(*HistoryPage)(nil),        // 11: imq.v1.HistoryPage
+	(*QueueInfo)(nil),          // 12: imq.v1.QueueInfo
+	(*QueueInfoResult)(nil),    // 13: imq.v1.QueueInfoResult
+	(*MountInfo)(nil),          // 14: imq.v1.MountInfo
+	(*SubscriberInfo)(nil),     // 15: imq.v1.SubscriberInfo
+	(*Deliver)(nil),            // 16: imq.v1.Deliver
+	(*QueueClosed)(nil),        // 17: imq.v1.QueueClosed
+	(*QueueSnapshot)(nil),      // 18: imq.v1.QueueSnapshot
+	(*MountSnapshot)(nil),      // 19: imq.v1.MountSnapshot
+	(*SubscriberSnapshot)(nil), // 20: imq.v1.SubscriberSnapshot
+	(*Ping)(nil),               // 21: imq.v1.Ping
+	(*Pong)(nil),               // 22: imq.v1.Pong
+	(*Join)(nil),               // 23: imq.v1.Join
+	(*Leave)(nil),              // 24: imq.v1.Leave
+	(*Publish)(nil),            // 25: imq.v1.Publish
+	(*SetState)(nil),           // 26: imq.v1.SetState
+	(Code)(0),                  // 27: imq.v1.Code
+	(*Joined)(nil),             // 28: imq.v1.Joined
+	(*Published)(nil),          // 29: imq.v1.Published
+	(*StateSet)(nil),           // 30: imq.v1.StateSet
+	(*StateEntry)(nil),         // 31: imq.v1.StateEntry
+	(*Event)(nil),              // 32: imq.v1.Event
+	(MountKind)(0),             // 33: imq.v1.MountKind
+	(Reason)(0),                // 34: imq.v1.Reason
 }
 var file_link_proto_depIdxs = []int32{
 	4,  // 0: imq.v1.LinkUp.hello:type_name -> imq.v1.Hello
 	6,  // 1: imq.v1.LinkUp.request:type_name -> imq.v1.NodeRequest
-	18, // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
+	21, // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
 	5,  // 3: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
 	7,  // 4: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
 	16, // 5: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
-	19, // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
+	22, // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
 	17, // 7: imq.v1.LinkDown.queue_closed:type_name -> imq.v1.QueueClosed
 	3,  // 8: imq.v1.LinkDown.challenge:type_name -> imq.v1.Challenge
 	0,  // 9: imq.v1.Hello.role:type_name -> imq.v1.LinkRole
 	0,  // 10: imq.v1.HelloAck.role:type_name -> imq.v1.LinkRole
-	20, // 11: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
-	21, // 12: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
-	22, // 13: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
-	23, // 14: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
+	23, // 11: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
+	24, // 12: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
+	25, // 13: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
+	26, // 14: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
 	8,  // 15: imq.v1.NodeRequest.get_state:type_name -> imq.v1.GetState
 	10, // 16: imq.v1.NodeRequest.history:type_name -> imq.v1.History
 	12, // 17: imq.v1.NodeRequest.queue_info:type_name -> imq.v1.QueueInfo
-	24, // 18: imq.v1.NodeReply.code:type_name -> imq.v1.Code
-	25, // 19: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
-	26, // 20: imq.v1.NodeReply.published:type_name -> imq.v1.Published
-	27, // 21: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
+	27, // 18: imq.v1.NodeReply.code:type_name -> imq.v1.Code
+	28, // 19: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
+	29, // 20: imq.v1.NodeReply.published:type_name -> imq.v1.Published
+	30, // 21: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
 	9,  // 22: imq.v1.NodeReply.state:type_name -> imq.v1.StateSnapshot
 	11, // 23: imq.v1.NodeReply.history:type_name -> imq.v1.HistoryPage
 	13, // 24: imq.v1.NodeReply.queue_info:type_name -> imq.v1.QueueInfoResult
-	28, // 25: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
-	29, // 26: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
+	31, // 25: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
+	32, // 26: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
 	14, // 27: imq.v1.QueueInfoResult.mounts:type_name -> imq.v1.MountInfo
 	15, // 28: imq.v1.QueueInfoResult.subscribers:type_name -> imq.v1.SubscriberInfo
-	30, // 29: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
-	31, // 30: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
-	31, // [31:31] is the sub-list for method output_type
-	31, // [31:31] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	33, // 29: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
+	34, // 30: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
+	19, // 31: imq.v1.QueueSnapshot.mounts:type_name -> imq.v1.MountSnapshot
+	20, // 32: imq.v1.QueueSnapshot.subscribers:type_name -> imq.v1.SubscriberSnapshot
+	33, // 33: imq.v1.MountSnapshot.kind:type_name -> imq.v1.MountKind
+	32, // 34: imq.v1.MountSnapshot.history:type_name -> imq.v1.Event
+	31, // 35: imq.v1.MountSnapshot.state:type_name -> imq.v1.StateEntry
+	36, // [36:36] is the sub-list for method output_type
+	36, // [36:36] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_link_proto_init() }
@@ -1979,7 +2268,7 @@ func file_link_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_link_proto_rawDesc), len(file_link_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

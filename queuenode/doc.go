@@ -68,6 +68,15 @@
 // (see checkOwnerLocked). The node also closes the links of a gateway that
 // the membership declares dead or left, in case its connections stay open.
 //
+// The node's end of a live bucket hand-off (docs/handoff.md; handoff.go)
+// moves a bucket's queues whole: Queue.Snapshot and RestoreQueue turn a
+// queue into a QueueSnapshot (proto/link.proto) and back, keeping its
+// epoch, offsets, history, evictions, state versions and subscribers
+// (named by gateway id between nodes, bound to link keys on each);
+// exportBucket takes a bucket's queues out of the shards, importQueues
+// installs them all or none, within the memory budget. RestoreQueue checks
+// a snapshot whole, since it comes from another node.
+//
 // queuenode imports internal/ and proto/ only; it never imports gateway/ or
 // boss/.
 package queuenode

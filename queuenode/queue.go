@@ -1,6 +1,7 @@
 package queuenode
 
 import (
+	"fmt"
 	"maps"
 	"slices"
 	"sort"
@@ -765,4 +766,270 @@ func (m *mount) snapshot() []*imqpb.StateEntry {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
 	return out
+}
+
+// Snapshot returns the whole queue as a bucket hand-off carries it
+// (docs/handoff.md): RestoreQueue on another node makes an identical
+// queue of it. gatewayID maps each subscriber's Gateway (what the caller
+// joined it with: the server's link key) to the gateway's id, which means
+// something on another node. The snapshot shares the queue's events and
+// state entries, which are never changed once made; it changes nothing.
+func (q *Queue) Snapshot(gatewayID func(gateway string) string) *imqpb.QueueSnapshot {
+	s := &imqpb.QueueSnapshot{
+		Name:               q.name,
+		Epoch:              q.epoch,
+		Head:               q.head,
+		CreatedUnixNano:    q.created.UnixNano(),
+		LastActiveUnixNano: q.lastActive.UnixNano(),
+		Mounts:             make([]*imqpb.MountSnapshot, 0, len(q.mounts)),
+		Subscribers:        make([]*imqpb.SubscriberSnapshot, 0, len(q.subs)),
+	}
+	for _, name := range slices.Sorted(maps.Keys(q.mounts)) {
+		m := q.mounts[name]
+		ms := &imqpb.MountSnapshot{Name: name, Kind: m.kind, Evicted: m.evicted}
+		if m.kind == imqpb.MountKind_STATE {
+			ms.State = m.snapshot()
+		} else {
+			// A copy: drop clears the slots of the queue's own slice.
+			ms.History = slices.Clone(m.hist)
+		}
+		s.Mounts = append(s.Mounts, ms)
+	}
+	for _, session := range slices.Sorted(maps.Keys(q.subs)) {
+		sub := q.subs[session]
+		s.Subscribers = append(s.Subscribers, &imqpb.SubscriberSnapshot{
+			Gateway: gatewayID(sub.Gateway), User: sub.User, Session: sub.Session, Mounts: slices.Clone(sub.mounts),
+		})
+	}
+	return s
+}
+
+// maxSnapshotID bounds a snapshot subscriber's gateway id and session,
+// which no limit of the queue bounds otherwise: generous for what gateways
+// make (a prefix and a serial), small enough that a hostile snapshot's
+// strings stay bounded.
+const maxSnapshotID = 1024
+
+// RestoreQueue makes the queue s describes, with limits, as it was on the
+// node that snapshotted it: same epoch, offsets, history, evictions,
+// state versions and subscribers, and Bytes and HistoryBytes recomputed by
+// this node's rules. gateway maps a subscriber's gateway id to what this
+// node joins that gateway's subscribers with (its current link key for
+// that gateway); the subscribers whose gateway it does not know (ok false)
+// are left out of the queue and returned, with Gateway the gateway's id,
+// for the caller to deal with, as if removed by RemoveGateway at now. The last activity, by the snapshotting
+// node's clock, is taken no later than now, so that a clock ahead of this
+// node's does not keep the queue from expiring when idle.
+//
+// s comes from another node: RestoreQueue checks it whole and returns an
+// error (BAD_REQUEST for a malformed snapshot, LIMIT_EXCEEDED for one over
+// limits) rather than restore anything odd. The queue shares s's events
+// and entries, which must not change afterwards.
+func RestoreQueue(s *imqpb.QueueSnapshot, limits *Limits, now time.Time, gateway func(id string) (key string, ok bool)) (q *Queue, unbound []Subscriber, err error) {
+	if err := validateSnapshot(s, limits); err != nil {
+		return nil, nil, err
+	}
+	q = NewQueue(s.GetName(), s.GetEpoch(), limits, time.Unix(0, s.GetCreatedUnixNano()))
+	q.head = s.GetHead()
+	q.lastActive = time.Unix(0, s.GetLastActiveUnixNano())
+	if q.lastActive.After(now) {
+		q.lastActive = now
+	}
+	for _, ms := range s.GetMounts() {
+		m := &mount{name: ms.GetName(), kind: ms.GetKind(), gateways: make(map[string]int)}
+		q.bytes += MountBytes(m.name)
+		if m.kind == imqpb.MountKind_STATE {
+			m.state = make(map[string]*imqpb.StateEntry, len(ms.GetState()))
+			for _, e := range ms.GetState() {
+				m.state[e.GetKey()] = e
+				m.stateBytes += len(e.GetKey()) + len(e.GetValue())
+			}
+			q.bytes += int64(m.stateBytes + entryOverhead*len(m.state))
+		} else {
+			if len(ms.GetHistory()) > 0 {
+				m.hist = slices.Clone(ms.GetHistory()) // drop clears the slots of m.hist
+			}
+			m.evicted = ms.GetEvicted()
+			for _, ev := range m.hist {
+				m.histBytes += eventBytes(ev)
+			}
+			q.bytes += int64(m.histBytes)
+			q.history += int64(m.histBytes)
+		}
+		q.mounts[m.name] = m
+	}
+	for _, ss := range s.GetSubscribers() {
+		sub := Subscriber{User: ss.GetUser(), Session: ss.GetSession(), Gateway: ss.GetGateway()}
+		key, ok := gateway(sub.Gateway)
+		if !ok {
+			unbound = append(unbound, sub)
+			continue
+		}
+		sub.Gateway = key
+		q.subs[sub.Session] = &subscription{Subscriber: sub, mounts: slices.Clone(ss.GetMounts())}
+		for _, name := range ss.GetMounts() {
+			q.mounts[name].gateways[key]++
+		}
+	}
+	if len(unbound) > 0 {
+		q.lastActive = now // as RemoveGateway: they left now
+	}
+	return q, unbound, nil
+}
+
+// validateSnapshot checks everything RestoreQueue relies on: names,
+// the total order (offsets and versions unique, at most head, each mount's
+// history in order and after its evicted offset) and limits.
+func validateSnapshot(s *imqpb.QueueSnapshot, l *Limits) error {
+	if s == nil {
+		return imqerr.New(imqpb.Code_BAD_REQUEST, "queue snapshot: none")
+	}
+	if err := checkSnapshot(s, l); err != nil {
+		// LIMIT_EXCEEDED: this node's limits are tighter than the sender's.
+		// Anything else is a malformed snapshot, whatever the check said.
+		code := imqpb.Code_BAD_REQUEST
+		if imqerr.CodeOf(err) == imqpb.Code_LIMIT_EXCEEDED {
+			code = imqpb.Code_LIMIT_EXCEEDED
+		}
+		return imqerr.New(code, "queue snapshot of %q: %s", s.GetName(), imqerr.From(err).Message)
+	}
+	return nil
+}
+
+func checkSnapshot(s *imqpb.QueueSnapshot, l *Limits) error {
+	over := func(format string, args ...any) error {
+		return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, format, args...)
+	}
+	if err := wire.ValidateQueueName(s.GetName()); err != nil {
+		return err
+	}
+	if s.GetEpoch() == 0 {
+		return fmt.Errorf("epoch 0")
+	}
+	head := s.GetHead()
+	if len(s.GetMounts()) > l.MaxMounts {
+		return over("%d mounts; a queue may have %d", len(s.GetMounts()), l.MaxMounts)
+	}
+	kinds := make(map[string]imqpb.MountKind, len(s.GetMounts()))
+	offsets := make(map[uint64]bool) // every event offset and state version: the total order
+	for _, m := range s.GetMounts() {
+		name := m.GetName()
+		if err := wire.ValidateMountName(name); err != nil {
+			return err
+		}
+		if err := wire.ValidateMountKind(name, m.GetKind()); err != nil {
+			return err
+		}
+		if _, dup := kinds[name]; dup {
+			return fmt.Errorf("mount %q twice", name)
+		}
+		kinds[name] = m.GetKind()
+		if m.GetKind() == imqpb.MountKind_STATE {
+			if len(m.GetHistory()) > 0 || m.GetEvicted() != 0 {
+				return fmt.Errorf("state mount %q has history", name)
+			}
+			if err := validateStateSnapshot(m, l, head, offsets); err != nil {
+				return err
+			}
+			continue
+		}
+		if len(m.GetState()) > 0 {
+			return fmt.Errorf("message mount %q has state", name)
+		}
+		if err := validateHistorySnapshot(s.GetName(), m, l, head, offsets); err != nil {
+			return err
+		}
+	}
+	if len(s.GetSubscribers()) > l.MaxSubscribers {
+		return over("%d subscribers; a queue may have %d", len(s.GetSubscribers()), l.MaxSubscribers)
+	}
+	sessions := make(map[string]bool, len(s.GetSubscribers()))
+	for _, sub := range s.GetSubscribers() {
+		switch {
+		case sub.GetSession() == "" || len(sub.GetSession()) > maxSnapshotID:
+			return fmt.Errorf("a subscriber's session is %d bytes", len(sub.GetSession()))
+		case sub.GetGateway() == "" || len(sub.GetGateway()) > maxSnapshotID:
+			return fmt.Errorf("subscriber %q: gateway id of %d bytes", sub.GetSession(), len(sub.GetGateway()))
+		case sub.GetUser() == "" || len(sub.GetUser()) > wire.MaxUserID:
+			return fmt.Errorf("subscriber %q: user id of %d bytes", sub.GetSession(), len(sub.GetUser()))
+		case sessions[sub.GetSession()]:
+			return fmt.Errorf("subscriber %q twice", sub.GetSession())
+		case len(sub.GetMounts()) == 0:
+			return fmt.Errorf("subscriber %q has no mounts", sub.GetSession())
+		}
+		sessions[sub.GetSession()] = true
+		for i, name := range sub.GetMounts() {
+			if _, ok := kinds[name]; !ok {
+				return fmt.Errorf("subscriber %q: no mount %q", sub.GetSession(), name)
+			}
+			if slices.Contains(sub.GetMounts()[:i], name) {
+				return fmt.Errorf("subscriber %q: mount %q twice", sub.GetSession(), name)
+			}
+		}
+	}
+	return nil
+}
+
+// validateStateSnapshot checks state mount m's entries against l and head,
+// and adds their versions to offsets.
+func validateStateSnapshot(m *imqpb.MountSnapshot, l *Limits, head uint64, offsets map[uint64]bool) error {
+	if len(m.GetState()) > l.MaxStateKeys {
+		return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q has %d keys; the limit is %d", m.GetName(), len(m.GetState()), l.MaxStateKeys)
+	}
+	size := 0
+	for i, e := range m.GetState() {
+		if err := wire.ValidateStateKey(e.GetKey()); err != nil {
+			return err
+		}
+		if i > 0 && e.GetKey() <= m.GetState()[i-1].GetKey() {
+			return fmt.Errorf("state mount %q: key %q out of order or twice", m.GetName(), e.GetKey())
+		}
+		if len(e.GetValue()) > l.MaxStateValue {
+			return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q: key %q holds %d bytes; the limit is %d", m.GetName(), e.GetKey(), len(e.GetValue()), l.MaxStateValue)
+		}
+		if v := e.GetVersion(); v == 0 || v > head || offsets[v] {
+			return fmt.Errorf("state mount %q: key %q has version %d (head %d; each offset once)", m.GetName(), e.GetKey(), v, head)
+		}
+		offsets[e.GetVersion()] = true
+		size += len(e.GetKey()) + len(e.GetValue())
+	}
+	if size > l.MaxStateBytes {
+		return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "state mount %q holds %d bytes; the limit is %d", m.GetName(), size, l.MaxStateBytes)
+	}
+	return nil
+}
+
+// validateHistorySnapshot checks message mount m of queue against l and
+// head, and adds its offsets to offsets.
+func validateHistorySnapshot(queue string, m *imqpb.MountSnapshot, l *Limits, head uint64, offsets map[uint64]bool) error {
+	hist := m.GetHistory()
+	if len(hist) > l.HistoryLen {
+		return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "message mount %q retains %d events; the limit is %d", m.GetName(), len(hist), l.HistoryLen)
+	}
+	if m.GetEvicted() > head {
+		return fmt.Errorf("message mount %q: evicted offset %d beyond head %d", m.GetName(), m.GetEvicted(), head)
+	}
+	size, prev := 0, m.GetEvicted()
+	for _, ev := range hist {
+		switch {
+		case ev == nil:
+			return fmt.Errorf("message mount %q: an empty event", m.GetName())
+		case ev.GetQueue() != queue || ev.GetMount() != m.GetName():
+			return fmt.Errorf("message mount %q: event %d names another queue or mount", m.GetName(), ev.GetOffset())
+		case ev.GetOffset() <= prev || ev.GetOffset() > head || offsets[ev.GetOffset()]:
+			return fmt.Errorf("message mount %q: event offset %d after %d (evicted %d, head %d; each offset once)", m.GetName(), ev.GetOffset(), prev, m.GetEvicted(), head)
+		case len(ev.GetPayload()) > l.MaxPayload:
+			return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "message mount %q: event %d is %d bytes; the limit is %d", m.GetName(), ev.GetOffset(), len(ev.GetPayload()), l.MaxPayload)
+		case len(ev.GetSender()) > wire.MaxUserID:
+			return fmt.Errorf("message mount %q: event %d's sender is %d bytes", m.GetName(), ev.GetOffset(), len(ev.GetSender()))
+		}
+		prev = ev.GetOffset()
+		offsets[prev] = true
+		size += eventBytes(ev)
+	}
+	// The newest event is always kept, even past HistoryBytes: see Publish.
+	if size > l.HistoryBytes && len(hist) > 1 {
+		return imqerr.New(imqpb.Code_LIMIT_EXCEEDED, "message mount %q retains %d bytes; the limit is %d", m.GetName(), size, l.HistoryBytes)
+	}
+	return nil
 }
