@@ -99,6 +99,9 @@ type LinkUp struct {
 	//	*LinkUp_Hello
 	//	*LinkUp_Request
 	//	*LinkUp_Ping
+	//	*LinkUp_BucketAdopted
+	//	*LinkUp_HandoffQueues
+	//	*LinkUp_HandoffEnd
 	Msg           isLinkUp_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -168,6 +171,33 @@ func (x *LinkUp) GetPing() *Ping {
 	return nil
 }
 
+func (x *LinkUp) GetBucketAdopted() *BucketAdopted {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkUp_BucketAdopted); ok {
+			return x.BucketAdopted
+		}
+	}
+	return nil
+}
+
+func (x *LinkUp) GetHandoffQueues() *HandoffQueues {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkUp_HandoffQueues); ok {
+			return x.HandoffQueues
+		}
+	}
+	return nil
+}
+
+func (x *LinkUp) GetHandoffEnd() *HandoffEnd {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkUp_HandoffEnd); ok {
+			return x.HandoffEnd
+		}
+	}
+	return nil
+}
+
 type isLinkUp_Msg interface {
 	isLinkUp_Msg()
 }
@@ -184,11 +214,32 @@ type LinkUp_Ping struct {
 	Ping *Ping `protobuf:"bytes,3,opt,name=ping,proto3,oneof"`
 }
 
+type LinkUp_BucketAdopted struct {
+	// Gateway to node: the gateway has rebound its subscriptions to the
+	// bucket's queues to this node (docs/handoff.md, Release).
+	BucketAdopted *BucketAdopted `protobuf:"bytes,4,opt,name=bucket_adopted,json=bucketAdopted,proto3,oneof"`
+}
+
+type LinkUp_HandoffQueues struct {
+	// Node to node, during a hand-off (docs/handoff.md, Stream).
+	HandoffQueues *HandoffQueues `protobuf:"bytes,5,opt,name=handoff_queues,json=handoffQueues,proto3,oneof"`
+}
+
+type LinkUp_HandoffEnd struct {
+	HandoffEnd *HandoffEnd `protobuf:"bytes,6,opt,name=handoff_end,json=handoffEnd,proto3,oneof"`
+}
+
 func (*LinkUp_Hello) isLinkUp_Msg() {}
 
 func (*LinkUp_Request) isLinkUp_Msg() {}
 
 func (*LinkUp_Ping) isLinkUp_Msg() {}
+
+func (*LinkUp_BucketAdopted) isLinkUp_Msg() {}
+
+func (*LinkUp_HandoffQueues) isLinkUp_Msg() {}
+
+func (*LinkUp_HandoffEnd) isLinkUp_Msg() {}
 
 type LinkDown struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -200,6 +251,8 @@ type LinkDown struct {
 	//	*LinkDown_Pong
 	//	*LinkDown_QueueClosed
 	//	*LinkDown_Challenge
+	//	*LinkDown_BucketMoving
+	//	*LinkDown_HandoffAck
 	Msg           isLinkDown_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -296,6 +349,24 @@ func (x *LinkDown) GetChallenge() *Challenge {
 	return nil
 }
 
+func (x *LinkDown) GetBucketMoving() *BucketMoving {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkDown_BucketMoving); ok {
+			return x.BucketMoving
+		}
+	}
+	return nil
+}
+
+func (x *LinkDown) GetHandoffAck() *HandoffAck {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkDown_HandoffAck); ok {
+			return x.HandoffAck
+		}
+	}
+	return nil
+}
+
 type isLinkDown_Msg interface {
 	isLinkDown_Msg()
 }
@@ -324,6 +395,18 @@ type LinkDown_Challenge struct {
 	Challenge *Challenge `protobuf:"bytes,6,opt,name=challenge,proto3,oneof"`
 }
 
+type LinkDown_BucketMoving struct {
+	// Node to gateway: every event of the bucket this node fanned out is
+	// ahead of this mark on the link; from now on the bucket's queues are
+	// served by to_node (docs/handoff.md, Mark).
+	BucketMoving *BucketMoving `protobuf:"bytes,7,opt,name=bucket_moving,json=bucketMoving,proto3,oneof"`
+}
+
+type LinkDown_HandoffAck struct {
+	// Node to node: the new owner holds the bucket (docs/handoff.md, Adopt).
+	HandoffAck *HandoffAck `protobuf:"bytes,8,opt,name=handoff_ack,json=handoffAck,proto3,oneof"`
+}
+
 func (*LinkDown_HelloAck) isLinkDown_Msg() {}
 
 func (*LinkDown_Reply) isLinkDown_Msg() {}
@@ -335,6 +418,10 @@ func (*LinkDown_Pong) isLinkDown_Msg() {}
 func (*LinkDown_QueueClosed) isLinkDown_Msg() {}
 
 func (*LinkDown_Challenge) isLinkDown_Msg() {}
+
+func (*LinkDown_BucketMoving) isLinkDown_Msg() {}
+
+func (*LinkDown_HandoffAck) isLinkDown_Msg() {}
 
 // Challenge is the acceptor's first frame.
 type Challenge struct {
@@ -854,7 +941,11 @@ type NodeReply struct {
 	Result isNodeReply_Result `protobuf_oneof:"result"`
 	// For publish and set_state: the queue did not exist and was created by
 	// this request.
-	Created       bool `protobuf:"varint,5,opt,name=created,proto3" json:"created,omitempty"`
+	Created bool `protobuf:"varint,5,opt,name=created,proto3" json:"created,omitempty"`
+	// The id of the node that served the request, when it is not the node
+	// the gateway sent it to (that node forwarded it during a hand-off): a
+	// join answered so is bound to served_by's link.
+	ServedBy      string `protobuf:"bytes,6,opt,name=served_by,json=servedBy,proto3" json:"served_by,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -983,6 +1074,13 @@ func (x *NodeReply) GetCreated() bool {
 		return x.Created
 	}
 	return false
+}
+
+func (x *NodeReply) GetServedBy() string {
+	if x != nil {
+		return x.ServedBy
+	}
+	return ""
 }
 
 type isNodeReply_Result interface {
@@ -1984,24 +2082,380 @@ func (x *SubscriberSnapshot) GetMounts() []string {
 	return nil
 }
 
+type BucketMoving struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Bucket uint32                 `protobuf:"varint,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Bits   uint32                 `protobuf:"varint,2,opt,name=bits,proto3" json:"bits,omitempty"`
+	ToNode string                 `protobuf:"bytes,3,opt,name=to_node,json=toNode,proto3" json:"to_node,omitempty"`
+	// The table version that marked the move.
+	TableVersion  uint64 `protobuf:"varint,4,opt,name=table_version,json=tableVersion,proto3" json:"table_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BucketMoving) Reset() {
+	*x = BucketMoving{}
+	mi := &file_link_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BucketMoving) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BucketMoving) ProtoMessage() {}
+
+func (x *BucketMoving) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BucketMoving.ProtoReflect.Descriptor instead.
+func (*BucketMoving) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *BucketMoving) GetBucket() uint32 {
+	if x != nil {
+		return x.Bucket
+	}
+	return 0
+}
+
+func (x *BucketMoving) GetBits() uint32 {
+	if x != nil {
+		return x.Bits
+	}
+	return 0
+}
+
+func (x *BucketMoving) GetToNode() string {
+	if x != nil {
+		return x.ToNode
+	}
+	return ""
+}
+
+func (x *BucketMoving) GetTableVersion() uint64 {
+	if x != nil {
+		return x.TableVersion
+	}
+	return 0
+}
+
+type BucketAdopted struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bucket        uint32                 `protobuf:"varint,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Bits          uint32                 `protobuf:"varint,2,opt,name=bits,proto3" json:"bits,omitempty"`
+	FromNode      string                 `protobuf:"bytes,3,opt,name=from_node,json=fromNode,proto3" json:"from_node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BucketAdopted) Reset() {
+	*x = BucketAdopted{}
+	mi := &file_link_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BucketAdopted) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BucketAdopted) ProtoMessage() {}
+
+func (x *BucketAdopted) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BucketAdopted.ProtoReflect.Descriptor instead.
+func (*BucketAdopted) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *BucketAdopted) GetBucket() uint32 {
+	if x != nil {
+		return x.Bucket
+	}
+	return 0
+}
+
+func (x *BucketAdopted) GetBits() uint32 {
+	if x != nil {
+		return x.Bits
+	}
+	return 0
+}
+
+func (x *BucketAdopted) GetFromNode() string {
+	if x != nil {
+		return x.FromNode
+	}
+	return ""
+}
+
+// HandoffQueues carries some of a bucket's queues; a hand-off sends as many
+// as it takes (each frame well under the link's frame limit), then one
+// HandoffEnd.
+type HandoffQueues struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bucket        uint32                 `protobuf:"varint,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Bits          uint32                 `protobuf:"varint,2,opt,name=bits,proto3" json:"bits,omitempty"`
+	TableVersion  uint64                 `protobuf:"varint,3,opt,name=table_version,json=tableVersion,proto3" json:"table_version,omitempty"`
+	Queues        []*QueueSnapshot       `protobuf:"bytes,4,rep,name=queues,proto3" json:"queues,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HandoffQueues) Reset() {
+	*x = HandoffQueues{}
+	mi := &file_link_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HandoffQueues) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HandoffQueues) ProtoMessage() {}
+
+func (x *HandoffQueues) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HandoffQueues.ProtoReflect.Descriptor instead.
+func (*HandoffQueues) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *HandoffQueues) GetBucket() uint32 {
+	if x != nil {
+		return x.Bucket
+	}
+	return 0
+}
+
+func (x *HandoffQueues) GetBits() uint32 {
+	if x != nil {
+		return x.Bits
+	}
+	return 0
+}
+
+func (x *HandoffQueues) GetTableVersion() uint64 {
+	if x != nil {
+		return x.TableVersion
+	}
+	return 0
+}
+
+func (x *HandoffQueues) GetQueues() []*QueueSnapshot {
+	if x != nil {
+		return x.Queues
+	}
+	return nil
+}
+
+type HandoffEnd struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Bucket       uint32                 `protobuf:"varint,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Bits         uint32                 `protobuf:"varint,2,opt,name=bits,proto3" json:"bits,omitempty"`
+	TableVersion uint64                 `protobuf:"varint,3,opt,name=table_version,json=tableVersion,proto3" json:"table_version,omitempty"`
+	// How many queues the HandoffQueues frames carried, as a check.
+	Queues uint32 `protobuf:"varint,4,opt,name=queues,proto3" json:"queues,omitempty"`
+	// The gateways the old owner sent BucketMoving to: the new owner holds
+	// events of the bucket for each until it says BucketAdopted.
+	Gateways      []string `protobuf:"bytes,5,rep,name=gateways,proto3" json:"gateways,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HandoffEnd) Reset() {
+	*x = HandoffEnd{}
+	mi := &file_link_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HandoffEnd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HandoffEnd) ProtoMessage() {}
+
+func (x *HandoffEnd) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HandoffEnd.ProtoReflect.Descriptor instead.
+func (*HandoffEnd) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *HandoffEnd) GetBucket() uint32 {
+	if x != nil {
+		return x.Bucket
+	}
+	return 0
+}
+
+func (x *HandoffEnd) GetBits() uint32 {
+	if x != nil {
+		return x.Bits
+	}
+	return 0
+}
+
+func (x *HandoffEnd) GetTableVersion() uint64 {
+	if x != nil {
+		return x.TableVersion
+	}
+	return 0
+}
+
+func (x *HandoffEnd) GetQueues() uint32 {
+	if x != nil {
+		return x.Queues
+	}
+	return 0
+}
+
+func (x *HandoffEnd) GetGateways() []string {
+	if x != nil {
+		return x.Gateways
+	}
+	return nil
+}
+
+type HandoffAck struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Bucket uint32                 `protobuf:"varint,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Bits   uint32                 `protobuf:"varint,2,opt,name=bits,proto3" json:"bits,omitempty"`
+	// OK: the new owner holds the bucket and serves it. Anything else: it
+	// holds none of it, and the old owner keeps the bucket.
+	Code          Code   `protobuf:"varint,3,opt,name=code,proto3,enum=imq.v1.Code" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HandoffAck) Reset() {
+	*x = HandoffAck{}
+	mi := &file_link_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HandoffAck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HandoffAck) ProtoMessage() {}
+
+func (x *HandoffAck) ProtoReflect() protoreflect.Message {
+	mi := &file_link_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HandoffAck.ProtoReflect.Descriptor instead.
+func (*HandoffAck) Descriptor() ([]byte, []int) {
+	return file_link_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *HandoffAck) GetBucket() uint32 {
+	if x != nil {
+		return x.Bucket
+	}
+	return 0
+}
+
+func (x *HandoffAck) GetBits() uint32 {
+	if x != nil {
+		return x.Bits
+	}
+	return 0
+}
+
+func (x *HandoffAck) GetCode() Code {
+	if x != nil {
+		return x.Code
+	}
+	return Code_OK
+}
+
+func (x *HandoffAck) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_link_proto protoreflect.FileDescriptor
 
 const file_link_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"link.proto\x12\x06imq.v1\x1a\timq.proto\"\x8b\x01\n" +
+	"link.proto\x12\x06imq.v1\x1a\timq.proto\"\xc2\x02\n" +
 	"\x06LinkUp\x12%\n" +
 	"\x05hello\x18\x01 \x01(\v2\r.imq.v1.HelloH\x00R\x05hello\x12/\n" +
 	"\arequest\x18\x02 \x01(\v2\x13.imq.v1.NodeRequestH\x00R\arequest\x12\"\n" +
-	"\x04ping\x18\x03 \x01(\v2\f.imq.v1.PingH\x00R\x04pingB\x05\n" +
-	"\x03msg\"\xab\x02\n" +
+	"\x04ping\x18\x03 \x01(\v2\f.imq.v1.PingH\x00R\x04ping\x12>\n" +
+	"\x0ebucket_adopted\x18\x04 \x01(\v2\x15.imq.v1.BucketAdoptedH\x00R\rbucketAdopted\x12>\n" +
+	"\x0ehandoff_queues\x18\x05 \x01(\v2\x15.imq.v1.HandoffQueuesH\x00R\rhandoffQueues\x125\n" +
+	"\vhandoff_end\x18\x06 \x01(\v2\x12.imq.v1.HandoffEndH\x00R\n" +
+	"handoffEndB\x05\n" +
+	"\x03msg\"\x9f\x03\n" +
 	"\bLinkDown\x12/\n" +
 	"\thello_ack\x18\x01 \x01(\v2\x10.imq.v1.HelloAckH\x00R\bhelloAck\x12)\n" +
 	"\x05reply\x18\x02 \x01(\v2\x11.imq.v1.NodeReplyH\x00R\x05reply\x12+\n" +
 	"\adeliver\x18\x03 \x01(\v2\x0f.imq.v1.DeliverH\x00R\adeliver\x12\"\n" +
 	"\x04pong\x18\x04 \x01(\v2\f.imq.v1.PongH\x00R\x04pong\x128\n" +
 	"\fqueue_closed\x18\x05 \x01(\v2\x13.imq.v1.QueueClosedH\x00R\vqueueClosed\x121\n" +
-	"\tchallenge\x18\x06 \x01(\v2\x11.imq.v1.ChallengeH\x00R\tchallengeB\x05\n" +
+	"\tchallenge\x18\x06 \x01(\v2\x11.imq.v1.ChallengeH\x00R\tchallenge\x12;\n" +
+	"\rbucket_moving\x18\a \x01(\v2\x14.imq.v1.BucketMovingH\x00R\fbucketMoving\x125\n" +
+	"\vhandoff_ack\x18\b \x01(\v2\x12.imq.v1.HandoffAckH\x00R\n" +
+	"handoffAckB\x05\n" +
 	"\x03msg\"}\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12!\n" +
@@ -2040,7 +2494,7 @@ const file_link_proto_rawDesc = "" +
 	"\abackend\x18\x05 \x01(\bR\abackend\x12\x1f\n" +
 	"\vdeadline_ms\x18\x06 \x01(\x03R\n" +
 	"deadlineMsB\x04\n" +
-	"\x02op\"\xc8\x03\n" +
+	"\x02op\"\xe5\x03\n" +
 	"\tNodeReply\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12 \n" +
 	"\x04code\x18\x02 \x01(\x0e2\f.imq.v1.CodeR\x04code\x12\x18\n" +
@@ -2054,7 +2508,8 @@ const file_link_proto_rawDesc = "" +
 	"\ahistory\x18\x0e \x01(\v2\x13.imq.v1.HistoryPageH\x00R\ahistory\x128\n" +
 	"\n" +
 	"queue_info\x18\x0f \x01(\v2\x17.imq.v1.QueueInfoResultH\x00R\tqueueInfo\x12\x18\n" +
-	"\acreated\x18\x05 \x01(\bR\acreatedB\b\n" +
+	"\acreated\x18\x05 \x01(\bR\acreated\x12\x1b\n" +
+	"\tserved_by\x18\x06 \x01(\tR\bservedByB\b\n" +
 	"\x06result\"J\n" +
 	"\bGetState\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
@@ -2125,7 +2580,34 @@ const file_link_proto_rawDesc = "" +
 	"\agateway\x18\x01 \x01(\tR\agateway\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12\x18\n" +
 	"\asession\x18\x03 \x01(\tR\asession\x12\x16\n" +
-	"\x06mounts\x18\x04 \x03(\tR\x06mounts*P\n" +
+	"\x06mounts\x18\x04 \x03(\tR\x06mounts\"x\n" +
+	"\fBucketMoving\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\rR\x06bucket\x12\x12\n" +
+	"\x04bits\x18\x02 \x01(\rR\x04bits\x12\x17\n" +
+	"\ato_node\x18\x03 \x01(\tR\x06toNode\x12#\n" +
+	"\rtable_version\x18\x04 \x01(\x04R\ftableVersion\"X\n" +
+	"\rBucketAdopted\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\rR\x06bucket\x12\x12\n" +
+	"\x04bits\x18\x02 \x01(\rR\x04bits\x12\x1b\n" +
+	"\tfrom_node\x18\x03 \x01(\tR\bfromNode\"\x8f\x01\n" +
+	"\rHandoffQueues\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\rR\x06bucket\x12\x12\n" +
+	"\x04bits\x18\x02 \x01(\rR\x04bits\x12#\n" +
+	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\x12-\n" +
+	"\x06queues\x18\x04 \x03(\v2\x15.imq.v1.QueueSnapshotR\x06queues\"\x91\x01\n" +
+	"\n" +
+	"HandoffEnd\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\rR\x06bucket\x12\x12\n" +
+	"\x04bits\x18\x02 \x01(\rR\x04bits\x12#\n" +
+	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\x12\x16\n" +
+	"\x06queues\x18\x04 \x01(\rR\x06queues\x12\x1a\n" +
+	"\bgateways\x18\x05 \x03(\tR\bgateways\"t\n" +
+	"\n" +
+	"HandoffAck\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\rR\x06bucket\x12\x12\n" +
+	"\x04bits\x18\x02 \x01(\rR\x04bits\x12 \n" +
+	"\x04code\x18\x03 \x01(\x0e2\f.imq.v1.CodeR\x04code\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage*P\n" +
 	"\bLinkRole\x12\x19\n" +
 	"\x15LINK_ROLE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11LINK_ROLE_GATEWAY\x10\x01\x12\x12\n" +
@@ -2144,7 +2626,7 @@ func file_link_proto_rawDescGZIP() []byte {
 }
 
 var file_link_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_link_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_link_proto_goTypes = []any{
 	(LinkRole)(0),              // 0: imq.v1.LinkRole
 	(*LinkUp)(nil),             // 1: imq.v1.LinkUp
@@ -2167,63 +2649,75 @@ var file_link_proto_goTypes = []any{
 	(*QueueSnapshot)(nil),      // 18: imq.v1.QueueSnapshot
 	(*MountSnapshot)(nil),      // 19: imq.v1.MountSnapshot
 	(*SubscriberSnapshot)(nil), // 20: imq.v1.SubscriberSnapshot
-	(*Ping)(nil),               // 21: imq.v1.Ping
-	(*Pong)(nil),               // 22: imq.v1.Pong
-	(*Join)(nil),               // 23: imq.v1.Join
-	(*Leave)(nil),              // 24: imq.v1.Leave
-	(*Publish)(nil),            // 25: imq.v1.Publish
-	(*SetState)(nil),           // 26: imq.v1.SetState
-	(Code)(0),                  // 27: imq.v1.Code
-	(*Joined)(nil),             // 28: imq.v1.Joined
-	(*Published)(nil),          // 29: imq.v1.Published
-	(*StateSet)(nil),           // 30: imq.v1.StateSet
-	(*StateEntry)(nil),         // 31: imq.v1.StateEntry
-	(*Event)(nil),              // 32: imq.v1.Event
-	(MountKind)(0),             // 33: imq.v1.MountKind
-	(Reason)(0),                // 34: imq.v1.Reason
+	(*BucketMoving)(nil),       // 21: imq.v1.BucketMoving
+	(*BucketAdopted)(nil),      // 22: imq.v1.BucketAdopted
+	(*HandoffQueues)(nil),      // 23: imq.v1.HandoffQueues
+	(*HandoffEnd)(nil),         // 24: imq.v1.HandoffEnd
+	(*HandoffAck)(nil),         // 25: imq.v1.HandoffAck
+	(*Ping)(nil),               // 26: imq.v1.Ping
+	(*Pong)(nil),               // 27: imq.v1.Pong
+	(*Join)(nil),               // 28: imq.v1.Join
+	(*Leave)(nil),              // 29: imq.v1.Leave
+	(*Publish)(nil),            // 30: imq.v1.Publish
+	(*SetState)(nil),           // 31: imq.v1.SetState
+	(Code)(0),                  // 32: imq.v1.Code
+	(*Joined)(nil),             // 33: imq.v1.Joined
+	(*Published)(nil),          // 34: imq.v1.Published
+	(*StateSet)(nil),           // 35: imq.v1.StateSet
+	(*StateEntry)(nil),         // 36: imq.v1.StateEntry
+	(*Event)(nil),              // 37: imq.v1.Event
+	(MountKind)(0),             // 38: imq.v1.MountKind
+	(Reason)(0),                // 39: imq.v1.Reason
 }
 var file_link_proto_depIdxs = []int32{
 	4,  // 0: imq.v1.LinkUp.hello:type_name -> imq.v1.Hello
 	6,  // 1: imq.v1.LinkUp.request:type_name -> imq.v1.NodeRequest
-	21, // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
-	5,  // 3: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
-	7,  // 4: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
-	16, // 5: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
-	22, // 6: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
-	17, // 7: imq.v1.LinkDown.queue_closed:type_name -> imq.v1.QueueClosed
-	3,  // 8: imq.v1.LinkDown.challenge:type_name -> imq.v1.Challenge
-	0,  // 9: imq.v1.Hello.role:type_name -> imq.v1.LinkRole
-	0,  // 10: imq.v1.HelloAck.role:type_name -> imq.v1.LinkRole
-	23, // 11: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
-	24, // 12: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
-	25, // 13: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
-	26, // 14: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
-	8,  // 15: imq.v1.NodeRequest.get_state:type_name -> imq.v1.GetState
-	10, // 16: imq.v1.NodeRequest.history:type_name -> imq.v1.History
-	12, // 17: imq.v1.NodeRequest.queue_info:type_name -> imq.v1.QueueInfo
-	27, // 18: imq.v1.NodeReply.code:type_name -> imq.v1.Code
-	28, // 19: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
-	29, // 20: imq.v1.NodeReply.published:type_name -> imq.v1.Published
-	30, // 21: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
-	9,  // 22: imq.v1.NodeReply.state:type_name -> imq.v1.StateSnapshot
-	11, // 23: imq.v1.NodeReply.history:type_name -> imq.v1.HistoryPage
-	13, // 24: imq.v1.NodeReply.queue_info:type_name -> imq.v1.QueueInfoResult
-	31, // 25: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
-	32, // 26: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
-	14, // 27: imq.v1.QueueInfoResult.mounts:type_name -> imq.v1.MountInfo
-	15, // 28: imq.v1.QueueInfoResult.subscribers:type_name -> imq.v1.SubscriberInfo
-	33, // 29: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
-	34, // 30: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
-	19, // 31: imq.v1.QueueSnapshot.mounts:type_name -> imq.v1.MountSnapshot
-	20, // 32: imq.v1.QueueSnapshot.subscribers:type_name -> imq.v1.SubscriberSnapshot
-	33, // 33: imq.v1.MountSnapshot.kind:type_name -> imq.v1.MountKind
-	32, // 34: imq.v1.MountSnapshot.history:type_name -> imq.v1.Event
-	31, // 35: imq.v1.MountSnapshot.state:type_name -> imq.v1.StateEntry
-	36, // [36:36] is the sub-list for method output_type
-	36, // [36:36] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	26, // 2: imq.v1.LinkUp.ping:type_name -> imq.v1.Ping
+	22, // 3: imq.v1.LinkUp.bucket_adopted:type_name -> imq.v1.BucketAdopted
+	23, // 4: imq.v1.LinkUp.handoff_queues:type_name -> imq.v1.HandoffQueues
+	24, // 5: imq.v1.LinkUp.handoff_end:type_name -> imq.v1.HandoffEnd
+	5,  // 6: imq.v1.LinkDown.hello_ack:type_name -> imq.v1.HelloAck
+	7,  // 7: imq.v1.LinkDown.reply:type_name -> imq.v1.NodeReply
+	16, // 8: imq.v1.LinkDown.deliver:type_name -> imq.v1.Deliver
+	27, // 9: imq.v1.LinkDown.pong:type_name -> imq.v1.Pong
+	17, // 10: imq.v1.LinkDown.queue_closed:type_name -> imq.v1.QueueClosed
+	3,  // 11: imq.v1.LinkDown.challenge:type_name -> imq.v1.Challenge
+	21, // 12: imq.v1.LinkDown.bucket_moving:type_name -> imq.v1.BucketMoving
+	25, // 13: imq.v1.LinkDown.handoff_ack:type_name -> imq.v1.HandoffAck
+	0,  // 14: imq.v1.Hello.role:type_name -> imq.v1.LinkRole
+	0,  // 15: imq.v1.HelloAck.role:type_name -> imq.v1.LinkRole
+	28, // 16: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
+	29, // 17: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
+	30, // 18: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
+	31, // 19: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
+	8,  // 20: imq.v1.NodeRequest.get_state:type_name -> imq.v1.GetState
+	10, // 21: imq.v1.NodeRequest.history:type_name -> imq.v1.History
+	12, // 22: imq.v1.NodeRequest.queue_info:type_name -> imq.v1.QueueInfo
+	32, // 23: imq.v1.NodeReply.code:type_name -> imq.v1.Code
+	33, // 24: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
+	34, // 25: imq.v1.NodeReply.published:type_name -> imq.v1.Published
+	35, // 26: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
+	9,  // 27: imq.v1.NodeReply.state:type_name -> imq.v1.StateSnapshot
+	11, // 28: imq.v1.NodeReply.history:type_name -> imq.v1.HistoryPage
+	13, // 29: imq.v1.NodeReply.queue_info:type_name -> imq.v1.QueueInfoResult
+	36, // 30: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
+	37, // 31: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
+	14, // 32: imq.v1.QueueInfoResult.mounts:type_name -> imq.v1.MountInfo
+	15, // 33: imq.v1.QueueInfoResult.subscribers:type_name -> imq.v1.SubscriberInfo
+	38, // 34: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
+	39, // 35: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
+	19, // 36: imq.v1.QueueSnapshot.mounts:type_name -> imq.v1.MountSnapshot
+	20, // 37: imq.v1.QueueSnapshot.subscribers:type_name -> imq.v1.SubscriberSnapshot
+	38, // 38: imq.v1.MountSnapshot.kind:type_name -> imq.v1.MountKind
+	37, // 39: imq.v1.MountSnapshot.history:type_name -> imq.v1.Event
+	36, // 40: imq.v1.MountSnapshot.state:type_name -> imq.v1.StateEntry
+	18, // 41: imq.v1.HandoffQueues.queues:type_name -> imq.v1.QueueSnapshot
+	32, // 42: imq.v1.HandoffAck.code:type_name -> imq.v1.Code
+	43, // [43:43] is the sub-list for method output_type
+	43, // [43:43] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_link_proto_init() }
@@ -2236,6 +2730,9 @@ func file_link_proto_init() {
 		(*LinkUp_Hello)(nil),
 		(*LinkUp_Request)(nil),
 		(*LinkUp_Ping)(nil),
+		(*LinkUp_BucketAdopted)(nil),
+		(*LinkUp_HandoffQueues)(nil),
+		(*LinkUp_HandoffEnd)(nil),
 	}
 	file_link_proto_msgTypes[1].OneofWrappers = []any{
 		(*LinkDown_HelloAck)(nil),
@@ -2244,6 +2741,8 @@ func file_link_proto_init() {
 		(*LinkDown_Pong)(nil),
 		(*LinkDown_QueueClosed)(nil),
 		(*LinkDown_Challenge)(nil),
+		(*LinkDown_BucketMoving)(nil),
+		(*LinkDown_HandoffAck)(nil),
 	}
 	file_link_proto_msgTypes[5].OneofWrappers = []any{
 		(*NodeRequest_Join)(nil),
@@ -2268,7 +2767,7 @@ func file_link_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_link_proto_rawDesc), len(file_link_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
