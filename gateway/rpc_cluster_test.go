@@ -32,6 +32,7 @@ func TestRPCKickCluster(t *testing.T) {
 	cfg.Gateway.GatewayID = "gw-1"
 	cfg.Gateway.APIKeys = testAPIKeys(t)
 	cfg.Gateway.RPCTimeout = 2 * time.Second
+	cfg.ClusterKeys = [][]byte{launch.NewClusterKey()} // gw-2 joins with it
 	d, err := launch.StartDev(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -47,10 +48,10 @@ func TestRPCKickCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	join := func() *member.Config {
-		return &member.Config{BindAddr: "127.0.0.1:0", Join: []string{d.Boss.GossipAddr()}, Cluster: cluster}
+		return &member.Config{BindAddr: "127.0.0.1:0", Join: []string{d.Boss.GossipAddr()}, Cluster: cluster, Keys: cfg.ClusterKeys}
 	}
 	gw2 := startClusterGateway(t, func(c *gateway.Config) {
-		c.GatewayID, c.Member, c.APIKeys = "gw-2", join(), testAPIKeys(t)
+		c.GatewayID, c.Member, c.APIKeys, c.ClusterKeys = "gw-2", join(), testAPIKeys(t), cfg.ClusterKeys
 	})
 	testutil.WaitFor(t, 15*time.Second, "gw-2 healthy", func() bool {
 		resp, err := http.Get("http://" + gw2.Addr() + "/healthz")
