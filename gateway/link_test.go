@@ -105,8 +105,8 @@ func TestLinkClusterKeys(t *testing.T) {
 		{"rotating: the gateway still proves the old key", [][]byte{newKey, oldKey}, [][]byte{oldKey}, true, "", ""},
 		{"rotating: the gateway proves the new key", [][]byte{newKey, oldKey}, [][]byte{newKey, oldKey}, true, "", ""},
 		{"the node dropped the gateway's key", [][]byte{newKey}, [][]byte{oldKey}, false, link.ReasonAuth, link.ReasonRefused},
-		{"a gateway without a key", [][]byte{oldKey}, nil, false, link.ReasonMode, link.ReasonMode},
-		{"a node without a key", nil, [][]byte{oldKey}, false, link.ReasonMode, link.ReasonMode},
+		{"a gateway without a key", [][]byte{oldKey}, [][]byte{}, false, link.ReasonMode, link.ReasonMode},
+		{"a node without a key", [][]byte{}, [][]byte{oldKey}, false, link.ReasonMode, link.ReasonMode},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := launch.LocalDevConfig()

@@ -28,8 +28,10 @@ type DevConfig struct {
 	// nil: the gateway is wired straight to the node (standalone mode).
 	Boss *boss.Config
 	// ClusterKeys are the services' cluster keys, primary first: they key
-	// the gossip between them (Boss.Member.Keys is replaced). Default: a
-	// new random key per StartDev, which nothing outside the process needs.
+	// the gossip between them (Boss.Member.Keys is replaced) and, unless
+	// QueueNode or Gateway has its own (a non-nil list; empty for none),
+	// their links. Default: a new random key per StartDev, which nothing
+	// outside the process needs.
 	ClusterKeys [][]byte
 	Logger      *slog.Logger
 }
@@ -73,7 +75,9 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 		join = &member.Config{BindAddr: "127.0.0.1:0", Join: []string{b.GossipAddr()}, Cluster: bc.Member.Cluster, Keys: cfg.ClusterKeys}
 	}
 	nc := cfg.QueueNode
-	nc.ClusterKeys = cfg.ClusterKeys
+	if nc.ClusterKeys == nil { // a non-nil empty list: a node without a key
+		nc.ClusterKeys = cfg.ClusterKeys
+	}
 	nc.Registry, nc.Logger = reg, cfg.Logger
 	if nc.InternalAddr == "" {
 		nc.InternalAddr = "127.0.0.1:0"
@@ -89,7 +93,9 @@ func StartDev(cfg DevConfig) (*Dev, error) {
 	}
 	d.Node = node
 	gc := cfg.Gateway
-	gc.ClusterKeys = cfg.ClusterKeys
+	if gc.ClusterKeys == nil {
+		gc.ClusterKeys = cfg.ClusterKeys
+	}
 	gc.Registry, gc.Logger = reg, cfg.Logger
 	if join != nil {
 		mc := *join

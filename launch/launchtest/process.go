@@ -62,7 +62,7 @@ func (e *buildError) Error() string { return "build imq: " + e.err.Error() + "\n
 
 // ClusterKeyEnv gives the processes StartProcess runs their cluster key, in
 // the environment as an operator would (never on a command line).
-var ClusterKeyEnv = "IMQ_CLUSTER_KEY=" + base64.StdEncoding.EncodeToString([]byte("launchtest-cluster-key-01234567"))
+var ClusterKeyEnv = "IMQ_CLUSTER_KEY=" + base64.StdEncoding.EncodeToString([]byte("launchtest-cluster-key-012345678"))
 
 // StartProcess runs `imq args...` (the binary Binary builds, logging at
 // debug level into the test's temporary directory) through
