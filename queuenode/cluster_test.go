@@ -154,7 +154,12 @@ func dialLinkWith(t testing.TB, addr string, cfg imqlink.Config) *testLink {
 		t.Fatalf("link handshake: %v", err)
 	}
 	go conn.WriteLoop() // ends when c closes
-	return &testLink{t: t, c: c, fr: conn}
+	l := &testLink{t: t, c: c, fr: conn}
+	// The node registers a link after the handshake; a pong says it has
+	// (its reader runs), so links dialled one after another get serials in
+	// that order.
+	l.sync()
+	return l
 }
 
 func (l *testLink) write(m *imqpb.LinkUp) {
