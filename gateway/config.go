@@ -195,6 +195,15 @@ type Config struct {
 	// LinkPingInterval, and the queue nodes' LinkTimeout must exceed
 	// LinkPingInterval too.
 	LinkTimeout time.Duration
+	// ShutdownSpread is the window over which Shutdown says goodbye
+	// (reason SHUTDOWN: reconnect, to any gateway) to its clients, one after
+	// another evenly, so that the clients of a gateway going away come back
+	// to the others over that time rather than in one burst of reconnects,
+	// token checks and rejoins. Shutdown gives it at most half of the time
+	// its context leaves; the rest flushes the goodbyes and closes. Zero:
+	// every goodbye at once, as a zero field here is taken literally.
+	// DefaultConfig: 3 s.
+	ShutdownSpread time.Duration
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
@@ -243,6 +252,7 @@ func DefaultConfig() Config {
 		RPCMaxBody:             1 << 20,
 		RPCTimeout:             5 * time.Second,
 		RPCMaxInflight:         1024,
+		ShutdownSpread:         3 * time.Second,
 	}
 }
 
@@ -440,6 +450,9 @@ func (c *Config) validate() error {
 		if d > maxAnnounced {
 			errs = append(errs, fmt.Errorf("%s must be at most %s, got %s", name, maxAnnounced, d))
 		}
+	}
+	if c.ShutdownSpread < 0 {
+		errs = append(errs, fmt.Errorf("shutdown spread must not be negative, got %s", c.ShutdownSpread))
 	}
 	if c.ClientTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("client timeout (%s) must exceed the ping interval (%s)", c.ClientTimeout, c.PingInterval))
