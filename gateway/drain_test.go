@@ -110,7 +110,7 @@ func TestShutdownSpreadsGoodbyes(t *testing.T) {
 	const spread = time.Second
 	node := startNode(t, "node-1", nil)
 	gwA := startStandaloneGateway(t, node.LinkAddr(), func(c *gateway.Config) { c.ShutdownSpread = spread })
-	gwB := startStandaloneGateway(t, node.LinkAddr(), nil)
+	gwB := startStandaloneGateway(t, node.LinkAddr(), func(c *gateway.Config) { c.ShutdownSpread = 0 }) // the test's end need not wait
 
 	// The load balancer: a new connection goes to A while A's health
 	// check passes, else to B.
