@@ -13,7 +13,8 @@ import (
 // TestRunShutdownConcurrent runs Run and Shutdown at the same time, over and
 // over, standalone and in cluster mode: Run's start of its goroutines
 // (wg.Add) must never run beside the wait for them (a data race the
-// detector reports), and both must return.
+// detector reports), both must return, and neither reports an error (Run
+// must take a listener closed by Shutdown for the shutdown it is).
 func TestRunShutdownConcurrent(t *testing.T) {
 	for i := range 40 {
 		cfg := gateway.DefaultConfig()
