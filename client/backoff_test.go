@@ -1,9 +1,13 @@
 package client
 
 import (
+	"fmt"
+	"io"
 	"math/rand/v2"
 	"testing"
 	"time"
+
+	imqpb "github.com/imq-dev/imq/proto"
 )
 
 func TestBackoffBounds(t *testing.T) {
@@ -39,5 +43,38 @@ func TestBackoffHugeMax(t *testing.T) {
 	const hi = time.Duration(1<<63 - 1)
 	if got := backoff(time.Second, hi, 80, func(n int64) int64 { return n - 1 }); got != hi {
 		t.Fatalf("largest wait %v, want %v", got, hi)
+	}
+}
+
+// TestReconnectWait: a gateway's goodbye SHUTDOWN (reconnect) is answered at
+// once, within a little jitter, however many attempts came before, and the
+// count starts over; any other cause, a goodbye that says not to reconnect
+// included, backs off by the attempts made.
+func TestReconnectWait(t *testing.T) {
+	const lo, hi = time.Second, time.Minute
+	top := func(n int64) int64 { return n - 1 } // the largest draw
+	shutdown := &GoodbyeError{Reason: imqpb.Reason_REASON_SHUTDOWN, Reconnect: true}
+	for _, tc := range []struct {
+		name    string
+		cause   error
+		attempt int
+		want    time.Duration
+		next    int
+	}{
+		{"shutdown", shutdown, 0, goAwayJitter, 0},
+		{"shutdown after failures", shutdown, 5, goAwayJitter, 0},
+		{"wrapped shutdown", fmt.Errorf("read: %w", shutdown), 3, goAwayJitter, 0},
+		{"shutdown, no reconnect", &GoodbyeError{Reason: imqpb.Reason_REASON_SHUTDOWN}, 2, 4 * lo, 3},
+		{"slow consumer", &GoodbyeError{Reason: imqpb.Reason_REASON_SLOW_CONSUMER, Reconnect: true}, 0, lo, 1},
+		{"lost connection", io.ErrUnexpectedEOF, 1, 2 * lo, 2},
+	} {
+		attempt := tc.attempt
+		if got := reconnectWait(tc.cause, lo, hi, &attempt, top); got != tc.want || attempt != tc.next {
+			t.Errorf("%s: waits at most %v, attempt %d; want %v, %d", tc.name, got, attempt, tc.want, tc.next)
+		}
+	}
+	attempt := 0 // the jitter never exceeds the configured minimum backoff
+	if got := reconnectWait(shutdown, time.Millisecond, hi, &attempt, top); got != time.Millisecond {
+		t.Errorf("shutdown with a 1ms minimum backoff: waits at most %v", got)
 	}
 }

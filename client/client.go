@@ -114,7 +114,7 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	ctx, cancel := c.withTimeout(ctx)
 	defer cancel()
 	attempt := 0
-	cn, err := c.connectLoop(ctx, &attempt, false)
+	cn, err := c.connectLoop(ctx, &attempt, 0)
 	if err != nil {
 		c.cancel()
 		return nil, err
@@ -369,7 +369,8 @@ func (c *Client) run(cn *conn) {
 			// the minimum backoff's jitter.
 			attempt = 0
 		}
-		next, err := c.connectLoop(c.ctx, &attempt, true)
+		first := reconnectWait(cause, c.opts.backoffMin, c.opts.backoffMax, &attempt, rand.Int64N)
+		next, err := c.connectLoop(c.ctx, &attempt, first)
 		switch {
 		case err != nil && c.ctx.Err() != nil:
 			return
@@ -387,12 +388,14 @@ func (c *Client) run(cn *conn) {
 }
 
 // connectLoop connects, retrying with backoff until it succeeds, ctx ends,
-// or retrying cannot help. With wait it backs off before the first attempt.
-func (c *Client) connectLoop(ctx context.Context, attempt *int, wait bool) (*conn, error) {
+// or retrying cannot help. It waits first before the first attempt (0: none)
+// and backs off before each further one, counting them in attempt.
+func (c *Client) connectLoop(ctx context.Context, attempt *int, first time.Duration) (*conn, error) {
 	var last error
+	wait := first
 	for {
-		if wait {
-			t := time.NewTimer(backoff(c.opts.backoffMin, c.opts.backoffMax, *attempt, rand.Int64N))
+		if wait > 0 {
+			t := time.NewTimer(wait)
 			select {
 			case <-t.C:
 			case <-ctx.Done():
@@ -402,9 +405,9 @@ func (c *Client) connectLoop(ctx context.Context, attempt *int, wait bool) (*con
 				}
 				return nil, fmt.Errorf("%w; last attempt: %w", ctx.Err(), last)
 			}
-			*attempt++
+		} else if err := ctx.Err(); err != nil && last != nil { // a backoff of 0 after a failure
+			return nil, fmt.Errorf("%w; last attempt: %w", err, last)
 		}
-		wait = true
 		cn, err := c.connect(ctx)
 		if err == nil {
 			return cn, nil
@@ -414,6 +417,8 @@ func (c *Client) connectLoop(ctx context.Context, attempt *int, wait bool) (*con
 		}
 		c.log.Debug("imq client: connect failed", "err", err, "attempt", *attempt)
 		last = err
+		wait = backoff(c.opts.backoffMin, c.opts.backoffMax, *attempt, rand.Int64N)
+		*attempt++
 	}
 }
 

@@ -121,7 +121,9 @@ func WithLogger(l *slog.Logger) Option {
 // WithBackoff bounds the wait between reconnect attempts: the n-th wait is
 // drawn uniformly from [0, min(maxWait, minWait·2ⁿ)], exponential backoff
 // with full jitter, so that clients cut off together do not come back
-// together. Defaults: 50ms and 5s.
+// together. After a gateway's goodbye REASON_SHUTDOWN (it is going away and
+// spreads its goodbyes itself) the first attempt waits only a jitter of at
+// most 25ms (or minWait, if less). Defaults: 50ms and 5s.
 func WithBackoff(minWait, maxWait time.Duration) Option {
 	return func(o *options) { o.backoffMin, o.backoffMax = minWait, maxWait }
 }

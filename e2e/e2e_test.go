@@ -190,34 +190,77 @@ func TestGatewayKilledClientResumes(t *testing.T) {
 	}
 }
 
-// TestGatewaySIGTERM: a gateway told to stop says goodbye with reconnect and
-// exits cleanly.
+// TestGatewaySIGTERM: `imq gateway --shutdown-spread 1s` told to stop says
+// goodbye (SHUTDOWN, reconnect) to each of its clients, spread over about the
+// second rather than in one instant, and exits 0 within the spread and a
+// margin.
 func TestGatewaySIGTERM(t *testing.T) {
-	cl := startCluster(t)
-	ws, _, err := (&websocket.Dialer{Subprotocols: []string{"imq.v1"}}).Dial(cl.url()+"?user=term", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ws.Close()
-	cl.gw.Stop(syscall.SIGTERM, 15*time.Second)
-	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var goodbye *imqpb.Goodbye
-	for goodbye == nil {
-		_, b, err := ws.ReadMessage()
+	const spread, clients = time.Second, 10
+	cl := startCluster(t, "--shutdown-spread", spread.String())
+	var conns []*websocket.Conn
+	for i := range clients {
+		ws, _, err := (&websocket.Dialer{Subprotocols: []string{"imq.v1"}}).Dial(cl.url()+fmt.Sprintf("?user=term%d", i), nil)
 		if err != nil {
-			t.Fatalf("connection ended without a goodbye: %v", err)
-		}
-		var m imqpb.ServerMessage
-		if err := proto.Unmarshal(b, &m); err != nil {
 			t.Fatal(err)
 		}
-		goodbye = m.GetGoodbye()
+		defer ws.Close()
+		conns = append(conns, ws)
 	}
-	if goodbye.GetReason() != imqpb.Reason_REASON_SHUTDOWN || !goodbye.GetReconnect() {
-		t.Fatalf("goodbye %v", goodbye)
+	start := time.Now()
+	exited := make(chan time.Duration, 1)
+	go func() { // ends when the gateway has exited (or was killed after 15 s)
+		cl.gw.Stop(syscall.SIGTERM, 15*time.Second)
+		exited <- time.Since(start)
+	}()
+	arrived := make([]time.Time, clients)
+	for _, ws := range conns {
+		ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 	}
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for i, ws := range conns {
+		wg.Go(func() {
+			for {
+				_, b, err := ws.ReadMessage()
+				if err != nil {
+					errs <- fmt.Errorf("client %d: connection ended without a goodbye: %w", i, err)
+					return
+				}
+				var m imqpb.ServerMessage
+				if err := proto.Unmarshal(b, &m); err != nil {
+					errs <- err
+					return
+				}
+				if g := m.GetGoodbye(); g != nil {
+					arrived[i] = time.Now()
+					if g.GetReason() != imqpb.Reason_REASON_SHUTDOWN || !g.GetReconnect() {
+						errs <- fmt.Errorf("client %d: goodbye %v", i, g)
+					}
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if t.Failed() {
+		return
+	}
+	took := <-exited
 	if code := cl.gw.ExitCode(); code != 0 {
 		t.Fatalf("gateway exited with %d after SIGTERM", code)
+	}
+	if took > spread+5*time.Second {
+		t.Errorf("the gateway took %v to exit after SIGTERM; want about the spread, %v", took, spread)
+	}
+	first, last := slices.MinFunc(arrived, time.Time.Compare), slices.MaxFunc(arrived, time.Time.Compare)
+	// The last goodbye is due at 9/10 of the spread; at once they would
+	// arrive within milliseconds.
+	if d := last.Sub(first); d < spread/2 {
+		t.Errorf("the goodbyes arrived within %v of one another; want them spread over about %v", d, spread)
 	}
 }
 

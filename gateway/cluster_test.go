@@ -35,6 +35,7 @@ func startClusterGateway(t *testing.T, mod func(*gateway.Config)) *gateway.Serve
 	cfg := gateway.DefaultConfig()
 	cfg.Addr, cfg.InternalAddr, cfg.Dev = "127.0.0.1:0", "127.0.0.1:0", true
 	cfg.Member = &member.Config{BindAddr: "127.0.0.1:0", Cluster: "imq-gateway-test"}
+	cfg.ShutdownSpread = 0 // the test's end need not wait for spread goodbyes
 	if mod != nil {
 		mod(&cfg)
 	}

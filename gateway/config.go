@@ -206,6 +206,15 @@ type Config struct {
 	// without authentication, which queue nodes holding keys refuse (and
 	// which never talk to nodes holding keys).
 	ClusterKeys [][]byte
+	// ShutdownSpread is the window over which Shutdown says goodbye
+	// (reason SHUTDOWN: reconnect, to any gateway) to its clients, one after
+	// another evenly, so that the clients of a gateway going away come back
+	// to the others over that time rather than in one burst of reconnects,
+	// token checks and rejoins. Shutdown gives it at most half of the time
+	// its context leaves; the rest flushes the goodbyes and closes. Zero:
+	// every goodbye at once, as a zero field here is taken literally.
+	// DefaultConfig: 3 s.
+	ShutdownSpread time.Duration
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the gateway's metrics. Default: a private registry.
@@ -254,6 +263,7 @@ func DefaultConfig() Config {
 		RPCMaxBody:             1 << 20,
 		RPCTimeout:             5 * time.Second,
 		RPCMaxInflight:         1024,
+		ShutdownSpread:         3 * time.Second,
 	}
 }
 
@@ -454,6 +464,9 @@ func (c *Config) validate() error {
 		if d > maxAnnounced {
 			errs = append(errs, fmt.Errorf("%s must be at most %s, got %s", name, maxAnnounced, d))
 		}
+	}
+	if c.ShutdownSpread < 0 {
+		errs = append(errs, fmt.Errorf("shutdown spread must not be negative, got %s", c.ShutdownSpread))
 	}
 	if c.ClientTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("client timeout (%s) must exceed the ping interval (%s)", c.ClientTimeout, c.PingInterval))

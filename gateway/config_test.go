@@ -33,6 +33,8 @@ func TestConfigBounds(t *testing.T) {
 		{"auth call-out concurrency MaxInt", func(c *gateway.Config) { c.AuthCalloutConcurrency = math.MaxInt }, "auth call-out concurrency must be at most"},
 		{"max payload MaxInt", func(c *gateway.Config) { c.MaxPayload = math.MaxInt }, "max payload must be at most"},
 		{"empty PEM", func(c *gateway.Config) { c.JWTPublicKeys = []byte{} }, "no PEM block"},
+		{"shutdown spread -1s", func(c *gateway.Config) { c.ShutdownSpread = -time.Second }, "shutdown spread must not be negative"},
+		{"shutdown spread 0", func(c *gateway.Config) { c.ShutdownSpread = 0 }, ""},
 		{"PEM of no key", func(c *gateway.Config) { c.JWTPublicKeys = []byte("\n# nothing here\n") }, "no PEM block"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

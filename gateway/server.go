@@ -289,7 +289,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.log.Info("gateway serving", "addr", s.Addr(), "ws", "ws://"+s.Addr()+"/ws", "internal", s.InternalAddr())
 	err := s.http.Serve(s.ln)
-	if errors.Is(err, http.ErrServerClosed) {
+	if errors.Is(err, http.ErrServerClosed) || s.closing.Load() { // Shutdown closed the listener
 		<-s.shutDone
 		s.wg.Wait()
 		return nil
@@ -301,20 +301,36 @@ func (s *Server) Run(ctx context.Context) error {
 	return fmt.Errorf("gateway: serve: %w", err)
 }
 
-// Shutdown stops accepting connections, says goodbye (reason SHUTDOWN,
-// reconnect) to every client, flushes their queues, closes the links and, in
-// cluster mode, leaves the membership gracefully (within about a second). It
-// waits for all of that or ctx, and is safe to call more than once.
+// Shutdown drains the gateway and stops it, in this order: it marks itself
+// not ready (/healthz on both listeners answers 503 "draining", /varz says
+// draining: a load balancer stops sending clients here) and stops accepting
+// connections; it says goodbye (reason SHUTDOWN, reconnect) to every client,
+// one after another over ShutdownSpread (at most half of the time ctx
+// leaves), so that they reconnect to the other gateways over that window
+// rather than in one burst; it waits for the goodbyes to be flushed, closes
+// what is left and the links, and in cluster mode leaves the membership
+// gracefully (within about a second). The leave comes last: queue nodes
+// close the links of a gateway that left, which would cut off the clients
+// still waiting for their goodbye. Admin RPC calls in flight finish
+// meanwhile. Shutdown waits for all of that or ctx, and is safe to call more
+// than once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.shutOnce.Do(func() {
 		defer close(s.shutDone)
-		s.closing.Store(true)
-		err := s.http.Shutdown(ctx) // stops accepting; hijacked connections are ours
-		s.ln.Close()                // Serve closes it, unless Run never got to Serve
-		s.ln.waitDrains(ctx)        // refused connections being drained (listener.go)
-		for _, c := range s.conns.snapshot() {
-			c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
-		}
+		s.closing.Store(true) // health and /varz say draining; serveWS refuses
+		spread := goodbyeSpread(ctx, s.cfg.ShutdownSpread)
+		s.log.Info("gateway draining", "connections", s.conns.count(), "spread", spread)
+		s.ln.Close() // stop accepting now; Run's Serve sees closing and ends as a shutdown
+		httpDone := make(chan error, 1)
+		go func() { // ends once the calls in flight end, or at ctx
+			err := s.http.Shutdown(ctx)
+			if errors.Is(err, net.ErrClosed) { // the listener, closed above
+				err = nil
+			}
+			httpDone <- err
+		}()
+		s.ln.waitDrains(ctx) // refused connections being drained (listener.go)
+		s.sayGoodbyes(ctx, spread)
 		for s.conns.count() > 0 && ctx.Err() == nil { // each flushes, then closes
 			select {
 			case <-ctx.Done():
@@ -324,6 +340,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		for _, c := range s.conns.snapshot() {
 			c.ws.NetConn().Close()
 		}
+		err := <-httpDone
 		s.closeLinks()
 		s.leaveCluster()
 		// The internal listener goes last: /metrics and /varz show the
@@ -335,6 +352,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.auth != nil {
 			s.auth.client.CloseIdleConnections()
 		}
+		s.log.Info("gateway stopped")
 		s.shutErr = err
 	})
 	select {
@@ -344,6 +362,49 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return ctx.Err()
 	}
 }
+
+// goodbyeBatch groups the goodbyes of a spread: those due within it of one
+// another go out together, one timer per batch rather than per client.
+const goodbyeBatch = 10 * time.Millisecond
+
+// goodbyeSpread returns the window Shutdown spreads its goodbyes over: the
+// configured one, but at most half of what ctx leaves, so that flushing and
+// closing have the other half.
+func goodbyeSpread(ctx context.Context, spread time.Duration) time.Duration {
+	if dl, ok := ctx.Deadline(); ok {
+		spread = min(spread, time.Until(dl)/2)
+	}
+	return max(spread, 0)
+}
+
+// sayGoodbyes tells every client to reconnect (goodbye SHUTDOWN, reconnect),
+// the i-th of n at spread·i/n, so that the last goes out just before spread
+// ends. Once ctx ends, those left hear it at once. A connection accepted
+// after the snapshot hears it from serveWS, which checks closing.
+func (s *Server) sayGoodbyes(ctx context.Context, spread time.Duration) {
+	conns := s.conns.snapshot()
+	start := time.Now()
+	var t *time.Timer
+	for i, c := range conns {
+		due := start.Add(spread * time.Duration(i) / time.Duration(len(conns)))
+		if d := time.Until(due); d > goodbyeBatch && ctx.Err() == nil {
+			if t == nil {
+				t = time.NewTimer(d)
+				defer t.Stop()
+			} else {
+				t.Reset(d)
+			}
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
+		}
+		c.goAway(imqpb.Reason_REASON_SHUTDOWN, shutdownGoodbye, true)
+	}
+}
+
+// shutdownGoodbye is the message of the goodbye a draining gateway sends.
+const shutdownGoodbye = "gateway going away, reconnect"
 
 // pingLoop pings every connection once per PingInterval. One loop for all
 // connections, rather than a timer each, keeps idle connections small.
@@ -366,7 +427,7 @@ func (s *Server) pingLoop() {
 // with nodes is known, and in both modes while at least one link is up.
 func (s *Server) health() error {
 	if s.closing.Load() {
-		return errors.New("shutting down")
+		return errors.New("draining: shutting down, clients are told to reconnect elsewhere")
 	}
 	if len(s.routes.Load().links) == 0 {
 		return errors.New("no bucket table with queue nodes yet; waiting for the boss")
@@ -381,9 +442,12 @@ func (s *Server) health() error {
 type Varz struct {
 	GatewayID string `json:"gateway_id"`
 	// Addr is the client listen address, InternalAddr the internal one.
-	Addr           string `json:"addr"`
-	InternalAddr   string `json:"internal_addr"`
-	Mode           string `json:"mode"` // "standalone" or "cluster"
+	Addr         string `json:"addr"`
+	InternalAddr string `json:"internal_addr"`
+	Mode         string `json:"mode"` // "standalone" or "cluster"
+	// Draining: Shutdown has begun; the gateway accepts no connection and
+	// tells its clients to reconnect elsewhere.
+	Draining       bool   `json:"draining"`
 	Connections    int    `json:"connections"`
 	MaxConnections int    `json:"max_connections"`
 	Queues         int    `json:"queues"`
@@ -410,7 +474,7 @@ type LinkVarz struct {
 func (s *Server) varz() any {
 	r := s.routes.Load()
 	v := Varz{
-		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), InternalAddr: s.InternalAddr(), Mode: "standalone", Connections: s.conns.count(), MaxConnections: s.maxConns,
+		GatewayID: s.cfg.GatewayID, Addr: s.Addr(), InternalAddr: s.InternalAddr(), Mode: "standalone", Draining: s.closing.Load(), Connections: s.conns.count(), MaxConnections: s.maxConns,
 		Queues: s.index.count(), Table: r.table.String(), TableVersion: r.table.Version(), Links: []LinkVarz{},
 		Insecure: len(s.cfg.ClusterKeys) == 0,
 	}
@@ -541,7 +605,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	c.cc = cc
 	s.conns.add(c)
 	if s.closing.Load() { // Shutdown may have said its goodbyes before this one was added
-		c.goAway(imqpb.Reason_REASON_SHUTDOWN, "gateway going away, reconnect", true)
+		c.goAway(imqpb.Reason_REASON_SHUTDOWN, shutdownGoodbye, true)
 	}
 	go func() { // the connection's reader; ends with the connection
 		c.serve()

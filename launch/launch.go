@@ -142,10 +142,12 @@ func (d *Dev) Shutdown(ctx context.Context) error {
 
 // LocalDevConfig returns a one-process cluster for tests and trials: both
 // services on 127.0.0.1 with ports the OS picks (their internal listeners
-// too), the gateway in development mode (?user= accepted).
+// too), the gateway in development mode (?user= accepted) saying its
+// goodbyes at shutdown all at once.
 func LocalDevConfig() DevConfig {
 	gc := gateway.DefaultConfig()
 	gc.Addr, gc.InternalAddr, gc.Dev = "127.0.0.1:0", "127.0.0.1:0", true
+	gc.ShutdownSpread = 0 // one gateway: no other takes its clients, so spreading their goodbyes gains nothing
 	nc := queuenode.DefaultConfig()
 	nc.LinkAddr, nc.InternalAddr = "127.0.0.1:0", "127.0.0.1:0"
 	return DevConfig{Gateway: gc, QueueNode: nc}

@@ -39,7 +39,14 @@ type Server struct {
 	ln     net.Listener
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup // the goroutines Run starts (goLocked); Run and Shutdown wait for them
+	// startMu orders every start of a tracked goroutine (wg.Add, and the
+	// call-out workers' start) before Shutdown's wait for them: a start
+	// either happens before Shutdown sets stopping, and the wait sees it, or
+	// sees stopping and starts nothing. Without it a Run beside a Shutdown
+	// could Add while the Wait runs, a data race.
+	startMu  sync.Mutex
+	stopping bool // Guarded by startMu: Shutdown has begun.
 
 	// The internal listener (Config.InternalAddr); both nil without one.
 	internalLn net.Listener
@@ -169,31 +176,28 @@ func (s *Server) Run(ctx context.Context) error {
 		s.Shutdown(sctx)
 	})
 	defer stop()
-	s.wg.Add(1)
-	go func() { // ends with the server
-		defer s.wg.Done()
-		s.sweepLoop()
-	}()
+	s.startMu.Lock()
+	if s.stopping { // Shutdown came first: nothing to start
+		s.startMu.Unlock()
+		s.wg.Wait()
+		return nil
+	}
+	s.goLocked(s.sweepLoop) // ends with the server
 	if s.co != nil {
 		s.co.start() // Shutdown stops its workers
 	}
 	if s.cluster != nil {
-		s.wg.Add(1)
-		go func() { // ends with the server
-			defer s.wg.Done()
-			s.cluster.Run(s.ctx)
-		}()
+		s.goLocked(func() { s.cluster.Run(s.ctx) }) // ends with the server
 	}
 	if s.internal != nil {
-		s.wg.Add(1)
-		go func() { // ends at Shutdown
-			defer s.wg.Done()
+		s.goLocked(func() { // ends at Shutdown
 			if err := s.internal.Serve(s.internalLn); !errors.Is(err, http.ErrServerClosed) {
 				s.log.Error("internal listener failed; /metrics, /varz and /v1/table are down", "addr", s.InternalAddr(), "err", err)
 			}
-		}()
+		})
 		s.log.Info("queue node internal HTTP", "addr", s.InternalAddr())
 	}
+	s.startMu.Unlock()
 	s.log.Info("queue node serving links", "addr", s.LinkAddr())
 	for {
 		conn, err := s.ln.Accept()
@@ -215,12 +219,32 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 			return fmt.Errorf("queuenode: accept: %w", err)
 		}
-		s.wg.Add(1)
-		go func() { // ends when the link closes
-			defer s.wg.Done()
-			s.serveLink(conn)
-		}()
+		if !s.goTracked(func() { s.serveLink(conn) }) { // ends when the link closes
+			conn.Close() // accepted as Shutdown began: it would not be closed
+		}
 	}
+}
+
+// goTracked runs fn on a goroutine that Run and Shutdown wait for, unless
+// Shutdown has begun; it reports whether fn started.
+func (s *Server) goTracked(fn func()) bool {
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
+	if s.stopping {
+		return false
+	}
+	s.goLocked(fn)
+	return true
+}
+
+// goLocked runs fn on a goroutine that Run and Shutdown wait for. The
+// caller holds startMu and has checked stopping.
+func (s *Server) goLocked(fn func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn()
+	}()
 }
 
 // Shutdown leaves the cluster (cluster mode: gracefully, within about a
@@ -230,6 +254,9 @@ func (s *Server) Run(ctx context.Context) error {
 // goroutines to end, then lets the leave call-outs still queued go out, all
 // until ctx expires. It is safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.startMu.Lock()
+	s.stopping = true // no goroutine starts after this: the wait below sees them all
+	s.startMu.Unlock()
 	s.leaveCluster()
 	s.mu.Lock()
 	s.closed = true

@@ -309,6 +309,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	var rf rpcFlags
 	var cf calloutFlags
 	gc.MaxPendingPerIP = -1 // every local client, bots of imq loadtest included, comes from 127.0.0.1
+	gc.ShutdownSpread = 0   // one gateway: no other takes its clients, so Ctrl-C says goodbye at once
 	gatewayFlags(fs, &gc, &secret, &origins)
 	fs.Lookup("allowed-origins").Usage = "Origin values allowed on /ws, comma-separated or repeated; * allows any (default: *, in development)"
 	rf.register(fs, &gc)
@@ -401,6 +402,8 @@ queues, by the boss's bucket table. Give --join with the boss's gossip address
 	fs.StringVar(&cfg.BossURL, "boss-url", "", "cluster: fetch the bucket table from this URL (e.g. a load balancer in front of the boss) rather than the boss member's address")
 	fs.StringVar(&cfg.GatewayID, "id", "", "gateway id (default: random per process)")
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: also accept ?user=ID without a token (never in production)")
+	fs.DurationVar(&cfg.ShutdownSpread, "shutdown-spread", cfg.ShutdownSpread, fmt.Sprintf(
+		"on SIGTERM or SIGINT the gateway turns not ready, stops accepting and tells its clients to reconnect (to another gateway) one after another over this window, so that they do not all come back at once; at most half of the %s shutdown; 0: all at once", shutdownTimeout))
 	gatewayFlags(fs, &cfg, &secret, &origins)
 	lf.register(fs)
 	lf.registerReady(fs)
@@ -516,7 +519,10 @@ is standalone and serves every queue.`)
 // bound by New, so a connection made once the file exists is served.
 func serve(ctx context.Context, log *slog.Logger, lf *commonFlags, ready launch.Ready, run, shutdown func(context.Context) error) error {
 	errc := make(chan error, 1)
-	go func() { errc <- run(ctx) }()
+	// run does not see the signal: the shutdown below, bounded by
+	// shutdownTimeout, is the one a signal starts (a service's Run would
+	// start its own on ctx's end, with a timeout of its own).
+	go func() { errc <- run(context.WithoutCancel(ctx)) }()
 	maps.DeleteFunc(ready.Addrs, func(_, addr string) bool { return addr == "" })
 	remove, err := lf.writeReady(ready)
 	if err != nil {
