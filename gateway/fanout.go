@@ -21,6 +21,12 @@ type localSub struct {
 	// the queue, whatever the table says by then. Only events from that link
 	// reach it, so a subscriber never mixes two nodes' orders of a queue
 	// while its bucket moves.
+	//
+	// A live hand-off (handoff.go) replaces the subscription with one
+	// bound to the bucket's new owner: first detached (node the new owner,
+	// link nil: no link's events reach it) until the gateway has that
+	// node's link, then on it. A join the old owner forwarded is bound to
+	// the node that served it (served_by), not to the link it went on.
 	node string
 	link *nodeLink
 }
