@@ -211,9 +211,11 @@ type fakeNode struct {
 	ln     net.Listener
 	handle func(*imqpb.NodeRequest) *imqpb.NodeReply
 	reqs   chan *imqpb.NodeRequest
-	mu     sync.Mutex
-	conns  []net.Conn   // Guarded by mu.
-	links  []*link.Conn // Guarded by mu: the conns after their handshake.
+	// adopted gets the BucketAdopted messages the gateway sends.
+	adopted chan *imqpb.BucketAdopted
+	mu      sync.Mutex
+	conns   []net.Conn   // Guarded by mu.
+	links   []*link.Conn // Guarded by mu: the conns after their handshake.
 }
 
 func startFakeNode(t *testing.T, handle func(*imqpb.NodeRequest) *imqpb.NodeReply) *fakeNode {
@@ -222,7 +224,7 @@ func startFakeNode(t *testing.T, handle func(*imqpb.NodeRequest) *imqpb.NodeRepl
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakeNode{ln: ln, handle: handle, reqs: make(chan *imqpb.NodeRequest, 100)}
+	f := &fakeNode{ln: ln, handle: handle, reqs: make(chan *imqpb.NodeRequest, 100), adopted: make(chan *imqpb.BucketAdopted, 10)}
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -268,6 +270,8 @@ func (f *fakeNode) serve(c net.Conn) {
 		switch {
 		case up.GetPing() != nil:
 			f.write(conn, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{}}})
+		case up.GetBucketAdopted() != nil:
+			f.adopted <- up.GetBucketAdopted()
 		case up.GetRequest() != nil:
 			req := up.GetRequest()
 			select {

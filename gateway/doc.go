@@ -34,6 +34,16 @@
 // down or is stopped (NODE_LOST) or its node closes the queue because its
 // bucket moved (QueueClosed: MOVED), whatever the table says by then.
 //
+// Live hand-off (handoff.go; the contract is docs/handoff.md). A node's
+// BucketMoving mark moves the subscriptions made through its link to the
+// bucket's queues to the new owner's link: at once off the old link (its
+// later events of the bucket reach nobody), and onto the new one once the
+// gateway has a table naming the new owner and the link is up (bounded:
+// past it they end, MOVED, rejoin); then the gateway tells the new owner
+// BucketAdopted, and only then does it send the bucket's events. A join
+// whose reply says another node served it (served_by: the old owner
+// forwarded it) is bound to that node's link the same way.
+//
 // Admin RPC (rpc*.go; the contract is docs/openapi.json). POST
 // /rpc/v1/<method> on the client port, authenticated by an API key
 // (Config.APIKeys, compared in constant time), each call bounded by
@@ -70,7 +80,8 @@
 // ending when the node leaves the table or at Shutdown); in cluster mode the
 // cluster runtime's table watcher (internal/cluster) and memberlist's own
 // (ending at Shutdown); and one short goroutine per request answered MOVED,
-// ending within the request timeout.
+// ending within the request timeout; one per hand-off mark (and per join
+// served by a node whose link is not up), ending within rebindWait.
 // With a JWKS URL, one refresher, ending at Shutdown.
 // Per connection refused at accept, one drain (at most 32 at once) that
 // reads what the client still sends for at most 500 ms so the refusal is
@@ -83,7 +94,8 @@
 // sent a goodbye and closed (slow consumer).
 //
 // Locks: a connection's subMu comes before an index shard's lock (and a
-// link's mutex, when a retried join or leave is queued), which
+// link's mutex, when a retried join or leave is queued or a link is checked
+// up), which
 // comes before a connection's send mutex; a link's mutex is never held while
 // calling out. Routing state (table and links) is an immutable snapshot
 // behind an atomic pointer: a lookup takes no lock and does not allocate.

@@ -21,6 +21,10 @@ func (s *Server) InstallTable(t *bucket.Table) { s.cluster.Install(t) }
 // before Run.
 func (s *Server) SetMovedWait(d time.Duration) { s.movedWait = d }
 
+// SetRebindWait bounds a hand-off's wait for the new owner's link; call it
+// before Run.
+func (s *Server) SetRebindWait(d time.Duration) { s.rebindWait = d }
+
 // TableVersion returns the version of the table the gateway routes by.
 func (s *Server) TableVersion() uint64 { return s.table().Version() }
 

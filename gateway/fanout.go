@@ -21,6 +21,12 @@ type localSub struct {
 	// the queue, whatever the table says by then. Only events from that link
 	// reach it, so a subscriber never mixes two nodes' orders of a queue
 	// while its bucket moves.
+	//
+	// A live hand-off (handoff.go) replaces the subscription with one
+	// bound to the bucket's new owner: first detached (node the new owner,
+	// link nil: no link's events reach it) until the gateway has that
+	// node's link, then on it. A join the old owner forwarded is bound to
+	// the node that served it (served_by), not to the link it went on.
 	node string
 	link *nodeLink
 }
@@ -111,6 +117,21 @@ type queueConn struct {
 // caller checks each again under the connection's subMu (lock order: subMu,
 // then a shard lock).
 func (ix *index) via(l *nodeLink, queue string) []queueConn {
+	if queue != "" {
+		return ix.collect(l, queue, nil)
+	}
+	return ix.collect(l, "", func(string) bool { return true })
+}
+
+// viaFunc returns the subscriptions made through l to the queues keep
+// takes, as via does.
+func (ix *index) viaFunc(l *nodeLink, keep func(queue string) bool) []queueConn {
+	return ix.collect(l, "", keep)
+}
+
+// collect is via: of queue alone when keep is nil, else of every queue keep
+// takes.
+func (ix *index) collect(l *nodeLink, queue string, keep func(string) bool) []queueConn {
 	var out []queueConn
 	collect := func(q string, mounts map[string]map[*conn]*localSub) {
 		var seen map[*conn]bool // a connection on several mounts counts once
@@ -129,7 +150,7 @@ func (ix *index) via(l *nodeLink, queue string) []queueConn {
 			}
 		}
 	}
-	if queue != "" {
+	if keep == nil {
 		sh := ix.shard(queue)
 		sh.mu.RLock()
 		collect(queue, sh.queues[queue])
@@ -140,7 +161,9 @@ func (ix *index) via(l *nodeLink, queue string) []queueConn {
 		sh := &ix.shards[i]
 		sh.mu.RLock()
 		for q, mounts := range sh.queues {
-			collect(q, mounts)
+			if keep(q) {
+				collect(q, mounts)
+			}
 		}
 		sh.mu.RUnlock()
 	}

@@ -157,6 +157,8 @@ func (l *nodeLink) serve(ctx context.Context, conn *link.Conn) error {
 			l.s.fanout(l, x.Deliver)
 		case *imqpb.LinkDown_QueueClosed:
 			l.s.queueClosed(l, x.QueueClosed)
+		case *imqpb.LinkDown_BucketMoving:
+			l.s.bucketMoving(l, x.BucketMoving)
 		case *imqpb.LinkDown_Reply:
 			l.mu.Lock()
 			p := l.pending[x.Reply.GetId()]

@@ -21,6 +21,8 @@ type metrics struct {
 	movedRetries  prometheus.Counter
 	movedFailures *prometheus.CounterVec
 	tableChanges  prometheus.Counter
+	rebinds       *prometheus.CounterVec
+	subsRebound   prometheus.Counter
 	rpcRequests   *prometheus.CounterVec
 	rpcSeconds    *prometheus.HistogramVec
 	authCallouts  *prometheus.CounterVec
@@ -69,6 +71,12 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		tableChanges: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imq_gateway_table_changes_total", Help: "Bucket tables the gateway switched its routing to.",
 		}),
+		rebinds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_gateway_rebinds_total", Help: "Bucket hand-off marks (BucketMoving) handled, by result: ok (the subscriptions moved to the new owner's link and it was told BucketAdopted), error (its link could not be had in time: the subscriptions ended, MOVED).",
+		}, []string{"result"}),
+		subsRebound: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imq_gateway_subscriptions_rebound_total", Help: "Subscriptions moved to a bucket's new owner's link during hand-offs (on its old owner's BucketMoving, or a join it forwarded whose new owner's link had to be waited for).",
+		}),
 		rpcRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imq_gateway_rpc_requests_total", Help: "Admin RPC calls answered, by method (\"unknown\" for names that are not methods) and code (OK or the error code).",
 		}, []string{"method", "code"}),
@@ -97,7 +105,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		m.linkHandshakeFailures.WithLabelValues(string(r))
 	}
 	reg.MustRegister(m.linkHandshakeFailures, m.accepted, m.requests, m.errors, m.disconnects, m.deliveries, m.linkDelivers,
-		m.slowConsumers, m.sendDrops, m.unsubscribed, m.movedRetries, m.movedFailures, m.tableChanges,
+		m.slowConsumers, m.sendDrops, m.unsubscribed, m.movedRetries, m.movedFailures, m.tableChanges, m.rebinds, m.subsRebound,
 		m.rpcRequests, m.rpcSeconds, m.authCallouts, m.authSeconds, m.jwksFetches, m.refused,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_gateway_rpc_inflight", Help: "Admin RPC calls in progress.",
@@ -135,6 +143,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	}
 	for _, r := range []string{"ok", "error"} {
 		m.jwksFetches.WithLabelValues(r)
+		m.rebinds.WithLabelValues(r)
 	}
 	for _, o := range []string{"accepted", "refused", "failed"} {
 		m.authCallouts.WithLabelValues(o)

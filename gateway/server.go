@@ -73,6 +73,7 @@ type Server struct {
 	// them (no link starts after).
 	linksRunning, linksClosed bool
 	movedWait                 time.Duration // bounds one wait for a newer table after MOVED; tests shorten it
+	rebindWait                time.Duration // bounds a hand-off's wait for the new owner's link (handoff.go); tests shorten it
 
 	// Cluster mode only (nil standalone): the membership and the table
 	// watcher, whose install hook is setTable. Set in New before any
@@ -114,7 +115,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 	s := &Server{
 		cfg: cfg, log: cfg.Logger.With("gateway", cfg.GatewayID), shutDone: make(chan struct{}),
-		movedWait: movedTableWait,
+		movedWait: movedTableWait, rebindWait: rebindWait,
 	}
 	var nonce [4]byte
 	rand.Read(nonce[:])

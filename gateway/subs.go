@@ -93,18 +93,40 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		if e.sub != nil {
 			before = e.sub.link
 		}
+		now := l // the link of the subscription now
+		var wait *detached
 		switch {
 		case !latest:
 			// A later join or leave decides; after the reader ends,
 			// leaveAll has already sent the leave that follows this join.
 			before = nil
 		case r.GetCode() == imqpb.Code_OK && l != nil:
-			sub := &localSub{mounts: make([]string, len(r.GetJoined().GetMounts())), node: l.node.ID, link: l}
+			// The node that served the join holds the subscriber: a join
+			// the old owner forwarded during a hand-off is bound to the
+			// new owner's link (handoff.go). The lane still counted it
+			// against l, where it went.
+			node, bound := c.s.servedBy(l, r)
+			sub := &localSub{mounts: make([]string, len(r.GetJoined().GetMounts())), node: node, link: bound}
 			for i, ms := range r.GetJoined().GetMounts() {
 				sub.mounts[i] = ms.GetName()
 			}
 			c.s.index.set(queue, c, e.sub, sub)
 			e.sub = sub
+			// Bound first, checked second: a link that goes down after
+			// the check ends the subscription itself (linkLost). One not
+			// up, or not known yet, is waited for (rebind).
+			if bound != l && (bound == nil || !bound.isUp()) {
+				if bound != nil {
+					d := &localSub{mounts: sub.mounts, node: node}
+					c.s.index.set(queue, c, sub, d)
+					e.sub, sub = d, d
+				}
+				wait = &detached{c, queue, sub}
+			}
+			now = sub.link
+			if before != nil && before.node.ID == node {
+				before = now // the node has this subscriber: no leave there
+			}
 		case r.GetCode() == imqpb.Code_TIMEOUT:
 			// The node may still apply the join: a leave after it makes
 			// the outcome certain, and an earlier subscription is gone too.
@@ -118,7 +140,7 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		if leave {
 			c.leaveNode(queue, l) // where the join went
 		}
-		if before != nil && before != l {
+		if before != nil && before != now {
 			// The earlier subscription was made through another node (the
 			// queue's bucket moved since): leave it there, so that node
 			// does not keep a subscriber this connection no longer has.
@@ -126,6 +148,9 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 		}
 		c.doneLocked(queue, e)
 		c.subMu.Unlock()
+		if wait != nil {
+			c.s.goTracked(func() { c.s.rebind(wait.sub.node, r.GetTableVersion(), []detached{*wait}, nil) }) // ends within rebindWait
+		}
 		if lost {
 			timedOut := reasons.Of(imqpb.Reason_REASON_TIMEOUT)
 			c.s.m.unsubscribed.WithLabelValues(timedOut.Label).Inc()
@@ -240,6 +265,26 @@ func (c *conn) endSub(queue string, l *nodeLink, reason imqpb.Reason, msg string
 	if e == nil || e.sub == nil || e.sub.link != l {
 		return false
 	}
+	c.endLocked(queue, e, reason, msg)
+	return true
+}
+
+// endSubIf is endSub for the subscription sub itself, whatever its link
+// (a detached one has none: handoff.go).
+func (c *conn) endSubIf(queue string, sub *localSub, reason imqpb.Reason, msg string) bool {
+	c.subMu.Lock()
+	defer c.subMu.Unlock()
+	e := c.subs[queue]
+	if e == nil || e.sub == nil || e.sub != sub {
+		return false
+	}
+	c.endLocked(queue, e, reason, msg)
+	return true
+}
+
+// endLocked ends the subscription e and tells the client; the caller holds
+// subMu.
+func (c *conn) endLocked(queue string, e *queueOps, reason imqpb.Reason, msg string) {
 	node := e.sub.node
 	c.unsubscribeLocked(queue, e)
 	if e.inflight == 0 {
@@ -251,5 +296,4 @@ func (c *conn) endSub(queue string, l *nodeLink, reason imqpb.Reason, msg string
 	c.sendMsg(&imqpb.ServerMessage{Msg: &imqpb.ServerMessage_Unsubscribed{Unsubscribed: &imqpb.Unsubscribed{
 		Queue: queue, Reason: reason, Rejoin: info.Again(true), Message: msg,
 	}}})
-	return true
 }
