@@ -454,7 +454,7 @@ type peerLink struct {
 	acks chan *imqpb.HandoffAck // cap 1
 
 	mu      sync.Mutex
-	nextID  uint64                 // guarded by mu
+	nextID  uint64                // guarded by mu
 	pending map[uint64]pendingFwd // guarded by mu
 }
 

@@ -111,11 +111,11 @@ func (o *outgoing) signal() {
 // handoffs is a node's hand-off state.
 type handoffs struct {
 	mu      sync.Mutex
-	out     map[bkey]*outgoing    // guarded by mu
-	adopted map[bkey]string       // guarded by mu: by the node handed from
-	retryAt map[bkey]time.Time    // guarded by mu: failed hand-offs wait
-	holds   map[holdKey]*hold     // guarded by mu
-	staged  int64                 // guarded by mu: bytes of snapshots being received
+	out     map[bkey]*outgoing     // guarded by mu
+	adopted map[bkey]string        // guarded by mu: by the node handed from
+	retryAt map[bkey]time.Time     // guarded by mu: failed hand-offs wait
+	holds   map[holdKey]*hold      // guarded by mu
+	staged  int64                  // guarded by mu: bytes of snapshots being received
 	view    atomic.Pointer[hoView] // what checkOwnerLocked reads without mu
 	holding atomic.Int32           // len(holds): deliveries skip mu when 0
 	kick    chan struct{}          // cap 1: look for moves to start
