@@ -251,8 +251,18 @@ type heldFrame struct {
 func (s *Server) setHolds(k bkey, gateways []string) {
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
+	now := time.Now()
+	for hk, at := range s.ho.confirmed {
+		if now.Sub(at) > adoptHoldTime {
+			delete(s.ho.confirmed, hk)
+		}
+	}
 	for _, gw := range gateways {
 		hk := holdKey{gateway: gw, k: k}
+		if _, ok := s.ho.confirmed[hk]; ok {
+			delete(s.ho.confirmed, hk) // it confirmed already: nothing to hold
+			continue
+		}
 		if old := s.ho.holds[hk]; old != nil {
 			old.timer.Stop()
 		}
@@ -382,6 +392,12 @@ func (s *Server) releaseHold(l *link, ba *imqpb.BucketAdopted) {
 	k := bkey{bits: int(ba.GetBits()), b: int(ba.GetBucket())}
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
+	released := false
+	defer func() {
+		if !released && len(s.ho.confirmed) < maxEarlyConfirms {
+			s.ho.confirmed[holdKey{gateway: l.gateway, k: k}] = time.Now()
+		}
+	}()
 	for hk, h := range s.ho.holds {
 		if hk.gateway != l.gateway || !overlaps(hk.k, k) {
 			continue
@@ -397,6 +413,7 @@ func (s *Server) releaseHold(l *link, ba *imqpb.BucketAdopted) {
 			}}})
 		}
 		delete(s.ho.holds, hk)
+		released = true
 	}
 	s.ho.holding.Store(int32(len(s.ho.holds)))
 }

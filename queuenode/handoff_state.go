@@ -46,6 +46,9 @@ var (
 // (one larger queue travels alone, up to the link's frame limit).
 const maxHandoffFrame = 1 << 20
 
+// maxEarlyConfirms bounds the BucketAdopted kept for hand-offs not ended yet.
+const maxEarlyConfirms = 4096
+
 // bkey is a bucket: number b in a table of 2^bits buckets.
 type bkey struct{ bits, b int }
 
@@ -111,15 +114,20 @@ func (o *outgoing) signal() {
 // handoffs is a node's hand-off state.
 type handoffs struct {
 	mu      sync.Mutex
-	out     map[bkey]*outgoing     // guarded by mu
-	adopted map[bkey]string        // guarded by mu: by the node handed from
-	retryAt map[bkey]time.Time     // guarded by mu: failed hand-offs wait
-	holds   map[holdKey]*hold      // guarded by mu
-	staged  int64                  // guarded by mu: bytes of snapshots being received
-	view    atomic.Pointer[hoView] // what checkOwnerLocked reads without mu
-	holding atomic.Int32           // len(holds): deliveries skip mu when 0
-	kick    chan struct{}          // cap 1: look for moves to start
-	running bool                   // guarded by mu: a hand-off is in progress
+	out     map[bkey]*outgoing // guarded by mu
+	adopted map[bkey]string    // guarded by mu: by the node handed from
+	retryAt map[bkey]time.Time // guarded by mu: failed hand-offs wait
+	holds   map[holdKey]*hold  // guarded by mu
+	// confirmed are BucketAdopted that arrived before their bucket's
+	// HandoffEnd (the gateway may see the mark before the queues are
+	// streamed): setHolds skips them. Guarded by mu; bounded by
+	// maxEarlyConfirms, each kept adoptHoldTime.
+	confirmed map[holdKey]time.Time
+	staged    int64                  // guarded by mu: bytes of snapshots being received
+	view      atomic.Pointer[hoView] // what checkOwnerLocked reads without mu
+	holding   atomic.Int32           // len(holds): deliveries skip mu when 0
+	kick      chan struct{}          // cap 1: look for moves to start
+	running   bool                   // guarded by mu: a hand-off is in progress
 }
 
 // hoView is an immutable summary of the entries for the request path.
@@ -155,7 +163,7 @@ func (v *hoView) isAdopted(queue string) bool {
 
 func newHandoffs() *handoffs {
 	h := &handoffs{out: make(map[bkey]*outgoing), adopted: make(map[bkey]string), retryAt: make(map[bkey]time.Time),
-		holds: make(map[holdKey]*hold), kick: make(chan struct{}, 1)}
+		holds: make(map[holdKey]*hold), confirmed: make(map[holdKey]time.Time), kick: make(chan struct{}, 1)}
 	h.view.Store(&hoView{})
 	return h
 }
