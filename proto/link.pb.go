@@ -727,7 +727,12 @@ type NodeRequest struct {
 	// TIMEOUT must not make its publish happen twice. Leaves always run;
 	// requests that wait for no call-out are not checked. Gateway and node
 	// clocks are assumed to agree to well within the request timeout.
-	DeadlineMs    int64 `protobuf:"varint,6,opt,name=deadline_ms,json=deadlineMs,proto3" json:"deadline_ms,omitempty"`
+	DeadlineMs int64 `protobuf:"varint,6,opt,name=deadline_ms,json=deadlineMs,proto3" json:"deadline_ms,omitempty"`
+	// Set only on a node link: the id of the gateway that sent the request
+	// to the old owner of its bucket, which forwarded it during a hand-off
+	// (docs/handoff.md, Forward). The new owner runs it as if it came on its
+	// own link with that gateway (a join's subscriber is bound to that link).
+	OriginGateway string `protobuf:"bytes,7,opt,name=origin_gateway,json=originGateway,proto3" json:"origin_gateway,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -872,6 +877,13 @@ func (x *NodeRequest) GetDeadlineMs() int64 {
 		return x.DeadlineMs
 	}
 	return 0
+}
+
+func (x *NodeRequest) GetOriginGateway() string {
+	if x != nil {
+		return x.OriginGateway
+	}
+	return ""
 }
 
 type isNodeRequest_Op interface {
@@ -2476,7 +2488,7 @@ const file_link_proto_rawDesc = "" +
 	"\rtable_version\x18\x03 \x01(\x04R\ftableVersion\x12$\n" +
 	"\x04role\x18\x04 \x01(\x0e2\x10.imq.v1.LinkRoleR\x04role\x12\x10\n" +
 	"\x03mac\x18\x05 \x01(\fR\x03mac\x12\x18\n" +
-	"\arefused\x18\x06 \x01(\tR\arefused\"\xec\x03\n" +
+	"\arefused\x18\x06 \x01(\tR\arefused\"\x93\x04\n" +
 	"\vNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12\x18\n" +
@@ -2493,7 +2505,8 @@ const file_link_proto_rawDesc = "" +
 	"queue_info\x18\x10 \x01(\v2\x11.imq.v1.QueueInfoH\x00R\tqueueInfo\x12\x18\n" +
 	"\abackend\x18\x05 \x01(\bR\abackend\x12\x1f\n" +
 	"\vdeadline_ms\x18\x06 \x01(\x03R\n" +
-	"deadlineMsB\x04\n" +
+	"deadlineMs\x12%\n" +
+	"\x0eorigin_gateway\x18\a \x01(\tR\roriginGatewayB\x04\n" +
 	"\x02op\"\xe5\x03\n" +
 	"\tNodeReply\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12 \n" +

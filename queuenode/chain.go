@@ -171,28 +171,40 @@ func (s *Server) runChained(l *link, rt *route, req *imqpb.NodeRequest) {
 	}
 	res := &calloutResult{}
 	if needsCallout(rt, req) {
-		if err := s.precheck(req); err != nil {
-			s.finish(l, req, opName(req), err)
-			return
-		}
-		var err error
-		switch x := req.GetOp().(type) {
-		case *imqpb.NodeRequest_Join:
-			res.seed, err = s.co.join(l.ctx, rt, req, x.Join)
-		case *imqpb.NodeRequest_Publish:
-			res.payload, res.rewritten, err = s.co.publish(l.ctx, rt, req, x.Publish)
-		case *imqpb.NodeRequest_SetState:
-			err = s.co.setState(l.ctx, rt, req, x.SetState)
-		}
-		if l.ctx.Err() != nil {
-			return
-		}
-		if err != nil {
-			s.finish(l, req, opName(req), err)
+		var done bool
+		if res, done = s.runCallouts(l, rt, req); done {
 			return
 		}
 	}
 	s.execute(l, req, rt, res)
+}
+
+// runCallouts makes req's call-outs (it needs some: needsCallout) and
+// returns what they decided; done says req is answered (or its link
+// closed) and must not run.
+func (s *Server) runCallouts(l *link, rt *route, req *imqpb.NodeRequest) (res *calloutResult, done bool) {
+	res = &calloutResult{}
+	if err := s.precheck(req); err != nil {
+		s.finish(l, req, opName(req), err)
+		return nil, true
+	}
+	var err error
+	switch x := req.GetOp().(type) {
+	case *imqpb.NodeRequest_Join:
+		res.seed, err = s.co.join(l.ctx, rt, req, x.Join)
+	case *imqpb.NodeRequest_Publish:
+		res.payload, res.rewritten, err = s.co.publish(l.ctx, rt, req, x.Publish)
+	case *imqpb.NodeRequest_SetState:
+		err = s.co.setState(l.ctx, rt, req, x.SetState)
+	}
+	if l.ctx.Err() != nil {
+		return nil, true
+	}
+	if err != nil {
+		s.finish(l, req, opName(req), err)
+		return nil, true
+	}
+	return res, false
 }
 
 // expired reports whether req, whose turn in its chain has come, is past

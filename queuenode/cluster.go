@@ -78,6 +78,9 @@ func (s *Server) checkOwnerLocked(queue string) error {
 	if s.cfg.Member == nil {
 		return nil
 	}
+	if handled, err := s.handoffOwnerLocked(queue); handled {
+		return err
+	}
 	t := s.table.Load()
 	owner, ok := t.Lookup(queue)
 	if !ok {
@@ -97,23 +100,19 @@ func (s *Server) checkOwnerLocked(queue string) error {
 	return nil
 }
 
-// kickIfBehind asks the boss for the table now when a gateway routed by a
-// newer one than this node holds.
-func (s *Server) kickIfBehind(version uint64) {
-	if s.cluster != nil {
-		s.cluster.KickIfBehind(version)
-	}
-}
-
 // applyTable installs next, a newer table from the boss, and closes every
-// queue whose bucket this node does not own in it: until live migration
-// exists, the queue's subscribers rejoin on the new owner. Each gateway with
-// subscribers to a closed queue is sent one QueueClosed for it. It is the
-// cluster runtime's install hook: it runs for each newer table, one at a
-// time; cur is the table it installed last.
+// queue whose bucket this node does not own in it and does not hold for a
+// hand-off: a bucket it is handing off (docs/handoff.md) or has adopted
+// keeps its queues; any other the boss gave away at once (it thought this
+// node dead), and their subscribers rejoin on the new owner in a new
+// epoch. Each gateway with subscribers to a closed queue is sent one
+// QueueClosed for it. Then it starts the hand-offs next marks and retires
+// those next completes. It is the cluster runtime's install hook: it runs
+// for each newer table, one at a time; cur is the table it installed last.
 func (s *Server) applyTable(cur, next *bucket.Table) {
 	// Store first, sweep second: see checkOwnerLocked.
 	s.table.Store(next)
+	s.updateAdopted(next)
 	closed := 0
 	for i := range s.shards {
 		sh := &s.shards[i]
@@ -122,11 +121,16 @@ func (s *Server) applyTable(cur, next *bucket.Table) {
 			if owner, ok := next.Lookup(name); ok && owner.ID == s.cfg.NodeID {
 				continue
 			}
+			if handled, _ := s.handoffOwnerLocked(name); handled {
+				continue // handing it off, or adopted
+			}
 			s.closeQueueLocked(sh, q)
 			closed++
 		}
 		sh.mu.Unlock()
 	}
+	s.retireIfMoved(next)
+	s.ho.kickMoves()
 	s.log.Info("bucket table applied", "version", next.Version(), "from", cur.Version(),
 		"buckets_owned", next.Counts()[s.cfg.NodeID], "buckets", next.Buckets(), "queues_closed", closed)
 }

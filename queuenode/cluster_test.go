@@ -593,7 +593,14 @@ func TestClusterFollowsBoss(t *testing.T) {
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 	req := publishReq("/room/1", "chat")
 	req.TableVersion = 2 // the gateway knows a newer table than the node
-	l.ok(req)
+	// Fencing: the node does not serve by its older table; it asks the boss
+	// and, the table not coming within fenceWait, answers UNAVAILABLE.
+	if r := l.do(req); r.GetCode() != imqpb.Code_UNAVAILABLE {
+		t.Fatalf("publish routed by a newer table the node cannot fetch: %v %s, want UNAVAILABLE", r.GetCode(), r.GetMessage())
+	}
+	if s.hasQueue("/room/1") {
+		t.Fatal("the node served a request routed by a newer table by its older one")
+	}
 	testutil.WaitFor(t, waitFor, "the kicked node to poll again", func() bool { return boss.pollsAfter(1) >= 2 })
 
 	boss.set(v2)

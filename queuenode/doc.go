@@ -58,11 +58,15 @@
 // (internal/member), follows the boss's bucket table (internal/cluster)
 // and serves only the queues whose bucket the table gives it: other requests
 // are answered MOVED with the table's version (also before it has a table:
-// version 0). A gateway that routed by a newer table makes the node fetch
-// it at once. When a new table takes a bucket away, the node closes the
-// bucket's queues and sends each gateway with subscribers one QueueClosed
-// (reason MOVED), so the clients rejoin on the new owner; queues are not
-// migrated yet. The table lives behind an atomic pointer; ownership is
+// version 0). A request routed by a newer table holds its link's reader
+// until the node has fetched that table (at most a second; UNAVAILABLE
+// after), so a node that was paused never serves, closes or answers by a
+// table it should have replaced (fence). When a new table gives a bucket
+// to another node with no move marked (the boss thought this node dead),
+// the node closes the bucket's queues and sends each gateway with
+// subscribers one QueueClosed (reason MOVED), so the clients rejoin on the
+// new owner in a new epoch; a bucket marked moving away, or adopted, keeps
+// its queues. The table lives behind an atomic pointer; ownership is
 // checked under the queue's shard lock, and a table change stores the table
 // before it sweeps the shards, so no request can keep a moved queue alive
 // (see checkOwnerLocked). The node also closes the links of a gateway that
@@ -77,6 +81,22 @@
 // installs them all or none, within the memory budget. RestoreQueue checks
 // a snapshot whole, since it comes from another node.
 //
+// handoff_out.go runs the hand-offs the table marks from this node, one at
+// a time: dial the target (a node link, role node), freeze the bucket
+// (intercept and checkOwnerLocked hold its requests in arrival order,
+// bounded), export it (every shard lock taken once: nothing that passed
+// the owner check before the freeze is still running, nothing recreates
+// a queue after), send BucketMoving on every gateway link, stream the
+// snapshots in frames of at most 1 MiB and wait for the ack; then forward
+// the held and later requests (origin_gateway set, replies relayed with
+// served_by) and report to the boss, until a table gives the bucket away
+// and a grace has passed. A failed hand-off puts the queues back (same
+// epoch), ends the marked gateways' subscriptions with QueueClosed(MOVED)
+// and runs the held requests here. handoff_in.go is the target: staging
+// within the memory budget, importQueues, the adopted mark, the forwarded
+// requests, and the per-gateway holds of events until BucketAdopted.
+// handoff_state.go is the state both share.
+//
 // queuenode imports internal/ and proto/ only; it never imports gateway/ or
-// boss/.
+// boss/ (its tests run a real boss).
 package queuenode

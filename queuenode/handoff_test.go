@@ -298,6 +298,8 @@ func TestHandoffImportLinkClosedMeanwhile(t *testing.T) {
 		t.Fatal(err)
 	}
 	lb := dialLink(t, b.LinkAddr(), "gw-1")
+	// The handshake ends before the node lists the link.
+	testutil.WaitFor(t, waitFor, "b to list gw-1's link", func() bool { return b.linkCount() == 1 })
 	im, err := b.prepareImport(overWire(t, snaps))
 	if err != nil {
 		t.Fatal(err)

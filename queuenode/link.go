@@ -44,7 +44,7 @@ type link struct {
 // lets LinkBuffer bytes pile up has its link closed (imqlink.OverflowClose).
 func (s *Server) linkConfig() imqlink.Config {
 	return imqlink.Config{
-		Role: imqlink.RoleNode, ID: s.cfg.NodeID, PeerRoles: []imqpb.LinkRole{imqlink.RoleGateway},
+		Role: imqlink.RoleNode, ID: s.cfg.NodeID, PeerRoles: []imqpb.LinkRole{imqlink.RoleGateway, imqlink.RoleNode},
 		Keys: s.cfg.ClusterKeys, HandshakeTimeout: s.cfg.LinkHandshakeTimeout, Timeout: s.cfg.LinkTimeout,
 		SendBuffer: s.cfg.LinkBuffer, Overflow: imqlink.OverflowClose, WriteTimeout: writeTimeout,
 		TableVersion: func() uint64 { return s.currentTable().Version() },
@@ -64,6 +64,10 @@ func (s *Server) serveLink(nc net.Conn) {
 		return
 	}
 
+	if conn.Peer().Role == imqlink.RoleNode {
+		s.serveNodeLink(conn, log) // a hand-off: handoff_in.go
+		return
+	}
 	l := &link{s: s, conn: conn, gateway: conn.Peer().ID}
 	l.ctx, l.cancel = context.WithCancel(s.ctx)
 	s.mu.Lock()
@@ -134,8 +138,10 @@ func (l *link) readLoop() error {
 			l.s.handle(l, x.Request)
 		case *imqpb.LinkUp_Ping:
 			l.conn.SendAlways(encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Pong{Pong: &imqpb.Pong{TimeMs: time.Now().UnixMilli()}}}))
+		case *imqpb.LinkUp_BucketAdopted:
+			l.s.releaseHold(l, x.BucketAdopted)
 		default:
-			return errors.New("link frame is neither a request nor a ping")
+			return errors.New("link frame is not a request, a ping or a bucket adopted")
 		}
 	}
 }
@@ -168,6 +174,12 @@ func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
 	if set != nil {
 		set(r)
 	}
+	l.replyWith(r)
+}
+
+// replyWith sends reply r as reply does.
+func (l *link) replyWith(r *imqpb.NodeReply) {
+	id := r.GetId()
 	frame := encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
 	if !errors.Is(l.conn.TrySend(frame), imqlink.ErrOverflow) {
 		return

@@ -39,6 +39,19 @@ type metrics struct {
 	movedReplies     prometheus.Counter
 	queuesMoved      prometheus.Counter
 	deadGatewayLinks prometheus.Counter
+
+	// Hand-off (handoff_*.go).
+	handoffQueues  *prometheus.CounterVec // by direction: out, in
+	handoffBytes   *prometheus.CounterVec // by direction
+	handoffSeconds prometheus.Histogram
+	handoffsFailed *prometheus.CounterVec // by reason
+	heldRequests   prometheus.Gauge
+	heldBytes      prometheus.Gauge
+	heldRefused    prometheus.Counter
+	forwarded      prometheus.Counter
+	holdBytes      prometheus.Gauge
+	holdOverflows  *prometheus.CounterVec // by reason: bytes, time
+	fenced         prometheus.Counter
 }
 
 func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
@@ -116,6 +129,59 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	for _, r := range imqlink.Reasons {
 		m.linkHandshakeFailures.WithLabelValues(string(r))
 	}
+	m.handoffQueues = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imq_queuenode_handoff_queues_total", Help: "Queues streamed in bucket hand-offs that completed, by direction: out (handed off), in (adopted).",
+	}, []string{"direction"})
+	m.handoffBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imq_queuenode_handoff_bytes_total", Help: "Bytes of queue snapshots in bucket hand-offs that completed, by direction: out, in.",
+	}, []string{"direction"})
+	m.handoffSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "imq_queuenode_handoff_seconds", Help: "Duration of completed outgoing bucket hand-offs, from the freeze to the new owner's ack.",
+		Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
+	})
+	m.handoffsFailed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imq_queuenode_handoffs_failed_total", Help: "Outgoing bucket hand-offs that failed (the node kept the bucket), by reason: dial, stream (the link broke), timeout (no ack in time), refused (by the new owner).",
+	}, []string{"reason"})
+	m.heldRequests = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imq_queuenode_handoff_held_requests", Help: "Requests for buckets being handed off, held or waiting to be forwarded.",
+	})
+	m.heldBytes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imq_queuenode_handoff_held_bytes", Help: "Bytes of imq_queuenode_handoff_held_requests.",
+	})
+	m.heldRefused = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "imq_queuenode_handoff_held_refused_total", Help: "Requests answered UNAVAILABLE because their bucket's held requests were at their bound.",
+	})
+	m.forwarded = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "imq_queuenode_handoff_forwarded_total", Help: "Requests forwarded to the new owner of a bucket this node handed off.",
+	})
+	m.holdBytes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imq_queuenode_adopt_held_event_bytes", Help: "Bytes of events of adopted buckets held for gateways that have not confirmed the hand-off.",
+	})
+	m.holdOverflows = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imq_queuenode_adopt_hold_overflows_total", Help: "Gateways whose subscriptions to an adopted bucket were ended (QueueClosed MOVED) because they did not confirm the hand-off within the hold's bound, by reason: bytes, time.",
+	}, []string{"reason"})
+	m.fenced = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "imq_queuenode_fenced_total", Help: "Requests answered UNAVAILABLE because they were routed by a newer bucket table than the node could fetch in time.",
+	})
+	for _, d := range []string{"out", "in"} {
+		m.handoffQueues.WithLabelValues(d)
+		m.handoffBytes.WithLabelValues(d)
+	}
+	for _, r := range []string{failDial, failStream, failTimeout, failRefused} {
+		m.handoffsFailed.WithLabelValues(r)
+	}
+	for _, r := range []string{"bytes", "time"} {
+		m.holdOverflows.WithLabelValues(r)
+	}
+	reg.MustRegister(m.handoffQueues, m.handoffBytes, m.handoffSeconds, m.handoffsFailed, m.heldRequests, m.heldBytes,
+		m.heldRefused, m.forwarded, m.holdBytes, m.holdOverflows, m.fenced,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_handoff_buckets_out", Help: "Buckets this node is handing off (frozen, or forwarding to their new owner).",
+		}, func() float64 { out, _ := s.ho.counts(); return float64(out) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_handoff_buckets_in", Help: "Buckets this node adopted that its table does not give it yet, or is receiving.",
+		}, func() float64 { _, in := s.ho.counts(); return float64(in) }),
+	)
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
 		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds, m.chainedRefused,
 		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.evictionsFutile, m.refused, m.seedsSkipped,

@@ -66,6 +66,8 @@ type Server struct {
 
 	co *callouts // nil: no call-outs configured
 
+	ho *handoffs // live bucket hand-off: handoff_*.go
+
 	epochMu   sync.Mutex
 	lastEpoch uint64 // Guarded by epochMu.
 
@@ -114,6 +116,7 @@ func New(cfg Config) (*Server, error) {
 		s.shards[i].queues = make(map[string]*Queue)
 	}
 	s.table.Store(bucket.Empty())
+	s.ho = newHandoffs()
 	if cfg.MaxQueueCreates > 0 {
 		s.creates = newCreateLimiter(cfg.MaxQueueCreates, limiterShardUsers)
 	}
@@ -188,6 +191,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	if s.cluster != nil {
 		s.goLocked(func() { s.cluster.Run(s.ctx) }) // ends with the server
+		s.goLocked(s.handoffLoop)                   // ends with the server
 	}
 	if s.internal != nil {
 		s.goLocked(func() { // ends at Shutdown
@@ -322,11 +326,18 @@ type Varz struct {
 	MaxBytes int64 `json:"max_bytes"`
 	// Insecure: no cluster key, so links are not authenticated.
 	Insecure bool `json:"insecure"`
+	// BucketsMovingOut are the buckets this node is handing off (frozen,
+	// or forwarding to their new owner); BucketsMovingIn those it adopted
+	// and its table does not give it yet, or is receiving.
+	BucketsMovingOut int `json:"buckets_moving_out"`
+	BucketsMovingIn  int `json:"buckets_moving_in"`
 }
 
 func (s *Server) varz() any {
 	t := s.currentTable()
+	out, in := s.ho.counts()
 	return Varz{
+		BucketsMovingOut: out, BucketsMovingIn: in,
 		NodeID: s.cfg.NodeID, LinkAddr: s.LinkAddr(), Queues: s.queueCount.Load(), Links: s.linkCount(),
 		TableVersion: t.Version(), BucketsOwned: t.Counts()[s.cfg.NodeID],
 		Bytes: s.nodeBytes.Load(), MaxBytes: s.cfg.MaxNodeBytes, Insecure: len(s.cfg.ClusterKeys) == 0,
@@ -405,7 +416,12 @@ func (s *Server) nextEpoch() uint64 {
 // under the queue's lock, so that a joiner's reply precedes the events after
 // it; finish answers errors.
 func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
-	s.kickIfBehind(req.GetTableVersion())
+	if err := s.fence(req.GetTableVersion()); err != nil {
+		if _, leave := req.GetOp().(*imqpb.NodeRequest_Leave); !leave {
+			s.finish(l, req, opName(req), err)
+			return
+		}
+	}
 	var rt *route
 	if s.co != nil && !req.GetBackend() {
 		if rt = s.co.match(requestQueue(req)); rt != nil && l.enqueue(rt, req) {
@@ -417,8 +433,17 @@ func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
 
 // execute runs req: rt is its queue's call-out route (nil: none, or a
 // backend request) and res what its call-outs decided when it ran in a
-// chain (nil: it runs on the reader).
+// chain (nil: it runs on the reader). A request for a bucket being handed
+// off is held or forwarded instead (intercept).
 func (s *Server) execute(l *link, req *imqpb.NodeRequest, rt *route, res *calloutResult) {
+	if s.intercept(l, req, res) {
+		return
+	}
+	s.dispatch(l, req, rt, res)
+}
+
+// dispatch runs req here, whatever the hand-offs.
+func (s *Server) dispatch(l *link, req *imqpb.NodeRequest, rt *route, res *calloutResult) {
 	var op string
 	var err error
 	switch x := req.GetOp().(type) {
@@ -470,6 +495,15 @@ func (s *Server) finish(l *link, req *imqpb.NodeRequest, op string, err error) {
 		s.m.requests.WithLabelValues(op).Inc()
 	}
 	if err == nil {
+		return
+	}
+	var ho *handingOffError
+	if errors.As(err, &ho) {
+		// The bucket froze while req ran: it waits with the others (or,
+		// should the hand-off be over already, runs again).
+		if !s.divert(l, req, nil) {
+			s.execute(l, req, nil, nil)
+		}
 		return
 	}
 	e := imqerr.From(err)
@@ -633,6 +667,9 @@ func (s *Server) leave(l *link, req *imqpb.NodeRequest, lv *imqpb.Leave, rt *rou
 	sh := s.shardFor(lv.GetQueue())
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	if _, err := s.handoffOwnerLocked(lv.GetQueue()); err != nil {
+		return err // the bucket froze: see finish
+	}
 	q, _, _ := s.queueLocked(sh, lv.GetQueue(), false, "")
 	if q == nil || !q.Leave(req.GetSession(), s.cfg.Now()) {
 		return imqerr.New(imqpb.Code_NOT_JOINED, "not joined to %s", lv.GetQueue())
@@ -781,7 +818,7 @@ func (s *Server) deliverLocked(q *Queue, mount string, msg *imqpb.ServerMessage)
 		s.mu.RLock()
 		l := s.links[gw]
 		s.mu.RUnlock()
-		if l != nil && l.send(frame) {
+		if l != nil && s.deliver(l, q.Name(), frame) {
 			s.m.deliveries.Inc()
 		}
 	})
