@@ -61,13 +61,15 @@ type Config struct {
 	// MoveTimeout is how long a marked move may take before the boss gives
 	// it up (removes the mark; it is tried again later). Default 60 s.
 	MoveTimeout time.Duration
-	// ClusterKeys verify the signature of hand-off reports
-	// (internal/clusterauth): any of them is accepted, so a key can be
-	// rotated. Empty: the boss runs insecure and accepts unsigned reports.
+	// ClusterKeys verify the signature of hand-off reports and of members'
+	// drain and undrain requests (internal/clusterauth): any of them is
+	// accepted, so a key can be rotated. Empty: the boss runs insecure,
+	// accepts unsigned reports and drains only with an operator key.
 	ClusterKeys [][]byte
 	// OperatorKeys are the bearer tokens of the operators' actions (POST
 	// /v1/nodes/{id}/drain and undrain), compared in constant time. Empty:
-	// those actions answer 403; every GET stays open and read-only.
+	// those actions answer 403 unless signed with a cluster key (a member's,
+	// see ClusterKeys); every GET stays open and read-only.
 	OperatorKeys [][]byte
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
