@@ -51,9 +51,8 @@ type Config struct {
 	// Handoff turns on two-phase moves (docs/handoff.md): a bucket whose
 	// owner is alive is marked moving in the published table, and changes
 	// owner only when the owner reports the hand-off (POST /v1/handoff).
-	// Default false: buckets move at once, their queues starting afresh on
-	// the new owner, because queue nodes do not report hand-offs yet and
-	// marked moves would never complete.
+	// Default false in a Config (imq boss and imq dev turn it on): buckets
+	// move at once, their queues starting afresh on the new owner.
 	Handoff bool
 	// MaxMoves bounds how many buckets are marked moving at once,
 	// cluster-wide, so hand-off traffic is bounded (with Handoff). Default 8.
@@ -61,13 +60,15 @@ type Config struct {
 	// MoveTimeout is how long a marked move may take before the boss gives
 	// it up (removes the mark; it is tried again later). Default 60 s.
 	MoveTimeout time.Duration
-	// ClusterKeys verify the signature of hand-off reports
-	// (internal/clusterauth): any of them is accepted, so a key can be
-	// rotated. Empty: the boss runs insecure and accepts unsigned reports.
+	// ClusterKeys verify the signature of hand-off reports and of members'
+	// drain and undrain requests (internal/clusterauth): any of them is
+	// accepted, so a key can be rotated. Empty: the boss runs insecure,
+	// accepts unsigned reports and drains only with an operator key.
 	ClusterKeys [][]byte
 	// OperatorKeys are the bearer tokens of the operators' actions (POST
 	// /v1/nodes/{id}/drain and undrain), compared in constant time. Empty:
-	// those actions answer 403; every GET stays open and read-only.
+	// those actions answer 403 unless signed with a cluster key (a member's,
+	// see ClusterKeys); every GET stays open and read-only.
 	OperatorKeys [][]byte
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger

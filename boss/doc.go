@@ -53,7 +53,10 @@
 // Actions reach the reconcile goroutine as ops through one bounded channel:
 // POST /v1/handoff (signed with the cluster key, internal/clusterauth; a
 // boss without ClusterKeys is insecure and takes unsigned reports) and the
-// operators' POST /v1/nodes/{id}/drain and undrain (Config.OperatorKeys).
+// operators' POST /v1/nodes/{id}/drain and undrain (Config.OperatorKeys,
+// or signed with the cluster key by a member: a queue node drains itself
+// at SIGTERM and undrains itself when it starts again; members are trusted,
+// see drainAuthorized).
 // Ops arriving within a few milliseconds of each other are applied in one
 // reconcile, so close reports share one published table; each is answered
 // after the table and draining set are persisted and published.

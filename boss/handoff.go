@@ -95,10 +95,14 @@ type DrainView struct {
 	TableVersion uint64 `json:"table_version"`
 	// Buckets, MovingOut and MovingIn are the node's in the published
 	// table after the action.
-	Buckets   int    `json:"buckets"`
-	MovingOut int    `json:"moving_out"`
-	MovingIn  int    `json:"moving_in"`
-	Message   string `json:"message"`
+	Buckets   int `json:"buckets"`
+	MovingOut int `json:"moving_out"`
+	MovingIn  int `json:"moving_in"`
+	// NoTarget (drain only) says no other live queue node can take the
+	// node's buckets (every live one drains): they stay until one joins. A
+	// queue node draining itself at SIGTERM stops waiting then.
+	NoTarget bool   `json:"no_target,omitempty"`
+	Message  string `json:"message"`
 }
 
 // serveHandoff answers POST /v1/handoff.
@@ -132,10 +136,17 @@ func (b *Boss) serveHandoff(w http.ResponseWriter, r *http.Request) {
 	b.do(w, r, op{kind: opReport, report: rep})
 }
 
-// serveDrain answers POST /v1/nodes/{id}/drain and /undrain.
+// serveDrain answers POST /v1/nodes/{id}/drain and /undrain, from an
+// operator (the operator key) or a cluster member (signed with the cluster
+// key, see drainAuthorized).
 func (b *Boss) serveDrain(kind opKind) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if !b.operator(w, r) {
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxActionBody))
+		if err != nil {
+			httpError(w, http.StatusRequestEntityTooLarge, imqpb.Code_PAYLOAD_TOO_LARGE, fmt.Sprintf("a drain request is at most %d bytes", maxActionBody))
+			return
+		}
+		if !b.drainAuthorized(w, r, body) {
 			return
 		}
 		id := r.PathValue("id")
@@ -145,6 +156,38 @@ func (b *Boss) serveDrain(kind opKind) http.HandlerFunc {
 		}
 		b.do(w, r, op{kind: kind, node: id})
 	}
+}
+
+// drainAuthorized reports whether r may drain or undrain a node, answering
+// it when not. A request signed with the cluster key (clusterauth.Header)
+// comes from a cluster member: a queue node asking to be drained at SIGTERM,
+// or undrained when it starts again. The signature proves that the sender
+// holds the cluster key, not which member it is, so any member may drain
+// any node: cluster members are trusted (one holding the key can already
+// join as a queue node and take buckets); the signature covers the path,
+// so it names the node and cannot be replayed for another. Everyone else
+// needs the operator key. A boss without a cluster key (insecure) takes no
+// signed request: there, only the operator key drains.
+func (b *Boss) drainAuthorized(w http.ResponseWriter, r *http.Request, body []byte) bool {
+	if r.Header.Get(clusterauth.Header) == "" {
+		return b.operator(w, r)
+	}
+	if b.reportAuth == nil {
+		httpError(w, http.StatusForbidden, imqpb.Code_FORBIDDEN,
+			"this boss has no cluster key (insecure): it cannot check a member's signature; drain with the operator key (Authorization: Bearer <key>)")
+		return false
+	}
+	if err := b.reportAuth.Verify(r, body, time.Now()); err != nil {
+		status := http.StatusUnauthorized
+		if errors.Is(err, clusterauth.ErrBusy) {
+			status = http.StatusServiceUnavailable
+		}
+		b.log.Warn("signed drain request refused", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+		httpError(w, status, imqpb.Code_UNAUTHORIZED, err.Error())
+		return false
+	}
+	b.log.Info("drain request from a cluster member", "path", r.URL.Path, "remote", r.RemoteAddr)
+	return true
 }
 
 // operator reports whether r carries an operator key, answering 403 (no key
@@ -270,6 +313,7 @@ func (b *Boss) answerDrains(ops []op, results map[int]bool, t *bucket.Table, liv
 		case o.kind == opUndrain:
 			v.Message = fmt.Sprintf("%s is back in the layout: buckets return to it as the table rebalances", o.node)
 		case live == 0:
+			v.NoTarget = true
 			v.Message = fmt.Sprintf("%s is draining, but no other live queue node can take its %d buckets: they stay until one joins", o.node, v.Buckets)
 		case v.Buckets == 0 && v.MovingIn == 0:
 			v.Message = fmt.Sprintf("%s is draining and holds no buckets: it can be stopped", o.node)

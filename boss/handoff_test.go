@@ -312,3 +312,99 @@ func TestDrainWithoutHandoff(t *testing.T) {
 		t.Fatalf("after the drain's answer: nodes %v moving %v", ids(tb), tb.Moving())
 	}
 }
+
+// memberAction is a drain or undrain of node signed with key at `at`, as a
+// cluster member sends it (no operator key).
+func memberAction(t *testing.T, b *Boss, verb, node string, key []byte, at time.Time) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+b.Addr()+"/v1/nodes/"+node+"/"+verb, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := clusterauth.Sign(req, nil, key, at); err != nil {
+		t.Fatal(err)
+	}
+	return req
+}
+
+// TestDrainSignedByMember: a member holding the cluster key drains and
+// undrains a node without the operator key; an unsigned request, a wrong
+// key, a stale or replayed signature, or a signature for another node are
+// refused; an insecure boss takes no signed request.
+func TestDrainSignedByMember(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	cfg.ClusterKeys = [][]byte{[]byte("old-key"), testClusterKey} // either verifies
+	cfg.OperatorKeys = [][]byte{[]byte(testOperatorKey)}
+	b, _ := startBoss(t, cfg)
+	startNode(t, b, "qn-1")
+	startNode(t, b, "qn-2")
+	waitNodes(t, b, "qn-1", "qn-2")
+
+	signedForOther := memberAction(t, b, "drain", "qn-1", testClusterKey, time.Now())
+	signedForOther.URL.Path = "/v1/nodes/qn-2/drain"
+	for name, req := range map[string]*http.Request{
+		"unsigned":         memberAction(t, b, "drain", "qn-2", testClusterKey, time.Now()),
+		"other key":        memberAction(t, b, "drain", "qn-2", []byte("not the cluster key"), time.Now()),
+		"stale":            memberAction(t, b, "drain", "qn-2", testClusterKey, time.Now().Add(-time.Hour)),
+		"signed for qn-1":  signedForOther,
+		"operator key bad": memberAction(t, b, "drain", "qn-2", []byte("x"), time.Now()),
+	} {
+		switch name {
+		case "unsigned":
+			req.Header.Del(clusterauth.Header)
+		case "operator key bad":
+			req.Header.Del(clusterauth.Header)
+			req.Header.Set("Authorization", "Bearer wrong")
+		}
+		if code, body := do(t, req); code != http.StatusUnauthorized {
+			t.Errorf("%s drain: %d %s", name, code, body)
+		}
+	}
+	if d := b.Draining(); len(d) != 0 {
+		t.Fatalf("refused requests drained %v", d)
+	}
+
+	req := memberAction(t, b, "drain", "qn-2", testClusterKey, time.Now())
+	replay := req.Clone(req.Context())
+	code, body := do(t, req)
+	var dv DrainView
+	if code != http.StatusOK || json.Unmarshal([]byte(body), &dv) != nil || !dv.Draining || !dv.Changed || dv.NoTarget {
+		t.Fatalf("signed drain: %d %s", code, body)
+	}
+	if tb := b.Table(); !slices.Equal(ids(tb), []string{"qn-1"}) || !slices.Equal(b.Draining(), []string{"qn-2"}) {
+		t.Fatalf("after a signed drain: nodes %v draining %v", ids(tb), b.Draining())
+	}
+	if code, body := do(t, replay); code != http.StatusUnauthorized || !strings.Contains(body, "replayed") {
+		t.Fatalf("replayed signed drain: %d %s", code, body)
+	}
+	// Draining the last node left in the layout: nowhere to go.
+	code, body = do(t, memberAction(t, b, "drain", "qn-1", []byte("old-key"), time.Now()))
+	if code != http.StatusOK || json.Unmarshal([]byte(body), &dv) != nil || !dv.NoTarget || dv.Buckets == 0 {
+		t.Fatalf("drain of the last node: %d %s", code, body)
+	}
+	for _, n := range []string{"qn-1", "qn-2"} {
+		if code, body := do(t, memberAction(t, b, "undrain", n, testClusterKey, time.Now())); code != http.StatusOK {
+			t.Fatalf("signed undrain of %s: %d %s", n, code, body)
+		}
+	}
+	if d := b.Draining(); len(d) != 0 {
+		t.Fatalf("after signed undrains: draining %v", d)
+	}
+	waitNodes(t, b, "qn-1", "qn-2")
+}
+
+// TestDrainSignedInsecureBoss: a boss without a cluster key cannot check a
+// signature, so a signed request without the operator key is refused.
+func TestDrainSignedInsecureBoss(t *testing.T) {
+	cfg := testConfig(t, t.TempDir())
+	cfg.OperatorKeys = [][]byte{[]byte(testOperatorKey)}
+	b, _ := startBoss(t, cfg)
+	startNode(t, b, "qn-1")
+	waitNodes(t, b, "qn-1")
+	if code, body := do(t, memberAction(t, b, "drain", "qn-1", testClusterKey, time.Now())); code != http.StatusForbidden || !strings.Contains(body, "operator key") {
+		t.Fatalf("signed drain to an insecure boss: %d %s", code, body)
+	}
+	if d := b.Draining(); len(d) != 0 {
+		t.Fatalf("drained %v", d)
+	}
+}

@@ -360,7 +360,9 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 	if err := os.WriteFile(keyFile, []byte(apiKey+" methods=queue_info\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret, "IMQ_GOSSIP_KEY=" + strings.TrimPrefix(launchtest.ClusterKeyEnv, "IMQ_CLUSTER_KEY="), "IMQ_INSECURE=true"},
+	const operatorKey = "operator-key-for-e2e-0123456789"
+	c := startImqCluster(t, []string{"IMQ_JWT_SECRET=" + e2eSecret, "IMQ_GOSSIP_KEY=" + strings.TrimPrefix(launchtest.ClusterKeyEnv, "IMQ_CLUSTER_KEY="), "IMQ_INSECURE=true",
+		"IMQ_OPERATOR_KEY=" + operatorKey},
 		"--queuenodes", "1", "--gateways", "1", "--api-key-file", keyFile, "--allowed-origins", "https://game.example.com")
 	pids := c.childPIDs()
 	for name, pid := range pids {
@@ -377,6 +379,10 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 				t.Errorf("%s inherited %s", name, kv)
 			}
 		}
+		// The operator key is the boss's alone.
+		if has := slices.Contains(env, "IMQ_OPERATOR_KEY="+operatorKey); has != (name == "boss") {
+			t.Errorf("%s has the operator key in its environment: %v", name, has)
+		}
 	}
 	pids["imq cluster"] = c.cmd.Process.Pid
 	for name, pid := range pids {
@@ -385,7 +391,7 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 			t.Fatal(err)
 		}
 		cmdline := strings.ReplaceAll(string(b), "\x00", " ")
-		for _, secret := range []string{e2eSecret, apiKey, "--jwt-secret ", "--api-key ", "--cluster-key ", "--gossip-key "} {
+		for _, secret := range []string{e2eSecret, apiKey, operatorKey, "--jwt-secret ", "--api-key ", "--cluster-key ", "--gossip-key ", "--operator-key "} {
 			if strings.Contains(cmdline, secret) {
 				t.Errorf("%s's command line holds %q: %s", name, secret, cmdline)
 			}
@@ -420,7 +426,51 @@ func TestImqClusterKeepsSecretsOffCommandLines(t *testing.T) {
 		t.Fatalf("queue_info with the API key from the file: %d %+v", st, info)
 	}
 	cl.Close()
+	// imq undrain with the operator key from the environment works
+	// against it: the boss got the key.
+	undrain := exec.Command(launchtest.Binary(t), "undrain", "qn-1", "--boss", strings.TrimSuffix(c.addrs["boss"], "/v1/nodes"))
+	undrain.Env = append(undrain.Environ(), "IMQ_OPERATOR_KEY="+operatorKey)
+	if out, err := undrain.CombinedOutput(); err != nil || !strings.Contains(string(out), "qn-1 was not draining") {
+		t.Fatalf("imq undrain with the operator key: %v\n%s", err, out)
+	}
 	c.interrupt()
+}
+
+// TestImqDevOperatorKey: imq dev makes an operator key per run and prints
+// it, and imq drain works against it with that key.
+func TestImqDevOperatorKey(t *testing.T) {
+	cmd := exec.Command(launchtest.Binary(t), "dev", "--addr", "127.0.0.1:0", "--internal-addr", "127.0.0.1:0", "--boss-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
+	cmd.Env = slices.DeleteFunc(cmd.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "IMQ_OPERATOR_KEY") })
+	var out testutil.SyncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	testutil.WaitFor(t, 30*time.Second, "imq dev to be ready", func() bool { return strings.Contains(out.String(), "Press Ctrl-C to stop.") })
+	var key, bossURL string
+	for l := range strings.Lines(out.String()) {
+		// "  Operator:   IMQ_OPERATOR_KEY=KEY imq drain dev-node --boss URL"
+		if f := strings.Fields(l); len(f) == 7 && f[0] == "Operator:" {
+			key, bossURL = strings.TrimPrefix(f[1], "IMQ_OPERATOR_KEY="), f[6]
+		}
+	}
+	if key == "" || bossURL == "" {
+		t.Fatalf("imq dev printed no operator key:\n%s", out.String())
+	}
+	for _, k := range []string{"wrong", key} {
+		drain := exec.Command(launchtest.Binary(t), "drain", "dev-node", "--boss", bossURL)
+		drain.Env = append(cmd.Env, "IMQ_OPERATOR_KEY="+k)
+		res, err := drain.CombinedOutput()
+		switch {
+		case k == key && (err != nil || !strings.Contains(string(res), "no other live queue node")):
+			t.Fatalf("imq drain with the printed key: %v\n%s", err, res)
+		case k != key && (err == nil || !strings.Contains(string(res), "wrong operator key")):
+			t.Fatalf("imq drain with a wrong key: %v\n%s", err, res)
+		}
+	}
 }
 
 // TestImqDevCtrlCIsQuiet: imq dev exits 0 on Ctrl-C without an ERROR line

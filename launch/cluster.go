@@ -49,6 +49,10 @@ type ClusterConfig struct {
 	// (--cluster-key, given in their environment, IMQ_CLUSTER_KEY).
 	// Default: a new random key per cluster (NewClusterKey).
 	ClusterKeys [][]byte
+	// OperatorKey, if set, is the boss's operator key (imq drain), given
+	// in its environment (IMQ_OPERATOR_KEY); no other process sees it.
+	// Empty: the boss takes no operator actions.
+	OperatorKey string
 }
 
 // Cluster is a running local cluster.
@@ -103,6 +107,9 @@ func (c *Cluster) start(ctx context.Context) error {
 	any0 := c.cfg.Host + ":0"
 	c.Boss = c.process("boss", "boss", append([]string{"boss", "--id", "boss", "--addr", any0, "--gossip-addr", any0,
 		"--data-dir", filepath.Join(c.cfg.Dir, "boss")}, c.cfg.BossArgs...))
+	if c.cfg.OperatorKey != "" {
+		c.Boss.env = append(c.Boss.env, "IMQ_OPERATOR_KEY="+c.cfg.OperatorKey)
+	}
 	if err := c.startProcess(ctx, c.Boss); err != nil {
 		return err
 	}
@@ -167,6 +174,12 @@ func NewClusterKey() []byte {
 	return k
 }
 
+// NewOperatorKey returns a new random operator key (32 bytes, base64url),
+// for a cluster that lives as long as one run (imq dev, imq cluster).
+func NewOperatorKey() string {
+	return base64.RawURLEncoding.EncodeToString(NewClusterKey())
+}
+
 // encodeKeys is keys as --cluster-key reads them: base64, comma-separated.
 func encodeKeys(keys [][]byte) string {
 	enc := make([]string, len(keys))
@@ -185,7 +198,8 @@ func (c *Cluster) process(name, role string, args []string) *Process {
 		env:       []string{"IMQ_CLUSTER_KEY=" + encodeKeys(c.cfg.ClusterKeys)},
 		// The cluster's key is the one: an inherited key under the old name,
 		// or --insecure, would contradict it and the process refuse to start.
-		unset: []string{"IMQ_GOSSIP_KEY", "IMQ_INSECURE"},
+		// The operator key goes to the boss alone (OperatorKey).
+		unset: []string{"IMQ_GOSSIP_KEY", "IMQ_INSECURE", "IMQ_OPERATOR_KEY"},
 		out:   c.cfg.Output, outMu: &c.outMu,
 	}
 	return p
@@ -302,7 +316,10 @@ func (c *Cluster) URLs() []string {
 func (c *Cluster) Dir() string { return c.cfg.Dir }
 
 // Stop stops the gateways (clients are told to reconnect), then the queue
-// nodes, then the boss, each with SIGTERM and, after timeout, SIGKILL.
+// nodes, then the boss, each with a signal and, after timeout, SIGKILL.
+// The queue nodes get SIGINT, which stops them without a drain: the whole
+// cluster is stopping, so there is nowhere to move their buckets (SIGTERM,
+// as Process.Stop of one node sends it, drains it first).
 func (c *Cluster) Stop(timeout time.Duration) {
 	for _, group := range [][]*Process{c.Gateways, c.Nodes, {c.Boss}} {
 		var wg sync.WaitGroup
@@ -310,10 +327,14 @@ func (c *Cluster) Stop(timeout time.Duration) {
 			if p == nil || !p.started() {
 				continue
 			}
+			sig := syscall.SIGTERM
+			if p.Role == "queuenode" {
+				sig = syscall.SIGINT
+			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				p.Stop(syscall.SIGTERM, timeout)
+				p.Stop(sig, timeout)
 			}()
 		}
 		wg.Wait()

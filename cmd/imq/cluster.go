@@ -32,6 +32,7 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	fs.StringVar(&cfg.JWTSecret, "jwt-secret", "", "HS256 secret for the gateways (not given: development mode, ?user= accepted)")
 	fs.Var(&apiKeys, "api-key", `the gateways' admin RPC key: "SECRET[ methods=...][ prefixes=...]", repeatable (as imq gateway --api-key); `+apiKeysListHelp)
 	fs.Var(&origins, "allowed-origins", "the gateways' --allowed-origins: Origin values allowed on /ws, comma-separated or repeated; * allows any")
+	fs.StringVar(&cfg.OperatorKey, "operator-key", "", "the boss's operator key, for imq drain (not given: one is made for the run and printed)")
 	fs.StringVar(&cfg.Host, "host", "127.0.0.1", "address every process listens on")
 	fs.BoolVar(&verbose, "verbose", false, "copy every process's log lines to stderr")
 	var rest []string
@@ -48,7 +49,11 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	}
 	cfg.APIKeys, cfg.AllowedOrigins = specs, origins
 	// Consumed: the processes get them from cfg, not twice by inheritance.
-	for _, v := range []string{"IMQ_JWT_SECRET", "IMQ_JWT_SECRET_FILE", "IMQ_API_KEY", "IMQ_API_KEY_FILE", "IMQ_API_KEYS"} {
+	madeKey := cfg.OperatorKey == ""
+	if madeKey {
+		cfg.OperatorKey = launch.NewOperatorKey()
+	}
+	for _, v := range []string{"IMQ_JWT_SECRET", "IMQ_JWT_SECRET_FILE", "IMQ_API_KEY", "IMQ_API_KEY_FILE", "IMQ_API_KEYS", "IMQ_OPERATOR_KEY", "IMQ_OPERATOR_KEY_FILE"} {
 		os.Unsetenv(v)
 	}
 	cfg.ClusterArgs = rest
@@ -90,6 +95,8 @@ Flags after -- go to every process, e.g. -- --probe-interval 200ms.`)
 	}
 	fmt.Printf("\nTry:      imq sub /room/1 --url %s%s   (and imq pub /room/1 hello --url ... in another terminal)\n", url, token)
 	fmt.Printf("Load:     imq loadtest --url %s%s\n", strings.Join(c.URLs(), ","), secret)
+	fmt.Printf("Drain:    %s imq drain %s --wait --boss http://%s   (kill -TERM a queue node: it drains, then is restarted and undrains)\n",
+		operatorKeyHint(cfg.OperatorKey, madeKey), c.Nodes[0].Name, c.Boss.Addr("http"))
 	fmt.Printf("Logs:     %s (kept when the cluster stops)\n", c.Dir())
 	fmt.Printf("Kill a process to watch failover: it is restarted. Press Ctrl-C to stop.\n")
 	c.Supervise(ctx, launch.SuperviseConfig{Logf: func(format string, args ...any) {

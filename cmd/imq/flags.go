@@ -168,7 +168,7 @@ var secretNames = map[string]secretFlag{
 	"secret":       {wholeFile, "imq loadtest"}, // its token-minting secret
 	"token":        {wholeFile, "imq sub, pub, state"},
 	"api-key":      {linePerValue, ""},
-	"operator-key": {wholeFile, "imq boss, drain, undrain"},
+	"operator-key": {wholeFile, "imq boss, dev, cluster, drain, undrain"},
 }
 
 type secretFlag struct {

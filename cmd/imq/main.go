@@ -303,6 +303,8 @@ listener, --internal-addr, beside its /varz; the queue node's /varz is on a
 free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	gc, nc, bc := gateway.DefaultConfig(), queuenode.DefaultConfig(), boss.DefaultConfig()
 	fs.StringVar(&bc.HTTPAddr, "boss-addr", bc.HTTPAddr, "HTTP listen address of the boss's API (/v1/nodes, /v1/table)")
+	var operatorKey string
+	fs.StringVar(&operatorKey, "operator-key", "", "the boss's operator key, for imq drain (not given: one is made for the run and printed)")
 	var secret string
 	var origins listFlag
 	var lf commonFlags
@@ -336,6 +338,12 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	nc.NodeID = "dev-node"
 	nc.Limits.MaxPayload, nc.LinkTimeout = gc.MaxPayload, gc.LinkTimeout
 	bc.Member.BindAddr = "127.0.0.1:0"
+	bc.Handoff = true // as imq boss
+	madeKey := operatorKey == ""
+	if madeKey {
+		operatorKey = launch.NewOperatorKey()
+	}
+	bc.OperatorKeys = [][]byte{[]byte(operatorKey)}
 	d, err := launch.StartDev(launch.DevConfig{Gateway: gc, QueueNode: nc, Boss: &bc, Logger: log})
 	if err != nil {
 		return err
@@ -351,6 +359,7 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	fmt.Printf("  WebSocket:  %s?user=alice   (subprotocol imq.v1 or imq.v1.json)\n", d.URL())
 	fmt.Printf("  Metrics:    http://%s/metrics   health: /healthz   state: /varz   (internal)\n", d.Gateway.InternalAddr())
 	fmt.Printf("  Boss:       http://%s/v1/nodes   table: /v1/table\n", d.Boss.Addr())
+	fmt.Printf("  Operator:   %s imq drain %s --boss http://%s\n", operatorKeyHint(operatorKey, madeKey), nc.NodeID, d.Boss.Addr())
 	if n := len(gc.APIKeys); n > 0 {
 		fmt.Printf("  Admin RPC:  POST http://%s/rpc/v1/<method>   (%d API key(s))\n", d.Gateway.Addr(), n)
 	} else {
@@ -464,10 +473,15 @@ is standalone and serves every queue.`)
 	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
 	var kf clusterKeyFlags
 	kf.register(fs)
+	drainTimeout := fs.Duration("drain-timeout", defaultDrainTimeout, "on SIGTERM, first ask the boss to drain this node and wait up to this long for its buckets to move away, then stop (0: stop at once; SIGINT, or a second signal, stops at once)")
+	startDrained := fs.Bool("start-drained", false, "keep the boss's drain of this node: do not ask to be undrained at start (by default a node that starts puts itself back in the bucket layout, as after a drain for a restart)")
 	lf.register(fs)
 	lf.registerReady(fs)
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *drainTimeout < 0 {
+		return fmt.Errorf("--drain-timeout must not be negative, got %s", *drainTimeout)
 	}
 	if err := cf.apply(&cfg); err != nil {
 		return err
@@ -505,11 +519,105 @@ is standalone and serves every queue.`)
 	if err != nil {
 		return err
 	}
-	ctx, stop := signalContext()
+	ctx, stop := queueNodeSignals(log, node, nodeStop{
+		drain:   cfg.Member != nil && *drainTimeout > 0,
+		timeout: *drainTimeout,
+		undrain: cfg.Member != nil && !*startDrained,
+		keyless: len(clusterKeys) == 0,
+	})
 	defer stop()
 	ready := launch.Ready{Role: "queuenode", ID: node.NodeID(), Addrs: map[string]string{
 		"link": node.LinkAddr(), "internal": node.InternalAddr(), "gossip": node.GossipAddr()}}
 	return serve(ctx, log, &lf, ready, node.Run, node.Shutdown)
+}
+
+// operatorKeyHint is how a banner shows the operator key: a key made for
+// the run is printed, for imq drain; one the user gave is not repeated.
+func operatorKeyHint(key string, made bool) string {
+	if made {
+		return "IMQ_OPERATOR_KEY=" + key
+	}
+	return "IMQ_OPERATOR_KEY=(yours)"
+}
+
+// defaultDrainTimeout is imq queuenode's --drain-timeout: long enough for
+// a node's buckets to move by hand-off at the boss's default pace.
+const defaultDrainTimeout = 60 * time.Second
+
+// nodeStop is how a queue node starts and stops in a cluster.
+type nodeStop struct {
+	drain   bool          // SIGTERM drains first (a cluster member, --drain-timeout > 0)
+	timeout time.Duration // --drain-timeout
+	undrain bool          // ask to be undrained at start (a cluster member, not --start-drained)
+	keyless bool          // --insecure: the node cannot sign a drain or undrain
+}
+
+// queueNodeSignals returns the context whose end stops the queue node
+// (serve), and what releases its goroutines. At start, when ns.undrain, it
+// asks the boss to undrain the node in the background until the boss
+// answers: a node drained for a restart comes back into the layout. The
+// first SIGTERM cancels that and, when ns.drain, drains the node
+// (queuenode.Server.Drain, within ns.timeout) before ending the context;
+// SIGINT, or a second signal during the drain, ends it at once. Signals
+// after that have their default effect: one more ends the process.
+func queueNodeSignals(log *slog.Logger, node *queuenode.Server, ns nodeStop) (context.Context, func()) {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	base, release := context.WithCancel(context.Background()) // ends at release
+	ctx, cancel := context.WithCancel(base)                   // ends the node
+	if ns.keyless && (ns.drain || ns.undrain) {
+		log.Warn("no cluster key: this node cannot ask the boss to drain it at SIGTERM or undrain it at start; use imq drain and imq undrain with the operator key")
+		ns.drain, ns.undrain = false, false
+	}
+	undrainCtx, stopUndrain := context.WithCancel(base)
+	undrained := make(chan struct{})
+	go func() { // ends when the boss answers, or at the first signal or release
+		defer close(undrained)
+		if !ns.undrain {
+			return
+		}
+		if err := node.Undrain(undrainCtx); err != nil && undrainCtx.Err() == nil {
+			log.Error("could not undrain this node; it may stay out of the bucket layout: run imq undrain", "node", node.NodeID(), "err", err)
+		}
+	}()
+	go func() { // ends at the stop (signal or release)
+		defer cancel()
+		defer signal.Stop(sigs)
+		var sig os.Signal
+		select {
+		case sig = <-sigs:
+		case <-base.Done():
+			stopUndrain()
+			return
+		}
+		// An undrain landing after the drain would undo it.
+		stopUndrain()
+		<-undrained
+		if sig != syscall.SIGTERM || !ns.drain {
+			return
+		}
+		dctx, dcancel := context.WithTimeout(base, ns.timeout)
+		defer dcancel()
+		go func() { // ends with the drain
+			select {
+			case s := <-sigs:
+				log.Warn("second signal: stopping without waiting for the drain", "signal", s.String())
+				dcancel()
+			case <-dctx.Done():
+			}
+		}()
+		log.Info("SIGTERM: draining this node before stopping (a second signal stops at once)", "timeout", ns.timeout)
+		start := time.Now()
+		switch err := node.Drain(dctx); {
+		case err == nil:
+			log.Info("drained; stopping", "elapsed", time.Since(start).Round(time.Millisecond))
+		case errors.Is(err, queuenode.ErrNoDrainTarget):
+			log.Warn("not drained: no other queue node can take the buckets; stopping", "err", err)
+		default:
+			log.Warn("drain not finished; stopping anyway", "err", err, "elapsed", time.Since(start).Round(time.Millisecond))
+		}
+	}()
+	return ctx, release
 }
 
 // serve runs a service until it stops on its own or ctx ends (a signal),
