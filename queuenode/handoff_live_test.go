@@ -41,9 +41,9 @@ func startHandoffBoss(t *testing.T) *boss.Boss {
 	return b
 }
 
-// startBossNode runs a cluster node that has not joined yet: join() joins
+// startJoinableNode runs a cluster node that has not joined yet: join() joins
 // it to the boss's membership.
-func startBossNode(t *testing.T, id string) (s *Server, join func(b *boss.Boss)) {
+func startJoinableNode(t *testing.T, id string) (s *Server, join func(b *boss.Boss)) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.NodeID, cfg.Member = id, testMemberConfig()
@@ -218,13 +218,13 @@ func queueState(s *Server, name string) (epoch, head uint64, ok bool) {
 func TestHandoffLive(t *testing.T) {
 	handoffGrace = 300 * time.Millisecond // not restored: the servers outlive the test function
 	bs := startHandoffBoss(t)
-	a, joinA := startBossNode(t, "a")
+	a, joinA := startJoinableNode(t, "a")
 	joinA(bs)
 	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
 		tb := a.currentTable()
 		return tb.Buckets() > 0 && tb.Counts()["a"] == tb.Buckets()
 	})
-	b, joinB := startBossNode(t, "b")
+	b, joinB := startJoinableNode(t, "b")
 	gw1 := newFakeGateway(t, "gw-1", a, b)
 	gw2 := newFakeGateway(t, "gw-2", a, b)
 	gw2.holdBack = true
@@ -328,7 +328,7 @@ func TestHandoffLive(t *testing.T) {
 func TestHandoffTargetDiesMidStream(t *testing.T) {
 	handoffRetry = time.Minute // not restored: the servers outlive the test function
 	bs := startHandoffBoss(t)
-	a, joinA := startBossNode(t, "a")
+	a, joinA := startJoinableNode(t, "a")
 	joinA(bs)
 	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
 		tb := a.currentTable()
