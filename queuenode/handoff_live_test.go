@@ -281,6 +281,14 @@ func TestHandoffLive(t *testing.T) {
 	if r.GetServedBy() != "b" || r.GetPublished().GetOffset() != 5 {
 		t.Fatalf("publish through a after the hand-off: served by %q offset %d, want b, 5", r.GetServedBy(), r.GetPublished().GetOffset())
 	}
+	// A join sent to a is not forwarded (its reply would race b's events
+	// to the gateway): it is answered MOVED, to be sent to b by the table.
+	jr := gw1.do("a", &imqpb.NodeRequest{User: "u-s9", Session: "s9", Op: &imqpb.NodeRequest_Join{Join: &imqpb.Join{
+		Queue: q, Mounts: []*imqpb.MountSpec{{Name: "chat", Kind: imqpb.MountKind_MESSAGE}},
+	}}})
+	if jr.GetCode() != imqpb.Code_MOVED {
+		t.Fatalf("join through a after the hand-off: %v %s, want MOVED", jr.GetCode(), jr.GetMessage())
+	}
 	// gw-1 confirmed at once: its event comes from b. gw-2 has not: b holds it.
 	testutil.WaitFor(t, waitFor, "gw-1 to get offset 5 from b", func() bool {
 		offs, _ := offsets(t, gw1.seen("b"), q)

@@ -294,8 +294,24 @@ func (s *Server) forward(o *outgoing) {
 
 // forwardOne sends one request to the new owner, as from its gateway, under
 // a new id; the reply is relayed by the peer link's reader.
+//
+// A join is not forwarded: it is answered MOVED, and the gateway sends it
+// again to the new owner once its table routes there. A forwarded join's
+// reply would come back the long way (through this node) while the new
+// owner's events for the new subscriber go straight to the gateway, which
+// would drop those that arrive before the reply: a gap. Publishes, state
+// writes, reads and leaves have no such race.
 func (s *Server) forwardOne(o *outgoing, h heldReq) {
 	if h.l.ctx.Err() != nil {
+		return
+	}
+	if h.req.GetJoin() != nil {
+		t := s.currentTable()
+		s.finish(h.l, h.req, opName(h.req), &movedError{
+			err: imqerr.New(imqpb.Code_MOVED, "queue %s is being handed to node %s; join it there once the table says so (table version %d)",
+				h.req.GetJoin().GetQueue(), o.to.ID, t.Version()),
+			version: t.Version(),
+		})
 		return
 	}
 	s.ho.mu.Lock()
