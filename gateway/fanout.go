@@ -29,6 +29,12 @@ type localSub struct {
 	// the node that served it (served_by), not to the link it went on.
 	node string
 	link *nodeLink
+	// from, on a subscription a hand-off rebound, is the link of the node
+	// that handed the queue off. Should that hand-off fail after its mark,
+	// the old owner keeps the queue and closes it on its own link
+	// (QueueClosed) to send the subscribers back: queueClosed applies to
+	// this subscription too.
+	from *nodeLink
 }
 
 // index maps each queue to the local connections subscribed to it, per
@@ -117,21 +123,31 @@ type queueConn struct {
 // caller checks each again under the connection's subMu (lock order: subMu,
 // then a shard lock).
 func (ix *index) via(l *nodeLink, queue string) []queueConn {
+	through := func(sub *localSub) bool { return sub.link == l }
 	if queue != "" {
-		return ix.collect(l, queue, nil)
+		return ix.collect(through, queue, nil)
 	}
-	return ix.collect(l, "", func(string) bool { return true })
+	return ix.collect(through, "", func(string) bool { return true })
 }
 
 // viaFunc returns the subscriptions made through l to the queues keep
 // takes, as via does.
 func (ix *index) viaFunc(l *nodeLink, keep func(queue string) bool) []queueConn {
-	return ix.collect(l, "", keep)
+	return ix.collect(func(sub *localSub) bool { return sub.link == l }, "", keep)
 }
 
-// collect is via: of queue alone when keep is nil, else of every queue keep
-// takes.
-func (ix *index) collect(l *nodeLink, queue string, keep func(string) bool) []queueConn {
+// closedBy returns the subscriptions to queue that a QueueClosed from link
+// l ends: those made through l, and those a hand-off moved off l.
+func (ix *index) closedBy(l *nodeLink, queue string) []queueConn {
+	return ix.collect(func(sub *localSub) bool { return sub.closedBy(l) }, queue, nil)
+}
+
+// closedBy reports whether a QueueClosed from link l ends sub.
+func (sub *localSub) closedBy(l *nodeLink) bool { return sub.link == l || sub.from == l }
+
+// collect returns the subscriptions match takes: to queue alone when keep
+// is nil, else to every queue keep takes.
+func (ix *index) collect(match func(*localSub) bool, queue string, keep func(string) bool) []queueConn {
 	var out []queueConn
 	collect := func(q string, mounts map[string]map[*conn]*localSub) {
 		var seen map[*conn]bool // a connection on several mounts counts once
@@ -140,7 +156,7 @@ func (ix *index) collect(l *nodeLink, queue string, keep func(string) bool) []qu
 		}
 		for _, conns := range mounts {
 			for c, sub := range conns {
-				if sub.link != l || seen[c] {
+				if !match(sub) || seen[c] {
 					continue
 				}
 				if seen != nil {
@@ -239,7 +255,8 @@ func (s *Server) linkLost(l *nodeLink) {
 // queueClosed ends the local subscriptions to a queue that link l's node no
 // longer holds (its bucket moved), with the node's reason: the subscribers
 // rejoin, on the new owner. Subscriptions to the queue made through other
-// nodes stay.
+// nodes stay, except those a hand-off from l's node had moved: that
+// hand-off failed, and l's node took the queue back.
 func (s *Server) queueClosed(l *nodeLink, qc *imqpb.QueueClosed) {
 	reason, msg := qc.GetReason(), qc.GetMessage()
 	if reason == imqpb.Reason_REASON_UNSPECIFIED {
@@ -249,8 +266,8 @@ func (s *Server) queueClosed(l *nodeLink, qc *imqpb.QueueClosed) {
 		msg = "the queue moved to another node; rejoin"
 	}
 	n := 0
-	for _, p := range s.index.via(l, qc.GetQueue()) {
-		if p.c.endSub(p.queue, l, reason, msg) {
+	for _, p := range s.index.closedBy(l, qc.GetQueue()) {
+		if p.c.endClosed(p.queue, l, reason, msg) {
 			n++
 		}
 	}

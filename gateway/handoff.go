@@ -83,7 +83,7 @@ func (c *conn) detach(queue string, from *nodeLink, to string) *localSub {
 	if e == nil || e.sub == nil || e.sub.link != from {
 		return nil
 	}
-	sub := &localSub{mounts: e.sub.mounts, node: to}
+	sub := &localSub{mounts: e.sub.mounts, node: to, from: from}
 	c.s.index.set(queue, c, e.sub, sub)
 	e.sub = sub
 	return sub
@@ -146,7 +146,7 @@ func (c *conn) bind(queue string, sub *localSub, l *nodeLink) *localSub {
 	if e == nil || e.sub != sub {
 		return nil
 	}
-	next := &localSub{mounts: sub.mounts, node: sub.node, link: l}
+	next := &localSub{mounts: sub.mounts, node: sub.node, link: l, from: sub.from}
 	c.s.index.set(queue, c, sub, next)
 	e.sub = next
 	return next

@@ -264,3 +264,24 @@ func TestHandoffFailsHonestly(t *testing.T) {
 		t.Fatalf("failed rebinds %q, want 1", v)
 	}
 }
+
+// TestHandoffFailedAfterMark: a hand-off that fails after its mark leaves
+// the queue with A, which closes it on its own link; the subscription the
+// mark had moved to B ends (MOVED, rejoin) rather than wait for events B
+// will never send.
+func TestHandoffFailedAfterMark(t *testing.T) {
+	gw, a, b, tb := twoNodes(t, fakeOK)
+	q := queueOn(t, tb, "qa", "moving")
+	other := otherBucket(t, tb, "qa", q)
+	c := dialGateway(t, gw, "alice")
+	expectCode(t, c.join(q, chat()), imqpb.Code_OK)
+	expectCode(t, c.join(other, chat()), imqpb.Code_OK)
+	a.mark(tb, q, "qb", tb.Version())
+	b.adoptedMsg(t) // rebound to B
+	a.push(&imqpb.LinkDown{Msg: &imqpb.LinkDown_QueueClosed{QueueClosed: &imqpb.QueueClosed{
+		Queue: q, Reason: imqpb.Reason_REASON_MOVED, Message: "hand-off failed; rejoin",
+	}}})
+	expectUnsubscribed(t, c.unsubscribed(), q, imqpb.Reason_REASON_MOVED)
+	a.deliver(other, 1) // the other bucket's subscription stands
+	expectOffsets(t, events(t, c, 1), other, 1)
+}

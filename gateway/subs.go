@@ -269,6 +269,19 @@ func (c *conn) endSub(queue string, l *nodeLink, reason imqpb.Reason, msg string
 	return true
 }
 
+// endClosed is endSub for a QueueClosed from link l: it also ends a
+// subscription a hand-off moved off l (localSub.from).
+func (c *conn) endClosed(queue string, l *nodeLink, reason imqpb.Reason, msg string) bool {
+	c.subMu.Lock()
+	defer c.subMu.Unlock()
+	e := c.subs[queue]
+	if e == nil || e.sub == nil || !e.sub.closedBy(l) {
+		return false
+	}
+	c.endLocked(queue, e, reason, msg)
+	return true
+}
+
 // endSubIf is endSub for the subscription sub itself, whatever its link
 // (a detached one has none: handoff.go).
 func (c *conn) endSubIf(queue string, sub *localSub, reason imqpb.Reason, msg string) bool {
