@@ -40,7 +40,8 @@ const opsStopTimeout = 15 * time.Second
 // operator key, and the queue nodes and gateways (development mode, an
 // admin RPC key for queue_info), with fast failure detection; and waits
 // until every queue node serves its share of buckets, no move pending.
-func startOpsCluster(t *testing.T, nodes, gateways int) *launch.Cluster {
+// bossArgs go to the boss besides.
+func startOpsCluster(t testing.TB, nodes, gateways int, bossArgs ...string) *launch.Cluster {
 	t.Helper()
 	keyFile := filepath.Join(t.TempDir(), "operator-key")
 	if err := os.WriteFile(keyFile, []byte(opsOperatorKey), 0o600); err != nil {
@@ -50,7 +51,7 @@ func startOpsCluster(t *testing.T, nodes, gateways int) *launch.Cluster {
 		QueueNodes: nodes, Gateways: gateways, Dev: true,
 		APIKeys:     []string{apiKey + " methods=queue_info"},
 		ClusterArgs: gossipArgs,
-		BossArgs:    []string{"--handoff", "--operator-key-file", keyFile},
+		BossArgs:    append([]string{"--handoff", "--operator-key-file", keyFile}, bossArgs...),
 	})
 	ctx := testutil.Context(t, 45*time.Second) // the first moves, of empty buckets
 	for _, n := range c.Nodes {
