@@ -170,9 +170,11 @@ func queuesOn(t *bucket.Table, id string, n int, oneBucket bool) ([]string, int)
 }
 
 // fillQueues publishes history events to every queue and sets a few state
-// keys, with 64 requests in flight over 4 connections.
+// keys, with 64 requests in flight, each user creating at most 500 queues
+// (a gateway's --max-queue-creates allows 600 a minute per user).
 func fillQueues(ctx context.Context, url string, names []string, history int) error {
-	const conns, inFlight = 4, 64
+	const inFlight = 64
+	conns := max(4, (len(names)+499)/500)
 	cls := make([]*client.Client, conns)
 	for i := range cls {
 		cl, err := client.Dial(ctx, url, client.WithUser(fmt.Sprintf("filler-%d", i)))
@@ -185,11 +187,11 @@ func fillQueues(ctx context.Context, url string, names []string, history int) er
 	work := make(chan int)
 	var firstErr atomic.Pointer[error]
 	var wg sync.WaitGroup
-	for w := range inFlight {
-		cl := cls[w%conns]
+	for range inFlight {
 		wg.Go(func() {
 			payload := make([]byte, 64)
 			for q := range work {
+				cl := cls[q%conns]
 				for i := range history {
 					if _, err := cl.Publish(ctx, names[q], "chat", payload); err != nil {
 						firstErr.CompareAndSwap(nil, &err)
