@@ -16,10 +16,18 @@
 // one imq process on its own (a standalone queue node, a gateway wired to
 // it, imq dev) and learns its addresses the same way.
 //
+// The cluster's operations (operations.go) change a running cluster's shape
+// as an operator does, through the boss's API: Drain and Undrain a queue
+// node (with the operator key), wait until it holds no bucket or its share
+// again (WaitDrained, WaitServing, read from the boss's table, moves
+// included), replace a queue node or a gateway by a new process with the
+// same id and addresses (RollQueueNode, RollGateway), and Pause and Resume
+// a process (SIGSTOP, SIGCONT).
+//
 // # Imports
 //
 // launch sits above the services: it imports boss/, gateway/, queuenode/
-// and internal/ (member, obs), and only cmd/imq and the tests import it.
+// and internal/ (member, obs, bucket, cluster), and only cmd/imq and the tests import it.
 // No service imports it. Tests start a Dev through launch/launchtest, which
 // also holds the rest of the support code the tests share.
 //
@@ -33,6 +41,6 @@
 // concurrent use. Supervise runs one goroutine per process, all ending when
 // its ctx ends and no restart is under way: call Stop after Supervise
 // returns, never during it. Cluster's other methods (AddQueueNode,
-// AddGateway, Restart) are for one goroutine at a time, not during
-// Supervise.
+// AddGateway, Restart, the operations) are for one goroutine at a time,
+// not during Supervise.
 package launch

@@ -159,6 +159,7 @@ ramp:
 		res.Bots += len(bots)
 		if e.lost[room].Load() {
 			res.Verify.RoomsLost++
+			res.Verify.LostRooms = append(res.Verify.LostRooms, cfg.Scenario.Room(room))
 			continue
 		}
 		res.Verify.add(verifyRoom(pubs, members))

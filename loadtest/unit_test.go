@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -200,7 +201,7 @@ func TestVerifyRoom(t *testing.T) {
 		{"empty and unknown bounds", [][]interval{{{Lo: 5, Hi: 6}, {Lo: ^uint64(0), Hi: 3}}}, VerifyResult{}},
 	}
 	for _, tt := range tests {
-		if got := verifyRoom(pubs, tt.members); got != tt.want {
+		if got := verifyRoom(pubs, tt.members); !reflect.DeepEqual(got, tt.want) {
 			t.Errorf("%s: got %+v, want %+v", tt.name, got, tt.want)
 		}
 	}
@@ -478,5 +479,18 @@ func TestIsRefusal(t *testing.T) {
 		if got := isRefusal(tt.err); got != tt.refusal {
 			t.Errorf("isRefusal(%v) = %v, want %v", tt.err, got, tt.refusal)
 		}
+	}
+}
+
+// TestVerifyAddLostRooms: merging the engines' results (workers) keeps
+// every lost room's name beside the count, so a test can tell which rooms
+// a paused or moved node took with it.
+func TestVerifyAddLostRooms(t *testing.T) {
+	var v VerifyResult
+	v.add(VerifyResult{RoomsLost: 1, LostRooms: []string{"/a/room/3"}})
+	v.add(VerifyResult{Expected: 2})
+	v.add(VerifyResult{RoomsLost: 1, LostRooms: []string{"/a/room/7"}})
+	if want := []string{"/a/room/3", "/a/room/7"}; v.RoomsLost != 2 || !slices.Equal(v.LostRooms, want) {
+		t.Fatalf("got %d lost rooms %v, want 2 %v", v.RoomsLost, v.LostRooms, want)
 	}
 }

@@ -59,6 +59,9 @@ type VerifyResult struct {
 	// epoch). Their offsets restarted, so they are not checked; every other
 	// room is.
 	RoomsLost int64 `json:"rooms_lost,omitempty"`
+	// LostRooms names those rooms' queues, so that a test that moved or
+	// paused one node can tell the rooms it held from the others.
+	LostRooms []string `json:"lost_rooms,omitempty"`
 }
 
 func (v *VerifyResult) add(o VerifyResult) {
@@ -69,6 +72,7 @@ func (v *VerifyResult) add(o VerifyResult) {
 	v.Untracked += o.Untracked
 	v.Intervals += o.Intervals
 	v.RoomsLost += o.RoomsLost
+	v.LostRooms = append(v.LostRooms, o.LostRooms...)
 	v.InFlight += o.InFlight
 	v.Unconfirmed += o.Unconfirmed
 	v.InWindow += o.InWindow
