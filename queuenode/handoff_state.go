@@ -127,7 +127,6 @@ type handoffs struct {
 	view      atomic.Pointer[hoView] // what checkOwnerLocked reads without mu
 	holding   atomic.Int32           // len(holds): deliveries skip mu when 0
 	kick      chan struct{}          // cap 1: look for moves to start
-	running   bool                   // guarded by mu: a hand-off is in progress
 }
 
 // hoView is an immutable summary of the entries for the request path.
