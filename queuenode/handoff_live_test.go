@@ -42,11 +42,14 @@ func startHandoffBoss(t *testing.T) *boss.Boss {
 }
 
 // startJoinableNode runs a cluster node that has not joined yet: join() joins
-// it to the boss's membership.
-func startJoinableNode(t *testing.T, id string) (s *Server, join func(b *boss.Boss)) {
+// it to the boss's membership. tune, if any, adjust its config.
+func startJoinableNode(t *testing.T, id string, tune ...func(*Config)) (s *Server, join func(b *boss.Boss)) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.NodeID, cfg.Member = id, testMemberConfig()
+	for _, f := range tune {
+		f(&cfg)
+	}
 	s = startNode(t, cfg)
 	return s, func(b *boss.Boss) {
 		if _, err := s.cluster.Member().Join([]string{b.GossipAddr()}); err != nil {
@@ -216,9 +219,8 @@ func queueState(s *Server, name string) (epoch, head uint64, ok bool) {
 // answered as served by b; the boss flips the bucket on a's report; after
 // the grace, a answers MOVED.
 func TestHandoffLive(t *testing.T) {
-	handoffGrace = 300 * time.Millisecond // not restored: the servers outlive the test function
 	bs := startHandoffBoss(t)
-	a, joinA := startJoinableNode(t, "a")
+	a, joinA := startJoinableNode(t, "a", func(c *Config) { c.HandoffGrace = 300 * time.Millisecond })
 	joinA(bs)
 	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
 		tb := a.currentTable()
@@ -334,9 +336,8 @@ func TestHandoffLive(t *testing.T) {
 // first frame of queues; a keeps the bucket, same epoch, ends the marked
 // gateway's subscriptions honestly (QueueClosed), and serves again.
 func TestHandoffTargetDiesMidStream(t *testing.T) {
-	handoffRetry = time.Minute // not restored: the servers outlive the test function
 	bs := startHandoffBoss(t)
-	a, joinA := startJoinableNode(t, "a")
+	a, joinA := startJoinableNode(t, "a", func(c *Config) { c.HandoffRetry = time.Minute })
 	joinA(bs)
 	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
 		tb := a.currentTable()
@@ -438,8 +439,7 @@ func closedOf(frames []*imqpb.LinkDown) []string {
 // queues (the node hands them off); one the table gives to another node
 // with no move (the boss thought this node dead) is closed honestly.
 func TestHandoffTableRules(t *testing.T) {
-	handoffRetry = time.Minute // not restored: the servers outlive the test function
-	s := startClusterNode(t, "a")
+	s := startClusterNode(t, "a", func(c *Config) { c.HandoffRetry = time.Minute })
 	v1 := bucket.Single(bucket.Node{ID: "a", LinkAddr: s.LinkAddr()})
 	s.setTable(v1)
 	layout, _, err := v1.Join(bucket.Node{ID: "b", LinkAddr: testutil.ClosedAddr(t)})
