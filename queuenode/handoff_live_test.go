@@ -503,3 +503,119 @@ func TestFenceWaitsForNewerTable(t *testing.T) {
 		t.Fatal("the queue outlived the newer table")
 	}
 }
+
+// TestHandoffBoundsFromConfig: the old owner's hand-off bounds are its
+// own Config's. With a target that never acks, a's HandoffTimeout ends the
+// hand-off (a keeps the bucket); meanwhile /varz shows the bucket moving
+// out, and a's HandoffHoldBytes holds four publishes of the frozen bucket
+// and answers the rest UNAVAILABLE; the held ones then run on a.
+func TestHandoffBoundsFromConfig(t *testing.T) {
+	bs := startHandoffBoss(t)
+	a, joinA := startJoinableNode(t, "a", func(c *Config) {
+		c.HandoffTimeout = 2 * time.Second
+		c.HandoffRetry = time.Minute
+		c.HandoffHoldBytes = 4 * c.Limits.MaxPayload
+	})
+	joinA(bs)
+	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
+		tb := a.currentTable()
+		return tb.Buckets() > 0 && tb.Counts()["a"] == tb.Buckets()
+	})
+	// A fake b: accepts the node link and reads it, never answering.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conn, err := imqlink.Server(c, imqlink.Config{Role: imqlink.RoleNode, ID: "b", PeerRoles: []imqpb.LinkRole{imqlink.RoleNode}, Timeout: time.Minute})
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() {
+				for {
+					if _, err := conn.Next(); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	gw := newFakeGateway(t, "gw-1", a)
+	gw.holdBack = true
+	bits := a.currentTable().Bits() + 2
+	queues := make([]string, 1<<bits)
+	for bk := range queues {
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		gw.ok("a", joinReq(queues[bk], "s1", "chat"))
+	}
+	m, err := member.Start(*testMemberConfig(), member.Meta{Role: member.RoleQueueNode, ID: "b", LinkAddr: ln.Addr().String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(time.Second) })
+	if _, err := m.Join([]string{bs.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	var mv *imqpb.BucketMoving
+	testutil.WaitFor(t, 10*time.Second, "a's mark", func() bool {
+		gw.mu.Lock()
+		defer gw.mu.Unlock()
+		if len(gw.moving) > 0 {
+			mv = gw.moving[0]
+		}
+		return mv != nil
+	})
+	if v := a.varz().(Varz); v.BucketsMovingOut != 1 {
+		t.Fatalf("/varz during the hand-off: %d buckets moving out, want 1", v.BucketsMovingOut)
+	}
+	k := bkey{bits: int(mv.GetBits()), b: int(mv.GetBucket())}
+	var q string
+	for _, name := range queues {
+		if k.has(name) {
+			q = name
+		}
+	}
+	// Six publishes of 60,000 bytes: four fit in 4 × 64 KiB.
+	replies := make(chan *imqpb.NodeReply, 6)
+	for range 6 {
+		req := userPublishBytes("u-s1", q, 60_000)
+		req.Session = "s1"
+		req.Id = gw.nextID.Add(1)
+		gw.mu.Lock()
+		gw.replies[req.Id] = replies
+		gw.mu.Unlock()
+		b, _ := imqlink.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: req}})
+		gw.links["a"].SendAlways(b)
+	}
+	codes := map[imqpb.Code]int{}
+	for range 6 {
+		select {
+		case r := <-replies:
+			codes[r.GetCode()]++
+		case <-time.After(waitFor):
+			t.Fatalf("replies so far %v, want 6", codes)
+		}
+	}
+	if codes[imqpb.Code_OK] != 4 || codes[imqpb.Code_UNAVAILABLE] != 2 {
+		t.Fatalf("publishes of the frozen bucket answered %v, want 4 OK (held, then run on a) and 2 UNAVAILABLE", codes)
+	}
+	if got := counterValue(t, a.m.heldRefused); got != 2 {
+		t.Fatalf("held requests refused: %v, want 2", got)
+	}
+	if got := counterValue(t, a.m.handoffsFailed.WithLabelValues(failTimeout)); got != 1 {
+		t.Fatalf("hand-offs failed by timeout: %v, want 1", got)
+	}
+	testutil.WaitFor(t, waitFor, "a to run the bucket again", func() bool {
+		return a.varz().(Varz).BucketsMovingOut == 0
+	})
+	if _, h, ok := queueState(a, q); !ok || h != 4 {
+		t.Fatalf("%s after the failed hand-off: head %d (held %v), want 4", q, h, ok)
+	}
+}
