@@ -193,14 +193,21 @@ func DefaultConfig() Config {
 		CalloutTimeout:     2 * time.Second,
 		CalloutConcurrency: 64,
 
-		HandoffHoldBytes: 16 << 20,
-		HandoffTimeout:   30 * time.Second,
-		HandoffRetry:     2 * time.Second,
-		HandoffGrace:     3 * time.Second,
-		AdoptHoldBytes:   8 << 20,
-		AdoptHoldTime:    10 * time.Second,
+		// HandoffHoldBytes and AdoptHoldBytes stay 0: their defaults
+		// follow LinkBuffer and Limits.MaxPayload (see setDefaults).
+		HandoffTimeout: 30 * time.Second,
+		HandoffRetry:   2 * time.Second,
+		HandoffGrace:   3 * time.Second,
+		AdoptHoldTime:  10 * time.Second,
 	}
 }
+
+// Defaults of the hold byte bounds, before setDefaults fits them to the
+// link buffer and the payload limit.
+const (
+	defaultHandoffHoldBytes = 16 << 20
+	defaultAdoptHoldBytes   = 8 << 20
+)
 
 func (c *Config) setDefaults() {
 	d := DefaultConfig()
@@ -238,7 +245,7 @@ func (c *Config) setDefaults() {
 		c.CalloutConcurrency = d.CalloutConcurrency
 	}
 	if c.HandoffHoldBytes == 0 {
-		c.HandoffHoldBytes = min(max(d.HandoffHoldBytes, 4*c.Limits.MaxPayload), c.LinkBuffer)
+		c.HandoffHoldBytes = min(max(defaultHandoffHoldBytes, 4*c.Limits.MaxPayload), c.LinkBuffer)
 	}
 	if c.HandoffTimeout == 0 {
 		c.HandoffTimeout = d.HandoffTimeout
@@ -250,7 +257,7 @@ func (c *Config) setDefaults() {
 		c.HandoffGrace = d.HandoffGrace
 	}
 	if c.AdoptHoldBytes == 0 {
-		c.AdoptHoldBytes = min(max(d.AdoptHoldBytes, 4*c.Limits.MaxPayload), c.LinkBuffer)
+		c.AdoptHoldBytes = min(max(defaultAdoptHoldBytes, 4*c.Limits.MaxPayload), c.LinkBuffer)
 	}
 	if c.AdoptHoldTime == 0 {
 		c.AdoptHoldTime = d.AdoptHoldTime

@@ -77,7 +77,6 @@ func TestConfigHandoffBounds(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := DefaultConfig()
-			cfg.HandoffHoldBytes, cfg.AdoptHoldBytes = 0, 0
 			c.mod(&cfg)
 			cfg.setDefaults()
 			if err := cfg.validate(); err != nil {
