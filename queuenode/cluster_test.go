@@ -93,11 +93,14 @@ type testNode struct {
 }
 
 // startClusterNode runs a cluster-mode node with id and no boss: tests give
-// it tables with setTable.
-func startClusterNode(t *testing.T, id string) *testNode {
+// it tables with setTable. tune, if any, adjust its config.
+func startClusterNode(t *testing.T, id string, tune ...func(*Config)) *testNode {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.NodeID, cfg.Member = id, testMemberConfig()
+	for _, f := range tune {
+		f(&cfg)
+	}
 	var gossip string
 	s := startNodeThen(t, cfg, func(s *Server) {
 		// Read before the node runs: Member.Addr reads memberlist's own

@@ -132,6 +132,42 @@ type Config struct {
 	// with UNAVAILABLE (retryable: the backend refused nothing), "the
 	// backend did not answer: ...". DENIED is only the backend's own no.
 	CalloutFailOpen bool
+	// HandoffHoldBytes bounds the requests one bucket this node is handing
+	// off holds while frozen, and then queues to forward to its new owner
+	// (docs/handoff.md, steps 1 and 5); past it a request is answered
+	// UNAVAILABLE (retryable; leaves are always held). At least 4 ×
+	// Limits.MaxPayload, at most LinkBuffer (the held requests are
+	// forwarded over a node link of that buffer). Zero means the default,
+	// 16 MiB, raised to 4 × Limits.MaxPayload and lowered to LinkBuffer.
+	HandoffHoldBytes int
+	// HandoffTimeout bounds one outgoing hand-off from the freeze to the new
+	// owner's ack (dialling it, streaming the bucket's queues, its
+	// install); past it the node keeps the bucket and tries again later.
+	// Keep it below the boss's --move-timeout, which gives the move up.
+	// Default: 30s.
+	HandoffTimeout time.Duration
+	// HandoffRetry is how long a bucket whose hand-off failed waits before
+	// it is tried again (if the table still marks it moving), and how often
+	// the node looks for moves it missed. Default: 2s.
+	HandoffRetry time.Duration
+	// HandoffGrace is how long the old owner keeps forwarding a bucket's
+	// requests after it holds a table that gives the bucket to its new
+	// owner, before it answers them MOVED: time for the gateways to fetch
+	// that table too. Default: 3s.
+	HandoffGrace time.Duration
+	// AdoptHoldBytes and AdoptHoldTime bound the events of an adopted
+	// bucket the new owner holds for one gateway that has not yet confirmed
+	// the old owner's mark (BucketAdopted; docs/handoff.md, step 6): past
+	// either, the gateway's subscriptions to the bucket's queues are ended
+	// (QueueClosed MOVED, an honest rejoin). AdoptHoldTime is also how long
+	// a confirmation that came before its bucket is kept. AdoptHoldBytes
+	// is at least 4 × Limits.MaxPayload and at most LinkBuffer (the held
+	// events go out at once on the confirmation: more would overflow the
+	// gateway's link); zero means the default, 8 MiB, raised to 4 ×
+	// Limits.MaxPayload and lowered to LinkBuffer. AdoptHoldTime default:
+	// 10s.
+	AdoptHoldBytes int
+	AdoptHoldTime  time.Duration
 	// Logger receives structured logs. Default: discard.
 	Logger *slog.Logger
 	// Registry receives the node's metrics. Default: a private registry.
@@ -156,8 +192,22 @@ func DefaultConfig() Config {
 
 		CalloutTimeout:     2 * time.Second,
 		CalloutConcurrency: 64,
+
+		// HandoffHoldBytes and AdoptHoldBytes stay 0: their defaults
+		// follow LinkBuffer and Limits.MaxPayload (see setDefaults).
+		HandoffTimeout: 30 * time.Second,
+		HandoffRetry:   2 * time.Second,
+		HandoffGrace:   3 * time.Second,
+		AdoptHoldTime:  10 * time.Second,
 	}
 }
+
+// Defaults of the hold byte bounds, before setDefaults fits them to the
+// link buffer and the payload limit.
+const (
+	defaultHandoffHoldBytes = 16 << 20
+	defaultAdoptHoldBytes   = 8 << 20
+)
 
 func (c *Config) setDefaults() {
 	d := DefaultConfig()
@@ -193,6 +243,24 @@ func (c *Config) setDefaults() {
 	}
 	if c.CalloutConcurrency == 0 {
 		c.CalloutConcurrency = d.CalloutConcurrency
+	}
+	if c.HandoffHoldBytes == 0 {
+		c.HandoffHoldBytes = min(max(defaultHandoffHoldBytes, 4*c.Limits.MaxPayload), c.LinkBuffer)
+	}
+	if c.HandoffTimeout == 0 {
+		c.HandoffTimeout = d.HandoffTimeout
+	}
+	if c.HandoffRetry == 0 {
+		c.HandoffRetry = d.HandoffRetry
+	}
+	if c.HandoffGrace == 0 {
+		c.HandoffGrace = d.HandoffGrace
+	}
+	if c.AdoptHoldBytes == 0 {
+		c.AdoptHoldBytes = min(max(defaultAdoptHoldBytes, 4*c.Limits.MaxPayload), c.LinkBuffer)
+	}
+	if c.AdoptHoldTime == 0 {
+		c.AdoptHoldTime = d.AdoptHoldTime
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -268,6 +336,25 @@ func (c *Config) validate() error {
 	}
 	if l.MaxPayload > maxPayloadLimit { // multiplied below: keep it from overflowing
 		errs = append(errs, fmt.Errorf("max payload must be at most %d bytes (1 GiB), got %d", maxPayloadLimit, l.MaxPayload))
+	}
+	for _, b := range []struct {
+		name string
+		v    int
+	}{{"handoff hold bytes", c.HandoffHoldBytes}, {"adopt hold bytes", c.AdoptHoldBytes}} {
+		if b.v < 4*l.MaxPayload {
+			errs = append(errs, fmt.Errorf("%s (%d) must hold at least 4 payloads of %d bytes", b.name, b.v, l.MaxPayload))
+		}
+		if b.v > c.LinkBuffer {
+			errs = append(errs, fmt.Errorf("%s (%d) must not exceed the link buffer (%d bytes), which carries them on", b.name, b.v, c.LinkBuffer))
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"handoff timeout", c.HandoffTimeout}, {"handoff retry", c.HandoffRetry}, {"handoff grace", c.HandoffGrace}, {"adopt hold time", c.AdoptHoldTime}} {
+		if d.v <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %s", d.name, d.v))
+		}
 	}
 	prefixes := make(map[string]bool, len(c.Callouts))
 	for _, co := range c.Callouts {

@@ -253,7 +253,7 @@ func (s *Server) setHolds(k bkey, gateways []string) {
 	defer s.ho.mu.Unlock()
 	now := time.Now()
 	for hk, at := range s.ho.confirmed {
-		if now.Sub(at) > adoptHoldTime {
+		if now.Sub(at) > s.cfg.AdoptHoldTime {
 			delete(s.ho.confirmed, hk)
 		}
 	}
@@ -267,7 +267,7 @@ func (s *Server) setHolds(k bkey, gateways []string) {
 			old.timer.Stop()
 		}
 		h := &hold{}
-		h.timer = time.AfterFunc(adoptHoldTime, func() { s.holdExpired(hk, h) })
+		h.timer = time.AfterFunc(s.cfg.AdoptHoldTime, func() { s.holdExpired(hk, h) })
 		s.ho.holds[hk] = h
 	}
 	s.ho.holding.Store(int32(len(s.ho.holds)))
@@ -301,7 +301,7 @@ func (s *Server) deliver(l *link, queue string, frame []byte) bool {
 			s.ho.mu.Unlock()
 			return false
 		}
-		if h.bytes+len(frame) > adoptHoldBytes {
+		if h.bytes+len(frame) > s.cfg.AdoptHoldBytes {
 			s.failHoldLocked(hk, h, "bytes")
 			s.ho.mu.Unlock()
 			return false
@@ -368,7 +368,7 @@ func (s *Server) removeGatewaySubs(hk holdKey) []string {
 }
 
 // holdExpired fails a hold the gateway did not release within
-// adoptHoldTime, and forgets it after as long again.
+// Config.AdoptHoldTime, and forgets it after as long again.
 func (s *Server) holdExpired(hk holdKey, h *hold) {
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
@@ -377,7 +377,7 @@ func (s *Server) holdExpired(hk holdKey, h *hold) {
 	}
 	if !h.failed {
 		s.failHoldLocked(hk, h, "time")
-		h.timer = time.AfterFunc(adoptHoldTime, func() { s.holdExpired(hk, h) })
+		h.timer = time.AfterFunc(s.cfg.AdoptHoldTime, func() { s.holdExpired(hk, h) })
 		return
 	}
 	delete(s.ho.holds, hk)

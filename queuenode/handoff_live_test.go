@@ -42,11 +42,14 @@ func startHandoffBoss(t *testing.T) *boss.Boss {
 }
 
 // startJoinableNode runs a cluster node that has not joined yet: join() joins
-// it to the boss's membership.
-func startJoinableNode(t *testing.T, id string) (s *Server, join func(b *boss.Boss)) {
+// it to the boss's membership. tune, if any, adjust its config.
+func startJoinableNode(t *testing.T, id string, tune ...func(*Config)) (s *Server, join func(b *boss.Boss)) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.NodeID, cfg.Member = id, testMemberConfig()
+	for _, f := range tune {
+		f(&cfg)
+	}
 	s = startNode(t, cfg)
 	return s, func(b *boss.Boss) {
 		if _, err := s.cluster.Member().Join([]string{b.GossipAddr()}); err != nil {
@@ -216,9 +219,8 @@ func queueState(s *Server, name string) (epoch, head uint64, ok bool) {
 // answered as served by b; the boss flips the bucket on a's report; after
 // the grace, a answers MOVED.
 func TestHandoffLive(t *testing.T) {
-	handoffGrace = 300 * time.Millisecond // not restored: the servers outlive the test function
 	bs := startHandoffBoss(t)
-	a, joinA := startJoinableNode(t, "a")
+	a, joinA := startJoinableNode(t, "a", func(c *Config) { c.HandoffGrace = 300 * time.Millisecond })
 	joinA(bs)
 	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
 		tb := a.currentTable()
@@ -334,9 +336,8 @@ func TestHandoffLive(t *testing.T) {
 // first frame of queues; a keeps the bucket, same epoch, ends the marked
 // gateway's subscriptions honestly (QueueClosed), and serves again.
 func TestHandoffTargetDiesMidStream(t *testing.T) {
-	handoffRetry = time.Minute // not restored: the servers outlive the test function
 	bs := startHandoffBoss(t)
-	a, joinA := startJoinableNode(t, "a")
+	a, joinA := startJoinableNode(t, "a", func(c *Config) { c.HandoffRetry = time.Minute })
 	joinA(bs)
 	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
 		tb := a.currentTable()
@@ -438,8 +439,7 @@ func closedOf(frames []*imqpb.LinkDown) []string {
 // queues (the node hands them off); one the table gives to another node
 // with no move (the boss thought this node dead) is closed honestly.
 func TestHandoffTableRules(t *testing.T) {
-	handoffRetry = time.Minute // not restored: the servers outlive the test function
-	s := startClusterNode(t, "a")
+	s := startClusterNode(t, "a", func(c *Config) { c.HandoffRetry = time.Minute })
 	v1 := bucket.Single(bucket.Node{ID: "a", LinkAddr: s.LinkAddr()})
 	s.setTable(v1)
 	layout, _, err := v1.Join(bucket.Node{ID: "b", LinkAddr: testutil.ClosedAddr(t)})
@@ -501,5 +501,121 @@ func TestFenceWaitsForNewerTable(t *testing.T) {
 	}
 	if s.hasQueue(q) {
 		t.Fatal("the queue outlived the newer table")
+	}
+}
+
+// TestHandoffBoundsFromConfig: the old owner's hand-off bounds are its
+// own Config's. With a target that never acks, a's HandoffTimeout ends the
+// hand-off (a keeps the bucket); meanwhile /varz shows the bucket moving
+// out, and a's HandoffHoldBytes holds four publishes of the frozen bucket
+// and answers the rest UNAVAILABLE; the held ones then run on a.
+func TestHandoffBoundsFromConfig(t *testing.T) {
+	bs := startHandoffBoss(t)
+	a, joinA := startJoinableNode(t, "a", func(c *Config) {
+		c.HandoffTimeout = 2 * time.Second
+		c.HandoffRetry = time.Minute
+		c.HandoffHoldBytes = 4 * c.Limits.MaxPayload
+	})
+	joinA(bs)
+	testutil.WaitFor(t, 10*time.Second, "a to own every bucket", func() bool {
+		tb := a.currentTable()
+		return tb.Buckets() > 0 && tb.Counts()["a"] == tb.Buckets()
+	})
+	// A fake b: accepts the node link and reads it, never answering.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conn, err := imqlink.Server(c, imqlink.Config{Role: imqlink.RoleNode, ID: "b", PeerRoles: []imqpb.LinkRole{imqlink.RoleNode}, Timeout: time.Minute})
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() {
+				for {
+					if _, err := conn.Next(); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	gw := newFakeGateway(t, "gw-1", a)
+	gw.holdBack = true
+	bits := a.currentTable().Bits() + 2
+	queues := make([]string, 1<<bits)
+	for bk := range queues {
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		gw.ok("a", joinReq(queues[bk], "s1", "chat"))
+	}
+	m, err := member.Start(*testMemberConfig(), member.Meta{Role: member.RoleQueueNode, ID: "b", LinkAddr: ln.Addr().String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(time.Second) })
+	if _, err := m.Join([]string{bs.GossipAddr()}); err != nil {
+		t.Fatal(err)
+	}
+	var mv *imqpb.BucketMoving
+	testutil.WaitFor(t, 10*time.Second, "a's mark", func() bool {
+		gw.mu.Lock()
+		defer gw.mu.Unlock()
+		if len(gw.moving) > 0 {
+			mv = gw.moving[0]
+		}
+		return mv != nil
+	})
+	if v := a.varz().(Varz); v.BucketsMovingOut != 1 {
+		t.Fatalf("/varz during the hand-off: %d buckets moving out, want 1", v.BucketsMovingOut)
+	}
+	k := bkey{bits: int(mv.GetBits()), b: int(mv.GetBucket())}
+	var q string
+	for _, name := range queues {
+		if k.has(name) {
+			q = name
+		}
+	}
+	// Six publishes of 60,000 bytes: four fit in 4 × 64 KiB.
+	replies := make(chan *imqpb.NodeReply, 6)
+	for range 6 {
+		req := userPublishBytes("u-s1", q, 60_000)
+		req.Session = "s1"
+		req.Id = gw.nextID.Add(1)
+		gw.mu.Lock()
+		gw.replies[req.Id] = replies
+		gw.mu.Unlock()
+		b, _ := imqlink.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: req}})
+		gw.links["a"].SendAlways(b)
+	}
+	codes := map[imqpb.Code]int{}
+	for range 6 {
+		select {
+		case r := <-replies:
+			codes[r.GetCode()]++
+		case <-time.After(waitFor):
+			t.Fatalf("replies so far %v, want 6", codes)
+		}
+	}
+	if codes[imqpb.Code_OK] != 4 || codes[imqpb.Code_UNAVAILABLE] != 2 {
+		t.Fatalf("publishes of the frozen bucket answered %v, want 4 OK (held, then run on a) and 2 UNAVAILABLE", codes)
+	}
+	if got := counterValue(t, a.m.heldRefused); got != 2 {
+		t.Fatalf("held requests refused: %v, want 2", got)
+	}
+	if got := counterValue(t, a.m.handoffsFailed.WithLabelValues(failTimeout)); got != 1 {
+		t.Fatalf("hand-offs failed by timeout: %v, want 1", got)
+	}
+	testutil.WaitFor(t, waitFor, "a to run the bucket again", func() bool {
+		return a.varz().(Varz).BucketsMovingOut == 0
+	})
+	if _, h, ok := queueState(a, q); !ok || h != 4 {
+		t.Fatalf("%s after the failed hand-off: head %d (held %v), want 4", q, h, ok)
 	}
 }

@@ -28,14 +28,14 @@ import (
 const (
 	failDial    = "dial"    // the new owner could not be reached
 	failStream  = "stream"  // the link broke while streaming or waiting
-	failTimeout = "timeout" // no ack within handoffAckTimeout
+	failTimeout = "timeout" // no ack within Config.HandoffTimeout
 	failRefused = "refused" // the new owner refused (budget, a bad snapshot)
 )
 
 // handoffLoop starts the hand-offs the table marks from this node, one at
 // a time, until the server stops.
 func (s *Server) handoffLoop() {
-	t := time.NewTicker(handoffRetry)
+	t := time.NewTicker(s.cfg.HandoffRetry)
 	defer t.Stop()
 	for {
 		select {
@@ -90,7 +90,7 @@ next:
 // handOff hands bucket k off to node to, as table version marks it.
 func (s *Server) handOff(k bkey, to bucket.Node, version uint64) {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(s.ctx, handoffAckTimeout)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandoffTimeout)
 	defer cancel()
 	log := s.log.With("bucket", k.b, "bits", k.bits, "to", to.ID, "table_version", version)
 	peer, err := s.dialPeer(ctx, to)
@@ -154,7 +154,7 @@ var errRefused = errors.New("the new owner refused the hand-off")
 func (s *Server) handoffFailed(k bkey, reason string, log interface{ Warn(string, ...any) }, err error) {
 	s.m.handoffsFailed.WithLabelValues(reason).Inc()
 	s.ho.mu.Lock()
-	s.ho.retryAt[k] = time.Now().Add(handoffRetry)
+	s.ho.retryAt[k] = time.Now().Add(s.cfg.HandoffRetry)
 	s.ho.mu.Unlock()
 	log.Warn("bucket hand-off failed; keeping the bucket and retrying later", "reason", reason, "err", err)
 }
@@ -360,7 +360,7 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 			continue
 		}
 		o := o
-		o.retire = time.AfterFunc(handoffGrace, func() {
+		o.retire = time.AfterFunc(s.cfg.HandoffGrace, func() {
 			s.ho.mu.Lock()
 			if s.ho.out[o.key] == o {
 				delete(s.ho.out, o.key)

@@ -19,28 +19,10 @@ import (
 // under one table survives a split: a queue is in entry k when
 // bucketOf(queue, k.bits) == k.b, whatever the current table's bits.
 
-// Hand-off bounds. They are variables only so that tests can shorten them.
-var (
-	// handoffHoldBytes bounds the requests one outgoing bucket holds while
-	// frozen (and queues for forwarding); past it a request is answered
-	// UNAVAILABLE. (docs/handoff.md's --handoff-hold-bytes, a constant here.)
-	handoffHoldBytes = 16 << 20
-	// handoffAckTimeout bounds a hand-off from the freeze to the ack.
-	handoffAckTimeout = 30 * time.Second
-	// handoffRetry is how long a failed hand-off waits before it is tried
-	// again (if the table still marks the move).
-	handoffRetry = 2 * time.Second
-	// handoffGrace is how long the old owner keeps forwarding after it holds
-	// a table that gives the bucket away: the gateways' table fetch.
-	handoffGrace = 3 * time.Second
-	// adoptHoldBytes and adoptHoldTime bound the events the new owner holds
-	// for one gateway that has not confirmed the mark (BucketAdopted).
-	adoptHoldBytes = 8 << 20
-	adoptHoldTime  = 10 * time.Second
-	// fenceWait bounds how long a link's reader waits for the table a
-	// request was routed by, when it is newer than the node's.
-	fenceWait = time.Second
-)
+// fenceWait bounds how long a link's reader waits for the table a request
+// was routed by, when it is newer than the node's. The other hand-off
+// bounds are the operator's: Config.HandoffHoldBytes and the like.
+const fenceWait = time.Second
 
 // maxHandoffFrame bounds the queue snapshots of one HandoffQueues frame
 // (one larger queue travels alone, up to the link's frame limit).
@@ -121,7 +103,7 @@ type handoffs struct {
 	// confirmed are BucketAdopted that arrived before their bucket's
 	// HandoffEnd (the gateway may see the mark before the queues are
 	// streamed): setHolds skips them. Guarded by mu; bounded by
-	// maxEarlyConfirms, each kept adoptHoldTime.
+	// maxEarlyConfirms, each kept Config.AdoptHoldTime.
 	confirmed map[holdKey]time.Time
 	staged    int64                  // guarded by mu: bytes of snapshots being received
 	view      atomic.Pointer[hoView] // what checkOwnerLocked reads without mu
@@ -246,7 +228,7 @@ func (s *Server) divert(l *link, req *imqpb.NodeRequest, res *calloutResult) boo
 		return false
 	}
 	_, leave := req.GetOp().(*imqpb.NodeRequest_Leave)
-	if !leave && o.bytes+size > handoffHoldBytes {
+	if !leave && o.bytes+size > s.cfg.HandoffHoldBytes {
 		s.ho.mu.Unlock()
 		s.m.heldRefused.Inc()
 		s.finish(l, req, opName(req), imqerr.New(imqpb.Code_UNAVAILABLE,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"flag"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/member"
+	"github.com/imq-dev/imq/queuenode"
 )
 
 // secretFlagSet registers the three kinds of secret flag: a string, a
@@ -460,6 +462,44 @@ func TestMembersRefuseToStartWithoutKey(t *testing.T) {
 		err := run()
 		if err == nil || !strings.Contains(err.Error(), "no cluster key") || !strings.Contains(err.Error(), "--insecure") {
 			t.Errorf("imq %s without a key: %v, want the no cluster key error", name, err)
+		}
+	}
+}
+
+// TestHandoffFlags: the hand-off flags reach the queue node's Config; the
+// byte bounds left unset stay 0, for the node to derive from --link-buffer
+// and --max-payload (so lowering the one or raising the other alone still
+// starts a node), and one set past --link-buffer is refused with a message
+// naming the bound.
+func TestHandoffFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args                []string
+		wantHold, wantAdopt int
+		wantErr             string
+	}{
+		{nil, 0, 0, ""},
+		{[]string{"--link-buffer", "4194304"}, 0, 0, ""},
+		{[]string{"--max-payload", "8388608"}, 0, 0, ""},
+		{[]string{"--handoff-hold-bytes", "1048576", "--adopt-hold-bytes", "2097152"}, 1 << 20, 2 << 20, ""},
+		{[]string{"--link-buffer", "4194304", "--adopt-hold-bytes", "8388608"}, 0, 8 << 20, "adopt hold bytes (8388608) must not exceed the link buffer"},
+	} {
+		fs := newFlagSet("test", "test")
+		cfg := queuenode.DefaultConfig()
+		nodeFlags(fs, &cfg)
+		handoffFlags(fs, &cfg)
+		if err := parse(fs, append([]string{"--link-addr", "127.0.0.1:0", "--handoff-timeout", "7s", "--adopt-hold-time", "3s"}, tc.args...)); err != nil {
+			t.Fatal(err)
+		}
+		if cfg.HandoffHoldBytes != tc.wantHold || cfg.AdoptHoldBytes != tc.wantAdopt || cfg.HandoffTimeout != 7*time.Second || cfg.AdoptHoldTime != 3*time.Second {
+			t.Errorf("%q: hold %d, adopt hold %d, timeout %s, adopt hold time %s; want %d, %d, 7s, 3s",
+				tc.args, cfg.HandoffHoldBytes, cfg.AdoptHoldBytes, cfg.HandoffTimeout, cfg.AdoptHoldTime, tc.wantHold, tc.wantAdopt)
+		}
+		n, err := queuenode.New(cfg)
+		if err == nil {
+			n.Shutdown(context.Background())
+		}
+		if (tc.wantErr == "" && err != nil) || (tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr))) {
+			t.Errorf("%q: %v, want %q", tc.args, err, tc.wantErr)
 		}
 	}
 }
