@@ -136,7 +136,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		Name: "imq_queuenode_handoff_bytes_total", Help: "Bytes of queue snapshots in bucket hand-offs that completed, by direction: out, in.",
 	}, []string{"direction"})
 	m.handoffSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name: "imq_queuenode_handoff_seconds", Help: "Duration of completed outgoing bucket hand-offs, from the freeze to the new owner's ack.",
+		Name: "imq_queuenode_handoff_seconds", Help: "Duration of completed outgoing bucket hand-offs, from dialling the new owner to its ack (the freeze is inside it).",
 		Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
 	})
 	m.handoffsFailed = prometheus.NewCounterVec(prometheus.CounterOpts{
