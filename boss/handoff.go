@@ -329,7 +329,7 @@ func (b *Boss) answerDrains(ops []op, results map[int]bool, t *bucket.Table, liv
 // reportMoves checks the report ops against cur and returns the moves to
 // complete, answering refused reports with 409 at once. accepted maps an
 // op index to its moves.
-func reportMoves(ops []op, cur *bucket.Table) (moves []bucket.Move, accepted map[int]bool) {
+func reportMoves(ops []op, cur *bucket.Table, alive []bucket.Node) (moves []bucket.Move, accepted map[int]bool) {
 	accepted = make(map[int]bool)
 	claimed := make(map[int]bool)
 	for i, o := range ops {
@@ -351,20 +351,27 @@ func reportMoves(ops []op, cur *bucket.Table) (moves []bucket.Move, accepted map
 		}
 		shift := cur.Bits() - bits
 		var ms []bucket.Move
+		// A hand-off is a fact once the new owner holds the queues: it is
+		// applied whether or not the table still marks it (a split or a new
+		// layout may have changed the mark, or a move timeout given it up,
+		// while the report was on its way), as long as the reporter still
+		// owns the bucket and the new owner is live (Table.HandedOff).
 		for sub := range 1 << shift {
 			b := r.Bucket<<shift + sub
-			if !cur.IsMoving(b, r.From, r.To) || claimed[b] {
+			if claimed[b] {
 				ms = nil
 				break
 			}
 			ms = append(ms, bucket.Move{Bucket: b, From: r.From, To: r.To})
 		}
+		var err error
 		if ms == nil {
-			_, err := cur.CompleteMove(r.Bucket<<shift, r.From, r.To)
-			if err == nil {
-				err = fmt.Errorf("bucket %d: already reported", r.Bucket)
-			}
-			o.reply <- opError(http.StatusConflict, imqpb.Code_MOVED, "hand-off not accepted: %v; the old owner keeps serving the bucket until the table moves it", err)
+			err = fmt.Errorf("bucket %d: already reported", r.Bucket)
+		} else if _, errs := cur.HandedOff(ms, alive); errors.Join(errs...) != nil {
+			err = errors.Join(errs...)
+		}
+		if err != nil {
+			o.reply <- opError(http.StatusConflict, imqpb.Code_MOVED, "hand-off not accepted: %v", err)
 			continue
 		}
 		for _, m := range ms {

@@ -358,8 +358,8 @@ func (b *Boss) reconcile(ctx context.Context, ops []op) {
 			slices.ContainsFunc(cur.Moving(), func(m bucket.Move) bool { return m.To == id })
 	}
 	stateChanged, drains := b.applyDrains(ops, known)
-	moves, accepted := reportMoves(ops, cur)
-	next, _ := cur.CompleteMoves(moves)
+	moves, accepted := reportMoves(ops, cur, alive)
+	next, _ := cur.HandedOff(moves, alive)
 	c := change{completed: moves}
 	if ready {
 		layoutNodes := b.layoutNodes(alive)

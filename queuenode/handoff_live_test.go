@@ -619,3 +619,43 @@ func TestHandoffBoundsFromConfig(t *testing.T) {
 		t.Fatalf("%s after the failed hand-off: head %d (held %v), want 4", q, h, ok)
 	}
 }
+
+// TestForgetDeadTarget: a bucket handed off to a node that then dies before
+// the boss flipped the table is not forwarded to it for good: once the
+// membership no longer has the node, this node serves the bucket again
+// (afresh: the queues died with the target), while a live target keeps
+// getting the bucket's requests.
+func TestForgetDeadTarget(t *testing.T) {
+	s := startNode(t, DefaultConfig())
+	k := bkey{bits: 4, b: 3}
+	q := queuesWhere(t, 1, func(q string) bool { return k.has(q) })[0]
+	o := &outgoing{key: k, to: bucket.Node{ID: "b"}, mode: outForwarding, wake: make(chan struct{}, 1)}
+	s.ho.mu.Lock()
+	s.ho.out[k] = o
+	s.ho.publishLocked()
+	s.ho.mu.Unlock()
+	forwarding := func() bool {
+		out, local := s.ho.view.Load().outgoing(q)
+		return out && !local
+	}
+	if !forwarding() {
+		t.Fatalf("%s not forwarded while its bucket is handed off", q)
+	}
+	peer := func(id string) member.Peer {
+		return member.Peer{Meta: member.Meta{Role: member.RoleQueueNode, ID: id}}
+	}
+	s.forgetDeadTargets([]member.Peer{peer("a"), peer("b")})
+	if !forwarding() {
+		t.Fatal("stopped forwarding to a live target")
+	}
+	s.forgetDeadTargets([]member.Peer{peer("a")})
+	if forwarding() {
+		t.Fatal("still forwarding to a target that left the membership")
+	}
+	s.ho.mu.Lock()
+	_, kept := s.ho.out[k]
+	s.ho.mu.Unlock()
+	if kept {
+		t.Fatal("the hand-off entry outlived its dead target")
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"github.com/imq-dev/imq/internal/clusterauth"
 	"github.com/imq-dev/imq/internal/imqerr"
 	imqlink "github.com/imq-dev/imq/internal/link"
+	"github.com/imq-dev/imq/internal/member"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -373,6 +374,43 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 }
 
 // tableOwnsAny reports whether t gives some queue of k to node id.
+// forgetDeadTargets stops forwarding each bucket handed off to a queue
+// node that is no longer a live member: the queues died with it, and
+// forwarding to it would answer UNAVAILABLE for good, while the table (whose
+// boss never heard the hand-off reported, or the bucket would not be this
+// node's) still routes the bucket here. This node then serves the bucket
+// afresh, as the owner of a bucket whose queues were lost; the gateways end
+// the subscriptions they had bound to the dead node (NODE_LOST) when its
+// link goes down. It runs on every membership change.
+func (s *Server) forgetDeadTargets(peers []member.Peer) {
+	live := make(map[string]bool)
+	for _, p := range peers {
+		if p.Meta.Role == member.RoleQueueNode {
+			live[p.Meta.ID] = true
+		}
+	}
+	var gone []*outgoing
+	s.ho.mu.Lock()
+	for k, o := range s.ho.out {
+		if o.mode != outForwarding || live[o.to.ID] {
+			continue
+		}
+		if o.retire != nil {
+			o.retire.Stop()
+		}
+		delete(s.ho.out, k)
+		gone = append(gone, o)
+	}
+	if len(gone) > 0 {
+		s.ho.publishLocked()
+	}
+	s.ho.mu.Unlock()
+	for _, o := range gone {
+		s.log.Warn("the node a bucket was handed off to is gone; serving the bucket afresh", "bucket", o.key.b, "bits", o.key.bits, "to", o.to.ID)
+		o.signal()
+	}
+}
+
 func tableOwnsAny(t *bucket.Table, k bkey, id string) bool {
 	if t.Buckets() == 0 {
 		return false

@@ -57,12 +57,42 @@ func (t *Table) CompleteMove(b int, from, to string) (*Table, error) {
 // applied; otherwise it is t itself. A former owner left holding nothing is
 // no longer listed.
 func (t *Table) CompleteMoves(ms []Move) (next *Table, errs []error) {
+	return t.handOver(ms, nil, true)
+}
+
+// HandedOff applies hand-offs that happened, in one version, whether or not
+// t still marks them: each move whose bucket From still owns flips to To,
+// which must be in live, and any mark on the bucket goes
+// (the next Advance marks it again if the layout wants it elsewhere). A
+// hand-off is a fact once the new owner holds the queues: the old owner
+// has given them up and only forwards to it, so a table that kept the
+// bucket with the old owner, because a split or a new layout changed the
+// mark meanwhile or the move was given up while the report was on its way,
+// would leave the bucket's queues where the table does not look: the old
+// owner would never move them again. errs[i] wraps ErrNotMoving for a move
+// whose From no longer owns the bucket, or whose To is not in live.
+func (t *Table) HandedOff(ms []Move, live []Node) (next *Table, errs []error) {
+	return t.handOver(ms, live, false)
+}
+
+// handOver flips each move whose From owns its bucket: only those t marks
+// when marked, else those whose To is in live (which also gives the
+// addresses of To nodes t does not list).
+func (t *Table) handOver(ms []Move, live []Node, marked bool) (next *Table, errs []error) {
+	isLive := func(id string) bool { return marked || slices.ContainsFunc(live, func(n Node) bool { return n.ID == id }) }
 	errs = make([]error, len(ms))
 	owners, targets := t.ids()
 	applied := 0
 	for i, m := range ms {
-		if m.Bucket < 0 || m.Bucket >= len(owners) || targets[m.Bucket] != m.To || owners[m.Bucket] != m.From {
+		switch {
+		case m.Bucket < 0 || m.Bucket >= len(owners) || m.To == m.From || (marked && (targets[m.Bucket] != m.To || owners[m.Bucket] != m.From)):
 			errs[i] = t.notMoving(m)
+			continue
+		case owners[m.Bucket] != m.From:
+			errs[i] = fmt.Errorf("%w: bucket %d is owned by %s in table version %d, not %s", ErrNotMoving, m.Bucket, owners[m.Bucket], t.version, m.From)
+			continue
+		case !isLive(m.To):
+			errs[i] = fmt.Errorf("%w: bucket %d: node %s is not a live queue node", ErrNotMoving, m.Bucket, m.To)
 			continue
 		}
 		owners[m.Bucket] = m.To
@@ -72,7 +102,15 @@ func (t *Table) CompleteMoves(ms []Move) (next *Table, errs []error) {
 	if applied == 0 {
 		return t, errs
 	}
-	return build(t.version+1, t.bits, owners, targets, t.addr), errs
+	addr := func(id string) Node {
+		if _, ok := t.index(id); !ok {
+			if i := slices.IndexFunc(live, func(n Node) bool { return n.ID == id }); i >= 0 {
+				return live[i]
+			}
+		}
+		return t.addr(id)
+	}
+	return build(t.version+1, t.bits, owners, targets, addr), errs
 }
 
 func (t *Table) notMoving(m Move) error {

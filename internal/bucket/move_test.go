@@ -457,3 +457,61 @@ func TestSumWithoutMovesUnchanged(t *testing.T) {
 		t.Fatalf("sum of a table without moves changed: %s", tb.Sum())
 	}
 }
+
+// TestHandedOff: a hand-off that happened is applied whether or not the
+// table still marks it (a split or a new layout re-marked the bucket, or the
+// move was given up while the report was on its way), as long as the old
+// owner still owns the bucket and the new one is live; the bucket's mark
+// goes with it. CompleteMoves, by contrast, takes only marked moves.
+func TestHandedOff(t *testing.T) {
+	a, b, c := Node{ID: "a", LinkAddr: "a:1"}, Node{ID: "b", LinkAddr: "b:1"}, Node{ID: "c", LinkAddr: "c:1"}
+	tb := Single(a)
+	layout, _, err := tb.Join(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	marked, _ := tb.Advance(layout, []Node{a, b}, 1, nil)
+	moves := marked.Moving()
+	if len(moves) != 1 {
+		t.Fatalf("moves %v, want one", moves)
+	}
+	m := moves[0]
+	// The layout changes before the report: the bucket is now marked for c.
+	layout2, _, err := layout.Join(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	remarked, _ := marked.Advance(layout2, []Node{a, b, c}, 8, []int{m.Bucket})
+	if _, errs := remarked.CompleteMoves([]Move{m}); errs[0] == nil {
+		t.Fatalf("CompleteMoves took a move the table no longer marks: %v", remarked.Moving())
+	}
+	next, errs := remarked.HandedOff([]Move{m}, []Node{a, b, c})
+	if errs[0] != nil {
+		t.Fatalf("HandedOff: %v", errs[0])
+	}
+	if got := next.Owner(m.Bucket); got != b {
+		t.Fatalf("bucket %d owned by %v, want %v", m.Bucket, got, b)
+	}
+	if _, ok := next.Target(m.Bucket); ok {
+		t.Fatalf("bucket %d still marked moving after the hand-off", m.Bucket)
+	}
+	if next.Version() != remarked.Version()+1 {
+		t.Fatalf("version %d, want %d", next.Version(), remarked.Version()+1)
+	}
+	if err := next.check(); err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range map[string]struct {
+		m    Move
+		live []Node
+	}{
+		"the reporter no longer owns it": {Move{Bucket: m.Bucket, From: "c", To: "b"}, []Node{a, b, c}},
+		"the new owner is not live":      {m, []Node{a, c}},
+		"a move to itself":               {Move{Bucket: m.Bucket, From: "a", To: "a"}, []Node{a, b, c}},
+		"a bucket out of range":          {Move{Bucket: remarked.Buckets(), From: "a", To: "b"}, []Node{a, b, c}},
+	} {
+		if got, errs := remarked.HandedOff([]Move{tc.m}, tc.live); !errors.Is(errs[0], ErrNotMoving) || got != remarked {
+			t.Errorf("%s: HandedOff applied %v (err %v)", name, tc.m, errs[0])
+		}
+	}
+}
