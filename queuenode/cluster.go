@@ -184,7 +184,6 @@ func (s *Server) onMembersChange(peers []member.Peer) {
 	for _, id := range gone {
 		s.closeGatewayLinks(id)
 	}
-	s.forgetDeadTargets(peers)
 }
 
 // closeGatewayLinks closes every link whose hello named gateway id.

@@ -240,6 +240,7 @@ func TestHandoffLive(t *testing.T) {
 		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
 		q := queues[bk]
 		gw1.ok("a", joinReq(q, "s1", "chat"))
+		gw1.ok("a", joinReq(q, "s3", "chat")) // leaves below, through a
 		gw2.ok("a", joinReq(q, "s2", "chat"))
 		for range 3 {
 			gw1.ok("a", userPub("s1", q))
@@ -278,13 +279,27 @@ func TestHandoffLive(t *testing.T) {
 		t.Fatalf("%s on b: epoch %d head %d, want epoch %d head 4", q, e, h, epochs[q])
 	}
 
-	// A publish sent to a is forwarded to b, and says so.
-	r := gw1.ok("a", userPub("s1", q))
-	if r.GetServedBy() != "b" || r.GetPublished().GetOffset() != 5 {
-		t.Fatalf("publish through a after the hand-off: served by %q offset %d, want b, 5", r.GetServedBy(), r.GetPublished().GetOffset())
+	// A publish sent to a is answered MOVED (the gateway's lane sends it
+	// again to b by the table, in order); here the gateway sends it to b.
+	if r := gw1.do("a", userPub("s1", q)); r.GetCode() != imqpb.Code_MOVED {
+		t.Fatalf("publish through a after the hand-off: %v %s, want MOVED", r.GetCode(), r.GetMessage())
 	}
-	// A join sent to a is not forwarded (its reply would race b's events
-	// to the gateway): it is answered MOVED, to be sent to b by the table.
+	if r := gw1.ok("b", userPub("s1", q)); r.GetPublished().GetOffset() != 5 {
+		t.Fatalf("publish on b after the hand-off: offset %d, want 5", r.GetPublished().GetOffset())
+	}
+	// A leave without a reply (its connection went) is forwarded to b,
+	// which drops the subscriber.
+	leave, _ := imqlink.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: leaveReq(q, "s3")}})
+	if err := gw1.links["a"].Send(leave); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, waitFor, "b to drop s3, whose leave went to a", func() bool {
+		sh := b.shardFor(q)
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		return sh.queues[q] != nil && sh.queues[q].Subscribers() == 2
+	})
+	// A join sent to a is answered MOVED too.
 	jr := gw1.do("a", &imqpb.NodeRequest{User: "u-s9", Session: "s9", Op: &imqpb.NodeRequest_Join{Join: &imqpb.Join{
 		Queue: q, Mounts: []*imqpb.MountSpec{{Name: "chat", Kind: imqpb.MountKind_MESSAGE}},
 	}}})
@@ -324,8 +339,8 @@ func TestHandoffLive(t *testing.T) {
 	testutil.WaitFor(t, 10*time.Second, "a to answer MOVED for "+q, func() bool {
 		return gw1.do("a", userPub("s1", q)).GetCode() == imqpb.Code_MOVED
 	})
-	if got := counterValue(t, a.m.forwarded); got < 1 {
-		t.Fatalf("forwarded requests counted %v", got)
+	if got := counterValue(t, a.m.forwarded); got != 1 {
+		t.Fatalf("forwarded requests counted %v, want 1 (the leave)", got)
 	}
 	if _, _, ok := queueState(a, q); ok {
 		t.Fatalf("%s is still on a", q)
@@ -620,42 +635,35 @@ func TestHandoffBoundsFromConfig(t *testing.T) {
 	}
 }
 
-// TestForgetDeadTarget: a bucket handed off to a node that then dies before
-// the boss flipped the table is not forwarded to it for good: once the
-// membership no longer has the node, this node serves the bucket again
-// (afresh: the queues died with the target), while a live target keeps
-// getting the bucket's requests.
-func TestForgetDeadTarget(t *testing.T) {
+// TestForgetTarget: when the boss refuses the report of a hand-off while
+// this node's table still gives it the bucket, the new owner is not live
+// (the boss applies every report whose new owner is), so this node stops
+// forwarding to it and serves the bucket again, afresh; when the table
+// gives the bucket to another node, it keeps forwarding (retireIfMoved
+// decides).
+func TestForgetTarget(t *testing.T) {
 	s := startNode(t, DefaultConfig())
+	s.table.Store(bucket.Single(bucket.Node{ID: s.cfg.NodeID, LinkAddr: s.LinkAddr()})) // every bucket its own
 	k := bkey{bits: 4, b: 3}
 	q := queuesWhere(t, 1, func(q string) bool { return k.has(q) })[0]
-	o := &outgoing{key: k, to: bucket.Node{ID: "b"}, mode: outForwarding, wake: make(chan struct{}, 1)}
-	s.ho.mu.Lock()
-	s.ho.out[k] = o
-	s.ho.publishLocked()
-	s.ho.mu.Unlock()
+	handedOff := func() {
+		s.ho.mu.Lock()
+		s.ho.out[k] = &outgoing{key: k, to: bucket.Node{ID: "b"}, mode: outForwarding, wake: make(chan struct{}, 1)}
+		s.ho.publishLocked()
+		s.ho.mu.Unlock()
+	}
 	forwarding := func() bool {
 		out, local := s.ho.view.Load().outgoing(q)
 		return out && !local
 	}
+	log := s.log
+	handedOff()
+	s.forgetTarget(k, "c", log) // not the node it was handed to
 	if !forwarding() {
-		t.Fatalf("%s not forwarded while its bucket is handed off", q)
+		t.Fatal("forgot a hand-off to b on a refusal about c")
 	}
-	peer := func(id string) member.Peer {
-		return member.Peer{Meta: member.Meta{Role: member.RoleQueueNode, ID: id}}
-	}
-	s.forgetDeadTargets([]member.Peer{peer("a"), peer("b")})
-	if !forwarding() {
-		t.Fatal("stopped forwarding to a live target")
-	}
-	s.forgetDeadTargets([]member.Peer{peer("a")})
+	s.forgetTarget(k, "b", log)
 	if forwarding() {
-		t.Fatal("still forwarding to a target that left the membership")
-	}
-	s.ho.mu.Lock()
-	_, kept := s.ho.out[k]
-	s.ho.mu.Unlock()
-	if kept {
-		t.Fatal("the hand-off entry outlived its dead target")
+		t.Fatal("still forwarding after the boss refused the report with the bucket still this node's")
 	}
 }

@@ -17,7 +17,6 @@ import (
 	"github.com/imq-dev/imq/internal/clusterauth"
 	"github.com/imq-dev/imq/internal/imqerr"
 	imqlink "github.com/imq-dev/imq/internal/link"
-	"github.com/imq-dev/imq/internal/member"
 	imqpb "github.com/imq-dev/imq/proto"
 )
 
@@ -293,24 +292,26 @@ func (s *Server) forward(o *outgoing) {
 	}
 }
 
-// forwardOne sends one request to the new owner, as from its gateway, under
-// a new id; the reply is relayed by the peer link's reader.
-//
-// A join is not forwarded: it is answered MOVED, and the gateway sends it
-// again to the new owner once its table routes there. A forwarded join's
-// reply would come back the long way (through this node) while the new
-// owner's events for the new subscriber go straight to the gateway, which
-// would drop those that arrive before the reply: a gap. Publishes, state
-// writes, reads and leaves have no such race.
+// forwardOne passes one request of a handed-off bucket on. A request with
+// a reply is answered MOVED, with this node's table version: the gateway
+// sends it again once its table routes the bucket to the new owner, and
+// its lane (gateway/lane.go) sends a connection's later operations on the
+// queue after it, so a client's operations keep their order. Forwarding
+// them instead would not: a join answered MOVED beside a publish forwarded
+// lands after it, and a forwarded join's reply travels back through this
+// node while the new owner's events for the subscriber go straight to the
+// gateway, which drops those that arrive first. A leave without a reply
+// (a connection gone) is forwarded, under origin_gateway, so that the new
+// owner removes the subscriber; nothing of that connection comes after it.
 func (s *Server) forwardOne(o *outgoing, h heldReq) {
 	if h.l.ctx.Err() != nil {
 		return
 	}
-	if h.req.GetJoin() != nil {
+	if h.req.GetId() != 0 {
 		t := s.currentTable()
 		s.finish(h.l, h.req, opName(h.req), &movedError{
-			err: imqerr.New(imqpb.Code_MOVED, "queue %s is being handed to node %s; join it there once the table says so (table version %d)",
-				h.req.GetJoin().GetQueue(), o.to.ID, t.Version()),
+			err: imqerr.New(imqpb.Code_MOVED, "queue %s was handed to node %s; send it there once the table says so (table version %d)",
+				opQueue(h.req), o.to.ID, t.Version()),
 			version: t.Version(),
 		})
 		return
@@ -374,39 +375,30 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 }
 
 // tableOwnsAny reports whether t gives some queue of k to node id.
-// forgetDeadTargets stops forwarding each bucket handed off to a queue
-// node that is no longer a live member: the queues died with it, and
-// forwarding to it would answer UNAVAILABLE for good, while the table (whose
-// boss never heard the hand-off reported, or the bucket would not be this
-// node's) still routes the bucket here. This node then serves the bucket
-// afresh, as the owner of a bucket whose queues were lost; the gateways end
-// the subscriptions they had bound to the dead node (NODE_LOST) when its
-// link goes down. It runs on every membership change.
-func (s *Server) forgetDeadTargets(peers []member.Peer) {
-	live := make(map[string]bool)
-	for _, p := range peers {
-		if p.Meta.Role == member.RoleQueueNode {
-			live[p.Meta.ID] = true
-		}
-	}
-	var gone []*outgoing
+// forgetTarget stops forwarding bucket k to node to when the boss refused
+// its hand-off report while this node's table still gives it the bucket:
+// the boss applies a report whenever the reporter owns the bucket and the
+// new owner is live (bucket.Table.HandedOff), so the new owner is gone, and
+// the queues with it. This node then serves the bucket afresh, as the owner
+// of a bucket whose queues were lost (the gateways end the subscriptions
+// bound to the dead node when its link goes down), rather than forward to
+// it for good. When the table gives the bucket elsewhere, retireIfMoved
+// decides.
+func (s *Server) forgetTarget(k bkey, to string, log interface{ Warn(string, ...any) }) {
+	t := s.currentTable()
 	s.ho.mu.Lock()
-	for k, o := range s.ho.out {
-		if o.mode != outForwarding || live[o.to.ID] {
-			continue
-		}
+	o := s.ho.out[k]
+	forget := o != nil && o.mode == outForwarding && o.to.ID == to && tableOwnsAny(t, k, s.cfg.NodeID)
+	if forget {
 		if o.retire != nil {
 			o.retire.Stop()
 		}
 		delete(s.ho.out, k)
-		gone = append(gone, o)
-	}
-	if len(gone) > 0 {
 		s.ho.publishLocked()
 	}
 	s.ho.mu.Unlock()
-	for _, o := range gone {
-		s.log.Warn("the node a bucket was handed off to is gone; serving the bucket afresh", "bucket", o.key.b, "bits", o.key.bits, "to", o.to.ID)
+	if forget {
+		log.Warn("the boss does not count the node the bucket was handed to as live; serving the bucket afresh", "table_version", t.Version())
 		o.signal()
 	}
 }
@@ -453,7 +445,8 @@ func (s *Server) reportHandoff(k bkey, to string, version uint64, log interface 
 			log.Info("boss accepted the hand-off report")
 			return
 		case err == nil && status == http.StatusConflict:
-			log.Warn("boss refused the hand-off report; the bucket stays forwarded until the table moves it", "answer", msg)
+			log.Warn("boss refused the hand-off report", "answer", msg)
+			s.forgetTarget(k, to, log)
 			return
 		case attempt == 1 || attempt%10 == 0:
 			log.Warn("hand-off report not accepted yet; retrying", "status", status, "answer", msg, "err", err)
