@@ -36,8 +36,10 @@ const (
 // Handshake bounds and defaults.
 const (
 	// DefaultHandshakeTimeout bounds a handshake: dialling, the challenge,
-	// the hello and its ack.
-	DefaultHandshakeTimeout = 10 * time.Second
+	// the hello and its ack. A round trip or two on the cluster's network:
+	// an acceptor holds a connection that proved nothing no longer than
+	// this.
+	DefaultHandshakeTimeout = 5 * time.Second
 	// DefaultSendBuffer bounds the bytes queued for one connection's writer.
 	DefaultSendBuffer = 64 << 20
 	// DefaultWriteTimeout bounds one batched write.
@@ -144,7 +146,7 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Conn, error) {
 func Client(nc net.Conn, cfg Config) (*Conn, error) {
 	cfg = cfg.withDefaults()
 	nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
-	fr := NewFrameReader(nc, MaxHandshakeFrame)
+	fr := newHandshakeReader(nc)
 	fail := func(reason Reason, format string, args ...any) (*Conn, error) {
 		nc.Close()
 		return nil, &HandshakeError{Reason: reason, Err: fmt.Errorf(format, args...)}
@@ -203,7 +205,7 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 		return fail(ReasonMode, "the acceptor sent a MAC and this end has no cluster key (insecure mode)")
 	}
 	nc.SetDeadline(time.Time{})
-	fr.SetLimit(MaxFrame)
+	fr.authenticated()
 	return newConn(nc, fr, cfg, Peer{Role: ack.GetRole(), ID: ack.GetNodeId()}, protocol, ack.GetTableVersion()), nil
 }
 
@@ -215,7 +217,7 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 func Server(nc net.Conn, cfg Config) (*Conn, error) {
 	cfg = cfg.withDefaults()
 	nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
-	fr := NewFrameReader(nc, MaxHandshakeFrame)
+	fr := newHandshakeReader(nc)
 	keyed := len(cfg.Keys) > 0
 	ch := &imqpb.Challenge{Nonce: newNonce(), MinProtocol: cfg.MinProtocol, MaxProtocol: cfg.MaxProtocol, Keyed: keyed}
 	if err := writeMsg(nc, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Challenge{Challenge: ch}}); err != nil {
@@ -228,7 +230,7 @@ func Server(nc net.Conn, cfg Config) (*Conn, error) {
 		return nil, ioFailure("reading the hello", err)
 	}
 	hello := up.GetHello()
-	if hello == nil || len(hello.GetNonce()) != nonceLen && hello.GetMaxProtocol() != 0 {
+	if hello == nil {
 		nc.Close()
 		return nil, &HandshakeError{Reason: ReasonMalformed, Err: errors.New("the dialer's first frame is not a hello")}
 	}
@@ -238,10 +240,17 @@ func Server(nc net.Conn, cfg Config) (*Conn, error) {
 		nc.Close()
 		return nil, &HandshakeError{Reason: reason, Err: err}
 	}
-	dMin, dMax := hello.GetMinProtocol(), hello.GetMaxProtocol()
-	if dMax == 0 { // a version 1 hello
-		dMin, dMax = hello.GetProtocol(), hello.GetProtocol()
+	// A version 1 hello names one protocol and no range. Version 1 had no
+	// authentication: it is refused by name, never negotiated.
+	if hello.GetMaxProtocol() == 0 {
+		return refuse(ReasonVersion, "the dialer speaks link protocol %d only (an unauthenticated version 1 hello); the acceptor speaks %d to %d", hello.GetProtocol(), cfg.MinProtocol, cfg.MaxProtocol)
 	}
+	// Every hello that goes on carries a full nonce: the acceptor's MAC
+	// covers it, which makes that proof this connection's.
+	if len(hello.GetNonce()) != nonceLen {
+		return refuse(ReasonMalformed, "the hello's nonce has %d bytes, want %d", len(hello.GetNonce()), nonceLen)
+	}
+	dMin, dMax := hello.GetMinProtocol(), hello.GetMaxProtocol()
 	protocol, ok := negotiate(cfg.MinProtocol, cfg.MaxProtocol, dMin, dMax)
 	if !ok {
 		return refuse(ReasonVersion, "the dialer speaks link protocol %d to %d, the acceptor %d to %d", dMin, dMax, cfg.MinProtocol, cfg.MaxProtocol)
@@ -283,7 +292,7 @@ func Server(nc net.Conn, cfg Config) (*Conn, error) {
 		return nil, ioFailure("sending the hello ack", err)
 	}
 	nc.SetDeadline(time.Time{})
-	fr.SetLimit(MaxFrame)
+	fr.authenticated()
 	return newConn(nc, fr, cfg, Peer{Role: hello.GetRole(), ID: hello.GetId()}, protocol, 0), nil
 }
 
