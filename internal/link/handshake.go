@@ -88,6 +88,12 @@ type Config struct {
 	// WriteTimeout bounds one write to the socket. Zero:
 	// DefaultWriteTimeout.
 	WriteTimeout time.Duration
+	// PeerID, on a dialer, is the id the acceptor must answer with (the
+	// node the bucket table names at the address dialled); another is
+	// refused (ReasonPeer) before anything is sent: a redirected or
+	// misconfigured address, or another member holding the key. Empty:
+	// any id.
+	PeerID string
 	// TableVersion, on an acceptor, returns the version of the bucket table
 	// it holds, sent in the HelloAck. nil: 0.
 	TableVersion func() uint64
@@ -203,6 +209,8 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 		return fail(ReasonAuth, "the acceptor's MAC does not verify: it does not hold this end's cluster key")
 	case !keyed && len(ack.GetMac()) > 0:
 		return fail(ReasonMode, "the acceptor sent a MAC and this end has no cluster key (insecure mode)")
+	case cfg.PeerID != "" && ack.GetNodeId() != cfg.PeerID:
+		return fail(ReasonPeer, "the acceptor is %q, not %q: the address does not reach the node expected there", ack.GetNodeId(), cfg.PeerID)
 	}
 	nc.SetDeadline(time.Time{})
 	fr.authenticated()
