@@ -66,7 +66,11 @@ type Config struct {
 	// accepts unsigned reports and drains only with an operator key.
 	ClusterKeys [][]byte
 	// OperatorKeys are the bearer tokens of the operators' actions (POST
-	// /v1/nodes/{id}/drain and undrain), compared in constant time. Empty:
+	// /v1/nodes/{id}/drain and undrain), each at least MinOperatorKeyLen
+	// bytes of a random token (not a passphrase); any of them is accepted,
+	// so a key can be rotated. They are compared by their SHA-256 digests
+	// in constant time, which tells a caller nothing of their length.
+	// Empty:
 	// those actions answer 403 unless signed with a cluster key (a member's,
 	// see ClusterKeys); every GET stays open and read-only.
 	OperatorKeys [][]byte
@@ -75,6 +79,9 @@ type Config struct {
 	// Registry receives the boss's metrics. Default: a private registry.
 	Registry *prometheus.Registry
 }
+
+// MinOperatorKeyLen is the shortest operator key accepted, in bytes.
+const MinOperatorKeyLen = 16
 
 // DefaultConfig returns the documented defaults.
 func DefaultConfig() Config {
@@ -149,8 +156,8 @@ func (c *Config) validate() error {
 		}
 	}
 	for i, k := range c.OperatorKeys {
-		if len(k) == 0 {
-			errs = append(errs, fmt.Errorf("operator key %d is empty", i+1))
+		if len(k) < MinOperatorKeyLen {
+			errs = append(errs, fmt.Errorf("operator key %d has %d bytes, want at least %d: use a random token, such as the output of `openssl rand -base64 32`", i+1, len(k), MinOperatorKeyLen))
 		}
 	}
 	if err := c.Member.Validate(); err != nil {

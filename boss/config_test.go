@@ -17,6 +17,9 @@ func TestConfigValidate(t *testing.T) {
 		"negative grace":   {func(c *Config) { c.ReconcileGrace = -time.Second }, "reconcile grace"},
 		"negative timeout": {func(c *Config) { c.PeerTimeout = -1 }, "peer timeout"},
 		"bad gossip":       {func(c *Config) { c.Member.BindAddr = "x" }, "gossip address"},
+		"short operator key": {func(c *Config) {
+			c.OperatorKeys = [][]byte{[]byte("0123456789abcdef"), []byte("0123456789abcde")}
+		}, "operator key 2 has 15 bytes, want at least 16"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := DefaultConfig()

@@ -1,6 +1,7 @@
 package boss
 
 import (
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -34,6 +35,20 @@ const (
 	opBatch = 20 * time.Millisecond
 	// maxActionBody bounds the body of an action request.
 	maxActionBody = 4 << 10
+)
+
+// The labels of imq_boss_actions_refused_total: the credential an action
+// was refused for, and why.
+const (
+	credOperator = "operator" // a bearer operator key
+	credCluster  = "cluster"  // a cluster-key signature (a member's)
+
+	refusedNoKey   = "no_key"  // the boss has no key of that kind
+	refusedMissing = "missing" // the request carries none
+	refusedInvalid = "invalid" // a wrong key or a bad signature
+	refusedStale   = "stale"   // a signature outside the time window
+	refusedReplay  = "replay"  // a signature already used
+	refusedBusy    = "busy"    // too many signed requests in the window
 )
 
 type opKind int
@@ -115,12 +130,7 @@ func (b *Boss) serveHandoff(w http.ResponseWriter, r *http.Request) {
 	if b.reportAuth != nil {
 		if err := b.reportAuth.Verify(r, body, time.Now()); err != nil {
 			b.m.reportsRefused.Inc()
-			status := http.StatusUnauthorized
-			if errors.Is(err, clusterauth.ErrBusy) {
-				status = http.StatusServiceUnavailable
-			}
-			b.log.Warn("hand-off report refused", "remote", r.RemoteAddr, "err", err)
-			httpError(w, status, imqpb.Code_UNAUTHORIZED, err.Error())
+			b.refuseSigned(w, r, err)
 			return
 		}
 	}
@@ -173,17 +183,13 @@ func (b *Boss) drainAuthorized(w http.ResponseWriter, r *http.Request, body []by
 		return b.operator(w, r)
 	}
 	if b.reportAuth == nil {
+		b.noteRefused(r, credCluster, refusedNoKey, nil)
 		httpError(w, http.StatusForbidden, imqpb.Code_FORBIDDEN,
 			"this boss has no cluster key (insecure): it cannot check a member's signature; drain with the operator key (Authorization: Bearer <key>)")
 		return false
 	}
 	if err := b.reportAuth.Verify(r, body, time.Now()); err != nil {
-		status := http.StatusUnauthorized
-		if errors.Is(err, clusterauth.ErrBusy) {
-			status = http.StatusServiceUnavailable
-		}
-		b.log.Warn("signed drain request refused", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
-		httpError(w, status, imqpb.Code_UNAUTHORIZED, err.Error())
+		b.refuseSigned(w, r, err)
 		return false
 	}
 	b.log.Info("drain request from a cluster member", "path", r.URL.Path, "remote", r.RemoteAddr)
@@ -193,26 +199,64 @@ func (b *Boss) drainAuthorized(w http.ResponseWriter, r *http.Request, body []by
 // operator reports whether r carries an operator key, answering 403 (no key
 // configured) or 401 when not.
 func (b *Boss) operator(w http.ResponseWriter, r *http.Request) bool {
-	if len(b.cfg.OperatorKeys) == 0 {
+	if len(b.operatorDigests) == 0 {
+		b.noteRefused(r, credOperator, refusedNoKey, nil)
 		httpError(w, http.StatusForbidden, imqpb.Code_FORBIDDEN,
 			"operator actions are disabled: start the boss with an operator key (IMQ_OPERATOR_KEY, or --operator-key-file) and send it as Authorization: Bearer <key>")
 		return false
 	}
 	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if ok {
-		for _, k := range b.cfg.OperatorKeys {
-			if subtle.ConstantTimeCompare([]byte(token), k) == 1 {
-				return true
-			}
-		}
+	if ok && b.isOperatorKey(token) {
+		return true
 	}
 	w.Header().Set("WWW-Authenticate", `Bearer realm="imq-boss"`)
-	msg := "missing operator key: send Authorization: Bearer <operator key>"
+	msg, reason := "missing operator key: send Authorization: Bearer <operator key>", refusedMissing
 	if ok {
-		msg = "wrong operator key"
+		msg, reason = "wrong operator key", refusedInvalid
 	}
+	b.noteRefused(r, credOperator, reason, nil)
 	httpError(w, http.StatusUnauthorized, imqpb.Code_UNAUTHORIZED, msg)
 	return false
+}
+
+// isOperatorKey compares token with every operator key by their SHA-256
+// digests, in constant time: neither how long a key is nor which one
+// matched shows in the time the answer takes.
+func (b *Boss) isOperatorKey(token string) bool {
+	d := sha256.Sum256([]byte(token))
+	match := 0
+	for _, k := range b.operatorDigests {
+		match |= subtle.ConstantTimeCompare(d[:], k[:])
+	}
+	return match == 1
+}
+
+// refuseSigned answers a request whose cluster-key signature did not
+// verify: 503 when the verifier was too busy (retry), 401 otherwise.
+func (b *Boss) refuseSigned(w http.ResponseWriter, r *http.Request, err error) {
+	status, reason := http.StatusUnauthorized, refusedInvalid
+	switch {
+	case errors.Is(err, clusterauth.ErrBusy):
+		status, reason = http.StatusServiceUnavailable, refusedBusy
+	case errors.Is(err, clusterauth.ErrMissing):
+		reason = refusedMissing
+	case errors.Is(err, clusterauth.ErrStale):
+		reason = refusedStale
+	case errors.Is(err, clusterauth.ErrReplay):
+		reason = refusedReplay
+	}
+	b.noteRefused(r, credCluster, reason, err)
+	httpError(w, status, imqpb.Code_UNAUTHORIZED, err.Error())
+}
+
+// noteRefused counts a refused action and logs it, at most once per
+// credential and reason every 10 s: a scan or a misconfigured member does
+// not flood the log.
+func (b *Boss) noteRefused(r *http.Request, cred, reason string, err error) {
+	b.m.actionsRefused.WithLabelValues(cred, reason).Inc()
+	if ok, skipped := b.refusedLog.Allow(cred+"/"+reason, time.Now()); ok {
+		b.log.Warn("action refused", "path", r.URL.Path, "remote", r.RemoteAddr, "credential", cred, "reason", reason, "err", err, "skipped", skipped)
+	}
 }
 
 // do hands o to the reconcile goroutine and writes its answer.

@@ -12,6 +12,7 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/clusterauth"
 	"github.com/imq-dev/imq/internal/testutil"
+	dto "github.com/prometheus/client_model/go"
 )
 
 var testClusterKey = []byte("cluster-key-for-tests")
@@ -432,4 +433,40 @@ func TestDrainSignedInsecureBoss(t *testing.T) {
 	if d := b.Draining(); len(d) != 0 {
 		t.Fatalf("drained %v", d)
 	}
+}
+
+// TestOperatorKeys: any of the operator keys is taken (rotation); a key's
+// prefix, an extension of it, another key and none are refused, each
+// counted by reason.
+func TestOperatorKeys(t *testing.T) {
+	const oldKey, newKey = "old-operator-key-0123456789", "new-operator-key-0123456789abcdef"
+	cfg := testConfig(t, t.TempDir())
+	cfg.OperatorKeys = [][]byte{[]byte(oldKey), []byte(newKey)}
+	b, _ := startBoss(t, cfg)
+	for _, key := range []string{oldKey, newKey} {
+		// Authorized: qn-9 was not draining.
+		if code, body := action(t, b, "undrain", "qn-9", key); code != http.StatusOK {
+			t.Fatalf("undrain with %q: %d %s, want 200", key, code, body)
+		}
+	}
+	for _, key := range []string{oldKey[:16], oldKey + "x", newKey[:len(newKey)-1], "wrong", ""} {
+		if code, body := action(t, b, "undrain", "qn-9", key); code != http.StatusUnauthorized {
+			t.Fatalf("undrain with %q: %d %s, want 401", key, code, body)
+		}
+	}
+	if got := refusedCount(t, b, credOperator, refusedInvalid); got != 4 {
+		t.Errorf("refused for an invalid operator key: %v, want 4", got)
+	}
+	if got := refusedCount(t, b, credOperator, refusedMissing); got != 1 {
+		t.Errorf("refused for a missing operator key: %v, want 1", got)
+	}
+}
+
+func refusedCount(t *testing.T, b *Boss, cred, reason string) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := b.m.actionsRefused.WithLabelValues(cred, reason).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }

@@ -18,6 +18,9 @@ type metrics struct {
 	movesCompleted prometheus.Counter
 	movesGivenUp   prometheus.Counter
 	reportsRefused prometheus.Counter
+	// actionsRefused counts refused operator and member actions, by
+	// credential and reason (handoff.go).
+	actionsRefused *prometheus.CounterVec
 }
 
 func newMetrics(reg *prometheus.Registry, b *Boss) *metrics {
@@ -54,7 +57,17 @@ func newMetrics(reg *prometheus.Registry, b *Boss) *metrics {
 			Name: "imq_boss_handoff_reports_refused_total", Help: "Hand-off reports refused for a missing, bad, stale or replayed signature.",
 		}),
 	}
-	reg.MustRegister(m.movesCompleted, m.movesGivenUp, m.reportsRefused,
+	m.actionsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imq_boss_actions_refused_total", Help: "Actions (hand-off reports, drain and undrain) refused for their credential, by credential (operator: the bearer operator key; cluster: a member's cluster-key signature) and reason: no_key (the boss has none of that kind), missing, invalid (a wrong key or bad signature), stale, replay, busy.",
+	}, []string{"credential", "reason"})
+	for _, c := range []string{credOperator, credCluster} {
+		for _, r := range []string{refusedNoKey, refusedMissing, refusedInvalid, refusedStale, refusedReplay, refusedBusy} {
+			if c == credCluster || r == refusedNoKey || r == refusedMissing || r == refusedInvalid {
+				m.actionsRefused.WithLabelValues(c, r)
+			}
+		}
+	}
+	reg.MustRegister(m.movesCompleted, m.movesGivenUp, m.reportsRefused, m.actionsRefused,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_boss_buckets_moving", Help: "Buckets marked moving in the table the boss serves.",
 		}, func() float64 { return float64(b.Table().MovingCount()) }),

@@ -2,6 +2,7 @@ package boss
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
 	"github.com/imq-dev/imq/internal/clusterauth"
+	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/obs"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -61,7 +63,11 @@ type Boss struct {
 	kick          chan struct{} // cap 1: reconcile now
 	ops           chan op       // cap maxOps: actions for the reconcile goroutine
 
-	reportAuth   *clusterauth.Verifier // nil: insecure, reports unsigned
+	reportAuth *clusterauth.Verifier // nil: insecure, reports unsigned
+	// operatorDigests are the SHA-256 digests of Config.OperatorKeys.
+	operatorDigests [][sha256.Size]byte
+	// refusedLog rate-limits the warnings of refused actions.
+	refusedLog   imqlink.LogLimiter
 	drainingView atomic.Pointer[[]string]
 	// movesView is when each pending move of the published table was
 	// first seen marked (for /v1/nodes); replaced whole.
@@ -143,6 +149,9 @@ func New(cfg Config) (*Boss, error) {
 		if b.layout == nil || b.layout.MovingCount() > 0 {
 			b.layout = st.Table.Settled()
 		}
+	}
+	for _, k := range cfg.OperatorKeys {
+		b.operatorDigests = append(b.operatorDigests, sha256.Sum256(k))
 	}
 	if len(cfg.ClusterKeys) > 0 {
 		var err error

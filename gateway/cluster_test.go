@@ -208,6 +208,7 @@ func expectUnsubscribed(t *testing.T, u *imqpb.Unsubscribed, queue string, reaso
 // fakeNode is a queue node that answers each request with handle's reply,
 // records the requests, and lets the test send frames of its own.
 type fakeNode struct {
+	id     string
 	ln     net.Listener
 	handle func(*imqpb.NodeRequest) *imqpb.NodeReply
 	reqs   chan *imqpb.NodeRequest
@@ -218,13 +219,21 @@ type fakeNode struct {
 	links   []*link.Conn // Guarded by mu: the conns after their handshake.
 }
 
+// startFakeNode starts a fake node with id "qa".
 func startFakeNode(t *testing.T, handle func(*imqpb.NodeRequest) *imqpb.NodeReply) *fakeNode {
+	t.Helper()
+	return startFakeNodeID(t, "qa", handle)
+}
+
+// startFakeNodeID starts a fake node that answers handshakes as id: a
+// gateway in cluster mode links only to the id its table names.
+func startFakeNodeID(t *testing.T, id string, handle func(*imqpb.NodeRequest) *imqpb.NodeReply) *fakeNode {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakeNode{ln: ln, handle: handle, reqs: make(chan *imqpb.NodeRequest, 100), adopted: make(chan *imqpb.BucketAdopted, 10)}
+	f := &fakeNode{id: id, ln: ln, handle: handle, reqs: make(chan *imqpb.NodeRequest, 100), adopted: make(chan *imqpb.BucketAdopted, 10)}
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -249,7 +258,7 @@ func (f *fakeNode) addr() string { return f.ln.Addr().String() }
 
 func (f *fakeNode) serve(c net.Conn) {
 	defer c.Close()
-	conn, err := link.Server(c, link.Config{Role: link.RoleNode, ID: "fake", PeerRoles: []imqpb.LinkRole{link.RoleGateway}})
+	conn, err := link.Server(c, link.Config{Role: link.RoleNode, ID: f.id, PeerRoles: []imqpb.LinkRole{link.RoleGateway}})
 	if err != nil {
 		return
 	}

@@ -97,7 +97,7 @@ func expectOffsets(t *testing.T, got map[string][]uint64, queue string, want ...
 func twoNodes(t *testing.T, handleA func(*imqpb.NodeRequest) *imqpb.NodeReply) (*gateway.Server, *fakeNode, *fakeNode, *bucket.Table) {
 	t.Helper()
 	gw := startClusterGateway(t, nil)
-	a, b := startFakeNode(t, handleA), startFakeNode(t, fakeOK)
+	a, b := startFakeNode(t, handleA), startFakeNodeID(t, "qb", fakeOK)
 	tb := mustJoin(t, bucket.Single(bucket.Node{ID: "qa", LinkAddr: a.addr()}), bucket.Node{ID: "qb", LinkAddr: b.addr()})
 	install(t, gw, tb)
 	return gw, a, b, tb
@@ -189,7 +189,7 @@ func TestHandoffServedBy(t *testing.T) {
 // are ignored meanwhile, and B's after the BucketAdopted arrive.
 func TestHandoffWaitsForTable(t *testing.T) {
 	gw := startClusterGateway(t, nil)
-	a, b := startFakeNode(t, fakeOK), startFakeNode(t, fakeOK)
+	a, b := startFakeNode(t, fakeOK), startFakeNodeID(t, "qb", fakeOK)
 	t1 := bucket.Single(bucket.Node{ID: "qa", LinkAddr: a.addr()})
 	t2 := mustJoin(t, t1, bucket.Node{ID: "qb", LinkAddr: b.addr()})
 	install(t, gw, t1)
@@ -223,7 +223,7 @@ func TestHandoffServedByWaitsForTable(t *testing.T) {
 		}
 		return r
 	})
-	b := startFakeNode(t, fakeOK)
+	b := startFakeNodeID(t, "qb", fakeOK)
 	t1 := bucket.Single(bucket.Node{ID: "qa", LinkAddr: a.addr()})
 	t2 = mustJoin(t, t1, bucket.Node{ID: "qb", LinkAddr: b.addr()})
 	install(t, gw, t1)

@@ -113,9 +113,16 @@ func (l *nodeLink) run(ctx context.Context) {
 }
 
 // dial connects and runs the handshake; a node that knows a newer table
-// than the gateway's makes it fetch that one.
+// than the gateway's makes it fetch that one. In cluster mode the node
+// must answer with the id the table names at that address: requests for
+// its buckets go to no other (standalone, the gateway does not know the
+// node's id).
 func (l *nodeLink) dial(ctx context.Context) (*link.Conn, error) {
-	conn, err := link.Dial(ctx, l.node.LinkAddr, l.s.linkConfig())
+	cfg := l.s.linkConfig()
+	if l.s.cfg.Member != nil {
+		cfg.PeerID = l.node.ID
+	}
+	conn, err := link.Dial(ctx, l.node.LinkAddr, cfg)
 	if err != nil {
 		return nil, err
 	}

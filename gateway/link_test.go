@@ -12,10 +12,12 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/gateway"
+	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/testutil"
 	"github.com/imq-dev/imq/launch"
 	imqpb "github.com/imq-dev/imq/proto"
+	"github.com/imq-dev/imq/queuenode"
 )
 
 // TestSilentNodeLinkIsDropped: a queue node that completes the handshake and
@@ -206,4 +208,31 @@ func TestGatewayRefusesFakeNode(t *testing.T) {
 	testutil.WaitFor(t, 5*time.Second, "the gateway to count the auth failure", func() bool {
 		return handshakeFailures(t, gw.InternalAddr(), "imq_gateway_link_handshake_failures_total", link.ReasonAuth) > 0
 	})
+}
+
+// TestGatewayRefusesNodeWithAnotherID: a queue node that holds the cluster
+// key but is not the node the table names at its address (a redirected or
+// misconfigured address) gets no link: the gateway checks the id the
+// node proved in the handshake, and routes nothing there.
+func TestGatewayRefusesNodeWithAnotherID(t *testing.T) {
+	cfg := queuenode.DefaultConfig()
+	cfg.NodeID, cfg.LinkAddr, cfg.ClusterKeys = "qz", "127.0.0.1:0", [][]byte{oldKey}
+	n, err := queuenode.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go n.Run(context.Background())
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		n.Shutdown(ctx)
+	})
+	gw := startClusterGateway(t, func(c *gateway.Config) { c.ClusterKeys = [][]byte{oldKey} })
+	gw.InstallTable(bucket.Single(bucket.Node{ID: "qa", LinkAddr: n.LinkAddr()}))
+	testutil.WaitFor(t, 5*time.Second, "the gateway to refuse the node's id", func() bool {
+		return handshakeFailures(t, gw.InternalAddr(), "imq_gateway_link_handshake_failures_total", link.ReasonPeer) > 0
+	})
+	if gw.Links()["qa"] {
+		t.Fatal("the gateway linked to node qz as qa")
+	}
 }

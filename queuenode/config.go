@@ -66,8 +66,21 @@ type Config struct {
 	// LinkHandshakeTimeout closes a link whose peer has not completed the
 	// handshake (hello, and its proof of the cluster key) within this
 	// long after it connected. Until then no frame over 4 KiB is read.
-	// Default: 10s.
+	// Zero means the default, 5s.
 	LinkHandshakeTimeout time.Duration
+	// MaxLinkHandshakes bounds the incoming link handshakes in flight
+	// (connections accepted whose peer has not yet proved the cluster
+	// key). When all are taken, the oldest one's connection is closed to
+	// admit the new one: a flood of idle sockets costs a bounded amount
+	// of memory and file descriptors, and a gateway holding the key,
+	// which finishes within a round trip or two, still links. Links this
+	// node dials (hand-offs) and the membership are not counted. Zero
+	// means the default, 256.
+	MaxLinkHandshakes int
+	// MaxLinkHandshakesPerAddr bounds those from one IP address; a
+	// connection over it is closed at once. Gateways behind one NAT
+	// address share it. Zero means the default, 16.
+	MaxLinkHandshakesPerAddr int
 	// ClusterKeys are the secrets that authenticate links, each at least
 	// 16 bytes: a gateway (or node) dialling this node must prove it holds
 	// one of them (an HMAC over a fresh challenge; the key never travels),
@@ -188,7 +201,9 @@ func DefaultConfig() Config {
 		LinkBuffer:      64 << 20,
 		LinkTimeout:     imqlink.DefaultTimeout,
 
-		LinkHandshakeTimeout: imqlink.DefaultHandshakeTimeout,
+		LinkHandshakeTimeout:     imqlink.DefaultHandshakeTimeout,
+		MaxLinkHandshakes:        imqlink.DefaultMaxHandshakes,
+		MaxLinkHandshakesPerAddr: imqlink.DefaultMaxHandshakesPerAddr,
 
 		CalloutTimeout:     2 * time.Second,
 		CalloutConcurrency: 64,
@@ -237,6 +252,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.LinkHandshakeTimeout == 0 {
 		c.LinkHandshakeTimeout = d.LinkHandshakeTimeout
+	}
+	if c.MaxLinkHandshakes == 0 {
+		c.MaxLinkHandshakes = d.MaxLinkHandshakes
+	}
+	if c.MaxLinkHandshakesPerAddr == 0 {
+		c.MaxLinkHandshakesPerAddr = d.MaxLinkHandshakesPerAddr
 	}
 	if c.CalloutTimeout == 0 {
 		c.CalloutTimeout = d.CalloutTimeout
@@ -318,6 +339,8 @@ func (c *Config) validate() error {
 	if c.LinkHandshakeTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("link handshake timeout must be positive, got %s", c.LinkHandshakeTimeout))
 	}
+	positive("max link handshakes", c.MaxLinkHandshakes)
+	positive("max link handshakes per address", c.MaxLinkHandshakesPerAddr)
 	if err := imqlink.ValidateKeys(c.ClusterKeys); err != nil {
 		errs = append(errs, err)
 	}

@@ -105,7 +105,7 @@ func (n *nodeIn) stage(hq *imqpb.HandoffQueues, size int64) {
 	k := bkey{bits: int(hq.GetBits()), b: int(hq.GetBucket())}
 	st := n.staging[k]
 	if st == nil {
-		st = &staged{}
+		st = &staged{err: n.mayTake(k, hq.GetTableVersion())}
 		n.staging[k] = st
 	}
 	if st.err != nil {
@@ -144,6 +144,11 @@ func (n *nodeIn) adopt(end *imqpb.HandoffEnd) {
 	err := st.err
 	if err == nil && (k.bits > maxBucketBits || k.b >= 1<<k.bits) {
 		err = imqerr.New(imqpb.Code_BAD_REQUEST, "bucket %d of %d bits: no such bucket", k.b, k.bits)
+	}
+	if err == nil {
+		// Again at the end: the move may have been given up meanwhile,
+		// and a bucket without queues sends no HandoffQueues.
+		err = n.mayTake(k, end.GetTableVersion())
 	}
 	if err == nil && int(end.GetQueues()) != len(st.snaps) {
 		err = imqerr.New(imqpb.Code_BAD_REQUEST, "hand-off end counts %d queues; %d arrived", end.GetQueues(), len(st.snaps))
@@ -186,6 +191,38 @@ func (n *nodeIn) adopt(end *imqpb.HandoffEnd) {
 		s.log.Warn("bucket hand-off refused", "bucket", k.b, "bits", k.bits, "from", n.from, "err", err)
 	}
 	n.conn.SendAlways(encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_HandoffAck{HandoffAck: ack}}))
+}
+
+// mayTake checks that this node may adopt bucket k from the link's peer:
+// its table, once it holds version v (the one the hand-off was planned
+// by; it waits for it at most fenceWait), marks k moving from the peer to
+// this node. Holding the cluster key is not enough to hand a bucket over:
+// a peer the table does not name as k's owner, or a bucket the table does
+// not move to this node, is refused (the sender keeps the bucket).
+//
+// So a snapshot never replaces a queue this node serves by its table: k
+// moving from the peer means the peer owns it. It may replace what this
+// node holds of k otherwise: a stale copy, from before it lost k, or what
+// it adopted in an earlier attempt of this same move, which the owner
+// took back and served on when that attempt failed, so its snapshot is
+// the newer.
+func (n *nodeIn) mayTake(k bkey, v uint64) error {
+	s := n.s
+	if s.cluster == nil {
+		return imqerr.New(imqpb.Code_FORBIDDEN, "queue node %s runs standalone: it has no bucket table and takes no hand-offs", s.cfg.NodeID)
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, fenceWait)
+	t, err := s.cluster.WaitVersion(ctx, v)
+	cancel()
+	if err != nil {
+		return imqerr.New(imqpb.Code_UNAVAILABLE, "queue node %s holds bucket table version %d and the hand-off was planned by version %d, which it could not fetch within %s; retry",
+			s.cfg.NodeID, t.Version(), v, fenceWait)
+	}
+	if t.Bits() != k.bits || k.b >= t.Buckets() || !t.IsMoving(k.b, n.from, s.cfg.NodeID) {
+		return imqerr.New(imqpb.Code_FORBIDDEN, "bucket table version %d does not mark bucket %d of %d bits moving from %s to %s",
+			t.Version(), k.b, k.bits, n.from, s.cfg.NodeID)
+	}
+	return nil
 }
 
 func contains(s []string, v string) bool {

@@ -667,3 +667,109 @@ func TestForgetTarget(t *testing.T) {
 		t.Fatal("still forwarding after the boss refused the report with the bucket still this node's")
 	}
 }
+
+// TestHandoffInChecksTheTable: holding the cluster key is not enough to
+// hand a bucket to a node. A node-role peer that claims to hand off a
+// bucket the node owns (its live queue keeps its epoch and history), one
+// that claims an owner's id the table does not give the bucket, or a
+// bucket the table does not move, is refused with FORBIDDEN and nothing is
+// installed; the bucket the table moves from its owner to the node is
+// taken.
+func TestHandoffInChecksTheTable(t *testing.T) {
+	s := startClusterNode(t, "b", func(c *Config) { c.ClusterKeys = [][]byte{testOldKey} })
+	// b owns one bucket (mine); one more moves from a to b (moving); a
+	// keeps the rest (still).
+	v1 := bucket.Single(bucket.Node{ID: "a", LinkAddr: testutil.ClosedAddr(t)})
+	layout, _, err := v1.Join(bucket.Node{ID: "b", LinkAddr: s.LinkAddr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _ := v1.Advance(layout, layout.Nodes(), 1, nil)
+	mine := first.Moving()[0].Bucket
+	done, err := first.CompleteMove(mine, "a", "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	table, _ := done.Advance(layout, layout.Nodes(), 1, nil)
+	if table.MovingCount() != 1 || table.Owner(mine).ID != "b" {
+		t.Fatalf("table %v: want b owning bucket %d and one bucket moving", table, mine)
+	}
+	moving := table.Moving()[0].Bucket
+	still := -1
+	for b := range table.Buckets() {
+		if b != mine && b != moving && still < 0 {
+			still = b
+		}
+	}
+	s.setTable(table)
+
+	in := func(b int) string { return queuesWhere(t, 1, func(q string) bool { return table.Bucket(q) == b })[0] }
+	live := in(mine)
+	gw := dialLinkWith(t, s.LinkAddr(), imqlink.Config{ID: "gw-1", Keys: [][]byte{testOldKey}})
+	for range 3 {
+		r := publishReq(live, "chat")
+		r.TableVersion = table.Version()
+		gw.ok(r)
+	}
+	epoch, head := queueAt(t, s.Server, live)
+
+	handOff := func(from string, b int, queue string) *imqpb.HandoffAck {
+		t.Helper()
+		peer := dialLinkWith(t, s.LinkAddr(), imqlink.Config{Role: imqlink.RoleNode, ID: from, Keys: [][]byte{testOldKey}})
+		now := time.Now().UnixNano()
+		peer.write(&imqpb.LinkUp{Msg: &imqpb.LinkUp_HandoffQueues{HandoffQueues: &imqpb.HandoffQueues{
+			Bucket: uint32(b), Bits: uint32(table.Bits()), TableVersion: table.Version(),
+			Queues: []*imqpb.QueueSnapshot{{Name: queue, Epoch: 7, CreatedUnixNano: now, LastActiveUnixNano: now}},
+		}}})
+		peer.write(&imqpb.LinkUp{Msg: &imqpb.LinkUp_HandoffEnd{HandoffEnd: &imqpb.HandoffEnd{
+			Bucket: uint32(b), Bits: uint32(table.Bits()), TableVersion: table.Version(), Queues: 1,
+		}}})
+		for {
+			if ack := peer.read().GetHandoffAck(); ack != nil {
+				return ack
+			}
+		}
+	}
+	for _, c := range []struct {
+		name, from string
+		bucket     int
+		queue      string
+	}{
+		{"a bucket the node owns", "a", mine, live},
+		{"an id that does not own the bucket", "mallory", moving, in(moving)},
+		{"the node's own id", "b", moving, in(moving)},
+		{"a bucket that is not moving", "a", still, in(still)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ack := handOff(c.from, c.bucket, c.queue)
+			if ack.GetCode() != imqpb.Code_FORBIDDEN {
+				t.Fatalf("hand-off acked %v %q, want FORBIDDEN", ack.GetCode(), ack.GetMessage())
+			}
+			if c.queue != live && s.hasQueue(c.queue) {
+				t.Fatalf("refused hand-off installed %s", c.queue)
+			}
+		})
+	}
+	if e, h := queueAt(t, s.Server, live); e != epoch || h != head {
+		t.Fatalf("live queue %s at epoch %d head %d after refused hand-offs, was %d, %d", live, e, h, epoch, head)
+	}
+	if ack := handOff("a", moving, in(moving)); ack.GetCode() != imqpb.Code_OK {
+		t.Fatalf("the hand-off the table marks was acked %v %q", ack.GetCode(), ack.GetMessage())
+	}
+	if e, _ := queueAt(t, s.Server, in(moving)); e != 7 {
+		t.Fatalf("adopted queue at epoch %d, want the snapshot's 7", e)
+	}
+}
+
+// queueAt returns the epoch and head of queue on s.
+func queueAt(t *testing.T, s *Server, queue string) (epoch, head uint64) {
+	t.Helper()
+	sh := s.shardFor(queue)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	q := sh.queues[queue]
+	if q == nil {
+		t.Fatalf("no queue %s", queue)
+	}
+	return q.Epoch(), q.Head()
+}

@@ -51,14 +51,16 @@ func (s *Server) linkConfig() imqlink.Config {
 	}
 }
 
-// serveLink runs one link until it closes.
-func (s *Server) serveLink(nc net.Conn) {
+// serveLink runs one link until it closes. release frees the link's
+// handshake slot (Server.gate) once the handshake is over.
+func (s *Server) serveLink(nc net.Conn, release func()) {
 	log := s.log.With("remote", nc.RemoteAddr().String())
 	conn, err := imqlink.Server(nc, s.linkConfig())
+	release()
 	if err != nil {
 		reason := imqlink.ReasonOf(err)
 		s.m.linkHandshakeFailures.WithLabelValues(string(reason)).Inc()
-		if ok, skipped := s.handshakeLog.Allow(reason, time.Now()); ok {
+		if ok, skipped := s.handshakeLog.Allow(string(reason), time.Now()); ok {
 			log.Warn("link handshake failed", "reason", reason, "err", err, "skipped", skipped)
 		}
 		return

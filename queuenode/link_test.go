@@ -274,3 +274,62 @@ func TestHugeLengthPrefixesCostNoMemory(t *testing.T) {
 		return failures(imqlink.ReasonMalformed) == 12 && failures(imqlink.ReasonTimeout) == 12
 	})
 }
+
+// TestHalfOpenFloodIsBounded: thousands of sockets from many addresses
+// that hold no key and send a handshake frame's header and most of its
+// body, then nothing, neither keep a gateway holding the key from linking
+// nor make the node hold memory in proportion to their number: it keeps
+// at most MaxLinkHandshakes of them, each without a read buffer.
+func TestHalfOpenFloodIsBounded(t *testing.T) {
+	const addrs, perAddr = 64, 40 // 2,560 sockets, 40 from each address
+	s := startLinkNode(t, func(c *Config) { c.ClusterKeys = [][]byte{testOldKey} })
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+
+	var flood []net.Conn
+	t.Cleanup(func() {
+		for _, c := range flood {
+			c.Close()
+		}
+	})
+	junk := append([]byte{0, 0, 0x10, 0x00}, make([]byte, 4000)...) // 4,000 of an announced 4,096 bytes
+	for i := range addrs {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 1, byte(i+1))}}
+		for range perAddr {
+			c, err := d.Dial("tcp", s.LinkAddr())
+			if err != nil {
+				t.Fatalf("flood socket %d: %v", len(flood), err)
+			}
+			flood = append(flood, c)
+			c.Write(junk) // the node may have closed it already
+		}
+	}
+	// The node accepts in order: once the gateway's link is up, every
+	// flood socket has been through the gate.
+	gw := dialLinkWith(t, s.LinkAddr(), imqlink.Config{ID: "gw-1", Keys: [][]byte{testOldKey}})
+	gw.ok(publishReq("/room/after-the-flood", "chat"))
+
+	// Let the slots' goroutines read what their sockets sent.
+	time.Sleep(200 * time.Millisecond)
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	grew := int64(after.HeapInuse) - int64(before.HeapInuse)
+	t.Logf("%d half-open sockets: heap in use grew %.1f MiB (%.1f KiB per socket); %d handshakes in flight",
+		len(flood), float64(grew)/(1<<20), float64(grew)/1024/float64(len(flood)), s.gate.InFlight())
+	if n := s.gate.InFlight(); n > s.cfg.MaxLinkHandshakes {
+		t.Fatalf("%d handshakes in flight, the bound is %d", n, s.cfg.MaxLinkHandshakes)
+	}
+	for _, shed := range []imqlink.Shed{imqlink.ShedAddr, imqlink.ShedOldest} {
+		if counterValue(t, s.m.linkHandshakesShed.WithLabelValues(string(shed))) == 0 {
+			t.Errorf("no connection counted as shed by %q", shed)
+		}
+	}
+	// Unbounded, each socket held a 32 KiB read buffer and its frame:
+	// about 95 MiB here. Bounded: 256 frames of 4 KiB, and both ends'
+	// socket structures.
+	if limit := int64(16 << 20); grew > limit {
+		t.Fatalf("heap in use grew %d bytes for %d half-open sockets, want at most %d", grew, len(flood), limit)
+	}
+}

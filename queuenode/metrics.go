@@ -17,8 +17,11 @@ type metrics struct {
 	// linkHandshakeFailures counts links whose handshake failed, by
 	// imqlink.Reason.
 	linkHandshakeFailures *prometheus.CounterVec
-	queuesCreated         prometheus.Counter
-	queuesExpired         prometheus.Counter
+	// linkHandshakesShed counts connections the handshake gate closed, by
+	// imqlink.Shed.
+	linkHandshakesShed *prometheus.CounterVec
+	queuesCreated      prometheus.Counter
+	queuesExpired      prometheus.Counter
 
 	callouts       *prometheus.CounterVec
 	calloutSeconds *prometheus.HistogramVec
@@ -125,9 +128,15 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		linkHandshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imq_queuenode_link_handshake_failures_total", Help: "Incoming links closed because their handshake failed, by reason: timeout (no hello within the link handshake timeout), closed, malformed (not a hello, or a frame over 4 KiB), version (no common protocol), mode (one end without a cluster key), auth (the hello's MAC did not verify: a wrong key or a replay), peer (role or id refused).",
 		}, []string{"reason"}),
+		linkHandshakesShed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imq_queuenode_link_handshakes_shed_total", Help: "Incoming connections closed before their handshake finished because too many were in flight, by which bound: address (the peer's IP address had its most handshakes in flight, 16 by default; the new one was closed), oldest (all slots, 256 by default, were taken; the oldest was closed to admit the new one).",
+		}, []string{"shed"}),
 	}
 	for _, r := range imqlink.Reasons {
 		m.linkHandshakeFailures.WithLabelValues(string(r))
+	}
+	for _, sh := range []imqlink.Shed{imqlink.ShedAddr, imqlink.ShedOldest} {
+		m.linkHandshakesShed.WithLabelValues(string(sh))
 	}
 	m.handoffQueues = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "imq_queuenode_handoff_queues_total", Help: "Queues streamed in bucket hand-offs that completed, by direction: out (handed off), in (adopted).",
@@ -185,7 +194,10 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	reg.MustRegister(m.requests, m.errors, m.published, m.stateChanges, m.deliveries,
 		m.linkOverflows, m.queuesCreated, m.queuesExpired, m.callouts, m.calloutSeconds, m.chainedRefused,
 		m.evictedEvents, m.evictedBytes, m.evictionRuns, m.evictionsFutile, m.refused, m.seedsSkipped,
-		m.movedReplies, m.queuesMoved, m.deadGatewayLinks, m.linkHandshakeFailures,
+		m.movedReplies, m.queuesMoved, m.deadGatewayLinks, m.linkHandshakeFailures, m.linkHandshakesShed,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imq_queuenode_link_handshakes_in_flight", Help: "Incoming link connections whose handshake is running: accepted, their peer not yet authenticated.",
+		}, func() float64 { return float64(s.gate.InFlight()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_budget_used_bytes", Help: "Bytes the node's queues hold as its memory budget counts them (history, state, overheads), writes in flight included.",
 		}, func() float64 { return float64(s.nodeBytes.Load()) }),

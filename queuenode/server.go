@@ -86,8 +86,12 @@ type Server struct {
 	linkSerial uint64           // guarded by mu
 	closed     bool             // guarded by mu
 
-	// handshakeLog rate-limits the warnings of failed link handshakes: a
-	// port scan or a peer with the wrong key does not flood the log.
+	// gate bounds the incoming link handshakes in flight, in all and per
+	// address (Config.MaxLinkHandshakes).
+	gate *imqlink.Gate
+	// handshakeLog rate-limits the warnings of failed or shed link
+	// handshakes: a port scan or a peer with the wrong key does not flood
+	// the log.
 	handshakeLog imqlink.LogLimiter
 }
 
@@ -110,7 +114,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.NodeID == "" {
 		cfg.NodeID = "node-" + ln.Addr().String()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), ln: ln, links: make(map[string]*link)}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), ln: ln, links: make(map[string]*link),
+		gate: imqlink.NewGate(cfg.MaxLinkHandshakes, cfg.MaxLinkHandshakesPerAddr)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	for i := range s.shards {
 		s.shards[i].queues = make(map[string]*Queue)
@@ -223,7 +228,19 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 			return fmt.Errorf("queuenode: accept: %w", err)
 		}
-		if !s.goTracked(func() { s.serveLink(conn) }) { // ends when the link closes
+		release, shed, ok := s.gate.Admit(conn)
+		if shed != "" {
+			s.m.linkHandshakesShed.WithLabelValues(string(shed)).Inc()
+			if logged, skipped := s.handshakeLog.Allow(string(shed), time.Now()); logged {
+				s.log.Warn("too many link handshakes in flight; closed a connection", "shed", shed, "remote", conn.RemoteAddr().String(),
+					"in_flight", s.gate.InFlight(), "skipped", skipped)
+			}
+		}
+		if !ok {
+			continue // the gate closed it
+		}
+		if !s.goTracked(func() { s.serveLink(conn, release) }) { // ends when the link closes
+			release()
 			conn.Close() // accepted as Shutdown began: it would not be closed
 		}
 	}

@@ -14,7 +14,15 @@
 // over the exchange; the acceptor verifies it before it reads anything else
 // and answers a HelloAck with its own MAC, which the dialer verifies before
 // it sends anything else. Until then frames are bounded to
-// MaxHandshakeFrame and the whole exchange to Config.HandshakeTimeout.
+// MaxHandshakeFrame, read without a read buffer, and the whole exchange to
+// Config.HandshakeTimeout; an acceptor bounds the handshakes it runs at
+// once with a Gate.
+//
+// Only the handshake is authenticated: the frames after it carry no MAC
+// and no encryption, so whoever can write into an established TCP
+// connection (on the path between the ends) can inject frames. The
+// cluster network must be private, or the links carried over one that
+// protects them (WireGuard, IPsec).
 //
 // It imports proto/ only. A Conn's Next is for one reader goroutine and
 // WriteLoop runs on one writer goroutine; Send, TrySend, SendAlways and

@@ -67,22 +67,23 @@ func ReasonOf(err error) Reason {
 	return ""
 }
 
-// LogLimiter rate-limits the warnings of handshake failures, per reason: a
-// port scan or a misconfigured peer does not flood the log. The zero value
-// is ready for use, with a 10 s interval.
+// LogLimiter rate-limits the warnings of handshake failures, per kind (a
+// Reason, a Shed): a port scan or a misconfigured peer does not flood the
+// log. The zero value is ready for use, with a 10 s interval.
 type LogLimiter struct {
 	// Every is the least time between two warnings of one reason.
 	// Zero: 10 s.
 	Every time.Duration
 
 	mu      sync.Mutex
-	last    map[Reason]time.Time // Guarded by mu: by reason, a fixed set.
-	skipped map[Reason]int       // Guarded by mu.
+	last    map[string]time.Time // Guarded by mu: by kind, a fixed set.
+	skipped map[string]int       // Guarded by mu.
 }
 
-// Allow reports whether a warning of reason may be logged at now and, if
-// so, how many were left out since the last one.
-func (l *LogLimiter) Allow(reason Reason, now time.Time) (ok bool, skipped int) {
+// Allow reports whether a warning of a kind may be logged at now and, if
+// so, how many were left out since the last one. Kinds come from a fixed
+// set (the Reasons, the Sheds), never from a peer.
+func (l *LogLimiter) Allow(kind string, now time.Time) (ok bool, skipped int) {
 	every := l.Every
 	if every == 0 {
 		every = 10 * time.Second
@@ -90,14 +91,14 @@ func (l *LogLimiter) Allow(reason Reason, now time.Time) (ok bool, skipped int) 
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.last == nil {
-		l.last, l.skipped = map[Reason]time.Time{}, map[Reason]int{}
+		l.last, l.skipped = map[string]time.Time{}, map[string]int{}
 	}
-	if last, seen := l.last[reason]; seen && now.Sub(last) < every {
-		l.skipped[reason]++
+	if last, seen := l.last[kind]; seen && now.Sub(last) < every {
+		l.skipped[kind]++
 		return false, 0
 	}
-	l.last[reason] = now
-	skipped = l.skipped[reason]
-	l.skipped[reason] = 0
+	l.last[kind] = now
+	skipped = l.skipped[kind]
+	l.skipped[kind] = 0
 	return true, skipped
 }

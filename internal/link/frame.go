@@ -28,7 +28,8 @@ const MaxFrame = 16 << 20
 const MaxHandshakeFrame = 4 << 10
 
 const (
-	// readBuffer is the socket read buffer of a FrameReader.
+	// readBuffer is the socket read buffer of a FrameReader, once the
+	// peer is authenticated (a handshake's reader has none).
 	readBuffer = 32 << 10
 	// growStep is the most a FrameReader allocates for a frame before the
 	// bytes already allocated for have arrived: a header announcing 16 MiB
@@ -69,19 +70,31 @@ func MarshalFrame(m proto.Message) ([]byte, error) {
 // announces up front, so that a peer cannot make it hold memory it has not
 // sent. One goroutine at a time.
 type FrameReader struct {
-	r   *bufio.Reader
+	src io.Reader // the socket
+	r   io.Reader // src, or a read buffer in front of it
 	max int
 	buf []byte
 }
 
-// NewFrameReader reads frames of at most max bytes from r.
+// NewFrameReader reads frames of at most max bytes from r, through a read
+// buffer.
 func NewFrameReader(r io.Reader, max int) *FrameReader {
-	return &FrameReader{r: bufio.NewReaderSize(r, readBuffer), max: max}
+	return &FrameReader{src: r, r: bufio.NewReaderSize(r, readBuffer), max: max}
 }
 
-// SetLimit changes the frame limit for the frames that follow: the link
-// raises it from MaxHandshakeFrame once the peer is authenticated.
-func (fr *FrameReader) SetLimit(max int) { fr.max = max }
+// newHandshakeReader reads frames of at most MaxHandshakeFrame bytes
+// straight from r, without a read buffer: a connection whose peer has
+// proved nothing costs no more than the frame it sent, and nothing is read
+// ahead of the hello that authenticated would have to hand over.
+func newHandshakeReader(r io.Reader) *FrameReader {
+	return &FrameReader{src: r, r: r, max: MaxHandshakeFrame}
+}
+
+// authenticated readies a handshake's reader for the link: frames up to
+// MaxFrame, read through a read buffer.
+func (fr *FrameReader) authenticated() {
+	fr.r, fr.max = bufio.NewReaderSize(fr.src, readBuffer), MaxFrame
+}
 
 // Next returns the next frame. The slice is valid only until the next call.
 func (fr *FrameReader) Next() ([]byte, error) {

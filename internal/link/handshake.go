@@ -36,8 +36,10 @@ const (
 // Handshake bounds and defaults.
 const (
 	// DefaultHandshakeTimeout bounds a handshake: dialling, the challenge,
-	// the hello and its ack.
-	DefaultHandshakeTimeout = 10 * time.Second
+	// the hello and its ack. A round trip or two on the cluster's network:
+	// an acceptor holds a connection that proved nothing no longer than
+	// this.
+	DefaultHandshakeTimeout = 5 * time.Second
 	// DefaultSendBuffer bounds the bytes queued for one connection's writer.
 	DefaultSendBuffer = 64 << 20
 	// DefaultWriteTimeout bounds one batched write.
@@ -86,6 +88,12 @@ type Config struct {
 	// WriteTimeout bounds one write to the socket. Zero:
 	// DefaultWriteTimeout.
 	WriteTimeout time.Duration
+	// PeerID, on a dialer, is the id the acceptor must answer with (the
+	// node the bucket table names at the address dialled); another is
+	// refused (ReasonPeer) before anything is sent: a redirected or
+	// misconfigured address, or another member holding the key. Empty:
+	// any id.
+	PeerID string
 	// TableVersion, on an acceptor, returns the version of the bucket table
 	// it holds, sent in the HelloAck. nil: 0.
 	TableVersion func() uint64
@@ -144,7 +152,7 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Conn, error) {
 func Client(nc net.Conn, cfg Config) (*Conn, error) {
 	cfg = cfg.withDefaults()
 	nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
-	fr := NewFrameReader(nc, MaxHandshakeFrame)
+	fr := newHandshakeReader(nc)
 	fail := func(reason Reason, format string, args ...any) (*Conn, error) {
 		nc.Close()
 		return nil, &HandshakeError{Reason: reason, Err: fmt.Errorf(format, args...)}
@@ -201,9 +209,11 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 		return fail(ReasonAuth, "the acceptor's MAC does not verify: it does not hold this end's cluster key")
 	case !keyed && len(ack.GetMac()) > 0:
 		return fail(ReasonMode, "the acceptor sent a MAC and this end has no cluster key (insecure mode)")
+	case cfg.PeerID != "" && ack.GetNodeId() != cfg.PeerID:
+		return fail(ReasonPeer, "the acceptor is %q, not %q: the address does not reach the node expected there", ack.GetNodeId(), cfg.PeerID)
 	}
 	nc.SetDeadline(time.Time{})
-	fr.SetLimit(MaxFrame)
+	fr.authenticated()
 	return newConn(nc, fr, cfg, Peer{Role: ack.GetRole(), ID: ack.GetNodeId()}, protocol, ack.GetTableVersion()), nil
 }
 
@@ -215,7 +225,7 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 func Server(nc net.Conn, cfg Config) (*Conn, error) {
 	cfg = cfg.withDefaults()
 	nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
-	fr := NewFrameReader(nc, MaxHandshakeFrame)
+	fr := newHandshakeReader(nc)
 	keyed := len(cfg.Keys) > 0
 	ch := &imqpb.Challenge{Nonce: newNonce(), MinProtocol: cfg.MinProtocol, MaxProtocol: cfg.MaxProtocol, Keyed: keyed}
 	if err := writeMsg(nc, &imqpb.LinkDown{Msg: &imqpb.LinkDown_Challenge{Challenge: ch}}); err != nil {
@@ -228,7 +238,7 @@ func Server(nc net.Conn, cfg Config) (*Conn, error) {
 		return nil, ioFailure("reading the hello", err)
 	}
 	hello := up.GetHello()
-	if hello == nil || len(hello.GetNonce()) != nonceLen && hello.GetMaxProtocol() != 0 {
+	if hello == nil {
 		nc.Close()
 		return nil, &HandshakeError{Reason: ReasonMalformed, Err: errors.New("the dialer's first frame is not a hello")}
 	}
@@ -238,10 +248,17 @@ func Server(nc net.Conn, cfg Config) (*Conn, error) {
 		nc.Close()
 		return nil, &HandshakeError{Reason: reason, Err: err}
 	}
-	dMin, dMax := hello.GetMinProtocol(), hello.GetMaxProtocol()
-	if dMax == 0 { // a version 1 hello
-		dMin, dMax = hello.GetProtocol(), hello.GetProtocol()
+	// A version 1 hello names one protocol and no range. Version 1 had no
+	// authentication: it is refused by name, never negotiated.
+	if hello.GetMaxProtocol() == 0 {
+		return refuse(ReasonVersion, "the dialer speaks link protocol %d only (an unauthenticated version 1 hello); the acceptor speaks %d to %d", hello.GetProtocol(), cfg.MinProtocol, cfg.MaxProtocol)
 	}
+	// Every hello that goes on carries a full nonce: the acceptor's MAC
+	// covers it, which makes that proof this connection's.
+	if len(hello.GetNonce()) != nonceLen {
+		return refuse(ReasonMalformed, "the hello's nonce has %d bytes, want %d", len(hello.GetNonce()), nonceLen)
+	}
+	dMin, dMax := hello.GetMinProtocol(), hello.GetMaxProtocol()
 	protocol, ok := negotiate(cfg.MinProtocol, cfg.MaxProtocol, dMin, dMax)
 	if !ok {
 		return refuse(ReasonVersion, "the dialer speaks link protocol %d to %d, the acceptor %d to %d", dMin, dMax, cfg.MinProtocol, cfg.MaxProtocol)
@@ -283,7 +300,7 @@ func Server(nc net.Conn, cfg Config) (*Conn, error) {
 		return nil, ioFailure("sending the hello ack", err)
 	}
 	nc.SetDeadline(time.Time{})
-	fr.SetLimit(MaxFrame)
+	fr.authenticated()
 	return newConn(nc, fr, cfg, Peer{Role: hello.GetRole(), ID: hello.GetId()}, protocol, 0), nil
 }
 

@@ -70,6 +70,10 @@ func TestHandshake(t *testing.T) {
 		{"a role the acceptor refuses", with(gatewayEnd(), func(c *link.Config) { c.Role = imqpb.LinkRole_LINK_ROLE_UNSPECIFIED }),
 			nodeEnd(), link.ReasonRefused, link.ReasonPeer, 0},
 		{"no id", with(gatewayEnd(), func(c *link.Config) { c.ID = "" }), nodeEnd(), link.ReasonRefused, link.ReasonPeer, 0},
+		{"an acceptor with another id than expected", with(gatewayEnd(keyA), func(c *link.Config) { c.PeerID = "node-2" }),
+			nodeEnd(keyA), link.ReasonPeer, "", 0},
+		{"an acceptor with the id expected", with(gatewayEnd(keyA), func(c *link.Config) { c.PeerID = "node-1" }),
+			nodeEnd(keyA), "", "", link.Protocol},
 		{"an acceptor in a role the dialer refuses", with(gatewayEnd(), func(c *link.Config) { c.PeerRoles = []imqpb.LinkRole{link.RoleGateway} }),
 			nodeEnd(), link.ReasonPeer, "", 0},
 	} {
