@@ -58,6 +58,10 @@ func (s *Server) serveNodeLink(conn *imqlink.Conn, log *slog.Logger) {
 		defer close(writerDone)
 		conn.WriteLoop()
 	}()
+	// Shutdown ends the link: the peer's pings would keep it open, and Run
+	// waits for this goroutine.
+	stop := context.AfterFunc(s.ctx, func() { conn.Close(nil) })
+	defer stop()
 	err := n.readLoop()
 	conn.Close(err)
 	n.cancel()

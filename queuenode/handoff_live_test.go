@@ -773,3 +773,41 @@ func queueAt(t *testing.T, s *Server, queue string) (epoch, head uint64) {
 	}
 	return q.Epoch(), q.Head()
 }
+
+// TestShutdownClosesNodeLinks: an accepted node link (a peer handing a
+// bucket off, pinging as peers do) does not keep the node from stopping:
+// Shutdown closes it and Run returns.
+func TestShutdownClosesNodeLinks(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NodeID, cfg.Member, cfg.LinkAddr, cfg.InternalAddr = "b", testMemberConfig(), "127.0.0.1:0", "127.0.0.1:0"
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(context.Background()) }()
+	peer := dialLinkWith(t, s.LinkAddr(), imqlink.Config{ID: "a", Role: imqlink.RoleNode})
+	stopPings := make(chan struct{})
+	defer close(stopPings)
+	go func() { // ends with the test
+		ping, _ := imqlink.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Ping{Ping: &imqpb.Ping{}}})
+		for {
+			select {
+			case <-stopPings:
+				return
+			case <-time.After(50 * time.Millisecond):
+				peer.fr.SendAlways(ping)
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown with a node link open: %v", err)
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after Shutdown: the node link kept it")
+	}
+}

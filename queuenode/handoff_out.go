@@ -508,18 +508,15 @@ type pendingFwd struct {
 // dialPeer opens a node link to node n.
 func (s *Server) dialPeer(ctx context.Context, n bucket.Node) (*peerLink, error) {
 	conn, err := imqlink.Dial(ctx, n.LinkAddr, imqlink.Config{
-		Role: imqlink.RoleNode, ID: s.cfg.NodeID, PeerRoles: []imqpb.LinkRole{imqlink.RoleNode},
+		Role: imqlink.RoleNode, ID: s.cfg.NodeID, PeerRoles: []imqpb.LinkRole{imqlink.RoleNode}, PeerID: n.ID,
 		Keys: s.cfg.ClusterKeys, HandshakeTimeout: s.cfg.LinkHandshakeTimeout, Timeout: s.cfg.LinkTimeout,
 		SendBuffer: s.cfg.LinkBuffer, Overflow: imqlink.OverflowRefuse, WriteTimeout: writeTimeout,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dial %s at %s: %w", n.ID, n.LinkAddr, err)
 	}
-	if id := conn.Peer().ID; id != n.ID {
-		conn.Close(nil)
-		return nil, fmt.Errorf("dialled %s at %s and found %s", n.ID, n.LinkAddr, id)
-	}
 	p := &peerLink{s: s, to: n.ID, conn: conn, acks: make(chan *imqpb.HandoffAck, 1), pending: make(map[uint64]pendingFwd)}
+	context.AfterFunc(s.ctx, func() { conn.Close(nil) }) // Shutdown ends the link
 	s.wg.Add(3)
 	go func() { // ends when the link closes
 		defer s.wg.Done()
