@@ -79,7 +79,9 @@ func (t *Table) HandedOff(ms []Move, live []Node) (next *Table, errs []error) {
 // when marked, else those whose To is in live (which also gives the
 // addresses of To nodes t does not list).
 func (t *Table) handOver(ms []Move, live []Node, marked bool) (next *Table, errs []error) {
-	isLive := func(id string) bool { return marked || slices.ContainsFunc(live, func(n Node) bool { return n.ID == id }) }
+	isLive := func(id string) bool {
+		return marked || slices.ContainsFunc(live, func(n Node) bool { return n.ID == id })
+	}
 	errs = make([]error, len(ms))
 	owners, targets := t.ids()
 	applied := 0
