@@ -203,9 +203,15 @@ func opQueue(req *imqpb.NodeRequest) string {
 
 // intercept holds or forwards req, before it runs, when its queue's bucket
 // is being handed off (or was, and its held requests still run here): so
-// requests keep their order across the freeze. It reports whether it took
-// req.
+// requests keep their order across the freeze. It holds a gateway's
+// request for a bucket this node adopted while the gateway has not
+// confirmed it (holdRequest). It reports whether it took req.
 func (s *Server) intercept(l *link, req *imqpb.NodeRequest, res *calloutResult) bool {
+	return s.interceptOut(l, req, res) || s.holdRequest(l, req, res)
+}
+
+// interceptOut is intercept for the buckets this node hands off.
+func (s *Server) interceptOut(l *link, req *imqpb.NodeRequest, res *calloutResult) bool {
 	v := s.ho.view.Load()
 	if len(v.out) == 0 {
 		return false
