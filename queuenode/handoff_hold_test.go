@@ -214,3 +214,34 @@ func TestBucketHeldAfterEarlyConfirm(t *testing.T) {
 		t.Fatalf("gw-1 got %v, want %v", got, want)
 	}
 }
+
+// TestAdoptedForgottenWhenAbandoned: b adopted a bucket, and then its
+// table gives the bucket back to a, unmarked. While a's node link is open
+// (a got the ack and forwards; its report may still flip the bucket) b
+// keeps the bucket; once that link closes (a gave the hand-off up: its
+// ack wait timed out), b forgets it and closes its queues, so no
+// subscriber waits on a stale copy.
+func TestAdoptedForgottenWhenAbandoned(t *testing.T) {
+	b := startClusterNode(t, "b")
+	table, k, q := adoptTable(t, b.LinkAddr())
+	b.setTable(table)
+	gw := dialLink(t, b.LinkAddr(), "gw-1")
+	confirm(gw, k)
+	peer := sendBucket(t, b.LinkAddr(), table, k, []string{"gw-1"},
+		roomSnap(q, &imqpb.SubscriberSnapshot{Gateway: "gw-1", User: "u-s0", Session: "s0", Mounts: []string{"chat"}}))
+	awaitAck(t, peer)
+	aOnly := []bucket.Node{{ID: "a", LinkAddr: table.Nodes()[0].LinkAddr}}
+	unmarked, _ := table.Advance(bucket.Single(aOnly[0]), aOnly, 1, nil)
+	if unmarked.MovingCount() != 0 || owner(unmarked, q) != "a" {
+		t.Fatalf("table %v: want a owning %s, nothing moving", unmarked, q)
+	}
+	b.setTable(unmarked)
+	if !b.hasQueue(q) {
+		t.Fatalf("b dropped %s while a's node link was open", q)
+	}
+	peer.c.Close()
+	testutil.WaitFor(t, waitFor, "b to forget the abandoned bucket", func() bool { return !b.hasQueue(q) })
+	if got := closedQueues(t, gw.sync()); !slices.Equal(got, []string{q}) {
+		t.Fatalf("gw-1 was told QueueClosed for %v, want %s", got, q)
+	}
+}

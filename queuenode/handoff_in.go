@@ -53,6 +53,9 @@ type nodeIn struct {
 func (s *Server) serveNodeLink(conn *imqlink.Conn, log *slog.Logger) {
 	n := &nodeIn{s: s, conn: conn, from: conn.Peer().ID, staging: make(map[bkey]*staged), proxies: make(map[string]*link)}
 	n.ctx, n.cancel = context.WithCancel(s.ctx)
+	s.ho.mu.Lock()
+	s.ho.peers[n.from]++
+	s.ho.mu.Unlock()
 	log = log.With("node_link", n.from)
 	log.Info("node link up")
 	writerDone := make(chan struct{})
@@ -75,7 +78,11 @@ func (s *Server) serveNodeLink(conn *imqlink.Conn, log *slog.Logger) {
 	for _, st := range n.staging {
 		s.ho.staged -= st.bytes
 	}
+	if s.ho.peers[n.from]--; s.ho.peers[n.from] == 0 {
+		delete(s.ho.peers, n.from)
+	}
 	s.ho.mu.Unlock()
+	s.forgetAbandoned()
 	log.Info("node link closed", "err", err)
 }
 
@@ -709,20 +716,73 @@ func (s *Server) releaseLocked(hk holdKey, h *hold, l *link) {
 }
 
 // updateAdopted clears the adopted entries next settles: those it gives
-// to this node (no longer needed) and those it gives to a third node
-// (their queues are then closed as any other's).
-func (s *Server) updateAdopted(next *bucket.Table) {
+// to this node (no longer needed), those it gives to a third node (their
+// queues are then closed as any other's), and those whose hand-off the old
+// owner abandoned: next gives the bucket back to it without marking the
+// move, and no node link from it is open (an old owner that got the ack
+// keeps its link open while it forwards, until the table gives the
+// bucket away; one whose ack wait timed out closes it, and serves the
+// bucket again). It reports whether it cleared any.
+func (s *Server) updateAdopted(next *bucket.Table) bool {
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
+	cleared := false
 	for k, from := range s.ho.adopted {
 		if next.Buckets() == 0 {
 			continue
 		}
-		if tableCovers(next, k, s.cfg.NodeID) || !tableCovers(next, k, from) {
+		if tableCovers(next, k, s.cfg.NodeID) || !tableCovers(next, k, from) ||
+			s.ho.peers[from] == 0 && !tableMarks(next, k, from, s.cfg.NodeID) {
 			delete(s.ho.adopted, k)
+			cleared = true
 		}
 	}
 	s.ho.publishLocked()
+	return cleared
+}
+
+// tableMarks reports whether t marks some queue of k moving from node from
+// to node to.
+func tableMarks(t *bucket.Table, k bkey, from, to string) bool {
+	tb := t.Bits()
+	if tb <= k.bits {
+		return t.IsMoving(k.b>>(k.bits-tb), from, to)
+	}
+	shift := tb - k.bits
+	for i := range 1 << shift {
+		if t.IsMoving(k.b<<shift+i, from, to) {
+			return true
+		}
+	}
+	return false
+}
+
+// forgetAbandoned runs when a node link from another node closes: an
+// adopted bucket the current table gives back to that node, unmarked, was
+// abandoned by it (updateAdopted), and its queues here are closed as a
+// moved queue's are (the gateways are told QueueClosed).
+func (s *Server) forgetAbandoned() {
+	t := s.currentTable()
+	if !s.updateAdopted(t) {
+		return
+	}
+	closed := 0
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for name, q := range sh.queues {
+			if owner, ok := t.Lookup(name); ok && owner.ID == s.cfg.NodeID {
+				continue
+			}
+			if handled, _ := s.handoffOwnerLocked(name); handled {
+				continue
+			}
+			s.closeQueueLocked(sh, q)
+			closed++
+		}
+		sh.mu.Unlock()
+	}
+	s.log.Info("forgot adopted buckets whose hand-off was abandoned", "table_version", t.Version(), "queues_closed", closed)
 }
 
 // fence waits, on the link's reader, for the table a request was routed
