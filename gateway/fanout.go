@@ -35,6 +35,19 @@ type localSub struct {
 	// (QueueClosed) to send the subscribers back: queueClosed applies to
 	// this subscription too.
 	from *nodeLink
+	// live, on a subscription a hand-off rebound, says the new owner
+	// confirmed it holds the bucket with this gateway's subscribers
+	// (bucket_held). Until then the subscription depends on the old owner
+	// too: should from's link go down, the hand-off may never complete
+	// and the new owner may never have the subscriber, so linkLost ends
+	// it.
+	live bool
+}
+
+// unconfirmed reports whether sub was rebound by a hand-off from node
+// from and the new owner has not confirmed it yet.
+func (sub *localSub) unconfirmed(from string) bool {
+	return sub.from != nil && !sub.live && sub.from.node.ID == from
 }
 
 // index maps each queue to the local connections subscribed to it, per
@@ -240,10 +253,21 @@ func frameToJSON(frame []byte) ([]byte, error) {
 // since; and by the link rather than the node id, so that the old link of a
 // restarted node (new address, new link) does not end subscriptions already
 // made through the new one.
+//
+// It also ends the subscriptions a hand-off from l's node rebound to
+// another node that has not confirmed them (localSub.live): that hand-off
+// may now never complete, and the new owner drop the bucket.
 func (s *Server) linkLost(l *nodeLink) {
 	n := 0
+	const msg = "the queue's node was lost; rejoin (history and state may be gone)"
 	for _, p := range s.index.via(l, "") {
-		if p.c.endSub(p.queue, l, imqpb.Reason_REASON_NODE_LOST, "the queue's node was lost; rejoin (history and state may be gone)") {
+		if p.c.endSub(p.queue, l, imqpb.Reason_REASON_NODE_LOST, msg) {
+			n++
+		}
+	}
+	rebound := func(sub *localSub) bool { return sub.from == l && !sub.live }
+	for _, p := range s.index.collect(rebound, "", func(string) bool { return true }) {
+		if p.c.endWhere(p.queue, rebound, imqpb.Reason_REASON_NODE_LOST, msg) {
 			n++
 		}
 	}

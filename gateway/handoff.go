@@ -220,3 +220,60 @@ func (s *Server) servedBy(l *nodeLink, r *imqpb.NodeReply) (string, *nodeLink) {
 	}
 	return sb, s.routes.Load().links[sb]
 }
+
+// bucketHeld takes node l's word that it adopted bucket m.bucket from
+// m.from_node and holds this gateway's subscribers to it: the
+// subscriptions that hand-off rebound to l are live there, and no longer
+// end with the old owner's link (linkLost). A QueueClosed from the old
+// owner still ends them (localSub.from): it sends one only when it took
+// the bucket back, the hand-off having failed.
+func (s *Server) bucketHeld(l *nodeLink, m *imqpb.BucketAdopted) {
+	n := 0
+	for _, p := range s.rebound(l, m) {
+		if p.c.confirm(p.queue, l, m.GetFromNode()) {
+			n++
+		}
+	}
+	s.log.Debug("bucket held by its new owner", "node", l.node.ID, "from", m.GetFromNode(), "bucket", m.GetBucket(), "bits", m.GetBits(), "subscriptions", n)
+}
+
+// bucketDropped takes node l's word that it gave up holding bucket
+// m.bucket for this gateway (it did not confirm in time) and removed its
+// subscribers: the subscriptions a hand-off from m.from_node rebound to l,
+// still unconfirmed, end (MOVED, rejoin). Those bound to l when it gave up
+// were ended by its QueueClosed already.
+func (s *Server) bucketDropped(l *nodeLink, m *imqpb.BucketAdopted) {
+	from := m.GetFromNode()
+	match := func(sub *localSub) bool { return sub.link == l && sub.unconfirmed(from) }
+	n := 0
+	for _, p := range s.rebound(l, m) {
+		if p.c.endWhere(p.queue, match, imqpb.Reason_REASON_MOVED, "the queue moved to another node, which did not keep this subscription; rejoin") {
+			n++
+		}
+	}
+	s.log.Debug("bucket dropped by its new owner", "node", l.node.ID, "from", from, "bucket", m.GetBucket(), "bits", m.GetBits(), "subscriptions_ended", n)
+}
+
+// rebound returns the subscriptions to the queues of m's bucket bound to l
+// that a hand-off from m.from_node rebound and l has not confirmed.
+func (s *Server) rebound(l *nodeLink, m *imqpb.BucketAdopted) []queueConn {
+	from := m.GetFromNode()
+	return s.index.collect(func(sub *localSub) bool { return sub.link == l && sub.unconfirmed(from) }, "",
+		func(q string) bool { return bucketOf(q, m.GetBits()) == m.GetBucket() })
+}
+
+// confirm marks c's subscription to queue live (localSub.live), if it is
+// bound to l and was rebound by a hand-off from node from.
+func (c *conn) confirm(queue string, l *nodeLink, from string) bool {
+	c.subMu.Lock()
+	defer c.subMu.Unlock()
+	e := c.subs[queue]
+	if e == nil || e.sub == nil || e.sub.link != l || !e.sub.unconfirmed(from) {
+		return false
+	}
+	next := *e.sub
+	next.live = true
+	c.s.index.set(queue, c, e.sub, &next)
+	e.sub = &next
+	return true
+}

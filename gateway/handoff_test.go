@@ -285,3 +285,83 @@ func TestHandoffFailedAfterMark(t *testing.T) {
 	a.deliver(other, 1) // the other bucket's subscription stands
 	expectOffsets(t, events(t, c, 1), other, 1)
 }
+
+// kill closes f's listener and every connection: the node is gone.
+func (f *fakeNode) kill() {
+	f.ln.Close()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.conns {
+		c.Close()
+	}
+}
+
+// unsubscribedN reads until n Unsubscribed arrive and returns their
+// reasons by queue; events are skipped.
+func unsubscribedN(c *rawClient, n int) map[string]imqpb.Reason {
+	got := map[string]imqpb.Reason{}
+	for len(got) < n {
+		if u := c.next().GetUnsubscribed(); u != nil {
+			got[u.GetQueue()] = u.GetReason()
+		}
+	}
+	return got
+}
+
+// TestHandoffOldOwnerLostBeforeHeld: A marks q's bucket moving to B, the
+// gateway rebinds q's subscription to B and confirms; A dies before B said
+// bucket_held (B may never get the bucket: rule 1 then gives it to B
+// afresh). The rebound subscription ends NODE_LOST with A's link, as the
+// one still bound to A does, rather than wait on B in silence.
+func TestHandoffOldOwnerLostBeforeHeld(t *testing.T) {
+	gw, a, b, tb := twoNodes(t, fakeOK)
+	q := queueOn(t, tb, "qa", "moving")
+	other := otherBucket(t, tb, "qa", q)
+	c := dialGateway(t, gw, "alice")
+	expectCode(t, c.join(q, chat()), imqpb.Code_OK)
+	expectCode(t, c.join(other, chat()), imqpb.Code_OK)
+	a.mark(tb, q, "qb", tb.Version())
+	b.adoptedMsg(t) // rebound to B
+	a.kill()
+	got := unsubscribedN(c, 2)
+	if got[q] != imqpb.Reason_REASON_NODE_LOST || got[other] != imqpb.Reason_REASON_NODE_LOST {
+		t.Fatalf("after A died: unsubscribed %v, want both %s and %s NODE_LOST", got, q, other)
+	}
+}
+
+// TestHandoffHeldOutlivesOldOwner: once B said bucket_held, the
+// subscription it confirmed lives on B alone: A dying ends only the
+// subscription still bound to A, and B's events reach the rebound one.
+func TestHandoffHeldOutlivesOldOwner(t *testing.T) {
+	gw, a, b, tb := twoNodes(t, fakeOK)
+	q := queueOn(t, tb, "qa", "moving")
+	other := otherBucket(t, tb, "qa", q)
+	c := dialGateway(t, gw, "alice")
+	expectCode(t, c.join(q, chat()), imqpb.Code_OK)
+	expectCode(t, c.join(other, chat()), imqpb.Code_OK)
+	a.mark(tb, q, "qb", tb.Version())
+	ba := b.adoptedMsg(t)
+	b.push(&imqpb.LinkDown{Msg: &imqpb.LinkDown_BucketHeld{BucketHeld: ba}})
+	b.deliver(q, 1) // behind bucket_held on B's link: the gateway applied it
+	expectOffsets(t, events(t, c, 1), q, 1)
+	a.kill()
+	expectUnsubscribed(t, c.unsubscribed(), other, imqpb.Reason_REASON_NODE_LOST)
+	b.deliver(q, 2)
+	expectOffsets(t, events(t, c, 1), q, 2)
+	c.noMore()
+}
+
+// TestHandoffBucketDropped: B gave up holding the bucket for this gateway
+// (bucket_dropped): the subscription rebound to B and never confirmed ends
+// MOVED (rejoin).
+func TestHandoffBucketDropped(t *testing.T) {
+	gw, a, b, tb := twoNodes(t, fakeOK)
+	q := queueOn(t, tb, "qa", "moving")
+	c := dialGateway(t, gw, "alice")
+	expectCode(t, c.join(q, chat()), imqpb.Code_OK)
+	a.mark(tb, q, "qb", tb.Version())
+	ba := b.adoptedMsg(t)
+	b.push(&imqpb.LinkDown{Msg: &imqpb.LinkDown_BucketDropped{BucketDropped: ba}})
+	expectUnsubscribed(t, c.unsubscribed(), q, imqpb.Reason_REASON_MOVED)
+	c.noMore()
+}

@@ -166,6 +166,10 @@ func (l *nodeLink) serve(ctx context.Context, conn *link.Conn) error {
 			l.s.queueClosed(l, x.QueueClosed)
 		case *imqpb.LinkDown_BucketMoving:
 			l.s.bucketMoving(l, x.BucketMoving)
+		case *imqpb.LinkDown_BucketHeld:
+			l.s.bucketHeld(l, x.BucketHeld)
+		case *imqpb.LinkDown_BucketDropped:
+			l.s.bucketDropped(l, x.BucketDropped)
 		case *imqpb.LinkDown_Reply:
 			l.mu.Lock()
 			p := l.pending[x.Reply.GetId()]

@@ -295,6 +295,18 @@ func (c *conn) endSubIf(queue string, sub *localSub, reason imqpb.Reason, msg st
 	return true
 }
 
+// endWhere is endSub for a subscription match takes, whatever its link.
+func (c *conn) endWhere(queue string, match func(*localSub) bool, reason imqpb.Reason, msg string) bool {
+	c.subMu.Lock()
+	defer c.subMu.Unlock()
+	e := c.subs[queue]
+	if e == nil || e.sub == nil || !match(e.sub) {
+		return false
+	}
+	c.endLocked(queue, e, reason, msg)
+	return true
+}
+
 // endLocked ends the subscription e and tells the client; the caller holds
 // subMu.
 func (c *conn) endLocked(queue string, e *queueOps, reason imqpb.Reason, msg string) {

@@ -253,6 +253,8 @@ type LinkDown struct {
 	//	*LinkDown_Challenge
 	//	*LinkDown_BucketMoving
 	//	*LinkDown_HandoffAck
+	//	*LinkDown_BucketHeld
+	//	*LinkDown_BucketDropped
 	Msg           isLinkDown_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -367,6 +369,24 @@ func (x *LinkDown) GetHandoffAck() *HandoffAck {
 	return nil
 }
 
+func (x *LinkDown) GetBucketHeld() *BucketAdopted {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkDown_BucketHeld); ok {
+			return x.BucketHeld
+		}
+	}
+	return nil
+}
+
+func (x *LinkDown) GetBucketDropped() *BucketAdopted {
+	if x != nil {
+		if x, ok := x.Msg.(*LinkDown_BucketDropped); ok {
+			return x.BucketDropped
+		}
+	}
+	return nil
+}
+
 type isLinkDown_Msg interface {
 	isLinkDown_Msg()
 }
@@ -407,6 +427,27 @@ type LinkDown_HandoffAck struct {
 	HandoffAck *HandoffAck `protobuf:"bytes,8,opt,name=handoff_ack,json=handoffAck,proto3,oneof"`
 }
 
+type LinkDown_BucketHeld struct {
+	// Node to gateway: this node adopted the bucket from from_node and the
+	// gateway confirmed it (BucketAdopted), so the gateway's subscriptions
+	// to the bucket's queues that it rebound to this node are live here;
+	// every event held for it is ahead of this on the link. Until it
+	// comes, the gateway ends those subscriptions should it lose its link
+	// to from_node (docs/handoff.md, Release, and The gateways).
+	BucketHeld *BucketAdopted `protobuf:"bytes,9,opt,name=bucket_held,json=bucketHeld,proto3,oneof"`
+}
+
+type LinkDown_BucketDropped struct {
+	// Node to gateway: this node gave up holding the bucket's events for
+	// the gateway (it did not confirm within the hold's bound) and removed
+	// its subscribers to the bucket's queues; its QueueClosed for them went
+	// out when that happened. The gateway ends, with MOVED, its
+	// subscriptions to the bucket bound to this node that a hand-off from
+	// from_node rebound and this node never confirmed: those it had not
+	// bound yet when the QueueClosed came.
+	BucketDropped *BucketAdopted `protobuf:"bytes,10,opt,name=bucket_dropped,json=bucketDropped,proto3,oneof"`
+}
+
 func (*LinkDown_HelloAck) isLinkDown_Msg() {}
 
 func (*LinkDown_Reply) isLinkDown_Msg() {}
@@ -422,6 +463,10 @@ func (*LinkDown_Challenge) isLinkDown_Msg() {}
 func (*LinkDown_BucketMoving) isLinkDown_Msg() {}
 
 func (*LinkDown_HandoffAck) isLinkDown_Msg() {}
+
+func (*LinkDown_BucketHeld) isLinkDown_Msg() {}
+
+func (*LinkDown_BucketDropped) isLinkDown_Msg() {}
 
 // Challenge is the acceptor's first frame.
 type Challenge struct {
@@ -2457,7 +2502,7 @@ const file_link_proto_rawDesc = "" +
 	"\x0ehandoff_queues\x18\x05 \x01(\v2\x15.imq.v1.HandoffQueuesH\x00R\rhandoffQueues\x125\n" +
 	"\vhandoff_end\x18\x06 \x01(\v2\x12.imq.v1.HandoffEndH\x00R\n" +
 	"handoffEndB\x05\n" +
-	"\x03msg\"\x9f\x03\n" +
+	"\x03msg\"\x99\x04\n" +
 	"\bLinkDown\x12/\n" +
 	"\thello_ack\x18\x01 \x01(\v2\x10.imq.v1.HelloAckH\x00R\bhelloAck\x12)\n" +
 	"\x05reply\x18\x02 \x01(\v2\x11.imq.v1.NodeReplyH\x00R\x05reply\x12+\n" +
@@ -2467,7 +2512,11 @@ const file_link_proto_rawDesc = "" +
 	"\tchallenge\x18\x06 \x01(\v2\x11.imq.v1.ChallengeH\x00R\tchallenge\x12;\n" +
 	"\rbucket_moving\x18\a \x01(\v2\x14.imq.v1.BucketMovingH\x00R\fbucketMoving\x125\n" +
 	"\vhandoff_ack\x18\b \x01(\v2\x12.imq.v1.HandoffAckH\x00R\n" +
-	"handoffAckB\x05\n" +
+	"handoffAck\x128\n" +
+	"\vbucket_held\x18\t \x01(\v2\x15.imq.v1.BucketAdoptedH\x00R\n" +
+	"bucketHeld\x12>\n" +
+	"\x0ebucket_dropped\x18\n" +
+	" \x01(\v2\x15.imq.v1.BucketAdoptedH\x00R\rbucketDroppedB\x05\n" +
 	"\x03msg\"}\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12!\n" +
@@ -2697,40 +2746,42 @@ var file_link_proto_depIdxs = []int32{
 	3,  // 11: imq.v1.LinkDown.challenge:type_name -> imq.v1.Challenge
 	21, // 12: imq.v1.LinkDown.bucket_moving:type_name -> imq.v1.BucketMoving
 	25, // 13: imq.v1.LinkDown.handoff_ack:type_name -> imq.v1.HandoffAck
-	0,  // 14: imq.v1.Hello.role:type_name -> imq.v1.LinkRole
-	0,  // 15: imq.v1.HelloAck.role:type_name -> imq.v1.LinkRole
-	28, // 16: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
-	29, // 17: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
-	30, // 18: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
-	31, // 19: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
-	8,  // 20: imq.v1.NodeRequest.get_state:type_name -> imq.v1.GetState
-	10, // 21: imq.v1.NodeRequest.history:type_name -> imq.v1.History
-	12, // 22: imq.v1.NodeRequest.queue_info:type_name -> imq.v1.QueueInfo
-	32, // 23: imq.v1.NodeReply.code:type_name -> imq.v1.Code
-	33, // 24: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
-	34, // 25: imq.v1.NodeReply.published:type_name -> imq.v1.Published
-	35, // 26: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
-	9,  // 27: imq.v1.NodeReply.state:type_name -> imq.v1.StateSnapshot
-	11, // 28: imq.v1.NodeReply.history:type_name -> imq.v1.HistoryPage
-	13, // 29: imq.v1.NodeReply.queue_info:type_name -> imq.v1.QueueInfoResult
-	36, // 30: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
-	37, // 31: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
-	14, // 32: imq.v1.QueueInfoResult.mounts:type_name -> imq.v1.MountInfo
-	15, // 33: imq.v1.QueueInfoResult.subscribers:type_name -> imq.v1.SubscriberInfo
-	38, // 34: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
-	39, // 35: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
-	19, // 36: imq.v1.QueueSnapshot.mounts:type_name -> imq.v1.MountSnapshot
-	20, // 37: imq.v1.QueueSnapshot.subscribers:type_name -> imq.v1.SubscriberSnapshot
-	38, // 38: imq.v1.MountSnapshot.kind:type_name -> imq.v1.MountKind
-	37, // 39: imq.v1.MountSnapshot.history:type_name -> imq.v1.Event
-	36, // 40: imq.v1.MountSnapshot.state:type_name -> imq.v1.StateEntry
-	18, // 41: imq.v1.HandoffQueues.queues:type_name -> imq.v1.QueueSnapshot
-	32, // 42: imq.v1.HandoffAck.code:type_name -> imq.v1.Code
-	43, // [43:43] is the sub-list for method output_type
-	43, // [43:43] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	22, // 14: imq.v1.LinkDown.bucket_held:type_name -> imq.v1.BucketAdopted
+	22, // 15: imq.v1.LinkDown.bucket_dropped:type_name -> imq.v1.BucketAdopted
+	0,  // 16: imq.v1.Hello.role:type_name -> imq.v1.LinkRole
+	0,  // 17: imq.v1.HelloAck.role:type_name -> imq.v1.LinkRole
+	28, // 18: imq.v1.NodeRequest.join:type_name -> imq.v1.Join
+	29, // 19: imq.v1.NodeRequest.leave:type_name -> imq.v1.Leave
+	30, // 20: imq.v1.NodeRequest.publish:type_name -> imq.v1.Publish
+	31, // 21: imq.v1.NodeRequest.set_state:type_name -> imq.v1.SetState
+	8,  // 22: imq.v1.NodeRequest.get_state:type_name -> imq.v1.GetState
+	10, // 23: imq.v1.NodeRequest.history:type_name -> imq.v1.History
+	12, // 24: imq.v1.NodeRequest.queue_info:type_name -> imq.v1.QueueInfo
+	32, // 25: imq.v1.NodeReply.code:type_name -> imq.v1.Code
+	33, // 26: imq.v1.NodeReply.joined:type_name -> imq.v1.Joined
+	34, // 27: imq.v1.NodeReply.published:type_name -> imq.v1.Published
+	35, // 28: imq.v1.NodeReply.state_set:type_name -> imq.v1.StateSet
+	9,  // 29: imq.v1.NodeReply.state:type_name -> imq.v1.StateSnapshot
+	11, // 30: imq.v1.NodeReply.history:type_name -> imq.v1.HistoryPage
+	13, // 31: imq.v1.NodeReply.queue_info:type_name -> imq.v1.QueueInfoResult
+	36, // 32: imq.v1.StateSnapshot.entries:type_name -> imq.v1.StateEntry
+	37, // 33: imq.v1.HistoryPage.events:type_name -> imq.v1.Event
+	14, // 34: imq.v1.QueueInfoResult.mounts:type_name -> imq.v1.MountInfo
+	15, // 35: imq.v1.QueueInfoResult.subscribers:type_name -> imq.v1.SubscriberInfo
+	38, // 36: imq.v1.MountInfo.kind:type_name -> imq.v1.MountKind
+	39, // 37: imq.v1.QueueClosed.reason:type_name -> imq.v1.Reason
+	19, // 38: imq.v1.QueueSnapshot.mounts:type_name -> imq.v1.MountSnapshot
+	20, // 39: imq.v1.QueueSnapshot.subscribers:type_name -> imq.v1.SubscriberSnapshot
+	38, // 40: imq.v1.MountSnapshot.kind:type_name -> imq.v1.MountKind
+	37, // 41: imq.v1.MountSnapshot.history:type_name -> imq.v1.Event
+	36, // 42: imq.v1.MountSnapshot.state:type_name -> imq.v1.StateEntry
+	18, // 43: imq.v1.HandoffQueues.queues:type_name -> imq.v1.QueueSnapshot
+	32, // 44: imq.v1.HandoffAck.code:type_name -> imq.v1.Code
+	45, // [45:45] is the sub-list for method output_type
+	45, // [45:45] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_link_proto_init() }
@@ -2756,6 +2807,8 @@ func file_link_proto_init() {
 		(*LinkDown_Challenge)(nil),
 		(*LinkDown_BucketMoving)(nil),
 		(*LinkDown_HandoffAck)(nil),
+		(*LinkDown_BucketHeld)(nil),
+		(*LinkDown_BucketDropped)(nil),
 	}
 	file_link_proto_msgTypes[5].OneofWrappers = []any{
 		(*NodeRequest_Join)(nil),

@@ -106,6 +106,7 @@ type handoffs struct {
 	// maxEarlyConfirms, each kept Config.AdoptHoldTime.
 	confirmed map[holdKey]time.Time
 	staged    int64                  // guarded by mu: bytes of snapshots being received
+	peers     map[string]int         // guarded by mu: open node links from each node, by id
 	view      atomic.Pointer[hoView] // what checkOwnerLocked reads without mu
 	holding   atomic.Int32           // len(holds): deliveries skip mu when 0
 	kick      chan struct{}          // cap 1: look for moves to start
@@ -144,7 +145,7 @@ func (v *hoView) isAdopted(queue string) bool {
 
 func newHandoffs() *handoffs {
 	h := &handoffs{out: make(map[bkey]*outgoing), adopted: make(map[bkey]string), retryAt: make(map[bkey]time.Time),
-		holds: make(map[holdKey]*hold), confirmed: make(map[holdKey]time.Time), kick: make(chan struct{}, 1)}
+		holds: make(map[holdKey]*hold), confirmed: make(map[holdKey]time.Time), peers: make(map[string]int), kick: make(chan struct{}, 1)}
 	h.view.Store(&hoView{})
 	return h
 }
@@ -203,9 +204,15 @@ func opQueue(req *imqpb.NodeRequest) string {
 
 // intercept holds or forwards req, before it runs, when its queue's bucket
 // is being handed off (or was, and its held requests still run here): so
-// requests keep their order across the freeze. It reports whether it took
-// req.
+// requests keep their order across the freeze. It holds a gateway's
+// request for a bucket this node adopted while the gateway has not
+// confirmed it (holdRequest). It reports whether it took req.
 func (s *Server) intercept(l *link, req *imqpb.NodeRequest, res *calloutResult) bool {
+	return s.interceptOut(l, req, res) || s.holdRequest(l, req, res)
+}
+
+// interceptOut is intercept for the buckets this node hands off.
+func (s *Server) interceptOut(l *link, req *imqpb.NodeRequest, res *calloutResult) bool {
 	v := s.ho.view.Load()
 	if len(v.out) == 0 {
 		return false
