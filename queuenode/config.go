@@ -170,7 +170,9 @@ type Config struct {
 	HandoffGrace time.Duration
 	// AdoptHoldBytes and AdoptHoldTime bound the events of an adopted
 	// bucket the new owner holds for one gateway that has not yet confirmed
-	// the old owner's mark (BucketAdopted; docs/handoff.md, step 6): past
+	// the old owner's mark (BucketAdopted; docs/handoff.md, step 6), and
+	// that gateway's requests for the bucket's queues, which wait behind
+	// them: past
 	// either, the gateway's subscriptions to the bucket's queues are ended
 	// (QueueClosed MOVED, an honest rejoin). AdoptHoldTime is also how long
 	// a confirmation that came before its bucket is kept. AdoptHoldBytes
