@@ -387,7 +387,9 @@ func reportMoves(ops []op, cur *bucket.Table, alive []bucket.Node) (moves []buck
 		}
 		switch {
 		case r.Version > cur.Version():
-			o.reply <- opError(http.StatusConflict, imqpb.Code_MOVED, "hand-off report for table version %d, but the boss's table is version %d", r.Version, cur.Version())
+			// The boss is behind (a restarted boss catching up): not a
+			// refusal, the node tries again.
+			o.reply <- opError(http.StatusServiceUnavailable, imqpb.Code_UNAVAILABLE, "hand-off report for table version %d, but the boss's table is version %d; retry", r.Version, cur.Version())
 			continue
 		case bits > cur.Bits() || r.Bucket >= 1<<bits:
 			o.reply <- opError(http.StatusConflict, imqpb.Code_MOVED, "bucket %d (of %d bits) is not in table version %d (%d buckets)", r.Bucket, bits, cur.Version(), cur.Buckets())
@@ -408,9 +410,16 @@ func reportMoves(ops []op, cur *bucket.Table, alive []bucket.Node) (moves []buck
 			}
 			ms = append(ms, bucket.Move{Bucket: b, From: r.From, To: r.To})
 		}
+		if ms != nil && applied(cur, ms) {
+			// A report sent again after its answer was lost: already in
+			// the table. Saying so (200) keeps the node from concluding
+			// that the new owner is gone.
+			o.reply <- opResult{status: http.StatusOK, body: HandoffAccepted{TableVersion: cur.Version(), Bucket: r.Bucket, From: r.From, To: r.To}}
+			continue
+		}
 		var err error
 		if ms == nil {
-			err = fmt.Errorf("bucket %d: already reported", r.Bucket)
+			err = fmt.Errorf("bucket %d: another report in this batch claims it", r.Bucket)
 		} else if _, errs := cur.HandedOff(ms, alive); errors.Join(errs...) != nil {
 			err = errors.Join(errs...)
 		}
@@ -425,6 +434,16 @@ func reportMoves(ops []op, cur *bucket.Table, alive []bucket.Node) (moves []buck
 		accepted[i] = true
 	}
 	return moves, accepted
+}
+
+// applied reports whether t already gives every bucket of ms to its To.
+func applied(t *bucket.Table, ms []bucket.Move) bool {
+	for _, m := range ms {
+		if t.Owner(m.Bucket).ID != m.To {
+			return false
+		}
+	}
+	return true
 }
 
 // answerReports answers the accepted reports with the published version.

@@ -375,6 +375,10 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 }
 
 // tableOwnsAny reports whether t gives some queue of k to node id.
+// forgetWait bounds how long forgetTarget waits for a newer table before
+// it decides by the one it holds.
+const forgetWait = 2 * time.Second
+
 // forgetTarget stops forwarding bucket k to node to when the boss refused
 // its hand-off report while this node's table still gives it the bucket:
 // the boss applies a report whenever the reporter owns the bucket and the
@@ -385,6 +389,14 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 // it for good. When the table gives the bucket elsewhere, retireIfMoved
 // decides.
 func (s *Server) forgetTarget(k bkey, to string, log interface{ Warn(string, ...any) }) {
+	// Decide by the boss's newest table, not this node's: a refusal may
+	// come from a table that already gives the bucket away (this node has
+	// not fetched it yet), and then the new owner is alive and holds it.
+	if s.cluster != nil {
+		ctx, cancel := context.WithTimeout(s.ctx, forgetWait)
+		s.cluster.WaitVersion(ctx, s.currentTable().Version()+1) // a table that moved on, if there is one
+		cancel()
+	}
 	t := s.currentTable()
 	s.ho.mu.Lock()
 	o := s.ho.out[k]
