@@ -33,17 +33,6 @@ const (
 	linkUpPoll = 20 * time.Millisecond
 )
 
-// bucketOf returns the bucket of queue in a table of 2^bits buckets, as
-// bucket.Table.Bucket computes it: the top bits of the routing hash. A mark
-// names its bucket with the bits of the table that made it, which need not
-// be the gateway's.
-func bucketOf(queue string, bits uint32) uint32 {
-	if bits == 0 || bits > 64 {
-		return 0
-	}
-	return uint32(bucket.Hash(queue) >> (64 - bits))
-}
-
 // detached is one subscription taken off its link, waiting for the link of
 // its node: sub is the detached localSub (link nil), so the rebind moves it
 // only if nothing has replaced it since (a rejoin, a leave, the connection
@@ -62,7 +51,7 @@ type detached struct {
 func (s *Server) bucketMoving(from *nodeLink, m *imqpb.BucketMoving) {
 	to := m.GetToNode()
 	var subs []detached
-	for _, p := range s.index.viaFunc(from, func(q string) bool { return bucketOf(q, m.GetBits()) == m.GetBucket() }) {
+	for _, p := range s.index.viaFunc(from, func(q string) bool { return bucket.Of(q, int(m.GetBits())) == int(m.GetBucket()) }) {
 		if sub := p.c.detach(p.queue, from, to); sub != nil {
 			subs = append(subs, detached{p.c, p.queue, sub})
 		}
@@ -259,7 +248,7 @@ func (s *Server) bucketDropped(l *nodeLink, m *imqpb.BucketAdopted) {
 func (s *Server) rebound(l *nodeLink, m *imqpb.BucketAdopted) []queueConn {
 	from := m.GetFromNode()
 	return s.index.collect(func(sub *localSub) bool { return sub.link == l && sub.unconfirmed(from) }, "",
-		func(q string) bool { return bucketOf(q, m.GetBits()) == m.GetBucket() })
+		func(q string) bool { return bucket.Of(q, int(m.GetBits())) == int(m.GetBucket()) })
 }
 
 // confirm marks c's subscription to queue live (localSub.live), if it is

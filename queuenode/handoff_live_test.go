@@ -176,7 +176,7 @@ func offsets(t *testing.T, frames []*imqpb.LinkDown, queue string) (offs []uint6
 	t.Helper()
 	markAt = -1
 	for _, m := range frames {
-		if m.GetBucketMoving() != nil && markAt < 0 && bucketOf(queue, int(m.GetBucketMoving().GetBits())) == int(m.GetBucketMoving().GetBucket()) {
+		if m.GetBucketMoving() != nil && markAt < 0 && bucket.Of(queue, int(m.GetBucketMoving().GetBits())) == int(m.GetBucketMoving().GetBucket()) {
 			markAt = len(offs)
 		}
 		d := m.GetDeliver()
@@ -237,7 +237,7 @@ func TestHandoffLive(t *testing.T) {
 	bits := a.currentTable().Bits() + 2
 	queues := make([]string, 1<<bits)
 	for bk := range queues {
-		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucket.Of(q, bits) == bk })[0]
 		q := queues[bk]
 		gw1.ok("a", joinReq(q, "s1", "chat"))
 		gw1.ok("a", joinReq(q, "s3", "chat")) // leaves below, through a
@@ -384,7 +384,7 @@ func TestHandoffTargetDiesMidStream(t *testing.T) {
 	bits := a.currentTable().Bits() + 2
 	queues := make([]string, 1<<bits)
 	for bk := range queues {
-		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucket.Of(q, bits) == bk })[0]
 		gw.ok("a", joinReq(queues[bk], "s1", "chat"))
 		gw.ok("a", userPub("s1", queues[bk]))
 	}
@@ -567,7 +567,7 @@ func TestHandoffBoundsFromConfig(t *testing.T) {
 	bits := a.currentTable().Bits() + 2
 	queues := make([]string, 1<<bits)
 	for bk := range queues {
-		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucket.Of(q, bits) == bk })[0]
 		gw.ok("a", joinReq(queues[bk], "s1", "chat"))
 	}
 	m, err := member.Start(*testMemberConfig(), member.Meta{Role: member.RoleQueueNode, ID: "b", LinkAddr: ln.Addr().String()})

@@ -17,7 +17,7 @@ import (
 //
 // Buckets are named by (bits, bucket) pairs, so that a hand-off begun
 // under one table survives a split: a queue is in entry k when
-// bucketOf(queue, k.bits) == k.b, whatever the current table's bits.
+// bucket.Of(queue, k.bits) == k.b, whatever the current table's bits.
 
 // fenceWait bounds how long a link's reader waits for the table a request
 // was routed by, when it is newer than the node's. The other hand-off
@@ -34,7 +34,7 @@ const maxEarlyConfirms = 4096
 // bkey is a bucket: number b in a table of 2^bits buckets.
 type bkey struct{ bits, b int }
 
-func (k bkey) has(queue string) bool { return bucketOf(queue, k.bits) == k.b }
+func (k bkey) has(queue string) bool { return bucket.Of(queue, k.bits) == k.b }
 
 // tableCovers reports whether table t gives every queue of k to node id.
 func tableCovers(t *bucket.Table, k bkey, id string) bool {
