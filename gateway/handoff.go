@@ -21,7 +21,9 @@ import (
 // A subscription between the two links is detached: in the fan-out index,
 // with node set to B and link nil, so that no link's events reach it (a
 // late event of b from A is ignored, as is any from a link it is not bound
-// to). Its leave goes by the table meanwhile (the owner there forwards it).
+// to). Its leave goes by the table meanwhile: the old owner answers one
+// with a reply MOVED (the lane sends it again once the table routes to the
+// new owner) and forwards one without a reply to the new owner.
 
 const (
 	// rebindWait bounds the wait for the new owner's link: for a table
@@ -200,8 +202,12 @@ func (l *nodeLink) sendIfCurrent(conn *link.Conn, frame []byte) bool {
 
 // servedBy returns where a join answered OK on link l binds its
 // subscription: node l's, or, when the reply names another node that
-// served it (l's node forwarded the join during a hand-off), that node and
-// its link if the gateway has one (nil otherwise).
+// served it (served_by), that node and its link if the gateway has one
+// (nil otherwise). Today's queue nodes never set served_by: during a
+// hand-off the old owner answers MOVED rather than relay a reply
+// (docs/handoff.md, step 5). The gateway honours the field so that a node
+// that relays replies binds its joins right; this is the one place that
+// reads it.
 func (s *Server) servedBy(l *nodeLink, r *imqpb.NodeReply) (string, *nodeLink) {
 	sb := r.GetServedBy()
 	if sb == "" || sb == l.node.ID {

@@ -347,7 +347,6 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	nc.NodeID = "dev-node"
 	nc.Limits.MaxPayload, nc.LinkTimeout = gc.MaxPayload, gc.LinkTimeout
 	bc.Member.BindAddr = "127.0.0.1:0"
-	bc.Handoff = true // as imq boss
 	madeKey := operatorKey == ""
 	if madeKey {
 		operatorKey = launch.NewOperatorKey()
