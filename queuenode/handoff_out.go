@@ -326,8 +326,7 @@ func (s *Server) forward(o *outgoing) {
 // (a connection gone) is forwarded, under origin_gateway, so that the new
 // owner removes the subscriber; nothing of that connection comes after it,
 // and nobody waits for its outcome: a leave that cannot be forwarded is
-// logged (the new owner keeps the subscriber until its link with that
-// gateway closes).
+// only logged.
 func (s *Server) forwardOne(o *outgoing, h heldReq) {
 	if h.l.ctx.Err() != nil {
 		return
