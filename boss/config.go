@@ -51,8 +51,8 @@ type Config struct {
 	// Handoff turns on two-phase moves (docs/handoff.md): a bucket whose
 	// owner is alive is marked moving in the published table, and changes
 	// owner only when the owner reports the hand-off (POST /v1/handoff).
-	// Default false in a Config (imq boss and imq dev turn it on): buckets
-	// move at once, their queues starting afresh on the new owner.
+	// Default true (DefaultConfig; a Config literal has it false). False:
+	// buckets move at once, their queues starting afresh on the new owner.
 	Handoff bool
 	// MaxMoves bounds how many buckets are marked moving at once,
 	// cluster-wide, so hand-off traffic is bounded (with Handoff). Default 8.
@@ -92,6 +92,7 @@ func DefaultConfig() Config {
 		ReconcileGrace:    10 * time.Second,
 		PeerTimeout:       500 * time.Millisecond,
 		TableFetchTimeout: 5 * time.Second,
+		Handoff:           true,
 		MaxMoves:          8,
 		MoveTimeout:       60 * time.Second,
 	}

@@ -72,7 +72,7 @@ func newMetrics(reg *prometheus.Registry, b *Boss) *metrics {
 			Name: "imq_boss_buckets_moving", Help: "Buckets marked moving in the table the boss serves.",
 		}, func() float64 { return float64(b.Table().MovingCount()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "imq_boss_draining_nodes", Help: "Queue nodes an operator drained.",
+			Name: "imq_boss_draining_nodes", Help: "Queue nodes draining (by an operator, or by themselves as they shut down).",
 		}, func() float64 { return float64(len(*b.drainingView.Load())) }),
 	)
 	reg.MustRegister(m.publishes, m.moved, m.adoptions, m.persistErrors, m.fetchErrors, m.members, m.reconcile,

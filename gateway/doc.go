@@ -40,9 +40,10 @@
 // later events of the bucket reach nobody), and onto the new one once the
 // gateway has a table naming the new owner and the link is up (bounded:
 // past it they end, MOVED, rejoin); then the gateway tells the new owner
-// BucketAdopted, and only then does it send the bucket's events. A join
-// whose reply says another node served it (served_by: the old owner
-// forwarded it) is bound to that node's link the same way.
+// BucketAdopted, and only then does it send the bucket's events. During a
+// hand-off the old owner answers requests MOVED and the lane sends them
+// again to the new owner; a reply naming another node (served_by, which
+// today's nodes do not set; see servedBy) binds its join to that node.
 //
 // Admin RPC (rpc*.go; the contract is docs/openapi.json). POST
 // /rpc/v1/<method> on the client port, authenticated by an API key

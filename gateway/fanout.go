@@ -25,8 +25,8 @@ type localSub struct {
 	// A live hand-off (handoff.go) replaces the subscription with one
 	// bound to the bucket's new owner: first detached (node the new owner,
 	// link nil: no link's events reach it) until the gateway has that
-	// node's link, then on it. A join the old owner forwarded is bound to
-	// the node that served it (served_by), not to the link it went on.
+	// node's link, then on it. A join is bound to the node that served it
+	// (servedBy: the node it went to, as today's nodes relay no replies).
 	node string
 	link *nodeLink
 	// from, on a subscription a hand-off rebound, is the link of the node

@@ -21,7 +21,9 @@ import (
 // A subscription between the two links is detached: in the fan-out index,
 // with node set to B and link nil, so that no link's events reach it (a
 // late event of b from A is ignored, as is any from a link it is not bound
-// to). Its leave goes by the table meanwhile (the owner there forwards it).
+// to). Its leave goes by the table meanwhile: the old owner answers one
+// with a reply MOVED (the lane sends it again once the table routes to the
+// new owner) and forwards one without a reply to the new owner.
 
 const (
 	// rebindWait bounds the wait for the new owner's link: for a table
@@ -32,17 +34,6 @@ const (
 	// up before and is dialling again.
 	linkUpPoll = 20 * time.Millisecond
 )
-
-// bucketOf returns the bucket of queue in a table of 2^bits buckets, as
-// bucket.Table.Bucket computes it: the top bits of the routing hash. A mark
-// names its bucket with the bits of the table that made it, which need not
-// be the gateway's.
-func bucketOf(queue string, bits uint32) uint32 {
-	if bits == 0 || bits > 64 {
-		return 0
-	}
-	return uint32(bucket.Hash(queue) >> (64 - bits))
-}
 
 // detached is one subscription taken off its link, waiting for the link of
 // its node: sub is the detached localSub (link nil), so the rebind moves it
@@ -62,7 +53,7 @@ type detached struct {
 func (s *Server) bucketMoving(from *nodeLink, m *imqpb.BucketMoving) {
 	to := m.GetToNode()
 	var subs []detached
-	for _, p := range s.index.viaFunc(from, func(q string) bool { return bucketOf(q, m.GetBits()) == m.GetBucket() }) {
+	for _, p := range s.index.viaFunc(from, func(q string) bool { return bucket.Of(q, int(m.GetBits())) == int(m.GetBucket()) }) {
 		if sub := p.c.detach(p.queue, from, to); sub != nil {
 			subs = append(subs, detached{p.c, p.queue, sub})
 		}
@@ -211,8 +202,12 @@ func (l *nodeLink) sendIfCurrent(conn *link.Conn, frame []byte) bool {
 
 // servedBy returns where a join answered OK on link l binds its
 // subscription: node l's, or, when the reply names another node that
-// served it (l's node forwarded the join during a hand-off), that node and
-// its link if the gateway has one (nil otherwise).
+// served it (served_by), that node and its link if the gateway has one
+// (nil otherwise). Today's queue nodes never set served_by: during a
+// hand-off the old owner answers MOVED rather than relay a reply
+// (docs/handoff.md, step 5). The gateway honours the field so that a node
+// that relays replies binds its joins right; this is the one place that
+// reads it.
 func (s *Server) servedBy(l *nodeLink, r *imqpb.NodeReply) (string, *nodeLink) {
 	sb := r.GetServedBy()
 	if sb == "" || sb == l.node.ID {
@@ -259,7 +254,7 @@ func (s *Server) bucketDropped(l *nodeLink, m *imqpb.BucketAdopted) {
 func (s *Server) rebound(l *nodeLink, m *imqpb.BucketAdopted) []queueConn {
 	from := m.GetFromNode()
 	return s.index.collect(func(sub *localSub) bool { return sub.link == l && sub.unconfirmed(from) }, "",
-		func(q string) bool { return bucketOf(q, m.GetBits()) == m.GetBucket() })
+		func(q string) bool { return bucket.Of(q, int(m.GetBits())) == int(m.GetBucket()) })
 }
 
 // confirm marks c's subscription to queue live (localSub.live), if it is

@@ -75,7 +75,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 			Name: "imq_gateway_rebinds_total", Help: "Bucket hand-off marks (BucketMoving) handled, by result: ok (the subscriptions moved to the new owner's link and it was told BucketAdopted), error (its link could not be had in time: the subscriptions ended, MOVED).",
 		}, []string{"result"}),
 		subsRebound: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "imq_gateway_subscriptions_rebound_total", Help: "Subscriptions moved to a bucket's new owner's link during hand-offs (on its old owner's BucketMoving, or a join it forwarded whose new owner's link had to be waited for).",
+			Name: "imq_gateway_subscriptions_rebound_total", Help: "Subscriptions moved to a bucket's new owner's link during hand-offs (on its old owner's BucketMoving).",
 		}),
 		rpcRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imq_gateway_rpc_requests_total", Help: "Admin RPC calls answered, by method (\"unknown\" for names that are not methods) and code (OK or the error code).",

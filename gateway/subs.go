@@ -101,10 +101,9 @@ func (c *conn) join(id uint64, m *imqpb.Join) {
 			// leaveAll has already sent the leave that follows this join.
 			before = nil
 		case r.GetCode() == imqpb.Code_OK && l != nil:
-			// The node that served the join holds the subscriber: a join
-			// the old owner forwarded during a hand-off is bound to the
-			// new owner's link (handoff.go). The lane still counted it
-			// against l, where it went.
+			// The node that served the join holds the subscriber: l's
+			// node, or the one the reply names (servedBy, handoff.go).
+			// The lane counted it against l, where it went.
 			node, bound := c.s.servedBy(l, r)
 			sub := &localSub{mounts: make([]string, len(r.GetJoined().GetMounts())), node: node, link: bound}
 			for i, ms := range r.GetJoined().GetMounts() {

@@ -773,10 +773,11 @@ type NodeRequest struct {
 	// requests that wait for no call-out are not checked. Gateway and node
 	// clocks are assumed to agree to well within the request timeout.
 	DeadlineMs int64 `protobuf:"varint,6,opt,name=deadline_ms,json=deadlineMs,proto3" json:"deadline_ms,omitempty"`
-	// Set only on a node link: the id of the gateway that sent the request
-	// to the old owner of its bucket, which forwarded it during a hand-off
-	// (docs/handoff.md, Forward). The new owner runs it as if it came on its
-	// own link with that gateway (a join's subscriber is bound to that link).
+	// Set only on a node link: the id of the gateway that sent a leave without
+	// a reply (a connection gone) to the old owner of its bucket, which
+	// forwarded it after a hand-off (docs/handoff.md, step 5; nothing else is
+	// forwarded). The new owner runs it as if it came on its own link with
+	// that gateway, removing that session's subscriber.
 	OriginGateway string `protobuf:"bytes,7,opt,name=origin_gateway,json=originGateway,proto3" json:"origin_gateway,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1000,8 +1001,9 @@ type NodeReply struct {
 	// this request.
 	Created bool `protobuf:"varint,5,opt,name=created,proto3" json:"created,omitempty"`
 	// The id of the node that served the request, when it is not the node
-	// the gateway sent it to (that node forwarded it during a hand-off): a
-	// join answered so is bound to served_by's link.
+	// the gateway sent it to (a node that relayed it): a join answered so is
+	// bound to served_by's link. Today's nodes never set it: during a
+	// hand-off the old owner answers MOVED instead (docs/handoff.md, step 5).
 	ServedBy      string `protobuf:"bytes,6,opt,name=served_by,json=servedBy,proto3" json:"served_by,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -146,16 +146,20 @@ type Config struct {
 	// backend did not answer: ...". DENIED is only the backend's own no.
 	CalloutFailOpen bool
 	// HandoffHoldBytes bounds the requests one bucket this node is handing
-	// off holds while frozen, and then queues to forward to its new owner
-	// (docs/handoff.md, steps 1 and 5); past it a request is answered
+	// off holds while frozen (docs/handoff.md, steps 1 and 5): after the
+	// new owner's ack they are answered MOVED in order (the gateway sends
+	// them again there) and leaves without a reply forwarded to it; if the
+	// hand-off fails they run here. Past it a request is answered
 	// UNAVAILABLE (retryable; leaves are always held). At least 4 ×
-	// Limits.MaxPayload, at most LinkBuffer (the held requests are
-	// forwarded over a node link of that buffer). Zero means the default,
-	// 16 MiB, raised to 4 × Limits.MaxPayload and lowered to LinkBuffer.
+	// Limits.MaxPayload, at most LinkBuffer: the held leaves go out on a
+	// node link of that buffer, and after a failed hand-off the held
+	// requests run at once, their answers on gateway links of that buffer.
+	// Zero means the default, 16 MiB, raised to 4 × Limits.MaxPayload and
+	// lowered to LinkBuffer.
 	HandoffHoldBytes int
-	// HandoffTimeout bounds one outgoing hand-off from the freeze to the new
-	// owner's ack (dialling it, streaming the bucket's queues, its
-	// install); past it the node keeps the bucket and tries again later.
+	// HandoffTimeout bounds one outgoing hand-off from dialling the new
+	// owner to its ack (the dial, the freeze, streaming the bucket's
+	// queues, its install); past it the node keeps the bucket and tries again later.
 	// Keep it below the boss's --move-timeout, which gives the move up.
 	// Default: 30s.
 	HandoffTimeout time.Duration
@@ -163,10 +167,12 @@ type Config struct {
 	// it is tried again (if the table still marks it moving), and how often
 	// the node looks for moves it missed. Default: 2s.
 	HandoffRetry time.Duration
-	// HandoffGrace is how long the old owner keeps forwarding a bucket's
-	// requests after it holds a table that gives the bucket to its new
-	// owner, before it answers them MOVED: time for the gateways to fetch
-	// that table too. Default: 3s.
+	// HandoffGrace is how long the old owner keeps a handed-off bucket's
+	// entry after it holds a table that gives the bucket to its new owner:
+	// meanwhile it answers the bucket's requests MOVED and forwards its
+	// leaves without a reply to the new owner (gateways that have not
+	// fetched that table still send them here); after it the table
+	// answers MOVED and a stale leave goes nowhere. Default: 3s.
 	HandoffGrace time.Duration
 	// AdoptHoldBytes and AdoptHoldTime bound the events of an adopted
 	// bucket the new owner holds for one gateway that has not yet confirmed

@@ -87,14 +87,15 @@
 // bounded), export it (every shard lock taken once: nothing that passed
 // the owner check before the freeze is still running, nothing recreates
 // a queue after), send BucketMoving on every gateway link, stream the
-// snapshots in frames of at most 1 MiB and wait for the ack; then forward
-// the held and later requests (origin_gateway set, replies relayed with
-// served_by) and report to the boss, until a table gives the bucket away
-// and a grace has passed. A failed hand-off puts the queues back (same
+// snapshots in frames of at most 1 MiB and wait for the ack; then answer
+// the held and later requests MOVED, in order (the gateway sends them
+// again to the new owner), forward only leaves without a reply
+// (origin_gateway set) and report to the boss, until a table gives the
+// bucket away and a grace has passed. A failed hand-off puts the queues back (same
 // epoch), ends the marked gateways' subscriptions with QueueClosed(MOVED)
 // and runs the held requests here. handoff_in.go is the target: staging
 // within the memory budget, importQueues, the adopted mark, the forwarded
-// requests, and the per-gateway holds of events until BucketAdopted.
+// leaves, and the per-gateway holds of events until BucketAdopted.
 // handoff_state.go is the state both share.
 //
 // queuenode imports internal/ and proto/ only; it never imports gateway/ or

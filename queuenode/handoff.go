@@ -18,15 +18,6 @@ import (
 // bucket, the link between the nodes and the gateways' rebinding are the
 // callers' part.
 
-// bucketOf returns the bucket of queue in a table of 2^bits buckets: the
-// top bits of its routing hash, as bucket.Table.Bucket computes it.
-func bucketOf(queue string, bits int) int {
-	if bits == 0 {
-		return 0
-	}
-	return int(bucket.Hash(queue) >> (64 - bits))
-}
-
 // maxBucketBits bounds the bits exportBucket accepts: a bucket number is
 // an int, and a shift by 64 or more means no table.
 const maxBucketBits = 62
@@ -46,7 +37,7 @@ func (s *Server) exportBucket(bits, b int) ([]*imqpb.QueueSnapshot, error) {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		for name, q := range sh.queues {
-			if bucketOf(name, bits) == b {
+			if bucket.Of(name, bits) == b {
 				out = append(out, q.Snapshot(gatewayOfKey))
 				s.removeQueueLocked(sh, q)
 			}

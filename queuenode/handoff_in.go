@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -17,9 +18,9 @@ import (
 
 // The new owner's side of a hand-off (docs/handoff.md, steps 4 and 6):
 // a node link from the old owner stages the bucket's queues, installs
-// them on HandoffEnd, and then carries the requests the old owner
-// forwards. Events of the adopted bucket, and a gateway's requests for
-// its queues, are held per gateway until that gateway confirms it saw the
+// them on HandoffEnd, and then carries the leaves without a reply the
+// old owner forwards (step 5). Events of the adopted bucket, and a
+// gateway's requests for its queues, are held per gateway until that gateway confirms it saw the
 // old owner's mark (BucketAdopted); the node then says bucket_held, so
 // the gateway knows the subscriptions it rebound are live here.
 //
@@ -45,13 +46,19 @@ type nodeIn struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	staging map[bkey]*staged // reader only
-	proxies map[string]*link // reader only: by gateway link key
+	proxies map[string]proxy // reader only: by gateway link key
+}
+
+// proxy is the stand-in for a gateway's link that forwarded leaves run on.
+type proxy struct {
+	l    *link
+	stop func() bool // unregisters the hook that ends l with the gateway's link
 }
 
 // serveNodeLink runs an accepted link from another queue node until it
 // closes.
 func (s *Server) serveNodeLink(conn *imqlink.Conn, log *slog.Logger) {
-	n := &nodeIn{s: s, conn: conn, from: conn.Peer().ID, staging: make(map[bkey]*staged), proxies: make(map[string]*link)}
+	n := &nodeIn{s: s, conn: conn, from: conn.Peer().ID, staging: make(map[bkey]*staged), proxies: make(map[string]proxy)}
 	n.ctx, n.cancel = context.WithCancel(s.ctx)
 	s.ho.mu.Lock()
 	s.ho.peers[n.from]++
@@ -72,7 +79,8 @@ func (s *Server) serveNodeLink(conn *imqlink.Conn, log *slog.Logger) {
 	n.cancel()
 	<-writerDone
 	for _, p := range n.proxies {
-		p.async.Wait()
+		p.l.async.Wait()
+		p.stop()
 	}
 	s.ho.mu.Lock()
 	for _, st := range n.staging {
@@ -104,9 +112,11 @@ func (n *nodeIn) readLoop() error {
 		case *imqpb.LinkUp_HandoffEnd:
 			n.adopt(x.HandoffEnd)
 		case *imqpb.LinkUp_Request:
-			n.forwarded(x.Request)
+			if err := n.forwarded(x.Request); err != nil {
+				return err
+			}
 		default:
-			return errors.New("node link frame is not a ping, hand-off or request")
+			return errors.New("node link frame is not a ping, hand-off or forwarded leave")
 		}
 	}
 }
@@ -184,7 +194,7 @@ func (n *nodeIn) adopt(end *imqpb.HandoffEnd) {
 			closed := make(map[string][]string) // gateway id → queues of its unbound subscribers
 			for q, subs := range unbound {
 				for _, sub := range subs {
-					if !contains(closed[sub.Gateway], q) {
+					if !slices.Contains(closed[sub.Gateway], q) {
 						closed[sub.Gateway] = append(closed[sub.Gateway], q)
 					}
 				}
@@ -266,42 +276,36 @@ func (n *nodeIn) mayTake(k bkey, v uint64) error {
 	return nil
 }
 
-func contains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
+// forwarded runs a leave the old owner forwarded (docs/handoff.md, step
+// 5: a connection gone, so no reply), as if it came on this node's newest
+// link with the request's origin gateway, so that the subscriber of that
+// session goes. The old owner answers every request with a reply MOVED
+// itself; anything else on a node link is a peer's error, and ends it.
+func (n *nodeIn) forwarded(req *imqpb.NodeRequest) error {
+	if _, leave := req.GetOp().(*imqpb.NodeRequest_Leave); !leave || req.GetId() != 0 {
+		return fmt.Errorf("node %s forwarded a request other than a leave without a reply (id %d, %T); a node link carries only those", n.from, req.GetId(), req.GetOp())
 	}
-	return false
-}
-
-// forwarded runs a request the old owner forwarded, as if it came on
-// this node's newest link with the request's origin gateway; the reply
-// goes back on the node link.
-func (n *nodeIn) forwarded(req *imqpb.NodeRequest) {
 	s := n.s
 	key := s.newestLinks()[req.GetOriginGateway()]
 	s.mu.RLock()
 	gl := s.links[key]
 	s.mu.RUnlock()
 	if gl == nil {
-		if req.GetId() != 0 {
-			n.conn.SendAlways(encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: &imqpb.NodeReply{
-				Id: req.GetId(), Code: imqpb.Code_UNAVAILABLE,
-				Message: fmt.Sprintf("queue node %s, the queue's new owner, has no link with gateway %q yet; retry", s.cfg.NodeID, req.GetOriginGateway()),
-			}}}))
-		}
-		return
+		return nil // no link with that gateway: none of its subscribers is here
 	}
-	p := n.proxies[gl.key]
-	if p == nil || p.ctx.Err() != nil {
-		// Replies go on the node link; subscribers are the gateway link's.
-		p = &link{s: s, conn: n.conn, gateway: gl.gateway, key: gl.key}
-		p.ctx, p.cancel = context.WithCancel(n.ctx)
-		context.AfterFunc(gl.ctx, p.cancel)
+	p, ok := n.proxies[gl.key]
+	if !ok || p.l.ctx.Err() != nil {
+		// Subscribers are the gateway link's; a leave has no reply.
+		l := &link{s: s, conn: n.conn, gateway: gl.gateway, key: gl.key}
+		l.ctx, l.cancel = context.WithCancel(n.ctx)
+		if ok {
+			p.stop()
+		}
+		p = proxy{l: l, stop: context.AfterFunc(gl.ctx, l.cancel)}
 		n.proxies[gl.key] = p
 	}
-	s.handle(p, req)
+	s.handle(p.l, req)
+	return nil
 }
 
 // holdKey is one gateway's hold on one adopted bucket.
@@ -415,7 +419,7 @@ func (s *Server) openHoldsLocked(k bkey) {
 	}
 }
 
-// holdFor returns the hold of gateway gw on queue's bucket, if any. The
+// holdForLocked returns the hold of gateway gw on queue's bucket, if any. The
 // caller holds handoffs.mu.
 func (s *Server) holdForLocked(gw, queue string) (holdKey, *hold) {
 	for hk, h := range s.ho.holds {
@@ -560,7 +564,7 @@ func (s *Server) failHoldLocked(hk holdKey, h *hold, reason string) {
 		s.ho.mu.Lock()
 		defer s.ho.mu.Unlock()
 		for _, q := range closed {
-			if !contains(h.closed, q) {
+			if !slices.Contains(h.closed, q) {
 				h.closed = append(h.closed, q)
 			}
 		}

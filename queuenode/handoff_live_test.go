@@ -2,8 +2,10 @@ package queuenode
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -176,7 +178,7 @@ func offsets(t *testing.T, frames []*imqpb.LinkDown, queue string) (offs []uint6
 	t.Helper()
 	markAt = -1
 	for _, m := range frames {
-		if m.GetBucketMoving() != nil && markAt < 0 && bucketOf(queue, int(m.GetBucketMoving().GetBits())) == int(m.GetBucketMoving().GetBucket()) {
+		if m.GetBucketMoving() != nil && markAt < 0 && bucket.Of(queue, int(m.GetBucketMoving().GetBits())) == int(m.GetBucketMoving().GetBucket()) {
 			markAt = len(offs)
 		}
 		d := m.GetDeliver()
@@ -237,7 +239,7 @@ func TestHandoffLive(t *testing.T) {
 	bits := a.currentTable().Bits() + 2
 	queues := make([]string, 1<<bits)
 	for bk := range queues {
-		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucket.Of(q, bits) == bk })[0]
 		q := queues[bk]
 		gw1.ok("a", joinReq(q, "s1", "chat"))
 		gw1.ok("a", joinReq(q, "s3", "chat")) // leaves below, through a
@@ -384,7 +386,7 @@ func TestHandoffTargetDiesMidStream(t *testing.T) {
 	bits := a.currentTable().Bits() + 2
 	queues := make([]string, 1<<bits)
 	for bk := range queues {
-		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucket.Of(q, bits) == bk })[0]
 		gw.ok("a", joinReq(queues[bk], "s1", "chat"))
 		gw.ok("a", userPub("s1", queues[bk]))
 	}
@@ -567,7 +569,7 @@ func TestHandoffBoundsFromConfig(t *testing.T) {
 	bits := a.currentTable().Bits() + 2
 	queues := make([]string, 1<<bits)
 	for bk := range queues {
-		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucketOf(q, bits) == bk })[0]
+		queues[bk] = queuesWhere(t, 1, func(q string) bool { return bucket.Of(q, bits) == bk })[0]
 		gw.ok("a", joinReq(queues[bk], "s1", "chat"))
 	}
 	m, err := member.Start(*testMemberConfig(), member.Meta{Role: member.RoleQueueNode, ID: "b", LinkAddr: ln.Addr().String()})
@@ -809,5 +811,41 @@ func TestShutdownClosesNodeLinks(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return after Shutdown: the node link kept it")
+	}
+}
+
+// TestNodeLinkTakesOnlyLeaves: a node link carries forwarded leaves without
+// a reply and nothing else of the kind: the old owner answers requests with
+// a reply MOVED itself (docs/handoff.md, step 5), so a peer that forwards
+// one is in error and its link is closed, not answered.
+func TestNodeLinkTakesOnlyLeaves(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NodeID, cfg.Member, cfg.LinkAddr, cfg.InternalAddr = "b", testMemberConfig(), "127.0.0.1:0", "127.0.0.1:0"
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Run(context.Background())
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	peer := dialLinkWith(t, s.LinkAddr(), imqlink.Config{ID: "a", Role: imqlink.RoleNode})
+	leave := leaveReq("room", "s1")
+	leave.OriginGateway = "gw-1"
+	peer.write(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: leave}})
+	if seen := peer.sync(); len(seen) != 0 { // the link is still up
+		t.Fatalf("a forwarded leave was answered: %v", seen)
+	}
+	pub := userPub("s1", "room")
+	pub.Id, pub.OriginGateway = 7, "gw-1"
+	peer.write(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: pub}})
+	peer.c.SetReadDeadline(time.Now().Add(waitFor))
+	switch b, err := peer.fr.Next(); {
+	case err == nil:
+		t.Fatalf("a forwarded publish with a reply was answered (%d bytes), not refused by closing the link", len(b))
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		t.Fatal("a forwarded publish with a reply left the node link open")
 	}
 }

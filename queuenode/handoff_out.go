@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"sync"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -67,6 +66,7 @@ func (s *Server) nextMove() (k bkey, to bucket.Node, version uint64, ok bool) {
 	now := time.Now()
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
+	s.pruneRetriesLocked(t)
 next:
 	for _, m := range t.Moving() {
 		if m.From != s.cfg.NodeID {
@@ -85,6 +85,19 @@ next:
 		return k, to, t.Version(), true
 	}
 	return bkey{}, bucket.Node{}, 0, false
+}
+
+// pruneRetriesLocked forgets the retry times of moves t no longer marks
+// from this node, so retryAt holds at most the buckets t moves away. The
+// caller holds s.ho.mu.
+func (s *Server) pruneRetriesLocked(t *bucket.Table) {
+	for k := range s.ho.retryAt {
+		if k.bits != t.Bits() {
+			delete(s.ho.retryAt, k)
+		} else if _, ok := t.Target(k.b); !ok || t.Owner(k.b).ID != s.cfg.NodeID {
+			delete(s.ho.retryAt, k)
+		}
+	}
 }
 
 // handOff hands bucket k off to node to, as table version marks it.
@@ -137,17 +150,23 @@ func (s *Server) handOff(k bkey, to bucket.Node, version uint64) {
 	s.m.handoffQueues.WithLabelValues("out").Add(float64(len(snaps)))
 	s.m.handoffBytes.WithLabelValues("out").Add(float64(sent))
 	s.m.handoffSeconds.Observe(time.Since(start).Seconds())
-	log.Info("bucket handed off; forwarding its requests", "queues", len(snaps), "bytes", sent, "gateways", len(gws), "took", time.Since(start))
+	log.Info("bucket handed off; answering its requests MOVED and forwarding leaves", "queues", len(snaps), "bytes", sent, "gateways", len(gws), "took", time.Since(start))
 	s.ho.mu.Lock()
 	o.mode = outForwarding
+	delete(s.ho.retryAt, k)
 	s.ho.publishLocked()
 	s.ho.mu.Unlock()
 	// Both end with the server at the latest; once Shutdown has begun they
 	// do not start (the links they would use are closing).
-	s.goTracked(func() { s.forward(o) })                            // until o is retired and its requests are forwarded
+	s.goTracked(func() { s.forward(o) })                            // until o is retired and its held requests are answered
 	s.goTracked(func() { s.reportHandoff(k, to.ID, version, log) }) // until the boss answers
 	s.retireIfMoved(s.currentTable())
 }
+
+// drainPoll is how often a hand-off stream held back by a full link
+// looks at its buffer again: a 1 MiB frame takes about that long to
+// write at 100 MB/s.
+const drainPoll = 10 * time.Millisecond
 
 var errRefused = errors.New("the new owner refused the hand-off")
 
@@ -221,11 +240,9 @@ func (s *Server) restoreBucket(o *outgoing, snaps []*imqpb.QueueSnapshot, log in
 	o.mode = outLocal
 	s.ho.publishLocked()
 	s.ho.mu.Unlock()
-	s.wg.Add(1)
-	go func() { // ends when the held requests have run
-		defer s.wg.Done()
-		s.runHeldHere(o)
-	}()
+	// Ends when the held requests have run; once Shutdown has begun it
+	// does not start (the links that would carry the answers are closing).
+	s.goTracked(func() { s.runHeldHere(o) })
 }
 
 // runHeldHere runs o's held requests on this node, in order, then forgets
@@ -268,10 +285,15 @@ func (s *Server) replay(h heldReq) {
 	s.dispatch(h.l, h.req, rt, res)
 }
 
-// forward sends o's requests to the new owner in order until o is retired
-// and none is left.
+// forward answers o's requests MOVED, and forwards its reply-less leaves
+// to the new owner, in order, until o is retired and none is left.
 func (s *Server) forward(o *outgoing) {
-	defer o.peer.conn.Close(nil)
+	defer func() {
+		s.ho.mu.Lock()
+		peer := o.peer
+		s.ho.mu.Unlock()
+		peer.conn.Close(nil)
+	}()
 	for {
 		h, ok := s.takeHeld(o)
 		if ok {
@@ -302,7 +324,9 @@ func (s *Server) forward(o *outgoing) {
 // node while the new owner's events for the subscriber go straight to the
 // gateway, which drops those that arrive first. A leave without a reply
 // (a connection gone) is forwarded, under origin_gateway, so that the new
-// owner removes the subscriber; nothing of that connection comes after it.
+// owner removes the subscriber; nothing of that connection comes after it,
+// and nobody waits for its outcome: a leave that cannot be forwarded is
+// only logged.
 func (s *Server) forwardOne(o *outgoing, h heldReq) {
 	if h.l.ctx.Err() != nil {
 		return
@@ -324,8 +348,7 @@ func (s *Server) forwardOne(o *outgoing, h heldReq) {
 		p, err := s.dialPeer(ctx, o.to)
 		cancel()
 		if err != nil {
-			s.finish(h.l, h.req, opName(h.req), imqerr.New(imqpb.Code_UNAVAILABLE,
-				"queue node %s handed this queue's bucket to %s and cannot reach it: %v; retry", s.cfg.NodeID, o.to.ID, err))
+			s.log.Debug("could not forward a leave to the bucket's new owner", "queue", opQueue(h.req), "to", o.to.ID, "err", err)
 			return
 		}
 		s.ho.mu.Lock()
@@ -334,26 +357,21 @@ func (s *Server) forwardOne(o *outgoing, h heldReq) {
 	}
 	req := proto.Clone(h.req).(*imqpb.NodeRequest)
 	req.OriginGateway = h.l.gateway
-	if h.req.GetId() != 0 {
-		req.Id = peer.register(h.l, h.req.GetId())
-	}
 	frame, err := imqlink.MarshalFrame(&imqpb.LinkUp{Msg: &imqpb.LinkUp_Request{Request: req}})
 	if err == nil {
 		err = peer.conn.Send(frame)
 	}
 	if err != nil {
-		if req.GetId() != 0 && peer.unregister(req.GetId()) {
-			s.finish(h.l, h.req, opName(h.req), imqerr.New(imqpb.Code_UNAVAILABLE,
-				"queue node %s could not forward to %s, the bucket's new owner: %v; retry", s.cfg.NodeID, o.to.ID, err))
-		}
+		s.log.Debug("could not forward a leave to the bucket's new owner", "queue", opQueue(h.req), "to", o.to.ID, "err", err)
 		return
 	}
 	s.m.forwarded.Inc()
 }
 
 // retireIfMoved starts the grace period of each forwarding bucket that t
-// no longer gives to this node: after it, the bucket's requests are
-// answered MOVED by the table.
+// no longer gives to this node: after it the entry goes, its leaves are no
+// longer forwarded, and the bucket's requests are answered MOVED by the
+// table.
 func (s *Server) retireIfMoved(t *bucket.Table) {
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
@@ -361,7 +379,6 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 		if o.mode != outForwarding || o.retire != nil || tableOwnsAny(t, o.key, s.cfg.NodeID) || t.Buckets() == 0 {
 			continue
 		}
-		o := o
 		o.retire = time.AfterFunc(s.cfg.HandoffGrace, func() {
 			s.ho.mu.Lock()
 			if s.ho.out[o.key] == o {
@@ -374,7 +391,6 @@ func (s *Server) retireIfMoved(t *bucket.Table) {
 	}
 }
 
-// tableOwnsAny reports whether t gives some queue of k to node id.
 // forgetWait bounds how long forgetTarget waits for a newer table before
 // it decides by the one it holds.
 const forgetWait = 2 * time.Second
@@ -415,6 +431,7 @@ func (s *Server) forgetTarget(k bkey, to string, log interface{ Warn(string, ...
 	}
 }
 
+// tableOwnsAny reports whether t gives some queue of k to node id.
 func tableOwnsAny(t *bucket.Table, k bkey, id string) bool {
 	if t.Buckets() == 0 {
 		return false
@@ -498,23 +515,16 @@ func (s *Server) postReport(body []byte) (int, string, error) {
 }
 
 // peerLink is this node's link to the node it hands a bucket to: LinkUp
-// out (snapshots, forwarded requests, pings), LinkDown in (the ack,
-// replies).
+// out (snapshots, forwarded leaves, pings), LinkDown in (the ack).
 type peerLink struct {
 	s    *Server
 	to   string
 	conn *imqlink.Conn
 	acks chan *imqpb.HandoffAck // cap 1
-
-	mu      sync.Mutex
-	nextID  uint64                // guarded by mu
-	pending map[uint64]pendingFwd // guarded by mu
-}
-
-// pendingFwd is a forwarded request waiting for its reply.
-type pendingFwd struct {
-	l  *link
-	id uint64
+	// stop unregisters the Shutdown hook that closes conn; readLoop calls
+	// it when the link closes, so that hand-off attempts do not pile up
+	// hooks on the server's context.
+	stop func() bool
 }
 
 // dialPeer opens a node link to node n.
@@ -527,21 +537,19 @@ func (s *Server) dialPeer(ctx context.Context, n bucket.Node) (*peerLink, error)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s at %s: %w", n.ID, n.LinkAddr, err)
 	}
-	p := &peerLink{s: s, to: n.ID, conn: conn, acks: make(chan *imqpb.HandoffAck, 1), pending: make(map[uint64]pendingFwd)}
-	context.AfterFunc(s.ctx, func() { conn.Close(nil) }) // Shutdown ends the link
-	s.wg.Add(3)
-	go func() { // ends when the link closes
-		defer s.wg.Done()
-		conn.WriteLoop()
-	}()
-	go func() { // ends when the link closes
-		defer s.wg.Done()
-		p.readLoop()
-	}()
-	go func() { // ends when the link closes
-		defer s.wg.Done()
-		p.pingLoop()
-	}()
+	p := &peerLink{s: s, to: n.ID, conn: conn, acks: make(chan *imqpb.HandoffAck, 1)}
+	// The three end when the link closes; once Shutdown has begun they do
+	// not start, and the link is closed at once.
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
+	if s.stopping {
+		conn.Close(nil)
+		return nil, fmt.Errorf("dial %s: the node is shutting down", n.ID)
+	}
+	p.stop = context.AfterFunc(s.ctx, func() { conn.Close(nil) }) // Shutdown ends the link
+	s.goLocked(func() { conn.WriteLoop() })
+	s.goLocked(p.readLoop)
+	s.goLocked(p.pingLoop)
 	return p, nil
 }
 
@@ -572,7 +580,7 @@ func (p *peerLink) pingLoop() {
 }
 
 func (p *peerLink) readLoop() {
-	defer p.failPending()
+	defer p.stop()
 	for {
 		b, err := p.conn.Next()
 		if err != nil {
@@ -584,58 +592,12 @@ func (p *peerLink) readLoop() {
 			p.conn.Close(fmt.Errorf("decode link frame: %w", err))
 			return
 		}
-		switch x := down.GetMsg().(type) {
-		case *imqpb.LinkDown_Reply:
-			p.relay(x.Reply)
-		case *imqpb.LinkDown_HandoffAck:
+		if ack := down.GetHandoffAck(); ack != nil {
 			select {
-			case p.acks <- x.HandoffAck:
+			case p.acks <- ack:
 			default:
 			}
 		}
-	}
-}
-
-func (p *peerLink) register(l *link, id uint64) uint64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.nextID++
-	p.pending[p.nextID] = pendingFwd{l: l, id: id}
-	return p.nextID
-}
-
-func (p *peerLink) unregister(id uint64) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	_, ok := p.pending[id]
-	delete(p.pending, id)
-	return ok
-}
-
-// relay passes the new owner's reply on to the gateway that asked, under
-// its own id, naming the node that served it.
-func (p *peerLink) relay(r *imqpb.NodeReply) {
-	p.mu.Lock()
-	f, ok := p.pending[r.GetId()]
-	delete(p.pending, r.GetId())
-	p.mu.Unlock()
-	if !ok {
-		return
-	}
-	r.Id, r.ServedBy = f.id, p.to
-	f.l.replyWith(r)
-}
-
-// failPending answers the forwarded requests still waiting when the link
-// closes: TIMEOUT, their outcome unknown.
-func (p *peerLink) failPending() {
-	p.mu.Lock()
-	pending := p.pending
-	p.pending = make(map[uint64]pendingFwd)
-	p.mu.Unlock()
-	for _, f := range pending {
-		f.l.replyWith(&imqpb.NodeReply{Id: f.id, Code: imqpb.Code_TIMEOUT,
-			Message: fmt.Sprintf("the link to %s, the queue's new owner, closed; outcome unknown", p.to)})
 	}
 }
 
@@ -643,18 +605,29 @@ func (p *peerLink) failPending() {
 // bytes (one larger queue alone), keeping at most two frames' worth in
 // flight, then HandoffEnd, and waits for the ack.
 func (p *peerLink) handOff(ctx context.Context, k bkey, version uint64, snaps []*imqpb.QueueSnapshot, gws []string) (*imqpb.HandoffAck, error) {
+	// The link's writer has no signal for a drained buffer: while more
+	// than two frames' worth wait, look again every drainPoll.
+	var tick *time.Ticker
+	defer func() {
+		if tick != nil {
+			tick.Stop()
+		}
+	}()
 	send := func(m *imqpb.LinkUp) error {
 		frame, err := imqlink.MarshalFrame(m)
 		if err != nil {
 			return err
 		}
 		for p.conn.Buffered() > 2*maxHandoffFrame {
+			if tick == nil {
+				tick = time.NewTicker(drainPoll)
+			}
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-p.conn.Done():
 				return fmt.Errorf("link to %s closed: %v", p.to, p.conn.Err())
-			case <-time.After(2 * time.Millisecond):
+			case <-tick.C:
 			}
 		}
 		return p.conn.SendAlways(frame)

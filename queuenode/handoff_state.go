@@ -17,7 +17,7 @@ import (
 //
 // Buckets are named by (bits, bucket) pairs, so that a hand-off begun
 // under one table survives a split: a queue is in entry k when
-// bucketOf(queue, k.bits) == k.b, whatever the current table's bits.
+// bucket.Of(queue, k.bits) == k.b, whatever the current table's bits.
 
 // fenceWait bounds how long a link's reader waits for the table a request
 // was routed by, when it is newer than the node's. The other hand-off
@@ -34,7 +34,7 @@ const maxEarlyConfirms = 4096
 // bkey is a bucket: number b in a table of 2^bits buckets.
 type bkey struct{ bits, b int }
 
-func (k bkey) has(queue string) bool { return bucketOf(queue, k.bits) == k.b }
+func (k bkey) has(queue string) bool { return bucket.Of(queue, k.bits) == k.b }
 
 // tableCovers reports whether table t gives every queue of k to node id.
 func tableCovers(t *bucket.Table, k bkey, id string) bool {
@@ -59,7 +59,7 @@ type outMode int
 
 const (
 	outFrozen     outMode = iota // held, in arrival order
-	outForwarding                // sent to the new owner, in order
+	outForwarding                // handed off: answered MOVED, leaves forwarded to the new owner, in order
 	outLocal                     // the hand-off failed: run here, in order
 )
 
@@ -82,7 +82,7 @@ type outgoing struct {
 	held    []heldReq
 	bytes   int
 	wake    chan struct{} // cap 1: held grew or mode changed
-	peer    *peerLink     // forwarding: the link to the new owner
+	peer    *peerLink     // forwarding: the link to the new owner, for leaves
 	retire  *time.Timer   // forwarding: set once the table gave the bucket away
 }
 
@@ -165,7 +165,7 @@ func (h *handoffs) publishLocked() {
 	h.view.Store(v)
 }
 
-// outFor returns the outgoing entry of queue's bucket. The caller holds mu.
+// outForLocked returns the outgoing entry of queue's bucket. The caller holds mu.
 func (h *handoffs) outForLocked(queue string) *outgoing {
 	for k, o := range h.out {
 		if k.has(queue) {
@@ -182,9 +182,10 @@ func (h *handoffs) kickMoves() {
 	}
 }
 
-// errHandingOff is what checkOwnerLocked answers for a queue of a bucket
-// this node is handing off: finish then holds or forwards the request
-// (divert) instead of answering it.
+// handingOffError is what checkOwnerLocked answers for a queue of a bucket
+// this node is handing off: finish then holds the request, or answers it
+// MOVED once the bucket is handed off (divert), instead of answering it
+// with this error.
 type handingOffError struct{ queue string }
 
 func (e *handingOffError) Error() string { return "queue " + e.queue + " is being handed off" }
@@ -202,8 +203,9 @@ func opQueue(req *imqpb.NodeRequest) string {
 	return requestQueue(req)
 }
 
-// intercept holds or forwards req, before it runs, when its queue's bucket
-// is being handed off (or was, and its held requests still run here): so
+// intercept takes req before it runs when its queue's bucket is being
+// handed off (held; once handed off, answered MOVED or, a leave without a
+// reply, forwarded) or was (its held requests still run here): so
 // requests keep their order across the freeze. It holds a gateway's
 // request for a bucket this node adopted while the gateway has not
 // confirmed it (holdRequest). It reports whether it took req.

@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/imqerr"
 	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -79,8 +80,8 @@ func TestHandoffExportImport(t *testing.T) {
 	newB1 := dialLink(t, b.LinkAddr(), "gw-1")
 
 	const moving = 5
-	in := queuesWhere(t, 3, func(q string) bool { return bucketOf(q, handoffBits) == moving })
-	out := queuesWhere(t, 2, func(q string) bool { return bucketOf(q, handoffBits) != moving })
+	in := queuesWhere(t, 3, func(q string) bool { return bucket.Of(q, handoffBits) == moving })
+	out := queuesWhere(t, 2, func(q string) bool { return bucket.Of(q, handoffBits) != moving })
 	for i, q := range append(slices.Clone(in), out...) {
 		a1.ok(joinReq(q, "p1", "chat"))
 		a2.ok(&imqpb.NodeRequest{User: "u-p2", Session: "p2", Op: &imqpb.NodeRequest_Join{Join: &imqpb.Join{

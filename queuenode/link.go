@@ -176,12 +176,6 @@ func (l *link) reply(id uint64, set func(*imqpb.NodeReply)) {
 	if set != nil {
 		set(r)
 	}
-	l.replyWith(r)
-}
-
-// replyWith sends reply r as reply does.
-func (l *link) replyWith(r *imqpb.NodeReply) {
-	id := r.GetId()
 	frame := encodeLink(&imqpb.LinkDown{Msg: &imqpb.LinkDown_Reply{Reply: r}})
 	if !errors.Is(l.conn.TrySend(frame), imqlink.ErrOverflow) {
 		return

@@ -152,7 +152,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		Name: "imq_queuenode_handoffs_failed_total", Help: "Outgoing bucket hand-offs that failed (the node kept the bucket), by reason: dial, stream (the link broke), timeout (no ack in time), refused (by the new owner).",
 	}, []string{"reason"})
 	m.heldRequests = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "imq_queuenode_handoff_held_requests", Help: "Requests for buckets being handed off, held or waiting to be forwarded.",
+		Name: "imq_queuenode_handoff_held_requests", Help: "Requests for buckets being handed off, held or waiting to be answered MOVED or forwarded.",
 	})
 	m.heldBytes = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "imq_queuenode_handoff_held_bytes", Help: "Bytes of imq_queuenode_handoff_held_requests.",
@@ -161,7 +161,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 		Name: "imq_queuenode_handoff_held_refused_total", Help: "Requests answered UNAVAILABLE because their bucket's held requests were at their bound.",
 	})
 	m.forwarded = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "imq_queuenode_handoff_forwarded_total", Help: "Requests forwarded to the new owner of a bucket this node handed off.",
+		Name: "imq_queuenode_handoff_forwarded_total", Help: "Leaves without a reply forwarded to the new owner of a bucket this node handed off.",
 	})
 	m.holdBytes = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "imq_queuenode_adopt_held_event_bytes", Help: "Bytes of events of adopted buckets held for gateways that have not confirmed the hand-off.",
@@ -185,7 +185,7 @@ func newMetrics(reg *prometheus.Registry, s *Server) *metrics {
 	reg.MustRegister(m.handoffQueues, m.handoffBytes, m.handoffSeconds, m.handoffsFailed, m.heldRequests, m.heldBytes,
 		m.heldRefused, m.forwarded, m.holdBytes, m.holdOverflows, m.fenced,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "imq_queuenode_handoff_buckets_out", Help: "Buckets this node is handing off (frozen, or forwarding to their new owner).",
+			Name: "imq_queuenode_handoff_buckets_out", Help: "Buckets this node is handing off (frozen, or handed off and answering MOVED, forwarding leaves to their new owner).",
 		}, func() float64 { out, _ := s.ho.counts(); return float64(out) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imq_queuenode_handoff_buckets_in", Help: "Buckets this node adopted that its table does not give it yet, or is receiving.",

@@ -344,7 +344,7 @@ type Varz struct {
 	// Insecure: no cluster key, so links are not authenticated.
 	Insecure bool `json:"insecure"`
 	// BucketsMovingOut are the buckets this node is handing off (frozen,
-	// or forwarding to their new owner); BucketsMovingIn those it adopted
+	// or handed off: answering MOVED, forwarding leaves); BucketsMovingIn those it adopted
 	// and its table does not give it yet, or is receiving.
 	BucketsMovingOut int `json:"buckets_moving_out"`
 	BucketsMovingIn  int `json:"buckets_moving_in"`
@@ -451,7 +451,7 @@ func (s *Server) handle(l *link, req *imqpb.NodeRequest) {
 // execute runs req: rt is its queue's call-out route (nil: none, or a
 // backend request) and res what its call-outs decided when it ran in a
 // chain (nil: it runs on the reader). A request for a bucket being handed
-// off is held or forwarded instead (intercept).
+// off is held, or answered MOVED, instead (intercept).
 func (s *Server) execute(l *link, req *imqpb.NodeRequest, rt *route, res *calloutResult) {
 	if s.intercept(l, req, res) {
 		return

@@ -25,7 +25,7 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "how long /v1/nodes waits for each member's /varz")
 	var operatorKey string
 	fs.StringVar(&operatorKey, "operator-key", "", "bearer token of the operators' actions (POST /v1/nodes/ID/drain and undrain; imq drain); empty: those answer 403, GETs stay open")
-	fs.BoolVar(&cfg.Handoff, "handoff", true, "move buckets by live hand-off: mark them moving and flip each when its owner reports it; --handoff=false: buckets move at once and their queues start afresh on the new owner")
+	fs.BoolVar(&cfg.Handoff, "handoff", cfg.Handoff, "move buckets by live hand-off: mark them moving and flip each when its owner reports it; --handoff=false: buckets move at once and their queues start afresh on the new owner")
 	fs.IntVar(&cfg.MaxMoves, "max-moves", cfg.MaxMoves, "with --handoff: most buckets moving at once, cluster-wide")
 	fs.DurationVar(&cfg.MoveTimeout, "move-timeout", cfg.MoveTimeout, "with --handoff: a move not reported done within this is given up and tried again later")
 	memberFlags(fs, &cfg.Member, "127.0.0.1:7946", &join)

@@ -295,7 +295,7 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 // handoffFlags binds the bounds of live bucket hand-off (docs/handoff.md)
 // to cfg: imq queuenode's only, as imq dev's one node never hands off.
 func handoffFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
-	fs.IntVar(&cfg.HandoffHoldBytes, "handoff-hold-bytes", 0, "bytes of requests held for one bucket this node is handing off, while frozen and until forwarded to its new owner; past it requests are answered UNAVAILABLE (retryable). At least 4 × --max-payload, at most --link-buffer (default: 16 MiB, raised to 4 × --max-payload, lowered to --link-buffer)")
+	fs.IntVar(&cfg.HandoffHoldBytes, "handoff-hold-bytes", 0, "bytes of requests held for one bucket this node is handing off, while frozen (then answered MOVED, the gateway sending them to the new owner, or run here if the hand-off fails); past it requests are answered UNAVAILABLE (retryable). At least 4 × --max-payload, at most --link-buffer (default: 16 MiB, raised to 4 × --max-payload, lowered to --link-buffer)")
 	fs.DurationVar(&cfg.HandoffTimeout, "handoff-timeout", cfg.HandoffTimeout, "give up handing a bucket off (and keep it, trying again later) when the new owner has not taken it within this long; keep it below the boss's --move-timeout")
 	fs.IntVar(&cfg.AdoptHoldBytes, "adopt-hold-bytes", 0, "bytes of events of a bucket handed to this node held for one gateway until it confirms the move; past it the gateway's subscriptions to the bucket end (its clients rejoin). At least 4 × --max-payload, at most --link-buffer (default: 8 MiB, raised to 4 × --max-payload, lowered to --link-buffer)")
 	fs.DurationVar(&cfg.AdoptHoldTime, "adopt-hold-time", cfg.AdoptHoldTime, "how long events of a bucket handed to this node are held for a gateway that has not confirmed the move; past it the gateway's subscriptions to the bucket end (its clients rejoin)")
@@ -347,7 +347,6 @@ free loopback port (printed at start); the boss's API is at --boss-addr.`)
 	nc.NodeID = "dev-node"
 	nc.Limits.MaxPayload, nc.LinkTimeout = gc.MaxPayload, gc.LinkTimeout
 	bc.Member.BindAddr = "127.0.0.1:0"
-	bc.Handoff = true // as imq boss
 	madeKey := operatorKey == ""
 	if madeKey {
 		operatorKey = launch.NewOperatorKey()

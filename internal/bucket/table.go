@@ -115,11 +115,22 @@ func (t *Table) Bits() int { return int(t.bits) }
 func (t *Table) Buckets() int { return len(t.owners) }
 
 // Bucket returns the bucket of queue: the top Bits bits of its hash.
-func (t *Table) Bucket(queue string) int {
-	if t.bits == 0 {
+func (t *Table) Bucket(queue string) int { return Of(queue, int(t.bits)) }
+
+// Of returns the bucket of queue in a table of 2^bits buckets, as
+// Table.Bucket computes it: the top bits bits of its hash. A hand-off
+// names its bucket with the bits of the table that made it, which need
+// not be the current table's. For bits outside 0..63 (more than an int
+// holds, or a frame from a bad peer) it returns -1, which matches no
+// bucket.
+func Of(queue string, bits int) int {
+	switch {
+	case bits == 0:
 		return 0
+	case bits < 0 || bits > 63:
+		return -1
 	}
-	return int(Hash(queue) >> (64 - t.bits))
+	return int(Hash(queue) >> (64 - bits))
 }
 
 // Lookup returns the node owning queue, and false for a table without nodes.

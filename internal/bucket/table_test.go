@@ -370,3 +370,25 @@ func TestString(t *testing.T) {
 		t.Errorf("String() = %q, want %q", got, want)
 	}
 }
+
+// TestOf checks that Of agrees with Table.Bucket and that bits no table
+// can have match no bucket (rather than bucket 0).
+func TestOf(t *testing.T) {
+	for _, bits := range []int{0, 1, 7, 20, 63} {
+		for i := range 50 {
+			q := fmt.Sprintf("room-%d", i)
+			b := Of(q, bits)
+			if b < 0 || (bits < 63 && b >= 1<<bits) {
+				t.Fatalf("Of(%q, %d) = %d, outside the table", q, bits, b)
+			}
+			if bits > 0 && Of(q, bits-1) != b>>1 {
+				t.Fatalf("Of(%q, %d) = %d is not the parent of Of(%q, %d) = %d", q, bits-1, Of(q, bits-1), q, bits, b)
+			}
+		}
+	}
+	for _, bits := range []int{-1, 64, 65, 1 << 20} {
+		if b := Of("room", bits); b != -1 {
+			t.Fatalf("Of(room, %d) = %d, want -1", bits, b)
+		}
+	}
+}

@@ -59,8 +59,7 @@ type Config struct {
 	Role imqpb.LinkRole
 	ID   string
 	// PeerRoles are the roles this end accepts its peer in: a queue node
-	// accepts gateways (and nodes, once it takes hand-offs); a dialer,
-	// nodes. Required.
+	// accepts gateways and nodes (hand-offs); a dialer, nodes. Required.
 	PeerRoles []imqpb.LinkRole
 	// Keys are the cluster keys, each at least MinKeyLen bytes. A dialer
 	// proves it holds Keys[0]; an acceptor accepts a proof under any of

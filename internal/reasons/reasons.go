@@ -74,7 +74,7 @@ var table = [...]Info{
 	imqpb.Reason_REASON_PROTOCOL_ERROR: {Label: "protocol_error", CloseCode: websocket.CloseMessageTooBig, Retry: Terminal, Doc: "the client broke the protocol (a frame over the size limit)"},
 	imqpb.Reason_REASON_SERVER_FULL:    {Label: "server_full", CloseCode: websocket.CloseTryAgainLater, Retry: Backoff, Doc: "the gateway's connection limit is reached"},
 	imqpb.Reason_REASON_NODE_LOST:      {Label: "node_lost", CloseCode: websocket.CloseNormalClosure, Retry: Backoff, QueueLost: true, Doc: "the queue's node or the link to it was lost; rejoin (history and state may be gone)"},
-	imqpb.Reason_REASON_MOVED:          {Label: "moved", CloseCode: websocket.CloseNormalClosure, Retry: Backoff, QueueLost: true, Doc: "the queue's bucket moved to another node without a hand-off; rejoin there"},
+	imqpb.Reason_REASON_MOVED:          {Label: "moved", CloseCode: websocket.CloseNormalClosure, Retry: Backoff, QueueLost: true, Doc: "the queue's bucket moved to another node without a hand-off (its queues start afresh), or a hand-off failed or a hold passed its bound (the queue kept, same epoch); rejoin"},
 	imqpb.Reason_REASON_QUEUE_CLOSED:   {Label: "queue_closed", CloseCode: websocket.CloseNormalClosure, Retry: Terminal, QueueLost: true, Doc: "the server dropped the queue"},
 	imqpb.Reason_REASON_KICKED:         {Label: "kicked", CloseCode: websocket.CloseNormalClosure, Retry: Terminal, Doc: "a backend removed the user"},
 	imqpb.Reason_REASON_TIMEOUT:        {Label: "timeout", CloseCode: websocket.CloseNormalClosure, Retry: Backoff, Doc: "the queue node did not answer a join in time; rejoin"},
