@@ -4,59 +4,18 @@ import (
 	"context"
 	"encoding/json"
 	"math/rand/v2"
-	"net/http"
-	"net/http/httptest"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/bucket"
-	"github.com/imq-dev/imq/internal/cluster"
+	"github.com/imq-dev/imq/internal/cluster/clustertest"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/testutil"
 	imqpb "github.com/imq-dev/imq/proto"
 	"github.com/imq-dev/imq/queuenode"
 )
-
-// tableBoss serves GET /v1/table as the boss does: at once when it holds a
-// table newer than ?after, else when it gets one (or the poll ends).
-type tableBoss struct {
-	mu      sync.Mutex
-	table   *bucket.Table // Guarded by mu.
-	changed chan struct{} // Guarded by mu: closed at each new table.
-	stop    chan struct{} // ends every waiting poll
-}
-
-func (b *tableBoss) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	after, _ := strconv.ParseUint(r.URL.Query().Get("after"), 10, 64)
-	b.mu.Lock()
-	table, changed := b.table, b.changed
-	b.mu.Unlock()
-	if table.Version() <= after {
-		select {
-		case <-changed:
-		case <-r.Context().Done():
-			return
-		case <-b.stop:
-			w.WriteHeader(http.StatusNotModified)
-			return
-		}
-		b.mu.Lock()
-		table = b.table
-		b.mu.Unlock()
-	}
-	cluster.ServeTable(w, table)
-}
-
-func (b *tableBoss) set(t *bucket.Table) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.table = t
-	close(b.changed)
-	b.changed = make(chan struct{})
-}
 
 // movingCluster is a cluster-mode gateway over two cluster-mode queue nodes,
 // each process following a test-driven boss of its own, so that the test
@@ -65,20 +24,17 @@ func (b *tableBoss) set(t *bucket.Table) {
 // starts it afresh on its next operation).
 type movingCluster struct {
 	gw     *gateway.Server
-	gwBoss *tableBoss
+	gwBoss *clustertest.Boss
 	nodes  []*queuenode.Server
-	bosses []*tableBoss // of nodes
+	bosses []*clustertest.Boss // of nodes
 	table  *bucket.Table
 }
 
 // startTableBoss serves tables to the members of a cluster of its own, in
 // which it is the boss; it returns the membership config to join it with.
-func startTableBoss(t *testing.T) (*tableBoss, string, *member.Config) {
+func startTableBoss(t *testing.T) (*clustertest.Boss, string, *member.Config) {
 	t.Helper()
-	b := &tableBoss{table: bucket.Empty(), changed: make(chan struct{}), stop: make(chan struct{})}
-	srv := httptest.NewServer(b)
-	t.Cleanup(srv.Close)
-	t.Cleanup(func() { close(b.stop) }) // before srv.Close, which waits for the polls
+	b, srv := clustertest.StartBoss(t, bucket.Empty())
 	mc := member.Config{
 		BindAddr: "127.0.0.1:0", Cluster: "imq-order-" + strconv.FormatUint(rand.Uint64(), 36),
 		ProbeInterval: 100 * time.Millisecond, SuspicionMult: 3, RejoinInterval: 200 * time.Millisecond,
@@ -129,9 +85,9 @@ func startMovingCluster(t *testing.T) *movingCluster {
 func (mc *movingCluster) settle(t *testing.T, tb *bucket.Table) {
 	t.Helper()
 	mc.table = tb
-	mc.gwBoss.set(tb)
+	mc.gwBoss.Set(tb)
 	for _, b := range mc.bosses {
-		b.set(tb)
+		b.Set(tb)
 	}
 	install(t, mc.gw, tb)
 	testutil.WaitFor(t, 5*time.Second, "every node to hold the table", func() bool {
@@ -280,7 +236,7 @@ func TestPublishOrderAcrossMove(t *testing.T) {
 // learner gives node i table tb and waits until it holds it.
 func (mc *movingCluster) learner(t *testing.T, i int, tb *bucket.Table) func() {
 	return func() {
-		mc.bosses[i].set(tb)
+		mc.bosses[i].Set(tb)
 		deadline := time.Now().Add(5 * time.Second)
 		for {
 			var got bucket.Table
@@ -297,5 +253,5 @@ func (mc *movingCluster) learner(t *testing.T, i int, tb *bucket.Table) func() {
 
 // installer gives the gateway tb, as its boss would.
 func (mc *movingCluster) installer(tb *bucket.Table) func() {
-	return func() { mc.gwBoss.set(tb); mc.gw.InstallTable(tb) }
+	return func() { mc.gwBoss.Set(tb); mc.gw.InstallTable(tb) }
 }

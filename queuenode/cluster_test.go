@@ -8,7 +8,6 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 
 	"github.com/imq-dev/imq/internal/bucket"
 	"github.com/imq-dev/imq/internal/cluster"
+	"github.com/imq-dev/imq/internal/cluster/clustertest"
 	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/testutil"
@@ -514,68 +514,13 @@ func TestStandaloneIgnoresTables(t *testing.T) {
 	}
 }
 
-// fakeBoss serves GET /v1/table like the boss: at once when it holds a table
-// newer than ?after, else when it gets one (or the poll is cancelled).
-type fakeBoss struct {
-	mu      sync.Mutex
-	table   *bucket.Table  // guarded by mu
-	changed chan struct{}  // closed at each new table; guarded by mu
-	polls   map[uint64]int // requests by ?after; guarded by mu
-	stop    chan struct{}  // ends every waiting poll
-}
-
-func newFakeBoss(t *testing.T, table *bucket.Table) (*fakeBoss, *httptest.Server) {
-	t.Helper()
-	b := &fakeBoss{table: table, changed: make(chan struct{}), polls: make(map[uint64]int), stop: make(chan struct{})}
-	srv := httptest.NewServer(b)
-	t.Cleanup(srv.Close)
-	t.Cleanup(func() { close(b.stop) }) // runs before srv.Close, which waits for handlers
-	return b, srv
-}
-
-func (b *fakeBoss) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	after, _ := strconv.ParseUint(r.URL.Query().Get("after"), 10, 64)
-	b.mu.Lock()
-	b.polls[after]++
-	table, changed := b.table, b.changed
-	b.mu.Unlock()
-	if table.Version() <= after {
-		select {
-		case <-changed:
-		case <-r.Context().Done():
-			return
-		case <-b.stop:
-			w.WriteHeader(http.StatusNotModified)
-			return
-		}
-		b.mu.Lock()
-		table = b.table
-		b.mu.Unlock()
-	}
-	cluster.ServeTable(w, table)
-}
-
-func (b *fakeBoss) set(table *bucket.Table) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.table = table
-	close(b.changed)
-	b.changed = make(chan struct{})
-}
-
-func (b *fakeBoss) pollsAfter(v uint64) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.polls[v]
-}
-
 // TestClusterFollowsBoss: the node finds the boss through the membership,
 // fetches its table, advertises the version it holds, and asks again at once
 // when a gateway routed by a newer table.
 func TestClusterFollowsBoss(t *testing.T) {
 	s := startClusterNode(t, "a")
 	v1, v2, _ := twoNodeTables(t)
-	boss, srv := newFakeBoss(t, v1)
+	boss, srv := clustertest.StartBoss(t, v1)
 	bm := startMember(t, s, member.Meta{Role: member.RoleBoss, ID: "boss", HTTPAddr: srv.Listener.Addr().String()})
 	// What the boss hears of the node's table version.
 	nodeAdvertises := func(v uint64) func() bool {
@@ -591,7 +536,7 @@ func TestClusterFollowsBoss(t *testing.T) {
 
 	testutil.WaitFor(t, waitFor, "the node to fetch table v1", func() bool { return s.currentTable().Version() == 1 })
 	testutil.WaitFor(t, waitFor, "the boss to hear the node holds table v1", nodeAdvertises(1))
-	testutil.WaitFor(t, waitFor, "the node to long-poll for a table after v1", func() bool { return boss.pollsAfter(1) == 1 })
+	testutil.WaitFor(t, waitFor, "the node to long-poll for a table after v1", func() bool { return boss.Polls(1) == 1 })
 
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 	req := publishReq("/room/1", "chat")
@@ -604,9 +549,9 @@ func TestClusterFollowsBoss(t *testing.T) {
 	if s.hasQueue("/room/1") {
 		t.Fatal("the node served a request routed by a newer table by its older one")
 	}
-	testutil.WaitFor(t, waitFor, "the kicked node to poll again", func() bool { return boss.pollsAfter(1) >= 2 })
+	testutil.WaitFor(t, waitFor, "the kicked node to poll again", func() bool { return boss.Polls(1) >= 2 })
 
-	boss.set(v2)
+	boss.Set(v2)
 	testutil.WaitFor(t, waitFor, "the node to fetch table v2", func() bool { return s.currentTable().Version() == 2 })
 	testutil.WaitFor(t, waitFor, "the boss to hear the node holds table v2", nodeAdvertises(2))
 	if l2 := dialLink(t, s.LinkAddr(), "gw-2"); l2.fr.TableVersion() != 2 {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/imq-dev/imq/boss"
 	"github.com/imq-dev/imq/internal/bucket"
+	"github.com/imq-dev/imq/internal/cluster/clustertest"
 	imqlink "github.com/imq-dev/imq/internal/link"
 	"github.com/imq-dev/imq/internal/member"
 	"github.com/imq-dev/imq/internal/testutil"
@@ -501,14 +502,14 @@ func TestFenceWaitsForNewerTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	q := queuesWhere(t, 1, func(q string) bool { return owner(v2, q) == "b" })[0]
-	fb, srv := newFakeBoss(t, v1)
+	fb, srv := clustertest.StartBoss(t, v1)
 	startMember(t, s, member.Meta{Role: member.RoleBoss, ID: "boss", HTTPAddr: srv.Listener.Addr().String()})
 	testutil.WaitFor(t, waitFor, "table v1", func() bool { return s.currentTable().Version() == 1 })
 	l := dialLink(t, s.LinkAddr(), "gw-1")
 	l.ok(joinReq(q, "s1", "chat"))
 	go func() {
 		time.Sleep(200 * time.Millisecond)
-		fb.set(v2)
+		fb.Set(v2)
 	}()
 	req := publishReq(q, "chat")
 	req.TableVersion = 2
