@@ -1,12 +1,10 @@
 package queuenode
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
@@ -14,7 +12,6 @@ import (
 	"time"
 
 	"github.com/imq-dev/imq/internal/bucket"
-	"github.com/imq-dev/imq/internal/clusterauth"
 	"github.com/imq-dev/imq/internal/member"
 )
 
@@ -39,8 +36,6 @@ var (
 )
 
 const (
-	// bossActionTimeout bounds one drain or undrain request to the boss.
-	bossActionTimeout = 10 * time.Second
 	// bossRetryMax caps the pause between attempts while the boss cannot
 	// be reached or answers 5xx (such as 503 while it catches up).
 	bossRetryMax = 2 * time.Second
@@ -188,11 +183,10 @@ func (s *Server) bossAction(ctx context.Context, verb string) (drainAnswer, erro
 	if len(s.cfg.ClusterKeys) == 0 {
 		return drainAnswer{}, ErrNoClusterKey
 	}
-	client := &http.Client{Timeout: bossActionTimeout}
 	path := "/v1/nodes/" + url.PathEscape(s.cfg.NodeID) + "/" + verb
 	backoff := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
-		ans, retry, err := s.postBoss(ctx, client, path)
+		ans, retry, err := s.bossAttempt(ctx, path)
 		if !retry {
 			return ans, err
 		}
@@ -208,39 +202,22 @@ func (s *Server) bossAction(ctx context.Context, verb string) (drainAnswer, erro
 	}
 }
 
-// postBoss makes one attempt of bossAction; retry says a later one may
+// bossAttempt makes one attempt of bossAction; retry says a later one may
 // succeed.
-func (s *Server) postBoss(ctx context.Context, client *http.Client, path string) (ans drainAnswer, retry bool, err error) {
-	base, ok := s.cluster.BossURL()
-	if !ok {
-		return ans, true, errors.New("no boss known yet")
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+path, http.NoBody)
-	if err != nil {
-		return ans, false, fmt.Errorf("queuenode: %w", err)
-	}
-	if err := clusterauth.Sign(req, nil, s.cfg.ClusterKeys[0], time.Now()); err != nil {
-		return ans, false, fmt.Errorf("queuenode: %w", err)
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return ans, ctx.Err() == nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if err != nil {
-		return ans, true, err
-	}
+func (s *Server) bossAttempt(ctx context.Context, path string) (ans drainAnswer, retry bool, err error) {
+	status, body, err := s.postBoss(ctx, path, nil)
 	switch {
-	case resp.StatusCode == http.StatusOK:
+	case err != nil:
+		return ans, ctx.Err() == nil, err
+	case status == http.StatusOK:
 		if err := json.Unmarshal(body, &ans); err != nil {
 			return ans, false, fmt.Errorf("queuenode: the boss's answer to %s: %w", path, err)
 		}
 		return ans, false, nil
-	case resp.StatusCode == http.StatusNotFound && strings.HasSuffix(path, "/drain"):
+	case status == http.StatusNotFound && strings.HasSuffix(path, "/drain"):
 		return drainAnswer{}, false, nil
-	case resp.StatusCode >= 500:
-		return ans, true, fmt.Errorf("the boss answered %s: %s", resp.Status, bytes.TrimSpace(body))
+	case status >= 500:
+		return ans, true, fmt.Errorf("the boss answered %d: %s", status, body)
 	}
-	return ans, false, fmt.Errorf("queuenode: POST %s: the boss answered %s: %s", path, resp.Status, bytes.TrimSpace(body))
+	return ans, false, fmt.Errorf("queuenode: POST %s: the boss answered %d: %s", path, status, body)
 }

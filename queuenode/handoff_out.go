@@ -1,19 +1,16 @@
 package queuenode
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/imq-dev/imq/internal/bucket"
-	"github.com/imq-dev/imq/internal/clusterauth"
 	"github.com/imq-dev/imq/internal/imqerr"
 	imqlink "github.com/imq-dev/imq/internal/link"
 	imqpb "github.com/imq-dev/imq/proto"
@@ -458,9 +455,10 @@ type handoffReport struct {
 	Bits    int    `json:"bits"`
 }
 
-// reportHandoff tells the boss the hand-off of k is done, signed with the
-// first cluster key, retrying with backoff until the boss accepts it or
-// refuses it for good (409: the move is no longer marked).
+// reportHandoff tells the boss the hand-off of k is done (postBoss),
+// retrying with backoff until the boss accepts it or refuses it for good
+// (409: this node no longer owns the bucket, or the new owner is not live;
+// forgetTarget decides what that means here).
 func (s *Server) reportHandoff(k bkey, to string, version uint64, log interface {
 	Info(string, ...any)
 	Warn(string, ...any)
@@ -468,17 +466,17 @@ func (s *Server) reportHandoff(k bkey, to string, version uint64, log interface 
 	body, _ := json.Marshal(handoffReport{Version: version, Bucket: k.b, From: s.cfg.NodeID, To: to, Bits: k.bits})
 	backoff := 100 * time.Millisecond
 	for attempt := 1; s.ctx.Err() == nil; attempt++ {
-		status, msg, err := s.postReport(body)
+		status, msg, err := s.postBoss(s.ctx, "/v1/handoff", body)
 		switch {
 		case err == nil && status == http.StatusOK:
 			log.Info("boss accepted the hand-off report")
 			return
 		case err == nil && status == http.StatusConflict:
-			log.Warn("boss refused the hand-off report", "answer", msg)
+			log.Warn("boss refused the hand-off report", "answer", string(msg))
 			s.forgetTarget(k, to, log)
 			return
 		case attempt == 1 || attempt%10 == 0:
-			log.Warn("hand-off report not accepted yet; retrying", "status", status, "answer", msg, "err", err)
+			log.Warn("hand-off report not accepted yet; retrying", "status", status, "answer", string(msg), "err", err)
 		}
 		select {
 		case <-time.After(backoff):
@@ -488,31 +486,6 @@ func (s *Server) reportHandoff(k bkey, to string, version uint64, log interface 
 	}
 }
 
-func (s *Server) postReport(body []byte) (int, string, error) {
-	base, ok := s.cluster.BossURL()
-	if !ok {
-		return 0, "", errors.New("no boss known")
-	}
-	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/handoff", bytes.NewReader(body))
-	if err != nil {
-		return 0, "", err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	if len(s.cfg.ClusterKeys) > 0 {
-		if err := clusterauth.Sign(req, body, s.cfg.ClusterKeys[0], time.Now()); err != nil {
-			return 0, "", err
-		}
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-	return resp.StatusCode, string(msg), nil
-}
 
 // peerLink is this node's link to the node it hands a bucket to: LinkUp
 // out (snapshots, forwarded leaves, pings), LinkDown in (the ack).

@@ -67,6 +67,8 @@ type Server struct {
 	co *callouts // nil: no call-outs configured
 
 	ho *handoffs // live bucket hand-off: handoff_*.go
+	// bossClient makes the node's calls of the boss's API (bossapi.go).
+	bossClient *http.Client
 
 	epochMu   sync.Mutex
 	lastEpoch uint64 // Guarded by epochMu.
@@ -122,6 +124,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.table.Store(bucket.Empty())
 	s.ho = newHandoffs()
+	s.bossClient = &http.Client{}
 	if cfg.MaxQueueCreates > 0 {
 		s.creates = newCreateLimiter(cfg.MaxQueueCreates, limiterShardUsers)
 	}
@@ -287,6 +290,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	s.cancel()
+	s.bossClient.CloseIdleConnections()
 	s.ln.Close()
 	if s.internal != nil {
 		s.internal.Close()   // a scrape in flight is cut short
