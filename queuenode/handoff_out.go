@@ -486,7 +486,6 @@ func (s *Server) reportHandoff(k bkey, to string, version uint64, log interface 
 	}
 }
 
-
 // peerLink is this node's link to the node it hands a bucket to: LinkUp
 // out (snapshots, forwarded leaves, pings), LinkDown in (the ack).
 type peerLink struct {
