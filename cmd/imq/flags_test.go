@@ -486,9 +486,13 @@ func TestHandoffFlags(t *testing.T) {
 		fs := newFlagSet("test", "test")
 		cfg := queuenode.DefaultConfig()
 		nodeFlags(fs, &cfg)
-		handoffFlags(fs, &cfg)
-		if err := parse(fs, append([]string{"--link-addr", "127.0.0.1:0", "--handoff-timeout", "7s", "--adopt-hold-time", "3s"}, tc.args...)); err != nil {
+		clusterNodeFlags(fs, &cfg)
+		if err := parse(fs, append([]string{"--link-addr", "127.0.0.1:0", "--handoff-timeout", "7s", "--adopt-hold-time", "3s",
+			"--max-link-handshakes", "100", "--max-link-handshakes-per-addr", "5"}, tc.args...)); err != nil {
 			t.Fatal(err)
+		}
+		if cfg.MaxLinkHandshakes != 100 || cfg.MaxLinkHandshakesPerAddr != 5 {
+			t.Errorf("%q: link handshakes %d, %d per address; want 100, 5", tc.args, cfg.MaxLinkHandshakes, cfg.MaxLinkHandshakesPerAddr)
 		}
 		if cfg.HandoffHoldBytes != tc.wantHold || cfg.AdoptHoldBytes != tc.wantAdopt || cfg.HandoffTimeout != 7*time.Second || cfg.AdoptHoldTime != 3*time.Second {
 			t.Errorf("%q: hold %d, adopt hold %d, timeout %s, adopt hold time %s; want %d, %d, 7s, 3s",

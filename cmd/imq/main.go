@@ -292,13 +292,17 @@ func nodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	}
 }
 
-// handoffFlags binds the bounds of live bucket hand-off (docs/handoff.md)
-// to cfg: imq queuenode's only, as imq dev's one node never hands off.
-func handoffFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
+// clusterNodeFlags binds what only a queue node among others needs to cfg:
+// the bounds of live bucket hand-off (docs/handoff.md) and of the link
+// handshakes other processes start. imq queuenode's only: imq dev's one
+// node never hands off, and only local processes link to it.
+func clusterNodeFlags(fs *flag.FlagSet, cfg *queuenode.Config) {
 	fs.IntVar(&cfg.HandoffHoldBytes, "handoff-hold-bytes", 0, "bytes of requests held for one bucket this node is handing off, while frozen (then answered MOVED, the gateway sending them to the new owner, or run here if the hand-off fails); past it requests are answered UNAVAILABLE (retryable). At least 4 × --max-payload, at most --link-buffer (default: 16 MiB, raised to 4 × --max-payload, lowered to --link-buffer)")
 	fs.DurationVar(&cfg.HandoffTimeout, "handoff-timeout", cfg.HandoffTimeout, "give up handing a bucket off (and keep it, trying again later) when the new owner has not taken it within this long; keep it below the boss's --move-timeout")
 	fs.IntVar(&cfg.AdoptHoldBytes, "adopt-hold-bytes", 0, "bytes of events of a bucket handed to this node held for one gateway until it confirms the move; past it the gateway's subscriptions to the bucket end (its clients rejoin). At least 4 × --max-payload, at most --link-buffer (default: 8 MiB, raised to 4 × --max-payload, lowered to --link-buffer)")
 	fs.DurationVar(&cfg.AdoptHoldTime, "adopt-hold-time", cfg.AdoptHoldTime, "how long events of a bucket handed to this node are held for a gateway that has not confirmed the move; past it the gateway's subscriptions to the bucket end (its clients rejoin)")
+	fs.IntVar(&cfg.MaxLinkHandshakes, "max-link-handshakes", cfg.MaxLinkHandshakes, "link handshakes (gateways and queue nodes proving the cluster key) in progress at once on --link-addr; past it the oldest is closed to admit a new one")
+	fs.IntVar(&cfg.MaxLinkHandshakesPerAddr, "max-link-handshakes-per-addr", cfg.MaxLinkHandshakesPerAddr, "link handshakes in progress at once from one IP address; past it a new connection from there is closed at once")
 }
 
 func runDev(args []string) error {
@@ -477,7 +481,7 @@ is standalone and serves every queue.`)
 	fs.StringVar(&legacyHTTPAddr, "http-addr", "", "deprecated: the old name of --internal-addr")
 	var cf calloutFlags
 	nodeFlags(fs, &cfg)
-	handoffFlags(fs, &cfg)
+	clusterNodeFlags(fs, &cfg)
 	cf.register(fs, &cfg)
 	memberFlags(fs, &mc, "127.0.0.1:7947", &join)
 	var kf clusterKeyFlags
