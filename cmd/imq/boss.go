@@ -24,7 +24,7 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	fs.DurationVar(&cfg.ReconcileGrace, "reconcile-grace", cfg.ReconcileGrace, "after a restart, how long to wait to hear from the cluster before removing queue nodes the boss does not see")
 	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "how long /v1/nodes waits for each member's /varz")
 	var operatorKey string
-	fs.StringVar(&operatorKey, "operator-key", "", "bearer token of the operators' actions (POST /v1/nodes/ID/drain and undrain; imq drain); empty: those answer 403, GETs stay open")
+	fs.StringVar(&operatorKey, "operator-key", "", "bearer token of the operators' actions (POST /v1/nodes/ID/drain and undrain; imq drain), at least 16 bytes; several, separated by commas or newlines (one a line in a file), are all accepted, to rotate one; empty: those answer 403, GETs stay open")
 	fs.BoolVar(&cfg.Handoff, "handoff", cfg.Handoff, "move buckets by live hand-off: mark them moving and flip each when its owner reports it; --handoff=false: buckets move at once and their queues start afresh on the new owner")
 	fs.IntVar(&cfg.MaxMoves, "max-moves", cfg.MaxMoves, "with --handoff: most buckets moving at once, cluster-wide")
 	fs.DurationVar(&cfg.MoveTimeout, "move-timeout", cfg.MoveTimeout, "with --handoff: a move not reported done within this is given up and tried again later")
@@ -47,9 +47,7 @@ keeps routing by its last table; nothing is rebalanced until it is back.`)
 	defer stopProfiling()
 	kf.warn(log)
 	cfg.Member.Join, cfg.Member.Logger, cfg.Logger = join, log, log
-	if operatorKey != "" {
-		cfg.OperatorKeys = [][]byte{[]byte(operatorKey)}
-	}
+	cfg.OperatorKeys = operatorKeys(operatorKey)
 	cfg.Registry = prometheus.NewRegistry()
 	obs.Register(cfg.Registry)
 	b, err := boss.New(cfg)

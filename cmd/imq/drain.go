@@ -49,9 +49,10 @@ IMQ_OPERATOR_KEY_FILE or --operator-key-file, never from the command line.`)
 		return errors.New("the operator key is not taken from the command line, where other users see it in ps: set IMQ_OPERATOR_KEY or use --operator-key-file")
 	case len(pos) != 1:
 		return fmt.Errorf("usage: imq %s [flags] NODE (one queue node id)", cmd)
-	case key == "":
+	case len(operatorKeys(key)) == 0:
 		return errors.New("no operator key: set IMQ_OPERATOR_KEY or use --operator-key-file (the boss's --operator-key)")
 	}
+	key = string(operatorKeys(key)[0]) // of a rotation list, the first
 	node, base := pos[0], strings.TrimRight(*bossURL, "/")
 	ctx, stop := signalContext()
 	defer stop()

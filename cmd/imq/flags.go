@@ -524,3 +524,17 @@ func memberFlags(fs *flag.FlagSet, cfg *member.Config, defaultGossip string, joi
 	fs.DurationVar(&cfg.ProbeTimeout, "probe-timeout", cfg.ProbeTimeout, "how long a probe waits for an answer before asking others to probe; shorter than --probe-interval (0: half of --probe-interval, at most 500ms)")
 	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "a suspected member has suspicion-mult × probe-interval (× log10 of the members, at least 1) to refute before it is declared dead")
 }
+
+// operatorKeys splits --operator-key into its keys: separated by commas or
+// newlines (one a line in a file), blanks dropped. The boss accepts every
+// one (rotation: add the new key, move operators to it, drop the old);
+// imq drain and undrain present the first.
+func operatorKeys(s string) [][]byte {
+	var keys [][]byte
+	for _, k := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == '\n' || r == '\r' }) {
+		if k = strings.TrimSpace(k); k != "" {
+			keys = append(keys, []byte(k))
+		}
+	}
+	return keys
+}

@@ -507,3 +507,22 @@ func TestHandoffFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestOperatorKeys: --operator-key holds one key or a rotation list
+// (commas or lines), blanks dropped; imq drain presents the first.
+func TestOperatorKeys(t *testing.T) {
+	for in, want := range map[string][]string{
+		"":                                       nil,
+		"only-one-key-of-16":                     {"only-one-key-of-16"},
+		"new-key-0123456789, old-key-0123456789": {"new-key-0123456789", "old-key-0123456789"},
+		"new-key-0123456789\nold-key-0123456789\n\n": {"new-key-0123456789", "old-key-0123456789"},
+	} {
+		var got []string
+		for _, k := range operatorKeys(in) {
+			got = append(got, string(k))
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("operatorKeys(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
