@@ -362,26 +362,10 @@ func TestHandoffTargetDiesMidStream(t *testing.T) {
 		return tb.Buckets() > 0 && tb.Counts()["a"] == tb.Buckets()
 	})
 	// A fake b: accepts the node link, reads one frame, closes.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conn, err := imqlink.Server(c, imqlink.Config{Role: imqlink.RoleNode, ID: "b", PeerRoles: []imqpb.LinkRole{imqlink.RoleNode}})
-			if err != nil {
-				c.Close()
-				continue
-			}
-			conn.Next()
-			conn.Close(nil)
-		}
-	}()
+	ln := startFakeTarget(t, func(conn *imqlink.Conn) {
+		conn.Next()
+		conn.Close(nil)
+	})
 	gw := newFakeGateway(t, "gw-1", a)
 	gw.holdBack = true
 	bits := a.currentTable().Bits() + 2
@@ -540,31 +524,13 @@ func TestHandoffBoundsFromConfig(t *testing.T) {
 		return tb.Buckets() > 0 && tb.Counts()["a"] == tb.Buckets()
 	})
 	// A fake b: accepts the node link and reads it, never answering.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	ln := startFakeTarget(t, func(conn *imqlink.Conn) {
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			if _, err := conn.Next(); err != nil {
 				return
 			}
-			conn, err := imqlink.Server(c, imqlink.Config{Role: imqlink.RoleNode, ID: "b", PeerRoles: []imqpb.LinkRole{imqlink.RoleNode}, Timeout: time.Minute})
-			if err != nil {
-				c.Close()
-				continue
-			}
-			go func() {
-				for {
-					if _, err := conn.Next(); err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
+	})
 	gw := newFakeGateway(t, "gw-1", a)
 	gw.holdBack = true
 	bits := a.currentTable().Bits() + 2
@@ -849,4 +815,31 @@ func TestNodeLinkTakesOnlyLeaves(t *testing.T) {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		t.Fatal("a forwarded publish with a reply left the node link open")
 	}
+}
+
+// startFakeTarget listens as queue node "b" for node links (no cluster
+// key) and runs serve on each, on a goroutine of its own, until the test
+// ends; a hand-off test points a at it to act out a target that fails.
+func startFakeTarget(t *testing.T, serve func(conn *imqlink.Conn)) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() { // ends when the listener closes
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conn, err := imqlink.Server(c, imqlink.Config{Role: imqlink.RoleNode, ID: "b", PeerRoles: []imqpb.LinkRole{imqlink.RoleNode}, Timeout: time.Minute})
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go serve(conn) // ends when serve returns: the peer closes the link with the test
+		}
+	}()
+	return ln
 }
