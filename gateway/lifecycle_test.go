@@ -1,9 +1,7 @@
 package gateway_test
 
 import (
-	"context"
 	"testing"
-	"time"
 
 	"github.com/imq-dev/imq/gateway"
 	"github.com/imq-dev/imq/internal/member"
@@ -28,20 +26,6 @@ func TestRunShutdownConcurrent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ran := make(chan error, 1)
-		go func() { ran <- gw.Run(context.Background()) }()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := gw.Shutdown(ctx); err != nil {
-			t.Fatalf("shutdown: %v", err)
-		}
-		cancel()
-		select {
-		case err := <-ran:
-			if err != nil {
-				t.Fatalf("run: %v", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatal("Run did not return after Shutdown")
-		}
+		testutil.RunShutdown(t, gw)
 	}
 }

@@ -1,9 +1,8 @@
 package queuenode_test
 
 import (
-	"context"
+	"github.com/imq-dev/imq/internal/testutil"
 	"testing"
-	"time"
 
 	"github.com/imq-dev/imq/queuenode"
 )
@@ -20,20 +19,6 @@ func TestRunShutdownConcurrent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ran := make(chan error, 1)
-		go func() { ran <- n.Run(context.Background()) }()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := n.Shutdown(ctx); err != nil {
-			t.Fatalf("shutdown: %v", err)
-		}
-		cancel()
-		select {
-		case err := <-ran:
-			if err != nil {
-				t.Fatalf("run: %v", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatal("Run did not return after Shutdown")
-		}
+		testutil.RunShutdown(t, n)
 	}
 }

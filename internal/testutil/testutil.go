@@ -103,3 +103,33 @@ func CaptureLogs(level slog.Leveler) (*slog.Logger, *SyncBuffer) {
 	buf := new(SyncBuffer)
 	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: level})), buf
 }
+
+// Service is what RunShutdown starts and stops: a gateway, a queue node
+// or a boss.
+type Service interface {
+	Run(ctx context.Context) error
+	Shutdown(ctx context.Context) error
+}
+
+// RunShutdown calls s.Run and, beside it at once, s.Shutdown: both must
+// return (within 5 s) without an error. Run in a loop under the race
+// detector, it catches a Run that starts goroutines beside Shutdown's wait
+// for them.
+func RunShutdown(t testing.TB, s Service) {
+	t.Helper()
+	ran := make(chan error, 1)
+	go func() { ran <- s.Run(context.Background()) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	select {
+	case err := <-ran:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after Shutdown")
+	}
+}
